@@ -1,0 +1,81 @@
+"""The adapter interface, the adapter registry, and the generic fixed-grid adapter."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..layout import Geometry
+
+_ADAPTERS: list[type] = []
+
+
+def register_adapter(cls):
+    """Register an Adapter subclass; `adapter_for` tries them in registration order."""
+    _ADAPTERS.append(cls)
+    return cls
+
+
+class Adapter:
+    """How one model family lays out tokens.
+
+    Subclasses implement `matches(model)`, `geometry(model, args, kwargs)` (called with the top-level
+    forward's arguments on every call) and `example_inputs(model)` (small inputs for discovery).
+    """
+
+    name = "base"
+
+    @classmethod
+    def matches(cls, model: torch.nn.Module) -> bool:
+        return False
+
+    def geometry(self, model, args, kwargs) -> Geometry:
+        raise NotImplementedError
+
+    def example_inputs(self, model, *, device=None, dtype=None) -> dict:
+        raise NotImplementedError(
+            f"adapter '{self.name}' cannot make example inputs; pass example_inputs= to sparsify()")
+
+
+class GridAdapter(Adapter):
+    """For any other model: a fixed `(T, H, W)` grid, or a callable `grid(args, kwargs) -> (T, H, W)`.
+
+    Args:
+        grid: the token grid, or a callable returning it from the top-level forward's arguments.
+        video_start: index of the first video token in each attention sequence (text before it).
+
+    Example:
+        >>> GridAdapter((4, 8, 8)).geometry(None, (), {}).video_len
+        256
+    """
+
+    name = "grid"
+
+    def __init__(self, grid: tuple[int, int, int] | Callable, video_start: int = 0):
+        self.grid, self.video_start = grid, video_start
+
+    def geometry(self, model, args, kwargs) -> Geometry:
+        g = self.grid(args, kwargs) if callable(self.grid) else self.grid
+        return Geometry(tuple(int(x) for x in g), self.video_start)
+
+
+def adapter_for(model: torch.nn.Module) -> Adapter | None:
+    """The registered adapter for `model`'s family, or None."""
+    for cls in _ADAPTERS:
+        if cls.matches(model):
+            return cls()
+    return None
+
+
+def _param(model):
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+
+
+def _arg(args, kwargs, name, pos):
+    if name in kwargs:
+        return kwargs[name]
+    if len(args) > pos:
+        return args[pos]
+    raise TypeError(f"sparsify adapter: the forward call has no '{name}' argument")

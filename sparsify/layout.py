@@ -1,0 +1,170 @@
+"""Token geometry and the 3-D tile layout: which tokens form each tile, with partial edge tiles padded."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the video tokens are in an attention call's sequence.
+
+    Video tokens are frame-major (`t*H*W + h*W + w`) and occupy `[video_start, video_start + T*H*W)`;
+    every other token of the sequence (text, registers, ...) is kept dense: it attends to every
+    token and every query attends to it.
+
+    Example:
+        >>> Geometry(grid=(21, 30, 52)).video_len
+        32760
+    """
+
+    grid: tuple[int, int, int]
+    video_start: int = 0
+
+    @property
+    def video_len(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    def check(self, seq_len: int, where: str = "") -> None:
+        """Raise ValueError unless the video span fits in a sequence of `seq_len` tokens."""
+        if min(self.grid) < 1 or self.video_start < 0 or self.video_start + self.video_len > seq_len:
+            raise ValueError(
+                f"sparsify{': ' + where if where else ''}: the token grid {self.grid} "
+                f"({self.video_len} tokens from {self.video_start}) does not fit a sequence of {seq_len} tokens; "
+                "check the adapter or the grid= given to sparsify()")
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """The tile permutation of a `(T, H, W)` grid for one tile shape, padded to whole tiles.
+
+    Tiles are ordered t-major, then h, then w; inside a tile, tokens are in (t, h, w) order, the
+    valid tokens of a partial edge tile first, followed by padding slots.
+
+    Attributes:
+        gather: long `[n_tiles * volume]`: video-token index of each slot, or -1 for padding.
+        scatter: long `[T*H*W]`: slot of each video token (the inverse permutation).
+        tile_lens: int32 `[n_tiles]`: valid tokens in each tile.
+
+    Example:
+        >>> lay = tile_layout((5, 4, 4), (4, 4, 4))
+        >>> lay.n_tiles, lay.tile_lens.tolist()
+        (2, [64, 16])
+    """
+
+    grid: tuple[int, int, int]
+    tile: tuple[int, int, int]
+    gather: torch.Tensor
+    scatter: torch.Tensor
+    tile_lens: torch.Tensor
+
+    @property
+    def volume(self) -> int:
+        return self.tile[0] * self.tile[1] * self.tile[2]
+
+    @property
+    def n_tiles(self) -> int:
+        return self.tile_lens.numel()
+
+    @property
+    def padded_len(self) -> int:
+        return self.n_tiles * self.volume
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padded slots over real tokens: the extra work partial tiles cost."""
+        n = self.grid[0] * self.grid[1] * self.grid[2]
+        return self.padded_len / n - 1.0
+
+    def to(self, device) -> "TileLayout":
+        return TileLayout(self.grid, self.tile, self.gather.to(device), self.scatter.to(device), self.tile_lens.to(device))
+
+
+def tiles_per_dim(grid, tile) -> tuple[int, int, int]:
+    return tuple(-(-g // t) for g, t in zip(grid, tile))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_cpu(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> TileLayout:
+    T, H, W = grid
+    tt, th, tw = tile
+    nt, nh, nw = tiles_per_dim(grid, tile)
+    vol = tt * th * tw
+    t = torch.arange(T).view(T, 1, 1).expand(T, H, W)
+    h = torch.arange(H).view(1, H, 1).expand(T, H, W)
+    w = torch.arange(W).view(1, 1, W).expand(T, H, W)
+    tile_id = ((t // tt) * nh + (h // th)) * nw + (w // tw)
+    # in-tile order: (t, h, w) lexicographic among the tile's valid tokens; a stable sort by tile id
+    # of the frame-major token order yields exactly that, valid tokens first.
+    flat_tile = tile_id.reshape(-1)
+    order = torch.sort(flat_tile, stable=True).indices  # video tokens grouped by tile
+    n_tiles = nt * nh * nw
+    tile_lens = torch.bincount(flat_tile, minlength=n_tiles)
+    starts = torch.cumsum(tile_lens, 0) - tile_lens
+    sorted_tiles = flat_tile[order]
+    rank_in_tile = torch.arange(order.numel()) - starts[sorted_tiles]
+    slot_of_sorted = sorted_tiles * vol + rank_in_tile
+    gather = torch.full((n_tiles * vol,), -1, dtype=torch.long)
+    gather[slot_of_sorted] = order
+    scatter = torch.empty(T * H * W, dtype=torch.long)
+    scatter[order] = slot_of_sorted
+    return TileLayout(grid, tile, gather, scatter, tile_lens.to(torch.int32))
+
+
+_DEVICE_CACHE: dict = {}
+
+
+def tile_layout(grid, tile, device=None) -> TileLayout:
+    """The (cached) TileLayout of `grid` for `tile`, on `device`.
+
+    Args:
+        grid: `(T, H, W)` token grid.
+        tile: `(t, h, w)` tile shape; edge tiles may be partial.
+        device: where the index tensors live (cached per device).
+
+    Example:
+        >>> tile_layout((2, 2, 2), (1, 2, 2)).gather.tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7]
+    """
+    grid, tile = tuple(int(x) for x in grid), tuple(int(x) for x in tile)
+    lay = _layout_cpu(grid, tile)
+    if device is None or torch.device(device).type == "cpu":
+        return lay
+    key = (grid, tile, str(torch.device(device)))
+    if key not in _DEVICE_CACHE:
+        _DEVICE_CACHE[key] = lay.to(device)
+    return _DEVICE_CACHE[key]
+
+
+def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Gather video tokens `[B, H, T*H*W, D]` into padded tile order `[B, H, n_tiles*vol, D]` (padding = 0)."""
+    idx = layout.gather.clamp_min(0)
+    out = x.index_select(2, idx)
+    if (layout.gather < 0).any():
+        out = out * (layout.gather >= 0).view(1, 1, -1, 1).to(out.dtype)
+    return out
+
+
+def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Inverse of `to_tiles`: `[B, H, n_tiles*vol, D]` back to frame-major video tokens."""
+    return x.index_select(2, layout.scatter)
+
+
+def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch.Tensor:
+    """Per-tile statistic of tiled tokens `[B, H, n_tiles*vol, D]` over valid slots, in float32.
+
+    Args:
+        stat: `mean`, `max` or `min`.
+    """
+    B, Hh, _, D = x.shape
+    xt = x.float().view(B, Hh, layout.n_tiles, layout.volume, D)
+    valid = (layout.gather >= 0).view(1, 1, layout.n_tiles, layout.volume, 1)
+    if stat == "mean":
+        return (xt * valid).sum(3) / layout.tile_lens.to(xt.device).view(1, 1, -1, 1).float()
+    fill = float("-inf") if stat == "max" else float("inf")
+    xt = xt.masked_fill(~valid, fill)
+    return xt.amax(3) if stat == "max" else xt.amin(3)

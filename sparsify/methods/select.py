@@ -1,0 +1,58 @@
+"""Turning tile scores and per-head budgets into (kv_indices, kv_counts) selections."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from ..recipe import Budget
+
+
+def budget_counts(budget: Budget, n_tiles: int) -> int:
+    """Key tiles kept per query tile for a top-k budget: `ceil(density * n_tiles)`, at least 1.
+
+    Example:
+        >>> budget_counts(Budget(density=0.1), 95)
+        10
+    """
+    return max(1, min(n_tiles, math.ceil(budget.density * n_tiles - 1e-9)))
+
+
+def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs: torch.Tensor | None = None):
+    """Per-head top-k or top-p selection of key tiles from tile scores.
+
+    Args:
+        scores: float `[B, H, n_q, n_k]`; higher means more important.
+        budgets: one Budget per head.
+        probs: optional `[B, H, n_q, n_k]` tile probabilities for top-p budgets (default: softmax of
+            `scores` over key tiles).
+
+    Returns:
+        `(kv_indices int32 [B, H, n_q, max_kv], kv_counts int32 [B, H, n_q])`; indices are sorted by
+        score, entries past the count are valid indices but ignored.
+
+    Example:
+        >>> s = torch.tensor([[[[0.1, 0.9, 0.5]]]])
+        >>> idx, cnt = select_from_scores(s, [Budget(density=0.5)])
+        >>> idx[0, 0, 0, :cnt[0, 0, 0]].tolist()
+        [1, 2]
+    """
+    B, H, nq, nk = scores.shape
+    if len(budgets) != H:
+        raise ValueError(f"need one budget per head: {H} heads, {len(budgets)} budgets")
+    order = torch.argsort(scores, dim=-1, descending=True)
+    counts = torch.empty(B, H, nq, dtype=torch.int32, device=scores.device)
+    for h, b in enumerate(budgets):
+        if b.density is not None:
+            counts[:, h] = budget_counts(b, nk)
+        else:
+            p = torch.softmax(scores[:, h].float(), -1) if probs is None else probs[:, h].float()
+            sorted_p = torch.gather(p, -1, order[:, h])
+            # smallest prefix whose mass reaches top_p (counting the tile that crosses it)
+            need = (torch.cumsum(sorted_p, -1) < b.top_p - 1e-6).sum(-1) + 1
+            floor = max(1, math.ceil(b.min_density * nk - 1e-9))
+            counts[:, h] = need.clamp(min=floor, max=nk).to(torch.int32)
+    max_kv = int(counts.max()) if counts.numel() else 1
+    return order[..., :max_kv].to(torch.int32).contiguous(), counts

@@ -1,0 +1,171 @@
+"""Attention-site discovery: capture the model with Dynamo and list every attention call with its module path."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .patterns import AttentionMatch, find_attention
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One attention site found in the model.
+
+    Attributes:
+        path: module path of the innermost module that makes the call (e.g. `blocks.3.attn1`).
+        kind: `self` (video only), `joint` (video and text in one sequence), `cross`, or `text`
+            (text-only self-attention). Only `self` and `joint` sites can be made sparse.
+        heads, head_dim: from q's shape `[B, H, S, D]`.
+        q_len, kv_len: sequence lengths at the example inputs.
+        has_mask: whether an attention mask is passed.
+        impl: `sdpa` or `manual`.
+        source: `file:line` of the call.
+    """
+
+    path: str
+    kind: str
+    heads: int
+    head_dim: int
+    q_len: int
+    kv_len: int
+    has_mask: bool
+    impl: str
+    source: str = ""
+
+    def spec(self):
+        from ..recipe import SiteSpec
+
+        return SiteSpec(self.path, self.kind, self.heads, self.head_dim)
+
+
+def _val(x):
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return None
+
+
+def module_path(node: fx.Node, id_to_name: dict[str, str]) -> str | None:
+    """Module path of the innermost module in `node.meta['nn_module_stack']`, mapped through ids."""
+    stack = node.meta.get("nn_module_stack") or {}
+    for key in reversed(list(stack)):
+        name = id_to_name.get(str(key).split("@")[0])
+        if name is not None:
+            return name
+        src = stack[key][0] if isinstance(stack[key], tuple) else None
+        rel = _path_from_source(src) if isinstance(src, str) else None
+        if rel is not None:
+            return rel
+    return None
+
+
+def _path_from_source(src: str) -> str | None:
+    # e.g. "L['self'].blocks[0].attn1" or "L['self']._modules['blocks']._modules['0'].attn1"
+    s = re.sub(r"^L\['self'\]\.?|^L\['fn'\]\.?", "", src)
+    s = re.sub(r"\._modules\['([^']+)'\]|_modules\['([^']+)'\]", lambda m: "." + (m.group(1) or m.group(2)), s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s).strip(".")
+    return s if re.fullmatch(r"[\w.]*", s) else None
+
+
+def source_location(node: fx.Node) -> str:
+    """`file:line` of the innermost frame of the node's stack trace."""
+    st = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', st)
+    return f"{frames[-1][0]}:{frames[-1][1]}" if frames else ""
+
+
+def classify(q_len: int, kv_len: int, video_len: int | None) -> str:
+    """`cross` if q and kv lengths differ; else `joint` if the sequence holds more than the video,
+    `text` if it holds less (e.g. a text refiner's self-attention), else `self`."""
+    if q_len != kv_len:
+        return "cross"
+    if video_len is not None and q_len > video_len:
+        return "joint"
+    if video_len is not None and q_len < video_len:
+        return "text"
+    return "self"
+
+
+def capture_graphs(model: torch.nn.Module, example_inputs) -> list[fx.GraphModule]:
+    """Run `model` once under Dynamo with a recording backend and return every captured graph."""
+    graphs: list[fx.GraphModule] = []
+
+    def record(gm, inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    args, kwargs = _split_inputs(example_inputs)
+    compiled = torch.compile(model, backend=record, dynamic=False)
+    with torch.no_grad():
+        compiled(*args, **kwargs)
+    return graphs
+
+
+def _split_inputs(example_inputs):
+    if isinstance(example_inputs, dict):
+        return (), example_inputs
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+    """Attention sites of one captured graph, each with its FX match."""
+    out = []
+    for m in find_attention(gm.graph):
+        qv, kv = _val(m.q), _val(m.k)
+        if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or not isinstance(kv, torch.Tensor):
+            continue  # not [B, H, S, D]: not a site we can serve
+        path = module_path(m.node, id_to_name)
+        if path is None:
+            continue
+        B, H, S, D = qv.shape
+        has_mask = m.attn_mask is not None
+        out.append((SiteInfo(path=path, kind=classify(int(S), int(kv.shape[-2]), video_len), heads=int(H),
+                             head_dim=int(D), q_len=int(S), kv_len=int(kv.shape[-2]), has_mask=has_mask,
+                             impl=m.impl, source=source_location(m.node)), m))
+    return out
+
+
+def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None) -> list[SiteInfo]:
+    """List every attention site of `model`, found on its Dynamo graph(s) at `example_inputs`.
+
+    Finds `F.scaled_dot_product_attention` however it is called (positionally, by keyword, through
+    diffusers' dispatcher, or bound by name at import time) and hand-written
+    `softmax(q @ kᵀ * scale) @ v` in its usual spellings.
+
+    Args:
+        model: the DiT.
+        example_inputs: a kwargs dict, an args tuple, or a single tensor for `model(...)`.
+        video_len: video tokens per sample at these inputs, to tell `joint` from `self` sites.
+
+    Returns:
+        One SiteInfo per module path, in call order.
+
+    Example:
+        >>> from sparsify.passes import discover
+        >>> # for s in discover(model, inputs): print(s.path, s.kind, s.heads)
+    """
+    id_to_name = {str(id(m)): name for name, m in model.named_modules()}
+    seen: dict[str, SiteInfo] = {}
+    for gm in capture_graphs(model, example_inputs):
+        for info, _ in sites_in_graph(gm, id_to_name, video_len):
+            if info.path in seen:
+                continue
+            seen[info.path] = info
+    return list(seen.values())
+
+
+def import_bound_modules(sites: list[SiteInfo]) -> list:
+    """Python modules whose source makes a discovered SDPA call (to patch names bound at import time)."""
+    files = {s.source.rsplit(":", 1)[0] for s in sites if s.impl == "sdpa" and s.source}
+    mods = []
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and f in files:
+            mods.append(mod)
+    return mods

@@ -1,0 +1,202 @@
+"""Installing sites on modules so that eager code and every torch.compile style reach the sparse op."""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from .. import runtime
+from ..runtime import STATE
+from .patterns import find_attention
+
+_ORIG_SDPA = torch._C._nn.scaled_dot_product_attention
+
+
+def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """Drop-in `scaled_dot_product_attention`: inside an installed site it runs the sparse op.
+
+    Outside any site (text cross-attention, other modules, other models) it is exactly the original.
+    """
+    stack = STATE.stack
+    if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() == 4:
+        geom = list(STATE.geometry) if STATE.geometry is not None else []
+        return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], geom, scale, attn_mask)
+    if enable_gqa:
+        return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+    return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+
+
+def manual_site_attention(q, k, v, site, scale):
+    """Replacement for a hand-written `softmax(q @ kᵀ * scale) @ v` at an installed site."""
+    geom = list(STATE.geometry) if STATE.geometry is not None else []
+    return torch.ops.sparsify.sparse_attention(q, k, v, site, geom, float(scale), None)
+
+
+# ----------------------------------------------------------------------------------------------
+# process-wide SDPA patching (reference counted across installed models)
+
+_PATCHED: dict[tuple[int, str], tuple[object, object]] = {}  # (id(module), name) -> (module, original)
+_USERS = 0
+
+
+def _patch_sdpa(modules: list) -> None:
+    global _USERS
+    _USERS += 1
+    targets = [(F, "scaled_dot_product_attention")]
+    for mod in modules:
+        for name, val in list(vars(mod).items()):
+            if val is _ORIG_SDPA:
+                targets.append((mod, name))
+    for mod, name in targets:
+        key = (id(mod), name)
+        if key not in _PATCHED and getattr(mod, name, None) is _ORIG_SDPA:
+            _PATCHED[key] = (mod, _ORIG_SDPA)
+            setattr(mod, name, sparsify_sdpa)
+
+
+def _unpatch_sdpa() -> None:
+    global _USERS
+    _USERS = max(0, _USERS - 1)
+    if _USERS:
+        return
+    for (_, name), (mod, orig) in list(_PATCHED.items()):
+        if getattr(mod, name, None) is sparsify_sdpa:
+            setattr(mod, name, orig)
+    _PATCHED.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# per-site installation
+
+
+def _site_forward(self, *args, **kwargs):
+    """Forward of an SDPA site module: the class forward, with the site tensor on the runtime stack.
+
+    One function shared by every site (bound per instance), so compiled graphs do not specialize
+    on which block they run in; the site tensor itself becomes a graph input.
+    """
+    STATE.stack.append(self._sparsify_site)
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        STATE.stack.pop()
+
+
+_MANUAL_FORWARDS: dict[type, object] = {}
+
+
+def _manual_forward(module: torch.nn.Module, path: str):
+    """A forward function for `type(module)` with its hand-written attention replaced by the sparse op."""
+    cls = type(module)
+    if cls in _MANUAL_FORWARDS:
+        return _MANUAL_FORWARDS[cls]
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception as e:  # noqa: BLE001 - report any tracing failure the same way
+        raise RuntimeError(
+            f"sparsify: module '{path}' ({cls.__name__}) computes attention by hand, and torch.fx could not "
+            f"trace it to rewrite that attention: {type(e).__name__}: {e}. Call F.scaled_dot_product_attention "
+            "in it instead, or disable this site in the recipe") from e
+    matches = [m for m in find_attention(gm.graph) if m.impl == "manual"]
+    if len(matches) != 1:
+        raise RuntimeError(
+            f"sparsify: expected one hand-written attention in '{path}' ({cls.__name__}) when traced with "
+            f"torch.fx, found {len(matches)}; disable this site in the recipe")
+    m = matches[0]
+    g = gm.graph
+    with g.inserting_before(m.node):
+        site = g.get_attr("_sparsify_site")
+        scale = _materialize_scale(g, m.scale, m.q)
+        new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale))
+    m.node.replace_all_uses_with(new)
+    g.eliminate_dead_code()
+    gm.recompile()
+    fn = type(gm).forward  # generated code reads submodules and attributes from `self`
+    _MANUAL_FORWARDS[cls] = fn
+    return fn
+
+
+def _materialize_scale(g: fx.Graph, scale, q_node):
+    import operator
+
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    op, a, b = scale
+    a, b = _materialize_scale(g, a, q_node), _materialize_scale(g, b, q_node)
+    return g.call_function(operator.mul if op == "mul" else operator.truediv, (a, b))
+
+
+@dataclass
+class Installation:
+    """What sparsify() changed on a model, so that unsparsify() can undo it exactly."""
+
+    sites: list  # SiteState, in site order
+    infos: list  # SiteInfo of every discovered site
+    recipe: object
+    adapter: object
+    hooks: list = field(default_factory=list)
+    modules: list = field(default_factory=list)  # site modules whose forward was replaced
+    patched: bool = False
+
+
+def install_site(model, info, state: runtime.SiteState, inst: Installation) -> None:
+    """Attach site `info` of `model` to the runtime: a site tensor, hooks, or a rewritten forward."""
+    module = model.get_submodule(info.path)
+    if hasattr(module, "_sparsify_site"):
+        raise RuntimeError(f"sparsify: module '{info.path}' is already sparsified; call unsparsify() first")
+    module._sparsify_site = torch.tensor([state.site_id], dtype=torch.int64)
+    if info.impl == "manual":
+        fn = _manual_forward(module, info.path)
+        module.forward = types.MethodType(fn, module)
+    else:
+        module.forward = types.MethodType(_site_forward, module)
+    inst.modules.append(module)
+
+
+def install(model, infos, states, recipe, adapter, import_modules) -> Installation:
+    """Install every site in `states` on `model` and the geometry hook on its top-level forward."""
+    inst = Installation(sites=list(states), infos=list(infos), recipe=recipe, adapter=adapter)
+    by_path = {i.path: i for i in infos}
+    try:
+        for st in states:
+            install_site(model, by_path[st.path], st, inst)
+            STATE.sites[st.site_id] = st
+        if any(by_path[st.path].impl == "sdpa" for st in states):
+            _patch_sdpa(import_modules)
+            inst.patched = True
+        if adapter is not None:
+            def geometry_hook(mod, args, kwargs, _adapter=adapter):
+                g = _adapter.geometry(mod, args, kwargs)
+                STATE.geometry = (g.grid[0], g.grid[1], g.grid[2], g.video_start)
+
+            inst.hooks.append(model.register_forward_pre_hook(geometry_hook, with_kwargs=True))
+    except Exception:
+        uninstall(model, inst)
+        raise
+    return inst
+
+
+def uninstall(model, inst: Installation) -> None:
+    """Undo `install` exactly: hooks, forwards, site tensors, registry entries and patches."""
+    for h in inst.hooks:
+        h.remove()
+    inst.hooks.clear()
+    for module in inst.modules:
+        module.__dict__.pop("forward", None)
+    inst.modules.clear()
+    for st in inst.sites:
+        STATE.sites.pop(st.site_id, None)
+        try:
+            module = model.get_submodule(st.path)
+        except AttributeError:
+            continue
+        module.__dict__.pop("_sparsify_site", None)
+    if inst.patched:
+        _unpatch_sdpa()
+        inst.patched = False

@@ -1,0 +1,587 @@
+"""Recipe schema v1: typed dataclasses, strict YAML load/dump, validation and rule matching."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPE_VERSION = 1
+SITE_KINDS = ("self", "joint", "cross", "text")
+TILE_VOLUMES = (64, 128)
+
+
+class RecipeError(ValueError):
+    """A recipe is malformed or does not match the model. The message names the file and key path."""
+
+    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
+        self.source, self.key, self.reason = source, key, message
+        where = []
+        if source:
+            where.append(str(source))
+        if key:
+            where.append(f"key '{key}'")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+
+
+def _fail(key: str, message: str) -> None:
+    raise RecipeError(message, key=key)
+
+
+def _method_names() -> tuple[str, ...]:
+    from .methods import available_methods
+
+    return available_methods()
+
+
+# ----------------------------------------------------------------------------------------------
+# typed pieces
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many key tiles a query tile keeps: top-k `density`, or top-p mass with a floor.
+
+    Exactly one of `density` (fraction of key tiles, in (0, 1]) or `top_p` (cumulative coarse
+    attention mass, in (0, 1]) is set; `min_density` (in [0, 1]) only goes with `top_p`.
+
+    Example:
+        >>> Budget(density=0.1)
+        Budget(density=0.1, top_p=None, min_density=0.0)
+    """
+
+    density: float | None = None
+    top_p: float | None = None
+    min_density: float = 0.0
+
+    def __post_init__(self):
+        _check_budget(self.density, self.top_p, self.min_density, "budget")
+
+    def to_dict(self) -> dict:
+        if self.density is not None:
+            return {"density": self.density}
+        return {"top_p": self.top_p, "min_density": self.min_density}
+
+
+def _check_budget(density, top_p, min_density, key):
+    if (density is None) == (top_p is None):
+        _fail(key, "give exactly one of 'density' (top-k fraction of key tiles) or 'top_p' (mass)")
+    if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
+        _fail(f"{key}.density", f"must be a number in (0, 1]; got {density!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
+        _fail(f"{key}.top_p", f"must be a number in (0, 1]; got {top_p!r}")
+    if not (isinstance(min_density, (int, float)) and 0.0 <= min_density <= 1.0):
+        _fail(f"{key}.min_density", f"must be a number in [0, 1]; got {min_density!r}")
+    if density is not None and min_density:
+        _fail(f"{key}.min_density", "only valid together with 'top_p'")
+
+
+def check_tile(tile: Any, key: str) -> tuple[int, int, int]:
+    """Validate a 3-D tile shape `(t, h, w)`: positive ints whose product is 64 or 128."""
+    if not (isinstance(tile, (list, tuple)) and len(tile) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in tile)):
+        _fail(key, f"must be a list of three integers [t, h, w]; got {tile!r}")
+    if min(tile) < 1:
+        _fail(key, f"every tile dimension must be >= 1; got {list(tile)}")
+    vol = tile[0] * tile[1] * tile[2]
+    if vol not in TILE_VOLUMES:
+        _fail(key, f"tile volume t*h*w must be one of {TILE_VOLUMES} (the kernel block sizes); {list(tile)} has {vol}")
+    return tuple(tile)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The effective configuration of one attention head.
+
+    Example:
+        >>> HeadConfig(method="vsa", tile=(4, 4, 4), budget=Budget(density=0.1))
+        HeadConfig(method='vsa', tile=(4, 4, 4), budget=Budget(density=0.1, top_p=None, min_density=0.0), enable=True)
+    """
+
+    method: str = "vsa"
+    tile: tuple[int, int, int] = (4, 4, 4)
+    budget: Budget = Budget(density=1.0)
+    enable: bool = True
+
+    @property
+    def is_dense(self) -> bool:
+        """True when this head runs plain dense SDPA (disabled, or method `dense`).
+
+        A sparse method at density 1.0 still runs the tiled sparse path (with every tile kept).
+        """
+        return (not self.enable) or self.method == "dense"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One attention site of the model signature: module path, kind, heads and head_dim."""
+
+    path: str
+    kind: str
+    heads: int
+    head_dim: int
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "kind": self.kind, "heads": self.heads, "head_dim": self.head_dim}
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """Which model a recipe was made for: its class name and every attention site."""
+
+    cls: str
+    sites: tuple[SiteSpec, ...]
+
+    def site(self, path: str) -> SiteSpec | None:
+        return next((s for s in self.sites if s.path == path), None)
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Configuration applied to every enabled site unless a rule or explicit entry overrides it."""
+
+    method: str = "vsa"
+    tile: tuple[int, int, int] = (4, 4, 4)
+    budget: Budget = Budget(density=0.1)
+    dense_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """An override for the sites whose module path matches `match` (glob, or `re:` regex)."""
+
+    match: str
+    enable: bool = True
+    method: str | None = None
+    tile: tuple[int, int, int] | None = None
+    budget: Budget | None = None
+
+    def matches(self, path: str) -> bool:
+        if self.match.startswith("re:"):
+            return re.fullmatch(self.match[3:], path) is not None
+        return fnmatch.fnmatchcase(path, self.match)
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """An explicit per-head override, as a calibrator emits it. Unset fields inherit."""
+
+    head: int
+    method: str | None = None
+    tile: tuple[int, int, int] | None = None
+    budget: Budget | None = None
+    enable: bool | None = None
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """Explicit configuration of one site: site-wide fields and per-head entries."""
+
+    enable: bool | None = None
+    method: str | None = None
+    tile: tuple[int, int, int] | None = None
+    budget: Budget | None = None
+    heads: tuple[HeadEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A sparsify recipe: which sites run sparse attention, with which method, tile and budget.
+
+    Precedence, lowest to highest: `defaults`; the FIRST rule whose `match` fits the module path
+    (later rules are not consulted); the explicit `sites` entry for that path; its per-head entries.
+    A site listed in `model.sites` that no rule disables and no entry names runs with `defaults`.
+    Only sites of kind `self` and `joint` are made sparse; `cross` and `text` sites stay dense.
+
+    Example:
+        >>> r = Recipe(defaults=Defaults(method="vsa", budget=Budget(density=0.25)),
+        ...            rules=(Rule(match="blocks.0.*", enable=False),))
+        >>> r.head_configs("blocks.0.attn1", heads=2)[0].enable
+        False
+    """
+
+    version: int = RECIPE_VERSION
+    model: ModelSignature | None = None
+    defaults: Defaults = Defaults()
+    rules: tuple[Rule, ...] = ()
+    sites: dict[str, SiteEntry] = field(default_factory=dict)
+    calibration: dict | None = None
+    source: str | None = field(default=None, compare=False)
+
+    # -- resolution -----------------------------------------------------------------------------
+    def rule_for(self, path: str) -> Rule | None:
+        """The first rule that matches `path`, or None."""
+        return next((r for r in self.rules if r.matches(path)), None)
+
+    def head_configs(self, path: str, heads: int, *, site_index: int | None = None, kind: str = "self") -> list[HeadConfig]:
+        """The effective per-head configuration of the site at `path`.
+
+        Args:
+            path: module path of the site, e.g. `blocks.3.attn1`.
+            heads: number of heads at the site.
+            site_index: the site's position in the model's site order, for `dense_layers`.
+            kind: the site kind; only `self` and `joint` sites can be sparse.
+        """
+        d = self.defaults
+        sparse_kind = kind in ("self", "joint")
+        base = HeadConfig(method=d.method, tile=d.tile, budget=d.budget, enable=sparse_kind)
+        if site_index is not None and site_index in d.dense_layers:
+            base = dataclasses.replace(base, enable=False)
+        rule = self.rule_for(path)
+        if rule is not None:
+            base = _override(base, rule.enable, rule.method, rule.tile, rule.budget)
+        entry = self.sites.get(path)
+        if entry is not None:
+            base = _override(base, entry.enable, entry.method, entry.tile, entry.budget)
+        out = [base] * heads
+        if entry is not None:
+            for h in entry.heads:
+                out[h.head] = _override(base, h.enable, h.method, h.tile, h.budget)
+        if not sparse_kind:
+            out = [dataclasses.replace(c, enable=False) for c in out]
+        return out
+
+    # -- model matching -------------------------------------------------------------------------
+    def check_against(self, model_cls: str, sites: list[SiteSpec]) -> None:
+        """Raise RecipeError unless this recipe fits a model with class `model_cls` and these sites."""
+        by_path = {s.path: s for s in sites}
+        if self.model is not None:
+            if self.model.cls != model_cls:
+                raise RecipeError(
+                    f"recipe is for model class '{self.model.cls}' but the model is '{model_cls}'",
+                    source=self.source, key="model.class")
+            for i, spec in enumerate(self.model.sites):
+                got = by_path.get(spec.path)
+                if got is None:
+                    raise RecipeError(
+                        f"site '{spec.path}' is not an attention site of this model; the model has: "
+                        f"{_short_list(by_path)}", source=self.source, key=f"model.sites[{i}].path")
+                for attr in ("kind", "heads", "head_dim"):
+                    if getattr(got, attr) != getattr(spec, attr):
+                        raise RecipeError(
+                            f"recipe says {attr}={getattr(spec, attr)!r} but the model's site '{spec.path}' has "
+                            f"{attr}={getattr(got, attr)!r}", source=self.source, key=f"model.sites[{i}].{attr}")
+            if len(self.model.sites) != len(sites):
+                missing = [p for p in by_path if self.model.site(p) is None]
+                raise RecipeError(
+                    f"the model has {len(sites)} attention sites, the recipe's signature lists "
+                    f"{len(self.model.sites)}; not in the recipe: {_short_list(missing)}",
+                    source=self.source, key="model.sites")
+        for path, entry in self.sites.items():
+            spec = by_path.get(path)
+            if spec is None:
+                raise RecipeError(
+                    f"no attention site '{path}' in the model; valid site paths: {_short_list(by_path)}",
+                    source=self.source, key=f"sites.{path}")
+            for j, h in enumerate(entry.heads):
+                if h.head >= spec.heads:
+                    raise RecipeError(
+                        f"head {h.head} does not exist: site '{path}' has {spec.heads} heads (0..{spec.heads - 1})",
+                        source=self.source, key=f"sites.{path}.heads[{j}].head")
+
+    # -- serialisation --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """A plain-dict form that `recipe_from_dict` turns back into an equal Recipe."""
+        d = self.defaults
+        out: dict[str, Any] = {"version": self.version}
+        if self.model is not None:
+            out["model"] = {"class": self.model.cls, "sites": [s.to_dict() for s in self.model.sites]}
+        out["defaults"] = {"method": d.method, "tile": list(d.tile), "budget": d.budget.to_dict(),
+                           "dense_steps": d.dense_steps, "dense_layers": list(d.dense_layers)}
+        if self.rules:
+            out["rules"] = [_rule_dict(r) for r in self.rules]
+        if self.sites:
+            out["sites"] = {p: _entry_dict(e) for p, e in self.sites.items()}
+        if self.calibration is not None:
+            out["calibration"] = dict(self.calibration)
+        return out
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML text (`load_recipe` of it gives back an equal Recipe)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the recipe to `path` as YAML and return the path."""
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+
+def _short_list(items, n: int = 6) -> str:
+    items = list(items)
+    s = ", ".join(items[:n])
+    return s + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "(none)"
+
+
+def _override(base: HeadConfig, enable, method, tile, budget) -> HeadConfig:
+    return HeadConfig(
+        method=method if method is not None else base.method,
+        tile=tile if tile is not None else base.tile,
+        budget=budget if budget is not None else base.budget,
+        enable=enable if enable is not None else base.enable,
+    )
+
+
+def _fields_dict(obj, skip=()) -> dict:
+    out = {}
+    for name in ("enable", "method", "tile"):
+        val = getattr(obj, name, None)
+        if val is not None and name not in skip:
+            out[name] = list(val) if name == "tile" else val
+    if getattr(obj, "budget", None) is not None:
+        out.update(obj.budget.to_dict())
+    return out
+
+
+def _rule_dict(r: Rule) -> dict:
+    out = {"match": r.match}
+    out.update(_fields_dict(r))
+    return out
+
+
+def _entry_dict(e: SiteEntry) -> dict:
+    out = _fields_dict(e)
+    if e.heads:
+        out["heads"] = [{"head": h.head, **_fields_dict(h)} for h in e.heads]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing with key paths
+
+
+_TOP_KEYS = {"version", "model", "defaults", "rules", "sites", "calibration"}
+_BUDGET_KEYS = {"density", "top_p", "min_density"}
+_OVERRIDE_KEYS = {"enable", "method", "tile"} | _BUDGET_KEYS
+
+
+def _expect_map(obj, key: str, allowed: set[str], required: tuple[str, ...] = ()) -> dict:
+    if not isinstance(obj, dict):
+        _fail(key or "(top level)", f"must be a mapping; got {type(obj).__name__}")
+    for k in obj:
+        if k not in allowed:
+            hint = _closest(str(k), allowed)
+            _fail(f"{key}.{k}" if key else str(k),
+                  f"unknown key{hint}; valid keys here: {', '.join(sorted(allowed))}")
+    for k in required:
+        if k not in obj:
+            _fail(f"{key}.{k}" if key else k, "is required")
+    return obj
+
+
+def _closest(word: str, options) -> str:
+    import difflib
+
+    m = difflib.get_close_matches(word, sorted(options), n=1)
+    return f" (did you mean '{m[0]}'?)" if m else ""
+
+
+def _bool(v, key):
+    if not isinstance(v, bool):
+        _fail(key, f"must be true or false; got {v!r}")
+    return v
+
+
+def _int(v, key, lo=None):
+    if not isinstance(v, int) or isinstance(v, bool):
+        _fail(key, f"must be an integer; got {v!r}")
+    if lo is not None and v < lo:
+        _fail(key, f"must be >= {lo}; got {v}")
+    return v
+
+
+def _method(v, key):
+    names = _method_names()
+    if not isinstance(v, str) or v not in names:
+        _fail(key, f"unknown method {v!r}; registered methods: {', '.join(names)}")
+    return v
+
+
+def _budget_from(obj: dict, key: str) -> Budget | None:
+    present = {k: obj[k] for k in _BUDGET_KEYS if k in obj}
+    if not present:
+        return None
+    density, top_p = present.get("density"), present.get("top_p")
+    min_density = present.get("min_density", 0.0)
+    _check_budget(density, top_p, min_density, key)
+    return Budget(density=None if density is None else float(density),
+                  top_p=None if top_p is None else float(top_p), min_density=float(min_density))
+
+
+def _overrides(obj: dict, key: str) -> dict:
+    return {
+        "enable": _bool(obj["enable"], f"{key}.enable") if "enable" in obj else None,
+        "method": _method(obj["method"], f"{key}.method") if "method" in obj else None,
+        "tile": check_tile(obj["tile"], f"{key}.tile") if "tile" in obj else None,
+        "budget": _budget_from(obj, key),
+    }
+
+
+def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
+    """Build and validate a Recipe from plain data (parsed YAML).
+
+    Raises:
+        RecipeError: naming `source` and the key path of the first problem.
+
+    Example:
+        >>> recipe_from_dict({"version": 1, "defaults": {"method": "vsa", "budget": {"density": 0.2}}}).defaults.budget
+        Budget(density=0.2, top_p=None, min_density=0.0)
+    """
+    try:
+        return _parse(data, source)
+    except RecipeError as e:
+        if e.source is None and source is not None:
+            raise RecipeError(e.reason, source=source, key=e.key) from None
+        raise
+
+
+def _parse(data: Any, source: str | None) -> Recipe:
+    _expect_map(data, "", _TOP_KEYS, required=("version",))
+    version = data["version"]
+    if version != RECIPE_VERSION:
+        _fail("version", f"unsupported recipe version {version!r}; this sparsify reads version {RECIPE_VERSION}")
+
+    model = None
+    if "model" in data:
+        m = _expect_map(data["model"], "model", {"class", "sites"}, required=("class", "sites"))
+        if not isinstance(m["class"], str):
+            _fail("model.class", f"must be a string; got {m['class']!r}")
+        if not isinstance(m["sites"], list):
+            _fail("model.sites", "must be a list of {path, kind, heads, head_dim}")
+        specs = []
+        for i, s in enumerate(m["sites"]):
+            k = f"model.sites[{i}]"
+            _expect_map(s, k, {"path", "kind", "heads", "head_dim"}, required=("path", "kind", "heads", "head_dim"))
+            if s["kind"] not in SITE_KINDS:
+                _fail(f"{k}.kind", f"must be one of {SITE_KINDS}; got {s['kind']!r}")
+            if not isinstance(s["path"], str):
+                _fail(f"{k}.path", f"must be a string; got {s['path']!r}")
+            specs.append(SiteSpec(s["path"], s["kind"], _int(s["heads"], f"{k}.heads", 1), _int(s["head_dim"], f"{k}.head_dim", 1)))
+        model = ModelSignature(m["class"], tuple(specs))
+
+    defaults = Defaults()
+    if "defaults" in data:
+        dd = _expect_map(data["defaults"], "defaults", {"method", "tile", "budget", "dense_steps", "dense_layers"})
+        budget = defaults.budget
+        if "budget" in dd:
+            _expect_map(dd["budget"], "defaults.budget", _BUDGET_KEYS)
+            budget = _budget_from(dd["budget"], "defaults.budget")
+            if budget is None:
+                _fail("defaults.budget", "give 'density' or 'top_p'")
+        layers = dd.get("dense_layers", [])
+        if not isinstance(layers, list):
+            _fail("defaults.dense_layers", f"must be a list of site indices; got {layers!r}")
+        defaults = Defaults(
+            method=_method(dd["method"], "defaults.method") if "method" in dd else defaults.method,
+            tile=check_tile(dd["tile"], "defaults.tile") if "tile" in dd else defaults.tile,
+            budget=budget,
+            dense_steps=_int(dd.get("dense_steps", 0), "defaults.dense_steps", 0),
+            dense_layers=tuple(_int(x, f"defaults.dense_layers[{i}]", 0) for i, x in enumerate(layers)),
+        )
+
+    rules = []
+    raw_rules = data.get("rules", [])
+    if not isinstance(raw_rules, list):
+        _fail("rules", "must be a list of rules, each with a 'match' pattern")
+    for i, r in enumerate(raw_rules):
+        k = f"rules[{i}]"
+        _expect_map(r, k, {"match"} | _OVERRIDE_KEYS, required=("match",))
+        pat = r["match"]
+        if not isinstance(pat, str) or not pat:
+            _fail(f"{k}.match", f"must be a non-empty glob or 're:' regex; got {pat!r}")
+        if pat.startswith("re:"):
+            try:
+                re.compile(pat[3:])
+            except re.error as e:
+                _fail(f"{k}.match", f"invalid regular expression: {e}")
+        o = _overrides(r, k)
+        rules.append(Rule(match=pat, enable=True if o["enable"] is None else o["enable"],
+                          method=o["method"], tile=o["tile"], budget=o["budget"]))
+
+    sites = {}
+    raw_sites = data.get("sites", {})
+    if not isinstance(raw_sites, dict):
+        _fail("sites", "must be a mapping from module path to its configuration")
+    for path, e in raw_sites.items():
+        k = f"sites.{path}"
+        _expect_map(e, k, _OVERRIDE_KEYS | {"heads"})
+        o = _overrides(e, k)
+        heads = []
+        raw_heads = e.get("heads", [])
+        if not isinstance(raw_heads, list):
+            _fail(f"{k}.heads", "must be a list of per-head entries with a 'head' index")
+        seen = set()
+        for j, h in enumerate(raw_heads):
+            hk = f"{k}.heads[{j}]"
+            _expect_map(h, hk, _OVERRIDE_KEYS | {"head"}, required=("head",))
+            idx = _int(h["head"], f"{hk}.head", 0)
+            if idx in seen:
+                _fail(f"{hk}.head", f"head {idx} is listed twice")
+            seen.add(idx)
+            ho = _overrides(h, hk)
+            heads.append(HeadEntry(head=idx, **ho))
+        sites[str(path)] = SiteEntry(heads=tuple(heads), **o)
+
+    calibration = data.get("calibration")
+    if calibration is not None and not isinstance(calibration, dict):
+        _fail("calibration", "must be a mapping (provenance: model, inputs, budget, date, ...)")
+
+    recipe = Recipe(version=version, model=model, defaults=defaults, rules=tuple(rules), sites=sites,
+                    calibration=calibration, source=source)
+    if model is not None:  # a recipe that carries a signature must be self-consistent
+        recipe.check_against(model.cls, list(model.sites))
+    return recipe
+
+
+def bundled_recipes() -> list[str]:
+    """File names of the recipes shipped with sparsify (usable as `recipe="name.yaml"`)."""
+    root = resources.files("sparsify") / "recipes"
+    return sorted(p.name for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))) if root.is_dir() else []
+
+
+def _resolve_path(name: str | Path) -> Path:
+    p = Path(name)
+    if p.exists():
+        return p
+    if p.name == str(name):  # a bare file name: look among bundled recipes
+        cand = resources.files("sparsify") / "recipes" / str(name)
+        if cand.is_file():
+            return Path(str(cand))
+    raise RecipeError(
+        f"no such recipe file; bundled recipes are: {', '.join(bundled_recipes()) or '(none)'}",
+        source=str(name))
+
+
+def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
+    """Load and validate a recipe from a path, a bundled file name, a dict, or pass a Recipe through.
+
+    Args:
+        recipe: a YAML path, a bare bundled name such as `"wan14b.yaml"`, a dict, or a Recipe.
+
+    Returns:
+        The validated Recipe.
+
+    Raises:
+        RecipeError: the message names the file and key path of the problem and what is valid.
+
+    Example:
+        >>> r = load_recipe({"version": 1, "defaults": {"budget": {"top_p": 0.9, "min_density": 0.05}}})
+        >>> r.defaults.budget.top_p
+        0.9
+    """
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return recipe_from_dict(recipe, source="<dict>")
+    path = _resolve_path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"not valid YAML: {e}", source=str(path)) from None
+    return recipe_from_dict(data, source=str(path))

@@ -1,0 +1,176 @@
+"""Per-call runtime state: the site registry, the current geometry, and dispatch of one attention call."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import Geometry, tile_layout, to_tiles
+from .methods import get_method
+from .recipe import HeadConfig
+
+_dense_sdpa = torch._C._nn.scaled_dot_product_attention  # the op's dense path: never the patched F.*
+
+
+@dataclass
+class SiteState:
+    """Everything the op needs to know about one installed attention site."""
+
+    site_id: int
+    path: str
+    kind: str
+    heads: int
+    head_dim: int
+    configs: list[HeadConfig]
+    index: int = 0
+    calls: int = 0
+    warned: set = field(default_factory=set)
+
+    @property
+    def is_dense(self) -> bool:
+        return all(c.is_dense for c in self.configs)
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(f"sparsify: site '{self.path}': {message}", stacklevel=3)
+
+
+class _State:
+    """Process-wide runtime state (one per process; sites of several models may coexist)."""
+
+    def __init__(self):
+        self.sites: dict[int, SiteState] = {}
+        self.geometry: Geometry | None = None
+        self.stack: list = []  # site tensors of the attention modules being executed
+        self._ids = itertools.count(1)
+
+    def new_id(self) -> int:
+        return next(self._ids)
+
+
+STATE = _State()
+
+
+def set_geometry(geometry: Geometry | None) -> None:
+    """Set the token geometry seen by the following attention calls (adapters call this per forward)."""
+    STATE.geometry = geometry
+
+
+def geometry_args(geometry: Geometry | None) -> list[int]:
+    """Pack a Geometry into the op's int-list argument (empty when unknown)."""
+    if geometry is None:
+        return []
+    return [int(geometry.grid[0]), int(geometry.grid[1]), int(geometry.grid[2]), int(geometry.video_start)]
+
+
+def _unpack_geometry(geom: list[int]) -> Geometry | None:
+    return Geometry(tuple(geom[:3]), geom[3]) if len(geom) == 4 else None
+
+
+def _site(site: torch.Tensor) -> SiteState:
+    sid = int(site.reshape(-1)[0])
+    try:
+        return STATE.sites[sid]
+    except KeyError:
+        raise RuntimeError(f"sparsify: attention site id {sid} is not installed (was the model unsparsified?)") from None
+
+
+def dense_attention(q, k, v, scale=None, key_mask=None):
+    """Dense SDPA (never routed back into sparsify), with an optional bool key mask `[B, S]`."""
+    mask = None if key_mask is None else key_mask.to(torch.bool)[:, None, None, :]
+    return _dense_sdpa(q, k, v, mask, 0.0, False, scale=scale)
+
+
+def block_fn_for(q: torch.Tensor):
+    """The block-sparse kernel used for q's device: Triton on CUDA when it supports the call, else the reference."""
+    from .kernels.reference import block_sparse_attn_reference
+
+    if q.is_cuda:
+        try:
+            from .kernels.block_sparse import block_sparse_attn, supports
+        except ImportError:
+            return block_sparse_attn_reference
+
+        def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask):
+            ok, _ = supports(qs, block_size)
+            if not ok or (key_mask is not None and not bool(key_mask.all(0).eq(key_mask[0]).all())):
+                return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, key_mask=key_mask)
+            lens = key_mask[0].view(-1, block_size[1]).sum(-1).to(torch.int32)
+            return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
+
+        return triton_fn
+    return block_sparse_attn_reference
+
+
+def key_padding_mask(attn_mask, B: int, S: int):
+    """A bool `[B, S]` key mask equivalent to `attn_mask`, or None if the mask is not key padding.
+
+    Accepts bool or 0/-inf float masks shaped `[B, S]`, `[B|1, 1, 1, S]`.
+    """
+    m = attn_mask
+    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        m = m[:, 0, 0, :]
+    if m.dim() != 2 or m.shape[-1] != S or m.shape[0] not in (1, B):
+        return None
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == float("-inf"))).all()):
+            return None
+        m = m == 0
+    return m.expand(B, S)
+
+
+def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None) -> torch.Tensor:
+    """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group."""
+    from .kernels.reference import tiled_sparse_attention
+
+    st = _site(site)
+    st.calls += 1
+    B, H, S, D = q.shape
+    if H != st.heads or D != st.head_dim:
+        raise RuntimeError(
+            f"sparsify: site '{st.path}' was installed for {st.heads} heads of dim {st.head_dim} "
+            f"but is called with q of shape {tuple(q.shape)} ([B, H, S, D])")
+
+    def dense(reason=None):
+        if reason:
+            st.warn_once(reason, f"{reason}; this call runs dense attention")
+        return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
+
+    if st.is_dense:
+        return dense()
+    if k.shape != q.shape or v.shape != q.shape:
+        return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    key_mask = None
+    if attn_mask is not None:
+        key_mask = key_padding_mask(attn_mask, B, S)
+        if key_mask is None:
+            return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask")
+    geom = _unpack_geometry(geometry)
+    if geom is None:
+        raise RuntimeError(
+            f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
+            "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
+    geom.check(S, st.path)
+    groups: dict[tuple, list[int]] = {}
+    for h, c in enumerate(st.configs):
+        groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
+    block_fn = block_fn_for(q)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    for key, heads in groups.items():
+        hi = torch.tensor(heads, device=q.device)
+        qh, kh, vh = (x.index_select(1, hi) for x in (q, k, v))
+        if key == ("dense",):
+            oh = dense_attention(qh, kh, vh, scale, key_mask)
+        else:
+            method, tile = key
+            lay = tile_layout(geom.grid, tile, q.device)
+            vid = slice(geom.video_start, geom.video_start + geom.video_len)
+            qt, kt = to_tiles(qh[:, :, vid], lay), to_tiles(kh[:, :, vid], lay)
+            idx, cnt = get_method(method).select(qt, kt, lay, [st.configs[h].budget for h in heads])
+            oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask, block_fn=block_fn)
+        out.index_copy_(1, hi, oh.to(out.dtype))
+    return out

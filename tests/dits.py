@@ -1,0 +1,153 @@
+"""Tiny DiTs for the tests: diffusers families from small configs, and two hand-written DiTs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.functional import scaled_dot_product_attention  # bound at import time on purpose
+
+
+def tiny_wan(layers=2, heads=2, head_dim=32):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                 in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64,
+                                 num_layers=layers, rope_max_seq_len=32).eval()
+
+
+def tiny_hunyuan():
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                          num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
+                                          patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
+                                          pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+
+
+def tiny_cogvideox():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                       time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+                                       sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                       max_text_seq_length=8).eval()
+
+
+class _Block(nn.Module):
+    def __init__(self, dim, heads, attn_cls):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = attn_cls(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _QKV(nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def split(self, x):
+        B, S, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, S, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def merge(self, o):
+        B, H, S, D = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, S, H * D))
+
+
+class ManualAttention(_QKV):
+    """softmax(q @ kᵀ * scale) @ v written by hand, with a float32 upcast."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = (q @ k.transpose(-2, -1)) * (self.head_dim ** -0.5)
+        probs = scores.float().softmax(dim=-1).to(v.dtype)
+        return self.merge(probs @ v)
+
+
+class NamedSDPAAttention(_QKV):
+    """Calls `scaled_dot_product_attention` bound by name at import time."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        return self.merge(scaled_dot_product_attention(q, k, v))
+
+
+class CrossAttention(_QKV):
+    def forward(self, x, ctx):
+        B, S, _ = x.shape
+        q = self.qkv(x)[..., : self.heads * self.head_dim].reshape(B, S, self.heads, -1).transpose(1, 2)
+        kv = self.qkv(ctx)[..., self.heads * self.head_dim:].reshape(B, ctx.shape[1], 2, self.heads, -1)
+        k, v = kv.permute(2, 0, 3, 1, 4)
+        return self.merge(F.scaled_dot_product_attention(q, k, v))
+
+
+class TinyDiT(nn.Module):
+    """A hand-written video DiT over a (T, H, W) token grid: self-attention blocks plus one cross-attention."""
+
+    def __init__(self, attn_cls, dim=32, heads=2, layers=2, in_ch=4):
+        super().__init__()
+        self.embed = nn.Linear(in_ch, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, attn_cls) for _ in range(layers))
+        self.cross = CrossAttention(dim, heads)
+        self.ctx = nn.Linear(8, dim)
+        self.head = nn.Linear(dim, in_ch)
+
+    def forward(self, x, ctx):
+        B, C, T, H, W = x.shape
+        h = self.embed(x.flatten(2).transpose(1, 2))
+        for blk in self.blocks:
+            h = blk(h)
+        h = h + self.cross(h, self.ctx(ctx))
+        return self.head(h).transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def manual_dit():
+    torch.manual_seed(0)
+    return TinyDiT(ManualAttention).eval()
+
+
+def named_sdpa_dit():
+    torch.manual_seed(0)
+    return TinyDiT(NamedSDPAAttention).eval()
+
+
+def dit_inputs(grid=(4, 4, 8), batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, *grid, generator=g), torch.randn(batch, 3, 8, generator=g))
+
+
+def mask_from_selection(grid, tile, idx, cnt, seq_len, video_start=0, key_mask=None):
+    """Independent token-level bool mask [B, H, S, S] of a tile selection (for cross-checking the op)."""
+    T, H, W = grid
+    tt, th, tw = tile
+    nh, nw = math.ceil(H / th), math.ceil(W / tw)
+    t = torch.arange(T).view(-1, 1, 1) // tt
+    h = torch.arange(H).view(1, -1, 1) // th
+    w = torch.arange(W).view(1, 1, -1) // tw
+    tile_of = ((t * nh + h) * nw + w).reshape(-1)  # tile index of every video token
+    B, Hh, n_q, _ = idx.shape
+    sel = torch.zeros(B, Hh, n_q, n_q, dtype=torch.bool)
+    for b in range(B):
+        for hh in range(Hh):
+            for i in range(n_q):
+                sel[b, hh, i, idx[b, hh, i, : cnt[b, hh, i]].long()] = True
+    vl = T * H * W
+    mask = torch.ones(B, Hh, seq_len, seq_len, dtype=torch.bool)
+    vid = slice(video_start, video_start + vl)
+    mask[:, :, vid, vid] = sel[:, :, tile_of][:, :, :, tile_of]
+    if key_mask is not None:
+        mask &= key_mask[:, None, None, :]
+    return mask

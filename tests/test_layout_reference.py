@@ -1,0 +1,102 @@
+"""Tile layout and the reference semantics against independent dense-mask computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dits import mask_from_selection
+from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask, tiled_sparse_attention
+from sparsify.layout import Geometry, from_tiles, pool_tiles, tile_layout, to_tiles
+from sparsify.methods import get_method
+from sparsify.recipe import Budget
+
+
+@pytest.mark.parametrize("grid,tile", [((5, 6, 10), (4, 4, 4)), ((3, 8, 8), (1, 8, 8)), ((7, 3, 5), (16, 2, 2)), ((4, 4, 4), (2, 4, 8))])
+def test_layout_is_a_permutation_with_partial_tiles(grid, tile):
+    lay = tile_layout(grid, tile)
+    n = grid[0] * grid[1] * grid[2]
+    assert sorted(lay.gather[lay.gather >= 0].tolist()) == list(range(n))
+    assert int(lay.tile_lens.sum()) == n
+    # every tile's valid slots come first and hold tokens of exactly that tile
+    T, H, W = grid
+    vol = lay.volume
+    nt, nh, nw = (math.ceil(g / t) for g, t in zip(grid, tile))
+    for ti in range(lay.n_tiles):
+        slots = lay.gather[ti * vol:(ti + 1) * vol]
+        k = int(lay.tile_lens[ti])
+        assert (slots[:k] >= 0).all() and (slots[k:] < 0).all()
+        for tok in slots[:k].tolist():
+            t, h, w = tok // (H * W), tok // W % H, tok % W
+            assert ((t // tile[0]) * nh + h // tile[1]) * nw + w // tile[2] == ti
+    x = torch.randn(2, 3, n, 8)
+    assert torch.equal(from_tiles(to_tiles(x, lay), lay), x)
+
+
+def test_pool_tiles_ignores_padding():
+    lay = tile_layout((5, 4, 4), (4, 4, 4))  # second tile holds 16 of 64 tokens
+    x = torch.randn(1, 1, 80, 4)
+    pooled = pool_tiles(to_tiles(x, lay), lay)
+    torch.testing.assert_close(pooled[0, 0, 1], x[0, 0, 64:].mean(0))
+    assert torch.equal(pool_tiles(to_tiles(x, lay), lay, "max")[0, 0, 1], x[0, 0, 64:].amax(0))
+
+
+def _random_selection(B, H, nq, nk, gen):
+    cnt = torch.randint(0, nk + 1, (B, H, nq), generator=gen, dtype=torch.int32)
+    idx = torch.stack([torch.randperm(nk, generator=gen) for _ in range(B * H * nq)]).view(B, H, nq, nk).int()
+    return idx, cnt
+
+
+@pytest.mark.parametrize("S,bm,bn", [(200, 64, 64), (300, 128, 64), (129, 64, 128)])
+def test_block_reference_matches_masked_sdpa(S, bm, bn):
+    g = torch.Generator().manual_seed(S)
+    B, H, D = 2, 3, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
+    nq, nk = math.ceil(S / bm), math.ceil(S / bn)
+    idx, cnt = _random_selection(B, H, nq, nk, g)
+    out = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(bm, bn))
+    bmask = selection_to_block_mask(idx, cnt, nk)
+    mask = bmask.repeat_interleave(bm, 2).repeat_interleave(bn, 3)[:, :, :S, :S]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    empty = ~mask.any(-1)
+    ref = torch.where(empty[..., None], torch.zeros_like(ref), ref)  # no keys -> zeros, not NaN
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("video_start,n_text", [(0, 0), (0, 11), (9, 9)])
+def test_tiled_reference_matches_token_mask(video_start, n_text):
+    grid, tile = (5, 6, 10), (4, 4, 4)
+    geo = Geometry(grid, video_start)
+    lay = tile_layout(grid, tile)
+    S = geo.video_len + n_text
+    g = torch.Generator().manual_seed(1)
+    B, H, D = 2, 2, 16
+    q, k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(3))
+    vid = slice(video_start, video_start + geo.video_len)
+    idx, cnt = get_method("vsa").select(to_tiles(q[:, :, vid], lay), to_tiles(k[:, :, vid], lay), lay,
+                                        [Budget(density=0.25), Budget(top_p=0.5, min_density=0.1)])
+    key_mask = torch.ones(B, S, dtype=torch.bool)
+    if n_text:
+        key_mask[0, S - 2:] = False if video_start == 0 else key_mask[0, S - 2:]
+    out = tiled_sparse_attention(q, k, v, geo, lay, idx, cnt, key_mask=key_mask)
+    mask = mask_from_selection(grid, tile, idx, cnt, S, video_start, key_mask)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    # and it really is sparse: dense attention differs
+    assert (F.scaled_dot_product_attention(q, k, v) - out).abs().max() > 1e-3
+
+
+def test_vsa_keeps_best_tiles_and_counts():
+    lay = tile_layout((4, 8, 8), (1, 8, 8))
+    q = torch.randn(1, 1, 256, 8)
+    k = torch.randn(1, 1, 256, 8)
+    k[:, :, 128:192] += 3 * q[:, :, 128:192].mean(2, keepdim=True)  # make key tile 2 attractive
+    qt, kt = to_tiles(q, lay), to_tiles(k, lay)
+    idx, cnt = get_method("vsa").select(qt, kt, lay, [Budget(density=0.25)])
+    assert cnt.tolist() == [[[1, 1, 1, 1]]]
+    assert idx[0, 0, 2, 0] == 2
+    idx, cnt = get_method("dense").select(qt, kt, lay, [Budget(density=0.25)])
+    assert cnt.tolist() == [[[4, 4, 4, 4]]]
