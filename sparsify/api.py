@@ -8,6 +8,7 @@ from . import runtime
 from .adapters import GridAdapter, adapter_for
 from .kernels import op as _op  # noqa: F401  (registers torch.ops.sparsify.*)
 from .passes.discover import _split_inputs, discover, import_bound_modules
+from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
 from .recipe import Recipe, load_recipe
 
@@ -38,7 +39,7 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
 
 
 def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, video_start: int = 0,
-             adapter=None) -> torch.nn.Module:
+             adapter=None, mode: str = "install") -> torch.nn.Module:
     """Make the attention sites a recipe enables run block-sparse attention, in place.
 
     Sites are discovered on the model's Dynamo graph, checked against the recipe, and installed so
@@ -56,6 +57,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
             `grid(args, kwargs)` evaluated on every top-level call.
         video_start: with `grid`: index of the first video token in the attention sequence.
         adapter: a custom `sparsify.adapters.Adapter`.
+        mode: `install` (default) routes sites to the op in Python: eager and every compile style.
+            `graph` leaves the model's code alone; the rewrite then happens on the Dynamo graph with
+            `torch.compile(model, backend="sparsify")` or the inductor pre-grad pass (whole-model
+            compiles only; eager calls stay dense).
 
     Returns:
         The same model, sparsified. `unsparsify(model)` restores it exactly.
@@ -89,7 +94,7 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
             continue
         states.append(runtime.SiteState(site_id=runtime.STATE.new_id(), path=info.path, kind=info.kind,
                                         heads=info.heads, head_dim=info.head_dim, configs=configs, index=index - 1))
-    model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos))
+    model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
     return model
 
 

@@ -143,38 +143,61 @@ class Installation:
     hooks: list = field(default_factory=list)
     modules: list = field(default_factory=list)  # site modules whose forward was replaced
     patched: bool = False
+    mode: str = "install"
 
 
 def install_site(model, info, state: runtime.SiteState, inst: Installation) -> None:
-    """Attach site `info` of `model` to the runtime: a site tensor, hooks, or a rewritten forward."""
+    """Attach site `info` of `model` to the runtime: a site tensor and a routed (or rewritten) forward."""
     module = model.get_submodule(info.path)
     if hasattr(module, "_sparsify_site"):
         raise RuntimeError(f"sparsify: module '{info.path}' is already sparsified; call unsparsify() first")
+    if "forward" in vars(module):
+        raise RuntimeError(
+            f"sparsify: module '{info.path}' already has an instance-level forward (another tool's wrapper?); "
+            "sparsify it before applying that tool")
     module._sparsify_site = torch.tensor([state.site_id], dtype=torch.int64)
+    inst.modules.append(module)
+    if inst.mode == "graph":
+        from .rewrite import GRAPH_SITES
+
+        GRAPH_SITES[id(module)] = state.site_id
+        return
     if info.impl == "manual":
         fn = _manual_forward(module, info.path)
         module.forward = types.MethodType(fn, module)
     else:
         module.forward = types.MethodType(_site_forward, module)
-    inst.modules.append(module)
 
 
-def install(model, infos, states, recipe, adapter, import_modules) -> Installation:
-    """Install every site in `states` on `model` and the geometry hook on its top-level forward."""
-    inst = Installation(sites=list(states), infos=list(infos), recipe=recipe, adapter=adapter)
+def install(model, infos, states, recipe, adapter, import_modules, mode: str = "install") -> Installation:
+    """Install every site in `states` on `model` and the geometry hook on its top-level forward.
+
+    Args:
+        mode: `install` routes the sites to the op in Python (eager and every compile style);
+            `graph` only registers them for the `sparsify` backend / inductor pre-grad pass.
+    """
+    if mode not in ("install", "graph"):
+        raise ValueError(f"sparsify: mode must be 'install' or 'graph'; got {mode!r}")
+    inst = Installation(sites=list(states), infos=list(infos), recipe=recipe, adapter=adapter, mode=mode)
     by_path = {i.path: i for i in infos}
     try:
         for st in states:
             install_site(model, by_path[st.path], st, inst)
             STATE.sites[st.site_id] = st
-        if any(by_path[st.path].impl == "sdpa" for st in states):
+        if mode == "install" and any(by_path[st.path].impl == "sdpa" for st in states):
             _patch_sdpa(import_modules)
             inst.patched = True
+        if mode == "graph":
+            from .rewrite import install_inductor_pass
+
+            install_inductor_pass()
         if adapter is not None:
             def geometry_hook(mod, args, kwargs, _adapter=adapter):
                 g = _adapter.geometry(mod, args, kwargs)
                 STATE.geometry = (g.grid[0], g.grid[1], g.grid[2], g.video_start)
 
+            if mode == "graph":  # run eagerly, before the compiled graph that reads it
+                geometry_hook = torch._dynamo.disable(geometry_hook)
             inst.hooks.append(model.register_forward_pre_hook(geometry_hook, with_kwargs=True))
     except Exception:
         uninstall(model, inst)
@@ -184,19 +207,21 @@ def install(model, infos, states, recipe, adapter, import_modules) -> Installati
 
 def uninstall(model, inst: Installation) -> None:
     """Undo `install` exactly: hooks, forwards, site tensors, registry entries and patches."""
+    from .rewrite import GRAPH_SITES, uninstall_inductor_pass
+
     for h in inst.hooks:
         h.remove()
     inst.hooks.clear()
     for module in inst.modules:
-        module.__dict__.pop("forward", None)
+        if inst.mode == "install":
+            module.__dict__.pop("forward", None)
+        GRAPH_SITES.pop(id(module), None)
+        module.__dict__.pop("_sparsify_site", None)
     inst.modules.clear()
     for st in inst.sites:
         STATE.sites.pop(st.site_id, None)
-        try:
-            module = model.get_submodule(st.path)
-        except AttributeError:
-            continue
-        module.__dict__.pop("_sparsify_site", None)
+    if inst.mode == "graph" and not GRAPH_SITES:
+        uninstall_inductor_pass()
     if inst.patched:
         _unpatch_sdpa()
         inst.patched = False
