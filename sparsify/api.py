@@ -80,9 +80,11 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     recipe = load_recipe(recipe)
     infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
     if not any(i.kind in SPARSE_KINDS for i in infos):
+        found = ", ".join(f"{i.path} ({i.kind}, {i.q_len} tokens)" for i in infos) or "none"
         raise ValueError(
-            f"sparsify: found no self- or joint-attention site in {type(model).__name__} "
-            f"({len(infos)} attention calls in all); nothing to sparsify")
+            f"sparsify: found no self- or joint-attention site in {type(model).__name__}; attention calls "
+            f"found: {found}. A site is video attention when its sequence holds the video tokens of the "
+            "grid (check grid=/the adapter)")
     recipe.check_against(type(model).__name__, [i.spec() for i in infos])
     states, index = [], 0
     for info in infos:

@@ -43,6 +43,14 @@ def _(q, k, v, site, geometry, scale=None, attn_mask=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
+def _autograd_dispatch():
+    """Re-enable autograd dispatch inside a custom op implementation (which runs below autograd)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in ("AutogradCPU", "AutogradCUDA", "AutogradOther", "AutogradNestedTensor"):
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 @torch.library.custom_op("sparsify::sparse_attention_backward", mutates_args=())
 def sparse_attention_backward(
     grad: torch.Tensor,
@@ -58,7 +66,7 @@ def sparse_attention_backward(
 
     The selection is recomputed from the same q and k (it is deterministic) and treated as constant.
     """
-    with torch.enable_grad():
+    with torch.enable_grad(), _autograd_dispatch():
         qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
         out = runtime.run_site(qg, kg, vg, site, geometry, scale, attn_mask)
         dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), grad, allow_unused=True)

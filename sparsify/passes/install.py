@@ -73,17 +73,28 @@ def _unpatch_sdpa() -> None:
 # per-site installation
 
 
-def _site_forward(self, *args, **kwargs):
-    """Forward of an SDPA site module: the class forward, with the site tensor on the runtime stack.
+_SITE_FORWARDS: dict[type, object] = {}
 
-    One function shared by every site (bound per instance), so compiled graphs do not specialize
-    on which block they run in; the site tensor itself becomes a graph input.
+
+def _site_forward(cls: type):
+    """The forward of an SDPA site module of class `cls`: the class forward, with the module's site
+    tensor on the runtime stack while it runs.
+
+    One function per class, bound per instance, so compiled graphs do not specialize on which block
+    they run in; the site tensor itself becomes a graph input.
     """
-    STATE.stack.append(self._sparsify_site)
-    try:
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        STATE.stack.pop()
+    if cls not in _SITE_FORWARDS:
+        inner = cls.forward
+
+        def forward(self, *args, **kwargs):
+            STATE.stack.append(self._sparsify_site)
+            try:
+                return inner(self, *args, **kwargs)
+            finally:
+                STATE.stack.pop()
+
+        _SITE_FORWARDS[cls] = forward
+    return _SITE_FORWARDS[cls]
 
 
 _MANUAL_FORWARDS: dict[type, object] = {}
@@ -108,6 +119,7 @@ def _manual_forward(module: torch.nn.Module, path: str):
             f"torch.fx, found {len(matches)}; disable this site in the recipe")
     m = matches[0]
     g = gm.graph
+    gm.register_buffer("_sparsify_site", torch.zeros(1, dtype=torch.int64), persistent=False)  # the code reads self's
     with g.inserting_before(m.node):
         site = g.get_attr("_sparsify_site")
         scale = _materialize_scale(g, m.scale, m.q)
@@ -166,7 +178,7 @@ def install_site(model, info, state: runtime.SiteState, inst: Installation) -> N
         fn = _manual_forward(module, info.path)
         module.forward = types.MethodType(fn, module)
     else:
-        module.forward = types.MethodType(_site_forward, module)
+        module.forward = types.MethodType(_site_forward(type(module)), module)
 
 
 def install(model, infos, states, recipe, adapter, import_modules, mode: str = "install") -> Installation:
