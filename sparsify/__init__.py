@@ -5,4 +5,13 @@ __version__ = "0.1.0"
 from .api import find_sites, installed_sites, sparsify, unsparsify
 from .recipe import Recipe, RecipeError, load_recipe
 
-__all__ = ["sparsify", "unsparsify", "find_sites", "installed_sites", "Recipe", "RecipeError", "load_recipe"]
+
+def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
+    """Calibrate `model` and return its recipe; see `sparsify.calibrate.core.calibrate`."""
+    from .calibrate.core import calibrate as _calibrate
+
+    return _calibrate(model, forward_loop, budget=budget, **kwargs)
+
+
+__all__ = ["sparsify", "unsparsify", "calibrate", "find_sites", "installed_sites", "Recipe", "RecipeError",
+           "load_recipe"]

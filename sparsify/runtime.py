@@ -27,6 +27,13 @@ class SiteState:
     configs: list[HeadConfig]
     index: int = 0
     calls: int = 0
+    work: float = 0.0  # attention FLOPs actually computed (padding included), in units of one dense call
+    dense_work: float = 0.0  # attention FLOPs the same calls would take dense
+
+    @property
+    def density(self) -> float:
+        """Achieved density over all calls so far: computed / dense attention work (padding counted)."""
+        return self.work / self.dense_work if self.dense_work else float("nan")
     warned: set = field(default_factory=set)
 
     @property
@@ -46,6 +53,7 @@ class _State:
         self.sites: dict[int, SiteState] = {}
         self.geometry: Geometry | None = None
         self.stack: list = []  # site tensors of the attention modules being executed
+        self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
         self._ids = itertools.count(1)
 
     def new_id(self) -> int:
@@ -106,6 +114,24 @@ def block_fn_for(q: torch.Tensor):
     return block_sparse_attn_reference
 
 
+def sparse_work(geom: Geometry, layout, kv_counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Attention work of a selection relative to one dense head, summed over `[B, H]` (padding counted).
+
+    Video-video blocks count `volume²` each; text rows and columns are dense.
+
+    Example:
+        >>> from sparsify.layout import tile_layout
+        >>> g = Geometry((4, 8, 8)); lay = tile_layout(g.grid, (1, 8, 8))
+        >>> float(sparse_work(g, lay, torch.full((1, 1, 4), 2), 256))
+        0.5
+    """
+    n_text = seq_len - geom.video_len
+    vol = layout.volume
+    video = kv_counts.to(torch.float64).sum() * vol * vol
+    text = n_text * (layout.padded_len + n_text) + layout.padded_len * n_text
+    return (video + text * kv_counts.shape[0] * kv_counts.shape[1]) / float(seq_len * seq_len)
+
+
 def key_padding_mask(attn_mask, B: int, S: int):
     """A bool `[B, S]` key mask equivalent to `attn_mask`, or None if the mask is not key padding.
 
@@ -138,9 +164,11 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     def dense(reason=None):
         if reason:
             st.warn_once(reason, f"{reason}; this call runs dense attention")
+        st.work += B * H
+        st.dense_work += B * H
         return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
 
-    if st.is_dense:
+    if st.is_dense and STATE.observer is None:
         return dense()
     if k.shape != q.shape or v.shape != q.shape:
         return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -157,6 +185,11 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
             "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
     geom.check(S, st.path)
+    if STATE.observer is not None:
+        STATE.observer(st, q, k, v, geom, scale, key_mask)
+        if st.is_dense:
+            return dense()
+    st.dense_work += B * H
     groups: dict[tuple, list[int]] = {}
     for h, c in enumerate(st.configs):
         groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
@@ -167,6 +200,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         qh, kh, vh = (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)
+            st.work += B * len(heads)
         else:
             method, tile = key
             lay = tile_layout(geom.grid, tile, q.device)
@@ -174,5 +208,6 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             qt, kt = to_tiles(qh[:, :, vid], lay), to_tiles(kh[:, :, vid], lay)
             idx, cnt = get_method(method).select(qt, kt, lay, [st.configs[h].budget for h in heads])
             oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask, block_fn=block_fn)
+            st.work += float(sparse_work(geom, lay, cnt, S))
         out.index_copy_(1, hi, oh.to(out.dtype))
     return out

@@ -1,0 +1,171 @@
+"""`python -m sparsify.calibrate`: calibrate a model and write its recipe, summary and plots."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "testbed"
+
+
+def _parse_tiles(text: str):
+    try:
+        return [tuple(int(x) for x in t.split("x")) for t in text.split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tiles must look like 4x4x4,1x8x8; got {text!r}") from None
+
+
+def _parse_floats(text: str):
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers; got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sparsify.calibrate",
+        description="Measure every attention head's error for each candidate (tile shape x density) on the dense "
+                    "model, solve the per-head budget allocation (a multiple-choice knapsack ILP) and write a "
+                    "sparsify recipe. With no arguments it calibrates the bundled test-bed model on CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="bundled model (testbed, tiny-wan) or import.path:factory returning a diffusers Wan, "
+                        "HunyuanVideo or CogVideoX transformer")
+    p.add_argument("--budget", type=float, default=0.1, help="target attention density over all sparsifiable heads")
+    p.add_argument("--out", default="recipe.yaml", help="recipe path; the plots are written beside it")
+    p.add_argument("--tiles", type=_parse_tiles, default=None,
+                   help="candidate tile shapes, e.g. 4x4x4,1x8x8 (default: 4x4x4,1x8x8,2x4x8,8x2x4,16x2x2,1x4x16)")
+    p.add_argument("--levels", type=_parse_floats, default=None, help="candidate densities, e.g. 0.03,0.05,0.1,0.2")
+    p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds 0..N-1)")
+    p.add_argument("--steps", type=int, default=2, help="denoising steps sampled per input (timesteps evenly spaced)")
+    p.add_argument("--grid", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
+                   help="latent token grid TxHxW for adapter-made inputs (not the test-bed)")
+    p.add_argument("--dense-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                   help="site indices kept dense, e.g. 0,1")
+    p.add_argument("--dense-steps", type=int, default=0, help="first denoising steps kept dense (runtime policy)")
+    p.add_argument("--min-layer-density", type=float, default=None, help="minimum density of every site")
+    p.add_argument("--error-cap", type=float, default=None, help="per-head error cap")
+    p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "lagrangian"])
+    p.add_argument("--query-fraction", type=float, default=0.125, help="share of query tiles measured per call")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="per-site checkpoints for resuming (default: <out>.calib/; 'none' disables)")
+    p.add_argument("--dry-run", action="store_true", help="estimate time and memory from one forward, then stop")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def resolve_model(spec: str, device, dtype):
+    """Return (model, make_inputs(seed, t) -> forward kwargs, grid or None, description)."""
+    if spec == "testbed":
+        from ..testbed import build_testbed, example_inputs
+
+        model = build_testbed(pretrained=True, device=device, dtype=dtype)
+        return model, (lambda seed, t: example_inputs(seed=seed, t=t, device=device, dtype=dtype)), None, \
+            "bundled test-bed (trained small Wan, 4,096 tokens)"
+    from ..inspect import load_model
+    from ..adapters import adapter_for
+
+    model = load_model(spec).to(device=device, dtype=dtype)
+    adapter = adapter_for(model)
+    if adapter is None:
+        raise SystemExit(
+            f"sparsify.calibrate: no adapter knows {type(model).__name__}; use the Python API "
+            "sparsify.calibrate.calibrate(model, forward_loop, grid=..., example_inputs=...)")
+
+    def make_inputs(seed, t, _grid=None):
+        torch.manual_seed(seed)
+        kw = adapter.example_inputs(model, **({"grid": _grid} if _grid else {}))
+        kw = {k: (torch.randn_like(v) if k == "hidden_states" else v) for k, v in kw.items()}
+        if "timestep" in kw:
+            kw["timestep"] = torch.full_like(kw["timestep"], int(t * 1000))
+        return kw
+
+    return model, make_inputs, adapter, f"{type(model).__name__} from {spec}"
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import DEFAULT_LEVELS, DEFAULT_TILES, run_calibration
+    from .report import plots, summary
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    t0 = time.perf_counter()
+    model, make_inputs, adapter, desc = resolve_model(args.model, device, dtype)
+    if args.grid and adapter is not None:
+        base = make_inputs
+        make_inputs = lambda seed, t: base(seed, t, args.grid)  # noqa: E731
+    times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
+    schedule = [(seed, t) for seed in range(args.inputs) for t in times]
+    inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), args.grid)).encode()).hexdigest()[:16]
+    print(f"sparsify.calibrate: {desc}; {args.inputs} inputs x {args.steps} steps; budget {args.budget}; device {device}",
+          file=sys.stderr)
+
+    def forward_loop(m, schedule=schedule):
+        for seed, t in schedule:
+            m(**make_inputs(seed, t))
+
+    if args.dry_run:
+        return _dry_run(model, make_inputs, schedule, args, DEFAULT_TILES, DEFAULT_LEVELS)
+    out = Path(args.out)
+    ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
+    first = make_inputs(0, times[0])
+    from ..api import find_sites
+
+    n_sites = sum(1 for s in find_sites(model, first)[0] if s.kind in ("self", "joint"))
+    result = run_calibration(
+        model, forward_loop, budget=args.budget, tiles=args.tiles or DEFAULT_TILES, levels=args.levels or DEFAULT_LEVELS,
+        example_inputs=first, dense_layers=args.dense_layers, dense_steps=args.dense_steps,
+        min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
+        query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
+        total_calls=n_sites * len(schedule), inputs_hash=inputs_hash)
+    result.recipe.save(out)
+    print(summary(result, args.budget))
+    print(f"\nrecipe: {out}")
+    if not args.no_plots:
+        for p in plots(result, args.budget, out):
+            print(f"plot:   {p}")
+    print(f"time: {time.perf_counter() - t0:.1f}s (measurement {result.capture_seconds:.1f}s)")
+    return 0
+
+
+def _dry_run(model, make_inputs, schedule, args, default_tiles, default_levels) -> int:
+    """Time one dense forward and one site measurement; extrapolate to the whole run."""
+    from ..api import find_sites
+    from ..calibrate.measure import measure_site
+    from ..layout import Geometry
+
+    kw = make_inputs(*schedule[0])
+    sites, adapter = find_sites(model, kw)
+    video = [s for s in sites if s.kind in ("self", "joint")]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        model(**kw)
+        fwd = time.perf_counter() - t0
+    s = video[0]
+    geo = adapter.geometry(model, (), kw)
+    q = torch.randn(1, s.heads, s.q_len, s.head_dim, device=next(model.parameters()).device)
+    tiles, levels = args.tiles or default_tiles, args.levels or default_levels
+    t0 = time.perf_counter()
+    measure_site(q, q, q, Geometry(geo.grid, geo.video_start), tiles, levels, query_fraction=args.query_fraction)
+    per_site = time.perf_counter() - t0
+    total = len(schedule) * (fwd + per_site * len(video))
+    n_tiles = max(-(-s.q_len // 64), 1)
+    mem = s.q_len * args.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
+    print(f"dry run: {len(video)} sites, {len(schedule)} forwards; one forward {fwd:.2f}s, one site measurement "
+          f"{per_site:.2f}s\nestimated time {total:.0f}s; peak extra memory per head ~{mem / 2**20:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Capture: run the dense model with an observer that measures every site's candidates, with checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import runtime
+from .measure import SiteMeasurement, measure_site
+
+
+class Capture:
+    """Observer installed on the runtime while the dense model runs the calibration forwards.
+
+    Each site call is measured (see `measure_site`) and accumulated per site. With a checkpoint
+    directory every (call, site) result is written as it is produced; a rerun with the same settings
+    loads those instead of measuring again, so an interrupted run loses nothing already measured.
+
+    Args:
+        tiles: candidate tile shapes.
+        levels: candidate densities.
+        query_fraction: share of query tiles measured per call.
+        checkpoint_dir: where per-site results go (None: no checkpoints).
+        config_key: a string identifying the settings; checkpoints of other settings are refused.
+        progress: an object with `update(site_path)` called after each measured site, or None.
+    """
+
+    def __init__(self, tiles, levels, *, query_fraction=0.25, checkpoint_dir=None, config_key="", progress=None):
+        self.tiles, self.levels = [tuple(t) for t in tiles], list(levels)
+        self.query_fraction = query_fraction
+        self.results: dict[str, SiteMeasurement] = {}
+        self.calls: dict[str, int] = {}
+        self.seconds = 0.0
+        self.loaded = 0
+        self.progress = progress
+        self.dir = Path(checkpoint_dir) if checkpoint_dir else None
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            meta = self.dir / "meta.json"
+            key = hashlib.sha256(config_key.encode()).hexdigest()[:16]
+            if meta.exists():
+                old = json.loads(meta.read_text()).get("config")
+                if old != key:
+                    raise RuntimeError(
+                        f"sparsify.calibrate: checkpoint directory {self.dir} holds a run with other settings "
+                        f"(config {old}, now {key}); delete it or choose another --checkpoint-dir")
+            else:
+                meta.write_text(json.dumps({"config": key}))
+
+    def _file(self, path: str, call: int) -> Path:
+        return self.dir / f"{path.replace('/', '_')}.call{call}.pt"
+
+    def __call__(self, st: runtime.SiteState, q, k, v, geom, scale, key_mask) -> None:
+        call = self.calls.get(st.path, 0)
+        self.calls[st.path] = call + 1
+        f = self._file(st.path, call) if self.dir is not None else None
+        if f is not None and f.exists():
+            m = SiteMeasurement(**torch.load(f))
+            self.loaded += 1
+        else:
+            t0 = time.perf_counter()
+            m = measure_site(q, k, v, geom, self.tiles, self.levels, scale=scale, key_mask=key_mask,
+                             query_fraction=self.query_fraction, seed=call)
+            self.seconds += time.perf_counter() - t0
+            if f is not None:
+                tmp = f.with_suffix(".tmp")
+                torch.save({"sq_err": m.sq_err, "energy": m.energy, "cost": m.cost, "calls": m.calls}, tmp)
+                tmp.replace(f)  # atomic: an interrupt never leaves a half-written checkpoint
+        if st.path in self.results:
+            self.results[st.path].add(m)
+        else:
+            self.results[st.path] = m
+        if self.progress is not None:
+            self.progress.update(st.path)
+
+    def __enter__(self):
+        if runtime.STATE.observer is not None:
+            raise RuntimeError("sparsify.calibrate: another calibration is already observing this process")
+        runtime.STATE.observer = self
+        return self
+
+    def __exit__(self, *exc):
+        runtime.STATE.observer = None
+        return False

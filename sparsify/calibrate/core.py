@@ -1,0 +1,221 @@
+"""The calibration pipeline: capture candidates on the dense model, solve the budget ILP, emit the recipe."""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..api import SPARSE_KINDS, find_sites
+from ..passes.discover import import_bound_modules
+from ..passes.install import install, uninstall
+from .. import runtime
+from ..recipe import (RECIPE_VERSION, Budget, Defaults, HeadConfig, HeadEntry, ModelSignature, Recipe, SiteEntry,
+                      check_tile)
+from .capture import Capture
+from .solve import solve_allocation
+
+DEFAULT_TILES = ((4, 4, 4), (1, 8, 8), (2, 4, 8), (8, 2, 4), (16, 2, 2), (1, 4, 16))
+DEFAULT_LEVELS = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+
+
+class Progress:
+    """A one-line progress report with ETA on stderr (no dependency), updated per measured site."""
+
+    def __init__(self, total: int | None, label: str = "calibrate", stream=None, enabled: bool = True):
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.t0 = time.perf_counter()
+
+    def update(self, what: str = "") -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.t0
+        if self.total:
+            eta = el / self.done * (self.total - self.done)
+            msg = f"\r[{self.label}] {self.done}/{self.total} site calls  {el:5.1f}s elapsed  ETA {eta:5.1f}s  {what[:40]:40s}"
+        else:
+            msg = f"\r[{self.label}] {self.done} site calls  {el:5.1f}s elapsed  {what[:40]:40s}"
+        self.stream.write(msg)
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.done:
+            self.stream.write("\n")
+
+
+@dataclass
+class CalibrationResult:
+    """Everything a calibration produced: the recipe, the solver's allocation and the measurements.
+
+    Attributes:
+        recipe: the emitted Recipe (per-site, per-head entries plus provenance).
+        sites: SiteInfo of the calibrated sites, in group order (one group per head).
+        options: `("dense", None)` then `(tile, density)` per candidate; option index per head in `choice`.
+        cost, error: `[G, O]` matrices given to the solver (G = total heads).
+        weight: `[G]` dense attention work per head.
+        choice: `[G]` chosen option per head.
+        layer: `[G]` site index of each head.
+        allocation: the solver's Allocation.
+    """
+
+    recipe: Recipe
+    sites: list
+    options: list
+    cost: np.ndarray
+    error: np.ndarray
+    weight: np.ndarray
+    layer: np.ndarray
+    allocation: object
+    capture_seconds: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def choice(self) -> np.ndarray:
+        return self.allocation.choice
+
+
+def _problem(infos, results, tiles, levels):
+    """Build the [G, O] cost and error matrices: option 0 is dense, then every (tile, level)."""
+    options = [("dense", None)] + [(tuple(t), float(d)) for t in tiles for d in levels]
+    costs, errors, weights, layers, names = [], [], [], [], []
+    for si, info in enumerate(infos):
+        m = results[info.path]
+        rel = m.relative_error().numpy()  # [H, T, L]
+        e_head = m.energy.mean(1).numpy()
+        share = e_head / max(e_head.sum(), 1e-30)  # head's share of the site's attention-output energy
+        for h in range(info.heads):
+            costs.append(np.concatenate([[1.0], m.cost.numpy().reshape(-1)]))
+            errors.append(np.concatenate([[0.0], (rel[h] * share[h]).reshape(-1)]))
+            weights.append(float(info.q_len) ** 2)
+            layers.append(si)
+            names.append(f"{info.path}.heads[{h}]")
+    return options, np.array(costs), np.array(errors), np.array(weights), np.array(layers), names
+
+
+def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, dense_steps, provenance):
+    """Recipe with explicit per-head entries for every calibrated site."""
+    sites = {}
+    g = 0
+    for info in infos:
+        heads = []
+        for h in range(info.heads):
+            opt = options[int(choice[g])]
+            g += 1
+            if opt[0] == "dense":
+                heads.append(HeadEntry(head=h, enable=False))
+            else:
+                heads.append(HeadEntry(head=h, method="vsa", tile=opt[0], budget=Budget(density=opt[1])))
+        sites[info.path] = SiteEntry(heads=tuple(heads))
+    sig = ModelSignature(type(model).__name__, tuple(i.spec() for i in all_infos))
+    defaults = Defaults(method="vsa", tile=defaults_tile, budget=Budget(density=budget), dense_steps=dense_steps)
+    return Recipe(version=RECIPE_VERSION, model=sig, defaults=defaults, sites=sites, calibration=provenance)
+
+
+def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_TILES, levels=DEFAULT_LEVELS,
+                    example_inputs=None, grid=None, video_start: int = 0, adapter=None, dense_layers=(),
+                    dense_steps: int = 0, min_layer_density=None, error_cap=None, solver: str = "auto",
+                    query_fraction: float = 0.125, checkpoint_dir=None, progress: bool = True,
+                    total_calls: int | None = None, inputs_hash: str = "") -> CalibrationResult:
+    """Calibrate `model` and return the full result (see `calibrate` for the arguments)."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
+    tiles = [check_tile(list(t), "tiles") for t in tiles]
+    levels = sorted(float(x) for x in levels)
+    if not levels or not all(0.0 < x <= 1.0 for x in levels):
+        raise ValueError(f"sparsify.calibrate: levels must be densities in (0, 1]; got {levels}")
+    all_infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
+    infos = [i for i in all_infos if i.kind in SPARSE_KINDS]
+    if not infos:
+        raise ValueError(
+            f"sparsify.calibrate: {type(model).__name__} has no self- or joint-attention site to calibrate "
+            f"(found: {', '.join(f'{i.path} ({i.kind})' for i in all_infos) or 'no attention at all'})")
+    # every site installed as dense: the model computes exactly its dense output while we observe
+    states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=i.path, kind=i.kind, heads=i.heads,
+                                head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n)
+              for n, i in enumerate(infos)]
+    config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, query_fraction, inputs_hash))
+    bar = Progress(total_calls, enabled=progress)
+    inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
+    try:
+        with Capture(tiles, levels, query_fraction=query_fraction, checkpoint_dir=checkpoint_dir,
+                     config_key=config_key, progress=bar) as cap, torch.no_grad():
+            forward_loop(model)
+    except KeyboardInterrupt:
+        bar.close()
+        where = f" Measurements so far are in {checkpoint_dir}; rerun the same command to resume." if checkpoint_dir else ""
+        raise KeyboardInterrupt(f"sparsify.calibrate interrupted.{where}") from None
+    finally:
+        uninstall(model, inst)
+    bar.close()
+    missing = [i.path for i in infos if i.path not in cap.results]
+    if missing:
+        raise RuntimeError(f"sparsify.calibrate: the forward loop never reached these sites: {', '.join(missing)}")
+    options, cost, error, weight, layer, names = _problem(infos, cap.results, tiles, levels)
+    forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(dense_layers)}
+    alloc = solve_allocation(cost, error, budget, weight=weight, layer=layer, forced=forced or None,
+                             min_layer_density=min_layer_density, error_cap=error_cap, solver=solver, names=names)
+    provenance = {
+        "tool": f"sparsify {__version__}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "model": type(model).__name__,
+        "inputs_hash": inputs_hash,
+        "calls_per_site": int(next(iter(cap.results.values())).calls),
+        "budget": float(budget),
+        "achieved_density": round(float(alloc.density), 6),
+        "predicted_error": float(alloc.total_error),
+        "predicted_attention_speedup": round(1.0 / float(alloc.density), 3),
+        "solver": f"{alloc.solver} ({alloc.status})",
+        "candidates": {"method": "vsa", "tiles": [list(t) for t in tiles], "densities": levels},
+        "query_fraction": query_fraction,
+        "error_metric": "relative squared error of each site's attention output, split by head energy share",
+    }
+    recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=budget, defaults_tile=tuple(tiles[0]),
+                   dense_steps=dense_steps, provenance=provenance)
+    return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
+                             layer=layer, allocation=alloc, capture_seconds=cap.seconds,
+                             extras={"loaded_checkpoints": cap.loaded, "names": names})
+
+
+def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
+    """Measure every head's error per candidate, solve the budget ILP, and return the recipe.
+
+    Runs the DENSE model through `forward_loop(model)`; at each attention site and head it measures,
+    for every candidate tile shape and density, the exact error of VSA top-k selection against dense
+    attention and its cost (attention FLOPs relative to dense, padding of partial tiles included). A
+    multiple-choice knapsack (one option per head, dense included) minimizes the total error under
+    the global density `budget`; tile shapes are chosen in the same solve.
+
+    Args:
+        model: the DiT (any model `sparsify()` accepts).
+        forward_loop: `forward_loop(model)` runs the calibration forwards (inputs x denoising steps).
+        budget: target attention density over all sparsifiable heads (e.g. 0.1 = 10%).
+        tiles: candidate tile shapes (volume 64 or 128). Default: the six 64-token shapes.
+        levels: candidate densities per head.
+        example_inputs, grid, video_start, adapter: as for `sparsify()`.
+        dense_layers: site indices forced dense.
+        dense_steps: recorded in the recipe's defaults (runtime policy).
+        min_layer_density: per-site minimum density (a float, or {site index: float}).
+        error_cap: per-head cap on the error; options above it are excluded.
+        solver: `auto`, `highs`, `cbc` or `lagrangian`.
+        query_fraction: share of query tiles measured per call (exact on those rows).
+        checkpoint_dir: per-site checkpoints, making an interrupted run resumable.
+        progress: print progress with ETA to stderr.
+
+    Returns:
+        A Recipe with explicit per-site, per-head entries and a `calibration` provenance block.
+
+    Example:
+        >>> from sparsify.calibrate import calibrate
+        >>> # def loop(m):
+        >>> #     for x in my_inputs: m(**x)
+        >>> # recipe = calibrate(model, loop, budget=0.1); recipe.save("my.yaml")
+    """
+    return run_calibration(model, forward_loop, budget=budget, **kwargs).recipe
