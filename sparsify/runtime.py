@@ -93,25 +93,54 @@ def dense_attention(q, k, v, scale=None, key_mask=None):
     return _dense_sdpa(q, k, v, mask, 0.0, False, scale=scale)
 
 
+def block_lens_from_mask(key_mask: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Per-key-block valid lengths if `key_mask` `[B, S]` is the same for every batch row and each
+    block's valid keys form a prefix (as padded tiles do); else None.
+
+    Example:
+        >>> block_lens_from_mask(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool), 2).tolist()
+        [2, 1]
+    """
+    if key_mask.shape[0] > 1 and not bool((key_mask == key_mask[:1]).all()):
+        return None
+    m = key_mask[0]
+    pad = (-m.numel()) % block
+    if pad:
+        m = torch.cat([m, m.new_zeros(pad)])
+    m = m.view(-1, block)
+    lens = m.sum(-1)
+    if not bool((m == (torch.arange(block, device=m.device) < lens[:, None])).all()):
+        return None
+    return lens.to(torch.int32)
+
+
+_SLOW_PATH_WARNED: set = set()
+
+
 def block_fn_for(q: torch.Tensor):
-    """The block-sparse kernel used for q's device: Triton on CUDA when it supports the call, else the reference."""
+    """The block-sparse kernel for q's device: Triton on CUDA when it serves the call, else the reference."""
     from .kernels.reference import block_sparse_attn_reference
 
-    if q.is_cuda:
-        try:
-            from .kernels.block_sparse import block_sparse_attn, supports
-        except ImportError:
-            return block_sparse_attn_reference
+    if not q.is_cuda:
+        return block_sparse_attn_reference
+    try:
+        from .kernels.block_sparse import block_sparse_attn, supports
+    except ImportError:  # no Triton
+        return block_sparse_attn_reference
 
-        def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask):
-            ok, _ = supports(qs, block_size)
-            if not ok or (key_mask is not None and not bool(key_mask.all(0).eq(key_mask[0]).all())):
-                return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, key_mask=key_mask)
-            lens = key_mask[0].view(-1, block_size[1]).sum(-1).to(torch.int32)
-            return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
+    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask):
+        ok, reason = supports(qs, block_size)
+        lens = None if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
+        if not ok or (key_mask is not None and lens is None):
+            why = reason if not ok else "the key mask is not a per-block prefix"
+            if why not in _SLOW_PATH_WARNED:
+                _SLOW_PATH_WARNED.add(why)
+                warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
+                              "using the PyTorch reference path (correct, slower)", stacklevel=2)
+            return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, key_mask=key_mask)
+        return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
 
-        return triton_fn
-    return block_sparse_attn_reference
+    return triton_fn
 
 
 def sparse_work(geom: Geometry, layout, kv_counts: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -1,0 +1,15 @@
+"""The examples in the public docstrings run and print what they say."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["sparsify.recipe", "sparsify.layout", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
+           "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
