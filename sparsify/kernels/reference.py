@@ -176,7 +176,8 @@ def tiled_sparse_attention(
     # full selection: video tiles (+ all text blocks); text query blocks see every block
     n_blocks = n + n_tb
     max_kv = kv_indices.shape[-1] + n_tb
-    idx = torch.zeros(B, H, n_blocks, max(max_kv, n_blocks), dtype=torch.int32, device=dev)
+    width = max(max_kv, n_blocks) if n_tb else max_kv  # text query blocks list every block
+    idx = torch.zeros(B, H, n_blocks, width, dtype=torch.int32, device=dev)
     cnt = torch.empty(B, H, n_blocks, dtype=torch.int32, device=dev)
     idx[:, :, :n, : kv_indices.shape[-1]] = kv_indices.to(dev, torch.int32)
     cnt[:, :, :n] = kv_counts.to(dev, torch.int32)

@@ -1,0 +1,921 @@
+"""Budget allocation: one candidate per head under a global density budget (HASTE's multiple-choice knapsack)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "Allocation",
+    "InfeasibleBudgetError",
+    "ParetoCurve",
+    "available_solvers",
+    "pareto_curve",
+    "solve_allocation",
+    "uniform_allocation",
+]
+
+SOLVERS = ("auto", "highs", "cbc", "lagrangian")
+Forced = Mapping[int, int] | Sequence[int] | np.ndarray  # {group: option}, or (G,) with -1 = free
+LayerIds = Sequence[Any] | np.ndarray  # (G,) layer id of each group
+LayerMinimum = float | Mapping[Any, float]  # one density for every layer, or {layer id: density}
+DENSITY_TOL = 1e-9  # an allocation meets the budget when density <= budget + DENSITY_TOL
+
+
+class InfeasibleBudgetError(ValueError):
+    """No allocation meets the budget (or the per-layer minimum densities). A ``ValueError``."""
+
+
+@dataclass
+class Allocation:
+    """One option per group, as chosen by :func:`solve_allocation` or :func:`uniform_allocation`.
+
+    Attributes:
+        choice: ``(G,)`` int, the chosen option index of every group (indexes the caller's columns).
+        total_error: sum of the chosen options' errors.
+        density: achieved weighted density ``sum_g w_g c[g, choice_g] / sum_g w_g``.
+        budget: the requested density budget.
+        status: ``"optimal"`` (proven optimal within ``gap_rel``), ``"feasible (time limit)"``,
+            ``"feasible (gap 3.1e-03)"`` (a heuristic with its known gap), or ``"feasible"`` (no bound:
+            the uniform baseline).
+        solver: ``"highs"``, ``"cbc"``, ``"lagrangian"`` or ``"uniform"``.
+        bound: a proven lower bound on the optimal total error, or ``None`` if none is known.
+        gap: ``(total_error - bound) / total_error`` (0 when both are 0), or ``None``.
+        solve_seconds: wall time of the call (validation, model build and solve).
+        info: solver details (Lagrange multiplier, options kept after pruning, uniform level, ...).
+    """
+
+    choice: np.ndarray
+    total_error: float
+    density: float
+    budget: float
+    status: str
+    solver: str
+    bound: float | None = None
+    gap: float | None = None
+    solve_seconds: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def optimal(self) -> bool:
+        """True when the solver proved optimality within its relative gap."""
+        return self.status == "optimal"
+
+
+@dataclass
+class ParetoCurve:
+    """Total error versus budget for the solver and for the uniform baseline (NaN where infeasible).
+
+    Attributes:
+        budget: ``(B,)`` the requested budgets.
+        ilp_density, ilp_error: ``(B,)`` achieved density and total error of :func:`solve_allocation`.
+        uniform_density, uniform_error: ``(B,)`` the same for :func:`uniform_allocation`.
+        ilp_status: the solver status at each budget (``"infeasible"`` where no allocation exists).
+    """
+
+    budget: np.ndarray
+    ilp_density: np.ndarray
+    ilp_error: np.ndarray
+    uniform_density: np.ndarray
+    uniform_error: np.ndarray
+    ilp_status: list[str]
+
+    def rows(self) -> list[dict[str, float | str]]:
+        """One dict per budget, ready for JSON or a table."""
+        return [
+            {
+                "budget": float(b),
+                "ilp_density": float(d),
+                "ilp_error": float(e),
+                "uniform_density": float(ud),
+                "uniform_error": float(ue),
+                "ilp_status": s,
+            }
+            for b, d, e, ud, ue, s in zip(
+                self.budget, self.ilp_density, self.ilp_error, self.uniform_density, self.uniform_error, self.ilp_status
+            )
+        ]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Problem:
+    """Validated inputs: ``ok`` marks the allowed options after masks, forced options and the error cap."""
+
+    cost: np.ndarray  # (G, O) float
+    error: np.ndarray  # (G, O) float
+    ok: np.ndarray  # (G, O) bool
+    w: np.ndarray  # (G,) weights normalised to mean 1
+    budget: float
+    forced: np.ndarray  # (G,) int, -1 where free
+    layers: list[tuple[Any, np.ndarray, float]]  # (layer id, group indices, minimum density)
+    names: list[str]
+
+    @property
+    def n_groups(self) -> int:
+        return self.cost.shape[0]
+
+    def density(self, choice: np.ndarray) -> float:
+        return float(np.dot(self.w, self.cost[np.arange(self.n_groups), choice]) / self.n_groups)
+
+    def total_error(self, choice: np.ndarray) -> float:
+        return float(self.error[np.arange(self.n_groups), choice].sum())
+
+    def layer_shortfall(self, choice: np.ndarray) -> list[tuple[Any, float, float]]:
+        """Layers whose density falls below their minimum: (layer id, achieved, minimum)."""
+        contrib = self.w * self.cost[np.arange(self.n_groups), choice]
+        out = []
+        for lid, idx, lo in self.layers:
+            got = float(contrib[idx].sum() / self.w[idx].sum())
+            if got < lo - DENSITY_TOL:
+                out.append((lid, got, lo))
+        return out
+
+    def feasible(self, choice: np.ndarray) -> bool:
+        rows = np.arange(self.n_groups)
+        return bool(
+            self.ok[rows, choice].all()
+            and self.density(choice) <= self.budget + DENSITY_TOL
+            and not self.layer_shortfall(choice)
+        )
+
+
+def _group_names(names: Sequence[str] | None, n: int) -> list[str]:
+    if names is None:
+        return [f"group {g}" for g in range(n)]
+    names = [str(s) for s in names]
+    if len(names) != n:
+        raise ValueError(f"names has {len(names)} entries, expected one per group ({n})")
+    return names
+
+
+def _forced_array(forced: Forced | None, G: int, O: int) -> np.ndarray:
+    out = np.full(G, -1, dtype=np.int64)
+    if forced is None:
+        return out
+    if isinstance(forced, Mapping):
+        for g, o in forced.items():
+            if not 0 <= int(g) < G:
+                raise ValueError(f"forced: group {g} out of range [0, {G})")
+            out[int(g)] = int(o)
+    else:
+        arr = np.asarray(forced, dtype=np.int64)
+        if arr.shape != (G,):
+            raise ValueError(f"forced: expected {{group: option}} or an int array of shape ({G},), got {arr.shape}")
+        out[:] = np.where(arr < 0, -1, arr)
+    bad = np.flatnonzero(out >= O)
+    if bad.size:
+        raise ValueError(f"forced: option {out[bad[0]]} of group {bad[0]} out of range [0, {O})")
+    return out
+
+
+def _layer_constraints(
+    layer: LayerIds | None, min_layer_density: LayerMinimum | None, G: int
+) -> list[tuple[Any, np.ndarray, float]]:
+    if min_layer_density is None:
+        return []
+    if layer is None:
+        raise ValueError("min_layer_density needs layer= (the layer id of every group)")
+    layer = np.asarray(layer)
+    if layer.shape != (G,):
+        raise ValueError(f"layer: expected shape ({G},), got {layer.shape}")
+    ids = list(dict.fromkeys(layer.tolist()))
+    if isinstance(min_layer_density, Mapping):
+        unknown = [k for k in min_layer_density if k not in ids]
+        if unknown:
+            raise ValueError(f"min_layer_density: unknown layer ids {unknown[:5]}; layers are {ids[:10]}...")
+        wanted = {k: float(v) for k, v in min_layer_density.items()}
+    else:
+        wanted = {k: float(min_layer_density) for k in ids}
+    return [(lid, np.flatnonzero(layer == lid), lo) for lid, lo in wanted.items() if lo > 0]
+
+
+def _prepare(
+    cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names
+) -> _Problem:
+    cost = np.asarray(cost, dtype=np.float64)
+    error = np.asarray(error, dtype=np.float64)
+    if cost.ndim != 2 or cost.shape != error.shape:
+        raise ValueError(
+            f"cost and error must be (groups, options) arrays of one shape, got {cost.shape} and {error.shape}"
+        )
+    G, O = cost.shape
+    if G == 0 or O == 0:
+        raise ValueError(f"empty problem: {G} groups x {O} options")
+    budget = float(budget)
+    if not np.isfinite(budget) or budget < 0:
+        raise ValueError(f"budget must be a finite density >= 0, got {budget}")
+    names = _group_names(names, G)
+    ok = np.isfinite(cost) & np.isfinite(error)
+    if mask is not None:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (G, O):
+            raise ValueError(f"mask: expected shape {(G, O)}, got {mask.shape}")
+        ok &= mask
+    if (cost[ok] < 0).any() or (error[ok] < 0).any():
+        g = int(np.argwhere(ok & ((cost < 0) | (error < 0)))[0, 0])
+        raise ValueError(f"{names[g]}: costs and errors must be >= 0")
+    forced_arr = _forced_array(forced, G, O)
+    capped = ok.copy()
+    if error_cap is not None:
+        cap = np.broadcast_to(np.asarray(error_cap, dtype=np.float64), (G,))
+        capped &= error <= cap[:, None]
+    rows = np.flatnonzero(forced_arr >= 0)
+    for g in rows:
+        o = forced_arr[g]
+        if not ok[g, o]:
+            raise ValueError(f"{names[g]}: forced option {o} is unavailable (missing, NaN/inf or masked)")
+    capped[rows] = False
+    capped[rows, forced_arr[rows]] = True  # a forced option is kept even above the error cap
+    for g in np.flatnonzero(~capped.any(axis=1)):
+        if ok[g].any() and error_cap is not None:
+            raise ValueError(
+                f"{names[g]}: no option within error_cap={float(cap[g]):.4g} "
+                f"(its smallest error is {float(error[g][ok[g]].min()):.4g}); raise the cap for this head"
+            )
+        raise ValueError(f"{names[g]}: no available option (all missing, NaN/inf or masked)")
+    if weight is None:
+        w = np.ones(G)
+    else:
+        w = np.asarray(weight, dtype=np.float64)
+        if w.shape != (G,) or not np.isfinite(w).all() or (w <= 0).any():
+            raise ValueError(f"weight must be a ({G},) array of finite values > 0")
+        w = w * (G / w.sum())
+    cost = np.where(capped, cost, 0.0)
+    error = np.where(capped, error, np.inf)
+    p = _Problem(cost, error, capped, w, budget, forced_arr, _layer_constraints(layer, min_layer_density, G), names)
+    for lid, idx, lo in p.layers:
+        top = float(np.dot(p.w[idx], np.where(capped[idx], cost[idx], -np.inf).max(axis=1)) / p.w[idx].sum())
+        if top < lo - DENSITY_TOL:
+            raise InfeasibleBudgetError(
+                f"layer {lid!r}: minimum density {lo:.4g} is above its maximum achievable density {top:.4g}"
+            )
+    return p
+
+
+def _min_density(p: _Problem) -> float:
+    return float(np.dot(p.w, np.where(p.ok, p.cost, np.inf).min(axis=1)) / p.n_groups)
+
+
+def _check_budget(p: _Problem) -> None:
+    lo = _min_density(p)
+    if lo > p.budget + DENSITY_TOL:
+        raise InfeasibleBudgetError(
+            f"budget {p.budget:.6g} is infeasible: the minimum achievable density is {lo:.6g} "
+            "(every head on its cheapest allowed option, after forced options, masks and error_cap)"
+        )
+
+
+# -------------------------------------------------------------------------------------- compact form
+
+
+@dataclass
+class _Compact:
+    """Per group, the allowed options sorted by cost (then error), padded with error=inf."""
+
+    opt: np.ndarray  # (G, K) original option index, -1 padding
+    cost: np.ndarray  # (G, K)
+    error: np.ndarray  # (G, K), inf padding
+    a: np.ndarray  # (G, K) density contribution w_g * c / G
+    count: np.ndarray  # (G,) options kept per group
+    lay: np.ndarray  # (G,) index into lo of the group's constrained layer, -1 if none
+    lo: np.ndarray  # (L,) layer minimums in units of a: min_density * sum_{g in L} w_g / G
+
+    def expand(self, k: np.ndarray) -> np.ndarray:
+        return self.opt[np.arange(len(k)), k]
+
+    def layer_room(self, k: np.ndarray) -> np.ndarray:
+        """(G,) how much the group's layer load may drop before its minimum (inf if unconstrained)."""
+        inl = self.lay >= 0
+        load = np.bincount(self.lay[inl], weights=self.a[np.flatnonzero(inl), k[inl]], minlength=len(self.lo))
+        return np.where(inl, (load - self.lo)[self.lay], np.inf)
+
+
+def _compact(p: _Problem, pareto: bool) -> _Compact:
+    """Sort each group's allowed options by cost and drop those that can never be chosen.
+
+    Without layer minimums an option that is no cheaper and no better than another is never needed
+    (Pareto pruning). With layer minimums a dearer option can be needed, so only options of equal cost
+    and higher error are dropped.
+    """
+    G, _ = p.cost.shape
+    ckey = np.where(p.ok, p.cost, np.inf)
+    order = np.lexsort((p.error, ckey), axis=1)
+    c = np.take_along_axis(ckey, order, 1)
+    e = np.take_along_axis(p.error, order, 1)
+    okk = np.isfinite(c)
+    if pareto:
+        best = np.minimum.accumulate(e, axis=1)
+        prev = np.concatenate([np.full((G, 1), np.inf), best[:, :-1]], axis=1)
+        keep = okk & (e < prev)
+    else:
+        prev_c = np.concatenate([np.full((G, 1), -np.inf), c[:, :-1]], axis=1)
+        keep = okk & (c != prev_c)
+    count = keep.sum(axis=1)
+    K = int(count.max())
+    pos = np.argsort(~keep, axis=1, kind="stable")[:, :K]  # kept columns first, order preserved
+    valid = np.arange(K)[None, :] < count[:, None]
+    opt = np.where(valid, np.take_along_axis(order, pos, 1), -1)
+    cost = np.where(valid, np.take_along_axis(c, pos, 1), 0.0)
+    err = np.where(valid, np.take_along_axis(e, pos, 1), np.inf)
+    lay = np.full(G, -1, dtype=np.int64)
+    lo = np.zeros(len(p.layers))
+    for i, (_, idx, m) in enumerate(p.layers):
+        lay[idx] = i
+        lo[i] = m * float(p.w[idx].sum()) / G
+    return _Compact(opt, cost, err, p.w[:, None] * cost / G, count, lay, lo)
+
+
+# -------------------------------------------------------------------------------------- lagrangian
+
+
+def _lagrangian(cp: _Compact, budget: float, iters: int = 100) -> tuple[np.ndarray, float, float]:
+    """Lagrangian relaxation of the budget row (layer rows dropped), bisection on the multiplier.
+
+    Returns (compact choice, dual lower bound, multiplier): the minimiser at the smallest multiplier
+    found whose choice meets the budget, and the best dual value seen (a lower bound on the optimum,
+    with or without layer minimums).
+    """
+    G = cp.a.shape[0]
+    rows = np.arange(G)
+
+    def relax(lam: float) -> tuple[np.ndarray, float, float]:
+        val = cp.error + lam * cp.a
+        k = np.argmin(val, axis=1)  # ties go to the cheaper option (columns are sorted by cost)
+        return k, float(val[rows, k].sum() - lam * budget), float(cp.a[rows, k].sum())
+
+    k, bound, dens = relax(0.0)
+    if dens <= budget:
+        return k, bound, 0.0
+    # above lam_max every group takes its cheapest option: an upper end that is surely feasible
+    da = cp.a - cp.a[:, :1]
+    de = cp.error[:, :1] - cp.error
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where((da > 0) & np.isfinite(cp.error), de / da, 0.0)
+    lo, hi = 0.0, max(float(ratio.max()), 1e-300) * 2.0
+    k, dual, _ = relax(hi)
+    bound = max(bound, dual)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if not lo < mid < hi:
+            break
+        km, dual, dm = relax(mid)
+        bound = max(bound, dual)
+        if dm <= budget:
+            hi, k = mid, km
+        else:
+            lo = mid
+    return k, bound, hi
+
+
+def _best_switch(score: np.ndarray) -> tuple[int, int] | None:
+    """The (group, option) of the largest finite score, or None."""
+    g, j = np.unravel_index(int(np.argmax(score)), score.shape)
+    return (int(g), int(j)) if np.isfinite(score[g, j]) else None
+
+
+def _switch_deltas(cp: _Compact, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(error change, density change) of switching each group to each of its options."""
+    rows = np.arange(len(k))
+    with np.errstate(invalid="ignore"):
+        return cp.error - cp.error[rows, k][:, None], cp.a - cp.a[rows, k][:, None]
+
+
+def _repair_layers(cp: _Compact, k: np.ndarray, budget: float) -> np.ndarray | None:
+    """Make a budget-feasible choice meet the layer minimums (a heuristic; None if it fails).
+
+    Raise each short layer by its cheapest switches (least error change per density added), then
+    win back any budget excess in groups whose layer has room (least error added per density saved).
+    """
+    k = k.copy()
+    for _ in range(4 * len(k)):
+        short = (cp.lay >= 0) & (cp.layer_room(k) < 0)
+        if not short.any():
+            break
+        de, da = _switch_deltas(cp, k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(short[:, None] & (da > 0) & np.isfinite(de), -de / da, -np.inf)
+        if (best := _best_switch(score)) is None:
+            return None
+        k[best[0]] = best[1]
+    else:
+        return None
+    rows = np.arange(len(k))
+    for _ in range(4 * len(k)):
+        excess = float(cp.a[rows, k].sum()) - budget
+        if excess <= 0:
+            return k
+        de, da = _switch_deltas(cp, k)
+        room = cp.layer_room(k)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where((da < 0) & (-da <= room[:, None]) & np.isfinite(de), de / da, -np.inf)
+        if (best := _best_switch(score)) is None:
+            return None
+        k[best[0]] = best[1]
+    return None
+
+
+def _greedy_fill(cp: _Compact, k: np.ndarray, budget: float) -> np.ndarray:
+    """Spend the budget slack: repeatedly take the single switch with the largest error drop that fits."""
+    k = k.copy()
+    rows = np.arange(len(k))
+    for _ in range(4 * len(k)):
+        slack = budget - float(cp.a[rows, k].sum())
+        de, da = _switch_deltas(cp, k)
+        room = cp.layer_room(k) if cp.lo.size else np.inf
+        fits = (de < 0) & (da <= slack) & (-da <= np.broadcast_to(room, k.shape)[:, None])
+        if (best := _best_switch(np.where(fits, -de, -np.inf))) is None:
+            break
+        k[best[0]] = best[1]
+    return k
+
+
+# ------------------------------------------------------------------------------------------- pulp
+
+
+@functools.lru_cache(maxsize=1)
+def available_solvers() -> tuple[str, ...]:
+    """The solver names usable here, best first (``"lagrangian"`` is always available)."""
+    out = []
+    try:
+        import pulp
+    except ImportError:  # pragma: no cover - pulp is a dependency
+        return ("lagrangian",)
+    if pulp.HiGHS(msg=False).available():
+        out.append("highs")
+    if _cbc_solver(msg=False).available():
+        out.append("cbc")
+    return (*out, "lagrangian")
+
+
+@functools.lru_cache(maxsize=1)
+def _warm_highs_class():
+    """``pulp.HiGHS`` (the highspy API) with a MIP start and batched integrality.
+
+    pulp 3.3 supports warmStart only for HiGHS_CMD (which needs a ``highs`` binary that highspy does
+    not ship), and marks integer columns one ``changeColIntegrality`` call at a time (~30 us each,
+    0.6 s for 20k columns); one ``changeColsIntegrality`` call does the same.
+    """
+    import highspy
+    import pulp
+
+    class WarmHiGHS(pulp.HiGHS):
+        def __init__(self, start=None, **kwargs):
+            super().__init__(**kwargs)
+            self._mip_start = start  # {variable: value}
+
+        def buildSolverModel(self, lp):
+            mip, self.mip = self.mip, False  # pulp reads self.mip only here, to mark integer columns
+            try:
+                super().buildSolverModel(lp)
+            finally:
+                self.mip = mip
+            idx = np.array([v.index for v in lp.variables() if v.cat == pulp.LpInteger], dtype=np.int32)
+            if mip and idx.size:
+                kind = np.full(idx.size, int(highspy.HighsVarType.kInteger), dtype=np.uint8)
+                lp.solverModel.changeColsIntegrality(idx.size, idx, kind)
+
+        def callSolver(self, lp):
+            if self._mip_start:
+                idx = np.array([v.index for v in self._mip_start], dtype=np.int32)
+                val = np.array(list(self._mip_start.values()), dtype=np.float64)
+                lp.solverModel.setSolution(len(idx), idx, val)
+            lp.solverModel.run()
+
+    return WarmHiGHS
+
+
+def _cbc_solver(**kwargs):
+    """A CBC on PATH (``pip install pulp[cbc]``, pulp 4's way) if there is one, else pulp's bundled CBC.
+
+    ``PULP_CBC_CMD`` warns (DeprecationWarning, once per instance) that pulp 4 drops the bundled binary.
+    """
+    import pulp
+
+    solver = pulp.COIN_CMD(**kwargs)
+    if solver.available():
+        return solver
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return pulp.PULP_CBC_CMD(**kwargs)
+
+
+_CBC_GAP = re.compile(r"Cbc0011I Exiting as integer gap of ([-+0-9.eE]+)")
+_CBC_POSSIBLE = re.compile(r"best possible ([-+0-9.eE]+)")
+_CBC_RESULT = re.compile(r"Result - (.+)")
+
+
+def _cbc_log_bound(log: str, objective: float) -> tuple[float | None, str]:
+    """Lower bound (solver units) and the ``Result -`` line from a CBC log; pulp reads neither."""
+    result = m.group(1).strip() if (m := _CBC_RESULT.search(log)) else ""
+    if m := _CBC_GAP.search(log):
+        return objective - float(m.group(1)), result
+    if found := _CBC_POSSIBLE.findall(log):  # progress lines carry it too: the last one is final
+        return min(float(found[-1]), objective), result
+    if "Search completed" in log:
+        return objective, result
+    return None, result
+
+
+def _solve_pulp(
+    p: _Problem, cp: _Compact, backend: str, gap_rel: float, time_limit: float, start: np.ndarray | None
+) -> tuple[np.ndarray | None, str, float | None, dict[str, Any]]:
+    """Build the MCKP with pulp and solve it. Returns (compact choice or None, status, bound, info)."""
+    import pulp
+
+    G = p.n_groups
+    free = np.flatnonzero(cp.count > 1)
+    fixed = np.flatnonzero(cp.count == 1)
+    choice = np.zeros(G, dtype=np.int64)
+    info: dict[str, Any] = {"variables": int(cp.count[free].sum()), "fixed_groups": int(fixed.size)}
+    if free.size == 0:
+        return choice, "optimal", float(cp.error[fixed, 0].sum()), info
+    e_fixed = float(cp.error[fixed, 0].sum())
+    wc = p.w[:, None] * cp.cost  # row units: mean-1 weights, so the budget row reads density * G
+    finite = cp.error[free][np.isfinite(cp.error[free])]
+    scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0  # coefficients in [0, 1]
+
+    prob = pulp.LpProblem("sparsify_allocation", pulp.LpMinimize)
+    # pulp 3.3 deprecates LpVariable(...) (one DeprecationWarning per variable) for prob.add_variable
+    new_var = getattr(prob, "add_variable", pulp.LpVariable)
+    xs: list[list[Any]] = []
+    objective, load = [], []
+    load_by_group: dict[int, Any] = {}
+    for g in free:
+        n = int(cp.count[g])
+        x = [new_var(f"x_{g}_{j}", cat=pulp.LpBinary) for j in range(n)]
+        xs.append(x)
+        objective.append(pulp.LpAffineExpression(zip(x, (cp.error[g, :n] / scale).tolist())))
+        load_by_group[int(g)] = pulp.LpAffineExpression(zip(x, wc[g, :n].tolist()))
+        load.append(load_by_group[int(g)])
+        prob += pulp.lpSum(x) == 1, f"one_{g}"
+    prob += pulp.lpSum(objective)
+    prob += pulp.lpSum(load) <= p.budget * G - float(wc[fixed, 0].sum()), "budget"
+    for i, (_, idx, lo) in enumerate(p.layers):
+        in_free = [load_by_group[int(g)] for g in idx if int(g) in load_by_group]
+        rhs = lo * float(p.w[idx].sum()) - float(wc[idx, 0][cp.count[idx] == 1].sum())
+        prob += pulp.lpSum(in_free) >= rhs, f"layer_{i}"
+
+    warm = None
+    if start is not None:
+        warm = {v: float(j == start[g]) for g, x in zip(free, xs) for j, v in enumerate(x)}
+    logfile = None
+    if backend == "highs":
+        solver = _warm_highs_class()(
+            start=warm,
+            msg=False,
+            gapRel=gap_rel,
+            gapAbs=0.0,  # HiGHS' default absolute gap (1e-6) would end early on small objectives
+            timeLimit=time_limit,
+            mip_feasibility_tolerance=1e-9,
+        )
+    else:
+        if warm is not None:
+            for v, val in warm.items():
+                v.setInitialValue(val)
+        fd, logfile = tempfile.mkstemp(prefix="sparsify_cbc_", suffix=".log")
+        os.close(fd)
+        solver = _cbc_solver(
+            msg=False, gapRel=gap_rel, timeLimit=time_limit, warmStart=warm is not None, logPath=logfile
+        )
+    try:
+        prob.solve(solver)
+        log = ""
+        if logfile is not None:
+            with open(logfile) as f:
+                log = f.read()
+    finally:
+        if logfile is not None:
+            os.unlink(logfile)
+
+    lp_status = pulp.LpStatus[prob.status]
+    sol_status = prob.sol_status
+    info.update(pulp_status=lp_status, pulp_sol_status=pulp.LpSolution[sol_status])
+    if sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        # pulp still fills varValue with whatever the solver left (e.g. an LP point): never read it
+        if prob.status == pulp.LpStatusInfeasible or sol_status == pulp.LpSolutionInfeasible:
+            raise InfeasibleBudgetError(
+                f"no allocation meets budget {p.budget:.6g} together with the per-layer minimum densities"
+            )
+        return None, f"no solution ({lp_status})", None, info
+    for g, x in zip(free, xs):
+        vals = np.array([v.varValue or 0.0 for v in x])
+        choice[g] = int(np.argmax(vals))
+    objective_value = float(pulp.value(prob.objective))
+
+    bound = None
+    if backend == "highs":
+        model_status = str(prob.solverModel.getModelStatus()).rsplit(".", 1)[-1]
+        hinfo = prob.solverModel.getInfo()
+        bound = float(hinfo.mip_dual_bound) * scale + e_fixed if np.isfinite(hinfo.mip_dual_bound) else None
+        info["highs_status"] = model_status
+        proven = model_status == "kOptimal"
+        reason = {"kTimeLimit": "time limit", "kIterationLimit": "iteration limit", "kInterrupt": "interrupted"}
+        why = reason.get(model_status, model_status)
+    else:
+        b, result = _cbc_log_bound(log, objective_value)
+        bound = None if b is None else b * scale + e_fixed
+        info["cbc_result"] = result
+        # CBC says "Optimal" (pulp status) after a time limit: only "Optimal solution found" is a proof
+        proven = sol_status == pulp.LpSolutionOptimal and result.startswith("Optimal solution found")
+        why = "time limit" if "time" in result.lower() else (result or lp_status).lower()
+    return choice, "optimal" if proven else f"feasible ({why})", bound, info
+
+
+# ------------------------------------------------------------------------------------------- API
+
+
+def _gap(total: float, bound: float | None) -> float | None:
+    if bound is None:
+        return None
+    if total <= 0:
+        return 0.0
+    return max(0.0, (total - bound) / total)
+
+
+def _resolve_solver(solver: str) -> str:
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
+    if solver == "auto":
+        return available_solvers()[0]
+    if solver != "lagrangian" and solver not in available_solvers():
+        hint = "pip install highspy" if solver == "highs" else "pulp's bundled CBC is missing"
+        raise RuntimeError(f"solver {solver!r} is not available here ({hint}); available: {available_solvers()}")
+    return solver
+
+
+def solve_allocation(
+    cost: np.ndarray,
+    error: np.ndarray,
+    budget: float,
+    *,
+    weight: np.ndarray | None = None,
+    layer: LayerIds | None = None,
+    forced: Forced | None = None,
+    min_layer_density: LayerMinimum | None = None,
+    error_cap: float | np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    solver: str = "auto",
+    gap_rel: float = 1e-4,
+    time_limit: float = 60.0,
+    names: Sequence[str] | None = None,
+    warm_start: bool = True,
+) -> Allocation:
+    """Choose one option per group that minimises the total error under a global density budget.
+
+    The multiple-choice knapsack of HASTE's error-guided budgeted calibration::
+
+        minimise    sum_g error[g, o_g]
+        subject to  sum_g weight[g] * cost[g, o_g] <= budget * sum_g weight[g]
+                    sum_{g in L} weight[g] * cost[g, o_g] >= min_layer_density[L] * sum_{g in L} weight[g]
+
+    A group is one attention head of one layer; an option is one candidate (method x tile shape x
+    budget level). Options whose cost or error is NaN/inf, that ``mask`` hides, or whose error exceeds
+    ``error_cap`` are never chosen. Options dominated in both cost and error are pruned before the
+    solve (only equal-cost duplicates when layer minimums are set). The ILP solvers start from the
+    Lagrangian solution, and every returned solution is re-checked here, whatever the solver says.
+
+    Args:
+        cost: ``(G, O)`` attention cost of each option as a fraction of the head's dense cost
+            (padding included, so it may exceed 1).
+        error: ``(G, O)`` measured error of each option, >= 0, additive over groups.
+        budget: the global weighted density to meet (e.g. 0.1 for 90 % sparsity).
+        weight: ``(G,)`` each group's share of the dense attention cost (default: uniform).
+        layer: ``(G,)`` layer id of each group (needed by ``min_layer_density``).
+        forced: ``{group: option}`` or a ``(G,)`` int array with -1 for free groups; a forced group
+            takes exactly that option (e.g. dense first layers), even above ``error_cap``.
+        min_layer_density: minimum weighted density per layer: one float for every layer or
+            ``{layer id: density}``.
+        error_cap: a float or ``(G,)`` array; options with a larger error are excluded.
+        mask: ``(G, O)`` bool, True where the option may be used.
+        solver: ``"highs"`` (pulp's HiGHS through highspy), ``"cbc"`` (pulp's bundled CBC),
+            ``"lagrangian"`` (numpy only: Lagrangian relaxation of the budget row, bisection on its
+            multiplier, a repair for layer minimums and a greedy fill; gives a dual bound) or
+            ``"auto"`` (the first available of these three).
+        gap_rel: relative optimality gap at which the ILP may stop (0 to prove exact optimality).
+        time_limit: seconds the ILP solver may run; on expiry its best solution is returned with
+            status ``"feasible (time limit)"``.
+        names: ``(G,)`` group names used in error messages (e.g. ``"blocks.3.attn1 head 5"``).
+        warm_start: start the ILP from the Lagrangian solution (ignored by ``"lagrangian"``).
+
+    Returns:
+        An :class:`Allocation`; ``choice[g]`` indexes ``cost``'s columns.
+
+    Raises:
+        InfeasibleBudgetError: (a ``ValueError``) the budget is below the minimum achievable density
+            (the message gives both), or no allocation meets the budget and the layer minimums.
+        ValueError: malformed inputs, or a group left with no option (the message names it).
+        RuntimeError: no allocation could be produced although none was proven impossible (an ILP
+            time limit with no solution, or the Lagrangian heuristic failing the layer minimums).
+
+    Example:
+        >>> import numpy as np
+        >>> cost = np.array([[1.0, 0.5, 0.1], [1.0, 0.5, 0.1], [1.0, 0.5, 0.1]])
+        >>> error = np.array([[0.0, 1.0, 9.0], [0.0, 0.1, 0.2], [0.0, 0.2, 5.0]])
+        >>> alloc = solve_allocation(cost, error, budget=0.4, forced={0: 0})
+        >>> alloc.choice.tolist(), round(alloc.density, 3), alloc.status
+        ([0, 2, 2], 0.4, 'optimal')
+    """
+    t0 = time.perf_counter()
+    p = _prepare(cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names)
+    _check_budget(p)
+    name = _resolve_solver(solver)
+    cp = _compact(p, pareto=not p.layers)
+    info: dict[str, Any] = {"options": int(p.ok.sum()), "options_kept": int(cp.count.sum())}
+    k_lag, bound, info["lagrange_multiplier"] = _lagrangian(cp, p.budget)  # bound valid with layer rows too
+    if p.layers:
+        k_lag = _repair_layers(cp, k_lag, p.budget)
+    lag_choice = None
+    if k_lag is not None:
+        k_lag = _greedy_fill(cp, k_lag, p.budget)
+        lag_choice = cp.expand(k_lag)
+        if not p.feasible(lag_choice):  # never expected: the heuristic keeps every row
+            k_lag = lag_choice = None
+    info["lagrangian_error"] = None if lag_choice is None else p.total_error(lag_choice)
+    if name == "lagrangian":
+        if lag_choice is None:
+            raise RuntimeError(
+                "solver='lagrangian': the heuristic found no allocation meeting both the budget and the "
+                "per-layer minimum densities; use solver='highs' or 'cbc'"
+            )
+        choice = lag_choice
+        gap = _gap(p.total_error(choice), bound)
+        status = "optimal" if gap is not None and gap <= gap_rel else f"feasible (gap {gap:.1e})"
+    else:
+        k, status, ilp_bound, ilp_info = _solve_pulp(
+            p, cp, name, gap_rel, time_limit, k_lag if warm_start else None
+        )
+        info.update(ilp_info)
+        if ilp_bound is not None:
+            bound = max(bound, ilp_bound)
+        choice = None if k is None else cp.expand(k)
+        if choice is not None and not p.feasible(choice):
+            info["rejected_solver_choice"] = choice
+            status, choice = f"{status}; its solution failed the feasibility re-check", None
+        if choice is None:
+            if lag_choice is None:
+                raise RuntimeError(
+                    f"{name} returned no usable allocation ({status}; time_limit={time_limit:g} s) and the "
+                    "Lagrangian heuristic found none meeting the per-layer minimum densities: raise time_limit"
+                )
+            choice = lag_choice
+            status = f"feasible (lagrangian fallback; {name}: {status})"
+    total = p.total_error(choice)
+    return Allocation(
+        choice=choice.astype(np.int64),
+        total_error=total,
+        density=p.density(choice),
+        budget=p.budget,
+        status=status,
+        solver=name,
+        bound=min(bound, total),
+        gap=_gap(total, min(bound, total)),
+        solve_seconds=time.perf_counter() - t0,
+        info=info,
+    )
+
+
+def uniform_allocation(
+    cost: np.ndarray,
+    error: np.ndarray,
+    budget: float,
+    *,
+    level: np.ndarray | Sequence[float] | None = None,
+    weight: np.ndarray | None = None,
+    layer: LayerIds | None = None,
+    forced: Forced | None = None,
+    min_layer_density: LayerMinimum | None = None,
+    error_cap: float | np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    names: Sequence[str] | None = None,
+) -> Allocation:
+    """The baseline without per-head allocation: every free head runs at one shared level.
+
+    ``level[o]`` is the budget level of option ``o``, shared by all groups (e.g. the top-k density a
+    candidate targets). For one level, each free group takes its option of least error among the
+    options at that level (so several methods or tile shapes at one level still compete per head;
+    with the default ``level=arange(O)`` every head takes the same option index). Forced groups keep
+    their forced option. A level is eligible when every free group has an allowed option at it and
+    the resulting density meets ``budget`` (and the layer minimums); the eligible level with the least
+    total error is returned (normally the densest that fits).
+
+    Args:
+        cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names: as in
+            :func:`solve_allocation`.
+        level: ``(O,)`` level of each option (default: each option is its own level).
+
+    Returns:
+        An :class:`Allocation` with ``solver="uniform"``, ``status="feasible"`` and
+        ``info["level"]`` the chosen level.
+
+    Raises:
+        InfeasibleBudgetError: no level meets the budget; the message gives the lowest density a
+            shared level reaches and the requested budget.
+
+    Example:
+        >>> import numpy as np
+        >>> cost = np.array([[1.0, 0.5, 0.1], [1.0, 0.5, 0.1], [1.0, 0.5, 0.1]])
+        >>> error = np.array([[0.0, 1.0, 9.0], [0.0, 0.1, 0.2], [0.0, 0.2, 5.0]])
+        >>> alloc = uniform_allocation(cost, error, budget=0.5)
+        >>> alloc.choice.tolist(), alloc.info["level"]
+        ([1, 1, 1], 1)
+    """
+    t0 = time.perf_counter()
+    p = _prepare(cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names)
+    G, O = p.cost.shape
+    lv = np.arange(O) if level is None else np.asarray(level)
+    if lv.shape != (O,):
+        raise ValueError(f"level: expected shape ({O},), got {lv.shape}")
+    fixed = p.forced >= 0
+    best: tuple[float, float, Any, np.ndarray] | None = None
+    lowest = np.inf
+    for v in np.unique(lv):
+        sel = p.ok & (lv == v)[None, :]
+        sel[fixed] = p.ok[fixed]
+        if not sel.any(axis=1).all():
+            continue
+        # least error at this level, the cheaper on ties
+        choice = np.lexsort((np.where(sel, p.cost, np.inf), np.where(sel, p.error, np.inf)), axis=1)[:, 0]
+        dens = p.density(choice)
+        lowest = min(lowest, dens)
+        if dens > p.budget + DENSITY_TOL or p.layer_shortfall(choice):
+            continue
+        total = p.total_error(choice)
+        if best is None or (total, dens) < (best[0], best[1]):
+            best = (total, dens, v, choice)
+    if best is None:
+        raise InfeasibleBudgetError(
+            f"uniform allocation: no shared level meets budget {p.budget:.6g}; the lowest density a "
+            f"shared level reaches is {lowest:.6g}"
+            + (" (and the layer minimums)" if p.layers else "")
+        )
+    total, dens, v, choice = best
+    return Allocation(
+        choice=choice.astype(np.int64),
+        total_error=total,
+        density=dens,
+        budget=p.budget,
+        status="feasible",
+        solver="uniform",
+        solve_seconds=time.perf_counter() - t0,
+        info={"level": v.item() if hasattr(v, "item") else v},
+    )
+
+
+def pareto_curve(
+    cost: np.ndarray,
+    error: np.ndarray,
+    budgets: Sequence[float] | np.ndarray,
+    *,
+    level: np.ndarray | Sequence[float] | None = None,
+    **kwargs: Any,
+) -> ParetoCurve:
+    """Total error versus budget for :func:`solve_allocation` and :func:`uniform_allocation`.
+
+    Args:
+        cost, error: as in :func:`solve_allocation`.
+        budgets: the budgets to evaluate.
+        level: passed to :func:`uniform_allocation`.
+        **kwargs: passed to both (solver-only keywords such as ``solver``, ``gap_rel``,
+            ``time_limit`` and ``warm_start`` go to :func:`solve_allocation` only).
+
+    Returns:
+        A :class:`ParetoCurve`; budgets that a method cannot meet give NaN density and error.
+
+    Example:
+        >>> import numpy as np
+        >>> cost = np.array([[1.0, 0.5, 0.1], [1.0, 0.5, 0.1]])
+        >>> error = np.array([[0.0, 1.0, 9.0], [0.0, 0.1, 0.2]])
+        >>> curve = pareto_curve(cost, error, [0.05, 0.3, 1.0])
+        >>> curve.ilp_error.tolist(), curve.uniform_error.tolist()
+        ([nan, 1.2, 0.0], [nan, 9.2, 0.0])
+    """
+    solver_only = {"solver", "gap_rel", "time_limit", "warm_start"}
+    ukw = {k: v for k, v in kwargs.items() if k not in solver_only}
+    budgets = np.asarray(budgets, dtype=np.float64)
+    out = np.full((4, len(budgets)), np.nan)
+    status = []
+    for i, b in enumerate(budgets):
+        try:
+            a = solve_allocation(cost, error, b, **kwargs)
+            out[0, i], out[1, i] = a.density, a.total_error
+            status.append(a.status)
+        except InfeasibleBudgetError:
+            status.append("infeasible")
+        try:
+            u = uniform_allocation(cost, error, b, level=level, **ukw)
+            out[2, i], out[3, i] = u.density, u.total_error
+        except InfeasibleBudgetError:
+            pass
+    return ParetoCurve(budgets, out[0], out[1], out[2], out[3], status)
