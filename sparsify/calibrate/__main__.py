@@ -119,16 +119,14 @@ def main(argv=None) -> int:
         return _dry_run(model, make_inputs, schedule, args, DEFAULT_TILES, DEFAULT_LEVELS)
     out = Path(args.out)
     ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
-    first = make_inputs(0, times[0])
-    from ..api import find_sites
-
-    n_sites = sum(1 for s in find_sites(model, first)[0] if s.kind in ("self", "joint"))
+    # discovery needs only small inputs of the same family (a full-size forward under Dynamo is slow)
+    first = adapter.example_inputs(model) if adapter is not None else make_inputs(0, times[0])
     result = run_calibration(
         model, forward_loop, budget=args.budget, tiles=args.tiles or DEFAULT_TILES, levels=args.levels or DEFAULT_LEVELS,
         example_inputs=first, dense_layers=args.dense_layers, dense_steps=args.dense_steps,
         min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
         query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
-        total_calls=n_sites * len(schedule), inputs_hash=inputs_hash)
+        n_forwards=len(schedule), inputs_hash=inputs_hash)
     result.recipe.save(out)
     print(summary(result, args.budget))
     print(f"\nrecipe: {out}")

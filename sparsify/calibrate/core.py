@@ -123,7 +123,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
                     example_inputs=None, grid=None, video_start: int = 0, adapter=None, dense_layers=(),
                     dense_steps: int = 0, min_layer_density=None, error_cap=None, solver: str = "auto",
                     query_fraction: float = 0.125, checkpoint_dir=None, progress: bool = True,
-                    total_calls: int | None = None, inputs_hash: str = "") -> CalibrationResult:
+                    n_forwards: int | None = None, inputs_hash: str = "") -> CalibrationResult:
     """Calibrate `model` and return the full result (see `calibrate` for the arguments)."""
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
@@ -142,7 +142,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
                                 head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n)
               for n, i in enumerate(infos)]
     config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, query_fraction, inputs_hash))
-    bar = Progress(total_calls, enabled=progress)
+    bar = Progress(len(infos) * n_forwards if n_forwards else None, enabled=progress)
     inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
     try:
         with Capture(tiles, levels, query_fraction=query_fraction, checkpoint_dir=checkpoint_dir,
@@ -208,6 +208,7 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
         query_fraction: share of query tiles measured per call (exact on those rows).
         checkpoint_dir: per-site checkpoints, making an interrupted run resumable.
         progress: print progress with ETA to stderr.
+        n_forwards: how many forwards `forward_loop` makes (for the ETA).
 
     Returns:
         A Recipe with explicit per-site, per-head entries and a `calibration` provenance block.
