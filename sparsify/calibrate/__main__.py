@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-layer-density", type=float, default=None, help="minimum density of every site")
     p.add_argument("--error-cap", type=float, default=None, help="per-head error cap")
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "lagrangian"])
+    p.add_argument("--no-output-error", action="store_true",
+                   help="skip the per-site model-output error pass (errors then are attention-output errors)")
     p.add_argument("--query-fraction", type=float, default=0.125, help="share of query tiles measured per call")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -115,6 +117,9 @@ def main(argv=None) -> int:
         for seed, t in schedule:
             m(**make_inputs(seed, t))
 
+    def output_loop(m):  # one mid-schedule forward for the per-site model-output error
+        m(**make_inputs(0, times[len(times) // 2]))
+
     if args.dry_run:
         return _dry_run(model, make_inputs, schedule, args, DEFAULT_TILES, DEFAULT_LEVELS)
     out = Path(args.out)
@@ -126,7 +131,8 @@ def main(argv=None) -> int:
         example_inputs=first, dense_layers=args.dense_layers, dense_steps=args.dense_steps,
         min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
         query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
-        n_forwards=len(schedule), inputs_hash=inputs_hash)
+        n_forwards=len(schedule), inputs_hash=inputs_hash, output_loop=output_loop,
+        output_error=not args.no_output_error)
     result.recipe.save(out)
     print(summary(result, args.budget))
     print(f"\nrecipe: {out}")

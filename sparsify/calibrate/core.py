@@ -100,6 +100,64 @@ def _problem(infos, results, tiles, levels):
     return options, np.array(costs), np.array(errors), np.array(weights), np.array(layers), names
 
 
+def _run_outputs(model, output_loop):
+    """Final outputs of `model` over `output_loop` (float32 copies)."""
+    outputs: list = []
+
+    def keep(mod, args, out):
+        o = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+        outputs.append(o.detach().float().clone())
+
+    handle = model.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            output_loop(model)
+    finally:
+        handle.remove()
+    return outputs
+
+
+def model_output_error(model, all_infos, adapter, configs: dict, output_loop, dense) -> float:
+    """Relative squared error of the model's outputs with `configs` ({site path: [HeadConfig]}) against `dense`."""
+    infos = {i.path: i for i in all_infos}
+    states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=p, kind=infos[p].kind, heads=infos[p].heads,
+                                head_dim=infos[p].head_dim, configs=list(c)) for p, c in configs.items()]
+    inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
+    try:
+        outs = _run_outputs(model, output_loop)
+    finally:
+        uninstall(model, inst)
+    err = sum(float(((o - d) ** 2).sum()) for o, d in zip(outs, dense))
+    return err / max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
+
+
+def _output_scales(model, all_infos, infos, adapter, results, tiles, levels, output_loop, ref_density, progress):
+    """HASTE's model-output error, per site: scale each site's attention-error surrogate to it.
+
+    For each site, every head is made sparse at `ref_density` with its best tile (all other sites dense),
+    `output_loop` runs, and the relative squared error of the model's final output against dense
+    gives `alpha = output_error / predicted attention error` for that site.
+    """
+    dense = _run_outputs(model, output_loop)
+    li = int(np.argmin([abs(x - ref_density) for x in levels]))
+    alphas, measured = [], []
+    for info in infos:
+        rel = results[info.path].relative_error()
+        share = results[info.path].energy.mean(1)
+        share = share / share.sum().clamp_min(1e-30)
+        best = rel[:, :, li].argmin(1)
+        configs = [HeadConfig(method="vsa", tile=tuple(tiles[int(best[h])]), budget=Budget(density=levels[li]))
+                   for h in range(info.heads)]
+        err = model_output_error(model, all_infos, adapter, {info.path: configs}, output_loop, dense)
+        pred = float((rel[torch.arange(info.heads), best, li] * share).sum())
+        alphas.append(err / pred if pred > 0 else 1.0)
+        measured.append(err)
+        if progress is not None:
+            progress.update(f"output error {info.path}")
+    return np.array(alphas), np.array(measured), levels[li], dense
+
+
+
 def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, dense_steps, provenance):
     """Recipe with explicit per-head entries for every calibrated site."""
     sites = {}
@@ -123,7 +181,8 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
                     example_inputs=None, grid=None, video_start: int = 0, adapter=None, dense_layers=(),
                     dense_steps: int = 0, min_layer_density=None, error_cap=None, solver: str = "auto",
                     query_fraction: float = 0.125, checkpoint_dir=None, progress: bool = True,
-                    n_forwards: int | None = None, inputs_hash: str = "") -> CalibrationResult:
+                    n_forwards: int | None = None, inputs_hash: str = "", output_loop=None,
+                    output_error: bool = True, reference_density: float = 0.1) -> CalibrationResult:
     """Calibrate `model` and return the full result (see `calibrate` for the arguments)."""
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
@@ -159,6 +218,13 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     if missing:
         raise RuntimeError(f"sparsify.calibrate: the forward loop never reached these sites: {', '.join(missing)}")
     options, cost, error, weight, layer, names = _problem(infos, cap.results, tiles, levels)
+    alphas = measured = None
+    if output_error:
+        bar = Progress(len(infos), label="output error", enabled=progress)
+        alphas, measured, ref, dense_out = _output_scales(model, all_infos, infos, adapter, cap.results, tiles, levels,
+                                                          output_loop or forward_loop, reference_density, bar)
+        bar.close()
+        error = error * alphas[layer][:, None]
     forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(dense_layers)}
     alloc = solve_allocation(cost, error, budget, weight=weight, layer=layer, forced=forced or None,
                              min_layer_density=min_layer_density, error_cap=error_cap, solver=solver, names=names)
@@ -170,18 +236,27 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
         "calls_per_site": int(next(iter(cap.results.values())).calls),
         "budget": float(budget),
         "achieved_density": round(float(alloc.density), 6),
-        "predicted_error": float(alloc.total_error),
+        "predicted_error": float(alloc.total_error),  # in the units of error_metric
         "predicted_attention_speedup": round(1.0 / float(alloc.density), 3),
         "solver": f"{alloc.solver} ({alloc.status})",
         "candidates": {"method": "vsa", "tiles": [list(t) for t in tiles], "densities": levels},
         "query_fraction": query_fraction,
-        "error_metric": "relative squared error of each site's attention output, split by head energy share",
+        "error_metric": ("model-output relative squared error, predicted per head: the head's share of its site's "
+                         "attention-output error, scaled per site by a measured model-output error" if output_error
+                         else "relative squared error of each site's attention output, split by head energy share"),
     }
+    if output_error:
+        provenance["output_scale_per_site"] = {i.path: round(float(a), 4) for i, a in zip(infos, alphas)}
     recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=budget, defaults_tile=tuple(tiles[0]),
                    dense_steps=dense_steps, provenance=provenance)
+    if output_error:  # check the prediction: the emitted recipe's real model-output error
+        configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
+        measured_total = model_output_error(model, all_infos, adapter, configs, output_loop or forward_loop, dense_out)
+        provenance["measured_output_error"] = float(measured_total)
     return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
                              layer=layer, allocation=alloc, capture_seconds=cap.seconds,
-                             extras={"loaded_checkpoints": cap.loaded, "names": names})
+                             extras={"loaded_checkpoints": cap.loaded, "names": names, "alphas": alphas,
+                                     "site_output_error": measured})
 
 
 def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
@@ -209,6 +284,10 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
         checkpoint_dir: per-site checkpoints, making an interrupted run resumable.
         progress: print progress with ETA to stderr.
         n_forwards: how many forwards `forward_loop` makes (for the ETA).
+        output_error: weigh each site's errors by a measured model-output error (HASTE): one extra pass of
+            `output_loop` per site with that site sparse at `reference_density`.
+        output_loop: the forwards used for that (default: `forward_loop`; one input is usually enough).
+        reference_density: the density at which the per-site output error is measured.
 
     Returns:
         A Recipe with explicit per-site, per-head entries and a `calibration` provenance block.

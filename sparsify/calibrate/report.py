@@ -41,7 +41,11 @@ def summary(result, budget) -> str:
         f"calibrated {len(result.sites)} sites, {len(result.choice)} heads; budget {budget:.3f}",
         f"solver: {a.solver} ({a.status}), {a.solve_seconds:.2f}s",
         f"achieved density {a.density:.4f}  ->  predicted attention speedup {1 / a.density:.2f}x",
-        f"predicted error (sum over sites of relative squared attention-output error): {a.total_error:.4g}",
+        f"predicted error: {a.total_error:.4g}" + (
+            f"  (model-output relative squared error; measured with this recipe: "
+            f"{result.recipe.calibration['measured_output_error']:.4g})"
+            if "measured_output_error" in (result.recipe.calibration or {}) else
+            "  (sum over sites of relative squared attention-output error)"),
     ]
     try:
         u = uniform_baseline(result, budget)
