@@ -149,3 +149,12 @@ def test_readme_recipe_example_is_valid():
     assert recipe.model.cls == "WanTransformer3DModel"
     c = recipe.head_configs("blocks.1.attn1", 12, site_index=1)
     assert c[7].tile == (16, 2, 2) and c[7].budget == Budget(density=0.03) and not c[9].enable
+
+
+def test_predicted_model_output_error_tracks_measured(wan_result):
+    """The per-site output scaling makes the ILP's objective predict the recipe's real model-output error."""
+    _, _, _, res = wan_result
+    predicted = res.allocation.total_error
+    measured = res.recipe.calibration["measured_output_error"]
+    assert measured > 0 and 0.5 < predicted / measured < 2.0
+    assert len(res.extras["alphas"]) == 3 and (res.extras["alphas"] > 0).all()
