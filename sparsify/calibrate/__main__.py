@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="per-site checkpoints for resuming (default: <out>.calib/; 'none' disables)")
     p.add_argument("--dry-run", action="store_true", help="estimate time and memory from one forward, then stop")
+    p.add_argument("--note", default=None, help="free text recorded in the recipe's provenance (what it was calibrated on)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -133,6 +134,10 @@ def main(argv=None) -> int:
         query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
         n_forwards=len(schedule), inputs_hash=inputs_hash, output_loop=output_loop,
         output_error=not args.no_output_error)
+    cal = result.recipe.calibration
+    cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.note:
+        cal["calibrated_on"] = args.note
     result.recipe.save(out)
     print(summary(result, args.budget))
     print(f"\nrecipe: {out}")
