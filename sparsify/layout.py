@@ -141,12 +141,12 @@ def tile_layout(grid, tile, device=None) -> TileLayout:
 
 
 def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Gather video tokens `[B, H, T*H*W, D]` into padded tile order `[B, H, n_tiles*vol, D]` (padding = 0)."""
-    idx = layout.gather.clamp_min(0)
-    out = x.index_select(2, idx)
-    if (layout.gather < 0).any():
-        out = out * (layout.gather >= 0).view(1, 1, -1, 1).to(out.dtype)
-    return out
+    """Gather video tokens `[B, H, T*H*W, D]` into padded tile order `[B, H, n_tiles*vol, D]` (one pass).
+
+    Padding slots hold an arbitrary token (token 0): mask them with `layout.gather >= 0` (as
+    `pool_tiles` does) and never attend to them as keys.
+    """
+    return x.index_select(2, layout.gather.clamp_min(0))
 
 
 def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:

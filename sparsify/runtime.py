@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import Geometry, tile_layout, to_tiles
+from .layout import Geometry, tile_layout
 from .methods import get_method
 from .recipe import HeadConfig
 
@@ -128,16 +128,17 @@ def block_fn_for(q: torch.Tensor):
     except ImportError:  # no Triton
         return block_sparse_attn_reference
 
-    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask):
+    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None):
         ok, reason = supports(qs, block_size)
-        lens = None if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
-        if not ok or (key_mask is not None and lens is None):
+        lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
+        if not ok or lens is None:
             why = reason if not ok else "the key mask is not a per-block prefix"
             if why not in _SLOW_PATH_WARNED:
                 _SLOW_PATH_WARNED.add(why)
                 warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
                               "using the PyTorch reference path (correct, slower)", stacklevel=2)
-            return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, key_mask=key_mask)
+            return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
+                                               key_mask=key_mask, kv_block_lens=kv_block_lens)
         return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
 
     return triton_fn
@@ -180,7 +181,7 @@ def key_padding_mask(attn_mask, B: int, S: int):
 
 def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None) -> torch.Tensor:
     """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group."""
-    from .kernels.reference import tiled_sparse_attention
+    from .kernels.reference import tile_sequence, tiled_sparse_attention
 
     st = _site(site)
     st.calls += 1
@@ -223,20 +224,27 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     for h, c in enumerate(st.configs):
         groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
     block_fn = block_fn_for(q)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = None
     for key, heads in groups.items():
-        hi = torch.tensor(heads, device=q.device)
-        qh, kh, vh = (x.index_select(1, hi) for x in (q, k, v))
+        whole = len(heads) == H
+        hi = None if whole else torch.tensor(heads, device=q.device)
+        qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)
             st.work += B * len(heads)
         else:
             method, tile = key
             lay = tile_layout(geom.grid, tile, q.device)
-            vid = slice(geom.video_start, geom.video_start + geom.video_len)
-            qt, kt = to_tiles(qh[:, :, vid], lay), to_tiles(kh[:, :, vid], lay)
-            idx, cnt = get_method(method).select(qt, kt, lay, [st.configs[h].budget for h in heads])
-            oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask, block_fn=block_fn)
+            ts = tile_sequence(qh, kh, vh, geom, lay)
+            P = ts.n_video_slots
+            idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay,
+                                                 [st.configs[h].budget for h in heads])
+            oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
+                                        block_fn=block_fn, tiled=ts)
             st.work += float(sparse_work(geom, lay, cnt, S))
+        if whole:
+            return oh.to(q.dtype).contiguous()
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
         out.index_copy_(1, hi, oh.to(out.dtype))
     return out

@@ -100,3 +100,26 @@ def test_vsa_keeps_best_tiles_and_counts():
     assert idx[0, 0, 2, 0] == 2
     idx, cnt = get_method("dense").select(qt, kt, lay, [Budget(density=0.25)])
     assert cnt.tolist() == [[[4, 4, 4, 4]]]
+
+
+def test_block_reference_kv_block_lens_equals_key_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 200, 8, generator=g) for _ in range(3))
+    lens = torch.tensor([64, 10, 0, 8], dtype=torch.int32)
+    idx, cnt = _random_selection(2, 2, 4, 4, g)
+    mask = (torch.arange(64).view(1, 64) < lens.view(-1, 1)).reshape(-1)[:200].expand(2, 200)
+    a = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64), kv_block_lens=lens)
+    b = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64), key_mask=mask)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_tile_sequence_round_trip_and_text_blocks():
+    from sparsify.kernels.reference import tile_sequence
+
+    geo = Geometry((5, 6, 10), video_start=9)
+    lay = tile_layout(geo.grid, (4, 4, 4))
+    x = torch.randn(1, 2, geo.video_len + 20, 4)
+    ts = tile_sequence(x, x, x, geo, lay)
+    assert ts.n_text_blocks == 1 and ts.q.shape[2] == lay.padded_len + 64
+    assert torch.equal(ts.q.index_select(2, ts.inverse), x)
+    assert int(ts.block_lens.sum()) == x.shape[2] and int(ts.valid.sum()) == x.shape[2]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -60,6 +62,7 @@ def block_sparse_attn_reference(
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
+    kv_block_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-sparse attention, computed one query block at a time in float32 (float64 for float64 inputs).
 
@@ -76,6 +79,8 @@ def block_sparse_attn_reference(
         block_size: `(BLOCK_M, BLOCK_N)`.
         scale: softmax scale; default `1/sqrt(D)`.
         key_mask: optional bool `[B, S]`; False keys are never attended (used for padded tiles).
+        kv_block_lens: optional int32 `[ceil(S/BLOCK_N)]`: only the first `kv_block_lens[j]` keys of
+            key block `j` are valid (the Triton kernel's form of a padding mask).
 
     Returns:
         `[B, H, S, D]` in q's dtype.
@@ -91,6 +96,10 @@ def block_sparse_attn_reference(
     bm, bn = block_size
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     n_kb = -(-S // bn)
+    if kv_block_lens is not None:
+        lens_mask = torch.arange(bn, device=q.device).view(1, bn) < kv_block_lens.view(-1, 1).to(q.device)
+        lens_mask = lens_mask.reshape(-1)[:S].unsqueeze(0).expand(B, S)
+        key_mask = lens_mask if key_mask is None else key_mask.to(torch.bool) & lens_mask
     block_mask = selection_to_block_mask(kv_indices, kv_counts, n_kb)  # [B,H,nq,nk]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     kf, vf = k.to(acc), v.to(acc)
@@ -110,8 +119,70 @@ def block_sparse_attn_reference(
     return out.to(q.dtype)
 
 
-def _text_blocks(n_text: int, vol: int) -> int:
-    return -(-n_text // vol)
+@functools.lru_cache(maxsize=128)
+def _sequence_index(grid, tile, video_start: int, seq_len: int, device: str):
+    """Index tensors of the padded tile sequence [video tiles | text blocks] (cached per shape and device)."""
+    from ..layout import tile_layout
+
+    lay = tile_layout(grid, tile)
+    vol, n = lay.volume, lay.n_tiles
+    vl = lay.scatter.numel()
+    text_idx = torch.cat([torch.arange(0, video_start), torch.arange(video_start + vl, seq_len)])
+    n_text = text_idx.numel()
+    n_tb = -(-n_text // vol)
+    slot_src = torch.where(lay.gather >= 0, lay.gather + video_start, torch.zeros_like(lay.gather))
+    text_slots = torch.zeros(n_tb * vol, dtype=torch.long)
+    text_slots[:n_text] = text_idx
+    src = torch.cat([slot_src, text_slots])  # the token feeding each slot (padding repeats token 0)
+    valid = torch.cat([lay.gather >= 0, torch.arange(n_tb * vol) < n_text])
+    inverse = torch.empty(seq_len, dtype=torch.long)  # the slot of each original token
+    inverse[video_start + torch.arange(vl)] = lay.scatter
+    inverse[text_idx] = n * vol + torch.arange(n_text)
+    lens = torch.cat([lay.tile_lens, (n_text - vol * torch.arange(n_tb)).clamp(0, vol).to(torch.int32)])
+    dev = torch.device(device)
+    return (src.to(dev), valid.to(dev), inverse.to(dev), lens.to(dev, torch.int32), n_tb)
+
+
+@dataclass
+class TiledSequence:
+    """q, k, v permuted into `[video tiles | text blocks]` slots, padded to whole blocks.
+
+    Attributes:
+        q, k, v: `[B, H, n_slots, D]`; padding slots hold arbitrary tokens (never attended as keys).
+        src: long `[n_slots]`, the original token feeding each slot.
+        valid: bool `[n_slots]`, False on padding.
+        inverse: long `[S]`, the slot of each original token.
+        block_lens: int32 `[n_blocks]`, valid (leading) slots per block.
+        n_video_slots: slots of the video tiles (`layout.padded_len`); text blocks follow.
+        n_text_blocks: number of text blocks.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    src: torch.Tensor
+    valid: torch.Tensor
+    inverse: torch.Tensor
+    block_lens: torch.Tensor
+    n_video_slots: int
+    n_text_blocks: int
+
+
+def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
+    """Gather q, k, v `[B, H, S, D]` into the padded tile order used by `tiled_sparse_attention` (one pass each).
+
+    Example:
+        >>> from sparsify.layout import Geometry, tile_layout
+        >>> x = torch.randn(1, 1, 70, 8); g = Geometry((2, 4, 8), video_start=6)
+        >>> ts = tile_sequence(x, x, x, g, tile_layout(g.grid, (1, 4, 16)))
+        >>> ts.q.shape[2], ts.n_text_blocks, torch.equal(ts.q.index_select(2, ts.inverse), x)
+        (192, 1, True)
+    """
+    S = q.shape[2]
+    geometry.check(S)
+    src, valid, inverse, lens, n_tb = _sequence_index(layout.grid, layout.tile, geometry.video_start, S, str(q.device))
+    return TiledSequence(*(x.index_select(2, src) for x in (q, k, v)), src=src, valid=valid, inverse=inverse,
+                         block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb)
 
 
 def tiled_sparse_attention(
@@ -126,6 +197,7 @@ def tiled_sparse_attention(
     scale: float | None = None,
     key_mask: torch.Tensor | None = None,
     block_fn=None,
+    tiled: "TiledSequence | None" = None,
 ) -> torch.Tensor:
     """Sparse attention over a video sequence in its original token order: the op's reference semantics.
 
@@ -142,7 +214,9 @@ def tiled_sparse_attention(
         scale: softmax scale; default `1/sqrt(D)`.
         key_mask: optional bool `[B, S]`; False keys are excluded (e.g. padded text).
         block_fn: the block-sparse kernel to run (default: `block_sparse_attn_reference`); it is
-            called as `block_fn(q, k, v, idx, cnt, block_size=..., scale=..., key_mask=...)`.
+            called as `block_fn(q, k, v, idx, cnt, block_size=..., scale=..., kv_block_lens=...)`, or
+            with `key_mask=` (bool `[B, n_slots]`) instead when a key mask is given.
+        tiled: the `tile_sequence` of q, k, v if already computed (the runtime shares it with selection).
 
     Returns:
         `[B, H, S, D]` in q's dtype.
@@ -156,41 +230,27 @@ def tiled_sparse_attention(
     """
     block_fn = block_sparse_attn_reference if block_fn is None else block_fn
     B, H, S, D = q.shape
-    geometry.check(S)
-    vol, n = layout.volume, layout.n_tiles
-    vs, vl = geometry.video_start, geometry.video_len
+    ts = tiled if tiled is not None else tile_sequence(q, k, v, geometry, layout)
+    vol, n, n_tb = layout.volume, layout.n_tiles, ts.n_text_blocks
     dev = q.device
-    text_idx = torch.cat([torch.arange(0, vs, device=dev), torch.arange(vs + vl, S, device=dev)])
-    n_text = text_idx.numel()
-    n_tb = _text_blocks(n_text, vol)
-    gather = layout.gather.to(dev)
-    slot_src = torch.where(gather >= 0, gather + vs, torch.zeros_like(gather))
-    text_slots = torch.zeros(n_tb * vol, dtype=torch.long, device=dev)
-    text_slots[:n_text] = text_idx
-    src = torch.cat([slot_src, text_slots])  # token feeding each padded slot
-    valid = torch.cat([gather >= 0, torch.arange(n_tb * vol, device=dev) < n_text])
-    qs, ks, vs_ = (x.index_select(2, src) for x in (q, k, v))
-    kmask = valid.unsqueeze(0).expand(B, -1)
-    if key_mask is not None:
-        kmask = kmask & key_mask.to(torch.bool).index_select(1, src)
-    # full selection: video tiles (+ all text blocks); text query blocks see every block
-    n_blocks = n + n_tb
-    max_kv = kv_indices.shape[-1] + n_tb
-    width = max(max_kv, n_blocks) if n_tb else max_kv  # text query blocks list every block
-    idx = torch.zeros(B, H, n_blocks, width, dtype=torch.int32, device=dev)
-    cnt = torch.empty(B, H, n_blocks, dtype=torch.int32, device=dev)
-    idx[:, :, :n, : kv_indices.shape[-1]] = kv_indices.to(dev, torch.int32)
-    cnt[:, :, :n] = kv_counts.to(dev, torch.int32)
-    if n_tb:
-        text_ids = torch.arange(n, n_blocks, dtype=torch.int32, device=dev)
-        # write the text block ids right after each row's live video entries
+    if n_tb == 0:
+        idx, cnt = kv_indices, kv_counts
+    else:  # video query tiles also see every text block; text query blocks see every block
+        n_blocks = n + n_tb
+        width = max(kv_indices.shape[-1] + n_tb, n_blocks)
+        idx = torch.zeros(B, H, n_blocks, width, dtype=torch.int32, device=dev)
+        cnt = torch.empty(B, H, n_blocks, dtype=torch.int32, device=dev)
+        idx[:, :, :n, : kv_indices.shape[-1]] = kv_indices.to(dev, torch.int32)
+        cnt[:, :, :n] = kv_counts.to(dev, torch.int32)
         pos = kv_counts.to(dev, torch.long).unsqueeze(-1) + torch.arange(n_tb, device=dev)
+        text_ids = torch.arange(n, n_blocks, dtype=torch.int32, device=dev)
         idx[:, :, :n].scatter_(-1, pos, text_ids.expand(B, H, n, n_tb).contiguous())
         cnt[:, :, :n] += n_tb
         idx[:, :, n:, :n_blocks] = torch.arange(n_blocks, dtype=torch.int32, device=dev)
         cnt[:, :, n:] = n_blocks
-    out_slots = block_fn(qs, ks, vs_, idx, cnt, block_size=(vol, vol), scale=scale, key_mask=kmask)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    live = torch.nonzero(valid).squeeze(1)
-    out.index_copy_(2, src[live], out_slots.index_select(2, live))
-    return out
+    if key_mask is None:
+        out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, kv_block_lens=ts.block_lens)
+    else:
+        kmask = ts.valid.unsqueeze(0) & key_mask.to(torch.bool).index_select(1, ts.src)
+        out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, key_mask=kmask)
+    return out_slots.index_select(2, ts.inverse)

@@ -42,6 +42,11 @@ def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs
     B, H, nq, nk = scores.shape
     if len(budgets) != H:
         raise ValueError(f"need one budget per head: {H} heads, {len(budgets)} budgets")
+    if all(b.density is not None for b in budgets):  # top-k only: no full sort needed
+        ks = [budget_counts(b, nk) for b in budgets]
+        idx = torch.topk(scores, max(ks), dim=-1, sorted=True).indices.to(torch.int32).contiguous()
+        counts = torch.tensor(ks, dtype=torch.int32, device=scores.device).view(1, H, 1).expand(B, H, nq).contiguous()
+        return idx, counts
     order = torch.argsort(scores, dim=-1, descending=True)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=scores.device)
     for h, b in enumerate(budgets):

@@ -1,0 +1,1 @@
+"""Benchmarks: attention kernels (attention.py); results under results/, notes in NOTES.md."""

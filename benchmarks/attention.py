@@ -1,0 +1,290 @@
+"""Attention kernel benchmark: SDPA cuDNN and flash, FlexAttention and our block-sparse kernel, one run, same inputs.
+
+Run on a GPU::
+
+    python -m benchmarks.attention                       # both Wan shapes, densities 2,5,10,20,50%
+    python -m benchmarks.attention --quick               # fewer repeats, densities 5,10%
+    python -m benchmarks.attention --shapes wan14b --densities 5,10 --sweep   # + kernel variants
+
+Every competitor sees the same fresh random (never zero) bf16 q, k, v and, for the sparse ones, the
+same random block selection (the same number of key blocks for every query block). Times are
+`triton.testing.do_bench` medians (device events, L2 flushed between repeats). The table gives
+ratios against cuDNN and against FlexAttention measured in the same process; a JSON record with the
+GPU, versions, command and date goes to `benchmarks/results/attention_<date>.json`.
+
+Whole-op rows (selection + layout + kernel, added later by the op's owner) plug in through
+`register_row(name, factory)`: `factory(case)` gets a `Case` (inputs, selection, block mask) and
+returns a zero-argument callable to time, or None to skip. Pass `--plugin some.module` to import a
+module that registers its rows before the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SHAPES = {  # name: (B, H, S, D)
+    "wan1.3b": (1, 12, 32760, 128),  # Wan2.1-1.3B, 480p, 81 frames
+    "wan14b": (1, 40, 75600, 128),  # Wan2.1-14B, 720p, 81 frames
+}
+
+# kernel variants timed with --sweep (launch options of sparsify.kernels.block_sparse._launch)
+VARIANTS = {
+    "default": {},
+    "ptr": dict(use_tma=False),  # the fallback path: pointer loads
+    "no_lazy": dict(lazy_rescale=False),
+    "mask_branch": dict(mask_mode=1),  # tail masking inside the loop instead of a second phase
+    "tn128_st3": dict(tile_n=128, num_stages=3, maxnreg=0, mask_mode=1, lazy_rescale=False),  # 1 program/SM
+}
+
+
+@dataclass
+class Case:
+    """One benchmark point: inputs, selection and the equivalent FlexAttention block mask."""
+
+    shape: str
+    B: int
+    H: int
+    S: int
+    D: int
+    block_size: tuple[int, int]
+    density: float  # requested
+    count: int  # key blocks per query block
+    n_kv_blocks: int
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_indices: torch.Tensor  # int32 [B, H, n_q_blocks, n_kv_blocks]; first `count` live, sorted
+    kv_counts: torch.Tensor  # int32 [B, H, n_q_blocks]
+    block_mask: object = None  # torch.nn.attention.flex_attention.BlockMask
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def actual_density(self) -> float:
+        return self.count / self.n_kv_blocks
+
+
+DEVICE = "cuda"  # the CPU smoke test sets "cpu" (Triton interpreter, tiny shapes)
+
+_ROWS: dict[str, Callable[[Case], Callable[[], object] | None]] = {}
+
+
+def register_row(name: str, factory: Callable[[Case], Callable[[], object] | None]) -> None:
+    """Add a sparse competitor row (e.g. the whole sparsify op); `factory(case)` returns the callable to time."""
+    _ROWS[name] = factory
+
+
+def random_selection(B, H, n_qb, n_kb, count, *, device, generator=None):
+    """`count` distinct random key blocks per query block (sorted), padded with the unused ids."""
+    perm = torch.rand(B, H, n_qb, n_kb, device=device, generator=generator).argsort(-1).to(torch.int32)
+    idx = torch.cat([perm[..., :count].sort(-1).values, perm[..., count:]], -1).contiguous()
+    cnt = torch.full((B, H, n_qb), count, dtype=torch.int32, device=device)
+    return idx, cnt
+
+
+def _bench(fn, args) -> float:
+    import triton.testing
+
+    fn()  # compile / warm caches outside the timed region
+    if DEVICE != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
+
+
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _env() -> dict:
+    import triton
+
+    cuda = DEVICE == "cuda"
+    return {
+        "gpu": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if cuda else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.attention", *sys.argv[1:]]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def run(args) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from sparsify.kernels.block_sparse import _launch, block_sparse_attn
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    bs = (args.block, args.block)
+    flex = torch.compile(flex_attention, dynamic=False)
+    flex_opts = None if args.block == 128 else {"BLOCK_M": args.block, "BLOCK_N": args.block}
+    record = {**_env(), "dtype": args.dtype, "block_size": list(bs), "ours_opts": args.ours_opts or {}, "warmup_ms": args.warmup_ms,
+              "rep_ms": args.rep_ms, "dense": [], "sparse": []}
+    gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
+
+    for shape in args.shapes:
+        B, H, S, D = SHAPES[shape]
+        # fresh random inputs (never zeros); scale 1 like normalised q/k after RMSNorm
+        q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(3))
+        scale = 1.0 / math.sqrt(D)
+        dense = {}
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            if name == "sdpa_flash" and args.no_flash:
+                continue
+
+            def f(backend=backend):
+                with sdpa_kernel(backend):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+            try:
+                dense[name] = _bench(f, args)
+            except Exception as e:  # a backend missing on this build
+                print(f"[{shape}] {name} failed: {type(e).__name__}: {e}", flush=True)
+        record["dense"].append({"shape": shape, "B": B, "H": H, "S": S, "D": D, **{k_: round(v_, 4) for k_, v_ in dense.items()}})
+        print(f"[{shape}] dense: " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in dense.items()), flush=True)
+
+        n_qb, n_kb = -(-S // bs[0]), -(-S // bs[1])
+        for d in args.densities:
+            count = max(1, round(d / 100 * n_kb))
+            idx, cnt = random_selection(B, H, n_qb, n_kb, count, device=DEVICE, generator=gen)
+            mask = BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=bs, seq_lengths=(S, S))
+            case = Case(shape, B, H, S, D, bs, d / 100, count, n_kb, q, k, v, idx, cnt, mask)
+            times, errs = {}, {}
+            ref = flex(q, k, v, block_mask=mask, scale=scale, kernel_options=flex_opts)
+            times["flex"] = _bench(lambda: flex(q, k, v, block_mask=mask, scale=scale, kernel_options=flex_opts), args)
+            if args.ours_opts:
+                ours = lambda: _launch(q, k, v, idx, cnt, bs, scale, None, fallback=False, **args.ours_opts)
+            else:
+                ours = lambda: block_sparse_attn(q, k, v, idx, cnt, block_size=bs, scale=scale)
+            out = ours()
+            errs["ours"] = _rel(out, ref)
+            times["ours"] = _bench(ours, args)
+            if args.sweep:
+                for vname, opts in VARIANTS.items():
+                    if vname == "default":
+                        continue
+                    fn = lambda opts=opts: _launch(q, k, v, idx, cnt, bs, scale, None, fallback=False, **opts)
+                    try:
+                        errs[vname] = _rel(fn(), ref)
+                        times[vname] = _bench(fn, args)
+                    except Exception as e:
+                        print(f"  variant {vname} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            for rname, factory in _ROWS.items():
+                fn = factory(case)
+                if fn is not None:
+                    errs[rname] = _rel(fn(), ref)
+                    times[rname] = _bench(fn, args)
+            del ref, out
+            for m, t in times.items():
+                row = {"shape": shape, "density_pct": d, "count": count, "n_kv_blocks": n_kb, "method": m,
+                       "ms": round(t, 4), "err_vs_flex": round(errs[m], 6) if m in errs else None}
+                if "sdpa_cudnn" in dense:
+                    row["x_vs_cudnn"] = round(dense["sdpa_cudnn"] / t, 3)
+                    row["floor_ms"] = round(count / n_kb * dense["sdpa_cudnn"], 4)
+                row["x_vs_flex"] = round(times["flex"] / t, 3)
+                record["sparse"].append(row)
+            print(f"[{shape}] {d:>4}%: " + ", ".join(f"{m} {t:.3f}" for m, t in times.items()), flush=True)
+        del q, k, v
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
+    """The fastest kernel configuration of a --sweep record (sum of ms over its points), among accurate ones."""
+    total: dict[str, float] = {}
+    bad = set()
+    for r in record["sparse"]:
+        m = r["method"]
+        if m not in VARIANTS and m != "ours":
+            continue
+        if r["err_vs_flex"] is None or r["err_vs_flex"] > max_err:
+            bad.add(m)
+        total[m] = total.get(m, 0.0) + r["ms"]
+    name = min((m for m in total if m not in bad), key=total.__getitem__)
+    opts = dict(record.get("ours_opts") or {}) if name == "ours" else dict(VARIANTS[name])
+    return name, opts
+
+
+def table(record: dict) -> str:
+    lines = [
+        f"{record['gpu']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
+        f"block {record['block_size']}  {record['date']}",
+    ]
+    dense = {r["shape"]: r for r in record["dense"]}
+    for shape in dict.fromkeys(r["shape"] for r in record["sparse"]):
+        d = dense.get(shape, {})
+        lines.append(
+            f"\n{shape} (B{d.get('B')} H{d.get('H')} S{d.get('S')} D{d.get('D')}): "
+            f"SDPA cuDNN {d.get('sdpa_cudnn', float('nan')):.2f} ms, SDPA flash {d.get('sdpa_flash', float('nan')):.2f} ms"
+        )
+        lines.append(f"{'density':>8} {'blocks':>9} {'method':>16} {'ms':>9} {'x cuDNN':>8} {'x Flex':>7} "
+                     f"{'floor ms':>9} {'/floor':>7} {'err vs Flex':>11}")
+        for r in (r for r in record["sparse"] if r["shape"] == shape):
+            floor = r.get("floor_ms")
+            lines.append(
+                f"{r['density_pct']:>7}% {r['count']:>4}/{r['n_kv_blocks']:<4} {r['method']:>16} {r['ms']:>9.3f} "
+                f"{r.get('x_vs_cudnn', float('nan')):>8.2f} {r['x_vs_flex']:>7.3f} "
+                f"{floor if floor is not None else float('nan'):>9.3f} "
+                f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
+                f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>11}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="wan1.3b,wan14b", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--densities", default="2,5,10,20,50", help="percent of key blocks per query block")
+    p.add_argument("--block", type=int, default=128, choices=(64, 128), help="BLOCK_M = BLOCK_N")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--quick", action="store_true", help="densities 5,10 and shorter timing")
+    p.add_argument("--sweep", action="store_true", help="also time the kernel variants in VARIANTS")
+    p.add_argument("--no-flash", action="store_true", help="skip SDPA flash (slow on the 14B shape)")
+    p.add_argument("--warmup-ms", type=float, default=200.0)
+    p.add_argument("--rep-ms", type=float, default=1000.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ours-opts", default=None, help="JSON launch options (or @file) for the 'ours' row (default: the defaults)")
+    p.add_argument("--plugin", action="append", default=[], help="module to import that calls register_row")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<date>.json)")
+    args = p.parse_args(argv)
+    args.shapes = [s for s in args.shapes.split(",") if s]
+    if args.ours_opts and args.ours_opts.startswith("@"):
+        args.ours_opts = Path(args.ours_opts[1:]).read_text()
+    args.ours_opts = json.loads(args.ours_opts) if args.ours_opts else None
+    if args.quick:
+        args.densities, args.warmup_ms, args.rep_ms = "5,10", 50.0, 300.0
+    args.densities = [float(x) if "." in x else int(x) for x in str(args.densities).split(",") if x]
+    for mod in args.plugin:
+        importlib.import_module(mod)
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.attention needs a CUDA GPU")
+    record = run(args)
+    print(table(record), flush=True)
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        f"attention_{_dt.date.today().isoformat()}{'_sweep' if args.sweep else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1))
+    print(f"wrote {out}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
