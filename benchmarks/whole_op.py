@@ -78,6 +78,38 @@ def run(shapes, densities, tile, method="vsa"):
     return rows
 
 
+GRIDS = {grid[0] * grid[1] * grid[2]: grid for _, _, grid in SHAPES.values()}
+
+
+def op_row_factory(tile=(4, 4, 4), method="vsa"):
+    """A `benchmarks.attention.register_row` factory: the whole op (layout, selection, kernel, inverse) on
+    the case's q, k, v at the case's density (its own selection, not the case's random one)."""
+
+    def factory(case):
+        from sparsify import runtime
+        from sparsify.recipe import Budget, HeadConfig
+
+        grid = GRIDS.get(case.S)
+        if grid is None:
+            return None
+        st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{case.shape}", kind="self", heads=case.H,
+                               head_dim=case.D, configs=[HeadConfig(method=method, tile=tile,
+                                                                    budget=Budget(density=case.density))] * case.H)
+        runtime.STATE.sites[st.site_id] = st
+        site, geom = torch.tensor([st.site_id]), [*grid, 0]
+        return lambda: runtime.run_site(case.q, case.k, case.v, site, geom, None)
+
+    return factory
+
+
+try:  # `python -m benchmarks.attention --plugin benchmarks.whole_op` adds the whole-op row to that table
+    from benchmarks.attention import register_row
+
+    register_row("op vsa 4x4x4", op_row_factory())
+except ImportError:  # pragma: no cover
+    pass
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.whole_op", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1.3b,14b")
