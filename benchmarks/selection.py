@@ -1,0 +1,306 @@
+"""Selection fidelity: tile recall and attention-output error of every tile-selection method against dense attention.
+
+Run on CPU (about 35 s on 2 idle cores)::
+
+    python -m benchmarks.selection
+    python -m benchmarks.selection --sets planted,random --no-save
+
+For every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
+
+- recall: the share of the true full-attention probability mass inside the selected tiles
+  (`sparsify.planted.tile_recall` of the exact tile masses), averaged over heads;
+- err: the relative L2 error `|o_sparse - o_dense| / |o_dense|` of the attention output of each head
+  (sparse = softmax restricted to the selected tiles, padded keys excluded), averaged over heads
+  (`--error-fraction f` measures it on a seeded random share f of the query tiles only, to save time).
+
+Sets: `planted` (the 7 planted-geometry heads of `sparsify.planted.planted_heads`, each with its best
+tile), `planted444` (the same heads, all with 4x4x4 tiles), `random` (Gaussian q, k, v, 8 heads,
+grid 8x16x16, 4x4x4 tiles) and `testbed` (q, k, v of the 8 `blocks.*.attn1` self-attentions x 4 heads
+of the trained test-bed Wan model, 16x16x16 tokens, 4x4x4 tiles). Each set has a calibration input and
+a held-out input (another seed: other content noise, another video): Veda's estimator is fitted on the
+first, every number is measured on the second. `oracle` keeps the tiles of largest true mass.
+
+Outputs are computed in one pass over the dense attention matrix per input (the exact semantics of
+`sparsify.kernels.reference.tiled_sparse_attention`, checked against it on one head at the start of
+every run), since the reference kernel would take minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from sparsify.kernels.reference import selection_to_block_mask, tiled_sparse_attention
+from sparsify.layout import Geometry, from_tiles, tile_layout, to_tiles
+from sparsify.methods import budget_counts, get_method
+from sparsify.methods.veda import Veda, fit_veda_estimator
+from sparsify.methods.xattention import XAttention
+from sparsify.planted import oracle_selection, planted_heads, tile_recall
+from sparsify.recipe import Budget
+
+DENSITIES = (0.05, 0.10, 0.20)
+METHODS = ("oracle", "vsa", "veda-bound", "veda", "veda-fit", "xattention")
+SETS = ("planted", "planted444", "random", "testbed")
+RESULTS_DIR = Path(__file__).with_name("results")
+_CHUNK = 1 << 23  # attention probabilities held at once
+
+
+# ----------------------------------------------------------------------------------------------
+# exact tile masses and sparse outputs in one pass over the dense attention matrix
+
+
+def _dense_probs(q, k, layout, valid, i0, i1):
+    """Dense attention probabilities of query tiles [i0, i1) over all valid keys, `[B, H, rows, N]`."""
+    vol = layout.volume
+    s = torch.matmul(q[:, :, i0 * vol:i1 * vol].float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if not bool(valid.all()):
+        s = s.masked_fill(~valid.view(1, 1, 1, -1), float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def _chunk_tiles(q, layout) -> int:
+    B, H, N, _ = q.shape
+    return max(1, _CHUNK // (B * H * N * layout.volume))
+
+
+def tile_masses(q: torch.Tensor, k: torch.Tensor, layout) -> torch.Tensor:
+    """Exact full-attention tile masses `[B, H, n, n]` (float64) of tiled q, k (video only, padding excluded)."""
+    B, H, N, _ = q.shape
+    n, vol = layout.n_tiles, layout.volume
+    valid = layout.gather >= 0
+    mass = torch.empty(B, H, n, n, dtype=torch.float64)
+    step = _chunk_tiles(q, layout)
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        p = _dense_probs(q, k, layout, valid, i0, i1).view(B, H, i1 - i0, vol, n, vol).sum(-1)
+        mass[:, :, i0:i1] = (p * valid[i0 * vol:i1 * vol].view(1, 1, i1 - i0, vol, 1)).sum(3).double()
+    return mass
+
+
+def _sparse_out(p6, vt, idx, cnt):
+    """Sparse attention output `[B, H, ct*vol, D]` of query tiles with dense probabilities `p6`
+    `[B, H, ct, vol, n, vol]`, tiled values `vt` `[B, H, n, vol*D]` and selection rows `idx`, `cnt` `[B, H, ct(, kv)]`."""
+    B, H, ct, vol, n, _ = p6.shape
+    D = vt.shape[-1] // vol
+    idx = idx.long()
+    kv = idx.shape[-1]
+    live = (torch.arange(kv) < cnt.long().unsqueeze(-1)).to(p6.dtype)  # [B, H, ct, kv]
+    ps = torch.gather(p6, 4, idx.view(B, H, ct, 1, kv, 1).expand(B, H, ct, vol, kv, vol))
+    ps = (ps * live.view(B, H, ct, 1, kv, 1)).reshape(B, H, ct, vol, kv * vol)
+    vs = torch.gather(vt, 2, idx.reshape(B, H, ct * kv, 1).expand(B, H, ct * kv, vol * D))
+    out = torch.matmul(ps, vs.view(B, H, ct, kv * vol, D)) / ps.sum(-1, keepdim=True).clamp_min(1e-30)
+    return out.view(B, H, ct * vol, D)
+
+
+def output_errors(q, k, v, layout, selections: dict, query_tiles=None) -> dict:
+    """Per-head relative L2 error of the sparse attention output of every selection, `{key: [H]}`.
+
+    Sparse attention of a selection = the dense probabilities of the selected key tiles, renormalized
+    (exactly softmax over the selected, valid keys); only the selected tiles are gathered, so the
+    cost grows with the density. Padded query rows are not counted. `query_tiles` (sorted tile
+    indices) restricts the error to a sample of query tiles; default all.
+    """
+    B, H, N, D = q.shape
+    n, vol = layout.n_tiles, layout.volume
+    valid = layout.gather >= 0
+    sq_err = {key: torch.zeros(H, dtype=torch.float64) for key in selections}
+    norm = torch.zeros(H, dtype=torch.float64)
+    vt = v.float().reshape(B, H, n, vol * D)
+    tiles = torch.arange(n) if query_tiles is None else torch.as_tensor(query_tiles)
+    qv = q.view(B, H, n, vol, D)
+    step = _chunk_tiles(q, layout)
+    for c0 in range(0, tiles.numel(), step):
+        ti = tiles[c0:c0 + step]
+        rows = valid.view(n, vol)[ti].view(1, 1, -1, 1).float()
+        p = _dense_probs(qv[:, :, ti].reshape(B, H, -1, D), k, layout, valid, 0, ti.numel())
+        dense = torch.matmul(p, v.float())
+        norm += (dense.square() * rows).sum((0, 2, 3)).double()
+        p6 = p.view(B, H, ti.numel(), vol, n, vol)
+        for key, (idx, cnt) in selections.items():
+            out = _sparse_out(p6, vt, idx[:, :, ti], cnt[:, :, ti])
+            sq_err[key] += ((out - dense).square() * rows).sum((0, 2, 3)).double()
+    return {key: (e / norm.clamp_min(1e-30)).sqrt() for key, e in sq_err.items()}
+
+
+def check_against_reference(q, k, v, layout, sel) -> float:
+    """Max abs difference between `_sparse_out` and `tiled_sparse_attention` on the first head."""
+    n, vol = layout.n_tiles, layout.volume
+    q0, k0, v0 = (x[:1, :1] for x in (q, k, v))
+    idx, cnt = (x[:1, :1] for x in sel)
+    ref = tiled_sparse_attention(*(from_tiles(x, layout) for x in (q0, k0, v0)), Geometry(layout.grid), layout, idx, cnt)
+    p6 = _dense_probs(q0, k0, layout, layout.gather >= 0, 0, n).view(1, 1, n, vol, n, vol)
+    mine = _sparse_out(p6, v0.float().reshape(1, 1, n, -1), idx, cnt)
+    return float((from_tiles(mine, layout) - ref.float()).abs().max())
+
+
+# ----------------------------------------------------------------------------------------------
+# input sets: (grid, calibration (q, k, v), held-out (q, k, v), [(head name, tile)])
+
+
+def _planted(tiles_for):
+    cal, ev = planted_heads(seed=0), planted_heads(seed=1)
+    heads = [(kind, tiles_for(kind, best)) for kind, best in zip(ev.kinds, ev.best_tile)]
+    return ev.grid, (cal.q, cal.k, cal.v), (ev.q, ev.k, ev.v), heads
+
+
+def _random():
+    grid = (8, 16, 16)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11)]
+    qkv = [tuple(torch.randn(1, 8, math.prod(grid), 64, generator=g) for _ in range(3)) for g in gens]
+    return grid, qkv[0], qkv[1], [(f"h{h}", (4, 4, 4)) for h in range(8)]
+
+
+def _testbed():
+    from sparsify.testbed import build_testbed, example_inputs, grid
+    from sparsify.testbed.heads import recording
+
+    model = build_testbed()
+    out = []
+    for seed in (0, 1):
+        got: dict = {}
+        with torch.inference_mode(), recording(model, lambda i, q, k, v: got.__setitem__(i, (q, k, v))):
+            model(**example_inputs(seed=seed))
+        # [B, S, H, D] per layer -> [B, layers*H, S, D]
+        out.append(tuple(torch.cat([got[i][j].transpose(1, 2) for i in sorted(got)], 1).contiguous() for j in range(3)))
+    H = out[0][0].shape[1] // len(model.blocks)
+    return grid(), out[0], out[1], [(f"L{h // H}H{h % H}", (4, 4, 4)) for h in range(out[0][0].shape[1])]
+
+
+def load_set(name: str):
+    if name == "planted":
+        return _planted(lambda kind, best: best)
+    if name == "planted444":
+        return _planted(lambda kind, best: (4, 4, 4))
+    if name == "random":
+        return _random()
+    if name == "testbed":
+        return _testbed()
+    raise ValueError(f"unknown set '{name}'; known: {', '.join(SETS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def evaluate_group(grid, tile, cal, ev, densities, timings: dict, checks: list, error_fraction: float = 1.0):
+    """Recall and output error of every method for the heads of one tile shape, `{method: {d: (recall [H], err [H])}}`."""
+    lay = tile_layout(grid, tile)
+    qc, kc = (to_tiles(x, lay) for x in cal[:2])
+    q, k, v = (to_tiles(x, lay) for x in ev)
+    H = q.shape[1]
+    t0 = time.perf_counter()
+    estimator = fit_veda_estimator(qc, kc, lay, mass=tile_masses(qc, kc, lay))
+    timings["veda-fit (fitting)"] = timings.get("veda-fit (fitting)", 0.0) + time.perf_counter() - t0
+    selectors = {"vsa": get_method("vsa"), "veda-bound": Veda(peak="stats"), "veda": Veda(),
+                 "veda-fit": Veda(estimator), "xattention": XAttention()}
+    mass = tile_masses(q, k, lay)
+    sels = {}
+    for d in densities:
+        budgets = [Budget(density=d)] * H
+        for m in METHODS:
+            if m == "oracle":
+                sels[(m, d)] = oracle_selection(mass, budget_counts(budgets[0], lay.n_tiles))
+                continue
+            t0 = time.perf_counter()
+            sels[(m, d)] = selectors[m].select(q, k, lay, budgets)
+            timings[m] = timings.get(m, 0.0) + time.perf_counter() - t0
+    if not checks:
+        checks.append(check_against_reference(q, k, v, lay, sels[("veda", densities[0])]))
+    sample = None
+    if error_fraction < 1.0:
+        g = torch.Generator().manual_seed(0)
+        sample = torch.randperm(lay.n_tiles, generator=g)[:max(1, round(error_fraction * lay.n_tiles))].sort().values
+    errs = output_errors(q, k, v, lay, sels, sample)
+    return {m: {d: (tile_recall(mass, *sels[(m, d)]).mean(0), errs[(m, d)]) for d in densities} for m in METHODS}
+
+
+def run_set(name, densities, timings, checks, error_fraction=1.0):
+    grid, cal, ev, heads = load_set(name)
+    groups: dict = {}
+    for h, (_, tile) in enumerate(heads):
+        groups.setdefault(tuple(tile), []).append(h)
+    recall = {m: {d: torch.zeros(len(heads), dtype=torch.float64) for d in densities} for m in METHODS}
+    err = {m: {d: torch.zeros(len(heads), dtype=torch.float64) for d in densities} for m in METHODS}
+    for tile, hs in groups.items():
+        sub = [tuple(x[:, hs] for x in t) for t in (cal, ev)]
+        res = evaluate_group(grid, tile, *sub, densities, timings, checks, error_fraction)
+        for m in METHODS:
+            for d in densities:
+                recall[m][d][hs], err[m][d][hs] = res[m][d][0], res[m][d][1].double()
+    return {"grid": list(grid), "error_fraction": error_fraction, "heads": [{"name": n, "tile": list(t)} for n, t in heads],
+            "methods": {m: {f"{d:g}": {"recall": recall[m][d].mean().item(), "err": err[m][d].mean().item(),
+                                       "recall_per_head": recall[m][d].tolist(), "err_per_head": err[m][d].tolist()}
+                            for d in densities} for m in METHODS}}
+
+
+def _cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def format_table(results: dict, densities) -> str:
+    ds = [f"{round(100 * d)}%" for d in densities]
+    head = ["set", "method"] + [f"recall@{d}" for d in ds] + [f"err@{d}" for d in ds]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s, r in results.items():
+        for m in METHODS:
+            row = r["methods"][m]
+            cells = [f"{row[f'{d:g}']['recall']:.3f}" for d in densities] + [f"{row[f'{d:g}']['err']:.3f}" for d in densities]
+            lines.append("| " + " | ".join([s, m] + cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
+    ap.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
+    ap.add_argument("--error-fraction", type=float, default=1.0,
+                    help="share of query tiles (seeded random sample) whose output error is measured")
+    ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/selection_<date>.json")
+    args = ap.parse_args(argv)
+    densities = tuple(float(x) for x in args.densities.split(","))
+    t_start = time.perf_counter()
+    timings: dict = {}
+    checks: list = []
+    results = {}
+    for s in args.sets.split(","):
+        t0 = time.perf_counter()
+        results[s] = run_set(s, densities, timings, checks, args.error_fraction)
+        results[s]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"[{s}: {results[s]['seconds']} s]", file=sys.stderr)
+    table = format_table(results, densities)
+    print(table)
+    print(f"\ncheck: one-pass sparse output vs tiled_sparse_attention, max abs diff {checks[0]:.2e}")
+    print("selection time (s, CPU, all sets and densities): " +
+          ", ".join(f"{m} {t:.2f}" for m, t in sorted(timings.items())))
+    wall = time.perf_counter() - t_start
+    print(f"wall {wall:.1f} s")
+    record = {
+        "benchmark": "selection", "command": "python -m benchmarks.selection " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": _cpu_name(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1),
+        "densities": list(densities), "reference_check_max_abs": checks[0], "selection_seconds": timings,
+        "table": table, "sets": results,
+    }
+    if not args.no_save:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        path = RESULTS_DIR / f"selection_{_dt.date.today().isoformat()}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(f"wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

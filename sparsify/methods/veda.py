@@ -1,0 +1,354 @@
+"""Veda tile selection: extrema-aware tile statistics and a per-head estimator distilled from full attention."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..layout import TileLayout, pool_tiles
+from .registry import register_method
+from .select import select_from_scores
+
+#: Features of a (query tile i, key tile j) pair, all in logit units (scaled by 1/sqrt(D)):
+#: `mean` q̄_i·k̄_j (VSA's score); `peak` the largest logit of the mean query q̄_i over the keys of tile j
+#: (see `PEAKS`); `mix` log((L_j - 1)/L_j · exp(mean) + exp(peak)/L_j): L_j - 1 keys at the mean logit
+#: and one at the peak, the default estimate of the tile's mean exp-logit; and the four corner products
+#: of the per-dim tile maxima and minima, `max_max` qmax_i·kmax_j, `min_min`, `max_min`, `min_max`.
+FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_min", "min_max")
+
+#: How `peak` is computed. `keys`: exactly, from the mean query against every key token of the tile
+#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `stats`: from tile statistics
+#: only, as the upper bound `relu(q̄)·kmax - relu(-q̄)·kmin` of that exact peak (two `[n, n]` GEMMs).
+PEAKS: tuple[str, ...] = ("keys", "stats")
+
+_MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
+
+
+@dataclass(frozen=True)
+class TileStats:
+    """Per-tile statistics of tiled tokens over their valid slots, float32 `[B, H, n_tiles, D]` each.
+
+    Attributes:
+        mean, max, min: per-dimension mean, maximum and minimum over the tile's valid tokens.
+    """
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    min: torch.Tensor
+
+
+def tile_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
+    """Mean, max and min of every tile of `x` `[B, H, n_tiles*volume, D]` (tile order), padding ignored.
+
+    Example:
+        >>> from sparsify.layout import tile_layout
+        >>> lay = tile_layout((1, 1, 3), (1, 1, 64)); x = torch.zeros(1, 1, 64, 1); x[0, 0, :3, 0] = torch.tensor([1., 2., 6.])
+        >>> st = tile_stats(x, lay); st.mean.item(), st.max.item(), st.min.item()
+        (3.0, 6.0, 1.0)
+    """
+    return TileStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
+
+
+def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
+    """Slow, explicit reference of `tile_stats`: a loop over tiles and their valid tokens (float64).
+
+    Example:
+        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
+        >>> bool(torch.allclose(veda_reference_stats(x, lay).max.float(), tile_stats(x, lay).max))
+        True
+    """
+    B, H, _, D = x.shape
+    vol = layout.volume
+    out = [torch.empty(B, H, layout.n_tiles, D, dtype=torch.float64) for _ in range(3)]
+    for t in range(layout.n_tiles):
+        slots = [t * vol + s for s in range(vol) if int(layout.gather[t * vol + s]) >= 0]
+        xt = x[:, :, slots].double()
+        out[0][:, :, t], out[1][:, :, t], out[2][:, :, t] = xt.mean(2), xt.amax(2), xt.amin(2)
+    return TileStats(*out)
+
+
+def _exact_peak(q: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float,
+                max_elems: int = _MAX_ELEMS) -> torch.Tensor:
+    """max over valid keys y of tile j of `q̄_i · k_y * scale`, `[B, H, n, n]`, in query-tile chunks."""
+    B, H, N, _ = k.shape
+    n, vol = layout.n_tiles, layout.volume
+    pad = (layout.gather < 0).to(k.device).view(1, 1, 1, n, vol)
+    kt = k.transpose(-1, -2)  # the GEMM runs in k's dtype (bf16 on GPU), logits in float32
+    qm = qm.to(k.dtype)
+    out = torch.empty(B, H, n, n, dtype=torch.float32, device=k.device)
+    rows = max(1, max_elems // max(1, B * H * N))
+    for i0 in range(0, n, rows):
+        i1 = min(n, i0 + rows)
+        lg = (torch.matmul(qm[:, :, i0:i1], kt).float() * scale).view(B, H, i1 - i0, n, vol)
+        out[:, :, i0:i1] = lg.masked_fill(pad, float("-inf")).amax(-1)
+    return out
+
+
+def _log_lens(layout: TileLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(log L_j, log(L_j - 1))` of the key tiles as `[1, 1, 1, n]` rows (log 0 = -inf)."""
+    lens = layout.tile_lens.to(device).float().view(1, 1, 1, -1)
+    return lens.log(), (lens - 1).log()
+
+
+def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
+                  features: Sequence[str] = FEATURES, max_elems: int = _MAX_ELEMS) -> torch.Tensor:
+    """The tile-pair features an estimator weighs, float32 `[B, H, n_tiles, n_tiles, len(features)]`.
+
+    Args:
+        q, k: `[B, H, n_tiles*volume, D]` in tile order (as a method's `select` receives them).
+        layout: their TileLayout; padded slots are ignored.
+        peak: `keys` (exact peak) or `stats` (upper bound from tile statistics), see `PEAKS`.
+        features: which of `FEATURES`, in this order.
+        max_elems: logits held at once by the exact peak.
+
+    Example:
+        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> lay = tile_layout((2, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 2, 128, 16), lay)
+        >>> veda_features(x, x, lay).shape
+        torch.Size([1, 2, 2, 2, 7])
+    """
+    bad = [f for f in features if f not in FEATURES]
+    if bad or peak not in PEAKS:
+        raise ValueError(f"veda: unknown feature(s) {bad} or peak '{peak}'; features: {', '.join(FEATURES)}; "
+                         f"peaks: {', '.join(PEAKS)}")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    sq, sk = tile_stats(q, layout), tile_stats(k, layout)
+
+    def dot(a, b):
+        return torch.matmul(a, b.transpose(-1, -2)) * scale
+
+    cache: dict[str, torch.Tensor] = {}
+
+    def feat(name: str) -> torch.Tensor:
+        if name in cache:
+            return cache[name]
+        if name == "mean":
+            v = dot(sq.mean, sk.mean)
+        elif name == "peak":
+            v = (_exact_peak(q, k, sq.mean, layout, scale, max_elems) if peak == "keys"
+                 else dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min))
+        elif name == "mix":
+            log_len, log_len1 = _log_lens(layout, q.device)
+            v = torch.logaddexp(feat("mean") + log_len1, feat("peak")) - log_len
+        else:
+            a, b = name.split("_")
+            v = dot(getattr(sq, a), getattr(sk, b))
+        cache[name] = v
+        return v
+
+    return torch.stack([feat(f) for f in features], -1)
+
+
+def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys") -> torch.Tensor:
+    """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
+
+    Example:
+        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
+        >>> bool(torch.allclose(veda_reference_features(x, x, lay).float(), veda_features(x, x, lay), atol=1e-5))
+        True
+    """
+    B, H, _, D = q.shape
+    scale = 1.0 / math.sqrt(D)
+    sq, sk = veda_reference_stats(q, layout), veda_reference_stats(k, layout)
+    n, vol = layout.n_tiles, layout.volume
+    out = torch.empty(B, H, n, n, len(FEATURES), dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            keys = [j * vol + s for s in range(vol) if int(layout.gather[j * vol + s]) >= 0]
+            qm = sq.mean[:, :, i]
+            mean = (qm * sk.mean[:, :, j]).sum(-1) * scale
+            if peak == "keys":
+                pk = torch.stack([(qm * k[:, :, y].double()).sum(-1) for y in keys], -1).amax(-1) * scale
+            else:
+                pk = torch.maximum(qm * sk.max[:, :, j], qm * sk.min[:, :, j]).sum(-1) * scale
+            L = len(keys)
+            mix = torch.log(((L - 1) * torch.exp(mean) + torch.exp(pk)) / L)
+            corners = [(getattr(sq, a)[:, :, i] * getattr(sk, b)[:, :, j]).sum(-1) * scale
+                       for a, b in (("max", "max"), ("min", "min"), ("max", "min"), ("min", "max"))]
+            out[:, :, i, j] = torch.stack([mean, pk, mix, *corners], -1)
+    return out
+
+
+@dataclass
+class VedaEstimator:
+    """Per-head weights over tile-pair features: `score = sum_f w[h, f] * feature_f + log L_j`.
+
+    The score estimates the log of the true attention mass of a (query tile, key tile) pair up to a
+    per-query-tile constant, so `softmax` over key tiles estimates the tile-level attention
+    distribution. The default (`default_estimator`) puts weight 1 on `mix`; `fit_veda_estimator`
+    distills the weights from full attention.
+
+    Attributes:
+        features: names from `FEATURES`.
+        weights: float32 `[H, len(features)]`.
+        peak: how the `peak` feature is computed (`PEAKS`).
+
+    Example:
+        >>> est = default_estimator(2)
+        >>> est.to_dict()["heads"][0]["mix"], VedaEstimator.from_dict(est.to_dict()).weights.shape
+        (1.0, torch.Size([2, 7]))
+    """
+
+    features: tuple[str, ...]
+    weights: torch.Tensor
+    peak: str = "keys"
+
+    def __post_init__(self):
+        self.features = tuple(self.features)
+        self.weights = torch.as_tensor(self.weights, dtype=torch.float32)
+        if self.weights.dim() != 2 or self.weights.shape[1] != len(self.features):
+            raise ValueError(f"VedaEstimator: weights must be [heads, {len(self.features)}] for features "
+                             f"{self.features}; got {tuple(self.weights.shape)}")
+        bad = [f for f in self.features if f not in FEATURES]
+        if bad or self.peak not in PEAKS:
+            raise ValueError(f"VedaEstimator: unknown feature(s) {bad} or peak '{self.peak}'; features: "
+                             f"{', '.join(FEATURES)}; peaks: {', '.join(PEAKS)}")
+
+    @property
+    def heads(self) -> int:
+        return self.weights.shape[0]
+
+    def to_dict(self) -> dict:
+        """Plain floats, for a recipe: `{"version", "peak", "heads": [{feature: weight}, ...]}`."""
+        return {"version": 1, "peak": self.peak,
+                "heads": [{f: float(w) for f, w in zip(self.features, row)} for row in self.weights.tolist()]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VedaEstimator":
+        """Inverse of `to_dict`; a feature missing from a head's dict has weight 0."""
+        heads = d["heads"]
+        feats = tuple(f for f in FEATURES if any(f in h for h in heads))
+        return cls(feats, [[float(h.get(f, 0.0)) for f in feats] for h in heads], d.get("peak", "keys"))
+
+    def subset(self, heads: Sequence[int]) -> "VedaEstimator":
+        """The estimator of some heads only (e.g. one tile group of a site, or one rank's heads)."""
+        return VedaEstimator(self.features, self.weights[list(heads)], self.peak)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        """Estimated log tile masses `[B, H, n, n]` (up to a per-row constant) of tiled q, k."""
+        if q.shape[1] != self.heads:
+            raise ValueError(f"veda: the estimator has weights for {self.heads} heads, q has {q.shape[1]}; "
+                             "use VedaEstimator.subset(heads) for a subset")
+        used = [i for i in range(len(self.features)) if bool((self.weights[:, i] != 0).any())]
+        log_len, _ = _log_lens(layout, q.device)
+        if not used:
+            return log_len.expand(q.shape[0], q.shape[1], layout.n_tiles, -1).contiguous()
+        X = veda_features(q, k, layout, peak=self.peak, features=[self.features[i] for i in used])
+        w = self.weights[:, used].to(X.device).view(1, -1, 1, 1, len(used))
+        return (X * w).sum(-1) + log_len
+
+
+def default_estimator(heads: int, peak: str = "keys") -> VedaEstimator:
+    """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - 1) exp(mean) + exp(peak))`.
+
+    Example:
+        >>> default_estimator(1).weights.tolist()
+        [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]]
+    """
+    w = torch.zeros(heads, len(FEATURES))
+    w[:, FEATURES.index("mix")] = 1.0
+    return VedaEstimator(FEATURES, w, peak)
+
+
+def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
+                       features: Sequence[str] = FEATURES, mass: torch.Tensor | None = None, iters: int = 50,
+                       l2: float = 1e-3) -> VedaEstimator:
+    """Distill per-head feature weights from full attention on calibration q, k.
+
+    Minimizes, per head, the KL divergence from the true tile-level attention distribution of every
+    query tile (its row of true tile masses, normalized) to `softmax` over key tiles of the estimated
+    score, with rows weighted by their mass and summed over the batch (the calibration samples). The
+    problem is convex in the weights; L-BFGS starts at the default estimator, on standardized
+    features, with an L2 pull of strength `l2` towards it.
+
+    Args:
+        q, k: calibration `[B, H, n_tiles*volume, D]` in tile order; B indexes samples.
+        layout: their TileLayout.
+        peak: see `PEAKS`.
+        features: the features to weigh (must include `mix` for the default start).
+        mass: optional true tile masses `[B, H, n, n]` (default: computed from q, k with
+            `sparsify.planted.attention_tile_mass`).
+        iters: L-BFGS iterations.
+        l2: regularization towards the default weights.
+
+    Returns:
+        A VedaEstimator with one weight row per head.
+
+    Example:
+        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> lay = tile_layout((4, 8, 8), (1, 8, 8)); q, k = (to_tiles(torch.randn(1, 2, 256, 16), lay) for _ in "qk")
+        >>> est = fit_veda_estimator(q, k, lay, iters=5)
+        >>> est.weights.shape, sorted(est.to_dict()["heads"][0])[:2]
+        (torch.Size([2, 7]), ['max_max', 'max_min'])
+    """
+    features = tuple(features)
+    if "mix" not in features:
+        raise ValueError(f"fit_veda_estimator: features must include 'mix' (the default start); got {features}")
+    if mass is None:
+        from ..layout import from_tiles
+        from ..planted import attention_tile_mass
+
+        mass = attention_tile_mass(from_tiles(q, layout), from_tiles(k, layout), layout)
+    B, H = q.shape[:2]
+    X = veda_features(q, k, layout, peak=peak, features=features).double()
+    log_len, _ = _log_lens(layout, q.device)
+    mass = mass.to(X.device).double()
+    target = mass / mass.sum(-1, keepdim=True).clamp_min(1e-300)
+    row_w = mass.sum(-1) / mass.sum((-1, -2)).clamp_min(1e-300).unsqueeze(-1) / B  # [B, H, n]
+    finite = torch.isfinite(X)
+    X = torch.where(finite, X, torch.zeros_like(X))
+    mu = X.mean((0, 2, 3), keepdim=True)
+    sd = X.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    Z = (X - mu) / sd
+    w0 = default_estimator(H, peak).weights.double()[:, [FEATURES.index(f) for f in features]]
+    w0 = w0 * sd.view(H, -1)  # the default in standardized units
+    w = w0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iters, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        logits = (Z * w.view(1, H, 1, 1, -1)).sum(-1) + log_len.double()
+        nll = -(target * torch.log_softmax(logits, -1)).sum(-1)
+        loss = (nll * row_w).sum() + l2 * ((w - w0) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return VedaEstimator(features, (w.detach() / sd.view(H, -1)).float(), peak)
+
+
+@register_method("veda")
+class Veda:
+    """Veda's selection: top-k (or top-p) of estimated tile masses per query tile.
+
+    Args:
+        estimator: fitted per-head weights (`fit_veda_estimator`); default: `default_estimator`, i.e.
+            extrema-aware statistics with no distillation.
+        peak: how the default estimator computes tile peaks (`PEAKS`); ignored with an estimator.
+
+    Example:
+        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.recipe import Budget
+        >>> lay = tile_layout((4, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 2, 256, 16), lay)
+        >>> idx, cnt = Veda().select(x, x, lay, [Budget(density=0.5)] * 2)
+        >>> cnt.tolist()
+        [[[2, 2, 2, 2], [2, 2, 2, 2]]]
+    """
+
+    def __init__(self, estimator: VedaEstimator | None = None, peak: str = "keys"):
+        if peak not in PEAKS:
+            raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
+        self.estimator, self.peak = estimator, peak
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        """Estimated log tile masses `[B, H, n, n]` (up to a per-query-tile constant)."""
+        est = self.estimator or default_estimator(q.shape[1], self.peak)
+        return est.scores(q, k, layout)
+
+    def select(self, q, k, layout, budgets):
+        return select_from_scores(self.scores(q, k, layout), budgets)
