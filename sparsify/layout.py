@@ -157,14 +157,26 @@ def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
 def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch.Tensor:
     """Per-tile statistic of tiled tokens `[B, H, n_tiles*vol, D]` over valid slots, in float32.
 
+    Padding slots are excluded whatever they hold. The mean accumulates in float32 without making a
+    float32 copy of `x` (one masked pass in x's dtype when the layout has padding, none otherwise).
+
     Args:
         stat: `mean`, `max` or `min`.
+
+    Example:
+        >>> lay = tile_layout((1, 2, 2), (1, 4, 16))  # one tile, 4 valid slots of 64
+        >>> x = torch.arange(4.0).view(1, 1, 4, 1)
+        >>> pool_tiles(to_tiles(x, lay), lay).flatten().tolist()
+        [1.5]
     """
     B, Hh, _, D = x.shape
-    xt = x.float().view(B, Hh, layout.n_tiles, layout.volume, D)
-    valid = (layout.gather >= 0).view(1, 1, layout.n_tiles, layout.volume, 1)
+    xt = x.view(B, Hh, layout.n_tiles, layout.volume, D)
+    has_pad = layout.padded_len != layout.scatter.numel()
+    valid = (layout.gather >= 0).to(x.device).view(1, 1, layout.n_tiles, layout.volume, 1)
     if stat == "mean":
-        return (xt * valid).sum(3) / layout.tile_lens.to(xt.device).view(1, 1, -1, 1).float()
+        if has_pad:
+            xt = torch.where(valid, xt, torch.zeros((), dtype=xt.dtype, device=xt.device))
+        return xt.sum(3, dtype=torch.float32) / layout.tile_lens.to(x.device).view(1, 1, -1, 1).float()
     fill = float("-inf") if stat == "max" else float("inf")
-    xt = xt.masked_fill(~valid, fill)
+    xt = xt.float().masked_fill(~valid, fill)
     return xt.amax(3) if stat == "max" else xt.amin(3)
