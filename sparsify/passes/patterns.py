@@ -160,7 +160,12 @@ def match_manual(node: fx.Node) -> AttentionMatch | None:
     s = _softmax_input(pc)
     if s is None:
         return None
-    s_inner, f1, peeled1 = _peel_scale(_skip_casts(s))
+    s_inner, f1, peeled1 = s, 1.0, []
+    while True:  # casts and scalings may interleave: (q @ kᵀ).float() / c, (q @ kᵀ / c).float(), ...
+        nxt, f, peeled = _peel_scale(_skip_casts(s_inner))
+        if nxt is s_inner:
+            break
+        s_inner, f1, peeled1 = nxt, _mul(f1, f), peeled1 + peeled
     if not _is_matmul(s_inner):
         return None
     q, kt = s_inner.args[:2]

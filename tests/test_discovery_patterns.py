@@ -1,0 +1,94 @@
+"""Discovery of hand-written attention in its common spellings, of SDPA however called, and the inspect CLI."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsify import find_sites, sparsify, unsparsify
+from sparsify.inspect import main as inspect_main
+
+S, D, H = 64, 16, 2
+
+
+def _qkv(x):
+    return x, x * 0.5, x + 1.0
+
+
+SPELLINGS = {
+    "transpose_scale_after": lambda q, k, v: (q @ k.transpose(-2, -1) * D ** -0.5).softmax(-1) @ v,
+    "mT_scale_before": lambda q, k, v: F.softmax((q * D ** -0.5) @ k.mT, dim=-1) @ v,
+    "div_upcast": lambda q, k, v: torch.softmax((q @ k.transpose(2, 3)).float() / D ** 0.5, dim=-1).to(v.dtype) @ v,
+    "matmul_fn_scale_left": lambda q, k, v: torch.matmul(F.softmax(0.25 * torch.matmul(q, k.transpose(-1, -2)), -1), v),
+    "sdpa_positional": lambda q, k, v: F.scaled_dot_product_attention(q, k, v),
+    "sdpa_keywords": lambda q, k, v: F.scaled_dot_product_attention(query=q, key=k, value=v, scale=0.3),
+}
+
+
+class Attn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x):
+        q, k, v = _qkv(self.proj(x))
+        return self.fn(q, k, v)
+
+
+class Net(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.inner = nn.ModuleDict({"attn": Attn(fn)})
+
+    def forward(self, x):
+        return self.inner["attn"](x)
+
+
+@pytest.mark.parametrize("name", list(SPELLINGS))
+def test_spelling_is_found_and_made_sparse(name):
+    torch.manual_seed(0)
+    net = Net(SPELLINGS[name]).eval()
+    x = torch.randn(1, H, S, D)
+    sites, _ = find_sites(net, (x,), grid=(1, 8, 8))
+    assert [(s.path, s.kind, s.heads, s.head_dim) for s in sites] == [("inner.attn", "self", H, D)]
+    assert sites[0].impl == ("sdpa" if name.startswith("sdpa") else "manual")
+    with torch.no_grad():
+        ref = net(x)
+    recipe = {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": 1.0}}}
+    sparsify(net, recipe, example_inputs=(x,), grid=(1, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)  # every tile kept: same function
+    unsparsify(net)
+
+
+def test_inspect_prints_the_tiny_wan_table(capsys):
+    assert inspect_main(["tiny-wan"]) == 0
+    out = capsys.readouterr().out
+    assert "4 attention sites" in out
+    assert "blocks.0.attn1  self   2      32" in out and "blocks.1.attn2  cross" in out
+
+
+def test_bundled_recipe_by_bare_name():
+    from sparsify import load_recipe
+    from sparsify.recipe import bundled_recipes
+
+    assert {"wan1.3b.yaml", "wan14b.yaml"} <= set(bundled_recipes())
+    r = load_recipe("wan14b.yaml")
+    assert r.model.cls == "WanTransformer3DModel" and len([s for s in r.model.sites if s.kind == "self"]) == 40
+    assert "RANDOM" in r.calibration["calibrated_on"]
+
+
+def test_vsa_coarse_branch_matches_direct_computation():
+    from sparsify.layout import pool_tiles, tile_layout, to_tiles
+    from sparsify.methods.vsa import coarse_attention
+
+    lay = tile_layout((3, 4, 8), (1, 4, 16))  # partial tiles: 32 valid tokens of 64
+    x = [torch.randn(1, 2, 96, 8) for _ in range(3)]
+    qt, kt, vt = (to_tiles(t, lay) for t in x)
+    out = coarse_attention(qt, kt, vt, lay)
+    qm, km, vm = (t.view(1, 2, 3, 32, 8).mean(3) for t in x)  # tile means of the valid tokens
+    expect = torch.softmax(qm @ km.transpose(-1, -2) / 8 ** 0.5, -1) @ vm
+    torch.testing.assert_close(out.view(1, 2, 3, 64, 8)[:, :, :, 0], expect)
+    assert torch.equal(out.view(1, 2, 3, 64, 8)[:, :, :, 5], out.view(1, 2, 3, 64, 8)[:, :, :, 0])
+    torch.testing.assert_close(pool_tiles(vt, lay), vm)
