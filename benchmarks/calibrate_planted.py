@@ -39,7 +39,7 @@ def main():
                 o = res.options[int(choice[g])]
                 g += 1
                 heads.append(HeadConfig(method="dense") if o[0] == "dense" else
-                             HeadConfig(method="vsa", tile=o[0], budget=Budget(density=o[1])))
+                             HeadConfig(method=o[2], tile=o[0], budget=Budget(density=o[1])))
             configs[info.path] = heads
         return model_output_error(model, all_infos, adapter, configs, loop, dense)
 

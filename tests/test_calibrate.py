@@ -158,3 +158,34 @@ def test_predicted_model_output_error_tracks_measured(wan_result):
     measured = res.recipe.calibration["measured_output_error"]
     assert measured > 0 and 0.5 < predicted / measured < 2.0
     assert len(res.extras["alphas"]) == 3 and (res.extras["alphas"] > 0).all()
+
+
+def test_several_methods_compete_per_head():
+    """With vsa and veda as candidates, each head's option carries its method, the measured error of each
+    candidate is exact for that method's selection, and the recipe runs."""
+    model = dits.tiny_wan(layers=2, heads=2, head_dim=16)
+    loop, example = _wan_loop(model, n=1)
+    res = run_calibration(model, loop, budget=0.3, tiles=[(1, 8, 8), (4, 4, 4)], levels=[0.25, 0.5],
+                          methods=["vsa", "veda"], example_inputs=example, progress=False, query_fraction=1.0,
+                          output_error=False)
+    assert res.error.shape == (4, 1 + 2 * 2 * 2)
+    assert {o[2] for o in res.options[1:]} == {"vsa", "veda"}
+    methods = {h.method for e in res.recipe.sites.values() for h in e.heads if h.enable is not False}
+    assert methods <= {"vsa", "veda"} and methods
+    sparsify(model, res.recipe, example_inputs=example)
+    with torch.no_grad():
+        loop(model)
+    unsparsify(model)
+
+
+def test_measure_site_other_method_is_exact():
+    geo = Geometry((4, 8, 8))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, geo.video_len, 16, generator=g) for _ in range(3))
+    m = measure_site(q, k, v, geo, [(1, 8, 8)], [0.25], methods=["vsa", "veda"], query_fraction=1.0)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v).double()
+    lay = tile_layout(geo.grid, (1, 8, 8))
+    for c, name in enumerate(["vsa", "veda"]):
+        idx, cnt = get_method(name).select(to_tiles(q, lay), to_tiles(k, lay), lay, [Budget(density=0.25)] * 2)
+        out = tiled_sparse_attention(q, k, v, geo, lay, idx, cnt).double()
+        torch.testing.assert_close(m.sq_err[:, c, 0], ((out - dense) ** 2).sum((0, 2, 3)), rtol=1e-3, atol=1e-6)

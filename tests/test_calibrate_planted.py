@@ -56,7 +56,7 @@ def test_ilp_beats_uniform_at_equal_density_on_measured_output_error(planted):
                 opt = res.options[int(choice[g])]
                 g += 1
                 heads.append(HeadConfig(method="dense") if opt[0] == "dense" else
-                             HeadConfig(method="vsa", tile=opt[0], budget=Budget(density=opt[1])))
+                             HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
             configs[info.path] = heads
         return model_output_error(model, all_infos, adapter, configs, loop, dense)
 

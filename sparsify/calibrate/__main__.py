@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="recipe.yaml", help="recipe path; the plots are written beside it")
     p.add_argument("--tiles", type=_parse_tiles, default=None,
                    help="candidate tile shapes, e.g. 4x4x4,1x8x8 (default: 4x4x4,1x8x8,2x4x8,8x2x4,16x2x2,1x4x16)")
+    p.add_argument("--methods", default="vsa",
+                   help="comma-separated selection methods considered per head (vsa, veda, xattention)")
     p.add_argument("--levels", type=_parse_floats, default=None, help="candidate densities, e.g. 0.03,0.05,0.1,0.2")
     p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds 0..N-1)")
     p.add_argument("--steps", type=int, default=2, help="denoising steps sampled per input (timesteps evenly spaced)")
@@ -129,6 +131,7 @@ def main(argv=None) -> int:
     first = adapter.example_inputs(model) if adapter is not None else make_inputs(0, times[0])
     result = run_calibration(
         model, forward_loop, budget=args.budget, tiles=args.tiles or DEFAULT_TILES, levels=args.levels or DEFAULT_LEVELS,
+        methods=[m for m in args.methods.split(",") if m],
         example_inputs=first, dense_layers=args.dense_layers, dense_steps=args.dense_steps,
         min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
         query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
@@ -166,7 +169,8 @@ def _dry_run(model, make_inputs, schedule, args, default_tiles, default_levels) 
     q = torch.randn(1, s.heads, s.q_len, s.head_dim, device=next(model.parameters()).device)
     tiles, levels = args.tiles or default_tiles, args.levels or default_levels
     t0 = time.perf_counter()
-    measure_site(q, q, q, Geometry(geo.grid, geo.video_start), tiles, levels, query_fraction=args.query_fraction)
+    measure_site(q, q, q, Geometry(geo.grid, geo.video_start), tiles, levels, query_fraction=args.query_fraction,
+                 methods=[m for m in args.methods.split(",") if m])
     per_site = time.perf_counter() - t0
     total = len(schedule) * (fwd + per_site * len(video))
     n_tiles = max(-(-s.q_len // 64), 1)

@@ -23,14 +23,16 @@ class Capture:
     Args:
         tiles: candidate tile shapes.
         levels: candidate densities.
+        methods: candidate selection methods.
         query_fraction: share of query tiles measured per call.
         checkpoint_dir: where per-site results go (None: no checkpoints).
         config_key: a string identifying the settings; checkpoints of other settings are refused.
         progress: an object with `update(site_path)` called after each measured site, or None.
     """
 
-    def __init__(self, tiles, levels, *, query_fraction=0.25, checkpoint_dir=None, config_key="", progress=None):
-        self.tiles, self.levels = [tuple(t) for t in tiles], list(levels)
+    def __init__(self, tiles, levels, *, methods=("vsa",), query_fraction=0.25, checkpoint_dir=None, config_key="",
+                 progress=None):
+        self.tiles, self.levels, self.methods = [tuple(t) for t in tiles], list(levels), list(methods)
         self.query_fraction = query_fraction
         self.results: dict[str, SiteMeasurement] = {}
         self.calls: dict[str, int] = {}
@@ -63,7 +65,7 @@ class Capture:
             self.loaded += 1
         else:
             t0 = time.perf_counter()
-            m = measure_site(q, k, v, geom, self.tiles, self.levels, scale=scale, key_mask=key_mask,
+            m = measure_site(q, k, v, geom, self.tiles, self.levels, methods=self.methods, scale=scale, key_mask=key_mask,
                              query_fraction=self.query_fraction, seed=call)
             self.seconds += time.perf_counter() - t0
             if f is not None:

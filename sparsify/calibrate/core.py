@@ -58,7 +58,8 @@ class CalibrationResult:
     Attributes:
         recipe: the emitted Recipe (per-site, per-head entries plus provenance).
         sites: SiteInfo of the calibrated sites, in group order (one group per head).
-        options: `("dense", None)` then `(tile, density)` per candidate; option index per head in `choice`.
+        options: `("dense", None, None)` then `(tile, density, method)` per candidate; option index per
+            head in `choice`.
         cost, error: `[G, O]` matrices given to the solver (G = total heads).
         weight: `[G]` dense attention work per head.
         choice: `[G]` chosen option per head.
@@ -82,9 +83,9 @@ class CalibrationResult:
         return self.allocation.choice
 
 
-def _problem(infos, results, tiles, levels):
-    """Build the [G, O] cost and error matrices: option 0 is dense, then every (tile, level)."""
-    options = [("dense", None)] + [(tuple(t), float(d)) for t in tiles for d in levels]
+def _problem(infos, results, cands, levels):
+    """Build the [G, O] cost and error matrices: option 0 is dense, then every (method, tile) x level."""
+    options = [("dense", None, None)] + [(tuple(t), float(d), m) for m, t in cands for d in levels]
     costs, errors, weights, layers, names = [], [], [], [], []
     for si, info in enumerate(infos):
         m = results[info.path]
@@ -131,7 +132,7 @@ def model_output_error(model, all_infos, adapter, configs: dict, output_loop, de
     return err / max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
 
 
-def _output_scales(model, all_infos, infos, adapter, results, tiles, levels, output_loop, ref_density, progress):
+def _output_scales(model, all_infos, infos, adapter, results, cands, levels, output_loop, ref_density, progress):
     """HASTE's model-output error, per site: scale each site's attention-error surrogate to it.
 
     For each site, every head is made sparse at `ref_density` with its best tile (all other sites dense),
@@ -146,8 +147,8 @@ def _output_scales(model, all_infos, infos, adapter, results, tiles, levels, out
         share = results[info.path].energy.mean(1)
         share = share / share.sum().clamp_min(1e-30)
         best = rel[:, :, li].argmin(1)
-        configs = [HeadConfig(method="vsa", tile=tuple(tiles[int(best[h])]), budget=Budget(density=levels[li]))
-                   for h in range(info.heads)]
+        configs = [HeadConfig(method=cands[int(best[h])][0], tile=tuple(cands[int(best[h])][1]),
+                              budget=Budget(density=levels[li])) for h in range(info.heads)]
         err = model_output_error(model, all_infos, adapter, {info.path: configs}, output_loop, dense)
         pred = float((rel[torch.arange(info.heads), best, li] * share).sum())
         alphas.append(err / pred if pred > 0 else 1.0)
@@ -158,7 +159,7 @@ def _output_scales(model, all_infos, infos, adapter, results, tiles, levels, out
 
 
 
-def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, dense_steps, provenance):
+def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance):
     """Recipe with explicit per-head entries for every calibrated site."""
     sites = {}
     g = 0
@@ -170,14 +171,15 @@ def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, de
             if opt[0] == "dense":
                 heads.append(HeadEntry(head=h, enable=False))
             else:
-                heads.append(HeadEntry(head=h, method="vsa", tile=opt[0], budget=Budget(density=opt[1])))
+                heads.append(HeadEntry(head=h, method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
         sites[info.path] = SiteEntry(heads=tuple(heads))
     sig = ModelSignature(type(model).__name__, tuple(i.spec() for i in all_infos))
-    defaults = Defaults(method="vsa", tile=defaults_tile, budget=Budget(density=budget), dense_steps=dense_steps)
+    defaults = Defaults(method=default_method, tile=defaults_tile, budget=Budget(density=budget), dense_steps=dense_steps)
     return Recipe(version=RECIPE_VERSION, model=sig, defaults=defaults, sites=sites, calibration=provenance)
 
 
 def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_TILES, levels=DEFAULT_LEVELS,
+                    methods=("vsa",),
                     example_inputs=None, grid=None, video_start: int = 0, adapter=None, dense_layers=(),
                     dense_steps: int = 0, min_layer_density=None, error_cap=None, solver: str = "auto",
                     query_fraction: float = 0.125, checkpoint_dir=None, progress: bool = True,
@@ -187,6 +189,14 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
     tiles = [check_tile(list(t), "tiles") for t in tiles]
+    from ..methods import available_methods
+
+    methods = list(methods)
+    unknown = [m for m in methods if m not in available_methods() or m == "dense"]
+    if not methods or unknown:
+        raise ValueError(f"sparsify.calibrate: unknown or unusable methods {unknown or methods}; choose from "
+                         f"{', '.join(m for m in available_methods() if m != 'dense')}")
+    cands = [(m, tuple(t)) for m in methods for t in tiles]
     levels = sorted(float(x) for x in levels)
     if not levels or not all(0.0 < x <= 1.0 for x in levels):
         raise ValueError(f"sparsify.calibrate: levels must be densities in (0, 1]; got {levels}")
@@ -200,11 +210,12 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=i.path, kind=i.kind, heads=i.heads,
                                 head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n)
               for n, i in enumerate(infos)]
-    config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, query_fraction, inputs_hash))
+    config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, methods,
+                       query_fraction, inputs_hash))
     bar = Progress(len(infos) * n_forwards if n_forwards else None, enabled=progress)
     inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
     try:
-        with Capture(tiles, levels, query_fraction=query_fraction, checkpoint_dir=checkpoint_dir,
+        with Capture(tiles, levels, methods=methods, query_fraction=query_fraction, checkpoint_dir=checkpoint_dir,
                      config_key=config_key, progress=bar) as cap, torch.no_grad():
             forward_loop(model)
     except KeyboardInterrupt:
@@ -217,11 +228,11 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     missing = [i.path for i in infos if i.path not in cap.results]
     if missing:
         raise RuntimeError(f"sparsify.calibrate: the forward loop never reached these sites: {', '.join(missing)}")
-    options, cost, error, weight, layer, names = _problem(infos, cap.results, tiles, levels)
+    options, cost, error, weight, layer, names = _problem(infos, cap.results, cands, levels)
     alphas = measured = None
     if output_error:
         bar = Progress(len(infos), label="output error", enabled=progress)
-        alphas, measured, ref, dense_out = _output_scales(model, all_infos, infos, adapter, cap.results, tiles, levels,
+        alphas, measured, ref, dense_out = _output_scales(model, all_infos, infos, adapter, cap.results, cands, levels,
                                                           output_loop or forward_loop, reference_density, bar)
         bar.close()
         error = error * alphas[layer][:, None]
@@ -239,7 +250,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
         "predicted_error": float(alloc.total_error),  # in the units of error_metric
         "predicted_attention_speedup": round(1.0 / float(alloc.density), 3),
         "solver": f"{alloc.solver} ({alloc.status})",
-        "candidates": {"method": "vsa", "tiles": [list(t) for t in tiles], "densities": levels},
+        "candidates": {"methods": methods, "tiles": [list(t) for t in tiles], "densities": levels},
         "query_fraction": query_fraction,
         "error_metric": ("model-output relative squared error, predicted per head: the head's share of its site's "
                          "attention-output error, scaled per site by a measured model-output error" if output_error
@@ -248,6 +259,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     if output_error:
         provenance["output_scale_per_site"] = {i.path: round(float(a), 4) for i, a in zip(infos, alphas)}
     recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=budget, defaults_tile=tuple(tiles[0]),
+                   default_method=methods[0],
                    dense_steps=dense_steps, provenance=provenance)
     if output_error:  # check the prediction: the emitted recipe's real model-output error
         configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
@@ -263,7 +275,7 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
     """Measure every head's error per candidate, solve the budget ILP, and return the recipe.
 
     Runs the DENSE model through `forward_loop(model)`; at each attention site and head it measures,
-    for every candidate tile shape and density, the exact error of VSA top-k selection against dense
+    for every candidate method, tile shape and density, the exact error of top-k selection against dense
     attention and its cost (attention FLOPs relative to dense, padding of partial tiles included). A
     multiple-choice knapsack (one option per head, dense included) minimizes the total error under
     the global density `budget`; tile shapes are chosen in the same solve.
@@ -273,6 +285,7 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
         forward_loop: `forward_loop(model)` runs the calibration forwards (inputs x denoising steps).
         budget: target attention density over all sparsifiable heads (e.g. 0.1 = 10%).
         tiles: candidate tile shapes (volume 64 or 128). Default: the six 64-token shapes.
+        methods: selection methods to consider per head (default `("vsa",)`; e.g. `("vsa", "veda")`).
         levels: candidate densities per head.
         example_inputs, grid, video_start, adapter: as for `sparsify()`.
         dense_layers: site indices forced dense.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import Geometry, tile_layout, to_tiles
-from ..methods.vsa import coarse_scores
+from ..methods import get_method
 from ..methods.select import budget_counts
 from ..recipe import Budget
 
@@ -24,9 +24,10 @@ class SiteMeasurement:
     """Accumulated squared errors of one site, per head and candidate, over calibration calls.
 
     Attributes:
-        sq_err: float64 `[H, n_tile_shapes, n_levels]`: sum of ‖o_sparse − o_dense‖² over sampled rows.
-        energy: float64 `[H, n_tile_shapes]`: sum of ‖o_dense‖² over the same rows.
-        cost: float64 `[n_tiles_candidates, n_levels]`: attention work relative to dense, padding counted.
+        sq_err: float64 `[H, n_candidates, n_levels]`: sum of ‖o_sparse − o_dense‖² over sampled rows,
+            candidates being (method, tile) pairs, method-major.
+        energy: float64 `[H, n_candidates]`: sum of ‖o_dense‖² over the same rows.
+        cost: float64 `[n_candidates, n_levels]`: attention work relative to dense, padding counted.
         calls: number of calls accumulated.
     """
 
@@ -36,7 +37,7 @@ class SiteMeasurement:
     calls: int = 0
 
     def relative_error(self) -> torch.Tensor:
-        """`[H, n_tile_shapes, n_levels]`: relative squared error of each head's attention output."""
+        """`[H, n_candidates, n_levels]`: relative squared error of each head's attention output."""
         return self.sq_err / self.energy.clamp_min(1e-30)[..., None]
 
     def add(self, other: "SiteMeasurement") -> None:
@@ -62,9 +63,13 @@ def _sample_query_tiles(n_tiles: int, fraction: float, gen: torch.Generator) -> 
 
 
 @torch.no_grad()
-def measure_site(q, k, v, geom: Geometry, tiles, levels, *, scale=None, key_mask=None,
+def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), scale=None, key_mask=None,
                  query_fraction: float = 0.25, seed: int = 0, chunk_elems: int | None = None) -> SiteMeasurement:
-    """Measure one attention call: per head, the exact VSA top-k error for each tile shape and density.
+    """Measure one attention call: per head, the exact top-k error of each method, tile shape and density.
+
+    Candidates are `(method, tile)` pairs in method-major order (index `m * len(tiles) + t`); a
+    method's ranking of key tiles per query tile (its selection at density 1) makes every density a
+    prefix of that ranking.
 
     Memory stays bounded: heads are processed one at a time and sampled query rows in chunks of at
     most `chunk_elems` partial-sum elements.
@@ -74,6 +79,7 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, scale=None, key_mask
         geom: where the video tokens are.
         tiles: candidate tile shapes.
         levels: candidate densities (fractions of key tiles kept per query tile).
+        methods: registered selection methods to measure.
         scale: softmax scale (default `1/sqrt(D)`).
         key_mask: optional bool `[B, S]`.
         query_fraction: share of query tiles sampled per tile shape (errors are exact on those rows).
@@ -96,9 +102,14 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, scale=None, key_mask
     vs, vl = geom.video_start, geom.video_len
     dev = q.device
     text = torch.cat([torch.arange(0, vs), torch.arange(vs + vl, S)]).to(dev)
-    sq_err = torch.zeros(H, len(tiles), len(levels), dtype=torch.float64)
-    energy = torch.zeros(H, len(tiles), dtype=torch.float64)
-    cost = torch.tensor([[candidate_cost(geom, t, d, S) for d in levels] for t in tiles], dtype=torch.float64)
+    methods = list(methods)
+    n_c = len(methods) * len(tiles)
+    sq_err = torch.zeros(H, n_c, len(levels), dtype=torch.float64)
+    energy = torch.zeros(H, n_c, dtype=torch.float64)
+    cost = torch.tensor([[candidate_cost(geom, t, d, S) for d in levels] for _ in methods for t in tiles],
+                        dtype=torch.float64)
+    rankers = [get_method(m) for m in methods]
+    all_tiles = [Budget(density=1.0)]
     km_text = None if key_mask is None else key_mask.to(torch.bool).index_select(1, text)[:, None, :]
     for ti, tile in enumerate(tiles):
         lay = tile_layout(geom.grid, tile, dev)
@@ -113,7 +124,7 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, scale=None, key_mask
         for h in range(H):
             qv, kv, vv = (to_tiles(x[:, h:h + 1, vs:vs + vl], lay)[:, 0].float() for x in (q, k, v))  # [B, P, D]
             kt, vt = k[:, h, text].float(), v[:, h, text].float()
-            order = torch.argsort(coarse_scores(qv[:, None], kv[:, None], lay)[:, 0], dim=-1, descending=True)
+            orders = [r.select(qv[:, None], kv[:, None], lay, all_tiles)[0][:, 0].long() for r in rankers]
             for c0 in range(0, qtiles.numel(), per_tile):
                 qt_chunk = qtiles[c0:c0 + per_tile]
                 rows = (qt_chunk[:, None] * vol + torch.arange(vol, device=dev)).reshape(-1)
@@ -132,11 +143,13 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, scale=None, key_mask
                 num = torch.einsum("brnk,bnkd->brnd", p_vid.view(B, R, n, vol), vv.view(B, n, vol, D))
                 num0, den0 = torch.matmul(p_txt, vt), p_txt.sum(-1)
                 full = (num0 + num.sum(2)) / (den0 + den.sum(2)).unsqueeze(-1)
-                rank = order[:, rows // vol]  # [B, R, n]: key tiles of each row's query tile, best first
-                cum_den = torch.cumsum(torch.gather(den, 2, rank), 2)
-                cum_num = torch.cumsum(torch.gather(num, 2, rank[..., None].expand(-1, -1, -1, D)), 2)
-                energy[h, ti] += float(((full ** 2) * w).sum())
-                for li, kk in enumerate(ks):
-                    out = (num0 + cum_num[:, :, kk - 1]) / (den0 + cum_den[:, :, kk - 1]).clamp_min(1e-30).unsqueeze(-1)
-                    sq_err[h, ti, li] += float((((out - full) ** 2) * w).sum())
+                for mi, order in enumerate(orders):
+                    c = mi * len(tiles) + ti
+                    rank = order[:, rows // vol]  # [B, R, n]: key tiles of each row's query tile, best first
+                    cum_den = torch.cumsum(torch.gather(den, 2, rank), 2)
+                    cum_num = torch.cumsum(torch.gather(num, 2, rank[..., None].expand(-1, -1, -1, D)), 2)
+                    energy[h, c] += float(((full ** 2) * w).sum())
+                    for li, kk in enumerate(ks):
+                        out = (num0 + cum_num[:, :, kk - 1]) / (den0 + cum_den[:, :, kk - 1]).clamp_min(1e-30).unsqueeze(-1)
+                        sq_err[h, c, li] += float((((out - full) ** 2) * w).sum())
     return SiteMeasurement(sq_err=sq_err, energy=energy, cost=cost, calls=1)

@@ -59,7 +59,9 @@ def summary(result, budget) -> str:
     g = 0
     for s in result.sites:
         w = cost[g:g + s.heads]
-        desc = ["dense" if o[0] == "dense" else f"{'x'.join(map(str, o[0]))}@{o[1]:g}" for o in opts[g:g + s.heads]]
+        multi = len({o[2] for o in result.options[1:]}) > 1
+        desc = ["dense" if o[0] == "dense" else (f"{o[2]}:" if multi else "") + f"{'x'.join(map(str, o[0]))}@{o[1]:g}"
+                for o in opts[g:g + s.heads]]
         lines.append(f"{s.path:34s} {w.mean():8.3f}  " + ", ".join(desc))
         g += s.heads
     return "\n".join(lines)
