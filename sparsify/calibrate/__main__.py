@@ -80,7 +80,10 @@ def resolve_model(spec: str, device, dtype):
     from ..inspect import load_model
     from ..adapters import adapter_for
 
-    model = load_model(spec).to(device=device, dtype=dtype)
+    model = load_model(spec)
+    p = next(model.parameters(), None)
+    if p is not None and (p.device != torch.device(device) or p.dtype != dtype):
+        model = model.to(device=device, dtype=dtype)
     adapter = adapter_for(model)
     if adapter is None:
         raise SystemExit(
