@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="vsa",
                    help="comma-separated selection methods considered per head (vsa, veda, xattention)")
     p.add_argument("--levels", type=_parse_floats, default=None, help="candidate densities, e.g. 0.03,0.05,0.1,0.2")
-    p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds 0..N-1)")
+    p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds SEED..SEED+N-1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input")
     p.add_argument("--steps", type=int, default=2, help="denoising steps sampled per input (timesteps evenly spaced)")
     p.add_argument("--grid", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
                    help="latent token grid TxHxW for adapter-made inputs (not the test-bed)")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         base = make_inputs
         make_inputs = lambda seed, t: base(seed, t, args.grid)  # noqa: E731
     times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
-    schedule = [(seed, t) for seed in range(args.inputs) for t in times]
+    schedule = [(seed, t) for seed in range(args.seed, args.seed + args.inputs) for t in times]
     inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), args.grid)).encode()).hexdigest()[:16]
     print(f"sparsify.calibrate: {desc}; {args.inputs} inputs x {args.steps} steps; budget {args.budget}; device {device}",
           file=sys.stderr)
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
             m(**make_inputs(seed, t))
 
     def output_loop(m):  # one mid-schedule forward for the per-site model-output error
-        m(**make_inputs(0, times[len(times) // 2]))
+        m(**make_inputs(args.seed, times[len(times) // 2]))
 
     if args.dry_run:
         return _dry_run(model, make_inputs, schedule, args, DEFAULT_TILES, DEFAULT_LEVELS)
