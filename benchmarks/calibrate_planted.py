@@ -14,10 +14,9 @@ import numpy as np
 
 from sparsify.api import find_sites
 from sparsify.calibrate import run_calibration
-from sparsify.calibrate.core import _run_outputs, model_output_error
+from sparsify.calibrate.core import _run_outputs, choice_configs, model_output_error
 from sparsify.calibrate.solve import solve_allocation, uniform_allocation
 from sparsify.planted import CANDIDATE_TILES, PLANTED_GRID, build_planted_dit, planted_inputs
-from sparsify.recipe import Budget, HeadConfig
 
 LEVELS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
 
@@ -32,16 +31,7 @@ def main():
     dense = _run_outputs(model, loop)
 
     def measured(choice):
-        configs, g = {}, 0
-        for info in res.sites:
-            heads = []
-            for _ in range(info.heads):
-                o = res.options[int(choice[g])]
-                g += 1
-                heads.append(HeadConfig(method="dense") if o[0] == "dense" else
-                             HeadConfig(method=o[2], tile=o[0], budget=Budget(density=o[1])))
-            configs[info.path] = heads
-        return model_output_error(model, all_infos, adapter, configs, loop, dense)
+        return model_output_error(model, all_infos, adapter, choice_configs(res, choice), loop, dense)
 
     shared = uniform_allocation(res.cost, res.error, 1 / 16, weight=res.weight)
     level = np.array([-1] + [LEVELS.index(o[1]) for o in res.options[1:]])

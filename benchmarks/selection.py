@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from sparsify.kernels.reference import selection_to_block_mask, tiled_sparse_attention
+from sparsify.kernels.reference import tiled_sparse_attention
 from sparsify.layout import Geometry, from_tiles, tile_layout, to_tiles
 from sparsify.methods import budget_counts, get_method
 from sparsify.methods.veda import Veda, fit_veda_estimator

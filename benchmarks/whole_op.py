@@ -30,7 +30,6 @@ def run(shapes, densities, tile, method="vsa"):
 
     from sparsify import runtime
     from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels.reference import tiled_sparse_attention
     from sparsify.layout import Geometry, from_tiles, tile_layout, to_tiles
     from sparsify.methods import get_method
     from sparsify.recipe import Budget, HeadConfig

@@ -10,7 +10,7 @@ from .kernels import op as _op  # noqa: F401  (registers torch.ops.sparsify.*)
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
-from .recipe import Recipe, load_recipe
+from .recipe import load_recipe
 
 SPARSE_KINDS = ("self", "joint")
 

@@ -1,15 +1,13 @@
 """Calibrator acceptance on the planted-geometry model: tile choice and the ILP against uniform allocation."""
 
-import numpy as np
 import pytest
 import torch
 
 from sparsify.api import find_sites
 from sparsify.calibrate import run_calibration
-from sparsify.calibrate.core import _run_outputs, model_output_error
+from sparsify.calibrate.core import _run_outputs, choice_configs, model_output_error
 from sparsify.calibrate.solve import solve_allocation, uniform_allocation
 from sparsify.planted import CANDIDATE_TILES, PLANTED_GRID, REFERENCE_DENSITY, build_planted_dit, planted_inputs
-from sparsify.recipe import Budget, HeadConfig
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +47,7 @@ def test_ilp_beats_uniform_at_equal_density_on_measured_output_error(planted):
     dense = _run_outputs(model, loop)
 
     def measured(choice):
-        configs, g = {}, 0
-        for info in res.sites:
-            heads = []
-            for _ in range(info.heads):
-                opt = res.options[int(choice[g])]
-                g += 1
-                heads.append(HeadConfig(method="dense") if opt[0] == "dense" else
-                             HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
-            configs[info.path] = heads
-        return model_output_error(model, all_infos, adapter, configs, loop, dense)
+        return model_output_error(model, all_infos, adapter, choice_configs(res, choice), loop, dense)
 
     uniform = uniform_allocation(res.cost, res.error, 1 / 16, weight=res.weight)
     ilp = solve_allocation(res.cost, res.error, uniform.density, weight=res.weight)

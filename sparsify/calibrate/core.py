@@ -132,6 +132,20 @@ def model_output_error(model, all_infos, adapter, configs: dict, output_loop, de
     return err / max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
 
 
+def choice_configs(result: "CalibrationResult", choice) -> dict:
+    """Per-site head configs `{path: [HeadConfig]}` of an option choice (e.g. a solver's `Allocation.choice`)."""
+    configs, g = {}, 0
+    for info in result.sites:
+        heads = []
+        for _ in range(info.heads):
+            opt = result.options[int(choice[g])]
+            g += 1
+            heads.append(HeadConfig(method="dense") if opt[0] == "dense" else
+                         HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
+        configs[info.path] = heads
+    return configs
+
+
 def _output_scales(model, all_infos, infos, adapter, results, cands, levels, output_loop, ref_density, progress):
     """HASTE's model-output error, per site: scale each site's attention-error surrogate to it.
 

@@ -11,7 +11,7 @@ from torch import fx
 
 from .. import runtime
 from ..runtime import STATE
-from .patterns import find_attention
+from .patterns import find_attention, materialize_scale
 
 _ORIG_SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -122,7 +122,7 @@ def _manual_forward(module: torch.nn.Module, path: str):
     gm.register_buffer("_sparsify_site", torch.zeros(1, dtype=torch.int64), persistent=False)  # the code reads self's
     with g.inserting_before(m.node):
         site = g.get_attr("_sparsify_site")
-        scale = _materialize_scale(g, m.scale, m.q)
+        scale = materialize_scale(g, m.scale)
         new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale))
     m.node.replace_all_uses_with(new)
     g.eliminate_dead_code()
@@ -130,18 +130,6 @@ def _manual_forward(module: torch.nn.Module, path: str):
     fn = type(gm).forward  # generated code reads submodules and attributes from `self`
     _MANUAL_FORWARDS[cls] = fn
     return fn
-
-
-def _materialize_scale(g: fx.Graph, scale, q_node):
-    import operator
-
-    if scale is None:
-        return None
-    if isinstance(scale, (int, float)):
-        return float(scale)
-    op, a, b = scale
-    a, b = _materialize_scale(g, a, q_node), _materialize_scale(g, b, q_node)
-    return g.call_function(operator.mul if op == "mul" else operator.truediv, (a, b))
 
 
 @dataclass

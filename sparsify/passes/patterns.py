@@ -196,10 +196,12 @@ def find_attention(graph: fx.Graph) -> list[AttentionMatch]:
     return found
 
 
-def scale_value(scale):
-    """Evaluate a scale built by `_mul`/`_div` from runtime values (floats or node results)."""
-    if isinstance(scale, tuple):
-        op, a, b = scale
-        a, b = scale_value(a), scale_value(b)
-        return a * b if op == "mul" else a / b
-    return scale
+def materialize_scale(graph: fx.Graph, scale):
+    """The scale of a match as an op argument: a float, a Node, or new mul/div nodes inserted in `graph`."""
+    if scale is None or isinstance(scale, fx.Node):
+        return scale
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    op, a, b = scale
+    a, b = materialize_scale(graph, a), materialize_scale(graph, b)
+    return graph.call_function(operator.mul if op == "mul" else operator.truediv, (a, b))

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import operator
 
 import torch
 from torch import fx
 
-from .patterns import find_attention
+from .patterns import find_attention, materialize_scale
 
 # id(module) -> site id, for modules installed in graph mode
 GRAPH_SITES: dict[int, int] = {}
@@ -34,13 +33,6 @@ def _site_of(node: fx.Node) -> int | None:
         if mid in GRAPH_SITES:
             return GRAPH_SITES[mid]
     return None
-
-
-def _scale_arg(g: fx.Graph, scale):
-    if scale is None or isinstance(scale, (int, float, fx.Node)):
-        return float(scale) if isinstance(scale, int) else scale
-    op, a, b = scale
-    return g.call_function(operator.mul if op == "mul" else operator.truediv, (_scale_arg(g, a), _scale_arg(g, b)))
 
 
 def rewrite_graph(graph: fx.Graph) -> int:
@@ -62,7 +54,7 @@ def rewrite_graph(graph: fx.Graph) -> int:
         with graph.inserting_before(m.node):
             site = graph.call_function(torch.full, ((1,), sid), {"dtype": torch.int64})
             new = graph.call_function(torch.ops.sparsify.sparse_attention.default,
-                                      (m.q, m.k, m.v, site, [], _scale_arg(graph, m.scale), m.attn_mask))
+                                      (m.q, m.k, m.v, site, [], materialize_scale(graph, m.scale), m.attn_mask))
         new.meta.update({k: v for k, v in m.node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         m.node.replace_all_uses_with(new)
         n += 1
