@@ -142,6 +142,20 @@ class ModelSignature:
 
 
 @dataclass(frozen=True)
+class MaskReuse:
+    """Temporal mask reuse (HASTE): reuse a head group's cached selection while the drift of its pooled
+    q and k since the cached step stays under `threshold`, for at most `max_age` steps.
+
+    Example:
+        >>> MaskReuse(threshold=0.02, max_age=3)
+        MaskReuse(threshold=0.02, max_age=3)
+    """
+
+    threshold: float = 0.02
+    max_age: int = 3
+
+
+@dataclass(frozen=True)
 class Defaults:
     """Configuration applied to every enabled site unless a rule or explicit entry overrides it."""
 
@@ -150,6 +164,7 @@ class Defaults:
     budget: Budget = Budget(density=0.1)
     dense_steps: int = 0
     dense_layers: tuple[int, ...] = ()
+    mask_reuse: MaskReuse | None = None
 
 
 @dataclass(frozen=True)
@@ -294,6 +309,8 @@ class Recipe:
             out["model"] = {"class": self.model.cls, "sites": [s.to_dict() for s in self.model.sites]}
         out["defaults"] = {"method": d.method, "tile": list(d.tile), "budget": d.budget.to_dict(),
                            "dense_steps": d.dense_steps, "dense_layers": list(d.dense_layers)}
+        if d.mask_reuse is not None:
+            out["defaults"]["mask_reuse"] = {"threshold": d.mask_reuse.threshold, "max_age": d.mask_reuse.max_age}
         if self.rules:
             out["rules"] = [_rule_dict(r) for r in self.rules]
         if self.sites:
@@ -467,13 +484,22 @@ def _parse(data: Any, source: str | None) -> Recipe:
 
     defaults = Defaults()
     if "defaults" in data:
-        dd = _expect_map(data["defaults"], "defaults", {"method", "tile", "budget", "dense_steps", "dense_layers"})
+        dd = _expect_map(data["defaults"], "defaults",
+                         {"method", "tile", "budget", "dense_steps", "dense_layers", "mask_reuse"})
         budget = defaults.budget
         if "budget" in dd:
             _expect_map(dd["budget"], "defaults.budget", _BUDGET_KEYS)
             budget = _budget_from(dd["budget"], "defaults.budget")
             if budget is None:
                 _fail("defaults.budget", "give 'density' or 'top_p'")
+        reuse = None
+        if "mask_reuse" in dd:
+            mr = _expect_map(dd["mask_reuse"], "defaults.mask_reuse", {"threshold", "max_age"})
+            thr = mr.get("threshold", MaskReuse.threshold)
+            if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 2.0:
+                _fail("defaults.mask_reuse.threshold", f"must be a drift in [0, 2] (cosine distance); got {thr!r}")
+            reuse = MaskReuse(threshold=float(thr),
+                              max_age=_int(mr.get("max_age", MaskReuse.max_age), "defaults.mask_reuse.max_age", 1))
         layers = dd.get("dense_layers", [])
         if not isinstance(layers, list):
             _fail("defaults.dense_layers", f"must be a list of site indices; got {layers!r}")
@@ -483,6 +509,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
             budget=budget,
             dense_steps=_int(dd.get("dense_steps", 0), "defaults.dense_steps", 0),
             dense_layers=tuple(_int(x, f"defaults.dense_layers[{i}]", 0) for i, x in enumerate(layers)),
+            mask_reuse=reuse,
         )
 
     rules = []

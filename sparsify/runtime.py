@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry, tile_layout
 from .methods import get_method
-from .recipe import HeadConfig
+from .recipe import HeadConfig, MaskReuse
 
 _dense_sdpa = torch._C._nn.scaled_dot_product_attention  # the op's dense path: never the patched F.*
 
@@ -27,6 +27,14 @@ class SiteState:
     configs: list[HeadConfig]
     index: int = 0
     calls: int = 0
+    dense_steps: int = 0  # first denoising steps of each generation run dense
+    mask_reuse: MaskReuse | None = None
+    selections: int = 0  # selections computed
+    reused: int = 0  # selections reused from an earlier step (temporal mask reuse)
+    cache: dict = field(default_factory=dict)
+    step_seen: int = -1
+    gen_seen: int = -1
+    calls_in_step: int = 0  # calls of this site at the current step (CFG as two calls: 0 and 1)
     work: float = 0.0  # attention FLOPs actually computed (padding included), in units of one dense call
     dense_work: float = 0.0  # attention FLOPs the same calls would take dense
 
@@ -46,12 +54,47 @@ class SiteState:
             warnings.warn(f"sparsify: site '{self.path}': {message}", stacklevel=3)
 
 
+class StepTracker:
+    """Turns the timesteps seen by attention calls into a denoising-step index per generation.
+
+    A new generation starts when the timestep rises (samplers count down) or the grid changes; calls
+    at an unchanged timestep (several sites, or classifier-free guidance as two calls) share a step.
+
+    Example:
+        >>> t = StepTracker()
+        >>> [t.observe(x, (1, 2, 2)) for x in (999, 999, 800, 600, 999)]
+        [0, 0, 1, 2, 0]
+        >>> t.generation
+        2
+    """
+
+    def __init__(self):
+        self.last: float | None = None
+        self.grid = None
+        self.step = 0
+        self.generation = 0
+
+    def observe(self, timestep: float, grid) -> int:
+        if self.last is None or grid != self.grid or timestep > self.last + 1e-6:
+            self.generation += 1
+            self.step = 0
+        elif timestep < self.last - 1e-6:
+            self.step += 1
+        self.last, self.grid = timestep, grid
+        return self.step
+
+    def reset(self) -> None:
+        self.last = None
+
+
 class _State:
     """Process-wide runtime state (one per process; sites of several models may coexist)."""
 
     def __init__(self):
         self.sites: dict[int, SiteState] = {}
         self.geometry: Geometry | None = None
+        self.timestep = None  # the current forward's timestep tensor (set by the geometry hook)
+        self.steps = StepTracker()
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
         self._ids = itertools.count(1)
@@ -61,6 +104,13 @@ class _State:
 
 
 STATE = _State()
+
+
+def new_generation() -> None:
+    """Start a new generation explicitly: the next call is step 0 and cached selections are dropped."""
+    STATE.steps.reset()
+    for st in STATE.sites.values():
+        st.cache.clear()
 
 
 def set_geometry(geometry: Geometry | None) -> None:
@@ -179,8 +229,42 @@ def key_padding_mask(attn_mask, B: int, S: int):
     return m.expand(B, S)
 
 
-def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None) -> torch.Tensor:
-    """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group."""
+def _drift(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Cosine distance between pooled tile statistics, averaged over batch, heads and tiles."""
+    return float(1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+
+
+def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
+    """The group's selection: computed, or reused from an earlier step while q and k barely drifted."""
+    P = ts.n_video_slots
+    budgets = [st.configs[h].budget for h in heads]
+    reuse = st.mask_reuse if step is not None else None
+    if reuse is None:
+        st.selections += 1
+        return get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+    from .layout import pool_tiles
+
+    pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
+    ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
+    hit = st.cache.get(ckey)
+    if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age
+            and max(_drift(pq, hit["q"]), _drift(pk, hit["k"])) <= reuse.threshold):
+        hit["age"] += 1
+        st.reused += 1
+        return hit["idx"], hit["cnt"]
+    idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+    st.selections += 1
+    st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen}
+    return idx, cnt
+
+
+def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None, timestep=None) -> torch.Tensor:
+    """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group.
+
+    With a `timestep`, the denoising step is tracked: the first `dense_steps` steps of a generation run
+    dense, and with `mask_reuse` a head group's selection is reused across steps while its pooled q and
+    k drift less than the threshold.
+    """
     from .kernels.reference import tile_sequence, tiled_sparse_attention
 
     st = _site(site)
@@ -219,6 +303,15 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         STATE.observer(st, q, k, v, geom, scale, key_mask)
         if st.is_dense:
             return dense()
+    step = None
+    if timestep is not None:
+        step = STATE.steps.observe(float(timestep.reshape(-1)[0]), geom.grid)
+        if (st.step_seen, st.gen_seen) != (step, STATE.steps.generation):
+            st.step_seen, st.gen_seen, st.calls_in_step = step, STATE.steps.generation, 0
+        else:
+            st.calls_in_step += 1
+        if step < st.dense_steps:
+            return dense()
     st.dense_work += B * H
     groups: dict[tuple, list[int]] = {}
     for h, c in enumerate(st.configs):
@@ -236,9 +329,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             method, tile = key
             lay = tile_layout(geom.grid, tile, q.device)
             ts = tile_sequence(qh, kh, vh, geom, lay)
-            P = ts.n_video_slots
-            idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay,
-                                                 [st.configs[h].budget for h in heads])
+            idx, cnt = _select(st, method, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
             oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                         block_fn=block_fn, tiled=ts)
             st.work += float(sparse_work(geom, lay, cnt, S))

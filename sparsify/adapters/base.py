@@ -25,10 +25,19 @@ class Adapter:
     """
 
     name = "base"
+    timestep_pos: int | None = None  # position of `timestep` in the top-level forward, if positional
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
         return False
+
+    def timestep(self, model, args, kwargs):
+        """The denoising timestep of this forward call (a tensor or number), or None if unknown."""
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        if self.timestep_pos is not None and len(args) > self.timestep_pos:
+            return args[self.timestep_pos]
+        return None
 
     def geometry(self, model, args, kwargs) -> Geometry:
         raise NotImplementedError
@@ -44,6 +53,8 @@ class GridAdapter(Adapter):
     Args:
         grid: the token grid, or a callable returning it from the top-level forward's arguments.
         video_start: index of the first video token in each attention sequence (text before it).
+        timestep: optional callable `timestep(args, kwargs)` returning the denoising timestep; by default
+            the `timestep` keyword argument, if any.
 
     Example:
         >>> GridAdapter((4, 8, 8)).geometry(None, (), {}).video_len
@@ -52,8 +63,11 @@ class GridAdapter(Adapter):
 
     name = "grid"
 
-    def __init__(self, grid: tuple[int, int, int] | Callable, video_start: int = 0):
-        self.grid, self.video_start = grid, video_start
+    def __init__(self, grid: tuple[int, int, int] | Callable, video_start: int = 0, timestep: Callable | None = None):
+        self.grid, self.video_start, self._timestep = grid, video_start, timestep
+
+    def timestep(self, model, args, kwargs):
+        return self._timestep(args, kwargs) if self._timestep is not None else kwargs.get("timestep")
 
     def geometry(self, model, args, kwargs) -> Geometry:
         g = self.grid(args, kwargs) if callable(self.grid) else self.grid

@@ -10,6 +10,7 @@ from .base import Adapter, _arg, _param, register_adapter
 
 @register_adapter
 class CogVideoXAdapter(Adapter):
+    timestep_pos = 2
     name = "cogvideox"
 
     @classmethod

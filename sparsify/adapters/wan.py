@@ -10,6 +10,7 @@ from .base import Adapter, _arg, _param, register_adapter
 
 @register_adapter
 class WanAdapter(Adapter):
+    timestep_pos = 1
     name = "wan"
 
     @classmethod

@@ -16,6 +16,7 @@ def sparse_attention(
     geometry: list[int],
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
+    timestep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse attention of one installed site.
 
@@ -25,6 +26,8 @@ def sparse_attention(
             graph shared by several blocks still reaches each block's configuration).
         geometry: `[T, H, W, video_start]` of the call, or `[]` when unknown.
         scale: softmax scale (default `1/sqrt(D)`).
+        timestep: the forward's denoising timestep (any shape; the first element is used), which drives
+            the step policy (dense first steps, mask reuse); None disables it.
         attn_mask: optional SDPA mask; a key-padding mask (bool, or 0/-inf float, shaped `[B, S]` or
             `[B, 1, 1, S]`) is honoured by the sparse path, any other mask makes the call dense.
 
@@ -35,11 +38,11 @@ def sparse_attention(
         >>> # installed by sparsify(); called as
         >>> # torch.ops.sparsify.sparse_attention(q, k, v, module._sparsify_site, [T, H, W, 0])
     """
-    return runtime.run_site(q, k, v, site, geometry, scale, attn_mask)
+    return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, site, geometry, scale=None, attn_mask=None):
+def _(q, k, v, site, geometry, scale=None, attn_mask=None, timestep=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -65,6 +68,7 @@ def sparse_attention_backward(
     """Gradients of `sparse_attention` by recomputing its reference path under autograd.
 
     The selection is recomputed from the same q and k (it is deterministic) and treated as constant.
+    The step policy (dense first steps, mask reuse) is inference-only: the recomputation does not use it.
     """
     with torch.enable_grad(), _autograd_dispatch():
         qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
@@ -80,7 +84,7 @@ def _(grad, q, k, v, site, geometry, scale=None, attn_mask=None):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, site, geometry, scale, attn_mask = inputs
+    q, k, v, site, geometry, scale, attn_mask, timestep = inputs
     ctx.save_for_backward(q, k, v, site, attn_mask)
     ctx.geometry, ctx.scale = geometry, scale
 
@@ -88,7 +92,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     q, k, v, site, attn_mask = ctx.saved_tensors
     dq, dk, dv = torch.ops.sparsify.sparse_attention_backward(grad, q, k, v, site, ctx.geometry, ctx.scale, attn_mask)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -24,7 +24,7 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     stack = STATE.stack
     if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() == 4:
         geom = list(STATE.geometry) if STATE.geometry is not None else []
-        return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], geom, scale, attn_mask)
+        return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], geom, scale, attn_mask, STATE.timestep)
     if enable_gqa:
         return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
@@ -33,7 +33,7 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 def manual_site_attention(q, k, v, site, scale):
     """Replacement for a hand-written `softmax(q @ kᵀ * scale) @ v` at an installed site."""
     geom = list(STATE.geometry) if STATE.geometry is not None else []
-    return torch.ops.sparsify.sparse_attention(q, k, v, site, geom, float(scale), None)
+    return torch.ops.sparsify.sparse_attention(q, k, v, site, geom, float(scale), None, STATE.timestep)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +195,8 @@ def install(model, infos, states, recipe, adapter, import_modules, mode: str = "
             def geometry_hook(mod, args, kwargs, _adapter=adapter):
                 g = _adapter.geometry(mod, args, kwargs)
                 STATE.geometry = (g.grid[0], g.grid[1], g.grid[2], g.video_start)
+                t = _adapter.timestep(mod, args, kwargs)
+                STATE.timestep = t if (t is None or isinstance(t, torch.Tensor)) else torch.tensor([float(t)])
 
             if mode == "graph":  # run eagerly, before the compiled graph that reads it
                 geometry_hook = torch._dynamo.disable(geometry_hook)
