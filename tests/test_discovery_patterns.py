@@ -92,3 +92,16 @@ def test_vsa_coarse_branch_matches_direct_computation():
     torch.testing.assert_close(out.view(1, 2, 3, 64, 8)[:, :, :, 0], expect)
     assert torch.equal(out.view(1, 2, 3, 64, 8)[:, :, :, 5], out.view(1, 2, 3, 64, 8)[:, :, :, 0])
     torch.testing.assert_close(pool_tiles(vt, lay), vm)
+
+
+def test_repeated_discovery_does_not_exhaust_dynamo_cache():
+    """Every capture leaves no compiled entries behind: the 12th sparsify() of a model still finds its sites
+    (without the cleanup, Dynamo's recompile limit of 8 made discovery silently capture nothing)."""
+    import dits
+
+    m = dits.tiny_wan()
+    recipe = {"version": 1, "defaults": {"budget": {"density": 0.5}, "tile": [1, 4, 16]}}
+    for _ in range(12):
+        sparsify(m, recipe)
+        unsparsify(m)
+    assert len(find_sites(m)[0]) == 4

@@ -90,18 +90,57 @@ def classify(q_len: int, kv_len: int, video_len: int | None) -> str:
     return "self"
 
 
+_CAPTURE_CODES: list = []  # code objects whose Dynamo cache entries discovery created (weak references)
+
+
+def _drop_capture_cache_entries(seen_before: set) -> None:
+    """Remove the cache entries a capture left on code objects, so that repeated captures neither hit
+    Dynamo's recompile limit (after which nothing is captured) nor linger beside the user's graphs.
+
+    Codes first compiled by a capture are remembered and cleared after every later capture too. This
+    also drops other compiled entries on those codes (they recompile on their next call).
+    """
+    import weakref
+
+    try:
+        from torch._dynamo import convert_frame
+        from torch._dynamo import reset_code
+    except ImportError:  # pragma: no cover - older torch
+        return
+    for ref in list(convert_frame.input_codes.seen):
+        code = ref()
+        if code is not None and id(code) not in seen_before and not any(r() is code for r in _CAPTURE_CODES):
+            _CAPTURE_CODES.append(weakref.ref(code))
+    for ref in _CAPTURE_CODES:
+        code = ref()
+        if code is not None:
+            reset_code(code)
+
+
 def capture_graphs(model: torch.nn.Module, example_inputs) -> list[fx.GraphModule]:
-    """Run `model` once under Dynamo with a recording backend and return every captured graph."""
+    """Run `model` once under Dynamo with a recording backend and return every captured graph.
+
+    The capture's own compiled entries are dropped afterwards (see `_drop_capture_cache_entries`).
+    """
     graphs: list[fx.GraphModule] = []
 
     def record(gm, inputs, **kwargs):
         graphs.append(gm)
         return gm.forward
 
+    try:
+        from torch._dynamo import convert_frame
+
+        seen_before = {id(r()) for r in convert_frame.input_codes.seen if r() is not None}
+    except ImportError:  # pragma: no cover
+        seen_before = set()
     args, kwargs = _split_inputs(example_inputs)
     compiled = torch.compile(model, backend=record, dynamic=False)
-    with torch.no_grad():
-        compiled(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    finally:
+        _drop_capture_cache_entries(seen_before)
     return graphs
 
 
