@@ -116,3 +116,17 @@ def test_reused_selection_is_the_cached_one(monkeypatch):
     sparsify(m, recipe())
     torch.testing.assert_close(_call(m, kw, 800), reused, atol=1e-6, rtol=0)
     unsparsify(m)
+
+
+def test_dense_first_steps_under_regional_compile():
+    m, kw = _wan(None)
+    dense = [_call(m, kw, t) for t in (900, 800)]
+    sparsify(m, recipe(dense_steps=1))
+    eager = [_call(m, kw, t) for t in (900, 800)]
+    runtime.new_generation()
+    m.compile_repeated_blocks(fullgraph=True)
+    out = [_call(m, kw, t) for t in (900, 800)]
+    torch.testing.assert_close(out[0], dense[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[1], eager[1], atol=1e-5, rtol=0)
+    assert (out[1] - dense[1]).abs().max() > 1e-3
+    unsparsify(m)
