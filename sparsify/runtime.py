@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .layout import Geometry, tile_layout
+from .layout import Geometry, pool_tiles, tile_layout
 from .methods import get_method
 from .recipe import HeadConfig, MaskReuse
 
@@ -242,8 +242,6 @@ def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
     if reuse is None:
         st.selections += 1
         return get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
-    from .layout import pool_tiles
-
     pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
     hit = st.cache.get(ckey)
