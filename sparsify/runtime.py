@@ -92,7 +92,7 @@ class _State:
 
     def __init__(self):
         self.sites: dict[int, SiteState] = {}
-        self.geometry: Geometry | None = None
+        self.geometry: tuple[int, int, int, int] | None = None  # (T, H, W, video_start) of the current forward
         self.timestep = None  # the current forward's timestep tensor (set by the geometry hook)
         self.steps = StepTracker()
         self.stack: list = []  # site tensors of the attention modules being executed
@@ -113,16 +113,9 @@ def new_generation() -> None:
         st.cache.clear()
 
 
-def set_geometry(geometry: Geometry | None) -> None:
-    """Set the token geometry seen by the following attention calls (adapters call this per forward)."""
-    STATE.geometry = geometry
-
-
-def geometry_args(geometry: Geometry | None) -> list[int]:
-    """Pack a Geometry into the op's int-list argument (empty when unknown)."""
-    if geometry is None:
-        return []
-    return [int(geometry.grid[0]), int(geometry.grid[1]), int(geometry.grid[2]), int(geometry.video_start)]
+def current_geometry() -> list[int]:
+    """The op's geometry argument for the current forward: `[T, H, W, video_start]`, or `[]` if unknown."""
+    return list(STATE.geometry) if STATE.geometry is not None else []
 
 
 def _unpack_geometry(geom: list[int]) -> Geometry | None:
@@ -291,7 +284,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask")
     geom = _unpack_geometry(geometry)
     if geom is None and STATE.geometry is not None:  # graph mode: geometry hook ran outside the graph
-        geom = _unpack_geometry(list(STATE.geometry))
+        geom = _unpack_geometry(current_geometry())
     if geom is None:
         raise RuntimeError(
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "

@@ -23,8 +23,8 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     """
     stack = STATE.stack
     if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() == 4:
-        geom = list(STATE.geometry) if STATE.geometry is not None else []
-        return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], geom, scale, attn_mask, STATE.timestep)
+        return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], runtime.current_geometry(), scale,
+                                                   attn_mask, STATE.timestep)
     if enable_gqa:
         return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
@@ -32,8 +32,8 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
 
 def manual_site_attention(q, k, v, site, scale):
     """Replacement for a hand-written `softmax(q @ kᵀ * scale) @ v` at an installed site."""
-    geom = list(STATE.geometry) if STATE.geometry is not None else []
-    return torch.ops.sparsify.sparse_attention(q, k, v, site, geom, float(scale), None, STATE.timestep)
+    return torch.ops.sparsify.sparse_attention(q, k, v, site, runtime.current_geometry(), float(scale), None,
+                                               STATE.timestep)
 
 
 # ----------------------------------------------------------------------------------------------
