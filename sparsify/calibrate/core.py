@@ -90,8 +90,7 @@ def _problem(infos, results, cands, levels):
     for si, info in enumerate(infos):
         m = results[info.path]
         rel = m.relative_error().numpy()  # [H, T, L]
-        e_head = m.energy.mean(1).numpy()
-        share = e_head / max(e_head.sum(), 1e-30)  # head's share of the site's attention-output energy
+        share = m.head_share().numpy()
         for h in range(info.heads):
             costs.append(np.concatenate([[1.0], m.cost.numpy().reshape(-1)]))
             errors.append(np.concatenate([[0.0], (rel[h] * share[h]).reshape(-1)]))
@@ -158,8 +157,7 @@ def _output_scales(model, all_infos, infos, adapter, results, cands, levels, out
     alphas, measured = [], []
     for info in infos:
         rel = results[info.path].relative_error()
-        share = results[info.path].energy.mean(1)
-        share = share / share.sum().clamp_min(1e-30)
+        share = results[info.path].head_share()
         best = rel[:, :, li].argmin(1)
         configs = [HeadConfig(method=cands[int(best[h])][0], tile=tuple(cands[int(best[h])][1]),
                               budget=Budget(density=levels[li])) for h in range(info.heads)]
@@ -170,7 +168,6 @@ def _output_scales(model, all_infos, infos, adapter, results, cands, levels, out
         if progress is not None:
             progress.update(f"output error {info.path}")
     return np.array(alphas), np.array(measured), levels[li], dense
-
 
 
 def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance):

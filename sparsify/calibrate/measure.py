@@ -40,6 +40,11 @@ class SiteMeasurement:
         """`[H, n_candidates, n_levels]`: relative squared error of each head's attention output."""
         return self.sq_err / self.energy.clamp_min(1e-30)[..., None]
 
+    def head_share(self) -> torch.Tensor:
+        """`[H]`: each head's share of the site's dense attention-output energy (sums to 1)."""
+        e = self.energy.mean(1)
+        return e / e.sum().clamp_min(1e-30)
+
     def add(self, other: "SiteMeasurement") -> None:
         self.sq_err += other.sq_err
         self.energy += other.energy
