@@ -318,12 +318,23 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             st.work += B * len(heads)
         else:
             method, tile = key
-            lay = tile_layout(geom.grid, tile, q.device)
-            ts = tile_sequence(qh, kh, vh, geom, lay)
-            idx, cnt = _select(st, method, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
-            oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
-                                        block_fn=block_fn, tiled=ts)
-            st.work += float(sparse_work(geom, lay, cnt, S))
+            impl = get_method(method)
+            if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
+                gkey = ("attend", key, tuple(heads), geom.grid, B, st.calls_in_step)
+                cache = st.cache.get(gkey)
+                if cache is None or cache.get("_generation") != STATE.steps.generation:
+                    cache = st.cache[gkey] = {"_generation": STATE.steps.generation}
+                oh, work = impl.attend(qh, kh, vh, geom, [st.configs[h].budget for h in heads], scale=scale,
+                                       key_mask=key_mask, cache=cache, block_fn=block_fn)
+                st.selections += 1
+                st.work += float(work)
+            else:
+                lay = tile_layout(geom.grid, tile, q.device)
+                ts = tile_sequence(qh, kh, vh, geom, lay)
+                idx, cnt = _select(st, method, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
+                                            block_fn=block_fn, tiled=ts)
+                st.work += float(sparse_work(geom, lay, cnt, S))
         if whole:
             return oh.to(q.dtype).contiguous()
         if out is None:
