@@ -1,0 +1,299 @@
+"""End-to-end benchmark: dense (SDPA cuDNN) against sparsified diffusers Wan models, in one run.
+
+    python -m benchmarks.e2e [--frames 81,161] [--blocks 2] [--densities 0.1,0.05] [--tile 4x4x4]
+                             [--compile] [--pipeline-steps 4] [--out FILE]
+    python -m benchmarks.e2e --tiny        # CPU smoke run of every code path at toy sizes
+
+Part 1, per forward: the diffusers `WanTransformer3DModel` with the Wan2.1-14B config (random bf16 weights)
+cut to `--blocks` blocks, at 720p (81 frames: 75,600 tokens; 161 frames: 147,600). For each density it
+reports the forward time, the time of one block (timed alone on inputs captured from the forward), the
+dense self-attention time (cuDNN, timed alone at the same shape), the attention share before and after,
+peak memory, and the Amdahl ceiling measured in the same run:
+`dense ÷ (non-attention + density × attention)`, with non-attention = dense − blocks × attention.
+The 40-block figure extends the measured forward as `other + 40 × block`, with `other` = forward −
+blocks × block (patch embedding, condition embedders, head).
+
+Part 2, per generation: `WanPipeline` with the Wan2.1-1.3B config (random bf16 weights) at 480p, 81 frames,
+`--pipeline-steps` sampling steps with classifier-free guidance (two transformer calls per step). The text
+encoder is excluded (random prompt embeddings are passed in) and so is the VAE (`output_type="latent"`).
+
+Prints one table and writes benchmarks/results/e2e_<date>.json (GPU, versions, command, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.wan_shapes import WAN_1_3B, WAN_14B, _build
+
+TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=64, text_dim=32, freq_dim=32, ffn_dim=64,
+            num_layers=2, in_channels=4, out_channels=4, rope_max_seq_len=64)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, make_args, device, reps: int, warmup: int = 1) -> float:
+    """Median wall time (ms) of `fn(*make_args())` over `reps` calls after `warmup`, fresh inputs each call."""
+    for _ in range(warmup):
+        fn(*make_args())
+    times = []
+    for _ in range(reps):
+        args = make_args()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _cudnn(device):
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            yield
+    else:
+        yield
+
+
+def _peak(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def _recipe(density: float, tile, **defaults) -> dict:
+    return {"version": 1, "defaults": {"method": "vsa", "tile": list(tile), "budget": {"density": density}, **defaults}}
+
+
+def _block_inputs(model, inputs):
+    """Positional and keyword arguments of `model.blocks[0]` during one forward."""
+    seen = {}
+
+    def hook(mod, args, kwargs):
+        seen["args"], seen["kwargs"] = args, kwargs
+
+    h = model.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        h.remove()
+    return seen["args"], seen["kwargs"]
+
+
+def per_forward(cfg, grid, n_blocks, densities, tile, device, dtype, reps, compile_model=False, tiny=False):
+    """Part 1: one transformer at one grid; dense and each density, measured in the same run."""
+    from sparsify import installed_sites, sparsify, unsparsify
+
+    model = _build(cfg, num_layers=n_blocks, device=device).to(dtype)  # bf16 already on the GPU; fp32 for --tiny
+    T, H, W = grid
+    p = cfg["patch_size"]
+    H_heads, D = cfg["num_attention_heads"], cfg["attention_head_dim"]
+    S = T * H * W
+    text_len = 8 if tiny else 512
+
+    def make_inputs():
+        return dict(hidden_states=torch.randn(1, cfg["in_channels"], T * p[0], H * p[1], W * p[2], device=device, dtype=dtype),
+                    timestep=torch.tensor([500.0], device=device),
+                    encoder_hidden_states=torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype),
+                    return_dict=False)
+
+    def fwd(inputs):
+        with torch.inference_mode(), _cudnn(device):
+            return model(**inputs)
+
+    def attn(q, k, v):
+        with _cudnn(device):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def qkv():
+        return tuple(torch.randn(1, H_heads, S, D, device=device, dtype=dtype) for _ in range(3))
+
+    t_attn = timed(attn, qkv, device, reps=max(reps, 5))
+    rows = []
+
+    def measure(label, density, run_model):
+        t_fwd = timed(fwd, lambda: (make_inputs(),), device, reps)
+        with torch.inference_mode(), _cudnn(device):
+            bargs, bkw = _block_inputs(run_model, make_inputs())
+
+            def block(*_):
+                return run_model.blocks[0](*bargs, **bkw)
+
+            t_block = timed(block, tuple, device, reps)
+        peak = _peak(lambda: fwd(make_inputs()), device)
+        sites = installed_sites(model)
+        achieved = (sum(s.work for s in sites) / sum(s.dense_work for s in sites)) if sites else 1.0
+        rows.append(dict(label=label, density=density, achieved_density=achieved, forward_ms=t_fwd,
+                         block_ms=t_block, peak_gib=peak))
+
+    measure("dense (cuDNN)", 1.0, model)
+    for d in densities:
+        sparsify(model, _recipe(d, tile))
+        measure(f"vsa {d:g}", d, model)
+        if compile_model:
+            model.compile_repeated_blocks(fullgraph=True)  # compiles each block in place (nn.Module.compile)
+            t0 = time.perf_counter()
+            fwd(make_inputs())
+            print(f"compile_repeated_blocks: first forward {time.perf_counter() - t0:.1f} s", flush=True)
+            measure(f"vsa {d:g} compiled", d, model)
+            for blk in model.blocks:  # undo nn.Module.compile before unsparsify restores the forwards
+                blk._compiled_call_impl = None
+            torch._dynamo.reset()
+        unsparsify(model)
+    dense = rows[0]
+    non_attn = dense["forward_ms"] - n_blocks * t_attn
+    other = dense["forward_ms"] - n_blocks * dense["block_ms"]
+    for r in rows:
+        r["attention_dense_ms"] = t_attn
+        r["ceiling"] = dense["forward_ms"] / (non_attn + r["density"] * n_blocks * t_attn)
+        r["speedup"] = dense["forward_ms"] / r["forward_ms"]
+        r["of_ceiling"] = r["speedup"] / r["ceiling"]
+        r["block_speedup"] = dense["block_ms"] / r["block_ms"]
+        # attention time inside a block: the block minus its non-attention part (the dense block minus dense attention)
+        r["attention_share"] = 1.0 - (dense["block_ms"] - t_attn) / r["block_ms"]
+        full_other = dense["forward_ms"] - n_blocks * dense["block_ms"]
+        r["speedup_40_blocks"] = (full_other + 40 * dense["block_ms"]) / (other + 40 * r["block_ms"])
+        r["ceiling_40_blocks"] = (full_other + 40 * dense["block_ms"]) / (
+            full_other + 40 * (dense["block_ms"] - t_attn + r["density"] * t_attn))
+    del model
+    return dict(tokens=S, grid=list(grid), blocks=n_blocks, rows=rows)
+
+
+def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False):
+    """Part 2: a WanPipeline generation (latents out, prompt embeddings in), dense and sparsified."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from sparsify import installed_sites, sparsify, unsparsify
+
+    model = _build(cfg, device=device).to(dtype)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
+    pipe.set_progress_bar_config(disable=True)
+    T, H, W = grid
+    p = cfg["patch_size"]
+    text_len = 8 if tiny else 512
+    frames, height, width = (T - 1) * 4 + 1, H * p[1] * 8, W * p[2] * 8
+
+    def generate():
+        emb = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
+        with torch.inference_mode(), _cudnn(device):
+            return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.randn_like(emb), height=height, width=width,
+                        num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
+                        generator=torch.Generator(device).manual_seed(0)).frames
+
+    rows = []
+    variants = [("dense (cuDNN)", None, {})] + [(f"vsa {d:g}", d, {}) for d in densities]
+    if densities:
+        d = min(densities)
+        variants.append((f"vsa {d:g} + mask reuse", d, {"mask_reuse": {"threshold": 0.05, "max_age": 4}}))
+    for label, d, extra in variants:
+        if d is not None:
+            sparsify(model, _recipe(d, tile, **extra))
+        reps = 1 if tiny else 2
+        t = timed(lambda: generate(), tuple, device, reps=reps, warmup=1)
+        sites = installed_sites(model)  # counters over all 1 + reps generations; reported per generation
+        sel = sum(s.selections for s in sites) // (1 + reps)
+        reused = sum(s.reused for s in sites) // (1 + reps)
+        rows.append(dict(label=label, density=d or 1.0, generation_ms=t, per_step_ms=t / steps,
+                         selections=sel, reused=reused))
+        if d is not None:
+            unsparsify(model)
+    for r in rows:
+        r["speedup"] = rows[0]["generation_ms"] / r["generation_ms"]
+    del pipe, model
+    return dict(tokens=T * H * W, grid=list(grid), steps=steps, cfg_calls_per_step=2, rows=rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--frames", default="81,161", help="video frames of the 14B per-forward rows (81 and/or 161)")
+    ap.add_argument("--blocks", type=int, default=2, help="transformer blocks of the 14B model (of 40)")
+    ap.add_argument("--densities", default="0.1,0.05")
+    ap.add_argument("--tile", default="4x4x4")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also time the sparsified model under compile_repeated_blocks")
+    ap.add_argument("--pipeline-steps", type=int, default=4, help="sampling steps of the 1.3B pipeline (0: skip)")
+    ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: a smoke run of every code path")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    densities = [float(x) for x in args.densities.split(",") if x]
+    tile = tuple(int(x) for x in args.tile.split("x"))
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  command="python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  torch=torch.__version__, device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
+    try:
+        import diffusers
+        import triton
+
+        result.update(diffusers=diffusers.__version__, triton=triton.__version__)
+    except ImportError:
+        pass
+    forward = []
+    for f in [int(x) for x in args.frames.split(",") if x]:
+        lat = (f - 1) // 4 + 1
+        if args.tiny:
+            cfg, grid = TINY, (4 if f <= 81 else 6, 4, 8)
+        else:
+            cfg, grid = WAN_14B, (lat, 45, 80)
+        part = per_forward(cfg, grid, args.blocks, densities, tile, device, dtype, args.reps, args.compile, args.tiny)
+        part["frames"] = f
+        forward.append(part)
+        _print_forward(part)
+    result["per_forward"] = forward
+    if args.pipeline_steps:
+        cfg, grid = (TINY, (3, 4, 8)) if args.tiny else (WAN_1_3B, (21, 30, 52))
+        gen = per_generation(cfg, grid, args.pipeline_steps, densities, tile, device, dtype, args.tiny)
+        result["per_generation"] = gen
+        _print_generation(gen)
+    out = Path(args.out or f"benchmarks/results/e2e_{datetime.date.today().isoformat()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_forward(part):
+    print(f"\nWan-14B config, {part['blocks']} blocks, {part['frames']} frames, grid {part['grid']} "
+          f"({part['tokens']} tokens); dense self-attention {part['rows'][0]['attention_dense_ms']:.1f} ms per block")
+    print(f"{'variant':<22}{'fwd ms':>9}{'block ms':>10}{'x dense':>9}{'ceiling':>9}{'of ceil':>9}"
+          f"{'attn %':>8}{'x @40 blk':>10}{'ceil @40':>9}{'peak GiB':>10}{'density':>9}")
+    for r in part["rows"]:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(f"{r['label']:<22}{r['forward_ms']:>9.1f}{r['block_ms']:>10.1f}{r['speedup']:>9.2f}{r['ceiling']:>9.2f}"
+              f"{r['of_ceiling']:>9.0%}{r['attention_share']:>8.0%}{r['speedup_40_blocks']:>10.2f}"
+              f"{r['ceiling_40_blocks']:>9.2f}{peak:>10}{r['achieved_density']:>9.3f}")
+
+
+def _print_generation(gen):
+    print(f"\nWanPipeline, Wan-1.3B config, grid {gen['grid']} ({gen['tokens']} tokens), {gen['steps']} steps x "
+          f"{gen['cfg_calls_per_step']} CFG calls; text encoder and VAE excluded")
+    print(f"{'variant':<26}{'gen ms':>10}{'ms/step':>9}{'x dense':>9}{'selections':>12}{'reused':>8}")
+    for r in gen["rows"]:
+        print(f"{r['label']:<26}{r['generation_ms']:>10.1f}{r['per_step_ms']:>9.1f}{r['speedup']:>9.2f}"
+              f"{r['selections']:>12}{r['reused']:>8}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
