@@ -97,7 +97,7 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         states.append(runtime.SiteState(site_id=runtime.STATE.new_id(), path=info.path, kind=info.kind,
                                         heads=info.heads, head_dim=info.head_dim, configs=configs, index=index - 1,
                                         dense_steps=recipe.defaults.dense_steps,
-                                        mask_reuse=recipe.defaults.mask_reuse))
+                                        mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule))
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
     return model
 

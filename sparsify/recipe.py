@@ -156,6 +156,44 @@ class MaskReuse:
 
 
 @dataclass(frozen=True)
+class ScheduleStep:
+    """One entry of a per-step budget schedule: from denoising step `from_step` on, every sparse head's
+    density (top-k `density`, or top-p's `min_density` floor) is multiplied by `scale` (capped at 1).
+
+    Example:
+        >>> ScheduleStep(from_step=10, scale=0.5).apply(Budget(density=0.1))
+        Budget(density=0.05, top_p=None, min_density=0.0)
+    """
+
+    from_step: int
+    scale: float
+
+    def apply(self, budget: Budget) -> Budget:
+        if self.scale == 1.0:
+            return budget
+        if budget.density is not None:
+            return Budget(density=min(1.0, budget.density * self.scale))
+        return Budget(top_p=budget.top_p, min_density=min(1.0, budget.min_density * self.scale))
+
+
+def scheduled_budget(budget: Budget, schedule: tuple[ScheduleStep, ...], step: int | None) -> Budget:
+    """`budget` at denoising step `step` under `schedule` (the last entry with `from_step <= step` applies).
+
+    Example:
+        >>> sch = (ScheduleStep(0, 2.0), ScheduleStep(10, 1.0))
+        >>> [scheduled_budget(Budget(density=0.1), sch, s).density for s in (0, 9, 10, None)]
+        [0.2, 0.2, 0.1, 0.1]
+    """
+    if step is None or not schedule:
+        return budget
+    entry = None
+    for e in schedule:
+        if e.from_step <= step:
+            entry = e
+    return budget if entry is None else entry.apply(budget)
+
+
+@dataclass(frozen=True)
 class Defaults:
     """Configuration applied to every enabled site unless a rule or explicit entry overrides it."""
 
@@ -165,6 +203,7 @@ class Defaults:
     dense_steps: int = 0
     dense_layers: tuple[int, ...] = ()
     mask_reuse: MaskReuse | None = None
+    schedule: tuple[ScheduleStep, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -311,6 +350,8 @@ class Recipe:
                            "dense_steps": d.dense_steps, "dense_layers": list(d.dense_layers)}
         if d.mask_reuse is not None:
             out["defaults"]["mask_reuse"] = {"threshold": d.mask_reuse.threshold, "max_age": d.mask_reuse.max_age}
+        if d.schedule:
+            out["defaults"]["schedule"] = [{"from_step": e.from_step, "scale": e.scale} for e in d.schedule]
         if self.rules:
             out["rules"] = [_rule_dict(r) for r in self.rules]
         if self.sites:
@@ -405,6 +446,23 @@ def _bool(v, key):
     return v
 
 
+def _schedule_from(raw, key: str) -> tuple[ScheduleStep, ...]:
+    if not isinstance(raw, list):
+        _fail(key, f"must be a list of {{from_step, scale}} entries; got {raw!r}")
+    out = []
+    for i, e in enumerate(raw):
+        k = f"{key}[{i}]"
+        e = _expect_map(e, k, {"from_step", "scale"}, required=("from_step", "scale"))
+        step = _int(e["from_step"], f"{k}.from_step", 0)
+        sc = e["scale"]
+        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not sc > 0:
+            _fail(f"{k}.scale", f"must be a positive number (a factor on each head's density); got {sc!r}")
+        if out and step <= out[-1].from_step:
+            _fail(f"{k}.from_step", f"entries must be in increasing step order; {step} follows {out[-1].from_step}")
+        out.append(ScheduleStep(step, float(sc)))
+    return tuple(out)
+
+
 def _int(v, key, lo=None):
     if not isinstance(v, int) or isinstance(v, bool):
         _fail(key, f"must be an integer; got {v!r}")
@@ -485,7 +543,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
     defaults = Defaults()
     if "defaults" in data:
         dd = _expect_map(data["defaults"], "defaults",
-                         {"method", "tile", "budget", "dense_steps", "dense_layers", "mask_reuse"})
+                         {"method", "tile", "budget", "dense_steps", "dense_layers", "mask_reuse", "schedule"})
         budget = defaults.budget
         if "budget" in dd:
             _expect_map(dd["budget"], "defaults.budget", _BUDGET_KEYS)
@@ -500,6 +558,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
                 _fail("defaults.mask_reuse.threshold", f"must be a drift in [0, 2] (cosine distance); got {thr!r}")
             reuse = MaskReuse(threshold=float(thr),
                               max_age=_int(mr.get("max_age", MaskReuse.max_age), "defaults.mask_reuse.max_age", 1))
+        schedule = _schedule_from(dd.get("schedule", []), "defaults.schedule")
         layers = dd.get("dense_layers", [])
         if not isinstance(layers, list):
             _fail("defaults.dense_layers", f"must be a list of site indices; got {layers!r}")
@@ -510,6 +569,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
             dense_steps=_int(dd.get("dense_steps", 0), "defaults.dense_steps", 0),
             dense_layers=tuple(_int(x, f"defaults.dense_layers[{i}]", 0) for i, x in enumerate(layers)),
             mask_reuse=reuse,
+            schedule=schedule,
         )
 
     rules = []

@@ -10,7 +10,7 @@ import torch
 
 from .layout import Geometry, pool_tiles, tile_layout
 from .methods import get_method
-from .recipe import HeadConfig, MaskReuse
+from .recipe import HeadConfig, MaskReuse, ScheduleStep, scheduled_budget
 
 _dense_sdpa = torch._C._nn.scaled_dot_product_attention  # the op's dense path: never the patched F.*
 
@@ -29,6 +29,7 @@ class SiteState:
     calls: int = 0
     dense_steps: int = 0  # first denoising steps of each generation run dense
     mask_reuse: MaskReuse | None = None
+    schedule: tuple[ScheduleStep, ...] = ()  # per-step budget schedule (factors on each head's density)
     selections: int = 0  # selections computed
     reused: int = 0  # selections reused from an earlier step (temporal mask reuse)
     cache: dict = field(default_factory=dict)
@@ -37,16 +38,20 @@ class SiteState:
     calls_in_step: int = 0  # calls of this site at the current step (CFG as two calls: 0 and 1)
     work: float = 0.0  # attention FLOPs actually computed (padding included), in units of one dense call
     dense_work: float = 0.0  # attention FLOPs the same calls would take dense
+    warned: set = field(default_factory=set)
 
     @property
     def density(self) -> float:
         """Achieved density over all calls so far: computed / dense attention work (padding counted)."""
         return self.work / self.dense_work if self.dense_work else float("nan")
-    warned: set = field(default_factory=set)
 
     @property
     def is_dense(self) -> bool:
         return all(c.is_dense for c in self.configs)
+
+    def budgets(self, heads, step: int | None) -> list:
+        """The budgets of `heads` at denoising step `step` (None: no step known) under the schedule."""
+        return [scheduled_budget(self.configs[h].budget, self.schedule, step) for h in heads]
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -230,7 +235,7 @@ def _drift(a: torch.Tensor, b: torch.Tensor) -> float:
 def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
     """The group's selection: computed, or reused from an earlier step while q and k barely drifted."""
     P = ts.n_video_slots
-    budgets = [st.configs[h].budget for h in heads]
+    budgets = st.budgets(heads, step)
     reuse = st.mask_reuse if step is not None else None
     if reuse is None:
         st.selections += 1
@@ -238,19 +243,24 @@ def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
     pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
     hit = st.cache.get(ckey)
-    if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age
+    if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
             and max(_drift(pq, hit["q"]), _drift(pk, hit["k"])) <= reuse.threshold):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]
     idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
     st.selections += 1
-    st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen}
+    st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen, "budgets": budgets}
     return idx, cnt
 
 
-def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None, timestep=None) -> torch.Tensor:
+def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None, timestep=None,
+             gate=None) -> torch.Tensor:
     """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group.
+
+    With a `gate` (`[B, H, S, D]`, VSA's learned gate), tiled sparse heads add VSA's coarse branch:
+    `out = sparse_out + gate * coarse_out`, coarse_out being attention among tile means broadcast to
+    each video token of the tile (0 on text tokens); dense heads ignore the gate.
 
     With a `timestep`, the denoising step is tracked: the first `dense_steps` steps of a generation run
     dense, and with `mask_reuse` a head group's selection is reused across steps while its pooled q and
@@ -324,7 +334,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 cache = st.cache.get(gkey)
                 if cache is None or cache.get("_generation") != STATE.steps.generation:
                     cache = st.cache[gkey] = {"_generation": STATE.steps.generation}
-                oh, work = impl.attend(qh, kh, vh, geom, [st.configs[h].budget for h in heads], scale=scale,
+                oh, work = impl.attend(qh, kh, vh, geom, st.budgets(heads, step), scale=scale,
                                        key_mask=key_mask, cache=cache, block_fn=block_fn)
                 st.selections += 1
                 st.work += float(work)
@@ -335,6 +345,15 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)
                 st.work += float(sparse_work(geom, lay, cnt, S))
+                if gate is not None:  # VSA's gated coarse branch (sparsify.training.add_vsa_gates)
+                    from .methods.vsa import coarse_attention
+
+                    P = ts.n_video_slots
+                    c = coarse_attention(ts.q[:, :, :P], ts.k[:, :, :P], ts.v[:, :, :P], lay)
+                    c = torch.nn.functional.pad(c, (0, 0, 0, ts.q.shape[2] - P)).index_select(2, ts.inverse)
+                    gh = gate if whole else gate.index_select(1, hi)
+                    oh = oh + gh.to(oh.dtype) * c.to(oh.dtype)
+                    st.work += B * len(heads) * (lay.n_tiles / S) ** 2  # tile-level scores and outputs
         if whole:
             return oh.to(q.dtype).contiguous()
         if out is None:

@@ -12,7 +12,8 @@ SITES = [SiteSpec(f"blocks.{i}.attn1", "self", 4, 64) for i in range(3)] + [Site
 FULL = {
     "version": 1,
     "model": {"class": "WanTransformer3DModel", "sites": [s.to_dict() for s in SITES]},
-    "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 0.1}, "dense_steps": 2, "dense_layers": [0]},
+    "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 0.1}, "dense_steps": 2, "dense_layers": [0],
+                 "schedule": [{"from_step": 0, "scale": 2.0}, {"from_step": 10, "scale": 1.0}]},
     "rules": [
         {"match": "blocks.1.*", "budget": None},  # replaced below
         {"match": "re:blocks\\.[12]\\.attn1", "method": "dense"},
@@ -94,6 +95,11 @@ BAD = [
     ("site_kind", lambda d: d["model"]["sites"][0].update(kind="global"), "model.sites[0].kind", "must be one of"),
     ("heads_not_int", lambda d: d["model"]["sites"][1].update(heads="4"), "model.sites[1].heads", "integer"),
     ("dense_layers_type", lambda d: d["defaults"].update(dense_layers=3), "defaults.dense_layers", "list"),
+    ("schedule_order", lambda d: d["defaults"]["schedule"].append({"from_step": 5, "scale": 0.5}),
+     "defaults.schedule[2].from_step", "increasing step order"),
+    ("schedule_scale", lambda d: d["defaults"]["schedule"][0].update(scale=0), "defaults.schedule[0].scale", "positive"),
+    ("schedule_missing_scale", lambda d: d["defaults"]["schedule"][1].pop("scale"), "defaults.schedule[1].scale",
+     "required"),
     ("unknown_head_key", lambda d: d["sites"]["blocks.2.attn1"]["heads"][0].update(topp=0.9),
      "sites.blocks.2.attn1.heads[0].topp", "did you mean 'top_p'"),
 ]

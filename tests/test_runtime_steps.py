@@ -130,3 +130,29 @@ def test_dense_first_steps_under_regional_compile():
     torch.testing.assert_close(out[1], eager[1], atol=1e-5, rtol=0)
     assert (out[1] - dense[1]).abs().max() > 1e-3
     unsparsify(m)
+
+
+def test_budget_schedule_scales_density_per_step_and_invalidates_reuse():
+    m, kw = _wan(None)
+    sched = [{"from_step": 0, "scale": 4.0}, {"from_step": 1, "scale": 2.0}, {"from_step": 2, "scale": 1.0}]
+    sparsify(m, recipe(schedule=sched, mask_reuse={"threshold": 2.0, "max_age": 10}))
+    sites = installed_sites(m)
+    work = []
+    for t in (900, 800, 700, 600):
+        before = sites[0].work
+        _call(m, kw, t)
+        work.append(sites[0].work - before)
+    # grid (4, 8, 8) in (1, 8, 8) tiles: 4 key tiles; density 0.25 x (4, 2, 1, 1) keeps 4, 2, 1, 1 of them
+    B, H = kw["hidden_states"].shape[0], sites[0].heads
+    assert work == pytest.approx([B * H * 1.0, B * H * 0.5, B * H * 0.25, B * H * 0.25])
+    # the budget changed at steps 1 and 2, so those selections are fresh; step 3 reuses step 2's
+    assert sites[0].selections == 3 and sites[0].reused == 1
+    unsparsify(m)
+
+
+def test_budget_schedule_top_p_scales_the_floor():
+    from sparsify.recipe import Budget, ScheduleStep, scheduled_budget
+
+    b = scheduled_budget(Budget(top_p=0.9, min_density=0.4), (ScheduleStep(3, 5.0),), 3)
+    assert b == Budget(top_p=0.9, min_density=1.0)
+    assert scheduled_budget(Budget(top_p=0.9, min_density=0.4), (ScheduleStep(3, 5.0),), 2) == Budget(top_p=0.9, min_density=0.4)
