@@ -365,8 +365,9 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
     def save(self, path: str | Path) -> Path:
-        """Write the recipe to `path` as YAML and return the path."""
+        """Write the recipe to `path` as YAML (creating its folder) and return the path."""
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
         return path
 

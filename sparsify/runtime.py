@@ -102,6 +102,7 @@ class _State:
         self.steps = StepTracker()
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
+        self.selection_log = None  # callable(site_state, group_key, step, pooled_q, pooled_k, idx, cnt) per fresh selection
         self._ids = itertools.count(1)
 
     def new_id(self) -> int:
@@ -227,8 +228,15 @@ def key_padding_mask(attn_mask, B: int, S: int):
     return m.expand(B, S)
 
 
-def _drift(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Cosine distance between pooled tile statistics, averaged over batch, heads and tiles."""
+def pooled_drift(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Temporal mask reuse's drift: cosine distance between pooled tile statistics `[B, H, n, D]`,
+    averaged over batch, heads and tiles (0: unchanged; 2: opposite).
+
+    Example:
+        >>> x = torch.randn(1, 2, 4, 8)
+        >>> round(pooled_drift(x, x), 6), round(pooled_drift(x, -x), 6)
+        (0.0, 2.0)
+    """
     return float(1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
@@ -237,20 +245,24 @@ def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
     P = ts.n_video_slots
     budgets = st.budgets(heads, step)
     reuse = st.mask_reuse if step is not None else None
-    if reuse is None:
+    log = STATE.selection_log if step is not None else None
+    if reuse is None and log is None:
         st.selections += 1
         return get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
     pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
-    hit = st.cache.get(ckey)
+    hit = st.cache.get(ckey) if reuse is not None else None
     if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
-            and max(_drift(pq, hit["q"]), _drift(pk, hit["k"])) <= reuse.threshold):
+            and max(pooled_drift(pq, hit["q"]), pooled_drift(pk, hit["k"])) <= reuse.threshold):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]
     idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
     st.selections += 1
-    st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen, "budgets": budgets}
+    if log is not None:
+        log(st, (gen, *ckey), step, pq, pk, idx, cnt)
+    if reuse is not None:
+        st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen, "budgets": budgets}
     return idx, cnt
 
 

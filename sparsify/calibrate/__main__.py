@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-site checkpoints for resuming (default: <out>.calib/; 'none' disables)")
     p.add_argument("--dry-run", action="store_true", help="estimate time and memory from one forward, then stop")
     p.add_argument("--note", default=None, help="free text recorded in the recipe's provenance (what it was calibrated on)")
+    p.add_argument("--mask-reuse", action="store_true",
+                   help="also calibrate temporal mask reuse on a sampling trajectory (three extra trajectories: "
+                        "dense, fresh selection, reuse) and write its threshold into the recipe")
+    p.add_argument("--reuse-steps", type=int, default=10, help="sampling steps of the mask-reuse trajectory")
+    p.add_argument("--reuse-max-age", type=int, default=4, help="most steps a selection may be reused")
+    p.add_argument("--reuse-min-overlap", type=float, default=0.9,
+                   help="least share of a fresh selection's tiles a reused selection must hold")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -141,6 +148,8 @@ def main(argv=None) -> int:
         query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
         n_forwards=len(schedule), inputs_hash=inputs_hash, output_loop=output_loop,
         output_error=not args.no_output_error)
+    if args.mask_reuse:
+        result.recipe = _calibrate_reuse(model, result.recipe, make_inputs, args)
     cal = result.recipe.calibration
     cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.note:
@@ -153,6 +162,42 @@ def main(argv=None) -> int:
             print(f"plot:   {p}")
     print(f"time: {time.perf_counter() - t0:.1f}s (measurement {result.capture_seconds:.1f}s)")
     return 0
+
+
+def _calibrate_reuse(model, recipe, make_inputs, args):
+    """Run `calibrate_mask_reuse` on an Euler flow-matching trajectory from seed `args.seed + 1000`."""
+    from .reuse import calibrate_mask_reuse, with_mask_reuse
+
+    steps = args.reuse_steps
+    if args.model == "testbed":
+        from ..testbed import LATENT_SHAPE, sample
+        from ..testbed.data import class_embeddings
+
+        g = torch.Generator().manual_seed(args.seed + 1000)
+        p = next(model.parameters())
+        noise = torch.randn(1, *LATENT_SHAPE, generator=g).to(p.device, p.dtype)
+        cond = class_embeddings(torch.tensor([args.seed % 8])).to(p.device, p.dtype)
+
+        def trajectory(m):
+            return sample(m, noise, cond, steps=steps)
+    else:  # generic rectified-flow Euler sampler on adapter-made inputs (the families' own samplers differ)
+        kw = make_inputs(args.seed + 1000, 1.0)
+
+        def trajectory(m):
+            x = kw["hidden_states"]
+            for i in range(steps):
+                t, t_next = 1.0 - i / steps, 1.0 - (i + 1) / steps
+                v = m(**{**kw, "hidden_states": x, "timestep": torch.full_like(kw["timestep"], t * 1000),
+                         "return_dict": False})[0]
+                x = x + (t_next - t) * v
+            return x
+    print(f"sparsify.calibrate: mask reuse on a {steps}-step trajectory (dense, fresh, reuse)", file=sys.stderr)
+    rc = calibrate_mask_reuse(model, recipe, trajectory, max_age=args.reuse_max_age, min_overlap=args.reuse_min_overlap)
+    growth = "n/a" if rc.error_growth is None else f"{rc.error_growth:+.1%}"
+    print(f"mask reuse: threshold {rc.threshold:.4g}, max_age {rc.max_age}: skips {rc.reuse_share:.0%} of selections "
+          f"on the trajectory (least overlap kept {rc.min_overlap:.2f}); final-output error vs dense "
+          f"{rc.output_error_fresh:.4f} fresh -> {rc.output_error_reuse:.4f} with reuse ({growth})")
+    return with_mask_reuse(recipe, rc)
 
 
 def _dry_run(model, make_inputs, schedule, args, default_tiles, default_levels) -> int:
