@@ -5,6 +5,14 @@ Run on a GPU::
     python -m benchmarks.attention                       # both Wan shapes, densities 2,5,10,20,50%
     python -m benchmarks.attention --quick               # fewer repeats, densities 5,10%
     python -m benchmarks.attention --shapes wan14b --densities 5,10 --sweep   # + kernel variants
+    python -m benchmarks.attention --backward --shapes wan1.3b           # backward: ours, cuDNN, flash, Flex
+    python -m benchmarks.attention --backward --bwd-sweep                # + backward launch variants
+
+Backward (``--backward``): the time of dq, dk, dv given the forward's saved state, measured as
+``torch.autograd.grad(out, (q, k, v), dO, retain_graph=True)`` for SDPA cuDNN, SDPA flash and compiled
+FlexAttention (same block mask), and as ``block_sparse_attn_backward`` for ours (preprocess, transposed
+selection and both kernels); ``+fwd`` rows time the forward and the backward together. The JSON goes to
+``benchmarks/results/attention_bwd_<date>.json``.
 
 Every competitor sees the same fresh random (never zero) bf16 q, k, v and, for the sparse ones, the
 same random block selection (the same number of key blocks for every query block). Times are
@@ -207,6 +215,161 @@ def run(args) -> dict:
     return record
 
 
+# backward launch variants timed with --bwd-sweep (options of sparsify.kernels.block_sparse_bwd.block_sparse_attn_backward)
+BWD_VARIANTS = {
+    "b_default": {},  # Hopper: two launches (dq first, computing delta), TMA loads, 64/64 tiles, 4 warps, 2 stages
+    "b_fused_tma": dict(fused=True, use_tma=True),  # one grid for both kinds of program (run 3's default)
+    "b_fused_ptr": dict(fused=True, use_tma=False),
+    "b_split_ptr": dict(fused=False, use_tma=False),  # run 2's default
+    "b_fused_tma_dq128_w8": dict(fused=True, use_tma=True, q_tile=128),  # fused: one num_warps for both kinds
+    "b_split_tma_dq128_w8": dict(fused=False, use_tma=True, q_tile=128, dq_warps=8),
+}
+
+
+def run_backward(args) -> dict:
+    """Backward timings (see the module docstring): dense SDPA, FlexAttention and ours, same inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from sparsify.kernels.block_sparse import block_sparse_attn
+    from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    bs = (args.block, args.block)
+    flex = torch.compile(flex_attention, dynamic=False)
+    flex_opts = None if args.block == 128 else {"BLOCK_M": args.block, "BLOCK_N": args.block}
+    record = {**_env(), "kind": "backward", "dtype": args.dtype, "block_size": list(bs), "bwd_opts": args.bwd_opts or {},
+              "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "dense": [], "sparse": []}
+    gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
+
+    def grad_of(out, xs, go):
+        return lambda: torch.autograd.grad(out, xs, go, retain_graph=True)
+
+    for shape in args.shapes:
+        B, H, S, D = SHAPES[shape]
+        q, k, v, go = (torch.randn(B, H, S, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(4))
+        qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+        scale = 1.0 / math.sqrt(D)
+        dense = {}
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            if name == "sdpa_flash" and args.no_flash:
+                continue
+            try:
+                with sdpa_kernel(backend):
+                    out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                    dense[name + "_bwd"] = _bench(grad_of(out, (qg, kg, vg), go), args)
+                del out
+
+                def fwd_bwd(backend=backend):
+                    with sdpa_kernel(backend):
+                        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
+                    return torch.autograd.grad(o, (qg, kg, vg), go)
+
+                dense[name + "_fwd_bwd"] = _bench(fwd_bwd, args)
+            except Exception as e:
+                print(f"[{shape}] {name} failed: {type(e).__name__}: {e}", flush=True)
+        record["dense"].append({"shape": shape, "B": B, "H": H, "S": S, "D": D, **{k_: round(v_, 4) for k_, v_ in dense.items()}})
+        print(f"[{shape}] dense: " + ", ".join(f"{k_} {v_:.2f} ms" for k_, v_ in dense.items()), flush=True)
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+        n_qb, n_kb = -(-S // bs[0]), -(-S // bs[1])
+        for d in args.densities:
+            count = max(1, round(d / 100 * n_kb))
+            idx, cnt = random_selection(B, H, n_qb, n_kb, count, device=DEVICE, generator=gen)
+            mask = BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=bs, seq_lengths=(S, S))
+            times, errs = {}, {}
+            fout = flex(qg, kg, vg, block_mask=mask, scale=scale, kernel_options=flex_opts)
+            ref = torch.autograd.grad(fout, (qg, kg, vg), go, retain_graph=True)
+            times["flex_bwd"] = _bench(grad_of(fout, (qg, kg, vg), go), args)
+            del fout
+            times["flex_fwd_bwd"] = _bench(lambda: torch.autograd.grad(
+                flex(qg, kg, vg, block_mask=mask, scale=scale, kernel_options=flex_opts), (qg, kg, vg), go), args)
+
+            out, lse = block_sparse_attn(q, k, v, idx, cnt, block_size=bs, scale=scale, return_lse=True)
+            variants = {"ours_bwd": dict(args.bwd_opts or {})}
+            if args.bwd_sweep:
+                variants.update({n: o for n, o in BWD_VARIANTS.items() if n != "b_default"})
+            for vname, opts in variants.items():
+                fn = lambda opts=opts: block_sparse_attn_backward(go, q, k, v, out, lse, idx, cnt, block_size=bs,
+                                                                  scale=scale, **opts)
+                try:
+                    g = fn()
+                    errs[vname] = max(_rel(a, b) for a, b in zip(g, ref))
+                    del g
+                    times[vname] = _bench(fn, args)
+                except Exception as e:
+                    print(f"  variant {vname} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+            from sparsify.kernels.block_sparse_bwd import transpose_selection
+
+            times["ours_transpose"] = _bench(lambda: transpose_selection(idx, cnt, n_kb), args)
+
+            def ours_fwd_bwd():
+                o, s_ = block_sparse_attn(q, k, v, idx, cnt, block_size=bs, scale=scale, return_lse=True)
+                return block_sparse_attn_backward(go, q, k, v, o, s_, idx, cnt, block_size=bs, scale=scale,
+                                                  **(args.bwd_opts or {}))
+
+            times["ours_fwd_bwd"] = _bench(ours_fwd_bwd, args)
+            errs["ours_fwd_bwd"] = errs.get("ours_bwd")
+            # the autograd path (defaults), as training runs it
+            oa = block_sparse_attn(qg, kg, vg, idx, cnt, block_size=bs, scale=scale)
+            times["ours_autograd_bwd"] = _bench(grad_of(oa, (qg, kg, vg), go), args)
+            del oa, ref, out, lse
+            for m, t in times.items():
+                dense_key = "sdpa_cudnn_fwd_bwd" if m.endswith("fwd_bwd") else "sdpa_cudnn_bwd"
+                flex_key = "flex_fwd_bwd" if m.endswith("fwd_bwd") else "flex_bwd"
+                row = {"shape": shape, "density_pct": d, "count": count, "n_kv_blocks": n_kb, "method": m,
+                       "ms": round(t, 4), "err_vs_flex": round(errs[m], 6) if errs.get(m) is not None else None,
+                       "x_vs_flex": round(times[flex_key] / t, 3)}
+                if dense_key in dense:
+                    row["x_vs_cudnn"] = round(dense[dense_key] / t, 3)
+                    row["floor_ms"] = round(count / n_kb * dense[dense_key], 4)
+                record["sparse"].append(row)
+            print(f"[{shape}] {d:>4}%: " + ", ".join(f"{m} {t:.3f}" for m, t in times.items()), flush=True)
+        del q, k, v, go, qg, kg, vg
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    return record
+
+
+def pick_best_bwd(record: dict, max_err: float = 2e-2) -> tuple[str, dict]:
+    """The fastest backward launch variant of a --bwd-sweep record (sum of ms over its points), among accurate ones."""
+    total: dict[str, float] = {}
+    bad = set()
+    for r in record["sparse"]:
+        m = r["method"]
+        if m not in BWD_VARIANTS and m != "ours_bwd":
+            continue
+        if r["err_vs_flex"] is None or r["err_vs_flex"] > max_err:
+            bad.add(m)
+        total[m] = total.get(m, 0.0) + r["ms"]
+    name = min((m for m in total if m not in bad), key=total.__getitem__)
+    return name, (dict(record.get("bwd_opts") or {}) if name == "ours_bwd" else dict(BWD_VARIANTS[name]))
+
+
+def table_bwd(record: dict) -> str:
+    lines = [f"{record['gpu']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
+             f"block {record['block_size']}  {record['date']}  (backward)"]
+    dense = {r["shape"]: r for r in record["dense"]}
+    for shape in dict.fromkeys(r["shape"] for r in record["sparse"]):
+        d = dense.get(shape, {})
+        lines.append(f"\n{shape} (B{d.get('B')} H{d.get('H')} S{d.get('S')} D{d.get('D')}): " + ", ".join(
+            f"{k_} {d[k_]:.2f} ms" for k_ in ("sdpa_cudnn_bwd", "sdpa_cudnn_fwd_bwd", "sdpa_flash_bwd", "sdpa_flash_fwd_bwd")
+            if k_ in d))
+        lines.append(f"{'density':>8} {'blocks':>9} {'method':>18} {'ms':>9} {'x cuDNN':>8} {'x Flex':>7} "
+                     f"{'floor ms':>9} {'/floor':>7} {'max err vs Flex':>15}")
+        for r in (r for r in record["sparse"] if r["shape"] == shape):
+            floor = r.get("floor_ms")
+            lines.append(
+                f"{r['density_pct']:>7}% {r['count']:>4}/{r['n_kv_blocks']:<4} {r['method']:>18} {r['ms']:>9.3f} "
+                f"{r.get('x_vs_cudnn', float('nan')):>8.2f} {r['x_vs_flex']:>7.3f} "
+                f"{floor if floor is not None else float('nan'):>9.3f} "
+                f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
+                f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>15}")
+    return "\n".join(lines)
+
+
 def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
     """The fastest kernel configuration of a --sweep record (sum of ms over its points), among accurate ones."""
     total: dict[str, float] = {}
@@ -262,6 +425,9 @@ def main(argv=None) -> dict:
     p.add_argument("--rep-ms", type=float, default=1000.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ours-opts", default=None, help="JSON launch options (or @file) for the 'ours' row (default: the defaults)")
+    p.add_argument("--backward", action="store_true", help="time backward passes instead (see the module docstring)")
+    p.add_argument("--bwd-sweep", action="store_true", help="with --backward: also time the variants in BWD_VARIANTS")
+    p.add_argument("--bwd-opts", default=None, help="JSON backward launch options (or @file) for the 'ours' rows")
     p.add_argument("--plugin", action="append", default=[], help="module to import that calls register_row")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<date>.json)")
     args = p.parse_args(argv)
@@ -269,6 +435,9 @@ def main(argv=None) -> dict:
     if args.ours_opts and args.ours_opts.startswith("@"):
         args.ours_opts = Path(args.ours_opts[1:]).read_text()
     args.ours_opts = json.loads(args.ours_opts) if args.ours_opts else None
+    if args.bwd_opts and args.bwd_opts.startswith("@"):
+        args.bwd_opts = Path(args.bwd_opts[1:]).read_text()
+    args.bwd_opts = json.loads(args.bwd_opts) if args.bwd_opts else None
     if args.quick:
         args.densities, args.warmup_ms, args.rep_ms = "5,10", 50.0, 300.0
     args.densities = [float(x) if "." in x else int(x) for x in str(args.densities).split(",") if x]
@@ -276,10 +445,15 @@ def main(argv=None) -> dict:
         importlib.import_module(mod)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA GPU")
-    record = run(args)
-    print(table(record), flush=True)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"attention_{_dt.date.today().isoformat()}{'_sweep' if args.sweep else ''}.json")
+    if args.backward:
+        record = run_backward(args)
+        print(table_bwd(record), flush=True)
+        name = f"attention_bwd_{_dt.date.today().isoformat()}{'_sweep' if args.bwd_sweep else ''}.json"
+    else:
+        record = run(args)
+        print(table(record), flush=True)
+        name = f"attention_{_dt.date.today().isoformat()}{'_sweep' if args.sweep else ''}.json"
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1))
     print(f"wrote {out}")

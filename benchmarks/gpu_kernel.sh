@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Block-sparse kernel on the GPU machine, in one call: environment, GPU tests, variant sweep, benchmark.
 #
-#   bash benchmarks/gpu_kernel.sh [stage ...]   stages: env tests sweep pick bench bench64 (default: env tests sweep)
+#   bash benchmarks/gpu_kernel.sh [stage ...]   stages: env tests sweep pick bench bench64 bwdtests bwd (default: env tests sweep)
 #   (pick: the fastest accurate sweep variant becomes the benchmark's 'ours' row, via --ours-opts)
+#   (bwdtests: backward and forward GPU tests; bwd: backward benchmark with the launch-variant sweep,
+#    BWD_SHAPES / BWD_DENSITIES / BWD_ARGS override its shapes, densities and extra arguments)
 #
 # Logs and JSON go to $OUT (the device tool's return folder; /tmp/gpu_kernel_out otherwise). Every stage
 # gets a time limit and the whole script stays under BUDGET_S seconds (default 560), so the logs of the
@@ -28,7 +30,8 @@ if ! $PY -c "import sparsify.kernels.block_sparse" 2>"$OUT/import_error.txt"; th
     echo '"""shim"""' > $SHIM/sparsify/kernels/__init__.py
     cp sparsify/kernels/block_sparse.py sparsify/kernels/reference.py $SHIM/sparsify/kernels/
     cp benchmarks/__init__.py benchmarks/attention.py $SHIM/benchmarks/
-    cp tests/gpu/test_block_sparse_gpu.py $SHIM/tests/gpu/
+    cp sparsify/kernels/block_sparse_bwd.py $SHIM/sparsify/kernels/
+    cp tests/gpu/test_block_sparse_gpu.py tests/gpu/test_backward_gpu.py $SHIM/tests/gpu/
     cp pyproject.toml $SHIM/ 2>/dev/null
     cd $SHIM || exit 1
 else
@@ -78,6 +81,17 @@ for st in "${STAGES[@]}"; do
             --densities "${BENCH_DENSITIES:-5,10}" --no-flash ${BENCH_ARGS:-} --out "$OUT/attention_bench64.json" \
             >"$OUT/bench64.log" 2>&1
         echo "bench64 rc=$?"; grep -v "^\[" "$OUT/bench64.log" | tail -n 20
+        ;;
+    bwdtests)
+        timeout "$(limit 220)" $PY -m pytest -q -p no:cacheprovider tests/gpu/test_backward_gpu.py tests/gpu/test_block_sparse_gpu.py \
+            -W ignore::UserWarning >"$OUT/bwdtests.log" 2>&1
+        echo "bwdtests rc=$?"; tail -n 25 "$OUT/bwdtests.log"
+        ;;
+    bwd)
+        timeout "$(limit 300)" $PY -m benchmarks.attention --backward --bwd-sweep --shapes "${BWD_SHAPES:-wan1.3b}" \
+            --densities "${BWD_DENSITIES:-2,5,10,20,50}" --warmup-ms 50 --rep-ms 400 ${BWD_ARGS:-} \
+            --out "$OUT/attention_bwd.json" >"$OUT/bwd.log" 2>&1
+        echo "bwd rc=$?"; grep -v "^\[" "$OUT/bwd.log" | tail -n 100
         ;;
     *) echo "unknown stage $st" ;;
     esac

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import threading
 import warnings
 
 import torch
+
+from .interp import interpreter, interpreting
 
 try:  # triton is optional at import time: `supports` then says why nothing runs
     import triton
@@ -43,7 +43,7 @@ _ROW_SUM = tl.standard._sum_combine if tl is not None else None
 # --------------------------------------------------------------------------------------------------
 def _fwd_kernel(
     Q, K, V, O,  # pointers (pointer path) or tensor descriptors (TMA path)
-    IDX, CNT, LENS,
+    IDX, CNT, LENS, LSE,  # LSE: float32 [B, H, S] row log-sum-exp (natural log), written when STORE_LSE
     sqb, sqh, sqs,  # q strides (elements; last dim contiguous)
     skb, skh, sks,
     svb, svh, svs,
@@ -60,6 +60,7 @@ def _fwd_kernel(
     DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (interpreter)
     INPUT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr = False,
+    STORE_LSE: tl.constexpr = False,  # also write the row log-sum-exp (for the backward); -inf for keyless rows
 ):
     """One program = one query block of one (b, h). MASK_MODE 2 (no kv_block_lens) runs the selected
     blocks unmasked and defers the partial tail key block `TAIL_BLK` (-1: none) to a masked second phase."""
@@ -82,7 +83,8 @@ def _fwd_kernel(
     if MASK_MODE == 2:
         offs_c = tl.arange(0, 64)
         for c0 in range(0, cnt, 64):
-            ids = tl.load(idx_row + c0 + offs_c, mask=c0 + offs_c < cnt, other=-1)
+            # -2 past the count: never equal to TAIL_BLK (a block id, or -1 when S is a multiple of BLOCK_N)
+            ids = tl.load(idx_row + c0 + offs_c, mask=c0 + offs_c < cnt, other=-2)
             hit = tl.reduce(tl.where(ids == TAIL_BLK, c0 + offs_c, -1), 0, _ROW_MAX)
             pos = tl.maximum(pos, hit)
     has_tail = (pos >= 0).to(tl.int32)
@@ -192,6 +194,9 @@ def _fwd_kernel(
     else:
         o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + offs_m[:, None].to(tl.int64) * sos + offs_d[None, :]
         tl.store(o_ptrs, out, mask=offs_m[:, None] < S)
+    if STORE_LSE:  # natural log: (m + log2 l) * ln 2, with m and l in the exp2 domain of qk_scale
+        lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -202,21 +207,8 @@ _LOCK = threading.Lock()
 _TMA_BROKEN: set = set()  # (device index, config) keys whose TMA compile failed once
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-@contextlib.contextmanager
-def _env_interpret(on: bool):
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+_interpreting = interpreting
+_env_interpret = interpreter
 
 
 def _kernel(interpret: bool):
@@ -366,10 +358,12 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
 
 
 def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *, out=None, fallback=True,
-            **options):
+            lse=None, **options):
     """Launch the kernel; `options` override `_default_launch` (the benchmark sweeps them). Inputs are checked.
 
     `out` (contiguous `[B, H, S, D]`, q's dtype) is written in place when given (tests poison it first).
+    `lse` (contiguous float32 `[B, H, S]`), when given, receives the row log-sum-exp of the scaled scores
+    (natural log; -inf for rows that see no key); without it the kernel is compiled without that store.
     With `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
     """
     B, H, S, D = q.shape
@@ -391,6 +385,8 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
         out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError("out must be a contiguous [B, H, S, D] tensor of q's dtype")
+    if lse is not None and (tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError("lse must be a contiguous float32 [B, H, S] tensor")
     qk_scale = float(scale) * _LOG2E
 
     if interpret:
@@ -422,7 +418,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             rank, qq, kk, vv = 3, q, k, v
             args = (qq, kk, vv, out)
         _kernel(interpret)[(n_qb, B * H)](
-            *args, idx, cnt, lens,
+            *args, idx, cnt, lens, lse if lse is not None else cnt,
             qq.stride(0), qq.stride(1), qq.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2),
@@ -430,7 +426,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             H, S, n_qb, idx.shape[-1], tail_blk, qk_scale,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
-            MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]),
+            MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
             INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             num_warps=opts["num_warps"], num_stages=opts["num_stages"], **extra,
         )
@@ -462,8 +458,9 @@ def block_sparse_attn(
     block_size: tuple[int, int] = (128, 128),
     scale: float | None = None,
     kv_block_lens: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Block-sparse attention (forward) with a Triton kernel.
+    return_lse: bool = False,
+):
+    """Block-sparse attention with a Triton kernel, differentiable (Triton backward) in q, k and v.
 
     Query block `i` (rows `i*BLOCK_M .. (i+1)*BLOCK_M`, clipped to `S`) attends to the key blocks
     `kv_indices[b, h, i, :kv_counts[b, h, i]]`, key block `j` covering key rows
@@ -475,6 +472,10 @@ def block_sparse_attn(
     Runs on CUDA (TMA tensor-descriptor loads on Hopper and newer, pointer loads otherwise) and on CPU
     tensors under the Triton interpreter (`TRITON_INTERPRET=1` in the environment at call time; slow,
     for tests). Use `supports(q, block_size)` to decide cheaply whether to call it or fall back to dense.
+
+    When grad mode is on and q, k or v requires grad, the call goes through `BlockSparseAttnFunction`:
+    the forward also stores the row log-sum-exp and the backward runs the Triton kernels of
+    `block_sparse_bwd` (dq, dk, dv). Otherwise only the forward kernel runs, without the LSE store.
 
     Args:
         q, k, v: `[B, H, S, D]`, one dtype: float16 or bfloat16 (float32 is accepted: exact fp32
@@ -489,9 +490,11 @@ def block_sparse_attn(
         kv_block_lens: optional int32 `[ceil(S/BLOCK_N)]`, shared by every batch and head: only the first
             `kv_block_lens[j]` keys of key block `j` are valid (padded partial tiles). Equivalent to the
             reference's `key_mask` with those positions False.
+        return_lse: also return the row log-sum-exp of the scaled scores (float32 `[B, H, S]`, natural
+            log, -inf for rows that see no key; not differentiable).
 
     Returns:
-        `[B, H, S, D]`, contiguous, in q's dtype.
+        `[B, H, S, D]`, contiguous, in q's dtype; with `return_lse`, the pair `(out, lse)`.
 
     Raises:
         ValueError: unsupported dtype, head_dim, block size or device, or inconsistent shapes.
@@ -508,4 +511,13 @@ def block_sparse_attn(
     block_size = _norm_block_size(block_size) if triton is not None else block_size
     _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        from .block_sparse_bwd import BlockSparseAttnFunction
+
+        out, lse = BlockSparseAttnFunction.apply(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
+        return (out, lse) if return_lse else out
+    if return_lse:
+        B, H, S, _ = q.shape
+        lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
+        return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, lse=lse), lse
     return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
