@@ -4,6 +4,8 @@
 #   op      python -m benchmarks.whole_op (layout + selection + kernel + inverse vs cuDNN)
 #   cal13   calibrator on the Wan-1.3B shape at 480p (2 inputs x 4 steps)
 #   attn    python -m benchmarks.attention --quick with the whole-op row (same run as cuDNN, flash, Flex)
+#   fast    GPU tests of the fast paths (fused gather, pooling, top-k, Veda peaks) and of the op
+#   opm     whole op at Wan-14B 5% for VSA, Veda and XAttention: CUDA profile, stages, ablation of each fast path
 #   cal14   calibrator on the Wan-14B shape at 720p (1 input x 1 step, reduced candidates, no output-error pass)
 # Writes logs and recipes under $OUT (or out/gpu_foundation).
 set -uo pipefail
@@ -16,6 +18,10 @@ date -u
 for s in $STAGES; do
   case $s in
     test) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_op_gpu.py 2>&1 | tail -30 | tee "$DEST/gpu_tests.log" ;;
+    fast) python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gather_gpu.py tests/gpu/test_op_gpu.py 2>&1 | tail -30 \
+        | tee "$DEST/gpu_fast_tests.log" ;;
+    opm) python3 -m benchmarks.whole_op --shapes 14b --densities 0.05 --methods vsa,veda,xattention --ablate --profile \
+        --peak-configs ${PEAK_CONFIGS:-64x256x4,128x128x8} --out "$DEST/whole_op_methods.json" 2>&1 | tee "$DEST/whole_op_methods.log" ;;
     op) python3 -m benchmarks.whole_op --out "$DEST/whole_op.json" 2>&1 | tee "$DEST/whole_op.log" ;;
     attn) python3 -m benchmarks.attention --quick --no-flash --plugin benchmarks.whole_op \
         --out "$DEST/attention_op.json" 2>&1 | tee "$DEST/attention_op.log" ;;

@@ -1,9 +1,12 @@
-"""Whole-op benchmark: layout + VSA selection + Triton kernel + inverse layout, against dense cuDNN, in one run.
+"""Whole-op benchmark: layout + selection + Triton kernel + inverse layout, against dense cuDNN, in one run.
 
     python -m benchmarks.whole_op [--shapes 1.3b,14b] [--densities 0.02,0.05,0.1,0.2,0.5] [--tile 4x4x4]
+                                  [--methods vsa,veda,xattention] [--ablate] [--profile]
 
-Prints one table (times, ratios against cuDNN measured in the same run, and the breakdown of the op
-into its stages) and writes benchmarks/results/whole_op_<date>.json.
+Prints one table (times, ratios against cuDNN measured in the same run, the breakdown of the op into
+its stages, and each method's selection time as a share of the kernel's) and writes
+benchmarks/results/whole_op_<date>.json. `--ablate` also times the op with each fast path of
+`sparsify.kernels.gather.FAST` off; `--profile` prints a CUDA profile of one op call per method.
 """
 
 from __future__ import annotations
@@ -25,15 +28,41 @@ def bench(fn, reps=20):
     return triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median")
 
 
-def run(shapes, densities, tile, method="vsa"):
+def _stage_times(method, q, k, v, geo, lay, d, H):
+    """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse."""
+    from sparsify.kernels.block_sparse import block_sparse_attn
+    from sparsify.kernels.reference import tile_sequence
+    from sparsify.layout import from_tiles
+    from sparsify.methods import get_method
+    from sparsify.recipe import Budget
+
+    vol, P = lay.volume, lay.padded_len
+    sel = get_method(method)
+    budgets = [Budget(density=d)] * H
+    t_gather = bench(lambda: tile_sequence(q, k, v, geo, lay))
+    ts = tile_sequence(q, k, v, geo, lay)
+    qt, kt, vt = ts.q[:, :, :P], ts.k[:, :, :P], ts.v[:, :, :P]
+    t_select = bench(lambda: sel.select(qt, kt, lay, budgets))
+    qc, kc = qt.clone(), kt.clone()  # no tile means remembered from the gather: selection pools q and k itself
+    t_select_alone = bench(lambda: sel.select(qc, kc, lay, budgets))
+    del qc, kc
+    idx, cnt = sel.select(qt, kt, lay, budgets)
+    lens = lay.tile_lens.to("cuda")
+    t_kernel = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens))
+    o = block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens)
+    t_inverse = bench(lambda: from_tiles(o, lay))
+    return t_gather, t_select, t_kernel, t_inverse, t_select_alone
+
+
+def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sparsify import runtime
-    from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.layout import Geometry, from_tiles, tile_layout, to_tiles
-    from sparsify.methods import get_method
+    from sparsify.kernels import gather as fast
+    from sparsify.layout import Geometry, tile_layout
     from sparsify.recipe import Budget, HeadConfig
 
+    methods = methods or [method]
     rows = []
     for key in shapes:
         name, H, grid = SHAPES[key]
@@ -44,37 +73,109 @@ def run(shapes, densities, tile, method="vsa"):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
             t_cudnn = bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
         lay = tile_layout(grid, tile, "cuda")
-        vol = lay.volume
-        for d in densities:
-            cfg = [HeadConfig(method=method, tile=tile, budget=Budget(density=d))] * H
-            st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{key}", kind="self", heads=H,
-                                   head_dim=D, configs=cfg)
-            runtime.STATE.sites[st.site_id] = st
-            site = torch.tensor([st.site_id])
-            geom = [*grid, 0]
-            t_op = bench(lambda: runtime.run_site(q, k, v, site, geom, None))
-            qt, kt, vt = (to_tiles(x, lay) for x in (q, k, v))
-            t_gather = bench(lambda: [to_tiles(x, lay) for x in (q, k, v)])
-            sel = get_method(method)
-            t_select = bench(lambda: sel.select(qt, kt, lay, [Budget(density=d)] * H))
-            idx, cnt = sel.select(qt, kt, lay, [Budget(density=d)] * H)
-            lens = lay.tile_lens.to("cuda")
-            t_kernel = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens))
-            o = block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens)
-            t_inverse = bench(lambda: from_tiles(o, lay))
-            floor = d * t_cudnn
-            rows.append({
-                "shape": name, "H": H, "S": S, "tile": list(tile), "density": d, "padding": round(lay.padding_fraction, 4),
-                "cudnn_ms": t_cudnn, "op_ms": t_op, "kernel_ms": t_kernel, "select_ms": t_select,
-                "gather_ms": t_gather, "inverse_ms": t_inverse, "floor_ms": floor,
-                "op_speedup_vs_cudnn": t_cudnn / t_op, "kernel_speedup_vs_cudnn": t_cudnn / t_kernel,
-                "select_share_of_kernel": t_select / t_kernel,
-            })
-            runtime.STATE.sites.pop(st.site_id)
-            print(f"{name:14s} d={d:<5g} cuDNN {t_cudnn:8.2f} ms | op {t_op:7.2f} ms ({t_cudnn / t_op:5.1f}x) | "
-                  f"kernel {t_kernel:7.2f} ({t_cudnn / t_kernel:5.1f}x) select {t_select:5.2f} gather {t_gather:5.2f} "
-                  f"inverse {t_inverse:5.2f} | floor d*cuDNN {floor:6.2f}", flush=True)
+        for meth in methods:
+            for d in densities:
+                cfg = [HeadConfig(method=meth, tile=tile, budget=Budget(density=d))] * H
+                st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{key}", kind="self", heads=H,
+                                       head_dim=D, configs=cfg)
+                runtime.STATE.sites[st.site_id] = st
+                site = torch.tensor([st.site_id])
+                geom = [*grid, 0]
+
+                def op():
+                    return runtime.run_site(q, k, v, site, geom, None)
+
+                t_op = bench(op)
+                t_gather, t_select, t_kernel, t_inverse, t_alone = _stage_times(meth, q, k, v, geo, lay, d, H)
+                floor = d * t_cudnn
+                row = {
+                    "shape": name, "H": H, "S": S, "tile": list(tile), "method": meth, "density": d,
+                    "padding": round(lay.padding_fraction, 4), "cudnn_ms": t_cudnn, "op_ms": t_op,
+                    "kernel_ms": t_kernel, "select_ms": t_select,
+                    "select_alone_ms": t_alone, "select_alone_share_of_kernel": t_alone / t_kernel, "gather_ms": t_gather, "inverse_ms": t_inverse,
+                    "floor_ms": floor, "op_speedup_vs_cudnn": t_cudnn / t_op,
+                    "kernel_speedup_vs_cudnn": t_cudnn / t_kernel, "select_share_of_kernel": t_select / t_kernel,
+                }
+                if ablate:  # the op with one fast path switched off at a time (the PyTorch path instead)
+                    row["op_without_ms"] = {}
+                    for name_fast in fast.FAST:
+                        fast.FAST[name_fast] = False
+                        try:
+                            row["op_without_ms"][name_fast] = bench(op)
+                        finally:
+                            fast.FAST[name_fast] = True
+                    for name_fast in fast.FAST:
+                        fast.FAST[name_fast] = False
+                    try:
+                        row["op_all_torch_ms"] = bench(op)
+                        row["select_torch_ms"] = _stage_times(meth, q, k, v, geo, lay, d, H)[1]
+                    finally:
+                        for name_fast in fast.FAST:
+                            fast.FAST[name_fast] = True
+                rows.append(row)
+                runtime.STATE.sites.pop(st.site_id)
+                print(f"{name:14s} {meth:10s} d={d:<5g} cuDNN {t_cudnn:8.2f} ms | op {t_op:7.2f} ms "
+                      f"({t_cudnn / t_op:5.1f}x) | kernel {t_kernel:7.2f} ({t_cudnn / t_kernel:5.1f}x) select "
+                      f"{t_select:6.2f} ({100 * t_select / t_kernel:5.1f}% of kernel; pooling q, k too: {t_alone:6.2f}, "
+                      f"{100 * t_alone / t_kernel:5.1f}%) gather {t_gather:5.2f} "
+                      f"inverse {t_inverse:5.2f} | floor d*cuDNN {floor:6.2f}", flush=True)
+                if ablate:
+                    print("    op without each fast path: " + ", ".join(
+                        f"{kk} {vv:.2f}" for kk, vv in row["op_without_ms"].items())
+                        + f"; all PyTorch {row['op_all_torch_ms']:.2f} ms (select {row['select_torch_ms']:.2f})",
+                        flush=True)
     return rows
+
+
+def peak_configs(shape, tile, configs):
+    """Time Veda's fused peak kernel (`tile_peaks`) per launch config `(BM, key slots per step, warps)`."""
+    import math
+
+    from sparsify.kernels.tile_select import tile_peaks
+    from sparsify.layout import tile_layout, to_tiles
+
+    name, H, grid = SHAPES[shape]
+    lay = tile_layout(grid, tile, "cuda")
+    k = to_tiles(torch.randn(1, H, grid[0] * grid[1] * grid[2], 128, device="cuda", dtype=torch.bfloat16), lay)
+    qm = torch.randn(1, H, lay.n_tiles, 128, device="cuda")
+    flop = 2.0 * lay.n_tiles * lay.padded_len * 128 * H
+    out = {}
+    for c in configs:
+        t = bench(lambda: tile_peaks(qm, k, lay.tile_lens, lay.volume, 1 / math.sqrt(128), mean=True, mix=True,
+                                     config=c))
+        out["x".join(map(str, c))] = t
+        print(f"tile_peaks {name} config {c}: {t:.3f} ms ({flop / t / 1e9:.0f} TFLOP/s)", flush=True)
+    return out
+
+
+def profile(shape, tile, methods, density, out_dir=None):
+    """torch.profiler table (CUDA time per kernel) of one op call per method."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    from sparsify import runtime
+    from sparsify.recipe import Budget, HeadConfig
+
+    name, H, grid = SHAPES[shape]
+    S = grid[0] * grid[1] * grid[2]
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for meth in methods:
+        st = runtime.SiteState(site_id=runtime.STATE.new_id(), path="prof", kind="self", heads=H, head_dim=128,
+                               configs=[HeadConfig(method=meth, tile=tile, budget=Budget(density=density))] * H)
+        runtime.STATE.sites[st.site_id] = st
+        site = torch.tensor([st.site_id])
+        for _ in range(2):
+            runtime.run_site(q, k, v, site, [*grid, 0], None)
+        torch.cuda.synchronize()
+        with tprofile(activities=[ProfilerActivity.CUDA]) as prof:
+            runtime.run_site(q, k, v, site, [*grid, 0], None)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        print(f"--- profile: {name} {meth} d={density} tile {tile}\n{table}", flush=True)
+        if out_dir:
+            Path(out_dir, f"profile_{meth}.txt").write_text(table)
+        runtime.STATE.sites.pop(st.site_id)
 
 
 GRIDS = {grid[0] * grid[1] * grid[2]: grid for _, _, grid in SHAPES.values()}
@@ -114,6 +215,10 @@ def main(argv=None):
     p.add_argument("--shapes", default="1.3b,14b")
     p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5")
     p.add_argument("--tile", default="4x4x4")
+    p.add_argument("--methods", default="vsa", help="comma-separated selection methods (vsa,veda,xattention)")
+    p.add_argument("--ablate", action="store_true", help="also time the op with each fast path off")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table per method first")
+    p.add_argument("--peak-configs", default="", help="also time Veda's peak kernel per BMxCOLSxWARPS config")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -121,11 +226,19 @@ def main(argv=None):
     import triton
 
     tile = tuple(int(x) for x in a.tile.split("x"))
-    rows = run(a.shapes.split(","), [float(x) for x in a.densities.split(",")], tile)
+    methods, densities = a.methods.split(","), [float(x) for x in a.densities.split(",")]
+    if a.profile:
+        profile(a.shapes.split(",")[-1], tile, methods, densities[len(densities) // 2],
+                Path(a.out).parent if a.out else None)
+    peaks = {}
+    if a.peak_configs:
+        peaks = peak_configs(a.shapes.split(",")[-1], tile,
+                             [tuple(int(x) for x in c.split("x")) for c in a.peak_configs.split(",")])
+    rows = run(a.shapes.split(","), densities, tile, methods=methods, ablate=a.ablate)
     date = datetime.datetime.now(datetime.timezone.utc)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "command": "python -m benchmarks.whole_op " + " ".join(argv or sys.argv[1:]),
-            "date": date.strftime("%Y-%m-%d %H:%M UTC"), "rows": rows}
+            "date": date.strftime("%Y-%m-%d %H:%M UTC"), "rows": rows, "peak_configs_ms": peaks}
     out = Path(a.out or Path(__file__).parent / "results" / f"whole_op_{date.strftime('%Y%m%d_%H%M')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(meta, indent=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -140,18 +141,74 @@ def tile_layout(grid, tile, device=None) -> TileLayout:
     return _DEVICE_CACHE[key]
 
 
+def _fast(name: str, x: torch.Tensor) -> bool:
+    try:
+        from .kernels.gather import use_fast
+    except ImportError:  # pragma: no cover
+        return False
+    return x.dim() == 4 and use_fast(name, x)
+
+
 def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """Gather video tokens `[B, H, T*H*W, D]` into padded tile order `[B, H, n_tiles*vol, D]` (one pass).
 
-    Padding slots hold an arbitrary token (token 0): mask them with `layout.gather >= 0` (as
-    `pool_tiles` does) and never attend to them as keys.
+    Padding slots hold an arbitrary token (token 0, or zeros on the Triton path): mask them with
+    `layout.gather >= 0` (as `pool_tiles` does) and never attend to them as keys. On CUDA without
+    autograd the gather is one Triton launch; otherwise `index_select`.
     """
-    return x.index_select(2, layout.gather.clamp_min(0))
+    if _fast("gather", x):
+        from .kernels.gather import gather_rows
+
+        return gather_rows([x], layout.gather.to(x.device))[0][0]
+    return x.index_select(2, layout.gather.clamp_min(0).to(x.device))
 
 
 def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """Inverse of `to_tiles`: `[B, H, n_tiles*vol, D]` back to frame-major video tokens."""
-    return x.index_select(2, layout.scatter)
+    if _fast("gather", x):
+        from .kernels.gather import gather_rows
+
+        return gather_rows([x], layout.scatter.to(x.device))[0][0]
+    return x.index_select(2, layout.scatter.to(x.device))
+
+
+# Tile means computed on the fly by a fused gather (`remember_means`), served by `pool_tiles` to a view
+# of the same gathered tensor while that tensor is alive and unmodified.
+_MEANS: dict[int, tuple] = {}
+
+
+def remember_means(base: torch.Tensor, layout: TileLayout, mean: torch.Tensor) -> None:
+    """Record float32 tile means `[B, H, n_tiles, D]` of the first `layout.padded_len` slots of `base`.
+
+    `pool_tiles(x, layout)` then returns them for `x` = `base` or `base[:, :, :padded_len]` as long as
+    `base` is alive and not modified in place (its version counter is checked); the record dies with
+    `base`.
+
+    Example:
+        >>> lay = tile_layout((1, 2, 2), (1, 2, 2)); x = torch.randn(1, 1, 4, 2)
+        >>> remember_means(x, lay, torch.full((1, 1, 1, 2), 7.0))
+        >>> pool_tiles(x[:, :, :4], lay).flatten().tolist()
+        [7.0, 7.0]
+        >>> _ = x.add_(1)  # modified in place: computed afresh
+        >>> bool(torch.allclose(pool_tiles(x, lay), x.mean(2, keepdim=True)))
+        True
+    """
+    key = id(base)
+    _MEANS[key] = (weakref.ref(base, lambda _, key=key: _MEANS.pop(key, None)), base._version,
+                   (layout.grid, layout.tile), mean)
+
+
+def _remembered(x: torch.Tensor, layout: TileLayout):
+    base = x if x._base is None else x._base
+    hit = _MEANS.get(id(base))
+    if hit is None:
+        return None
+    ref, version, key, mean = hit
+    if (ref() is not base or base._version != version or key != (layout.grid, layout.tile) or x.dim() != 4
+            or x.shape[2] != layout.padded_len or x.shape[:2] != base.shape[:2] or x.shape[3] != base.shape[3]
+            or x.stride() != base.stride() or x.storage_offset() != base.storage_offset()):
+        return None
+    return mean
 
 
 def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch.Tensor:
@@ -169,6 +226,14 @@ def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch
         >>> pool_tiles(to_tiles(x, lay), lay).flatten().tolist()
         [1.5]
     """
+    if stat == "mean":
+        hit = _remembered(x, layout)
+        if hit is not None:
+            return hit
+    if _fast("pool", x) and x.shape[2] == layout.padded_len:
+        from .kernels.gather import pool_stats
+
+        return pool_stats(x, layout.tile_lens, layout.volume, (stat,))[0]
     B, Hh, _, D = x.shape
     xt = x.view(B, Hh, layout.n_tiles, layout.volume, D)
     has_pad = layout.padded_len != layout.scatter.numel()

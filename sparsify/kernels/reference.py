@@ -148,7 +148,8 @@ class TiledSequence:
     """q, k, v permuted into `[video tiles | text blocks]` slots, padded to whole blocks.
 
     Attributes:
-        q, k, v: `[B, H, n_slots, D]`; padding slots hold arbitrary tokens (never attended as keys).
+        q, k, v: `[B, H, n_slots, D]`; padding slots hold arbitrary tokens (never attended as keys): token
+            0 on the PyTorch path, zeros on the Triton one (CUDA without autograd).
         src: long `[n_slots]`, the original token feeding each slot.
         valid: bool `[n_slots]`, False on padding.
         inverse: long `[S]`, the slot of each original token.
@@ -171,6 +172,10 @@ class TiledSequence:
 def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     """Gather q, k, v `[B, H, S, D]` into the padded tile order used by `tiled_sparse_attention` (one pass each).
 
+    On CUDA without autograd this is one Triton launch for all three, which also computes the tile
+    means of q and k (served to `pool_tiles` of the returned tensors, so selection does not read them
+    again); otherwise three `index_select`s.
+
     Example:
         >>> from sparsify.layout import Geometry, tile_layout
         >>> x = torch.randn(1, 1, 70, 8); g = Geometry((2, 4, 8), video_start=6)
@@ -181,8 +186,41 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     S = q.shape[2]
     geometry.check(S)
     src, valid, inverse, lens, n_tb = _sequence_index(layout.grid, layout.tile, geometry.video_start, S, str(q.device))
-    return TiledSequence(*(x.index_select(2, src) for x in (q, k, v)), src=src, valid=valid, inverse=inverse,
+    if _fast_gather(q, k, v):  # one Triton launch for q, k, v; tile means of q and k on the fly
+        from ..layout import remember_means
+        from .gather import FAST, gather_rows
+
+        vol = layout.volume
+        fuse = FAST["fuse_pool"] and vol <= 128 and not vol & (vol - 1)
+        (qt, kt, vt), means = gather_rows([q, k, v], _slot_source(src, valid), pool_tiles=layout.n_tiles if fuse else 0,
+                                          tile_lens=layout.tile_lens, volume=vol)
+        if means:
+            remember_means(qt, layout, means[0])
+            remember_means(kt, layout, means[1])
+    else:
+        qt, kt, vt = (x.index_select(2, src) for x in (q, k, v))
+    return TiledSequence(qt, kt, vt, src=src, valid=valid, inverse=inverse,
                          block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb)
+
+
+def _fast_gather(*xs) -> bool:
+    try:
+        from .gather import use_fast
+    except ImportError:  # pragma: no cover
+        return False
+    return all(x.shape == xs[0].shape and x.dtype == xs[0].dtype for x in xs) and use_fast("gather", *xs)
+
+
+_SLOT_SOURCE: dict = {}
+
+
+def _slot_source(src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """int32 `src` with -1 on padding slots (the Triton gather writes zeros there), cached per index tensor."""
+    key = id(src)
+    hit = _SLOT_SOURCE.get(key)
+    if hit is None or hit[0] is not src:
+        hit = _SLOT_SOURCE[key] = (src, torch.where(valid, src, -1).to(torch.int32))
+    return hit[1]
 
 
 def tiled_sparse_attention(
@@ -253,4 +291,8 @@ def tiled_sparse_attention(
     else:
         kmask = ts.valid.unsqueeze(0) & key_mask.to(torch.bool).index_select(1, ts.src)
         out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, key_mask=kmask)
+    if _fast_gather(out_slots):
+        from .gather import gather_rows
+
+        return gather_rows([out_slots], ts.inverse)[0][0]
     return out_slots.index_select(2, ts.inverse)

@@ -20,6 +20,14 @@ def budget_counts(budget: Budget, n_tiles: int) -> int:
     return max(1, min(n_tiles, math.ceil(budget.density * n_tiles - 1e-9)))
 
 
+def _fast_topk(scores: torch.Tensor) -> bool:
+    try:
+        from ..kernels.gather import use_fast
+    except ImportError:  # pragma: no cover
+        return False
+    return scores.shape[-1] <= 4096 and use_fast("topk", scores)
+
+
 def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs: torch.Tensor | None = None):
     """Per-head top-k or top-p selection of key tiles from tile scores.
 
@@ -44,7 +52,12 @@ def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs
         raise ValueError(f"need one budget per head: {H} heads, {len(budgets)} budgets")
     if all(b.density is not None for b in budgets):  # top-k only: no full sort needed
         ks = [budget_counts(b, nk) for b in budgets]
-        idx = torch.topk(scores, max(ks), dim=-1, sorted=True).indices.to(torch.int32).contiguous()
+        if _fast_topk(scores):  # Triton bisection top-k (one warp per row): same selection, sorted by score
+            from ..kernels.tile_select import topk_indices
+
+            idx = topk_indices(scores, ks)
+        else:
+            idx = torch.topk(scores, max(ks), dim=-1, sorted=True).indices.to(torch.int32).contiguous()
         counts = torch.tensor(ks, dtype=torch.int32, device=scores.device).view(1, H, 1).expand(B, H, nq).contiguous()
         return idx, counts
     order = torch.argsort(scores, dim=-1, descending=True)

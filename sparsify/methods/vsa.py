@@ -14,7 +14,7 @@ from .select import select_from_scores
 def coarse_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """Tile-level attention logits `mean(q_tile) . mean(k_tile) / sqrt(D)`, float32 `[B, H, n, n]`."""
     qc, kc = pool_tiles(q, layout), pool_tiles(k, layout)
-    return torch.matmul(qc, kc.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.matmul(qc * (1.0 / math.sqrt(q.shape[-1])), kc.transpose(-1, -2))  # scale on the small side
 
 
 def coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""Triton row gather (q, k, v into tile order in one launch, tile means on the fly) and per-tile pooling."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .interp import interpreter, interpreting
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - no Triton: callers use the PyTorch path
+    triton = tl = None
+
+# Only triton builtins in the kernels (tl.reduce with these combiners, not the @jit helpers tl.sum / tl.max,
+# which cannot run under the interpreter if TRITON_INTERPRET was unset when triton was imported).
+_SUM = tl.standard._sum_combine if tl is not None else None
+_MAX = tl.standard._elementwise_max if tl is not None else None
+_MIN = tl.standard._elementwise_min if tl is not None else None
+
+
+def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1,
+                   H, n_out, n_pool_tiles,
+                   sb0, sh0, ss0, sb1, sh1, ss1, sb2, sh2, ss2,
+                   D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
+                   VOL: tl.constexpr):
+    """y_t[b, h, s] = x_t[b, h, src[s]] (zeros where src < 0) for tensor t = program_id(2); with POOL, the
+    programs of tensors 0 and 1 also write the float32 mean of each VOL-slot tile (first n_pool_tiles tiles)."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    t = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < n_out
+    src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    valid = src >= 0
+    src = tl.where(valid, src, 0)
+    cmask = cols[None, :] < D
+    if t == 0:
+        xp = x0 + b.to(tl.int64) * sb0 + h.to(tl.int64) * sh0 + src[:, None] * ss0
+        yp = y0
+        pp = p0
+    elif t == 1:
+        xp = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1 + src[:, None] * ss1
+        yp = y1
+        pp = p1
+    else:
+        xp = x2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2 + src[:, None] * ss2
+        yp = y2
+        pp = p1
+    x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
+    out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
+    tl.store(out, x, mask=rmask[:, None] & cmask)
+    if POOL:
+        if t < 2:
+            tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
+            if pid_s * (BLOCK_S // VOL) < n_pool_tiles:
+                xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // VOL, VOL, BLOCK_D)), 1, _SUM)
+                tmask = tiles < n_pool_tiles
+                ln = tl.load(lens_ptr + tiles, mask=tmask, other=1).to(tl.float32)
+                mean = xs / tl.maximum(ln, 1.0)[:, None]
+                pout = pp + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
+                tl.store(pout, mean, mask=tmask[:, None] & cmask)
+
+
+def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, sxh, sxs,
+                 D: tl.constexpr, VOL: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 MEAN: tl.constexpr, MAX: tl.constexpr, MIN: tl.constexpr):
+    """Mean / max / min over the valid (leading `lens[tile]`) slots of one tile of x[b, h]."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    r = tl.arange(0, BLOCK_V)
+    cols = tl.arange(0, BLOCK_D)
+    ln = tl.load(lens_ptr + tile)
+    rmask = (r < ln) & (r < VOL)
+    m = rmask[:, None] & (cols[None, :] < D)
+    base = x_ptr + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh
+    x = tl.load(base + (tile.to(tl.int64) * VOL + r[:, None]) * sxs + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    o = (bh.to(tl.int64) * n_tiles + tile) * D + cols
+    cm = cols < D
+    if MEAN:
+        tl.store(mean_ptr + o, tl.reduce(x, 0, _SUM) / tl.maximum(ln, 1).to(tl.float32), mask=cm)
+    if MAX:
+        tl.store(max_ptr + o, tl.reduce(tl.where(m, x, float("-inf")), 0, _MAX), mask=cm)
+    if MIN:
+        tl.store(min_ptr + o, tl.reduce(tl.where(m, x, float("inf")), 0, _MIN), mask=cm)
+
+
+#: Which fast paths the CUDA code uses (benchmarks switch them off one at a time to measure each stage).
+FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True}
+
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+_interpreting = interpreting
+
+
+def _jit(fn):
+    """`triton.jit(fn)` built on first use per interpreter mode (the mode is read per call, as the tests set it)."""
+    key = (fn.__name__, _interpreting())
+    with _LOCK:
+        if key not in _KERNELS:
+            with interpreter(key[1]):
+                _KERNELS[key] = triton.jit(fn)
+        return _KERNELS[key]
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels of this module can run on `x` (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Example:
+        >>> with interpreter():
+        ...     available(torch.zeros(1)) == (triton is not None)
+        True
+    """
+    return triton is not None and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
+
+
+def use_fast(name: str, *xs: torch.Tensor) -> bool:
+    """Whether fast path `name` (a key of `FAST`) serves tensors `xs`: on, CUDA, Triton, and no gradient needed.
+
+    Example:
+        >>> use_fast("gather", torch.zeros(1))  # CPU tensors take the PyTorch path
+        False
+    """
+    return FAST[name] and triton is not None and all(x.is_cuda for x in xs) and not needs_grad(*xs)
+
+
+def needs_grad(*xs: torch.Tensor) -> bool:
+    """True if autograd would record an op on any of `xs` (then the differentiable PyTorch path must run).
+
+    Example:
+        >>> needs_grad(torch.zeros(1, requires_grad=True)), needs_grad(torch.zeros(1))
+        (True, False)
+    """
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
+                volume: int = 0, block: int = 64):
+    """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`.
+
+    Slots with `src < 0` are written as zeros. Not differentiable: callers use `index_select` when a
+    gradient is needed (`needs_grad`).
+
+    Args:
+        xs: 1 to 3 tensors of equal shape and dtype (any strides with a unit last stride).
+        src: long/int `[n_out]` source row of each output slot, or -1.
+        pool_tiles: if > 0, also return the float32 means over each `volume`-slot tile of the first
+            `pool_tiles` tiles of `xs[0]` and `xs[1]` (`[B, H, pool_tiles, D]`), valid slots being the
+            leading `tile_lens[tile]` ones.
+        tile_lens: int `[>= pool_tiles]`, needed with `pool_tiles`.
+        volume: slots per tile (with `pool_tiles`; a power of two).
+        block: slots per program (a power of two).
+
+    Returns:
+        `(ys, means)`: the gathered contiguous `[B, H, n_out, D]` tensors and the list of means (empty
+        without `pool_tiles`).
+
+    Example:
+        >>> x = torch.arange(8.0).view(1, 1, 4, 2)
+        >>> with interpreter():
+        ...     (y,), _ = gather_rows([x], torch.tensor([3, -1, 0]), block=4)
+        >>> y[0, 0].tolist()
+        [[6.0, 7.0], [0.0, 0.0], [0.0, 1.0]]
+    """
+    xs = list(xs)
+    if not 1 <= len(xs) <= 3 or any(x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
+        raise ValueError(f"gather_rows: 1 to 3 tensors of one shape and dtype; got {[tuple(x.shape) for x in xs]}")
+    if xs[0].dim() != 4:
+        raise ValueError(f"gather_rows: tensors must be [B, H, S, D]; got {tuple(xs[0].shape)}")
+    xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
+    B, H, S, D = xs[0].shape
+    n_out = src.numel()
+    src = src.to(xs[0].device, torch.int32 if S < 2**31 else torch.int64).contiguous()
+    ys = [torch.empty(B, H, n_out, D, dtype=x.dtype, device=x.device) for x in xs]
+    pool = pool_tiles > 0
+    if pool:
+        if len(xs) < 2 or tile_lens is None or volume < 1 or (block % volume and volume % block):
+            raise ValueError("gather_rows: pooling needs q and k, tile_lens and a volume dividing the block")
+        block = max(block, volume)
+        if volume & (volume - 1):
+            raise ValueError(f"gather_rows: pooling needs a power-of-two tile volume; got {volume}")
+        means = [torch.empty(B, H, pool_tiles, D, dtype=torch.float32, device=xs[0].device) for _ in range(2)]
+        lens = tile_lens.to(xs[0].device, torch.int32).contiguous()
+    else:
+        means, lens = [], src
+    if block & (block - 1):
+        raise ValueError(f"gather_rows: block must be a power of two; got {block}")
+    pad = xs + [xs[0]] * (3 - len(xs))
+    ypad = ys + [ys[0]] * (3 - len(ys))
+    mp = means + [ys[0]] * (2 - len(means))
+    strides = [s for x in pad for s in (x.stride(0), x.stride(1), x.stride(2))]
+    grid = (triton.cdiv(n_out, block), B * H, len(xs))
+    _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, H, n_out, pool_tiles, *strides,
+                               D=D, BLOCK_S=block, BLOCK_D=triton.next_power_of_2(D), POOL=pool,
+                               VOL=max(volume, 1), num_warps=4)
+    return ys, means
+
+
+def pool_stats(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, stats=("mean",)) -> list[torch.Tensor]:
+    """Per-tile float32 statistics of tiled `x` `[B, H, n_tiles*volume, D]` over each tile's leading
+    `tile_lens[t]` (valid) slots, in one read of `x`.
+
+    Args:
+        stats: any of `mean`, `max`, `min`, in the order wanted.
+
+    Returns:
+        One float32 `[B, H, n_tiles, D]` tensor per statistic.
+
+    Example:
+        >>> x = torch.tensor([1.0, 5.0, 3.0, 9.0]).view(1, 1, 4, 1)
+        >>> with interpreter():
+        ...     stats = pool_stats(x, torch.tensor([3]), 4, ("mean", "max"))
+        >>> [s.item() for s in stats]
+        [3.0, 5.0]
+    """
+    B, H, N, D = x.shape
+    n = tile_lens.numel()
+    if N != n * volume:
+        raise ValueError(f"pool_stats: x has {N} slots, expected {n} tiles x {volume}")
+    bad = [s for s in stats if s not in ("mean", "max", "min")]
+    if bad:
+        raise ValueError(f"pool_stats: unknown statistic(s) {bad}; use mean, max, min")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    outs = {s: torch.empty(B, H, n, D, dtype=torch.float32, device=x.device) for s in stats}
+    dummy = next(iter(outs.values()))
+    _jit(_pool_kernel)[(n, B * H)](x, tile_lens.to(x.device, torch.int32).contiguous(), outs.get("mean", dummy),
+                                   outs.get("max", dummy), outs.get("min", dummy), n, H, x.stride(0), x.stride(1),
+                                   x.stride(2), D=D, VOL=volume,
+                                   BLOCK_V=triton.next_power_of_2(volume), BLOCK_D=triton.next_power_of_2(D),
+                                   MEAN="mean" in outs, MAX="max" in outs, MIN="min" in outs, num_warps=4)
+    return [outs[s] for s in stats]

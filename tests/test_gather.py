@@ -1,0 +1,132 @@
+"""CPU tests (Triton interpreter) of the fused gather, tile pooling, row top-k and Veda peak kernels."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from sparsify.kernels import gather as G  # noqa: E402
+from sparsify.kernels.reference import _sequence_index, _slot_source, tile_sequence  # noqa: E402
+from sparsify.kernels.tile_select import tile_peaks, topk_indices  # noqa: E402
+from sparsify.layout import Geometry, pool_tiles, remember_means, tile_layout, to_tiles  # noqa: E402
+from sparsify.methods.veda import FEATURES, _exact_peak, veda_reference_features  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _interpret():
+    with G.interpreter():
+        yield
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tile,grid,start,tail", [((4, 4, 4), (5, 6, 7), 3, 5), ((1, 4, 16), (2, 5, 9), 0, 0)])
+def test_gather_matches_index_select_and_pools(dtype, tile, grid, start, tail):
+    g = torch.Generator().manual_seed(0)
+    geo = Geometry(grid, video_start=start)
+    S = start + geo.video_len + tail
+    lay = tile_layout(grid, tile)
+    q, k, v = ((torch.randn(2, 3, S, 16, generator=g) * 2).to(dtype) for _ in range(3))
+    k = k.transpose(1, 2).contiguous().transpose(1, 2)  # other strides
+    src, valid, *_ = _sequence_index(grid, tile, start, S, "cpu")
+    ys, means = G.gather_rows([q, k, v], _slot_source(src, valid), pool_tiles=lay.n_tiles, tile_lens=lay.tile_lens,
+                              volume=lay.volume)
+    ref = tile_sequence(q, k, v, geo, lay)  # the PyTorch path on CPU
+    for y, r in zip(ys, (ref.q, ref.k, ref.v)):
+        assert y.is_contiguous() and y.shape == r.shape
+        assert torch.equal(y[:, :, valid], r[:, :, valid])
+        assert bool((y[:, :, ~valid] == 0).all())
+    P = lay.padded_len
+    for m, r in zip(means, (ref.q, ref.k)):
+        exact = pool_tiles(r[:, :, :P].double(), lay)
+        assert torch.allclose(m, exact.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_gather_inverse_and_errors():
+    x = torch.randn(1, 2, 10, 8)
+    perm = torch.randperm(10)
+    (y,), _ = G.gather_rows([x], perm, block=4)
+    (z,), _ = G.gather_rows([y], torch.argsort(perm), block=4)
+    assert torch.equal(z, x)
+    with pytest.raises(ValueError, match="one shape"):
+        G.gather_rows([x, x[:, :1]], perm)
+    with pytest.raises(ValueError, match="power of two"):
+        G.gather_rows([x], perm, block=6)
+
+
+@pytest.mark.parametrize("tile,grid", [((4, 4, 4), (5, 6, 7)), ((1, 2, 2), (2, 3, 3))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pool_stats_match_torch(tile, grid, dtype):
+    lay = tile_layout(grid, tile)
+    x = to_tiles(torch.randn(2, 2, math.prod(grid), 16).to(dtype), lay)
+    x = torch.cat([x, torch.randn_like(x[:, :, :5])], 2)[:, :, :lay.padded_len]  # a strided view
+    stats = G.pool_stats(x, lay.tile_lens, lay.volume, ("mean", "max", "min"))
+    for s, name in zip(stats, ("mean", "max", "min")):
+        assert torch.allclose(s, pool_tiles(x, lay, name), atol=1e-5), name
+    with pytest.raises(ValueError, match="unknown"):
+        G.pool_stats(x, lay.tile_lens, lay.volume, ("median",))
+
+
+def test_remembered_means_only_for_the_same_unmodified_tensor():
+    lay = tile_layout((2, 4, 4), (1, 4, 4))
+    x = torch.randn(1, 1, 40, 4)  # 32 video slots + text
+    fake = torch.full((1, 1, 2, 4), 3.0)
+    remember_means(x, lay, fake)
+    assert pool_tiles(x[:, :, :32], lay) is fake
+    assert not torch.equal(pool_tiles(x[:, :, 8:40], lay), fake)  # another view
+    assert not torch.equal(pool_tiles(x[:, :, :32].clone(), lay), fake)  # another tensor
+    x[0, 0, 0, 0] = 1.0  # modified in place
+    assert torch.allclose(pool_tiles(x[:, :, :32], lay), x[:, :, :32].view(1, 1, 2, 16, 4).mean(3))
+
+
+def test_topk_matches_torch_topk():
+    g = torch.Generator().manual_seed(1)
+    for nk, ks in ((7, [1, 3]), (90, [5, 90]), (300, [16, 4])):
+        s = torch.randn(2, 2, 5, nk, generator=g)
+        idx = topk_indices(s, ks)
+        assert idx.dtype == torch.int32 and idx.shape[-1] == max(ks)
+        for h, k in enumerate(ks):
+            assert torch.equal(idx[:, h, :, :k].long(), torch.topk(s[:, h], k, sorted=True).indices)
+            assert bool((idx[:, h, :, k:] == 0).all())
+    s = torch.randint(-2, 3, (1, 1, 6, 50), generator=g).float()  # many ties, negatives, -inf
+    s[0, 0, 0, :3] = float("-inf")
+    idx = topk_indices(s, [9]).long()
+    assert torch.equal(torch.gather(s, -1, idx), torch.topk(s, 9).values)
+    assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all())  # no index twice
+    with pytest.raises(ValueError, match="one k"):
+        topk_indices(s, [0])
+
+
+@pytest.mark.parametrize("tile,grid", [((4, 4, 4), (5, 6, 7)), ((1, 8, 16), (3, 8, 20))])
+def test_tile_peaks_match_exact_peak(tile, grid):
+    lay = tile_layout(grid, tile)
+    g = torch.Generator().manual_seed(2)
+    k = to_tiles(torch.randn(1, 2, math.prod(grid), 16, generator=g), lay)
+    qm = torch.randn(1, 2, lay.n_tiles, 16, generator=g)
+    ref = _exact_peak(k, k, qm, lay, 0.25)  # CPU: the PyTorch path
+    got = tile_peaks(qm, k, lay.tile_lens, lay.volume, 0.25, config=(16, 128, 4))
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_tile_peaks_mean_and_mix_match_veda_reference():
+    lay = tile_layout((5, 4, 4), (4, 4, 4))  # a partial tile of 16 keys
+    g = torch.Generator().manual_seed(3)
+    q, k = (to_tiles(torch.randn(1, 2, 80, 16, generator=g), lay) for _ in "qk")
+    ref = veda_reference_features(q, k, lay).float()
+    qm = pool_tiles(q, lay)
+    peak, mean, mix = tile_peaks(qm, k, lay.tile_lens, lay.volume, 0.25, mean=True, mix=True)
+    for got, name in ((peak, "peak"), (mean, "mean"), (mix, "mix")):
+        assert torch.allclose(got, ref[..., FEATURES.index(name)], atol=1e-5), name
+    with pytest.raises(ValueError, match="power-of-two"):
+        tile_peaks(qm, k[:, :, :100], lay.tile_lens, 64, 0.25)
+
+
+def test_fast_paths_stay_off_on_cpu_and_with_grad():
+    x = torch.randn(1, 1, 4, 2, requires_grad=True)
+    assert not G.use_fast("gather", x.detach())
+    assert G.needs_grad(x) and not G.needs_grad(x.detach())
+    with torch.no_grad():
+        assert not G.needs_grad(x)
