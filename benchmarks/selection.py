@@ -1,6 +1,6 @@
 """Selection fidelity: tile recall and attention-output error of every tile-selection method against dense attention.
 
-Run on CPU (about 35 s on 2 idle cores)::
+Run on CPU (about 35 s on 2 idle cores without the svg2 rows; their cold k-means adds minutes)::
 
     python -m benchmarks.selection
     python -m benchmarks.selection --sets planted,random --no-save
@@ -12,6 +12,11 @@ For every input set and method, at top-k densities of 5, 10 and 20% of the key t
 - err: the relative L2 error `|o_sparse - o_dense| / |o_dense|` of the attention output of each head
   (sparse = softmax restricted to the selected tiles, padded keys excluded), averaged over heads
   (`--error-fraction f` measures it on a seeded random share f of the query tiles only, to save time).
+
+`svg2` (SVG2's k-means clusters, cold start, default cluster counts: S/256 query and S/128 key
+clusters) and `svg2-fine` (64 query and 256 key clusters) are measured on the token order of the
+held-out input: recall is the mass inside the selected (query cluster, key cluster) blocks, and the
+density budget counts key tokens (`svg2_density_exact` per set: the achieved share of pairs).
 
 Sets: `planted` (the 7 planted-geometry heads of `sparsify.planted.planted_heads`, each with its best
 tile), `planted444` (the same heads, all with 4x4x4 tiles), `random` (Gaussian q, k, v, 8 heads,
@@ -47,7 +52,9 @@ from sparsify.planted import oracle_selection, planted_heads, tile_recall
 from sparsify.recipe import Budget
 
 DENSITIES = (0.05, 0.10, 0.20)
-METHODS = ("oracle", "vsa", "veda-bound", "veda", "veda-fit", "xattention")
+TILE_METHODS = ("oracle", "vsa", "veda-bound", "veda", "veda-fit", "xattention")
+SVG2_CONFIGS = {"svg2": {}, "svg2-fine": {"q_clusters": 64, "k_clusters": 256}}  # default cluster counts; finer
+METHODS = TILE_METHODS + tuple(SVG2_CONFIGS)
 SETS = ("planted", "planted444", "random", "testbed")
 RESULTS_DIR = Path(__file__).with_name("results")
 _CHUNK = 1 << 23  # attention probabilities held at once
@@ -205,7 +212,7 @@ def evaluate_group(grid, tile, cal, ev, densities, timings: dict, checks: list, 
     sels = {}
     for d in densities:
         budgets = [Budget(density=d)] * H
-        for m in METHODS:
+        for m in TILE_METHODS:
             if m == "oracle":
                 sels[(m, d)] = oracle_selection(mass, budget_counts(budgets[0], lay.n_tiles))
                 continue
@@ -219,7 +226,41 @@ def evaluate_group(grid, tile, cal, ev, densities, timings: dict, checks: list, 
         g = torch.Generator().manual_seed(0)
         sample = torch.randperm(lay.n_tiles, generator=g)[:max(1, round(error_fraction * lay.n_tiles))].sort().values
     errs = output_errors(q, k, v, lay, sels, sample)
-    return {m: {d: (tile_recall(mass, *sels[(m, d)]).mean(0), errs[(m, d)]) for d in densities} for m in METHODS}
+    return {m: {d: (tile_recall(mass, *sels[(m, d)]).mean(0), errs[(m, d)]) for d in densities} for m in TILE_METHODS}
+
+
+def evaluate_svg2(ev, densities, timings: dict, name: str = "svg2"):
+    """SVG2 on the held-out input in token order (its blocks are clusters, not tiles), cold k-means start.
+
+    Recall = the share of the true attention mass inside the selected (query cluster, key cluster)
+    blocks; err = the relative L2 error of the attention output restricted to them. Returns
+    `{d: (recall [H], err [H], exact density [H])}`.
+    """
+    from sparsify.methods.svg2 import SVG2
+
+    q, k, v = ev
+    H, S = q.shape[1], q.shape[2]
+    out = {}
+    for d in densities:
+        t0 = time.perf_counter()
+        sel = SVG2(**SVG2_CONFIGS[name]).cluster_select(q, k, [Budget(density=d)] * H)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        nq, nk = sel.q_lens.shape[-1], sel.k_lens.shape[-1]
+        live = torch.arange(sel.kv_indices.shape[-1]) < sel.kv_counts[..., None].long()
+        keep = torch.zeros(1, H, nq, nk + 1, dtype=torch.bool)
+        keep.scatter_(-1, torch.where(live, sel.kv_indices.long(), nk), True)
+        rec, err, dens = (torch.zeros(H, dtype=torch.float64) for _ in range(3))
+        for h in range(H):
+            mask = keep[0, h, :, :nk][sel.q_labels[0, h].long()][:, sel.k_labels[0, h].long()]  # [S, S]
+            p = torch.softmax(q[0, h].float() @ k[0, h].float().T / math.sqrt(q.shape[-1]), -1)
+            dense = p @ v[0, h].float()
+            ps = p * mask
+            rec[h] = ps.sum().double() / S
+            sparse = (ps @ v[0, h].float()) / ps.sum(-1, keepdim=True).clamp_min(1e-30)
+            err[h] = ((sparse - dense).norm() / dense.norm()).double()
+            dens[h] = mask.double().mean()
+        out[d] = (rec, err, dens)
+    return out
 
 
 def run_set(name, densities, timings, checks, error_fraction=1.0):
@@ -232,10 +273,17 @@ def run_set(name, densities, timings, checks, error_fraction=1.0):
     for tile, hs in groups.items():
         sub = [tuple(x[:, hs] for x in t) for t in (cal, ev)]
         res = evaluate_group(grid, tile, *sub, densities, timings, checks, error_fraction)
-        for m in METHODS:
+        for m in TILE_METHODS:
             for d in densities:
                 recall[m][d][hs], err[m][d][hs] = res[m][d][0], res[m][d][1].double()
-    return {"grid": list(grid), "error_fraction": error_fraction, "heads": [{"name": n, "tile": list(t)} for n, t in heads],
+    exact = {}
+    for name in SVG2_CONFIGS:
+        svg = evaluate_svg2(ev, densities, timings, name)
+        for d in densities:
+            recall[name][d], err[name][d] = svg[d][0], svg[d][1]
+        exact[name] = {f"{d:g}": svg[d][2].mean().item() for d in densities}
+    return {"svg2_density_exact": exact,
+            "grid": list(grid), "error_fraction": error_fraction, "heads": [{"name": n, "tile": list(t)} for n, t in heads],
             "methods": {m: {f"{d:g}": {"recall": recall[m][d].mean().item(), "err": err[m][d].mean().item(),
                                        "recall_per_head": recall[m][d].tolist(), "err_per_head": err[m][d].tolist()}
                             for d in densities} for m in METHODS}}

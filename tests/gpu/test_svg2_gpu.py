@@ -1,0 +1,94 @@
+"""GPU tests of SVG2: the variable-size block kernel, the k-means kernels and attend at real-ish sizes."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from sparsify.kernels.varlen import varlen_block_attn, varlen_block_attn_reference  # noqa: E402
+from sparsify.layout import Geometry  # noqa: E402
+from sparsify.methods.svg2 import (SVG2, cluster_blocks, kmeans_assign, kmeans_update, segment_means)  # noqa: E402
+from sparsify.recipe import Budget  # noqa: E402
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _blocks(B, H, n, S):
+    cuts = torch.randint(0, S + 1, (B, H, n - 1), device="cuda").sort(-1).values
+    starts = torch.cat([torch.zeros(B, H, 1, dtype=torch.long, device="cuda"), cuts], -1)
+    ends = torch.cat([cuts, torch.full((B, H, 1), S, device="cuda")], -1)
+    return starts.int().contiguous(), (ends - starts).int().contiguous()
+
+
+@pytest.mark.parametrize("B,H,S,D,dtype,nq,nk,mask", [
+    (1, 2, 4133, 128, torch.bfloat16, 17, 61, False),
+    (2, 2, 3001, 64, torch.float16, 12, 40, True),
+    (1, 1, 2500, 128, torch.float16, 9, 33, True),
+])
+def test_varlen_kernel_matches_reference(B, H, S, D, dtype, nq, nk, mask):
+    q, k, v = (torch.randn(B, H, S, D, device="cuda").to(dtype) for _ in range(3))
+    qs, ql = _blocks(B, H, nq, S)
+    ks, kl = _blocks(B, H, nk, S)
+    w = nk // 3
+    idx = torch.rand(B, H, nq, nk, device="cuda").argsort(-1)[..., :w].int().contiguous()
+    cnt = torch.randint(0, w + 1, (B, H, nq), device="cuda").int()
+    km = (torch.rand(B, S, device="cuda") > 0.1) if mask else None
+    ref = varlen_block_attn_reference(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
+    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
+    assert torch.isfinite(out).all()
+    assert _rel(out, ref) < 1e-2
+    assert torch.equal(out.float().abs().sum(-1) == 0, ref.float().abs().sum(-1) == 0)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_assignment_kernel_picks_a_nearest_centroid(D):
+    x = torch.randn(1, 4, 20000, D, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(1, 4, 300, D, device="cuda")
+    lab = kmeans_assign(x, c).long()
+    d = torch.cdist(x.float(), c.to(torch.bfloat16).float()).square()
+    got = torch.gather(d, -1, lab[..., None])[..., 0]
+    assert ((got - d.amin(-1)) <= 1e-2 * d.amin(-1).abs() + 1e-2).float().mean() > 0.999
+
+
+def test_segment_means_equal_scatter_update():
+    x = torch.randn(1, 3, 30000, 128, device="cuda", dtype=torch.bfloat16)
+    labels = torch.randint(0, 500, (1, 3, 30000), device="cuda", dtype=torch.int32)
+    old = torch.randn(1, 3, 500, 128, device="cuda")
+    perm, starts, lens = cluster_blocks(labels, 500)
+    xs = torch.gather(x, 2, perm[..., None].expand(x.shape))
+    torch.testing.assert_close(segment_means(xs, starts, lens, old), kmeans_update(x, labels, old), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("text", [0, 77])
+def test_attend_matches_masked_dense(text):
+    B, H, D = 1, 3, 128
+    geom = Geometry((4, 24, 32), video_start=text // 2)
+    S = geom.video_len + text
+    q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    budgets = [Budget(density=0.1), Budget(top_p=0.9, min_density=0.1), Budget(density=0.3)]
+    method = SVG2()
+    cache: dict = {}
+    for _ in range(2):  # cold, then warm
+        before = copy.deepcopy(cache)
+        out, work = method.attend(q, k, v, geom, budgets, scale=None, key_mask=None, cache=cache, block_fn=None)
+        vs, nv = geom.video_start, geom.video_len
+        sel = method.cluster_select(q[:, :, vs:vs + nv], k[:, :, vs:vs + nv], budgets, cache=before)
+        allowed = torch.ones(B, H, S, S, dtype=torch.bool, device="cuda")
+        allowed[:, :, vs:vs + nv, vs:vs + nv] = sel.token_mask()
+        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
+        want = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.float()
+        assert _rel(out, want) < 1e-2
+        assert 0 < work < B * H
+        q = q + 0.05 * torch.randn_like(q)
+    assert cache["iters"] == (1, 1)
