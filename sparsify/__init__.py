@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .api import find_sites, installed_sites, sparsify, unsparsify
 from .recipe import Recipe, RecipeError, load_recipe
+from .training import SparsityRamp, add_vsa_gates, set_density
 
 
 def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
@@ -14,4 +15,4 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
 
 
 __all__ = ["sparsify", "unsparsify", "calibrate", "find_sites", "installed_sites", "Recipe", "RecipeError",
-           "load_recipe"]
+           "load_recipe", "add_vsa_gates", "set_density", "SparsityRamp"]

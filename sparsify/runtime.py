@@ -53,6 +53,14 @@ class SiteState:
         """The budgets of `heads` at denoising step `step` (None: no step known) under the schedule."""
         return [scheduled_budget(self.configs[h].budget, self.schedule, step) for h in heads]
 
+    def method(self, key: tuple, heads) -> object:
+        """The selection method of a head group `(method, tile)`, built once from its heads' recipe params."""
+        ckey = ("method", key, tuple(heads))
+        impl = self.cache.get(ckey)
+        if impl is None:
+            impl = self.cache[ckey] = get_method(key[0], [self.configs[h].params for h in heads])
+        return impl
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
@@ -240,7 +248,7 @@ def pooled_drift(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
 
 
-def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
+def _select(st, impl, key, heads, ts, lay, geom, gen, step, B):
     """The group's selection: computed, or reused from an earlier step while q and k barely drifted."""
     P = ts.n_video_slots
     budgets = st.budgets(heads, step)
@@ -248,7 +256,7 @@ def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
     log = STATE.selection_log if step is not None else None
     if reuse is None and log is None:
         st.selections += 1
-        return get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+        return impl.select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
     pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
     hit = st.cache.get(ckey) if reuse is not None else None
@@ -257,7 +265,7 @@ def _select(st, method, key, heads, ts, lay, geom, gen, step, B):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]
-    idx, cnt = get_method(method).select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+    idx, cnt = impl.select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
     st.selections += 1
     if log is not None:
         log(st, (gen, *ckey), step, pq, pk, idx, cnt)
@@ -340,7 +348,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             st.work += B * len(heads)
         else:
             method, tile = key
-            impl = get_method(method)
+            impl = st.method(key, heads)
             if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
                 gkey = ("attend", key, tuple(heads), geom.grid, B, st.calls_in_step)
                 cache = st.cache.get(gkey)
@@ -353,7 +361,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             else:
                 lay = tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay)
-                idx, cnt = _select(st, method, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)
                 st.work += float(sparse_work(geom, lay, cnt, S))

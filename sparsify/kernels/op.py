@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
 from .. import runtime
@@ -17,6 +20,7 @@ def sparse_attention(
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
     timestep: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse attention of one installed site.
 
@@ -30,6 +34,8 @@ def sparse_attention(
             the step policy (dense first steps, mask reuse); None disables it.
         attn_mask: optional SDPA mask; a key-padding mask (bool, or 0/-inf float, shaped `[B, S]` or
             `[B, 1, 1, S]`) is honoured by the sparse path, any other mask makes the call dense.
+        gate: optional `[B, H, S, D]` gate of VSA's coarse branch (see `sparsify.training.add_vsa_gates`):
+            sparse heads then return `sparse_out + gate * coarse_out`. None: pure sparse attention.
 
     Returns:
         `[B, H, S, D]`, contiguous, q's dtype.
@@ -38,11 +44,13 @@ def sparse_attention(
         >>> # installed by sparsify(); called as
         >>> # torch.ops.sparsify.sparse_attention(q, k, v, module._sparsify_site, [T, H, W, 0])
     """
-    return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
+    if gate is None:  # exactly the gate-less call of before
+        return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
+    return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep, gate=gate)
 
 
 @sparse_attention.register_fake
-def _(q, k, v, site, geometry, scale=None, attn_mask=None, timestep=None):
+def _(q, k, v, site, geometry, scale=None, attn_mask=None, timestep=None, gate=None):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
@@ -52,6 +60,81 @@ def _autograd_dispatch():
     for key in ("AutogradCPU", "AutogradCUDA", "AutogradOther", "AutogradNestedTensor"):
         exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
+# ----------------------------------------------------------------------------------------------
+# differentiable kernels for the backward's recomputation
+
+_TRITON_GRAD: dict[str, bool] = {}
+
+
+def _triton_differentiable(device: torch.device) -> bool:
+    """Whether the Triton block-sparse kernel that serves CUDA calls has an autograd formula (probed once).
+
+    `SPARSIFY_NO_TRITON_BACKWARD=1` in the environment says no (the backward then uses masked dense SDPA).
+    """
+    key = str(device)
+    if os.environ.get("SPARSIFY_NO_TRITON_BACKWARD", "") not in ("", "0"):
+        return False
+    if key not in _TRITON_GRAD:
+        try:
+            from .block_sparse import block_sparse_attn
+
+            x = torch.randn(1, 1, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+            idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=device)
+            cnt = torch.ones(1, 1, 2, dtype=torch.int32, device=device)
+            with torch.enable_grad():
+                out = block_sparse_attn(x, x, x, idx, cnt, block_size=(64, 64))
+            _TRITON_GRAD[key] = bool(out.requires_grad)
+        except Exception:  # noqa: BLE001 - no Triton, or a kernel that cannot run: not differentiable
+            _TRITON_GRAD[key] = False
+    return _TRITON_GRAD[key]
+
+
+def masked_dense_block_fn(q, k, v, kv_indices, kv_counts, *, block_size, scale=None, key_mask=None,
+                          kv_block_lens=None):
+    """Block-sparse attention as dense SDPA with the equivalent boolean mask (differentiable, fused).
+
+    The stand-in for a backward kernel: same semantics as `block_sparse_attn_reference` (rows that see no
+    key return zeros), memory `O(B·H·S²)` bits for the mask instead of materialized scores, but dense
+    compute. Used by the op's backward on CUDA while the Triton kernel has no autograd formula.
+    """
+    from .reference import selection_to_block_mask
+
+    B, H, S, _ = q.shape
+    bm, bn = block_size
+    n_kb = -(-S // bn)
+    blocks = selection_to_block_mask(kv_indices, kv_counts, n_kb)  # [B, H, nq, nk]
+    mask = blocks.repeat_interleave(bm, dim=2)[:, :, :S].repeat_interleave(bn, dim=3)[..., :S]
+    keys = None
+    if kv_block_lens is not None:
+        keys = (torch.arange(bn, device=q.device).view(1, bn) < kv_block_lens.view(-1, 1).to(q.device)).reshape(-1)[:S]
+        keys = keys.unsqueeze(0).expand(B, S)
+    if key_mask is not None:
+        keys = key_mask.to(torch.bool) if keys is None else keys & key_mask.to(torch.bool)
+    if keys is not None:
+        mask = mask & keys[:, None, None, :]
+    seen = mask.any(-1, keepdim=True)  # rows without any key: attend everywhere, then zero the output
+    mask = mask | ~seen
+    out = runtime._dense_sdpa(q, k, v, mask, 0.0, False, scale=scale)
+    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+@contextlib.contextmanager
+def _differentiable_kernels(device: torch.device):
+    """Make `run_site` use a block-sparse kernel that autograd can differentiate on `device`."""
+    if device.type != "cuda" or _triton_differentiable(device):
+        yield
+        return
+    orig = runtime.block_fn_for
+    runtime.block_fn_for = lambda q: masked_dense_block_fn
+    try:
+        yield
+    finally:
+        runtime.block_fn_for = orig
+
+
+_COUNTERS = ("calls", "selections", "reused", "work", "dense_work")
 
 
 @torch.library.custom_op("sparsify::sparse_attention_backward", mutates_args=())
@@ -64,35 +147,58 @@ def sparse_attention_backward(
     geometry: list[int],
     scale: float | None = None,
     attn_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of `sparse_attention` by recomputing its reference path under autograd.
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of `sparse_attention` (q, k, v and gate) by recomputing its path under autograd.
 
-    The selection is recomputed from the same q and k (it is deterministic) and treated as constant.
-    The step policy (dense first steps, mask reuse) is inference-only: the recomputation does not use it.
+    The selection is recomputed from the same q and k (it is deterministic) and treated as constant; the
+    coarse branch (with a gate) is differentiated through its pooling and softmax. The step policy (dense
+    first steps, mask reuse) is inference-only: the recomputation does not use it, and it leaves the
+    site's call and work counters as the forward left them. On CUDA the block-sparse part runs the Triton
+    kernel when it has an autograd formula, else dense SDPA with the equivalent mask.
+
+    Returns:
+        `(dq, dk, dv, dgate)`; `dgate` is an empty tensor when `gate` is None.
     """
-    with torch.enable_grad(), _autograd_dispatch():
-        qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
-        out = runtime.run_site(qg, kg, vg, site, geometry, scale, attn_mask)
-        dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), grad, allow_unused=True)
-    zero = torch.zeros_like
-    return tuple((zero(x) if d is None else d).contiguous() for d, x in zip((dq, dk, dv), (q, k, v)))
+    st = runtime._site(site)
+    saved = {name: getattr(st, name) for name in _COUNTERS}
+    try:
+        with torch.enable_grad(), _autograd_dispatch(), _differentiable_kernels(q.device):
+            xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            gg = gate.detach().requires_grad_(True) if gate is not None else None
+            if gg is None:
+                out = runtime.run_site(*xs, site, geometry, scale, attn_mask)
+            else:
+                out = runtime.run_site(*xs, site, geometry, scale, attn_mask, None, gate=gg)
+            wrt = xs + ([gg] if gg is not None else [])
+            grads = torch.autograd.grad(out, wrt, grad, allow_unused=True) if out.requires_grad else [None] * len(wrt)
+    finally:
+        for name, val in saved.items():
+            setattr(st, name, val)
+    if gate is None:
+        grads = list(grads) + [None]
+    grads = [(torch.zeros_like(x) if d is None else d).contiguous() for d, x in zip(grads[:3], (q, k, v))] + [
+        q.new_zeros(0) if gate is None else (torch.zeros_like(gate) if grads[3] is None else grads[3]).contiguous()]
+    return tuple(grads)
 
 
 @sparse_attention_backward.register_fake
-def _(grad, q, k, v, site, geometry, scale=None, attn_mask=None):
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+def _(grad, q, k, v, site, geometry, scale=None, attn_mask=None, gate=None):
+    dgate = q.new_empty(0) if gate is None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v)) + (dgate,)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, site, geometry, scale, attn_mask, timestep = inputs
-    ctx.save_for_backward(q, k, v, site, attn_mask)
+    q, k, v, site, geometry, scale, attn_mask, timestep, gate = inputs
+    ctx.save_for_backward(q, k, v, site, attn_mask, gate)
     ctx.geometry, ctx.scale = geometry, scale
 
 
 def _backward(ctx, grad):
-    q, k, v, site, attn_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.sparsify.sparse_attention_backward(grad, q, k, v, site, ctx.geometry, ctx.scale, attn_mask)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, site, attn_mask, gate = ctx.saved_tensors
+    dq, dk, dv, dgate = torch.ops.sparsify.sparse_attention_backward(grad, q, k, v, site, ctx.geometry, ctx.scale,
+                                                                     attn_mask, gate)
+    return dq, dk, dv, None, None, None, None, None, (dgate if gate is not None else None)
 
 
 sparse_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -23,11 +23,30 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     """
     stack = STATE.stack
     if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() == 4:
+        gate = _gate_for(query, GATES[-1]) if GATES and GATES[-1] is not None else None
         return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], runtime.current_geometry(), scale,
-                                                   attn_mask, STATE.timestep)
+                                                   attn_mask, STATE.timestep, gate)
     if enable_gqa:
         return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
     return _ORIG_SDPA(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+
+
+#: Name of the gate submodule `sparsify.training.add_vsa_gates` adds to a site module (VSA's `Linear(dim, dim)`).
+GATE_ATTR = "to_gate_compress"
+
+#: Gates `[B, S, H*D]` of the site modules being executed, parallel to `STATE.stack` (None: no gate).
+GATES: list = []
+
+
+def _gate_for(query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """The site's gate `[B, S, H*D]` (computed from the module's input) as `[B, H, S, D]`, like `query`."""
+    B, H, S, D = query.shape
+    if gate.dim() != 3 or gate.shape[0] != B or gate.shape[1] != S or gate.shape[2] != H * D:
+        raise RuntimeError(
+            f"sparsify: the VSA gate of this site has shape {tuple(gate.shape)} but the attention call has q of "
+            f"shape {tuple(query.shape)} ([B, H, S, D]); gates need a self-attention site whose input "
+            "sequence is the attention sequence, with [B, S, H*D] = [B, S, dim]")
+    return gate.view(B, S, H, D).transpose(1, 2)
 
 
 def manual_site_attention(q, k, v, site, scale):
@@ -48,6 +67,10 @@ def _patch_sdpa(modules: list) -> None:
     _USERS += 1
     targets = [(F, "scaled_dot_product_attention")]
     for mod in modules:
+        if getattr(mod, "__name__", "").split(".")[0] == __name__.split(".")[0]:
+            # never sparsify's own modules: with a model already sparsified, discovery of the next one traces
+            # through sparsify_sdpa, whose `_ORIG_SDPA` would otherwise be patched into itself (recursion)
+            continue
         for name, val in list(vars(mod).items()):
             if val is _ORIG_SDPA:
                 targets.append((mod, name))
@@ -78,7 +101,8 @@ _SITE_FORWARDS: dict[type, object] = {}
 
 def _site_forward(cls: type):
     """The forward of an SDPA site module of class `cls`: the class forward, with the module's site
-    tensor on the runtime stack while it runs.
+    tensor on the runtime stack while it runs (and, when the module has a VSA gate submodule
+    `GATE_ATTR`, the gate computed from its input hidden states on `GATES`).
 
     One function per class, bound per instance, so compiled graphs do not specialize on which block
     they run in; the site tensor itself becomes a graph input.
@@ -87,11 +111,17 @@ def _site_forward(cls: type):
         inner = cls.forward
 
         def forward(self, *args, **kwargs):
+            gate_mod = getattr(self, GATE_ATTR, None)
+            gate = None
+            if gate_mod is not None:  # VSA's learned gate, from the module's input hidden states
+                gate = gate_mod(args[0] if args else kwargs["hidden_states"])
             STATE.stack.append(self._sparsify_site)
+            GATES.append(gate)
             try:
                 return inner(self, *args, **kwargs)
             finally:
                 STATE.stack.pop()
+                GATES.pop()
 
         _SITE_FORWARDS[cls] = forward
     return _SITE_FORWARDS[cls]

@@ -1,6 +1,12 @@
 """Train the test-bed Wan DiT on procedural videos with rectified flow matching (as Wan is trained).
 
     python -m sparsify.testbed.train --steps 4000 --compile --out out/testbed --seed 0   # the shipped run (H100, 7 min)
+    python -m sparsify.testbed.train --attention vsa --final-density 0.1 --ramp-steps 600 --compile --out out/vsa
+
+`--attention vsa` trains with Video Sparse Attention from scratch: every self-attention site is sparsified
+with VSA's 4x4x4 tiles, gets VSA's learned gate (`sparsify.training.add_vsa_gates`), and its density follows
+VSA's ramp (`SparsityRamp`: dense, then in stairs to `--final-density` over `--ramp-steps`). The log then
+also records the density and the attention work actually computed per step (the runtime's counters).
 
 x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0 (MSE), t from a logit-normal, the model sees
 timestep t * 1000. AdamW with warm-up and cosine decay, bf16 autocast on CUDA, an EMA of the weights (saved).
@@ -59,6 +65,9 @@ class TrainConfig:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     model_hook: str = ""  # "package.module:function", see the module docstring
     latent_shape: tuple[int, int, int, int] = LATENT_SHAPE  # [C, F, H, W]; C must be the model's in_channels
+    attention: str = "dense"  # "dense" (the shipped run) or "vsa" (sparse attention with VSA's gates and ramp)
+    final_density: float = 0.1  # --attention vsa: density after the ramp (0.1 = 90% sparsity)
+    ramp_steps: int = 0  # --attention vsa: steps of the ramp from dense to final_density (0: sparse from step 0)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch < 1:
@@ -70,6 +79,33 @@ class TrainConfig:
             raise ValueError(
                 f"latent_shape must be [C={TESTBED_CONFIG['in_channels']}, F, H, W]; got {self.latent_shape}"
             )
+        if self.attention not in ("dense", "vsa"):
+            raise ValueError(f"attention must be 'dense' or 'vsa'; got {self.attention!r}")
+        if not 0.0 < self.final_density <= 1.0 or self.ramp_steps < 0:
+            raise ValueError(f"final_density must be in (0, 1] and ramp_steps >= 0; got {self.final_density}, "
+                             f"{self.ramp_steps}")
+
+
+#: VSA's tile (4x4x4 = 64 tokens) for `--attention vsa`; the density is set by the ramp at every step.
+VSA_TRAIN_RECIPE = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 1.0}}}
+
+
+def attention_flops(model: torch.nn.Module, batch: int, latent_shape) -> dict[str, float]:
+    """Forward FLOPs per step of the test-bed: dense self-attention and an estimate of everything else.
+
+    Self-attention: `4 * S^2 * D` per (sample, head, layer) (q.kT and p.v). The rest: `2 * params * tokens`
+    over the blocks, patch embedding and output projection (the cross-attention to the 8 text tokens and the
+    per-sample condition embedder are counted as if per token: a slight over-estimate).
+    """
+    c = TESTBED_CONFIG
+    _, f, h, w = latent_shape
+    pt, ph, pw = c["patch_size"]
+    S = (f // pt) * (h // ph) * (w // pw)
+    heads, d, layers = c["num_attention_heads"], c["attention_head_dim"], c["num_layers"]
+    base = model._orig_mod if hasattr(model, "_orig_mod") else model
+    per_token = sum(p.numel() for n, p in base.named_parameters()
+                    if n.startswith(("blocks.", "patch_embedding.", "proj_out.")))
+    return {"self_attention": 4.0 * S * S * d * heads * layers * batch, "other": 2.0 * per_token * S * batch}
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -169,6 +205,15 @@ def train(
     hook = model_hook or _resolve_hook(cfg.model_hook)
     if hook is not None:
         model = hook(model) or model
+    ramp = None
+    if cfg.attention == "vsa":
+        from ..api import sparsify
+        from ..training import SparsityRamp, add_vsa_gates
+
+        sparsify(model, VSA_TRAIN_RECIPE)
+        add_vsa_gates(model)
+        ramp = SparsityRamp(final_density=cfg.final_density, ramp_steps=cfg.ramp_steps)
+    flops = attention_flops(model, cfg.batch, cfg.latent_shape)
     n_params = count_params(model)
     ema = {k: p.detach().clone().float() for k, p in model.named_parameters()}
     params, ema_list = list(model.parameters()), list(ema.values())
@@ -191,20 +236,28 @@ def train(
     log_path = out_dir / "train_log.csv"
     log_f = open(log_path, "w", newline="")
     log = csv.writer(log_f)
-    log.writerow(["step", "loss", "lr", "grad_norm", "elapsed_s", "samples_per_s"])
+    log.writerow(["step", "loss", "lr", "grad_norm", "elapsed_s", "samples_per_s", "density", "attn_work"])
     evals = []
     t_start = time.perf_counter()
     t_win, win_loss, win_n, win_gn = t_start, 0.0, 0, 0.0
+    work_sum = dense_sum = win_work = win_dense = 0.0
     step = 0
     stopped_early = False
+    density = 1.0
     for step in range(cfg.steps):
         lr = _lr_at(step, cfg)
         for gr in opt.param_groups:
             gr["lr"] = lr
+        if ramp is not None:
+            density = ramp.apply(model, step)
+            w0, d0 = _work(model)
         xt, timestep, cond, target = flow_matching_batch(cfg.batch, cfg.seed * 1_000_003 + step, device, cfg)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             pred = fwd(hidden_states=xt, timestep=timestep, encoder_hidden_states=cond, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), target)
+        if ramp is not None:
+            w1, d1 = _work(model)
+            win_work, win_dense = win_work + w1 - w0, win_dense + d1 - d0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gn = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -222,11 +275,15 @@ def train(
             now = time.perf_counter()
             l, g_ = (win_loss / win_n).item(), (win_gn / win_n).item()
             sps = win_n * cfg.batch / (now - t_win)
-            log.writerow([step + 1, f"{l:.5f}", f"{lr:.3e}", f"{g_:.3f}", f"{now - t_start:.1f}", f"{sps:.1f}"])
+            aw = win_work / win_dense if win_dense else 1.0  # attention computed / dense in this window
+            work_sum, dense_sum = work_sum + (win_work if win_dense else win_n), dense_sum + (win_dense or win_n)
+            log.writerow([step + 1, f"{l:.5f}", f"{lr:.3e}", f"{g_:.3f}", f"{now - t_start:.1f}", f"{sps:.1f}",
+                          f"{density:.4f}", f"{aw:.4f}"])
             log_f.flush()
             print(f"[train] step {step + 1:5d}  loss {l:.4f}  lr {lr:.2e}  gnorm {g_:.2f}  "
-                  f"{sps:7.1f} samples/s  {now - t_start:6.1f}s", flush=True)
-            t_win, win_loss, win_n, win_gn = now, 0.0, 0, 0.0
+                  f"{sps:7.1f} samples/s  {now - t_start:6.1f}s" + (f"  density {density:.3f} (attn work {aw:.3f})"
+                                                                    if ramp is not None else ""), flush=True)
+            t_win, win_loss, win_n, win_gn, win_work, win_dense = now, 0.0, 0, 0.0, 0.0, 0.0
             if cfg.max_seconds and now - t_start > cfg.max_seconds and not last:
                 print(f"[train] time budget {cfg.max_seconds}s reached at step {step + 1}: stopping", flush=True)
                 stopped_early = True
@@ -254,6 +311,20 @@ def train(
     init_ev = eval_loss(init, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch)
     del init
     use_ema = sum(ema_ev.values()) <= sum(raw_ev.values())
+    last_aw = float(rows_last["attn_work"]) if (rows_last := _last_row(log_path)) else 1.0
+    mean_aw = work_sum / dense_sum if dense_sum else 1.0
+    compute = {
+        "attention": cfg.attention,
+        "final_density": cfg.final_density if ramp is not None else 1.0,
+        "ramp_steps": cfg.ramp_steps if ramp is not None else 0,
+        "attn_work_last_window": last_aw,  # attention computed / dense (forward; padding and coarse branch counted)
+        "attn_work_mean": mean_aw,
+        "fwd_flops_dense_attention_per_step": flops["self_attention"],
+        "fwd_flops_other_per_step": flops["other"],
+        "fwd_flops_attention_per_step_last": flops["self_attention"] * last_aw,
+        "train_flops_per_step_last": 3.0 * (flops["self_attention"] * last_aw + flops["other"]),  # bwd = 2x fwd
+        "train_flops_per_step_dense": 3.0 * (flops["self_attention"] + flops["other"]),
+    }
     if not use_ema:
         with torch.no_grad():
             for k, p in model.named_parameters():
@@ -268,6 +339,7 @@ def train(
         "eval_loss_final_ema": ema_ev,
         "eval_loss_random_init": init_ev,
         "shipped": "ema" if use_ema else "raw",
+        "compute": compute,
         "evals": evals,
         "train_config": asdict(cfg),
         "torch": torch.__version__,
@@ -281,9 +353,25 @@ def train(
     base = model._orig_mod if hasattr(model, "_orig_mod") else model
     save_weights(base, out_dir, {"training": {k: v for k, v in summary.items() if k != "evals"}})
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if ramp is not None:  # release the runtime sites and the SDPA patch (the gates stay in the saved weights)
+        from ..api import unsparsify
+
+        unsparsify(base)
     print(f"[train] done: {step + 1} steps in {wall:.1f}s; eval (fp32) raw {raw_ev}, ema {ema_ev}, "
           f"random init {init_ev}; shipped {summary['shipped']}", flush=True)
     return summary
+
+
+def _work(model) -> tuple[float, float]:
+    from ..training import attention_work
+
+    return attention_work(model._orig_mod if hasattr(model, "_orig_mod") else model)
+
+
+def _last_row(log_path: Path) -> dict | None:
+    with open(log_path) as f:
+        rows = list(csv.DictReader(f))
+    return rows[-1] if rows else None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
