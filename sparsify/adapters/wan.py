@@ -17,6 +17,19 @@ class WanAdapter(Adapter):
     def matches(cls, model):
         return type(model).__name__ in ("WanTransformer3DModel", "WanVACETransformer3DModel", "WanAnimateTransformer3DModel")
 
+    def timestep(self, model, args, kwargs):
+        """The call's timestep; a per-token timestep `[B, S]` (Wan 2.2 TI2V, `expand_timesteps`) is reduced to
+        its maximum over tokens, the noise level of the generated frames (conditioning frames sit at 0).
+
+        Example:
+            >>> WanAdapter().timestep(None, (), {"timestep": torch.tensor([[0.0, 900.0, 900.0]])})
+            tensor([900.])
+        """
+        t = super().timestep(model, args, kwargs)
+        if isinstance(t, torch.Tensor) and t.dim() > 1:
+            t = t.flatten(1).amax(dim=1)
+        return t
+
     def geometry(self, model, args, kwargs) -> Geometry:
         x = _arg(args, kwargs, "hidden_states", 0)
         pt, ph, pw = model.config.patch_size
