@@ -107,6 +107,7 @@ class HeadConfig:
     tile: tuple[int, int, int] = (4, 4, 4)
     budget: Budget = Budget(density=1.0)
     enable: bool = True
+    params: dict | None = field(default=None, hash=False, repr=False)  # method parameters (e.g. Veda's estimator)
 
     @property
     def is_dense(self) -> bool:
@@ -231,6 +232,7 @@ class HeadEntry:
     tile: tuple[int, int, int] | None = None
     budget: Budget | None = None
     enable: bool | None = None
+    params: dict | None = field(default=None, hash=False)  # parameters of `method` (which the entry must name)
 
 
 @dataclass(frozen=True)
@@ -296,7 +298,7 @@ class Recipe:
         out = [base] * heads
         if entry is not None:
             for h in entry.heads:
-                out[h.head] = _override(base, h.enable, h.method, h.tile, h.budget)
+                out[h.head] = _override(base, h.enable, h.method, h.tile, h.budget, h.params)
         if not sparse_kind:
             out = [dataclasses.replace(c, enable=False) for c in out]
         return out
@@ -378,12 +380,13 @@ def _short_list(items, n: int = 6) -> str:
     return s + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "(none)"
 
 
-def _override(base: HeadConfig, enable, method, tile, budget) -> HeadConfig:
+def _override(base: HeadConfig, enable, method, tile, budget, params=None) -> HeadConfig:
     return HeadConfig(
         method=method if method is not None else base.method,
         tile=tile if tile is not None else base.tile,
         budget=budget if budget is not None else base.budget,
         enable=enable if enable is not None else base.enable,
+        params=params if params is not None else (base.params if method is None else None),
     )
 
 
@@ -407,7 +410,8 @@ def _rule_dict(r: Rule) -> dict:
 def _entry_dict(e: SiteEntry) -> dict:
     out = _fields_dict(e)
     if e.heads:
-        out["heads"] = [{"head": h.head, **_fields_dict(h)} for h in e.heads]
+        out["heads"] = [{"head": h.head, **_fields_dict(h), **({"params": h.params} if h.params else {})}
+                        for h in e.heads]
     return out
 
 
@@ -470,6 +474,25 @@ def _int(v, key, lo=None):
     if lo is not None and v < lo:
         _fail(key, f"must be >= {lo}; got {v}")
     return v
+
+
+def _params(entry: dict, method: str | None, key: str) -> dict:
+    """Validate a head entry's `params` with its method's `check_params` (the entry must name the method)."""
+    from .methods.registry import method_class
+
+    params = entry["params"]
+    if method is None:
+        _fail(f"{key}.params", "needs 'method' in the same entry (parameters belong to one method)")
+    if not isinstance(params, dict):
+        _fail(f"{key}.params", f"must be a mapping; got {type(params).__name__}")
+    check = getattr(method_class(method), "check_params", None)
+    if check is None:
+        _fail(f"{key}.params", f"method '{method}' takes no parameters")
+    try:
+        check(params)
+    except ValueError as e:
+        _fail(f"{key}.params", str(e))
+    return params
 
 
 def _method(v, key):
@@ -607,13 +630,14 @@ def _parse(data: Any, source: str | None) -> Recipe:
         seen = set()
         for j, h in enumerate(raw_heads):
             hk = f"{k}.heads[{j}]"
-            _expect_map(h, hk, _OVERRIDE_KEYS | {"head"}, required=("head",))
+            _expect_map(h, hk, _OVERRIDE_KEYS | {"head", "params"}, required=("head",))
             idx = _int(h["head"], f"{hk}.head", 0)
             if idx in seen:
                 _fail(f"{hk}.head", f"head {idx} is listed twice")
             seen.add(idx)
             ho = _overrides(h, hk)
-            heads.append(HeadEntry(head=idx, **ho))
+            params = _params(h, ho["method"], hk) if "params" in h else None
+            heads.append(HeadEntry(head=idx, **ho, params=params))
         sites[str(path)] = SiteEntry(heads=tuple(heads), **o)
 
     calibration = data.get("calibration")

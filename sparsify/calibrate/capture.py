@@ -39,6 +39,7 @@ class Capture:
         self.seconds = 0.0
         self.loaded = 0
         self.progress = progress
+        self.veda: dict[tuple, list] = {}  # (site path, tile) -> [sum of fitted estimator weights, calls]
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -61,16 +62,20 @@ class Capture:
         self.calls[st.path] = call + 1
         f = self._file(st.path, call) if self.dir is not None else None
         if f is not None and f.exists():
-            m = SiteMeasurement(**torch.load(f))
+            saved = torch.load(f)
+            for tile, w in saved.pop("veda", {}).items():
+                self._add_veda(st.path, tile, w)
+            m = SiteMeasurement(**saved)
             self.loaded += 1
         else:
             t0 = time.perf_counter()
+            fitted = self._fit_veda(st.path, q, k, geom) if "veda" in self.methods else {}
             m = measure_site(q, k, v, geom, self.tiles, self.levels, methods=self.methods, scale=scale, key_mask=key_mask,
-                             query_fraction=self.query_fraction, seed=call)
+                             query_fraction=self.query_fraction, seed=call, rankers=self._veda_rankers(st.path))
             self.seconds += time.perf_counter() - t0
             if f is not None:
                 tmp = f.with_suffix(".tmp")
-                torch.save({"sq_err": m.sq_err, "energy": m.energy, "cost": m.cost, "calls": m.calls}, tmp)
+                torch.save({"sq_err": m.sq_err, "energy": m.energy, "cost": m.cost, "calls": m.calls, "veda": fitted}, tmp)
                 tmp.replace(f)  # atomic: an interrupt never leaves a half-written checkpoint
         if st.path in self.results:
             self.results[st.path].add(m)
@@ -78,6 +83,45 @@ class Capture:
             self.results[st.path] = m
         if self.progress is not None:
             self.progress.update(st.path)
+
+    def _add_veda(self, path, tile, weights):
+        acc = self.veda.setdefault((path, tuple(tile)), [torch.zeros_like(weights), 0])
+        acc[0] += weights
+        acc[1] += 1
+
+    def _fit_veda(self, path, q, k, geom) -> dict:
+        """Distill Veda's per-head estimator for every candidate tile from this call's full attention."""
+        from ..kernels.op import _autograd_dispatch
+        from ..layout import tile_layout, to_tiles
+        from ..methods.veda import FEATURES, fit_veda_estimator
+
+        vs, vl = geom.video_start, geom.video_len
+        out = {}
+        for tile in self.tiles:
+            lay = tile_layout(geom.grid, tile, q.device)
+            qt, kt = (to_tiles(x[:, :, vs:vs + vl].float(), lay) for x in (q, k))
+            # the fit is an L-BFGS solve: calibration forwards run under no_grad and inside the custom op
+            with torch.enable_grad(), _autograd_dispatch():
+                est = fit_veda_estimator(qt, kt, lay)
+            w = torch.zeros(est.weights.shape[0], len(FEATURES))
+            w[:, [FEATURES.index(f) for f in est.features]] = est.weights.cpu()
+            out[tuple(tile)] = w
+            self._add_veda(path, tile, w)
+        return out
+
+    def veda_estimators(self) -> dict:
+        """`{(site path, tile): VedaEstimator}`: the mean of the weights fitted on every call so far."""
+        from ..methods.veda import FEATURES, VedaEstimator
+
+        return {key: VedaEstimator(FEATURES, w / n) for key, (w, n) in self.veda.items()}
+
+    def _veda_rankers(self, path) -> dict | None:
+        if "veda" not in self.methods:
+            return None
+        from ..methods.veda import Veda
+
+        ests = {tile: est for (p, tile), est in self.veda_estimators().items() if p == path}
+        return {("veda", tile): (lambda h, e=est: Veda(e.subset([h]))) for tile, est in ests.items()}
 
     def __enter__(self):
         if runtime.STATE.observer is not None:

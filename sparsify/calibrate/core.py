@@ -131,21 +131,32 @@ def model_output_error(model, all_infos, adapter, configs: dict, output_loop, de
     return err / max(sum(float((d ** 2).sum()) for d in dense), 1e-30)
 
 
+def _veda_params(veda, path, tile, method, head):
+    """Recipe params of a Veda head: its site's fitted estimator for `tile` (None for other methods)."""
+    from ..methods.veda import Veda
+
+    est = (veda or {}).get((path, tuple(tile))) if method == "veda" else None
+    return Veda.head_params(est, head) if est is not None else None
+
+
 def choice_configs(result: "CalibrationResult", choice) -> dict:
     """Per-site head configs `{path: [HeadConfig]}` of an option choice (e.g. a solver's `Allocation.choice`)."""
     configs, g = {}, 0
+    veda = result.extras.get("veda")
     for info in result.sites:
         heads = []
-        for _ in range(info.heads):
+        for h in range(info.heads):
             opt = result.options[int(choice[g])]
             g += 1
             heads.append(HeadConfig(method="dense") if opt[0] == "dense" else
-                         HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
+                         HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1]),
+                                    params=_veda_params(veda, info.path, opt[0], opt[2], h)))
         configs[info.path] = heads
     return configs
 
 
-def _output_scales(model, all_infos, infos, adapter, results, cands, levels, output_loop, ref_density, progress):
+def _output_scales(model, all_infos, infos, adapter, results, cands, levels, output_loop, ref_density, progress,
+                   veda=None):
     """HASTE's model-output error, per site: scale each site's attention-error surrogate to it.
 
     For each site, every head is made sparse at `ref_density` with its best tile (all other sites dense),
@@ -160,7 +171,9 @@ def _output_scales(model, all_infos, infos, adapter, results, cands, levels, out
         share = results[info.path].head_share()
         best = rel[:, :, li].argmin(1)
         configs = [HeadConfig(method=cands[int(best[h])][0], tile=tuple(cands[int(best[h])][1]),
-                              budget=Budget(density=levels[li])) for h in range(info.heads)]
+                              budget=Budget(density=levels[li]),
+                              params=_veda_params(veda, info.path, cands[int(best[h])][1], cands[int(best[h])][0], h))
+                   for h in range(info.heads)]
         err = model_output_error(model, all_infos, adapter, {info.path: configs}, output_loop, dense)
         pred = float((rel[torch.arange(info.heads), best, li] * share).sum())
         alphas.append(err / pred if pred > 0 else 1.0)
@@ -170,8 +183,9 @@ def _output_scales(model, all_infos, infos, adapter, results, cands, levels, out
     return np.array(alphas), np.array(measured), levels[li], dense
 
 
-def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance):
-    """Recipe with explicit per-head entries for every calibrated site."""
+def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance,
+          veda=None):
+    """Recipe with explicit per-head entries for every calibrated site (Veda heads carry their fitted estimator)."""
     sites = {}
     g = 0
     for info in infos:
@@ -182,7 +196,8 @@ def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, de
             if opt[0] == "dense":
                 heads.append(HeadEntry(head=h, enable=False))
             else:
-                heads.append(HeadEntry(head=h, method=opt[2], tile=opt[0], budget=Budget(density=opt[1])))
+                heads.append(HeadEntry(head=h, method=opt[2], tile=opt[0], budget=Budget(density=opt[1]),
+                                       params=_veda_params(veda, info.path, opt[0], opt[2], h)))
         sites[info.path] = SiteEntry(heads=tuple(heads))
     sig = ModelSignature(type(model).__name__, tuple(i.spec() for i in all_infos))
     defaults = Defaults(method=default_method, tile=defaults_tile, budget=Budget(density=budget), dense_steps=dense_steps)
@@ -201,12 +216,16 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
         raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
     tiles = [check_tile(list(t), "tiles") for t in tiles]
     from ..methods import available_methods
+    from ..methods.registry import method_class
+
+    def usable(m):  # tile methods: the measurement ranks key tiles with `select` (not `attend`-only methods)
+        return m in available_methods() and m != "dense" and not hasattr(method_class(m), "attend")
 
     methods = list(methods)
-    unknown = [m for m in methods if m not in available_methods() or m == "dense"]
+    unknown = [m for m in methods if not usable(m)]
     if not methods or unknown:
-        raise ValueError(f"sparsify.calibrate: unknown or unusable methods {unknown or methods}; choose from "
-                         f"{', '.join(m for m in available_methods() if m != 'dense')}")
+        raise ValueError(f"sparsify.calibrate: unknown or unusable methods {unknown or methods}; the calibrator "
+                         f"measures tile methods: {', '.join(m for m in available_methods() if usable(m))}")
     cands = [(m, tuple(t)) for m in methods for t in tiles]
     levels = sorted(float(x) for x in levels)
     if not levels or not all(0.0 < x <= 1.0 for x in levels):
@@ -244,7 +263,8 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     if output_error:
         bar = Progress(len(infos), label="output error", enabled=progress)
         alphas, measured, ref, dense_out = _output_scales(model, all_infos, infos, adapter, cap.results, cands, levels,
-                                                          output_loop or forward_loop, reference_density, bar)
+                                                          output_loop or forward_loop, reference_density, bar,
+                                                          veda=cap.veda_estimators())
         bar.close()
         error = error * alphas[layer][:, None]
     forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(dense_layers)}
@@ -271,7 +291,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
         provenance["output_scale_per_site"] = {i.path: round(float(a), 4) for i, a in zip(infos, alphas)}
     recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=budget, defaults_tile=tuple(tiles[0]),
                    default_method=methods[0],
-                   dense_steps=dense_steps, provenance=provenance)
+                   dense_steps=dense_steps, provenance=provenance, veda=cap.veda_estimators())
     if output_error:  # check the prediction: the emitted recipe's real model-output error
         configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
         measured_total = model_output_error(model, all_infos, adapter, configs, output_loop or forward_loop, dense_out)
@@ -279,7 +299,7 @@ def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_T
     return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
                              layer=layer, allocation=alloc, capture_seconds=cap.seconds,
                              extras={"loaded_checkpoints": cap.loaded, "names": names, "alphas": alphas,
-                                     "site_output_error": measured})
+                                     "site_output_error": measured, "veda": cap.veda_estimators()})
 
 
 def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:

@@ -62,6 +62,11 @@ def candidate_cost(geom: Geometry, tile, density: float, seq_len: int) -> float:
     return (video + text) / float(seq_len * seq_len)
 
 
+def _ranker(rankers, default, method, tile, head):
+    f = (rankers or {}).get((method, tuple(tile)))
+    return default if f is None else f(head)
+
+
 def _sample_query_tiles(n_tiles: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
     m = max(1, min(n_tiles, math.ceil(fraction * n_tiles)))
     return torch.randperm(n_tiles, generator=gen)[:m].sort().values
@@ -69,7 +74,8 @@ def _sample_query_tiles(n_tiles: int, fraction: float, gen: torch.Generator) -> 
 
 @torch.no_grad()
 def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), scale=None, key_mask=None,
-                 query_fraction: float = 0.25, seed: int = 0, chunk_elems: int | None = None) -> SiteMeasurement:
+                 query_fraction: float = 0.25, seed: int = 0, chunk_elems: int | None = None,
+                 rankers: dict | None = None) -> SiteMeasurement:
     """Measure one attention call: per head, the exact top-k error of each method, tile shape and density.
 
     Candidates are `(method, tile)` pairs in method-major order (index `m * len(tiles) + t`); a
@@ -90,6 +96,8 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
         query_fraction: share of query tiles sampled per tile shape (errors are exact on those rows).
         seed: sampling seed.
         chunk_elems: bound on the partial sums held at once (default 2^25 on CPU, 2^27 on CUDA).
+        rankers: optional `{(method, tile): f}` where `f(head)` returns the method instance that ranks that
+            head's key tiles (e.g. Veda with the head's fitted estimator); others use `get_method(method)`.
 
     Returns:
         A SiteMeasurement for this call.
@@ -113,7 +121,7 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
     energy = torch.zeros(H, n_c, dtype=torch.float64)
     cost = torch.tensor([[candidate_cost(geom, t, d, S) for d in levels] for _ in methods for t in tiles],
                         dtype=torch.float64)
-    rankers = [get_method(m) for m in methods]
+    default_rankers = [get_method(m) for m in methods]
     all_tiles = [Budget(density=1.0)]
     km_text = None if key_mask is None else key_mask.to(torch.bool).index_select(1, text)[:, None, :]
     for ti, tile in enumerate(tiles):
@@ -129,7 +137,8 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
         for h in range(H):
             qv, kv, vv = (to_tiles(x[:, h:h + 1, vs:vs + vl], lay)[:, 0].float() for x in (q, k, v))  # [B, P, D]
             kt, vt = k[:, h, text].float(), v[:, h, text].float()
-            orders = [r.select(qv[:, None], kv[:, None], lay, all_tiles)[0][:, 0].long() for r in rankers]
+            orders = [_ranker(rankers, default_rankers[mi], m, tile, h).select(qv[:, None], kv[:, None], lay, all_tiles)
+                      [0][:, 0].long() for mi, m in enumerate(methods)]
             for c0 in range(0, qtiles.numel(), per_tile):
                 qt_chunk = qtiles[c0:c0 + per_tile]
                 rows = (qt_chunk[:, None] * vol + torch.arange(vol, device=dev)).reshape(-1)

@@ -40,9 +40,28 @@ def available_methods() -> tuple[str, ...]:
     return tuple(sorted(_METHODS))
 
 
-def get_method(name: str):
-    """An instance of the method registered as `name`."""
+def method_class(name: str) -> type:
+    """The class registered as `name`."""
     try:
-        return _METHODS[name]()
+        return _METHODS[name]
     except KeyError:
         raise KeyError(f"unknown selection method '{name}'; registered: {', '.join(available_methods())}") from None
+
+
+def get_method(name: str, head_params=None):
+    """An instance of the method registered as `name`.
+
+    Args:
+        name: a registered method.
+        head_params: optional per-head parameter dicts (None for a head without parameters), as a recipe's
+            head entries give them; the class builds itself from them with `from_head_params(head_params)`.
+            A class that takes parameters also defines `check_params(params)`, raising ValueError.
+
+    Example:
+        >>> type(get_method("vsa")).__name__
+        'VSA'
+    """
+    cls = method_class(name)
+    if head_params is not None and any(p for p in head_params):
+        return cls.from_head_params(list(head_params))
+    return cls()

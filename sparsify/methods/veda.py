@@ -49,6 +49,12 @@ def tile_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
         >>> st = tile_stats(x, lay); st.mean.item(), st.max.item(), st.min.item()
         (3.0, 6.0, 1.0)
     """
+    from ..kernels.gather import use_fast
+
+    if use_fast("pool", x) and x.shape[2] == layout.padded_len:  # one read of x for all three
+        from ..kernels.gather import pool_stats
+
+        return TileStats(*pool_stats(x, layout.tile_lens, layout.volume, ("mean", "max", "min")))
     return TileStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
 
 
@@ -76,6 +82,10 @@ def _exact_peak(q: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, layout: Tile
     """max over valid keys y of tile j of `q̄_i · k_y * scale`, `[B, H, n, n]`, in query-tile chunks."""
     B, H, N, _ = k.shape
     n, vol = layout.n_tiles, layout.volume
+    if _fast_peaks(k, k, layout):  # one fused GEMM + max, no logits in memory
+        from ..kernels.tile_select import tile_peaks
+
+        return tile_peaks(qm, k, layout.tile_lens, vol, scale)
     pad = (layout.gather < 0).to(k.device).view(1, 1, 1, n, vol)
     kt = k.transpose(-1, -2)  # the GEMM runs in k's dtype (bf16 on GPU), logits in float32
     qm = qm.to(k.dtype)
@@ -86,6 +96,14 @@ def _exact_peak(q: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, layout: Tile
         lg = (torch.matmul(qm[:, :, i0:i1], kt).float() * scale).view(B, H, i1 - i0, n, vol)
         out[:, :, i0:i1] = lg.masked_fill(pad, float("-inf")).amax(-1)
     return out
+
+
+def _fast_peaks(q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> bool:
+    from ..kernels.gather import use_fast
+
+    vol, D = layout.volume, k.shape[-1]
+    return (use_fast("peak", q, k) and not vol & (vol - 1) and not D & (D - 1) and D >= 16
+            and k.shape[2] == layout.padded_len)
 
 
 def _log_lens(layout: TileLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,21 +134,33 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         raise ValueError(f"veda: unknown feature(s) {bad} or peak '{peak}'; features: {', '.join(FEATURES)}; "
                          f"peaks: {', '.join(PEAKS)}")
     scale = 1.0 / math.sqrt(q.shape[-1])
-    sq, sk = tile_stats(q, layout), tile_stats(k, layout)
+    cache: dict[str, torch.Tensor] = {}
+    if peak == "keys" and _fast_peaks(q, k, layout) and {"mean", "peak", "mix"} & set(features):
+        # one fused kernel: GEMM of the tile means of q with every key, max (and mean, mix) per key tile
+        from ..kernels.tile_select import tile_peaks
+
+        res = tile_peaks(pool_tiles(q, layout), k, layout.tile_lens, layout.volume, scale, mean=True, mix=True)
+        cache.update(zip(("peak", "mean", "mix"), res))
+    stats: dict[str, TileStats] = {}
+
+    def st(name: str) -> TileStats:  # q's or k's tile statistics, computed when first needed
+        if name not in stats:
+            stats[name] = tile_stats(q if name == "q" else k, layout)
+        return stats[name]
 
     def dot(a, b):
         return torch.matmul(a, b.transpose(-1, -2)) * scale
 
-    cache: dict[str, torch.Tensor] = {}
-
     def feat(name: str) -> torch.Tensor:
         if name in cache:
             return cache[name]
+        sq, sk = (st("q"), st("k")) if name != "peak" or peak != "keys" else (None, None)
         if name == "mean":
             v = dot(sq.mean, sk.mean)
+        elif name == "peak" and peak == "keys":
+            v = _exact_peak(q, k, pool_tiles(q, layout), layout, scale, max_elems)
         elif name == "peak":
-            v = (_exact_peak(q, k, sq.mean, layout, scale, max_elems) if peak == "keys"
-                 else dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min))
+            v = dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min)
         elif name == "mix":
             log_len, log_len1 = _log_lens(layout, q.device)
             v = torch.logaddexp(feat("mean") + log_len1, feat("peak")) - log_len
@@ -352,3 +382,43 @@ class Veda:
 
     def select(self, q, k, layout, budgets):
         return select_from_scores(self.scores(q, k, layout), budgets)
+
+    @staticmethod
+    def check_params(params: dict) -> None:
+        """Validate one head's recipe parameters: `{peak: keys|extrema, weights: {feature: float}}`."""
+        bad = set(params) - {"peak", "weights"}
+        if bad:
+            raise ValueError(f"unknown Veda parameter(s) {sorted(bad)}; valid: peak, weights")
+        if params.get("peak", "keys") not in PEAKS:
+            raise ValueError(f"peak must be one of {', '.join(PEAKS)}; got {params.get('peak')!r}")
+        w = params.get("weights", {})
+        if not isinstance(w, dict) or not w:
+            raise ValueError(f"weights must be a non-empty mapping of feature -> number; got {w!r}")
+        for f, x in w.items():
+            if f not in FEATURES:
+                raise ValueError(f"unknown feature {f!r} in weights; features: {', '.join(FEATURES)}")
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+                raise ValueError(f"weight of {f!r} must be a finite number; got {x!r}")
+
+    @classmethod
+    def from_head_params(cls, head_params) -> "Veda":
+        """A Veda whose estimator has one row per head: the head's `weights`, or the default without params.
+
+        Example:
+            >>> v = Veda.from_head_params([{"weights": {"mix": 0.5, "mean": 0.5}}, None])
+            >>> v.estimator.weights[:, [FEATURES.index("mean"), FEATURES.index("mix")]].tolist()
+            [[0.5, 0.5], [0.0, 1.0]]
+        """
+        peaks = {p.get("peak", "keys") for p in head_params if p}
+        if len(peaks) > 1:
+            raise ValueError(f"veda: heads of one group must share one peak mode; got {sorted(peaks)}")
+        peak = peaks.pop() if peaks else "keys"
+        default = default_estimator(1, peak).weights[0].tolist()
+        rows = [[float(p["weights"].get(f, 0.0)) for f in FEATURES] if p else default for p in head_params]
+        return cls(VedaEstimator(FEATURES, rows, peak))
+
+    @staticmethod
+    def head_params(estimator: VedaEstimator, head: int) -> dict:
+        """The recipe parameters of one head of a fitted estimator (inverse of `from_head_params`)."""
+        return {"peak": estimator.peak,
+                "weights": {f: round(float(w), 6) for f, w in zip(estimator.features, estimator.weights[head].tolist())}}
