@@ -19,6 +19,8 @@ Part 2, per generation: `WanPipeline` with the Wan2.1-1.3B config (random bf16 w
 `--pipeline-steps` sampling steps with classifier-free guidance (two transformer calls per step). The text
 encoder is excluded (random prompt embeddings are passed in) and so is the VAE (`output_type="latent"`).
 
+Forwards run under `torch.no_grad()`, as diffusers pipelines do.
+
 Prints one table and writes benchmarks/results/e2e_<date>.json (GPU, versions, command, date).
 """
 
@@ -119,7 +121,7 @@ def per_forward(cfg, grid, n_blocks, densities, tile, device, dtype, reps, compi
                     return_dict=False)
 
     def fwd(inputs):
-        with torch.inference_mode(), _cudnn(device):
+        with torch.no_grad(), _cudnn(device):
             return model(**inputs)
 
     def attn(q, k, v):
@@ -134,7 +136,7 @@ def per_forward(cfg, grid, n_blocks, densities, tile, device, dtype, reps, compi
 
     def measure(label, density, run_model):
         t_fwd = timed(fwd, lambda: (make_inputs(),), device, reps)
-        with torch.inference_mode(), _cudnn(device):
+        with torch.no_grad(), _cudnn(device):
             bargs, bkw = _block_inputs(run_model, make_inputs())
 
             def block(*_):
@@ -208,7 +210,7 @@ def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False)
 
     def generate():
         emb = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
-        with torch.inference_mode(), _cudnn(device):
+        with torch.no_grad(), _cudnn(device):
             return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.randn_like(emb), height=height, width=width,
                         num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
                         generator=torch.Generator(device).manual_seed(0)).frames

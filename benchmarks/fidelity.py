@@ -99,7 +99,7 @@ def main(argv=None):
                                   max_age=a.reuse_max_age)
         threshold = rc.threshold
         reuse_cal = {"threshold": rc.threshold, "max_age": rc.max_age, "trajectory_steps": a.reuse_steps,
-                     "simulated_reuse_share": rc.reuse_share, "least_overlap": rc.min_overlap,
+                     "reuse_share": rc.reuse_share, "least_overlap": rc.min_overlap, "tried": rc.tried,
                      "calibration_error_growth": rc.error_growth}
         print("reuse calibration:", reuse_cal, flush=True)
     else:

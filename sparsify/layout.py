@@ -182,7 +182,8 @@ def remember_means(base: torch.Tensor, layout: TileLayout, mean: torch.Tensor) -
 
     `pool_tiles(x, layout)` then returns them for `x` = `base` or `base[:, :, :padded_len]` as long as
     `base` is alive and not modified in place (its version counter is checked); the record dies with
-    `base`.
+    `base`. Inference tensors (`torch.inference_mode`) have no version counter: they are not recorded,
+    and their means are computed afresh.
 
     Example:
         >>> lay = tile_layout((1, 2, 2), (1, 2, 2)); x = torch.randn(1, 1, 4, 2)
@@ -193,6 +194,8 @@ def remember_means(base: torch.Tensor, layout: TileLayout, mean: torch.Tensor) -
         >>> bool(torch.allclose(pool_tiles(x, lay), x.mean(2, keepdim=True)))
         True
     """
+    if base.is_inference():
+        return
     key = id(base)
     _MEANS[key] = (weakref.ref(base, lambda _, key=key: _MEANS.pop(key, None)), base._version,
                    (layout.grid, layout.tile), mean)

@@ -34,7 +34,7 @@ def _setup():
 
 def test_recording_threshold_and_verification():
     m, trajectory, recipe = _setup()
-    rc = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, min_overlap=0.0)
+    rc = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, min_overlap=0.0, max_error_growth=None)
     n_sites = 2  # tiny_wan: two self-attention sites, one head group each
     # pairs: each step links to the previous min(step, max_age) steps
     assert len(rc.pairs) == n_sites * sum(min(s, 2) for s in range(STEPS))
@@ -42,17 +42,31 @@ def test_recording_threshold_and_verification():
     # min_overlap 0: the largest recorded drift is chosen and the policy reuses whenever age allows
     assert rc.threshold == pytest.approx(max(d for _, d, _ in rc.pairs))
     assert rc.reuse_share == pytest.approx(4 / 6)  # fresh, reuse, reuse, fresh, reuse, reuse per site
-    assert rc.output_error_fresh > 0 and rc.output_error_reuse > 0 and rc.error_growth is not None
+    assert rc.output_error_fresh is None and not rc.tried  # no search without max_error_growth
     assert not hasattr(m, "_sparsify") or m._sparsify is None  # the model is restored
     # an impossible overlap demand disables reuse
-    strict = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, min_overlap=1.01, verify=False)
+    strict = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, min_overlap=1.01, max_error_growth=None)
     assert strict.threshold == 0.0 and strict.mask_reuse() is None and strict.reuse_share == 0.0
+
+
+def test_threshold_search_by_output_error_growth():
+    m, trajectory, recipe = _setup()
+    loose = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, max_error_growth=10.0, candidates=3)
+    # a huge tolerance accepts the largest recorded drift at once: one trajectory tried, reuse as age allows
+    assert len(loose.tried) == 1 and loose.threshold == pytest.approx(max(d for _, d, _ in loose.pairs))
+    # measured on the reuse trajectory, whose drifts differ from the recording's: at most what age allows
+    assert 0 < loose.reuse_share <= 4 / 6 and loose.output_error_reuse > 0
+    assert loose.error_growth == pytest.approx(loose.tried[0][2])
+    tight = calibrate_mask_reuse(m, recipe, trajectory, max_age=2, max_error_growth=-1.0, candidates=3)
+    # an impossible tolerance (the error must shrink by 100%) rejects every candidate: no reuse
+    assert tight.threshold == 0.0 and tight.mask_reuse() is None and len(tight.tried) >= 2
+    assert all(g > -1.0 for _, _, g in tight.tried) and tight.tried == sorted(tight.tried, reverse=True)
 
 
 def test_recorded_overlap_matches_runtime_reuse():
     """A threshold above every drift makes the runtime reuse exactly as the simulation says."""
     m, trajectory, recipe = _setup()
-    rc = calibrate_mask_reuse(m, recipe, trajectory, max_age=3, min_overlap=0.0, verify=False)
+    rc = calibrate_mask_reuse(m, recipe, trajectory, max_age=3, min_overlap=0.0, max_error_growth=None)
     r = with_mask_reuse(recipe, rc)
     r2 = load_recipe({**r.to_dict(), "defaults": {**r.to_dict()["defaults"], "mask_reuse": {"threshold": 2.0, "max_age": 3}}})
     sparsify(m, r2)

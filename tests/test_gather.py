@@ -130,3 +130,14 @@ def test_fast_paths_stay_off_on_cpu_and_with_grad():
     assert G.needs_grad(x) and not G.needs_grad(x.detach())
     with torch.no_grad():
         assert not G.needs_grad(x)
+
+
+def test_remembered_means_skip_inference_tensors():
+    """Inference tensors have no version counter: they are never recorded, and pooling stays correct."""
+    from sparsify.layout import pool_tiles, remember_means, tile_layout
+
+    lay = tile_layout((1, 2, 2), (1, 2, 2))
+    with torch.inference_mode():
+        x = torch.randn(1, 1, 4, 2)
+        remember_means(x, lay, torch.full((1, 1, 1, 2), 7.0))  # must not raise
+        torch.testing.assert_close(pool_tiles(x, lay), x.mean(2, keepdim=True))

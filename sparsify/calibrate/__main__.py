@@ -66,12 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="estimate time and memory from one forward, then stop")
     p.add_argument("--note", default=None, help="free text recorded in the recipe's provenance (what it was calibrated on)")
     p.add_argument("--mask-reuse", action="store_true",
-                   help="also calibrate temporal mask reuse on a sampling trajectory (three extra trajectories: "
-                        "dense, fresh selection, reuse) and write its threshold into the recipe")
+                   help="also calibrate temporal mask reuse on a sampling trajectory (dense, fresh selection, then "
+                        "reuse at candidate thresholds, largest first, until the output error grows at most "
+                        "--reuse-max-growth) and write its threshold into the recipe")
     p.add_argument("--reuse-steps", type=int, default=10, help="sampling steps of the mask-reuse trajectory")
     p.add_argument("--reuse-max-age", type=int, default=4, help="most steps a selection may be reused")
-    p.add_argument("--reuse-min-overlap", type=float, default=0.9,
-                   help="least share of a fresh selection's tiles a reused selection must hold")
+    p.add_argument("--reuse-max-growth", type=float, default=0.05,
+                   help="tolerated growth of the trajectory's final-output error with reuse (0.05 = 5%%)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -191,12 +192,14 @@ def _calibrate_reuse(model, recipe, make_inputs, args):
                          "return_dict": False})[0]
                 x = x + (t_next - t) * v
             return x
-    print(f"sparsify.calibrate: mask reuse on a {steps}-step trajectory (dense, fresh, reuse)", file=sys.stderr)
-    rc = calibrate_mask_reuse(model, recipe, trajectory, max_age=args.reuse_max_age, min_overlap=args.reuse_min_overlap)
+    print(f"sparsify.calibrate: mask reuse on a {steps}-step trajectory (dense, fresh, reuse candidates)", file=sys.stderr)
+    rc = calibrate_mask_reuse(model, recipe, trajectory, max_age=args.reuse_max_age,
+                              max_error_growth=args.reuse_max_growth)
     growth = "n/a" if rc.error_growth is None else f"{rc.error_growth:+.1%}"
     print(f"mask reuse: threshold {rc.threshold:.4g}, max_age {rc.max_age}: skips {rc.reuse_share:.0%} of selections "
           f"on the trajectory (least overlap kept {rc.min_overlap:.2f}); final-output error vs dense "
-          f"{rc.output_error_fresh:.4f} fresh -> {rc.output_error_reuse:.4f} with reuse ({growth})")
+          f"{rc.output_error_fresh:.4f} fresh -> {rc.output_error_reuse:.4f} with reuse ({growth}); tried "
+          + ", ".join(f"{t:.3g} ({s:.0%} reused, {g:+.1%})" for t, s, g in rc.tried))
     return with_mask_reuse(recipe, rc)
 
 

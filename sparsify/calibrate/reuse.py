@@ -20,11 +20,14 @@ class ReuseCalibration:
     Attributes:
         threshold: the chosen drift threshold (cosine distance of pooled q and k; 0 disables reuse).
         max_age: steps a selection may be reused.
-        reuse_share: share of selection calls the policy skips on the recorded trajectory (simulated).
-        min_overlap: the least overlap of a reused selection with the fresh one it replaces, at the threshold.
+        reuse_share: share of selection calls skipped at `threshold`: measured on the trajectory when the
+            threshold was searched by output error, else simulated on the recording.
+        min_overlap: the least overlap of a reused selection with the fresh one it replaces, at the threshold
+            (simulated on the recording).
         pairs: `(age, drift, overlap)` of every recorded (cached step, later step) pair within `max_age`.
         output_error_fresh, output_error_reuse: relative L2 error of the trajectory's final output against
-            dense, with fresh selection at every step and with reuse at `threshold` (None if not verified).
+            dense, with fresh selection at every step and with reuse at `threshold` (None without the search).
+        tried: `(threshold, measured reuse share, error growth)` of each threshold tried, largest first.
     """
 
     threshold: float
@@ -34,6 +37,7 @@ class ReuseCalibration:
     pairs: list = field(default_factory=list)
     output_error_fresh: float | None = None
     output_error_reuse: float | None = None
+    tried: list = field(default_factory=list)
 
     @property
     def error_growth(self) -> float | None:
@@ -121,25 +125,31 @@ def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def calibrate_mask_reuse(model, recipe: Recipe, trajectory: Callable, *, max_age: int = 4, min_overlap: float = 0.9,
-                         verify: bool = True) -> ReuseCalibration:
+                         max_error_growth: float | None = 0.05, candidates: int = 6) -> ReuseCalibration:
     """Choose the temporal-mask-reuse threshold of `recipe` on a denoising trajectory of `model`.
 
     The model runs `trajectory(model)` (a full sampling run, timesteps passed to the model, returning the
-    final sample) sparsified by `recipe` with fresh selection at every step. Every head group's fresh
-    selection is compared with those of the previous `max_age` steps: the drift of pooled q and k (the
-    runtime's reuse test) and the overlap (share of the fresh selection's key tiles that the earlier
-    selection also holds, averaged over heads and query tiles). The threshold is the largest recorded
-    drift that, with the runtime's policy replayed on the recording, skips the most selections while
-    every reused selection keeps at least `min_overlap` of the fresh tiles. With `verify`, the trajectory runs dense and again with
-    reuse, and the final-output errors against dense (fresh and reuse) are reported.
+    final sample) dense, then sparsified by `recipe` with fresh selection at every step while every head
+    group's fresh selection is compared with those of the previous `max_age` steps: the drift of pooled
+    q and k (the runtime's reuse test) and the overlap (share of the fresh selection's key tiles that the
+    earlier selection also holds, averaged over heads and query tiles).
+
+    With `max_error_growth` (default 5%), thresholds are then tried from the largest down: the
+    recorded drifts at a few quantiles (`candidates` of them) and the overlap rule's threshold below.
+    Each runs the trajectory with reuse, and the first whose final-output error against dense grows by
+    at most `max_error_growth` over fresh selection wins (the most reuse the output tolerates). With
+    `max_error_growth=None` no trajectory is rerun: the threshold is the overlap rule's, the drift that,
+    with the runtime's policy replayed on the recording, skips the most selections while every reused
+    selection keeps at least `min_overlap` of the fresh tiles (`choose_threshold`).
 
     Args:
         model: the dense model (not sparsified); it is sparsified and restored here.
         recipe: the recipe to calibrate (its own `mask_reuse` is ignored).
         trajectory: `trajectory(model) -> tensor`, one sampling run from fixed noise.
         max_age: the most steps a selection may be reused.
-        min_overlap: least share of a fresh selection a reused one must hold.
-        verify: also measure the final-output error growth (two more trajectories).
+        min_overlap: least share of a fresh selection a reused one must hold (the overlap rule).
+        max_error_growth: tolerated relative growth of the final-output error; None: overlap rule only.
+        candidates: drift quantiles tried with `max_error_growth`.
 
     Returns:
         A ReuseCalibration; `.mask_reuse()` is the recipe setting.
@@ -149,38 +159,51 @@ def calibrate_mask_reuse(model, recipe: Recipe, trajectory: Callable, *, max_age
         >>> # rc = calibrate_mask_reuse(model, recipe, lambda m: sample(m, noise, cond, steps=20))
         >>> # recipe = with_mask_reuse(recipe, rc)
     """
-    from ..api import sparsify, unsparsify
+    from ..api import installed_sites, sparsify, unsparsify
 
     base = dataclasses.replace(recipe, defaults=dataclasses.replace(recipe.defaults, mask_reuse=None))
+
+    def run(r, log=None):
+        sparsify(model, r)
+        try:
+            runtime.new_generation()
+            runtime.STATE.selection_log = log
+            with torch.no_grad():
+                out = trajectory(model)
+            sites = installed_sites(model)
+            share = sum(s.reused for s in sites) / max(1, sum(s.reused + s.selections for s in sites))
+        finally:
+            runtime.STATE.selection_log = None
+            unsparsify(model)
+        return out, share
+
     dense_out = None
-    if verify:
+    if max_error_growth is not None:
         runtime.new_generation()
         with torch.no_grad():
             dense_out = trajectory(model)
     rec = _Recorder(max_age)
-    sparsify(model, base)
-    try:
-        runtime.new_generation()
-        runtime.STATE.selection_log = rec
-        with torch.no_grad():
-            fresh_out = trajectory(model)
-    finally:
-        runtime.STATE.selection_log = None
-        unsparsify(model)
+    fresh_out, _ = run(base, rec)
     threshold, share, least = choose_threshold(rec.sequences, max_age, min_overlap)
     pairs = [(step - s0, d, o) for seq in rec.sequences.values() for step, links in seq for s0, (d, o) in links.items()]
     result = ReuseCalibration(threshold=threshold, max_age=max_age, reuse_share=share, min_overlap=least, pairs=pairs)
-    if verify:
-        result.output_error_fresh = _relative_error(fresh_out, dense_out)
-        result.output_error_reuse = result.output_error_fresh
-        if threshold > 0:
-            sparsify(model, with_mask_reuse(base, result))
-            try:
-                runtime.new_generation()
-                with torch.no_grad():
-                    result.output_error_reuse = _relative_error(trajectory(model), dense_out)
-            finally:
-                unsparsify(model)
+    if max_error_growth is None:
+        return result
+    result.output_error_fresh = _relative_error(fresh_out, dense_out)
+    drifts = torch.tensor(sorted(d for _, d, _ in pairs), dtype=torch.float64)
+    tried = sorted({float(torch.quantile(drifts, q)) for q in torch.linspace(1.0, 0.3, candidates).tolist()}
+                   | ({threshold} if threshold > 0 else set()), reverse=True) if drifts.numel() else []
+    result.threshold, result.reuse_share, result.output_error_reuse = 0.0, 0.0, result.output_error_fresh
+    result.tried = []
+    for t in tried:
+        out, measured = run(with_mask_reuse(base, ReuseCalibration(t, max_age, 0.0, 1.0)))
+        err = _relative_error(out, dense_out)
+        growth = err / result.output_error_fresh - 1.0 if result.output_error_fresh > 0 else 0.0
+        result.tried.append((t, measured, growth))
+        if growth <= max_error_growth:
+            result.threshold, result.reuse_share, result.output_error_reuse = t, measured, err
+            result.min_overlap = simulate(rec.sequences, t, max_age)[1]
+            break
     return result
 
 
@@ -196,11 +219,12 @@ def with_mask_reuse(recipe: Recipe, rc: ReuseCalibration) -> Recipe:
     cal = dict(recipe.calibration or {})
     if recipe.calibration is not None or rc.output_error_fresh is not None:
         cal["mask_reuse"] = {"threshold": round(rc.threshold, 6), "max_age": rc.max_age,
-                             "simulated_reuse_share": round(rc.reuse_share, 4),
+                             "reuse_share": round(rc.reuse_share, 4),
                              "least_overlap_reused": round(rc.min_overlap, 4)}
         if rc.error_growth is not None:
             cal["mask_reuse"].update(output_error_fresh=round(rc.output_error_fresh, 6),
                                      output_error_reuse=round(rc.output_error_reuse, 6),
-                                     error_growth=round(rc.error_growth, 4))
+                                     error_growth=round(rc.error_growth, 4),
+                                     tried=[[round(t, 6), round(s, 4), round(g, 4)] for t, s, g in rc.tried])
     return dataclasses.replace(recipe, defaults=dataclasses.replace(recipe.defaults, mask_reuse=rc.mask_reuse()),
                                calibration=cal if cal else recipe.calibration)
