@@ -40,7 +40,7 @@ def _rel(a, b):
 
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
-# (B, H, S, D, dtype, block_size, launch options): odd S everywhere, B > 1, both head dims, all block
+# (B, H, S, D, dtype, block_size, launch options): odd S (and one exact multiple), B > 1, both head dims, all block
 # sizes, TMA descriptors (also run by the interpreter), every masking mode, lazy rescaling, sub-tiles
 CASES = [
     (1, 2, 300, 64, torch.float32, (128, 128), {}),
@@ -49,6 +49,7 @@ CASES = [
     (1, 3, 390, 64, torch.float32, (64, 128), dict(use_tma=True, mask_mode=0)),
     (1, 2, 200, 128, torch.float32, (128, 64), dict(tile_n=32, lazy_rescale=True)),
     (2, 1, 130, 64, torch.bfloat16, (64, 64), dict(use_tma=True)),
+    (1, 2, 256, 64, torch.float32, (64, 64), {}),  # S a multiple of BLOCK_N, no lens: the last block is kept
 ]
 
 
