@@ -313,8 +313,10 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         if key_mask is None:
             return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask")
     geom = _unpack_geometry(geometry)
-    if geom is None and STATE.geometry is not None:  # graph mode: geometry hook ran outside the graph
+    if geom is None and STATE.geometry is not None:  # graph mode: the hook ran outside the graph
         geom = _unpack_geometry(current_geometry())
+        if timestep is None:
+            timestep = STATE.timestep
     if geom is None:
         raise RuntimeError(
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "

@@ -156,3 +156,18 @@ def test_budget_schedule_top_p_scales_the_floor():
     b = scheduled_budget(Budget(top_p=0.9, min_density=0.4), (ScheduleStep(3, 5.0),), 3)
     assert b == Budget(top_p=0.9, min_density=1.0)
     assert scheduled_budget(Budget(top_p=0.9, min_density=0.4), (ScheduleStep(3, 5.0),), 2) == Budget(top_p=0.9, min_density=0.4)
+
+
+def test_graph_mode_follows_denoising_steps():
+    """In graph mode the rewritten op gets no timestep argument; the geometry hook's timestep drives the steps."""
+    m, kw = _wan(None)
+    dense = [_call(m, kw, t) for t in (900, 800)]
+    sparsify(m, recipe(dense_steps=1), mode="graph")
+    runtime.new_generation()
+    cm = torch.compile(m, backend="sparsify")
+    out = [_call(cm, kw, t) for t in (900, 800)]
+    torch.testing.assert_close(out[0], dense[0], atol=1e-5, rtol=0)  # step 0: dense
+    assert (out[1] - dense[1]).abs().max() > 1e-3  # step 1: sparse
+    assert all(s.selections == 1 for s in installed_sites(m))
+    torch._dynamo.reset()
+    unsparsify(m)
