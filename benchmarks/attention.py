@@ -333,19 +333,24 @@ def run_backward(args) -> dict:
     return record
 
 
-def pick_best_bwd(record: dict, max_err: float = 2e-2) -> tuple[str, dict]:
-    """The fastest backward launch variant of a --bwd-sweep record (sum of ms over its points), among accurate ones."""
+def _pick(record: dict, variants: dict, default: str, opts_key: str, max_err: float) -> tuple[str, dict]:
+    """The fastest of `default` and `variants` in a sweep record (sum of ms over its points), among accurate ones."""
     total: dict[str, float] = {}
     bad = set()
     for r in record["sparse"]:
         m = r["method"]
-        if m not in BWD_VARIANTS and m != "ours_bwd":
+        if m not in variants and m != default:
             continue
         if r["err_vs_flex"] is None or r["err_vs_flex"] > max_err:
             bad.add(m)
         total[m] = total.get(m, 0.0) + r["ms"]
     name = min((m for m in total if m not in bad), key=total.__getitem__)
-    return name, (dict(record.get("bwd_opts") or {}) if name == "ours_bwd" else dict(BWD_VARIANTS[name]))
+    return name, (dict(record.get(opts_key) or {}) if name == default else dict(variants[name]))
+
+
+def pick_best_bwd(record: dict, max_err: float = 2e-2) -> tuple[str, dict]:
+    """The fastest backward launch variant of a --bwd-sweep record, among accurate ones."""
+    return _pick(record, BWD_VARIANTS, "ours_bwd", "bwd_opts", max_err)
 
 
 def table_bwd(record: dict) -> str:
@@ -372,18 +377,7 @@ def table_bwd(record: dict) -> str:
 
 def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
     """The fastest kernel configuration of a --sweep record (sum of ms over its points), among accurate ones."""
-    total: dict[str, float] = {}
-    bad = set()
-    for r in record["sparse"]:
-        m = r["method"]
-        if m not in VARIANTS and m != "ours":
-            continue
-        if r["err_vs_flex"] is None or r["err_vs_flex"] > max_err:
-            bad.add(m)
-        total[m] = total.get(m, 0.0) + r["ms"]
-    name = min((m for m in total if m not in bad), key=total.__getitem__)
-    opts = dict(record.get("ours_opts") or {}) if name == "ours" else dict(VARIANTS[name])
-    return name, opts
+    return _pick(record, VARIANTS, "ours", "ours_opts", max_err)
 
 
 def table(record: dict) -> str:

@@ -23,13 +23,7 @@ def recipe(density=0.5, **defaults):
     return {"version": 1, "defaults": {"method": "vsa", "tile": TILE, "budget": {"density": density}, **defaults}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy CPU they cost 50x (OpenMP oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
