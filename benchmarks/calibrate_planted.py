@@ -16,6 +16,7 @@ from sparsify.api import find_sites
 from sparsify.calibrate import run_calibration
 from sparsify.calibrate.core import _run_outputs, choice_configs, model_output_error
 from sparsify.calibrate.solve import solve_allocation, uniform_allocation
+from sparsify.layout import tile_layout
 from sparsify.planted import CANDIDATE_TILES, PLANTED_GRID, build_planted_dit, planted_inputs
 
 LEVELS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
@@ -35,7 +36,8 @@ def main():
 
     shared = uniform_allocation(res.cost, res.error, 1 / 16, weight=res.weight)
     level = np.array([-1] + [LEVELS.index(o[1]) for o in res.options[1:]])
-    no_padding = np.broadcast_to(np.array([True] + [o[0] != (16, 2, 2) for o in res.options[1:]]), res.cost.shape)
+    no_padding = np.broadcast_to(np.array([True] + [tile_layout(PLANTED_GRID, o[0]).padding_fraction == 0
+                                                    for o in res.options[1:]]), res.cost.shape)
     best_tile = uniform_allocation(res.cost, res.error, 1 / 16, weight=res.weight, level=level, mask=no_padding)
     print("baseline | density | ILP density | predicted baseline / ILP | measured baseline / ILP | ILP lower by")
     for name, u in [("uniform: one tile and density", shared), ("uniform density, best tile per head", best_tile)]:

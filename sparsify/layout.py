@@ -1,4 +1,4 @@
-"""Token geometry and the 3-D tile layout: which tokens form each tile, with partial edge tiles padded."""
+"""Token geometry and the 3-D tile layout: which tokens form each tile, with partial edge tiles merged."""
 
 from __future__ import annotations
 
@@ -41,10 +41,16 @@ class Geometry:
 
 @dataclass(frozen=True)
 class TileLayout:
-    """The tile permutation of a `(T, H, W)` grid for one tile shape, padded to whole tiles.
+    """The tile permutation of a `(T, H, W)` grid for one tile shape, with partial edge tiles merged.
 
-    Tiles are ordered t-major, then h, then w; inside a tile, tokens are in (t, h, w) order, the
-    valid tokens of a partial edge tile first, followed by padding slots.
+    The grid is cut into boxes of `tile`, ordered t-major, then h, then w. Where a dimension does not
+    divide, the edge boxes are partial; partial boxes of the same extents are merged, in that order,
+    into tiles of up to `volume` tokens (e.g. at Wan-14B 720p, 21x45x80 with 4x4x4 tiles, four 1x4x4
+    boxes of the last frame form one 1x4x16 tile), so that only the last tile of each kind of edge
+    keeps padding: 1,182 tiles for 75,600 tokens instead of 1,440 padded ones (+0.06% padding
+    instead of +21.9%, i.e. a third less attention work at equal tile density). A tile sits where its
+    first box does; inside a tile, tokens are in frame-major (t, h, w) order, valid tokens first,
+    followed by padding slots.
 
     Attributes:
         gather: long `[n_tiles * volume]`: video-token index of each slot, or -1 for padding.
@@ -55,6 +61,8 @@ class TileLayout:
         >>> lay = tile_layout((5, 4, 4), (4, 4, 4))
         >>> lay.n_tiles, lay.tile_lens.tolist()
         (2, [64, 16])
+        >>> tile_layout((5, 4, 16), (4, 4, 4)).tile_lens.tolist()  # four 1x4x4 edge boxes -> one tile
+        [64, 64, 64, 64, 64]
     """
 
     grid: tuple[int, int, int]
@@ -89,21 +97,43 @@ def tiles_per_dim(grid, tile) -> tuple[int, int, int]:
     return tuple(-(-g // t) for g, t in zip(grid, tile))
 
 
+def _merged_tile_ids(grid, tile) -> tuple[torch.Tensor, int]:
+    """Tile id of every box of the padded box grid (raster order), partial boxes merged per kind."""
+    nt, nh, nw = tiles_per_dim(grid, tile)
+    ext = [[min(t, g - i * t) for i in range(n)] for g, t, n in zip(grid, tile, (nt, nh, nw))]
+    vol = tile[0] * tile[1] * tile[2]
+    ids, open_tile, n = [], {}, 0  # open_tile: extents -> (tile id, tokens so far)
+    for a in ext[0]:
+        for b in ext[1]:
+            for c in ext[2]:
+                size = a * b * c
+                cur = open_tile.get((a, b, c)) if size < vol else None
+                if cur is not None and cur[1] + size <= vol:
+                    ids.append(cur[0])
+                    open_tile[(a, b, c)] = (cur[0], cur[1] + size)
+                    continue
+                if size < vol:
+                    open_tile[(a, b, c)] = (n, size)
+                ids.append(n)
+                n += 1
+    return torch.tensor(ids, dtype=torch.long), n
+
+
 @functools.lru_cache(maxsize=64)
 def _layout_cpu(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> TileLayout:
     T, H, W = grid
     tt, th, tw = tile
-    nt, nh, nw = tiles_per_dim(grid, tile)
+    _, nh, nw = tiles_per_dim(grid, tile)
     vol = tt * th * tw
     t = torch.arange(T).view(T, 1, 1).expand(T, H, W)
     h = torch.arange(H).view(1, H, 1).expand(T, H, W)
     w = torch.arange(W).view(1, 1, W).expand(T, H, W)
-    tile_id = ((t // tt) * nh + (h // th)) * nw + (w // tw)
-    # in-tile order: (t, h, w) lexicographic among the tile's valid tokens; a stable sort by tile id
-    # of the frame-major token order yields exactly that, valid tokens first.
-    flat_tile = tile_id.reshape(-1)
+    box = ((t // tt) * nh + (h // th)) * nw + (w // tw)
+    box_tile, n_tiles = _merged_tile_ids(grid, tile)
+    # in-tile order: frame-major among the tile's tokens; a stable sort by tile id of the frame-major
+    # token order yields exactly that, valid tokens first.
+    flat_tile = box_tile[box.reshape(-1)]
     order = torch.sort(flat_tile, stable=True).indices  # video tokens grouped by tile
-    n_tiles = nt * nh * nw
     tile_lens = torch.bincount(flat_tile, minlength=n_tiles)
     starts = torch.cumsum(tile_lens, 0) - tile_lens
     sorted_tiles = flat_tile[order]

@@ -62,19 +62,18 @@ BEST_TILE: dict[str, tuple[int, int, int]] = {
     "mixed": (1, 8, 8),
 }
 
-_ALL_BUT_PADDED = tuple(t for t in CANDIDATE_TILES if t != (16, 2, 2))
-
 #: Every candidate within `TIE_TOLERANCE` of the best recall at `REFERENCE_DENSITY` on `PLANTED_GRID`:
 #: the tile choices a calibrator may make for the kind. Ties: `global` and `sink` heads have no
-#: geometric preference (all but the half-padded (16, 2, 2), whose single kept tile holds 32 real
-#: tokens); a `band` head ties (1, 8, 8) with (1, 4, 16), since on a 16-wide frame two 8x8 tiles side
-#: by side are the same 8 full rows as two 4x16 strips (at density 1/8, (1, 4, 16) wins by 0.03).
+#: geometric preference; on 8 frames a (16, 2, 2) tile is two 8x2x2 edge boxes merged side by side,
+#: i.e. the same 8x2x4 column as (8, 2, 4) (see `sparsify.layout.TileLayout`); a `band` head ties
+#: (1, 8, 8) with (1, 4, 16), since on a 16-wide frame two 8x8 tiles side by side are the same 8 full
+#: rows as two 4x16 strips (at density 1/8, (1, 4, 16) wins by 0.03).
 GOOD_TILES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "spatial": ((1, 8, 8),),
-    "temporal": ((8, 2, 4),),
+    "temporal": ((8, 2, 4), (16, 2, 2)),
     "local3d": ((4, 4, 4),),
-    "global": _ALL_BUT_PADDED,
-    "sink": _ALL_BUT_PADDED,
+    "global": CANDIDATE_TILES,
+    "sink": CANDIDATE_TILES,
     "band": ((1, 8, 8), (1, 4, 16)),
     "mixed": ((1, 8, 8),),
 }
@@ -368,7 +367,7 @@ def equal_cost_count(layout: TileLayout, density: float) -> int:
 
     Example:
         >>> [equal_cost_count(tile_layout((8, 16, 16), t), 1 / 16) for t in [(4, 4, 4), (8, 4, 4), (16, 2, 2)]]
-        [2, 1, 1]
+        [2, 1, 2]
     """
     S = math.prod(layout.grid)
     k = math.ceil(density * S * S / (layout.padded_len * layout.volume) - 1e-9)

@@ -129,15 +129,36 @@ def dit_inputs(grid=(4, 4, 8), batch=1, seed=0):
     return (torch.randn(batch, 4, *grid, generator=g), torch.randn(batch, 3, 8, generator=g))
 
 
+def tile_of_tokens(grid, tile):
+    """Independent long [T*H*W]: the tile of every video token under the layout's rule (boxes of `tile`
+    in raster order; partial boxes of equal extents chunked, in raster order, into tiles of at most one
+    tile volume; tiles ordered by their first box)."""
+    T, H, W = grid
+    tt, th, tw = tile
+    vol = tt * th * tw
+    nt, nh, nw = math.ceil(T / tt), math.ceil(H / th), math.ceil(W / tw)
+    boxes = [(a, b, c) for a in range(nt) for b in range(nh) for c in range(nw)]
+    ext = {x: (min(tt, T - x[0] * tt), min(th, H - x[1] * th), min(tw, W - x[2] * tw)) for x in boxes}
+    members = {}  # first box of each tile -> its boxes
+    by_kind = {}
+    for x in boxes:
+        by_kind.setdefault(ext[x], []).append(x)
+    for e, xs in by_kind.items():
+        per = max(1, vol // math.prod(e))
+        for i in range(0, len(xs), per):
+            members[xs[i]] = xs[i:i + per]
+    order = sorted(members, key=boxes.index)
+    box_tile = {x: n for n, first in enumerate(order) for x in members[first]}
+    t = torch.arange(T).view(-1, 1, 1).expand(T, H, W).reshape(-1) // tt
+    h = torch.arange(H).view(1, -1, 1).expand(T, H, W).reshape(-1) // th
+    w = torch.arange(W).view(1, 1, -1).expand(T, H, W).reshape(-1) // tw
+    return torch.tensor([box_tile[(int(a), int(b), int(c))] for a, b, c in zip(t, h, w)])
+
+
 def mask_from_selection(grid, tile, idx, cnt, seq_len, video_start=0, key_mask=None):
     """Independent token-level bool mask [B, H, S, S] of a tile selection (for cross-checking the op)."""
     T, H, W = grid
-    tt, th, tw = tile
-    nh, nw = math.ceil(H / th), math.ceil(W / tw)
-    t = torch.arange(T).view(-1, 1, 1) // tt
-    h = torch.arange(H).view(1, -1, 1) // th
-    w = torch.arange(W).view(1, 1, -1) // tw
-    tile_of = ((t * nh + h) * nw + w).reshape(-1)  # tile index of every video token
+    tile_of = tile_of_tokens(grid, tile)  # tile index of every video token
     B, Hh, n_q, _ = idx.shape
     sel = torch.zeros(B, Hh, n_q, n_q, dtype=torch.bool)
     for b in range(B):

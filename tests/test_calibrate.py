@@ -21,6 +21,20 @@ from sparsify.recipe import Budget
 GRID = (4, 8, 8)
 
 
+def test_candidates_are_measured_on_the_same_query_tokens():
+    """With sampled query rows, every tile shape is measured on the same tokens: two shapes with the same
+    layout ((16, 2, 2) on 8 frames merges into the 8x2x4 columns of (8, 2, 4)) get the same errors."""
+    geo = Geometry((8, 8, 8))
+    assert torch.equal(tile_layout(geo.grid, (16, 2, 2)).gather, tile_layout(geo.grid, (8, 2, 4)).gather)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, geo.video_len, 16, generator=g) for _ in range(3))
+    m = measure_site(q, k, v, geo, [(8, 2, 4), (4, 4, 4), (16, 2, 2)], [0.125, 0.25], query_fraction=0.2)
+    assert (m.sq_err[:, 0] > 0).all()
+    torch.testing.assert_close(m.sq_err[:, 2], m.sq_err[:, 0], rtol=1e-9, atol=0)
+    torch.testing.assert_close(m.energy[:, 2], m.energy[:, 0], rtol=1e-9, atol=0)
+    assert not torch.allclose(m.sq_err[:, 1], m.sq_err[:, 0])
+
+
 @pytest.mark.parametrize("video_start,n_text", [(0, 0), (5, 7)])
 def test_measured_error_is_the_real_sparse_error(video_start, n_text):
     """measure_site's prefix-sum errors equal || tiled_sparse_attention(VSA top-k) - dense ||² exactly."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dits import mask_from_selection
+from dits import mask_from_selection, tile_of_tokens
 from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask, tiled_sparse_attention
 from sparsify.layout import Geometry, from_tiles, pool_tiles, tile_layout, to_tiles
 from sparsify.methods import get_method
@@ -19,19 +19,34 @@ def test_layout_is_a_permutation_with_partial_tiles(grid, tile):
     n = grid[0] * grid[1] * grid[2]
     assert sorted(lay.gather[lay.gather >= 0].tolist()) == list(range(n))
     assert int(lay.tile_lens.sum()) == n
-    # every tile's valid slots come first and hold tokens of exactly that tile
-    T, H, W = grid
+    # every tile's valid slots come first, in frame-major order, and hold tokens of exactly that tile
     vol = lay.volume
-    nt, nh, nw = (math.ceil(g / t) for g, t in zip(grid, tile))
+    tile_of = tile_of_tokens(grid, tile)
+    assert lay.n_tiles == int(tile_of.max()) + 1
     for ti in range(lay.n_tiles):
         slots = lay.gather[ti * vol:(ti + 1) * vol]
         k = int(lay.tile_lens[ti])
         assert (slots[:k] >= 0).all() and (slots[k:] < 0).all()
-        for tok in slots[:k].tolist():
-            t, h, w = tok // (H * W), tok // W % H, tok % W
-            assert ((t // tile[0]) * nh + h // tile[1]) * nw + w // tile[2] == ti
+        assert slots[:k].tolist() == (tile_of == ti).nonzero().flatten().tolist()
     x = torch.randn(2, 3, n, 8)
     assert torch.equal(from_tiles(to_tiles(x, lay), lay), x)
+
+
+@pytest.mark.parametrize("grid,tile,n_tiles,lens", [
+    ((21, 45, 80), (4, 4, 4), 1182, {64: 1181, 16: 1}),  # Wan-14B 720p: 1,440 padded boxes -> 1,182 tiles
+    ((21, 30, 52), (4, 4, 4), 513, None),               # Wan-1.3B 480p
+    ((8, 16, 16), (16, 2, 2), 32, {64: 32}),            # 8x2x2 boxes merge in pairs into 8x2x4 columns
+    ((3, 8, 8), (1, 8, 8), 3, {64: 3}),                 # no partial box: unchanged
+])
+def test_partial_edge_boxes_merge_into_full_tiles(grid, tile, n_tiles, lens):
+    lay = tile_layout(grid, tile)
+    assert lay.n_tiles == n_tiles
+    if lens is not None:
+        assert dict(zip(*(t.tolist() for t in lay.tile_lens.unique(return_counts=True)))) == lens
+    assert lay.padded_len - math.prod(grid) < 2 * lay.volume * 3  # at most one partial tile per kind of edge
+    if grid == (21, 45, 80):  # the first tile of the last frame is the 1x4x16 strip of its first four boxes
+        first = lay.gather[lay.scatter[20 * 45 * 80] // 64 * 64:][:64]
+        assert first.tolist() == [20 * 3600 + h * 80 + w for h in range(4) for w in range(16)]
 
 
 def test_pool_tiles_ignores_padding():

@@ -157,8 +157,8 @@ def test_best_tile_maximizes_oracle_recall(heads):
     for h, kind in enumerate(heads.kinds):
         good = good_tiles(recalls, h)
         assert BEST_TILE[kind] in good, (kind, good)
-        if kind in ("temporal", "local3d", "band"):
-            assert good == [BEST_TILE[kind]], (kind, good)
+        if kind in ("temporal", "local3d", "band"):  # on 8 frames (16, 2, 2) is the same 8x2x4 column tiling
+            assert good == ([(8, 2, 4), (16, 2, 2)] if kind == "temporal" else [BEST_TILE[kind]]), (kind, good)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +212,7 @@ def test_tile_recall_oracle_beats_vsa(heads):
 
 def test_equal_cost_count():
     counts = {t: equal_cost_count(tile_layout(PLANTED_GRID, t), REFERENCE_DENSITY) for t in CANDIDATE_TILES}
-    assert counts == {(4, 4, 4): 2, (1, 8, 8): 2, (2, 4, 8): 2, (8, 2, 4): 2, (16, 2, 2): 1, (1, 4, 16): 2,
+    assert counts == {(4, 4, 4): 2, (1, 8, 8): 2, (2, 4, 8): 2, (8, 2, 4): 2, (16, 2, 2): 2, (1, 4, 16): 2,
                       (2, 8, 8): 1, (8, 4, 4): 1}
     assert equal_cost_count(tile_layout(PLANTED_GRID, (4, 4, 4)), 0.1) == 4
     assert equal_cost_count(tile_layout(PLANTED_GRID, (4, 4, 4)), 1.0) == 32

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="auto", choices=["auto", "highs", "cbc", "lagrangian"])
     p.add_argument("--no-output-error", action="store_true",
                    help="skip the per-site model-output error pass (errors then are attention-output errors)")
-    p.add_argument("--query-fraction", type=float, default=0.125, help="share of query tiles measured per call")
+    p.add_argument("--query-fraction", type=float, default=0.125, help="share of video query tokens measured per call (the same tokens for every candidate)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")

@@ -24,7 +24,7 @@ class Capture:
         tiles: candidate tile shapes.
         levels: candidate densities.
         methods: candidate selection methods.
-        query_fraction: share of query tiles measured per call.
+        query_fraction: share of video query tokens measured per call (the same for every candidate).
         checkpoint_dir: where per-site results go (None: no checkpoints).
         config_key: a string identifying the settings; checkpoints of other settings are refused.
         progress: an object with `update(site_path)` called after each measured site, or None.

@@ -324,7 +324,8 @@ def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
         min_layer_density: per-site minimum density (a float, or {site index: float}).
         error_cap: per-head cap on the error; options above it are excluded.
         solver: `auto`, `highs`, `cbc` or `lagrangian`.
-        query_fraction: share of query tiles measured per call (exact on those rows).
+        query_fraction: share of video query tokens measured per call (exact on those rows; the same
+            tokens for every candidate).
         checkpoint_dir: per-site checkpoints, making an interrupted run resumable.
         progress: print progress with ETA to stderr.
         n_forwards: how many forwards `forward_loop` makes (for the ETA).

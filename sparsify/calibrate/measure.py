@@ -67,9 +67,9 @@ def _ranker(rankers, default, method, tile, head):
     return default if f is None else f(head)
 
 
-def _sample_query_tiles(n_tiles: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    m = max(1, min(n_tiles, math.ceil(fraction * n_tiles)))
-    return torch.randperm(n_tiles, generator=gen)[:m].sort().values
+def _sample_query_tokens(n_tokens: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    m = max(1, min(n_tokens, math.ceil(fraction * n_tokens)))
+    return torch.randperm(n_tokens, generator=gen)[:m].sort().values
 
 
 @torch.no_grad()
@@ -93,7 +93,8 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
         methods: registered selection methods to measure.
         scale: softmax scale (default `1/sqrt(D)`).
         key_mask: optional bool `[B, S]`.
-        query_fraction: share of query tiles sampled per tile shape (errors are exact on those rows).
+        query_fraction: share of the video query tokens sampled (errors are exact on those rows). The same
+            tokens serve every tile shape and method, so candidates are compared on the same rows.
         seed: sampling seed.
         chunk_elems: bound on the partial sums held at once (default 2^25 on CPU, 2^27 on CUDA).
         rankers: optional `{(method, tile): f}` where `f(head)` returns the method instance that ranks that
@@ -124,6 +125,7 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
     default_rankers = [get_method(m) for m in methods]
     all_tiles = [Budget(density=1.0)]
     km_text = None if key_mask is None else key_mask.to(torch.bool).index_select(1, text)[:, None, :]
+    tokens = _sample_query_tokens(vl, query_fraction, gen).to(dev)
     for ti, tile in enumerate(tiles):
         lay = tile_layout(geom.grid, tile, dev)
         n, vol = lay.n_tiles, lay.volume
@@ -132,18 +134,16 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
         if key_mask is not None:
             kmv = to_tiles(key_mask[:, None, vs:vs + vl, None].float(), lay)[:, 0, :, 0] > 0.5  # [B, P]
             key_ok = key_ok & kmv[:, None, :]
-        qtiles = _sample_query_tiles(n, query_fraction, gen).to(dev)
-        per_tile = max(1, chunk_elems // max(1, B * n * (D + 1) * vol))
+        slots = lay.scatter[tokens]  # the sampled query tokens' slots in this layout
+        per_chunk = max(1, chunk_elems // max(1, B * n * (D + 1)))
         for h in range(H):
             qv, kv, vv = (to_tiles(x[:, h:h + 1, vs:vs + vl], lay)[:, 0].float() for x in (q, k, v))  # [B, P, D]
             kt, vt = k[:, h, text].float(), v[:, h, text].float()
             orders = [_ranker(rankers, default_rankers[mi], m, tile, h).select(qv[:, None], kv[:, None], lay, all_tiles)
                       [0][:, 0].long() for mi, m in enumerate(methods)]
-            for c0 in range(0, qtiles.numel(), per_tile):
-                qt_chunk = qtiles[c0:c0 + per_tile]
-                rows = (qt_chunk[:, None] * vol + torch.arange(vol, device=dev)).reshape(-1)
+            for c0 in range(0, slots.numel(), per_chunk):
+                rows = slots[c0:c0 + per_chunk]
                 R = rows.numel()
-                w = (lay.gather[rows] >= 0).view(1, R, 1).float()
                 qr = qv[:, rows]
                 s_vid = (torch.matmul(qr, kv.transpose(-1, -2)) * scale).masked_fill(~key_ok[:, 0][:, None, :], float("-inf"))
                 s_txt = torch.matmul(qr, kt.transpose(-1, -2)) * scale
@@ -162,8 +162,8 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
                     rank = order[:, rows // vol]  # [B, R, n]: key tiles of each row's query tile, best first
                     cum_den = torch.cumsum(torch.gather(den, 2, rank), 2)
                     cum_num = torch.cumsum(torch.gather(num, 2, rank[..., None].expand(-1, -1, -1, D)), 2)
-                    energy[h, c] += float(((full ** 2) * w).sum())
+                    energy[h, c] += float((full ** 2).sum())
                     for li, kk in enumerate(ks):
                         out = (num0 + cum_num[:, :, kk - 1]) / (den0 + cum_den[:, :, kk - 1]).clamp_min(1e-30).unsqueeze(-1)
-                        sq_err[h, c, li] += float((((out - full) ** 2) * w).sum())
+                        sq_err[h, c, li] += float(((out - full) ** 2).sum())
     return SiteMeasurement(sq_err=sq_err, energy=energy, cost=cost, calls=1)

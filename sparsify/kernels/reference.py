@@ -181,7 +181,7 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
         >>> x = torch.randn(1, 1, 70, 8); g = Geometry((2, 4, 8), video_start=6)
         >>> ts = tile_sequence(x, x, x, g, tile_layout(g.grid, (1, 4, 16)))
         >>> ts.q.shape[2], ts.n_text_blocks, torch.equal(ts.q.index_select(2, ts.inverse), x)
-        (192, 1, True)
+        (128, 1, True)
     """
     S = q.shape[2]
     geometry.check(S)
