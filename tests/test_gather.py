@@ -84,7 +84,7 @@ def test_remembered_means_only_for_the_same_unmodified_tensor():
 
 def test_topk_matches_torch_topk():
     g = torch.Generator().manual_seed(1)
-    for nk, ks in ((7, [1, 3]), (90, [5, 90]), (300, [16, 4])):
+    for nk, ks in ((7, [1, 3]), (90, [5, 90]), (300, [16, 4]), (300, [200, 3])):  # 200 kept: sorted by torch
         s = torch.randn(2, 2, 5, nk, generator=g)
         idx = topk_indices(s, ks)
         assert idx.dtype == torch.int32 and idx.shape[-1] == max(ks)
@@ -96,6 +96,8 @@ def test_topk_matches_torch_topk():
     idx = topk_indices(s, [9]).long()
     assert torch.equal(torch.gather(s, -1, idx), torch.topk(s, 9).values)
     assert bool((idx.sort(-1).values.diff(dim=-1) > 0).all())  # no index twice
+    s = torch.zeros(1, 1, 2, 40)  # all tied: the bisection starts with min == max; lowest indices first
+    assert topk_indices(s, [5])[0, 0].tolist() == [[0, 1, 2, 3, 4]] * 2
     with pytest.raises(ValueError, match="one k"):
         topk_indices(s, [0])
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather import _MAX, _SUM, _jit, interpreter  # noqa: F401  (interpreter: for the examples)
+from .gather import _MAX, _MIN, _SUM, _jit, interpreter  # noqa: F401  (interpreter: for the examples)
 
 try:
     import triton
@@ -13,27 +13,33 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 
-def _topk_kernel(s_ptr, k_ptr, out_ptr, H, nq, nk, max_kv, BLOCK_N: tl.constexpr):
-    """One row of s (float32 [B*H*nq, nk]) per program (one warp): the k = k_ptr[head] largest entries, by a
-    32-step bisection on the order-preserving int32 image of the floats, written in index order to
-    out[row, :k]; slots k..max_kv get index 0. Ties at the k-th value keep the lowest indices."""
+def _topk_kernel(s_ptr, k_ptr, out_ptr, H, nq, nk, max_kv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SORT: tl.constexpr):
+    """One row of s (float32 [B*H*nq, nk]) per program (one warp): the k = k_ptr[head] largest entries,
+    sorted by score (ties: lower index first), in out[row, :k]; slots k..max_kv get index 0.
+
+    The k-th largest is found by bisection on the order-preserving int32 image of the floats, between
+    the row's min and max, stopping as soon as a midpoint has exactly k keys at or above it (about half
+    of the 32 steps on Gaussian scores). The kept entries are written in index order; with SORT they are
+    then reloaded (BLOCK_K >= max_kv of them), ranked by pairwise comparison of `key << 32 | ~index` in
+    chunks of 32, and written at their rank."""
     row = tl.program_id(0)
     kk = tl.load(k_ptr + (row // nq) % H)
     cols = tl.arange(0, BLOCK_N)
     m = cols < nk
-    x = tl.load(s_ptr + row.to(tl.int64) * nk + cols, mask=m, other=0.0)
+    srow = s_ptr + row.to(tl.int64) * nk
+    x = tl.load(srow + cols, mask=m, other=0.0)
     bits = x.to(tl.int32, bitcast=True)
     key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    lo = tl.reduce(tl.where(m, key, 2147483647), 0, _MIN).to(tl.int64)  # count(key >= lo) = nk >= kk
+    hi = tl.reduce(tl.where(m, key, -2147483648), 0, _MAX).to(tl.int64)  # the k-th largest is <= hi
     key = tl.where(m, key, -2147483648)  # padding: at or below every real key
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):  # invariant: at least kk keys >= lo; the answer is <= hi
+    while lo < hi:
         mid = lo + (hi - lo + 1) // 2
         c = tl.reduce((key >= mid.to(tl.int32)).to(tl.int32), 0, _SUM)
-        ok = c >= kk
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    t = lo.to(tl.int32)  # the k-th largest key
+        lo = tl.where(c >= kk, mid, lo)
+        hi = tl.where(c == kk, mid, tl.where(c > kk, hi, mid - 1))  # exactly kk at or above mid: done
+    t = lo.to(tl.int32)  # kk keys >= t, and fewer than kk keys > t
     gt = key > t
     eq = (key == t) & m
     n_gt = tl.reduce(gt.to(tl.int32), 0, _SUM)
@@ -42,14 +48,40 @@ def _topk_kernel(s_ptr, k_ptr, out_ptr, H, nq, nk, max_kv, BLOCK_N: tl.constexpr
     pos = tl.associative_scan(sel.to(tl.int32), 0, _SUM) - 1
     base = out_ptr + row.to(tl.int64) * max_kv
     tl.store(base + pos, cols, mask=sel)
-    tl.store(base + cols, cols * 0, mask=(cols >= kk) & (cols < max_kv))
+    if SORT:
+        tl.debug_barrier()
+        j = tl.arange(0, BLOCK_K)
+        live = j < kk
+        idx = tl.load(base + j, mask=live, other=0)
+        xb = tl.load(srow + idx, mask=live, other=0.0).to(tl.int32, bitcast=True)
+        packed = tl.where(live, (tl.where(xb < 0, xb ^ 0x7FFFFFFF, xb).to(tl.int64) << 32)
+                          | (4294967295 - idx.to(tl.int64)), -9223372036854775807 - 1)
+        rank = j * 0
+        for c0 in range(0, BLOCK_K, 32):
+            jc = c0 + tl.arange(0, 32)
+            lc = jc < kk
+            ic = tl.load(base + jc, mask=lc, other=0)
+            xc = tl.load(srow + ic, mask=lc, other=0.0).to(tl.int32, bitcast=True)
+            pc = tl.where(lc, (tl.where(xc < 0, xc ^ 0x7FFFFFFF, xc).to(tl.int64) << 32)
+                          | (4294967295 - ic.to(tl.int64)), -9223372036854775807 - 1)
+            rank += tl.reduce((pc[None, :] > packed[:, None]).to(tl.int32), 1, _SUM)
+        tl.debug_barrier()  # every lane has read the index-order list before it is overwritten
+        tl.store(base + rank, idx, mask=live)
+        tl.store(base + j, j * 0, mask=(j >= kk) & (j < max_kv))
+    else:
+        tl.store(base + cols, cols * 0, mask=(cols >= kk) & (cols < max_kv))
+
+
+#: Largest power-of-two kept count sorted inside the top-k kernel (pairwise ranks); beyond it, torch sorts.
+_SORT_IN_KERNEL = 128
 
 
 def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """The `ks[h]` largest key tiles of every row of `scores` `[B, H, n_q, n_k]`, sorted by score.
 
     Same result as `torch.topk(scores[:, h], ks[h], sorted=True)` (up to the order of tied scores),
-    computed by a Triton bisection over the float bits of each row plus a sort of the kept entries.
+    computed by one Triton program per row: a bisection over the float bits of the row, then a sort of
+    the kept entries.
 
     Returns:
         int32 `[B, H, n_q, max(ks)]`; past `ks[h]` the entries are index 0 (valid, ignored by a count).
@@ -67,8 +99,13 @@ def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     max_kv = max(ks)
     out = torch.empty(B, H, nq, max_kv, dtype=torch.int32, device=s.device)
     kt = torch.tensor(ks, dtype=torch.int32, device=s.device)
-    _jit(_topk_kernel)[(B * H * nq,)](s, kt, out, H, nq, nk, max_kv, BLOCK_N=triton.next_power_of_2(nk), num_warps=1)
-    vals = torch.gather(s, -1, out.long())
+    block_k = triton.next_power_of_2(max_kv)
+    sort_here = block_k <= _SORT_IN_KERNEL
+    _jit(_topk_kernel)[(B * H * nq,)](s, kt, out, H, nq, nk, max_kv, BLOCK_N=triton.next_power_of_2(nk),
+                                      BLOCK_K=block_k if sort_here else 1, SORT=sort_here, num_warps=1)
+    if sort_here:
+        return out
+    vals = torch.gather(s, -1, out.long())  # many kept entries: sort them by score outside the kernel
     live = torch.arange(max_kv, device=s.device) < kt.view(1, H, 1, 1)
     vals = torch.where(live, vals, torch.full_like(vals, float("-inf")))
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
