@@ -362,17 +362,24 @@ def table_bwd(record: dict) -> str:
         lines.append(f"\n{shape} (B{d.get('B')} H{d.get('H')} S{d.get('S')} D{d.get('D')}): " + ", ".join(
             f"{k_} {d[k_]:.2f} ms" for k_ in ("sdpa_cudnn_bwd", "sdpa_cudnn_fwd_bwd", "sdpa_flash_bwd", "sdpa_flash_fwd_bwd")
             if k_ in d))
-        lines.append(f"{'density':>8} {'blocks':>9} {'method':>18} {'ms':>9} {'x cuDNN':>8} {'x Flex':>7} "
-                     f"{'floor ms':>9} {'/floor':>7} {'max err vs Flex':>15}")
-        for r in (r for r in record["sparse"] if r["shape"] == shape):
-            floor = r.get("floor_ms")
-            lines.append(
-                f"{r['density_pct']:>7}% {r['count']:>4}/{r['n_kv_blocks']:<4} {r['method']:>18} {r['ms']:>9.3f} "
-                f"{r.get('x_vs_cudnn', float('nan')):>8.2f} {r['x_vs_flex']:>7.3f} "
-                f"{floor if floor is not None else float('nan'):>9.3f} "
-                f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
-                f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>15}")
+        lines += _sparse_rows(record, shape, 18, "max err vs Flex")
     return "\n".join(lines)
+
+
+def _sparse_rows(record: dict, shape: str, method_width: int, err_header: str) -> list[str]:
+    """The header and one line per sparse row of `shape` (shared by the forward and backward tables)."""
+    mw, ew = method_width, len(err_header)
+    lines = [f"{'density':>8} {'blocks':>9} {'method':>{mw}} {'ms':>9} {'x cuDNN':>8} {'x Flex':>7} "
+             f"{'floor ms':>9} {'/floor':>7} {err_header:>{ew}}"]
+    for r in (r for r in record["sparse"] if r["shape"] == shape):
+        floor = r.get("floor_ms")
+        lines.append(
+            f"{r['density_pct']:>7}% {r['count']:>4}/{r['n_kv_blocks']:<4} {r['method']:>{mw}} {r['ms']:>9.3f} "
+            f"{r.get('x_vs_cudnn', float('nan')):>8.2f} {r['x_vs_flex']:>7.3f} "
+            f"{floor if floor is not None else float('nan'):>9.3f} "
+            f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
+            f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>{ew}}")
+    return lines
 
 
 def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
@@ -392,17 +399,7 @@ def table(record: dict) -> str:
             f"\n{shape} (B{d.get('B')} H{d.get('H')} S{d.get('S')} D{d.get('D')}): "
             f"SDPA cuDNN {d.get('sdpa_cudnn', float('nan')):.2f} ms, SDPA flash {d.get('sdpa_flash', float('nan')):.2f} ms"
         )
-        lines.append(f"{'density':>8} {'blocks':>9} {'method':>16} {'ms':>9} {'x cuDNN':>8} {'x Flex':>7} "
-                     f"{'floor ms':>9} {'/floor':>7} {'err vs Flex':>11}")
-        for r in (r for r in record["sparse"] if r["shape"] == shape):
-            floor = r.get("floor_ms")
-            lines.append(
-                f"{r['density_pct']:>7}% {r['count']:>4}/{r['n_kv_blocks']:<4} {r['method']:>16} {r['ms']:>9.3f} "
-                f"{r.get('x_vs_cudnn', float('nan')):>8.2f} {r['x_vs_flex']:>7.3f} "
-                f"{floor if floor is not None else float('nan'):>9.3f} "
-                f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
-                f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>11}"
-            )
+        lines += _sparse_rows(record, shape, 16, "err vs Flex")
     return "\n".join(lines)
 
 

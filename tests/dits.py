@@ -172,3 +172,31 @@ def mask_from_selection(grid, tile, idx, cnt, seq_len, video_start=0, key_mask=N
     if key_mask is not None:
         mask &= key_mask[:, None, None, :]
     return mask
+
+
+def rel_err(a, b):
+    """Relative L2 error `|a - b| / |b|`, computed in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def stale_selection(B, H, S, bm, bn, gen, *, p_empty, max_frac=0.7, full_width=False):
+    """Random duplicate-free CPU selection; some rows empty; stale (ignored) ids past each count."""
+    n_qb, n_kb = -(-S // bm), -(-S // bn)
+    max_kv = n_kb if full_width else max(1, math.ceil(n_kb * max_frac))
+    idx = torch.rand(B, H, n_qb, n_kb, generator=gen).argsort(-1)[..., :max_kv].to(torch.int32)
+    cnt = torch.randint(1, max_kv + 1, (B, H, n_qb), generator=gen, dtype=torch.int32)
+    cnt = torch.where(torch.rand(B, H, n_qb, generator=gen) < p_empty, torch.zeros_like(cnt), cnt)
+    return idx.contiguous(), cnt
+
+
+def density_selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
+    """Duplicate-free random selection, `density` of the key blocks per query block, some rows empty."""
+    n_qb, n_kb = -(-S // bm), -(-S // bn)
+    count = max(1, round(density * n_kb))
+    perm = torch.rand(B, H, n_qb, n_kb, device=device).argsort(-1).to(torch.int32)
+    idx = torch.cat([perm[..., :count].sort(-1).values, perm[..., count:]], -1).contiguous()
+    cnt = torch.randint(1, count + 1, (B, H, n_qb), device=device, dtype=torch.int32)
+    if p_empty:
+        cnt = torch.where(torch.rand(B, H, n_qb, device=device) < p_empty, torch.zeros_like(cnt), cnt)
+    return idx, cnt

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
 
+from dits import rel_err, stale_selection  # noqa: E402
 from sparsify.kernels.block_sparse import block_sparse_attn  # noqa: E402
 from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward, transpose_selection  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask  # noqa: E402
@@ -19,19 +20,7 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _selection(B, H, S, bm, bn, gen, *, p_empty=0.2, max_frac=0.7):
-    """Random duplicate-free selection; some rows empty; stale (ignored) ids past each count."""
-    n_qb, n_kb = -(-S // bm), -(-S // bn)
-    max_kv = max(1, math.ceil(n_kb * max_frac))
-    idx = torch.rand(B, H, n_qb, n_kb, generator=gen).argsort(-1)[..., :max_kv].to(torch.int32).contiguous()
-    cnt = torch.randint(1, max_kv + 1, (B, H, n_qb), generator=gen, dtype=torch.int32)
-    cnt = torch.where(torch.rand(B, H, n_qb, generator=gen) < p_empty, torch.zeros_like(cnt), cnt)
-    return idx, cnt
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+_selection = functools.partial(stale_selection, p_empty=0.2)
 
 
 def _grads(fn, q, k, v, go, **kw):
@@ -74,10 +63,10 @@ def test_grads_match_reference(B, H, S, D, dtype, bs, with_lens, opts):
         got = _grads(block_sparse_attn, q, k, v, go, **kw)
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         assert g.shape == r.shape and g.dtype == dtype and torch.isfinite(g).all(), name
-        assert _rel(g, r) < _TOL[dtype], (name, _rel(g, r))
+        assert rel_err(g, r) < _TOL[dtype], (name, rel_err(g, r))
     # the comparison can fail: gradients under a shifted selection are far off
     wrong = _grads(block_sparse_attn, q, k, v, go, **{**kw, "kv_indices": (idx + 1) % n_kb})
-    assert max(_rel(g, r) for g, r in zip(wrong[1:], ref[1:])) > 0.1
+    assert max(rel_err(g, r) for g, r in zip(wrong[1:], ref[1:])) > 0.1
 
 
 def test_reference_semantics(monkeypatch):
@@ -102,7 +91,7 @@ def test_reference_semantics(monkeypatch):
     ref = _grads(block_sparse_attn_reference, q, k, v, go, kv_indices=idx, kv_counts=cnt, block_size=bs,
                  kv_block_lens=lens)
     for g, r in zip((dq, dk, dv), ref[1:]):
-        assert _rel(g, r) < 1e-5
+        assert rel_err(g, r) < 1e-5
 
 
 def test_lse():

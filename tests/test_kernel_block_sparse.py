@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from dits import rel_err, stale_selection  # noqa: E402
 from sparsify.kernels.block_sparse import _launch, block_sparse_attn, supports  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference  # noqa: E402
 
@@ -19,23 +21,11 @@ def _interpret(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-def _selection(B, H, S, bm, bn, gen, *, p_empty=0.15, max_frac=0.7, full_width=False):
-    """Random duplicate-free selection; some rows empty; stale (ignored) ids past each count."""
-    n_qb, n_kb = -(-S // bm), -(-S // bn)
-    max_kv = n_kb if full_width else max(1, math.ceil(n_kb * max_frac))
-    idx = torch.rand(B, H, n_qb, n_kb, generator=gen).argsort(-1)[..., :max_kv].to(torch.int32)
-    cnt = torch.randint(1, max_kv + 1, (B, H, n_qb), generator=gen, dtype=torch.int32)
-    cnt = torch.where(torch.rand(B, H, n_qb, generator=gen) < p_empty, torch.zeros_like(cnt), cnt)
-    return idx.contiguous(), cnt
+_selection = functools.partial(stale_selection, p_empty=0.15)
 
 
 def _inputs(B, H, S, D, dtype, gen):
     return tuple((torch.randn(B, H, S, D, generator=gen) * 1.5).to(dtype) for _ in range(3))
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -62,13 +52,13 @@ def test_matches_reference(B, H, S, D, dtype, bs, opts):
     out = _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, **opts)
     assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
     assert torch.isfinite(out).all()
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err < _TOL[dtype], err
     # the check can fail: the same kernel on a shifted selection is far from the reference
     live = cnt > 0
     n_kb = -(-S // bs[1])
     wrong = _launch(q, k, v, (idx + 1) % n_kb, cnt, bs, 1.0 / math.sqrt(D), None, **opts)
-    assert live.any() and _rel(wrong, ref) > 0.1
+    assert live.any() and rel_err(wrong, ref) > 0.1
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -87,7 +77,7 @@ def test_long_rows_tail_block_anywhere(lazy):
         cnt[0, 0, r] = c
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
     out = _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, lazy_rescale=lazy)
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_public_entry_point_scale_and_dense():
@@ -98,7 +88,7 @@ def test_public_entry_point_scale_and_dense():
     cnt = torch.full((1, 2, n), n, dtype=torch.int32)
     out = block_sparse_attn(q, k, v, idx, cnt, scale=0.05)
     dense = torch.softmax((q @ k.transpose(-1, -2)) * 0.05, -1) @ v
-    assert _rel(out, dense) < 1e-5
+    assert rel_err(out, dense) < 1e-5
 
 
 def test_empty_rows_are_zero():
@@ -132,11 +122,11 @@ def test_kv_block_lens(tma, lazy):
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs, key_mask=key_mask)
     out = _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), lens, use_tma=tma, lazy_rescale=lazy)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
     assert torch.all(out[0, 0, 64:128] == 0)
     # ignoring the lengths is detectably wrong
     unmasked = block_sparse_attn(q, k, v, idx, cnt, block_size=bs)
-    assert _rel(unmasked, ref) > 0.05
+    assert rel_err(unmasked, ref) > 0.05
 
 
 @pytest.mark.parametrize("tma", [False, True])
@@ -149,7 +139,7 @@ def test_strided_inputs(tma):
     out = _launch(q, k, v, idx, cnt, (128, 128), 0.125, None, use_tma=tma)
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(128, 128))
     assert out.is_contiguous()
-    assert _rel(out, ref) < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_errors_and_supports():

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from dits import density_selection as _selection, rel_err
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -14,22 +16,6 @@ pytestmark = [
 
 from sparsify.kernels.block_sparse import block_sparse_attn  # noqa: E402
 from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward  # noqa: E402
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _selection(B, H, S, bm, bn, density, *, p_empty=0.0):
-    n_qb, n_kb = -(-S // bm), -(-S // bn)
-    count = max(1, round(density * n_kb))
-    perm = torch.rand(B, H, n_qb, n_kb, device="cuda").argsort(-1).to(torch.int32)
-    idx = torch.cat([perm[..., :count].sort(-1).values, perm[..., count:]], -1).contiguous()
-    cnt = torch.randint(1, count + 1, (B, H, n_qb), device="cuda", dtype=torch.int32)
-    if p_empty:
-        cnt = torch.where(torch.rand(B, H, n_qb, device="cuda") < p_empty, torch.zeros_like(cnt), cnt)
-    return idx, cnt
 
 
 def _token_mask(idx, cnt, S, bm, bn, lens=None):
@@ -97,15 +83,15 @@ def test_against_dense(B, H, S, D, dtype, bs, density, layout, with_lens):
     assert all(g is b for g, b in zip(got, grads))
     for name, g, r in zip(("dq", "dk", "dv"), got, ref[1:]):
         assert not g.isnan().any(), f"{name}: unwritten or NaN"
-        err = _rel(g, r)
+        err = rel_err(g, r)
         assert err < _TOL[dtype], (name, err)
     # the autograd path gives the same gradients (defaults), and a shifted selection is far off
     qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
     o2 = block_sparse_attn(qg, kg, vg, idx, cnt, block_size=bs, kv_block_lens=lens)
     auto = torch.autograd.grad(o2, (qg, kg, vg), go)
-    assert all(_rel(a, g) < 1e-6 for a, g in zip(auto, got))
+    assert all(rel_err(a, g) < 1e-6 for a, g in zip(auto, got))
     wrong = block_sparse_attn_backward(go, q, k, v, out, lse, (idx + 1) % n_kb, cnt, block_size=bs, kv_block_lens=lens)
-    assert max(_rel(w, r) for w, r in zip(wrong, ref[1:])) > 0.1
+    assert max(rel_err(w, r) for w, r in zip(wrong, ref[1:])) > 0.1
 
 
 VARIANTS = [
@@ -133,7 +119,7 @@ def test_variants(opts):
     got = block_sparse_attn_backward(go, q, k, v, out, lse, idx, cnt, block_size=bs, grads=grads, **opts)
     for g, r in zip(got, ref[1:]):
         assert not g.isnan().any()
-        assert _rel(g, r) < 2e-2
+        assert rel_err(g, r) < 2e-2
 
 
 def test_wan_shape_against_reference_blockwise():
@@ -157,4 +143,4 @@ def test_wan_shape_against_reference_blockwise():
     o = torch.softmax(s, -1) @ vf
     rq, rk, rv = torch.autograd.grad(o, (qr, kf, vf), go[:, :, rows].float())
     assert torch.all(dq[:, :, : 128 * 100] == 0)
-    assert _rel(dq[:, :, rows], rq) < 2e-2 and _rel(dk, rk) < 2e-2 and _rel(dv, rv) < 2e-2
+    assert rel_err(dq[:, :, rows], rq) < 2e-2 and rel_err(dk, rk) < 2e-2 and rel_err(dv, rv) < 2e-2

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from dits import density_selection as _selection, rel_err
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -14,23 +16,6 @@ pytestmark = [
 
 from sparsify.kernels.block_sparse import _launch, block_sparse_attn  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference  # noqa: E402
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
-    """Duplicate-free random selection, `density` of the key blocks per query block, some rows empty."""
-    n_qb, n_kb = -(-S // bm), -(-S // bn)
-    count = max(1, round(density * n_kb))
-    perm = torch.rand(B, H, n_qb, n_kb, device=device).argsort(-1).to(torch.int32)
-    idx = torch.cat([perm[..., :count].sort(-1).values, perm[..., count:]], -1).contiguous()
-    cnt = torch.randint(1, count + 1, (B, H, n_qb), device=device, dtype=torch.int32)
-    if p_empty:
-        cnt = torch.where(torch.rand(B, H, n_qb, device=device) < p_empty, torch.zeros_like(cnt), cnt)
-    return idx, cnt
 
 
 def _qkv(B, H, S, D, dtype, *, layout="bhsd"):
@@ -66,13 +51,13 @@ def test_against_reference(B, H, S, D, dtype, bs, density, layout):
     out = _poisoned_run(q, k, v, idx, cnt, bs)
     assert not out.isnan().any(), "unwritten or NaN outputs"
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
-    err = _rel(out, ref)
+    err = rel_err(out, ref)
     assert err < _TOL[dtype], err
     rows = (cnt == 0).repeat_interleave(bs[0], dim=-1)[..., :S]
     assert torch.all(out[rows] == 0)
     # a shifted selection is far off: the comparison can fail
     wrong = _poisoned_run(q, k, v, (idx + 1) % (-(-S // bs[1])), cnt, bs)
-    assert _rel(wrong, ref) > 0.1
+    assert rel_err(wrong, ref) > 0.1
 
 
 VARIANTS = [
@@ -97,7 +82,7 @@ def test_variants(opts):
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
     out = _poisoned_run(q, k, v, idx, cnt, bs, **opts, fallback=False)
     assert not out.isnan().any()
-    assert _rel(out, ref) < 1.2e-2
+    assert rel_err(out, ref) < 1.2e-2
 
 
 @pytest.mark.parametrize("lazy", [False, True])
@@ -113,7 +98,7 @@ def test_kv_block_lens(lazy):
     ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs, key_mask=key_mask)
     out = _poisoned_run(q, k, v, idx, cnt, bs, lens, lazy_rescale=lazy)
     assert not out.isnan().any()
-    assert _rel(out, ref) < 1.2e-2
+    assert rel_err(out, ref) < 1.2e-2
 
 
 FLEX_CASES = [  # B, H, S, D, dtype, block_size
@@ -139,6 +124,6 @@ def test_against_flex(B, H, S, D, dtype, bs):
     assert torch.equal(out, block_sparse_attn(q, k, v, idx, cnt, block_size=bs))  # public entry, same kernel
     gold = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
     # same error scale as Flex's own against the fp32 reference
-    e_ours, e_flex = _rel(out, gold), _rel(ref, gold)
+    e_ours, e_flex = rel_err(out, gold), rel_err(ref, gold)
     assert e_ours < max(2 * e_flex, 1e-3), (e_ours, e_flex)
-    assert _rel(out, ref) < _TOL[dtype]
+    assert rel_err(out, ref) < _TOL[dtype]

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from dits import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -21,11 +22,6 @@ def _all_fast(on: bool):
 def _restore():
     yield
     _all_fast(True)
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 @pytest.mark.parametrize("tile,grid,start,tail", [((4, 4, 4), (21, 30, 52), 0, 0), ((1, 8, 16), (5, 30, 52), 7, 300),
@@ -68,7 +64,7 @@ def test_op_fast_matches_torch_path(method):
         _all_fast(False)
         ref = runtime.run_site(q, k, v, site, [*grid, 50], None)
         assert torch.isfinite(out).all()
-        assert _rel(out, ref) < 2e-2
+        assert rel_err(out, ref) < 2e-2
     finally:
         runtime.STATE.sites.pop(st.site_id)
 

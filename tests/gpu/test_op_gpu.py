@@ -7,16 +7,12 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
+from dits import rel_err  # noqa: E402
 from sparsify import runtime  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference, tiled_sparse_attention  # noqa: E402
 from sparsify.layout import Geometry, tile_layout, to_tiles  # noqa: E402
 from sparsify.methods import get_method  # noqa: E402
 from sparsify.recipe import Budget  # noqa: E402
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 CASES = [  # B, H, grid, video_start, n_text, D, dtype, tile, density
@@ -45,7 +41,7 @@ def test_tiled_op_triton_matches_reference(B, H, grid, vs, n_text, D, dtype, til
     ref = tiled_sparse_attention(q.float(), k.float(), v.float(), geo, lay, idx, cnt, key_mask=key_mask,
                                  block_fn=block_sparse_attn_reference)
     assert torch.isfinite(fast).all()
-    assert _rel(fast, ref) < (1.5e-2 if dtype == torch.bfloat16 else 4e-3)
+    assert rel_err(fast, ref) < (1.5e-2 if dtype == torch.bfloat16 else 4e-3)
 
 
 def test_sparsify_tiny_wan_cuda_eager_and_compiled():
@@ -65,14 +61,14 @@ def test_sparsify_tiny_wan_cuda_eager_and_compiled():
     sparsify(m, {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 1.0}}})
     with torch.no_grad():
         full = m(**kw)[0]
-        assert _rel(full, dense) < 2e-2  # every tile kept: the Triton path reproduces dense attention
+        assert rel_err(full, dense) < 2e-2  # every tile kept: the Triton path reproduces dense attention
     unsparsify(m)
     sparsify(m, {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 0.25}}})
     with torch.no_grad():
         eager = m(**kw)[0]
         compiled = torch.compile(m, fullgraph=True)(**kw)[0]
-    assert _rel(compiled, eager) < 2e-2
-    assert _rel(eager, dense) > 1e-3
+    assert rel_err(compiled, eager) < 2e-2
+    assert rel_err(eager, dense) > 1e-3
     assert all(s.calls == 2 for s in installed_sites(m))
     unsparsify(m)
 
@@ -104,6 +100,6 @@ def test_op_backward_on_cuda_matches_fp32_reference_gradients():
         want = torch.autograd.grad(ref, ref_in, grad.float())
         for g, w in zip(got, want):
             assert torch.isfinite(g).all()
-            assert _rel(g, w) < 2e-2
+            assert rel_err(g, w) < 2e-2
     finally:
         del runtime.STATE.sites[st.site_id]

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from dits import rel_err
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -17,11 +19,6 @@ from sparsify.kernels.varlen import varlen_block_attn, varlen_block_attn_referen
 from sparsify.layout import Geometry  # noqa: E402
 from sparsify.methods.svg2 import (SVG2, cluster_blocks, kmeans_assign, kmeans_update, segment_means)  # noqa: E402
 from sparsify.recipe import Budget  # noqa: E402
-
-
-def _rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _blocks(B, H, n, S):
@@ -47,7 +44,7 @@ def test_varlen_kernel_matches_reference(B, H, S, D, dtype, nq, nk, mask):
     ref = varlen_block_attn_reference(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
     out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref) < 1e-2
+    assert rel_err(out, ref) < 1e-2
     assert torch.equal(out.float().abs().sum(-1) == 0, ref.float().abs().sum(-1) == 0)
 
 
@@ -88,7 +85,7 @@ def test_attend_matches_masked_dense(text):
         allowed[:, :, vs:vs + nv, vs:vs + nv] = sel.token_mask()
         s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
         want = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.float()
-        assert _rel(out, want) < 1e-2
+        assert rel_err(out, want) < 1e-2
         assert 0 < work < B * H
         q = q + 0.05 * torch.randn_like(q)
     assert cache["iters"] == (1, 1)
