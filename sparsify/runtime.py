@@ -36,9 +36,30 @@ class SiteState:
     step_seen: int = -1
     gen_seen: int = -1
     calls_in_step: int = 0  # calls of this site at the current step (CFG as two calls: 0 and 1)
-    work: float = 0.0  # attention FLOPs actually computed (padding included), in units of one dense call
     dense_work: float = 0.0  # attention FLOPs the same calls would take dense
     warned: set = field(default_factory=set)
+    _work: float = 0.0  # host part of `work`
+    _work_pending: torch.Tensor | None = None  # device part: summed without a host sync until `work` is read
+
+    @property
+    def work(self) -> float:
+        """Attention FLOPs actually computed (padding included), in units of one dense call (syncs once to read)."""
+        if self._work_pending is not None:
+            self._work += float(self._work_pending)
+            self._work_pending = None
+        return self._work
+
+    @work.setter
+    def work(self, value: float) -> None:
+        self._work, self._work_pending = float(value), None
+
+    def add_work(self, amount) -> None:
+        """Add computed work: a number, or a device tensor kept on the device (no host sync per call)."""
+        if isinstance(amount, torch.Tensor):
+            amount = amount.detach().reshape(())
+            self._work_pending = amount if self._work_pending is None else self._work_pending + amount
+        else:
+            self._work += amount
 
     @property
     def density(self) -> float:
@@ -107,6 +128,7 @@ class _State:
         self.sites: dict[int, SiteState] = {}
         self.geometry: tuple[int, int, int, int] | None = None  # (T, H, W, video_start) of the current forward
         self.timestep = None  # the current forward's timestep tensor (set by the geometry hook)
+        self.timestep_seen = None  # (tensor, version, value) of the last timestep read by `timestep_value`
         self.steps = StepTracker()
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
@@ -130,6 +152,38 @@ def new_generation() -> None:
 def current_geometry() -> list[int]:
     """The op's geometry argument for the current forward: `[T, H, W, video_start]`, or `[]` if unknown."""
     return list(STATE.geometry) if STATE.geometry is not None else []
+
+
+def set_timestep(t) -> None:
+    """Record the current forward's timestep tensor (the geometry hook calls this once per forward).
+
+    Example:
+        >>> set_timestep(900); STATE.timestep
+        tensor([900.])
+        >>> set_timestep(None)  # (the example leaves no state behind)
+    """
+    STATE.timestep = t if (t is None or isinstance(t, torch.Tensor)) else torch.tensor([float(t)])
+    STATE.timestep_seen = None
+
+
+def timestep_value(t: torch.Tensor) -> float:
+    """The first element of the op's timestep argument, read from the device once per timestep tensor: the
+    sites of one forward receive the same tensor object and share one reading instead of each paying a host
+    sync. A reading is reused only for the same object with the same version counter (an in-place update is
+    a new reading); tensors without a version counter (inference mode) are read on every call.
+
+    Example:
+        >>> timestep_value(torch.tensor([800.0, 800.0]))
+        800.0
+    """
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        return float(t.reshape(-1)[0])
+    seen = STATE.timestep_seen
+    if seen is None or seen[0] is not t or seen[1] != version:
+        seen = STATE.timestep_seen = (t, version, float(t.reshape(-1)[0]))  # holds t: no address reuse meanwhile
+    return seen[2]
 
 
 def _unpack_geometry(geom: list[int]) -> Geometry | None:
@@ -299,7 +353,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     def dense(reason=None):
         if reason:
             st.warn_once(reason, f"{reason}; this call runs dense attention")
-        st.work += B * H
+        st.add_work(B * H)
         st.dense_work += B * H
         return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
 
@@ -328,7 +382,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             return dense()
     step = None
     if timestep is not None:
-        step = STATE.steps.observe(float(timestep.reshape(-1)[0]), geom.grid)
+        step = STATE.steps.observe(timestep_value(timestep), geom.grid)
         if (st.step_seen, st.gen_seen) != (step, STATE.steps.generation):
             st.step_seen, st.gen_seen, st.calls_in_step = step, STATE.steps.generation, 0
         else:
@@ -347,7 +401,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)
-            st.work += B * len(heads)
+            st.add_work(B * len(heads))
         else:
             method, tile = key
             impl = st.method(key, heads)
@@ -359,14 +413,14 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 oh, work = impl.attend(qh, kh, vh, geom, st.budgets(heads, step), scale=scale,
                                        key_mask=key_mask, cache=cache, block_fn=block_fn)
                 st.selections += 1
-                st.work += float(work)
+                st.add_work(work)
             else:
                 lay = tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay)
                 idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)
-                st.work += float(sparse_work(geom, lay, cnt, S))
+                st.add_work(sparse_work(geom, lay, cnt, S))
                 if gate is not None:  # VSA's gated coarse branch (sparsify.training.add_vsa_gates)
                     from .methods.vsa import coarse_attention
 
@@ -375,7 +429,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                     c = torch.nn.functional.pad(c, (0, 0, 0, ts.q.shape[2] - P)).index_select(2, ts.inverse)
                     gh = gate if whole else gate.index_select(1, hi)
                     oh = oh + gh.to(oh.dtype) * c.to(oh.dtype)
-                    st.work += B * len(heads) * (lay.n_tiles / S) ** 2  # tile-level scores and outputs
+                    st.add_work(B * len(heads) * (lay.n_tiles / S) ** 2)  # tile-level scores and outputs
         if whole:
             return oh.to(q.dtype).contiguous()
         if out is None:

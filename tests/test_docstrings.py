@@ -6,7 +6,8 @@ import importlib
 import pytest
 
 MODULES = ["sparsify.recipe", "sparsify.layout", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
-           "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base"]
+           "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base",
+           "sparsify.kernels.rope", "sparsify.kernels.tile_select", "sparsify.kernels.gather"]
 
 
 @pytest.mark.parametrize("name", MODULES)

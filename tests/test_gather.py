@@ -84,7 +84,7 @@ def test_remembered_means_only_for_the_same_unmodified_tensor():
 
 def test_topk_matches_torch_topk():
     g = torch.Generator().manual_seed(1)
-    for nk, ks in ((7, [1, 3]), (90, [5, 90]), (300, [16, 4]), (300, [200, 3])):  # 200 kept: sorted by torch
+    for nk, ks in ((7, [1, 3]), (90, [5, 90]), (300, [16, 4]), (300, [200, 3])):  # n_k 7: torch.topk fallback
         s = torch.randn(2, 2, 5, nk, generator=g)
         idx = topk_indices(s, ks)
         assert idx.dtype == torch.int32 and idx.shape[-1] == max(ks)

@@ -171,3 +171,19 @@ def test_graph_mode_follows_denoising_steps():
     assert all(s.selections == 1 for s in installed_sites(m))
     torch._dynamo.reset()
     unsparsify(m)
+
+
+def test_timestep_value_is_read_once_per_tensor_and_version():
+    from sparsify.runtime import timestep_value
+
+    t = torch.tensor([900.0])
+    assert timestep_value(t) == 900.0
+    t.fill_(800.0)  # in place: a new version, a new reading
+    assert timestep_value(t) == 800.0
+    for v in (700.0, 600.0):  # fresh tensors (possibly at a reused address) are read again
+        assert timestep_value(torch.tensor([v])) == v
+    with torch.inference_mode():
+        u = torch.tensor([500.0])
+        assert timestep_value(u) == 500.0
+        u.fill_(400.0)  # no version counter: read every call
+        assert timestep_value(u) == 400.0

@@ -42,6 +42,11 @@ class Adapter:
     def geometry(self, model, args, kwargs) -> Geometry:
         raise NotImplementedError
 
+    def prepare_site(self, module: torch.nn.Module) -> Callable[[], None] | None:
+        """Family-specific changes to an installed site's module (e.g. a fused processor); returns their
+        undo, or None when nothing changed. Called by `sparsify()` in mode `install` only."""
+        return None
+
     def example_inputs(self, model, *, device=None, dtype=None) -> dict:
         raise NotImplementedError(
             f"adapter '{self.name}' cannot make example inputs; pass example_inputs= to sparsify()")

@@ -1,9 +1,12 @@
-"""diffusers Wan: video-only self-attention at `blocks.i.attn1`; grid from hidden_states [B, C, F, H, W]."""
+"""diffusers Wan: self-attention sites `blocks.i.attn1`, the grid from hidden_states, a fused q/k processor."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..kernels.gather import needs_grad, use_fast
 from ..layout import Geometry
 from .base import Adapter, _arg, _param, register_adapter
 
@@ -46,3 +49,96 @@ class WanAdapter(Adapter):
         text = torch.randn(batch, 8, c.text_dim, generator=g)
         return {"hidden_states": x.to(dev, dt), "timestep": torch.full((batch,), 500, device=dev, dtype=torch.long),
                 "encoder_hidden_states": text.to(dev, dt), "return_dict": False}
+
+    def prepare_site(self, module):
+        """Give a self-attention site the fused q/k processor (see `fuse_processor`); returns its undo."""
+        return fuse_processor(module)
+
+
+def _fused_processor_cls():
+    """`FusedWanAttnProcessor`, built on first use (diffusers is imported only for Wan models)."""
+    global _FUSED
+    if _FUSED is not None:
+        return _FUSED
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
+
+    class FusedWanAttnProcessor(WanAttnProcessor):
+        """diffusers' `WanAttnProcessor` with q/k RMSNorm and RoPE as one Triton pass per tensor.
+
+        Eager CUDA inference of a self-attention call with RoPE takes the fused path; every other call
+        (CPU, autograd, `torch.compile` tracing, which fuses these ops itself, cross-attention, image
+        context, a non-default attention backend or context parallelism) runs the parent's code unchanged.
+        The fused path computes in float32 and rounds once; diffusers rounds the products of its RoPE to
+        the model dtype, so bf16 results differ by about one ulp.
+        """
+
+        def fusable(self, attn, hidden_states, encoder_hidden_states, rotary_emb) -> bool:
+            return (rotary_emb is not None and encoder_hidden_states is None and attn.add_k_proj is None
+                    and self._attention_backend is None and self._parallel_config is None
+                    and isinstance(attn.norm_q, torch.nn.RMSNorm) and isinstance(attn.norm_k, torch.nn.RMSNorm)
+                    and not torch.compiler.is_compiling() and _fast(hidden_states)
+                    and not needs_grad(hidden_states, *attn.parameters()))
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+            if not self.fusable(attn, hidden_states, encoder_hidden_states, rotary_emb):
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+            from ..kernels.rope import rmsnorm_rope
+
+            query, key, value = _get_qkv_projections(attn, hidden_states, None)
+            cos, sin = rotary_emb
+            eps_q = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            eps_k = attn.norm_k.eps if attn.norm_k.eps is not None else torch.finfo(key.dtype).eps
+            query = rmsnorm_rope(query, attn.norm_q.weight, eps_q, cos, sin, attn.heads).unflatten(2, (attn.heads, -1))
+            key = rmsnorm_rope(key, attn.norm_k.weight, eps_k, cos, sin, attn.heads).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            out = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                        backend=self._attention_backend, parallel_config=None)
+            out = out.flatten(2, 3).type_as(query)
+            return attn.to_out[1](attn.to_out[0](out))
+
+    _FUSED = FusedWanAttnProcessor
+    return _FUSED
+
+
+_FUSED = None
+
+
+def _fast(x: torch.Tensor) -> bool:
+    """Whether the fused Triton path serves `x` (CUDA, Triton, `FAST["rope"]`); tests patch it for the interpreter."""
+    return use_fast("rope", x)
+
+
+def fuse_processor(module):
+    """Swap a diffusers `WanAttention`'s stock processor for `FusedWanAttnProcessor`, in place.
+
+    Only a module whose processor is exactly diffusers' `WanAttnProcessor` is changed; `sparsify()` does
+    this at every Wan self-attention site it installs (mode `install`), and `unsparsify()` undoes it.
+    Set `SPARSIFY_FUSED_ROPE=0` in the environment to keep the stock processor.
+
+    Returns:
+        A function that restores the original processor, or None when nothing was changed.
+
+    Example:
+        >>> # undo = fuse_processor(model.blocks[0].attn1); ...; undo()
+    """
+    proc = getattr(module, "processor", None)
+    if proc is None or type(proc).__name__ != "WanAttnProcessor" or not _rope_enabled():
+        return None
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    if type(proc) is not WanAttnProcessor:
+        return None
+    fused = _fused_processor_cls()()
+    fused._attention_backend, fused._parallel_config = proc._attention_backend, proc._parallel_config
+    module.processor = fused
+
+    def undo():
+        if module.processor is fused:
+            module.processor = proc
+
+    return undo
+
+
+def _rope_enabled() -> bool:
+    return os.environ.get("SPARSIFY_FUSED_ROPE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -91,7 +91,7 @@ def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, s
 
 
 #: Which fast paths the CUDA code uses (benchmarks switch them off one at a time to measure each stage).
-FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True}
+FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True, "rope": True}
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
@@ -129,6 +129,27 @@ def use_fast(name: str, *xs: torch.Tensor) -> bool:
         False
     """
     return FAST[name] and triton is not None and all(x.is_cuda for x in xs) and not needs_grad(*xs)
+
+
+_INTS: dict = {}
+
+
+def device_ints(values, device) -> torch.Tensor:
+    """A cached int32 tensor of `values` on `device`: small per-head constants (k per head, counts) are copied
+    to the GPU once, not on every call (a host-to-device copy from pageable memory synchronizes the stream).
+    The tensor is shared: callers must not modify it.
+
+    Example:
+        >>> device_ints([3, 5], "cpu").tolist()
+        [3, 5]
+    """
+    key = (tuple(int(v) for v in values), str(device))
+    t = _INTS.get(key)
+    if t is None:
+        if len(_INTS) > 1024:
+            _INTS.clear()
+        t = _INTS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+    return t
 
 
 def needs_grad(*xs: torch.Tensor) -> bool:

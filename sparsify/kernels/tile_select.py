@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather import _MAX, _MIN, _SUM, _jit, interpreter  # noqa: F401  (interpreter: for the examples)
+from .gather import _MAX, _MIN, _SUM, _jit, device_ints, interpreter  # noqa: F401  (interpreter: for the examples)
 
 try:
     import triton
@@ -13,75 +13,112 @@ except ImportError:  # pragma: no cover
     triton = tl = None
 
 
-def _topk_kernel(s_ptr, k_ptr, out_ptr, H, nq, nk, max_kv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SORT: tl.constexpr):
+def _topk_kernel(s_ptr, k_ptr, out_ptr, scr_ptr, H, nq, nk, max_kv,
+                 RA: tl.constexpr, RB: tl.constexpr, CAND: tl.constexpr, CH: tl.constexpr, FSTEPS: tl.constexpr):
     """One row of s (float32 [B*H*nq, nk]) per program (one warp): the k = k_ptr[head] largest entries,
     sorted by score (ties: lower index first), in out[row, :k]; slots k..max_kv get index 0.
 
-    The k-th largest is found by bisection on the order-preserving int32 image of the floats, between
-    the row's min and max, stopping as soon as a midpoint has exactly k keys at or above it (about half
-    of the 32 steps on Gaussian scores). The kept entries are written in index order; with SORT they are
-    then reloaded (BLOCK_K >= max_kv of them), ranked by pairwise comparison of `key << 32 | ~index` in
-    chunks of 32, and written at their rank."""
+    The row is held as [RA, 32] + [RB, 32] tiles (RA * 32 <= nk, both powers of two: 1182 columns take
+    1024 + 256 lanes, not 2048), lanes along the 32 columns, so per-step counts and candidate positions
+    (a scan down the columns) stay inside a thread. The floats map to order-preserving int32 keys (-0.0
+    and 0.0 tie), and the key range [min, max] is bisected for a threshold t with
+    k <= count(key >= t) <= CAND; the first FSTEPS midpoints are taken in float space (halving the value
+    range instead of walking the exponents; any midpoint in (lo, hi] keeps the invariants, so the result
+    is exact either way). When ties at the k-th key make every such count exceed CAND, t is the k-th key
+    and the tied entries kept are the lowest-indexed ones (a second bisection, over an index cutoff). The
+    candidates are written to the int64 scratch (CAND slots a row) as `key << 32 | ~index`, reloaded after
+    a barrier and each ranked by counting the candidates that beat it (int64 compare: key first, then
+    lower index), in chunks of CH; the index is written at its rank when the rank is < k."""
     row = tl.program_id(0)
     kk = tl.load(k_ptr + (row // nq) % H)
-    cols = tl.arange(0, BLOCK_N)
-    m = cols < nk
     srow = s_ptr + row.to(tl.int64) * nk
-    x = tl.load(srow + cols, mask=m, other=0.0)
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-    lo = tl.reduce(tl.where(m, key, 2147483647), 0, _MIN).to(tl.int64)  # count(key >= lo) = nk >= kk
-    hi = tl.reduce(tl.where(m, key, -2147483648), 0, _MAX).to(tl.int64)  # the k-th largest is <= hi
-    key = tl.where(m, key, -2147483648)  # padding: at or below every real key
+    c = tl.arange(0, 32)[None, :]
+    ia = tl.arange(0, RA)[:, None] * 32 + c  # RA * 32 <= nk: no mask
+    ib = RA * 32 + tl.arange(0, RB)[:, None] * 32 + c
+    mb = ib < nk
+    ba = tl.load(srow + ia).to(tl.int32, bitcast=True)
+    bb = tl.load(srow + ib, mask=mb, other=0.0).to(tl.int32, bitcast=True)
+    ka = ((ba & 0x7FFFFFFF) ^ (ba >> 31)) - (ba >> 31)
+    kb = ((bb & 0x7FFFFFFF) ^ (bb >> 31)) - (bb >> 31)
+    pmin = tl.reduce(ka, 0, _MIN)
+    qmin = tl.reduce(tl.where(mb, kb, 2147483647), 0, _MIN)
+    lo = tl.reduce(tl.where(pmin < qmin, pmin, qmin), 0, _MIN)
+    kb = tl.where(mb, kb, -2147483648)  # padding: below every real key
+    pmax = tl.reduce(ka, 0, _MAX)
+    qmax = tl.reduce(kb, 0, _MAX)
+    hi = tl.reduce(tl.where(pmax > qmax, pmax, qmax), 0, _MAX)
+    c_lo = nk  # count(key >= lo)
+    step = 0
     while lo < hi:
-        mid = lo + (hi - lo + 1) // 2
-        c = tl.reduce((key >= mid.to(tl.int32)).to(tl.int32), 0, _SUM)
-        lo = tl.where(c >= kk, mid, lo)
-        hi = tl.where(c == kk, mid, tl.where(c > kk, hi, mid - 1))  # exactly kk at or above mid: done
-    t = lo.to(tl.int32)  # kk keys >= t, and fewer than kk keys > t
-    gt = key > t
-    eq = (key == t) & m
-    n_gt = tl.reduce(gt.to(tl.int32), 0, _SUM)
-    eq_rank = tl.associative_scan(eq.to(tl.int32), 0, _SUM)  # inclusive
-    sel = gt | (eq & (eq_rank <= kk - n_gt))
-    pos = tl.associative_scan(sel.to(tl.int32), 0, _SUM) - 1
+        bm = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
+        lf = (((lo ^ (lo >> 31)) - (lo >> 31)) | (lo & -2147483648)).to(tl.float32, bitcast=True)
+        hf = (((hi ^ (hi >> 31)) - (hi >> 31)) | (hi & -2147483648)).to(tl.float32, bitcast=True)
+        mbits = (lf * 0.5 + hf * 0.5).to(tl.int32, bitcast=True)
+        mk = ((mbits & 0x7FFFFFFF) ^ (mbits >> 31)) - (mbits >> 31)
+        mid = tl.where((step < FSTEPS) & (mk > lo) & (mk <= hi), mk, bm)
+        cnt = tl.reduce(tl.reduce((ka >= mid).to(tl.int32), 0, _SUM) + tl.reduce((kb >= mid).to(tl.int32), 0, _SUM),
+                        0, _SUM)
+        ok = cnt >= kk
+        lo = tl.where(ok, mid, lo)
+        c_lo = tl.where(ok, cnt, c_lo)
+        hi = tl.where(ok, tl.where(cnt <= CAND, mid, hi), mid - 1)  # within [kk, CAND] at or above mid: done
+        step += 1
+    t = lo
+    xcut = nk  # ties at t kept only below this index
+    if c_lo > CAND:  # t is the kk-th key and too many ties: keep the lowest-indexed ones
+        n_gt = tl.reduce(tl.reduce((ka > t).to(tl.int32), 0, _SUM) + tl.reduce((kb > t).to(tl.int32), 0, _SUM),
+                         0, _SUM)
+        need = kk - n_gt
+        xlo = 0
+        while xcut - xlo > 1:
+            xm = (xlo + xcut) // 2
+            ce = tl.reduce(tl.reduce(((ka == t) & (ia < xm)).to(tl.int32), 0, _SUM)
+                           + tl.reduce(((kb == t) & (ib < xm)).to(tl.int32), 0, _SUM), 0, _SUM)
+            xlo = tl.where(ce >= need, xlo, xm)
+            xcut = tl.where(ce >= need, xm, xcut)
+    sa = (ka > t) | ((ka == t) & (ia < xcut))
+    sb = (kb > t) | ((kb == t) & (ib < xcut))
+    sa32 = sa.to(tl.int32)
+    sb32 = sb.to(tl.int32)
+    ta = tl.reduce(sa32, 0, _SUM)
+    tb = tl.reduce(sb32, 0, _SUM)
+    na = tl.reduce(ta, 0, _SUM)
+    n_c = na + tl.reduce(tb, 0, _SUM)
+    pa = tl.associative_scan(sa32, 0, _SUM) - sa32 + (tl.associative_scan(ta, 0, _SUM) - ta)[None, :]
+    pb = tl.associative_scan(sb32, 0, _SUM) - sb32 + (tl.associative_scan(tb, 0, _SUM) - tb)[None, :] + na
+    srow_c = scr_ptr + row.to(tl.int64) * CAND
+    tl.store(srow_c + pa, (ka.to(tl.int64) << 32) | (4294967295 - ia.to(tl.int64)), mask=sa)
+    tl.store(srow_c + pb, (kb.to(tl.int64) << 32) | (4294967295 - ib.to(tl.int64)), mask=sb)
+    tl.debug_barrier()  # every candidate is in the scratch before any lane reads it back
+    i = tl.arange(0, CAND)
+    live = i < n_c
+    pi = tl.load(srow_c + i, mask=live, other=-9223372036854775807 - 1)
+    rank = i * 0
+    for c0 in range(0, CAND, CH):
+        j = c0 + tl.arange(0, CH)
+        pj = tl.load(srow_c + j, mask=j < n_c, other=-9223372036854775807 - 1)
+        rank += tl.reduce((pj[:, None] > pi[None, :]).to(tl.int32), 0, _SUM)
+    idx = (4294967295 - (pi & 4294967295)).to(tl.int32)
     base = out_ptr + row.to(tl.int64) * max_kv
-    tl.store(base + pos, cols, mask=sel)
-    if SORT:
-        tl.debug_barrier()
-        j = tl.arange(0, BLOCK_K)
-        live = j < kk
-        idx = tl.load(base + j, mask=live, other=0)
-        xb = tl.load(srow + idx, mask=live, other=0.0).to(tl.int32, bitcast=True)
-        packed = tl.where(live, (tl.where(xb < 0, xb ^ 0x7FFFFFFF, xb).to(tl.int64) << 32)
-                          | (4294967295 - idx.to(tl.int64)), -9223372036854775807 - 1)
-        rank = j * 0
-        for c0 in range(0, BLOCK_K, 32):
-            jc = c0 + tl.arange(0, 32)
-            lc = jc < kk
-            ic = tl.load(base + jc, mask=lc, other=0)
-            xc = tl.load(srow + ic, mask=lc, other=0.0).to(tl.int32, bitcast=True)
-            pc = tl.where(lc, (tl.where(xc < 0, xc ^ 0x7FFFFFFF, xc).to(tl.int64) << 32)
-                          | (4294967295 - ic.to(tl.int64)), -9223372036854775807 - 1)
-            rank += tl.reduce((pc[None, :] > packed[:, None]).to(tl.int32), 1, _SUM)
-        tl.debug_barrier()  # every lane has read the index-order list before it is overwritten
-        tl.store(base + rank, idx, mask=live)
-        tl.store(base + j, j * 0, mask=(j >= kk) & (j < max_kv))
-    else:
-        tl.store(base + cols, cols * 0, mask=(cols >= kk) & (cols < max_kv))
+    tl.store(base + rank, idx, mask=live & (rank < kk))
+    tl.store(base + i, i * 0, mask=(i >= kk) & (i < max_kv))
 
 
-#: Largest power-of-two kept count sorted inside the top-k kernel (pairwise ranks); beyond it, torch sorts.
-_SORT_IN_KERNEL = 128
+#: Most candidates the top-k kernel ranks (its scratch slots a row); a larger k goes to torch.topk.
+_TOPK_MAX_CAND = 256
 
 
 def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """The `ks[h]` largest key tiles of every row of `scores` `[B, H, n_q, n_k]`, sorted by score.
 
-    Same result as `torch.topk(scores[:, h], ks[h], sorted=True)` (up to the order of tied scores),
-    computed by one Triton program per row: a bisection over the float bits of the row, then a sort of
-    the kept entries.
+    Same result as `torch.topk(scores[:, h], ks[h], sorted=True)` up to tied scores, which the kernel
+    takes and orders by lower index first (a stable descending sort). One Triton program (one warp) per
+    row: the row is read as two power-of-two pieces; a bisection over its order-preserving float bits
+    (the first midpoints in float space) stops as soon as the count of entries at or above the threshold
+    is within [k, CAND] (CAND = the next power of two >= max(ks), at least 16), ties at the k-th score
+    cut by index when they overflow CAND; the <= 256 candidates are then ranked by pairwise comparison
+    through an int64 scratch. Where the kernel does not serve (n_k < 32 or max(ks) > 256), the result is
+    `torch.topk(sorted=True)`'s, zero-padded the same way.
 
     Returns:
         int32 `[B, H, n_q, max(ks)]`; past `ks[h]` the entries are index 0 (valid, ignored by a count).
@@ -95,21 +132,22 @@ def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     B, H, nq, nk = scores.shape
     if len(ks) != H or not all(1 <= k <= nk for k in ks):
         raise ValueError(f"topk_indices: need one k in [1, {nk}] per head ({H}); got {ks}")
-    s = scores.float().contiguous()
     max_kv = max(ks)
+    cand = max(triton.next_power_of_2(max_kv), 16)
+    if nk < 32 or cand > _TOPK_MAX_CAND:
+        idx = torch.topk(scores, max_kv, dim=-1, sorted=True).indices.to(torch.int32)
+        live = torch.arange(max_kv, device=idx.device) < device_ints(ks, idx.device).view(1, H, 1, 1)
+        return torch.where(live, idx, torch.zeros_like(idx)).contiguous()
+    s = scores.float().contiguous()
     out = torch.empty(B, H, nq, max_kv, dtype=torch.int32, device=s.device)
-    kt = torch.tensor(ks, dtype=torch.int32, device=s.device)
-    block_k = triton.next_power_of_2(max_kv)
-    sort_here = block_k <= _SORT_IN_KERNEL
-    _jit(_topk_kernel)[(B * H * nq,)](s, kt, out, H, nq, nk, max_kv, BLOCK_N=triton.next_power_of_2(nk),
-                                      BLOCK_K=block_k if sort_here else 1, SORT=sort_here, num_warps=1)
-    if sort_here:
-        return out
-    vals = torch.gather(s, -1, out.long())  # many kept entries: sort them by score outside the kernel
-    live = torch.arange(max_kv, device=s.device) < kt.view(1, H, 1, 1)
-    vals = torch.where(live, vals, torch.full_like(vals, float("-inf")))
-    order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    return torch.gather(out, -1, order).contiguous()
+    scr = torch.empty(B * H * nq * cand, dtype=torch.int64, device=s.device)
+    kt = device_ints(ks, s.device)
+    ra = 1 << ((nk // 32).bit_length() - 1)  # the row as ra * 32 + rb * 32 columns, both powers of two
+    rest = triton.cdiv(nk - ra * 32, 32)
+    rb = triton.next_power_of_2(rest) if rest else 1
+    _jit(_topk_kernel)[(B * H * nq,)](s, kt, out, scr, H, nq, nk, max_kv, RA=ra, RB=rb, CAND=cand,
+                                      CH=max(1, min(cand, 1024 // cand)), FSTEPS=12, num_warps=1)
+    return out
 
 
 def _peak_kernel(qm_ptr, k_ptr, lens_ptr, out_ptr, mean_ptr, mix_ptr, n, n_slots, scale,

@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.gather import device_ints
 from ..recipe import Budget
 
 
@@ -58,7 +59,7 @@ def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs
             idx = topk_indices(scores, ks)
         else:
             idx = torch.topk(scores, max(ks), dim=-1, sorted=True).indices.to(torch.int32).contiguous()
-        counts = torch.tensor(ks, dtype=torch.int32, device=scores.device).view(1, H, 1).expand(B, H, nq).contiguous()
+        counts = device_ints(ks, scores.device).view(1, H, 1).expand(B, H, nq).contiguous()
         return idx, counts
     order = torch.argsort(scores, dim=-1, descending=True)
     counts = torch.empty(B, H, nq, dtype=torch.int32, device=scores.device)

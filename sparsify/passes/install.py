@@ -171,6 +171,7 @@ class Installation:
     recipe: object
     adapter: object
     hooks: list = field(default_factory=list)
+    undo: list = field(default_factory=list)  # the adapter's undos of `prepare_site`
     modules: list = field(default_factory=list)  # site modules whose forward was replaced
     patched: bool = False
     mode: str = "install"
@@ -197,6 +198,10 @@ def install_site(model, info, state: runtime.SiteState, inst: Installation) -> N
         module.forward = types.MethodType(fn, module)
     else:
         module.forward = types.MethodType(_site_forward(type(module)), module)
+    prepare = getattr(inst.adapter, "prepare_site", None)
+    undo = prepare(module) if prepare is not None else None
+    if undo is not None:
+        inst.undo.append(undo)
 
 
 def install(model, infos, states, recipe, adapter, import_modules, mode: str = "install") -> Installation:
@@ -225,8 +230,7 @@ def install(model, infos, states, recipe, adapter, import_modules, mode: str = "
             def geometry_hook(mod, args, kwargs, _adapter=adapter):
                 g = _adapter.geometry(mod, args, kwargs)
                 STATE.geometry = (g.grid[0], g.grid[1], g.grid[2], g.video_start)
-                t = _adapter.timestep(mod, args, kwargs)
-                STATE.timestep = t if (t is None or isinstance(t, torch.Tensor)) else torch.tensor([float(t)])
+                runtime.set_timestep(_adapter.timestep(mod, args, kwargs))
 
             if mode == "graph":  # run eagerly, before the compiled graph that reads it
                 geometry_hook = torch._dynamo.disable(geometry_hook)
@@ -244,6 +248,9 @@ def uninstall(model, inst: Installation) -> None:
     for h in inst.hooks:
         h.remove()
     inst.hooks.clear()
+    for undo in reversed(inst.undo):
+        undo()
+    inst.undo.clear()
     for module in inst.modules:
         if inst.mode == "install":
             module.__dict__.pop("forward", None)

@@ -103,3 +103,30 @@ def test_op_backward_on_cuda_matches_fp32_reference_gradients():
             assert rel_err(g, w) < 2e-2
     finally:
         del runtime.STATE.sites[st.site_id]
+
+
+def test_sparse_call_does_not_sync_the_host():
+    """After the first call (layout, compiles, the timestep's one reading), a VSA call of the op queues its
+    work without any host-device synchronization, so eager models keep the GPU fed."""
+    from sparsify.recipe import HeadConfig
+
+    grid, H, D = (8, 16, 16), 4, 128
+    cfg = [HeadConfig(method="vsa", tile=(4, 4, 4), budget=Budget(density=0.1))] * H
+    st = runtime.SiteState(site_id=runtime.STATE.new_id(), path="test.nosync", kind="self", heads=H, head_dim=D,
+                           configs=cfg)
+    runtime.STATE.sites[st.site_id] = st
+    site = torch.tensor([st.site_id])
+    q, k, v = (torch.randn(1, H, 8 * 16 * 16, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    t = torch.tensor([700.0], device="cuda")
+    runtime.set_timestep(t)
+    try:
+        runtime.run_site(q, k, v, site, [*grid, 0], None, None, t)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            runtime.run_site(q, k, v, site, [*grid, 0], None, None, t)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert st.selections == 2 and 0 < st.density < 0.5  # reading the work counter syncs once, here
+    finally:
+        runtime.STATE.sites.pop(st.site_id)
