@@ -303,9 +303,12 @@ def _print_forward(part):
           f"{'attn %':>8}{'x @40 blk':>10}{'ceil @40':>9}{'peak GiB':>10}{'density':>9}")
     for r in part["rows"]:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['label']:<22}{r['forward_ms']:>9.1f}{r['block_ms']:>10.1f}{r['speedup']:>9.2f}{r['ceiling']:>9.2f}"
-              f"{r['of_ceiling']:>9.0%}{r['attention_share']:>8.0%}{r['speedup_40_blocks']:>10.2f}"
-              f"{r['ceiling_40_blocks']:>9.2f}{peak:>10}{r['achieved_density']:>9.3f}")
+        dense = r["density"] == 1.0  # dense rows (baselines, fused q/k only): no ceiling to compare with
+        ceil, of_ceil, ceil40 = ("-", "-", "-") if dense else (
+            f"{r['ceiling']:.2f}", f"{r['of_ceiling']:.0%}", f"{r['ceiling_40_blocks']:.2f}")
+        print(f"{r['label']:<22}{r['forward_ms']:>9.1f}{r['block_ms']:>10.1f}{r['speedup']:>9.2f}{ceil:>9}"
+              f"{of_ceil:>9}{r['attention_share']:>8.0%}{r['speedup_40_blocks']:>10.2f}"
+              f"{ceil40:>9}{peak:>10}{r['achieved_density']:>9.3f}")
 
 
 def _print_generation(gen):

@@ -290,16 +290,21 @@ def key_padding_mask(attn_mask, B: int, S: int):
     return m.expand(B, S)
 
 
-def pooled_drift(a: torch.Tensor, b: torch.Tensor) -> float:
+def pooled_drift(a: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> float:
     """Temporal mask reuse's drift: cosine distance between pooled tile statistics `[B, H, n, D]`,
-    averaged over batch, heads and tiles (0: unchanged; 2: opposite).
+    averaged over batch, heads and tiles (0: unchanged; 2: opposite). With more pairs
+    (`pooled_drift(q, q0, k, k0)`) the largest of the pairs' drifts, read from the device in one sync.
 
     Example:
         >>> x = torch.randn(1, 2, 4, 8)
-        >>> round(pooled_drift(x, x), 6), round(pooled_drift(x, -x), 6)
-        (0.0, 2.0)
+        >>> round(pooled_drift(x, x), 6), round(pooled_drift(x, -x), 6), round(pooled_drift(x, x, x, -x), 6)
+        (0.0, 2.0, 2.0)
     """
-    return float(1.0 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())
+    xs = (a, b, *more)
+    if len(xs) % 2:
+        raise ValueError("pooled_drift: pass the statistics in pairs (now, cached)")
+    d = [1.0 - torch.nn.functional.cosine_similarity(xs[i], xs[i + 1], dim=-1).mean() for i in range(0, len(xs), 2)]
+    return float(torch.stack(d).max()) if len(d) > 1 else float(d[0])
 
 
 def _select(st, impl, key, heads, ts, lay, geom, gen, step, B):
@@ -315,7 +320,7 @@ def _select(st, impl, key, heads, ts, lay, geom, gen, step, B):
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
     hit = st.cache.get(ckey) if reuse is not None else None
     if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
-            and max(pooled_drift(pq, hit["q"]), pooled_drift(pk, hit["k"])) <= reuse.threshold):
+            and pooled_drift(pq, hit["q"], pk, hit["k"]) <= reuse.threshold):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]

@@ -67,7 +67,7 @@ class _Recorder:
         links = {}
         for s0, q0, k0, m0 in hist:
             if 0 < step - s0 <= self.max_age:
-                drift = max(runtime.pooled_drift(pq, q0), runtime.pooled_drift(pk, k0))
+                drift = runtime.pooled_drift(pq, q0, pk, k0)
                 overlap = float(((m0 & mask).sum(-1) / fresh).mean())
                 links[s0] = (drift, overlap)
         self.sequences.setdefault(seq, []).append((step, links))
