@@ -81,11 +81,10 @@ def main(argv=None) -> int:
             print(f"  {ms:8.2f} ms {ms / total:6.1%}  {name[:110]}")
 
     report("dense (cuDNN)")
-    undo = [fuse_processor(model.blocks[0].attn1)]
-    report("dense, fused q/k")
-    for u in undo:
-        if u is not None:
-            u()
+    undo = fuse_processor(model.blocks[0].attn1)
+    if undo is not None:  # None with SPARSIFY_FUSED_ROPE=0
+        report("dense, fused q/k")
+        undo()
     sparsify(model, _recipe(args.density, tile))
     report(f"vsa {args.density:g}")
     unsparsify(model)
