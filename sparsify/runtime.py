@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .kernels.gather import device_ints
 from .layout import Geometry, pool_tiles, tile_layout
 from .methods import get_method
 from .recipe import HeadConfig, MaskReuse, ScheduleStep, scheduled_budget
@@ -402,7 +403,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     out = None
     for key, heads in groups.items():
         whole = len(heads) == H
-        hi = None if whole else torch.tensor(heads, device=q.device)
+        hi = None if whole else device_ints(heads, q.device, torch.long)
         qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)

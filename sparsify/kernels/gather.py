@@ -134,21 +134,21 @@ def use_fast(name: str, *xs: torch.Tensor) -> bool:
 _INTS: dict = {}
 
 
-def device_ints(values, device) -> torch.Tensor:
-    """A cached int32 tensor of `values` on `device`: small per-head constants (k per head, counts) are copied
-    to the GPU once, not on every call (a host-to-device copy from pageable memory synchronizes the stream).
-    The tensor is shared: callers must not modify it.
+def device_ints(values, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """A cached integer tensor of `values` on `device`: small per-head constants (k per head, counts, head
+    indices) are copied to the GPU once, not on every call (a host-to-device copy from pageable memory
+    synchronizes the stream). The tensor is shared: callers must not modify it.
 
     Example:
         >>> device_ints([3, 5], "cpu").tolist()
         [3, 5]
     """
-    key = (tuple(int(v) for v in values), str(device))
+    key = (tuple(int(v) for v in values), str(device), dtype)
     t = _INTS.get(key)
     if t is None:
         if len(_INTS) > 1024:
             _INTS.clear()
-        t = _INTS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+        t = _INTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
     return t
 
 

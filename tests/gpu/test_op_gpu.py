@@ -105,13 +105,16 @@ def test_op_backward_on_cuda_matches_fp32_reference_gradients():
         del runtime.STATE.sites[st.site_id]
 
 
-def test_sparse_call_does_not_sync_the_host():
+@pytest.mark.parametrize("tiles", [[(4, 4, 4)] * 4, [(4, 4, 4), (1, 8, 8), (4, 4, 4), (1, 8, 8)]],
+                         ids=["one_group", "two_tile_groups"])
+def test_sparse_call_does_not_sync_the_host(tiles):
     """After the first call (layout, compiles, the timestep's one reading), a VSA call of the op queues its
-    work without any host-device synchronization, so eager models keep the GPU fed."""
+    work without any host-device synchronization, so eager models keep the GPU fed; with per-head tiles too
+    (head groups gathered and scattered by cached device indices)."""
     from sparsify.recipe import HeadConfig
 
-    grid, H, D = (8, 16, 16), 4, 128
-    cfg = [HeadConfig(method="vsa", tile=(4, 4, 4), budget=Budget(density=0.1))] * H
+    grid, H, D = (8, 16, 16), len(tiles), 128
+    cfg = [HeadConfig(method="vsa", tile=t, budget=Budget(density=0.1)) for t in tiles]
     st = runtime.SiteState(site_id=runtime.STATE.new_id(), path="test.nosync", kind="self", heads=H, head_dim=D,
                            configs=cfg)
     runtime.STATE.sites[st.site_id] = st
@@ -127,6 +130,7 @@ def test_sparse_call_does_not_sync_the_host():
             runtime.run_site(q, k, v, site, [*grid, 0], None, None, t)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        assert st.selections == 2 and 0 < st.density < 0.5  # reading the work counter syncs once, here
+        assert st.selections == 2 * len(set(tiles))  # one selection per head group and call
+        assert 0 < st.density < 0.5  # reading the work counter syncs once, here
     finally:
         runtime.STATE.sites.pop(st.site_id)
