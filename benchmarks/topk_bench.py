@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -11,6 +10,8 @@ import sys
 import time
 
 import torch
+
+from benchmarks import write_result
 
 #: (label, shape [B, H, nq, nk], k) - Wan-14B 720p and Wan-1.3B 480p at 4x4x4 tiles (75,600 / 32,760 tokens / 64).
 CASES = [
@@ -84,7 +85,6 @@ def main(argv=None) -> int:
 
     t0 = time.time()
     date = time.strftime("%Y%m%d_%H%M%S")
-    out_path = args.out or os.path.join(os.path.dirname(__file__), "results", f"topk_{date}.json")
     wanted = args.cases.split(",")
     rows = []
 
@@ -129,10 +129,7 @@ def main(argv=None) -> int:
             "date": date, "reps": args.reps, "warmup": args.warmup, "timing": "CUDA events per call, median; "
             "fresh torch.randn scores before every call (untimed)", "wall_s": round(time.time() - t0, 1),
             "x_torch": "torch.topk ms / topk_indices ms (higher: the kernel is faster)"}
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"wrote {out_path} ({meta['wall_s']} s)")
+    write_result({"meta": meta, "rows": rows}, args.out, "topk")
     return 0
 
 

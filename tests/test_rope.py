@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 pytest.importorskip("diffusers")
 
 import dits  # noqa: E402
+from benchmarks.rope_bench import stock  # noqa: E402  (diffusers' unfused q/k code)
 from sparsify import sparsify, unsparsify  # noqa: E402
 from sparsify.adapters import adapter_for, wan  # noqa: E402
 from sparsify.kernels.interp import interpreter  # noqa: E402
@@ -20,17 +21,6 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # abou
 def _tables(B, S, D, dtype, gen):
     ang = torch.randn(B, S, 1, D // 2, generator=gen).repeat_interleave(2, -1)  # diffusers' interleaved tables
     return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def _stock(x, weight, eps, cos, sin, heads):
-    """diffusers Wan's unfused code: nn.RMSNorm over all heads, then its apply_rotary_emb."""
-    y = torch.nn.functional.rms_norm(x, (x.shape[-1],), weight, eps).unflatten(2, (heads, -1))
-    x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(y)
-    out[..., 0::2] = x1 * c - x2 * s
-    out[..., 1::2] = x1 * s + x2 * c
-    return out.flatten(2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -67,13 +57,13 @@ def test_reference_is_diffusers_math(dtype):
     x = torch.randn(2, 9, 4 * 32, generator=g)
     w = torch.rand(4 * 32, generator=g) + 0.5
     cos, sin = _tables(1, 9, 32, torch.float32, g)
-    exact = _stock(x, w, 1e-6, cos, sin, 4)
+    exact = stock(x, w, 1e-6, cos, sin, 4)
     args = (x.to(dtype), w.to(dtype), 1e-6, cos.to(dtype), sin.to(dtype), 4)
-    ref, stock = rmsnorm_rope_reference(*args), _stock(*args)
-    torch.testing.assert_close(ref.float(), stock.float(), rtol=2 * TOL[dtype], atol=2 * TOL[dtype])
+    ref, unfused = rmsnorm_rope_reference(*args), stock(*args)
+    torch.testing.assert_close(ref.float(), unfused.float(), rtol=2 * TOL[dtype], atol=2 * TOL[dtype])
     if dtype == torch.float32:
         return
-    assert (ref.float() - exact).abs().mean() <= (stock.float() - exact).abs().mean()
+    assert (ref.float() - exact).abs().mean() <= (unfused.float() - exact).abs().mean()
 
 
 def test_shape_errors_name_the_argument():
@@ -121,8 +111,8 @@ def test_sparsified_wan_uses_fused_processor_and_matches(monkeypatch):
         fused = _wan_run(model, kw)
     assert len(calls) == 2 * len(model.blocks)  # q and k of every site
     monkeypatch.setattr(wan, "_fast", lambda x: False)
-    stock = _wan_run(model, kw)
-    torch.testing.assert_close(fused, stock, rtol=1e-4, atol=1e-5)
+    unfused = _wan_run(model, kw)
+    torch.testing.assert_close(fused, unfused, rtol=1e-4, atol=1e-5)
     unsparsify(model)
     assert [blk.attn1.processor for blk in model.blocks] == originals
 

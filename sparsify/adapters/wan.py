@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -55,11 +56,9 @@ class WanAdapter(Adapter):
         return fuse_processor(module)
 
 
+@functools.cache
 def _fused_processor_cls():
     """`FusedWanAttnProcessor`, built on first use (diffusers is imported only for Wan models)."""
-    global _FUSED
-    if _FUSED is not None:
-        return _FUSED
     from diffusers.models.attention_dispatch import dispatch_attention_fn
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
@@ -97,11 +96,7 @@ def _fused_processor_cls():
             out = out.flatten(2, 3).type_as(query)
             return attn.to_out[1](attn.to_out[0](out))
 
-    _FUSED = FusedWanAttnProcessor
-    return _FUSED
-
-
-_FUSED = None
+    return FusedWanAttnProcessor
 
 
 def _fast(x: torch.Tensor) -> bool:
