@@ -7,6 +7,31 @@ import json
 from pathlib import Path
 
 
+def time_ms(fn, *, warmup_ms: float = 50.0, rep_ms: float = 200.0, min_reps: int = 10) -> float:
+    """Median CUDA time of `fn()` in ms (`triton.testing.do_bench`, L2 flushed), over at least `min_reps` repeats.
+
+    `do_bench` alone sizes its repeats as `rep_ms / estimate`: for a 15 ms function and `rep=20` that is one
+    sample, taken right after a 256 MB cache flush and a short warm-up. This first times one call, then
+    stretches the warm-up to at least two calls and the repeat window to at least `min_reps` calls.
+
+    Example:
+        >>> # t = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    """
+    import torch
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end), 1e-3)
+    return float(triton.testing.do_bench(fn, warmup=max(warmup_ms, 2 * est), rep=max(rep_ms, 1.1 * min_reps * est),
+                                         return_mode="median"))
+
+
 def write_result(result: dict, out: str | None, stem: str) -> Path:
     """Write a benchmark's `result` as JSON to `out`, default `benchmarks/results/<stem>_<date>.json`; print the path.
 

@@ -1,6 +1,11 @@
 """Train the test-bed from scratch twice, dense and with VSA (gated coarse branch, sparsity ramp): loss and compute.
 
     python -m benchmarks.train_both --seconds-per-run 200 --compile     # one H100: smoke, then both runs
+    python -m benchmarks.train_both --latent-shape 4 16 64 64 --batch 8 --steps 1100   # 16,384 tokens per video
+
+At the test-bed's own 4,096 tokens (64 tiles of 64 tokens per video) 90% sparsity keeps 7 key tiles per query
+tile, fewer than a tile's 3x3x3 neighbourhood, and VSA trains 6-10% worse than dense; with 16,384 tokens (256
+tiles, 26 kept) it trains as well as dense (RESULTS.md, "Training from scratch").
 
 Both runs share the model init, data, seed, batch, step count and schedule (`sparsify.testbed.train`); they
 differ only in `--attention`. A short smoke of both modes comes first (it aborts on failure, halves the batch
@@ -225,7 +230,8 @@ def main(argv=None):
         "steps": steps, "batch": batch, "compile": compile_, "seed": a.seed, "final_density": a.final_density,
         "ramp_steps": ramp, "common_steps": common, "tail_steps": tail, "smoke": smoke,
         "comparison": {**comp, "relative_vsa_vs_dense": rel,
-                       "target_within_2pct": {k: abs(v) <= 0.02 for k, v in rel.items()}},
+                       # the issue's target: VSA's loss no more than 2% above dense (a lower loss meets it)
+                       "target_at_most_2pct_above_dense": {k: v <= 0.02 for k, v in rel.items()}},
         "runs": runs,
     }
     out_json = results / f"train_both_{tag}.json"
@@ -239,7 +245,8 @@ def main(argv=None):
         print(f"{mode:>8} {c['steps_done']:>6} {c['train_loss_last10pct']:>13.4f} {c['heldout_raw']:>13.4f} "
               f"{c['heldout_ema']:>13.4f} {c['attn_fwd_fraction_final']:>9.3f} {c['train_tflops_per_step']:>17.2f} "
               f"{c['s_per_step']:>7.3f}")
-    print("[both] VSA vs dense: " + ", ".join(f"{k} {v * 100:+.2f}%" for k, v in rel.items()), flush=True)
+    print("[both] VSA vs dense: " + ", ".join(f"{k} {v * 100:+.2f}%" for k, v in rel.items())
+          + f" (target: at most +2%: {'met' if all(v <= 0.02 for v in rel.values()) else 'missed'})", flush=True)
     return res
 
 

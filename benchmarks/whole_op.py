@@ -6,7 +6,8 @@
 Prints one table (times, ratios against cuDNN measured in the same run, the breakdown of the op into
 its stages, and each method's selection time as a share of the kernel's) and writes
 benchmarks/results/whole_op_<date>.json. `--ablate` also times the op with each fast path of
-`sparsify.kernels.gather.FAST` off; `--profile` prints a CUDA profile of one op call per method.
+`sparsify.kernels.gather.FAST` off; `--profile` prints a CUDA profile of one op call per method. Times are
+medians of at least 10 repeats with the L2 flushed between them (`benchmarks.time_ms`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 SHAPES = {"1.3b": ("Wan-1.3B 480p", 12, (21, 30, 52)), "14b": ("Wan-14B 720p", 40, (21, 45, 80))}
 
 
-def bench(fn, reps=20):
-    import triton.testing
+def bench(fn):
+    """Median ms of `fn` over at least 10 repeats (`benchmarks.time_ms`)."""
+    from benchmarks import time_ms
 
-    return triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median")
+    return time_ms(fn)
 
 
 def _stage_times(method, q, k, v, geo, lay, d, H):
