@@ -33,8 +33,7 @@ def bench(fn):
 def _stage_times(method, q, k, v, geo, lay, d, H):
     """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse."""
     from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels.gather import use_fast
-    from sparsify.kernels.reference import _slot_source, tile_sequence
+    from sparsify.kernels.reference import tile_sequence
     from sparsify.layout import from_tiles
     from sparsify.methods import get_method
     from sparsify.recipe import Budget
@@ -51,21 +50,10 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
     del qc, kc
     idx, cnt = sel.select(qt, kt, lay, budgets)
     lens = lay.tile_lens.to("cuda")
-    # the kernel in slot order, every block tested for its length, then the inverse pass (the op before
-    # session 5), and as the op runs it now: only the one short tile masked, rows stored in token order
-    t_plain = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens))
-    t_tail = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens,
-                                             tail_block=ts.short_block))
+    t_kernel = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens))
     o = block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens)
     t_inverse = bench(lambda: from_tiles(o, lay))
-    del o
-    extra = {"kernel_every_block_masked_ms": t_plain, "kernel_slot_order_ms": t_tail, "inverse_pass_ms": t_inverse}
-    if not use_fast("scatter", q):
-        return t_gather, t_select, t_tail, t_inverse, t_select_alone, extra
-    rows = _slot_source(ts.src, ts.valid)[:P]
-    t_kernel = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens,
-                                               out_rows=rows, out_len=q.shape[2], tail_block=ts.short_block))
-    return t_gather, t_select, t_kernel, 0.0, t_select_alone, extra
+    return t_gather, t_select, t_kernel, t_inverse, t_select_alone
 
 
 def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
@@ -100,7 +88,7 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
                     return runtime.run_site(q, k, v, site, geom, None)
 
                 t_op = bench(op)
-                t_gather, t_select, t_kernel, t_inverse, t_alone, extra = _stage_times(meth, q, k, v, geo, lay, d, H)
+                t_gather, t_select, t_kernel, t_inverse, t_alone = _stage_times(meth, q, k, v, geo, lay, d, H)
                 floor = d * t_cudnn
                 row = {
                     "shape": name, "H": H, "S": S, "tile": list(tile), "method": meth, "density": d,
@@ -109,7 +97,6 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
                     "select_alone_ms": t_alone, "select_alone_share_of_kernel": t_alone / t_kernel, "gather_ms": t_gather, "inverse_ms": t_inverse,
                     "floor_ms": floor, "op_speedup_vs_cudnn": t_cudnn / t_op,
                     "kernel_speedup_vs_cudnn": t_cudnn / t_kernel, "select_share_of_kernel": t_select / t_kernel,
-                    **extra,
                 }
                 if ablate:  # the op with one fast path switched off at a time (the PyTorch path instead)
                     row["op_without_ms"] = {}
@@ -134,9 +121,6 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
                       f"{t_select:6.2f} ({100 * t_select / t_kernel:5.1f}% of kernel; pooling q, k too: {t_alone:6.2f}, "
                       f"{100 * t_alone / t_kernel:5.1f}%) gather {t_gather:5.2f} "
                       f"inverse {t_inverse:5.2f} | floor d*cuDNN {floor:6.2f}", flush=True)
-                print("    kernel variants: every block masked, slot order {kernel_every_block_masked_ms:.2f}; one short "
-                      "tile masked, slot order {kernel_slot_order_ms:.2f}; inverse pass {inverse_pass_ms:.2f} ms"
-                      .format(**extra), flush=True)
                 if ablate:
                     print("    op without each fast path: " + ", ".join(
                         f"{kk} {vv:.2f}" for kk, vv in row["op_without_ms"].items())

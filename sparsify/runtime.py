@@ -236,42 +236,24 @@ def block_fn_for(q: torch.Tensor):
     if not q.is_cuda:
         return block_sparse_attn_reference
     try:
-        import triton  # noqa: F401
+        from .kernels.block_sparse import block_sparse_attn, supports
     except ImportError:  # no Triton
         return block_sparse_attn_reference
-    return triton_block_fn
 
+    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None):
+        ok, reason = supports(qs, block_size)
+        lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
+        if not ok or lens is None:
+            why = reason if not ok else "the key mask is not a per-block prefix"
+            if why not in _SLOW_PATH_WARNED:
+                _SLOW_PATH_WARNED.add(why)
+                warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
+                              "using the PyTorch reference path (correct, slower)", stacklevel=2)
+            return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
+                                               key_mask=key_mask, kv_block_lens=kv_block_lens)
+        return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
 
-def triton_block_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None, out_rows=None,
-                    out_len=None, tail_block=None):
-    """`block_sparse_attn` where it serves the call, else the reference with one warning (the CUDA `block_fn`).
-
-    Besides the `block_fn` protocol of `tiled_sparse_attention` it takes the kernel's `out_rows`, `out_len`
-    and `tail_block` (its `scatters` attribute says so); the fallback applies `out_rows` itself.
-    """
-    from .kernels.block_sparse import block_sparse_attn, supports
-    from .kernels.reference import block_sparse_attn_reference
-
-    ok, reason = supports(qs, block_size)
-    lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
-    if not ok or lens is None:
-        why = reason if not ok else "the key mask is not a per-block prefix"
-        if why not in _SLOW_PATH_WARNED:
-            _SLOW_PATH_WARNED.add(why)
-            warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
-                          "using the PyTorch reference path (correct, slower)", stacklevel=2)
-        res = block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
-                                          key_mask=key_mask, kv_block_lens=kv_block_lens)
-        if out_rows is None:
-            return res
-        keep = (out_rows >= 0).nonzero().flatten()  # the scatter the kernel would have fused
-        out = res.new_zeros(*res.shape[:2], out_len, res.shape[3])
-        return out.index_copy_(2, out_rows.index_select(0, keep).long(), res.index_select(2, keep))
-    return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens,
-                             out_rows=out_rows, out_len=out_len, tail_block=tail_block if key_mask is None else None)
-
-
-triton_block_fn.scatters = True  # tiled_sparse_attention may pass out_rows / out_len / tail_block
+    return triton_fn
 
 
 def sparse_work(geom: Geometry, layout, kv_counts: torch.Tensor, seq_len: int) -> torch.Tensor:

@@ -129,52 +129,6 @@ def test_kv_block_lens(tma, lazy):
     assert rel_err(unmasked, ref) > 0.05
 
 
-@pytest.mark.parametrize("tma,lazy,short", [(False, False, 3), (True, True, 4), (True, False, -1)])
-def test_tail_block_promise(tma, lazy, short):
-    """`tail_block`: only that key block is short (anywhere in the rows), so only it is masked."""
-    gen = torch.Generator().manual_seed(11)
-    B, H, S, D, bs = 2, 2, 320, 64, (64, 64)  # S a multiple of the block: the short block is the promise's
-    n_kb = S // 64
-    q, k, v = _inputs(B, H, S, D, torch.float32, gen)
-    idx, cnt = _selection(B, H, S, *bs, gen, p_empty=0.0, full_width=True)
-    lens = torch.full((n_kb,), 64, dtype=torch.int32)
-    if short >= 0:
-        lens[short] = 9
-    pos = torch.arange(S)
-    key_mask = ((pos % 64) < lens[pos // 64]).expand(B, S)
-    ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs, key_mask=key_mask)
-    out = _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), lens, use_tma=tma, lazy_rescale=lazy,
-                  tail_block=short, mask_mode=2)
-    assert rel_err(out, ref) < 1e-5
-    if short >= 0:  # a wrong promise (another block) leaves the short block unmasked: detectably wrong
-        wrong = _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), lens, tail_block=(short + 1) % n_kb, mask_mode=2)
-        assert rel_err(wrong, ref) > 0.01
-
-
-@pytest.mark.parametrize("tma,dtype", [(False, torch.float32), (True, torch.float16)])
-def test_out_rows_scatter(tma, dtype):
-    """`out_rows`: rows land at their original positions, dropped where -1, into an out_len-row output."""
-    gen = torch.Generator().manual_seed(12)
-    B, H, S, D, bs = 2, 2, 256, 64, (64, 64)
-    q, k, v = _inputs(B, H, S, D, dtype, gen)
-    idx, cnt = _selection(B, H, S, *bs, gen)
-    out_len = 230
-    rows = torch.randperm(S, generator=gen)
-    rows = torch.where(rows < out_len, rows, -1).to(torch.int32)  # 26 padding slots dropped
-    ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
-    keep = (rows >= 0).nonzero().flatten()
-    expect = torch.empty(B, H, out_len, D, dtype=dtype)
-    expect[:, :, rows[keep].long()] = ref[:, :, keep]
-    out = block_sparse_attn(q, k, v, idx, cnt, block_size=bs, out_rows=rows, out_len=out_len) if not tma else \
-        _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, out_rows=rows, out_len=out_len, use_tma=True)
-    assert out.shape == (B, H, out_len, D) and out.dtype == dtype
-    assert rel_err(out, expect) < _TOL[dtype]
-    with pytest.raises(ValueError, match="out_rows"):
-        block_sparse_attn(q, k, v, idx, cnt, block_size=bs, out_rows=rows.long(), out_len=out_len)
-    with pytest.raises(ValueError, match="inference-only"):
-        block_sparse_attn(q, k, v, idx, cnt, block_size=bs, out_rows=rows, return_lse=True)
-
-
 @pytest.mark.parametrize("tma", [False, True])
 def test_strided_inputs(tma):
     """[B, S, H, D] storage viewed as [B, H, S, D] (what diffusers passes) gives the same result."""
@@ -221,38 +175,3 @@ def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = supports(torch.randn(1, 1, 64, 64))
     assert not ok and "TRITON_INTERPRET" in why
-
-
-@pytest.mark.parametrize("grid,start,text_after", [((4, 12, 9), 0, 0), ((5, 8, 9), 0, 0), ((4, 12, 9), 5, 20)])
-def test_tiled_attention_scatter_path(monkeypatch, grid, start, text_after):
-    """The op's tiled path with the inverse fused into the kernel's store (`out_rows`) and the one short tile
-    promised (`tail_block`) equals the reference path, in the original token order."""
-    from sparsify import runtime
-    from sparsify.kernels import reference as R
-    from sparsify.layout import Geometry, tile_layout
-
-    gen = torch.Generator().manual_seed(13)
-    geo = Geometry(grid, video_start=start)
-    lay = tile_layout(grid, (4, 4, 4))
-    S = start + geo.video_len + text_after
-    B, H, D = 2, 2, 64
-    q, k, v = _inputs(B, H, S, D, torch.float32, gen)
-    n = lay.n_tiles
-    idx, cnt = _selection(B, H, n * 64, 64, 64, gen, p_empty=0.0)
-    ts = R.tile_sequence(q, k, v, geo, lay)
-    short = (lay.tile_lens < 64).nonzero().flatten().tolist()
-    assert ts.short_block == (short[0] if len(short) == 1 and not start + text_after else None if short or start
-                              or text_after else -1)
-    ref = R.tiled_sparse_attention(q, k, v, geo, lay, idx, cnt)
-    calls = []
-
-    def spy(*a, **kw):
-        calls.append(kw)
-        return runtime.triton_block_fn(*a, **kw)
-
-    spy.scatters = True
-    monkeypatch.setattr(R, "_fast_scatter", lambda *xs: True)
-    out = R.tiled_sparse_attention(q, k, v, geo, lay, idx, cnt, block_fn=spy, tiled=ts)
-    assert calls and calls[0]["out_rows"] is not None and calls[0]["tail_block"] == ts.short_block
-    assert out.shape == q.shape
-    assert rel_err(out, ref) < 1e-5

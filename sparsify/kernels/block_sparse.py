@@ -44,7 +44,6 @@ _ROW_SUM = tl.standard._sum_combine if tl is not None else None
 def _fwd_kernel(
     Q, K, V, O,  # pointers (pointer path) or tensor descriptors (TMA path)
     IDX, CNT, LENS, LSE,  # LSE: float32 [B, H, S] row log-sum-exp (natural log), written when STORE_LSE
-    OROW,  # int32 [S] with SCATTER_O: query row r is stored at row OROW[r] of O (-1: not stored)
     sqb, sqh, sqs,  # q strides (elements; last dim contiguous)
     skb, skh, sks,
     svb, svh, svs,
@@ -62,7 +61,6 @@ def _fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr = False,
     STORE_LSE: tl.constexpr = False,  # also write the row log-sum-exp (for the backward); -inf for keyless rows
-    SCATTER_O: tl.constexpr = False,  # O is a plain pointer to [B, H, *, D] rows addressed through OROW
 ):
     """One program = one query block of one (b, h). MASK_MODE 2 (no kv_block_lens) runs the selected
     blocks unmasked and defers the partial tail key block `TAIL_BLK` (-1: none) to a masked second phase."""
@@ -188,11 +186,7 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(out_dtype)  # rows with no key: acc == 0 -> 0
-    if SCATTER_O:  # the inverse permutation, fused: each row goes to its original position
-        rows = tl.load(OROW + offs_m, mask=offs_m < S, other=-1)
-        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sos + offs_d[None, :]
-        tl.store(o_ptrs, out, mask=rows[:, None] >= 0)
-    elif USE_TMA:
+    if USE_TMA:
         if DESC_RANK == 3:
             O.store([pid_bh, start_m, 0], out.reshape(1, BLOCK_M, HEAD_DIM))
         else:
@@ -364,16 +358,12 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
 
 
 def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *, out=None, fallback=True,
-            lse=None, out_rows=None, out_len=None, tail_block=None, **options):
+            lse=None, **options):
     """Launch the kernel; `options` override `_default_launch` (the benchmark sweeps them). Inputs are checked.
 
     `out` (contiguous `[B, H, S, D]`, q's dtype) is written in place when given (tests poison it first).
     `lse` (contiguous float32 `[B, H, S]`), when given, receives the row log-sum-exp of the scaled scores
     (natural log; -inf for rows that see no key); without it the kernel is compiled without that store.
-    `out_rows` (int32 `[S]`) scatters query row `r` to row `out_rows[r]` of a `[B, H, out_len, D]` output
-    (-1: dropped), the inverse of a tile permutation fused into the store. `tail_block` says that every key
-    block but that one (an id, or -1 for none) is full in `kv_block_lens`, so the selected blocks run
-    unmasked and only that block is masked (as for the tail of an S that is not a multiple of BLOCK_N).
     With `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
     """
     B, H, S, D = q.shape
@@ -391,15 +381,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
     lens = kv_block_lens.to(torch.int32).contiguous() if kv_block_lens is not None else cnt  # dummy pointer
-    scatter = out_rows is not None
-    if scatter:
-        if lse is not None or out is not None:
-            raise ValueError("out_rows cannot be combined with out or lse")
-        if out_rows.shape != (S,) or out_rows.dtype != torch.int32 or out_rows.device != q.device:
-            raise ValueError(f"out_rows must be int32 [S] = [{S}] on {q.device}; got {out_rows.dtype} "
-                             f"{tuple(out_rows.shape)} on {out_rows.device}")
-        out = torch.empty((B, H, int(out_len), D), dtype=q.dtype, device=q.device)
-    elif out is None:
+    if out is None:
         out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError("out must be a contiguous [B, H, S, D] tensor of q's dtype")
@@ -416,16 +398,13 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     if opts["use_tma"] and _TensorDescriptor is None:
         opts["use_tma"] = False
     mask_mode = int(opts["mask_mode"])
+    if kv_block_lens is not None and mask_mode == 2:  # any block may be short: mask where needed
+        mask_mode = 1
     tail_blk = (S - 1) // bn if S % bn else -1
-    if kv_block_lens is not None and mask_mode == 2:
-        if tail_block is not None and (tail_blk == -1 or tail_block in (-1, tail_blk)):
-            tail_blk = tail_blk if tail_block == -1 else int(tail_block)  # one short block at most: defer it
-        else:  # any block may be short: mask where needed
-            mask_mode = 1
     tn = int(opts["tile_n"])
     if tn not in (16, 32, 64, 128) or bn % tn:
         raise ValueError(f"tile_n {tn} must divide BLOCK_N {bn}")
-    cfg_key = (q.device, q.dtype, D, bm, bn, scatter, *(opts[key] for key in _OPTION_KEYS))
+    cfg_key = (q.device, q.dtype, D, bm, bn, *(opts[key] for key in _OPTION_KEYS))
     if opts["use_tma"] and not interpret and fallback and cfg_key in _TMA_BROKEN:
         opts["use_tma"] = False
 
@@ -434,12 +413,12 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             qq, kk, vv = (t if _tma_ok(t) else t.contiguous() for t in (q, k, v))
             # 3-D [B*H, S, D] when every tensor folds (b, h) into one stride, else 4-D; out is contiguous
             rank = 3 if all(t.stride(0) == t.shape[1] * t.stride(1) or t.shape[0] == 1 for t in (qq, kk, vv)) else 4
-            args = (_desc(qq, rank, bm), _desc(kk, rank, tn), _desc(vv, rank, tn), out if scatter else _desc(out, rank, bm))
+            args = (_desc(qq, rank, bm), _desc(kk, rank, tn), _desc(vv, rank, tn), _desc(out, rank, bm))
         else:
             rank, qq, kk, vv = 3, q, k, v
             args = (qq, kk, vv, out)
         _kernel(interpret)[(n_qb, B * H)](
-            *args, idx, cnt, lens, lse if lse is not None else cnt, out_rows if scatter else cnt,
+            *args, idx, cnt, lens, lse if lse is not None else cnt,
             qq.stride(0), qq.stride(1), qq.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2),
@@ -448,7 +427,6 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
             MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
-            SCATTER_O=scatter,
             INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             num_warps=opts["num_warps"], num_stages=opts["num_stages"], **extra,
         )
@@ -481,9 +459,6 @@ def block_sparse_attn(
     scale: float | None = None,
     kv_block_lens: torch.Tensor | None = None,
     return_lse: bool = False,
-    out_rows: torch.Tensor | None = None,
-    out_len: int | None = None,
-    tail_block: int | None = None,
 ):
     """Block-sparse attention with a Triton kernel, differentiable (Triton backward) in q, k and v.
 
@@ -517,13 +492,6 @@ def block_sparse_attn(
             reference's `key_mask` with those positions False.
         return_lse: also return the row log-sum-exp of the scaled scores (float32 `[B, H, S]`, natural
             log, -inf for rows that see no key; not differentiable).
-        out_rows: optional int32 `[S]` (inference only): query row `r` is written to row `out_rows[r]` of
-            a `[B, H, out_len, D]` output, or dropped where -1, so a tile permutation's inverse costs no
-            extra pass. Rows of the output that no query row maps to are left uninitialised.
-        out_len: rows of the output with `out_rows` (default `S`).
-        tail_block: a promise about `kv_block_lens`: every key block except block `tail_block` is full
-            (-1: all full). The kernel then masks only that block instead of testing every block. A wrong
-            promise gives wrong results.
 
     Returns:
         `[B, H, S, D]`, contiguous, in q's dtype; with `return_lse`, the pair `(out, lse)`.
@@ -543,13 +511,7 @@ def block_sparse_attn(
     block_size = _norm_block_size(block_size) if triton is not None else block_size
     _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if out_rows is not None:
-        if grad or return_lse:
-            raise ValueError("block_sparse_attn: out_rows is inference-only (no gradient, no return_lse)")
-        return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows=out_rows,
-                       out_len=q.shape[2] if out_len is None else out_len, tail_block=tail_block)
-    if grad:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         from .block_sparse_bwd import BlockSparseAttnFunction
 
         out, lse = BlockSparseAttnFunction.apply(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
@@ -558,4 +520,4 @@ def block_sparse_attn(
         B, H, S, _ = q.shape
         lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
         return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, lse=lse), lse
-    return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, tail_block=tail_block)
+    return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)

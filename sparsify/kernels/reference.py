@@ -139,10 +139,8 @@ def _sequence_index(grid, tile, video_start: int, seq_len: int, device: str):
     inverse[video_start + torch.arange(vl)] = lay.scatter
     inverse[text_idx] = n * vol + torch.arange(n_text)
     lens = torch.cat([lay.tile_lens, (n_text - vol * torch.arange(n_tb)).clamp(0, vol).to(torch.int32)])
-    short = (lens < vol).nonzero().flatten().tolist()
     dev = torch.device(device)
-    return (src.to(dev), valid.to(dev), inverse.to(dev), lens.to(dev, torch.int32), n_tb,
-            -1 if not short else short[0] if len(short) == 1 else None)
+    return (src.to(dev), valid.to(dev), inverse.to(dev), lens.to(dev, torch.int32), n_tb)
 
 
 @dataclass
@@ -158,8 +156,6 @@ class TiledSequence:
         block_lens: int32 `[n_blocks]`, valid (leading) slots per block.
         n_video_slots: slots of the video tiles (`layout.padded_len`); text blocks follow.
         n_text_blocks: number of text blocks.
-        short_block: the one block shorter than the tile volume (-1: none; None: several), known on the
-            host, so that the kernel can mask only that block (`block_sparse_attn`'s `tail_block`).
     """
 
     q: torch.Tensor
@@ -171,7 +167,6 @@ class TiledSequence:
     block_lens: torch.Tensor
     n_video_slots: int
     n_text_blocks: int
-    short_block: int | None = None
 
 
 def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
@@ -190,8 +185,7 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     """
     S = q.shape[2]
     geometry.check(S)
-    src, valid, inverse, lens, n_tb, short = _sequence_index(layout.grid, layout.tile, geometry.video_start, S,
-                                                             str(q.device))
+    src, valid, inverse, lens, n_tb = _sequence_index(layout.grid, layout.tile, geometry.video_start, S, str(q.device))
     if _fast_gather(q, k, v):  # one Triton launch for q, k, v; tile means of q and k on the fly
         from ..layout import remember_means
         from .gather import FAST, gather_rows
@@ -206,7 +200,7 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     else:
         qt, kt, vt = (x.index_select(2, src) for x in (q, k, v))
     return TiledSequence(qt, kt, vt, src=src, valid=valid, inverse=inverse,
-                         block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb, short_block=short)
+                         block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb)
 
 
 def _fast_gather(*xs) -> bool:
@@ -215,14 +209,6 @@ def _fast_gather(*xs) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return all(x.shape == xs[0].shape and x.dtype == xs[0].dtype for x in xs) and use_fast("gather", *xs)
-
-
-def _fast_scatter(*xs) -> bool:
-    try:
-        from .gather import use_fast
-    except ImportError:  # pragma: no cover
-        return False
-    return use_fast("scatter", *xs)
 
 
 _SLOT_SOURCE: dict = {}
@@ -300,10 +286,6 @@ def tiled_sparse_attention(
         cnt[:, :, :n] += n_tb
         idx[:, :, n:, :n_blocks] = torch.arange(n_blocks, dtype=torch.int32, device=dev)
         cnt[:, :, n:] = n_blocks
-    if key_mask is None and getattr(block_fn, "scatters", False) and _fast_scatter(ts.q, ts.k, ts.v):
-        # the kernel stores each query row at its original position: no inverse pass, no slot-order output
-        return block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, kv_block_lens=ts.block_lens,
-                        out_rows=_slot_source(ts.src, ts.valid), out_len=S, tail_block=ts.short_block)
     if key_mask is None:
         out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, kv_block_lens=ts.block_lens)
     else:

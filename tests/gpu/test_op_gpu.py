@@ -20,7 +20,6 @@ CASES = [  # B, H, grid, video_start, n_text, D, dtype, tile, density
     (2, 4, (5, 12, 20), 0, 30, 64, torch.float16, (1, 8, 16), 0.2),       # text after video, odd grid, 128-tiles
     (2, 3, (7, 9, 11), 17, 17, 128, torch.bfloat16, (16, 2, 2), 0.3),     # text first (CogVideoX-like)
     (1, 2, (3, 10, 14), 0, 0, 64, torch.bfloat16, (2, 4, 8), 0.5),
-    (2, 4, (8, 22, 30), 0, 0, 128, torch.bfloat16, (4, 4, 4), 0.1),      # one short tile (42 of 83): tail_block
 ]
 
 
