@@ -4,6 +4,7 @@ Run on CPU (about 35 s on 2 idle cores without the svg2 rows; their cold k-means
 
     python -m benchmarks.selection
     python -m benchmarks.selection --sets planted,random --no-save
+    python -m benchmarks.selection --head-aware      # head-aware tiles vs 4x4x4 on the planted heads
 
 For every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -309,6 +310,57 @@ def format_table(results: dict, densities) -> str:
     return "\n".join(lines)
 
 
+HEAD_AWARE_METHODS = ("oracle", "vsa", "veda")
+
+
+def head_aware(densities, methods=HEAD_AWARE_METHODS) -> dict:
+    """Head-aware tiles against 4x4x4 for every planted head, by attention-output error at equal density.
+
+    Every candidate tile is evaluated on the calibration and on the held-out planted input. Two head-aware
+    choices are compared with 4x4x4 tiles for all heads: each head's planted best tile, and the tile of
+    least error on the calibration input (what a calibrator would pick), both measured held out.
+
+    Example:
+        >>> # python -m benchmarks.selection --head-aware
+    """
+    from sparsify.planted import CANDIDATE_TILES
+
+    grid, cal, ev, heads = _planted(lambda kind, best: best)
+    ev_err, cal_err, checks = {}, {}, []
+    for tile in CANDIDATE_TILES:
+        r_ev = evaluate_group(grid, tile, cal, ev, densities, {}, checks)
+        r_cal = evaluate_group(grid, tile, cal, cal, densities, {}, checks)
+        for m in methods:
+            for d in densities:
+                ev_err.setdefault((m, d), []).append(r_ev[m][d][1])
+                cal_err.setdefault((m, d), []).append(r_cal[m][d][1])
+    base_i = CANDIDATE_TILES.index((4, 4, 4))
+    planted_i = torch.tensor([CANDIDATE_TILES.index(t) for _, t in heads])
+    out = {"heads": [h for h, _ in heads], "tiles": [list(t) for t in CANDIDATE_TILES], "rows": [],
+           "reference_check_max_abs": checks[0]}
+    lines = ["| method | density | 4x4x4 | planted best tile (lower by) | calibration-chosen tile (lower by) | "
+             "per head 4x4x4 -> chosen | chosen tiles |", "|---|---|---|---|---|---|---|"]
+    for m in methods:
+        for d in densities:
+            ev_t, cal_t = torch.stack(ev_err[(m, d)]), torch.stack(cal_err[(m, d)])  # [tiles, heads]
+            pick = cal_t.argmin(0)
+            base = ev_t[base_i]
+            planted = ev_t.gather(0, planted_i[None])[0]
+            chosen = ev_t.gather(0, pick[None])[0]
+            row = {"method": m, "density": d, "err_444": base.tolist(), "err_planted_tile": planted.tolist(),
+                   "err_chosen_tile": chosen.tolist(), "chosen_tiles": [list(CANDIDATE_TILES[i]) for i in pick.tolist()],
+                   "mean_444": float(base.mean()), "mean_planted_tile": float(planted.mean()),
+                   "mean_chosen_tile": float(chosen.mean())}
+            out["rows"].append(row)
+            per_head = ", ".join(f"{h} {a:.2f}->{b:.2f}" for (h, _), a, b in zip(heads, base.tolist(), chosen.tolist()))
+            tiles = ", ".join("x".join(map(str, CANDIDATE_TILES[i])) for i in pick.tolist())
+            lines.append(f"| {m} | {round(100 * d)}% | {base.mean():.3f} | {planted.mean():.3f} "
+                         f"({100 * (1 - planted.mean() / base.mean()):.1f}%) | {chosen.mean():.3f} "
+                         f"({100 * (1 - chosen.mean() / base.mean()):.1f}%) | {per_head} | {tiles} |")
+    out["table"] = "\n".join(lines)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
@@ -316,8 +368,23 @@ def main(argv=None) -> dict:
     ap.add_argument("--error-fraction", type=float, default=1.0,
                     help="share of query tiles (seeded random sample) whose output error is measured")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/selection_<date>.json")
+    ap.add_argument("--head-aware", action="store_true",
+                    help="instead: head-aware tiles vs 4x4x4 on the planted heads (selection_head_aware_<date>.json)")
     args = ap.parse_args(argv)
     densities = tuple(float(x) for x in args.densities.split(","))
+    if args.head_aware:
+        t0 = time.perf_counter()
+        record = {"benchmark": "selection --head-aware", "command": "python -m benchmarks.selection "
+                  + " ".join(argv if argv is not None else sys.argv[1:]),
+                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": _cpu_name(),
+                  "torch": torch.__version__, **head_aware(densities)}
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+        print(record["table"])
+        if not args.no_save:
+            from benchmarks import write_result
+
+            write_result(record, None, "selection_head_aware")
+        return record
     t_start = time.perf_counter()
     timings: dict = {}
     checks: list = []
