@@ -143,7 +143,17 @@ def device_ints(values, device, dtype: torch.dtype = torch.int32) -> torch.Tenso
         >>> device_ints([3, 5], "cpu").tolist()
         [3, 5]
     """
-    key = (tuple(int(v) for v in values), str(device), dtype)
+    return device_consts([int(v) for v in values], device, dtype)
+
+
+def device_consts(values, device, dtype: torch.dtype) -> torch.Tensor:
+    """`device_ints` for any dtype: a cached, shared tensor of the Python scalars `values` on `device`.
+
+    Example:
+        >>> device_consts([0.5, 0.0], "cpu", torch.float32).tolist(), device_consts([True], "cpu", torch.bool).tolist()
+        ([0.5, 0.0], [True])
+    """
+    key = (tuple(values), str(device), dtype)
     t = _INTS.get(key)
     if t is None:
         if len(_INTS) > 1024:

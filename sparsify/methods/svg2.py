@@ -10,6 +10,7 @@ import torch
 
 from ..kernels.varlen import (default_block_size, interpreting, run_kernel, supports_varlen, varlen_block_attn,
                               varlen_block_attn_reference, varlen_pairs)
+from ..kernels.gather import device_consts
 from ..recipe import Budget
 from .registry import register_method
 
@@ -332,10 +333,11 @@ def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequen
     total = sizes.sum(-1)  # [B, H]
     nonempty = (sizes > 0).sum(-1)  # [B, H]
     empty = (sizes <= 0)[:, :, None, :]
-    dens = torch.tensor([b.density is not None for b in budgets], device=logits.device).view(1, H, 1, 1)
-    top_p = torch.tensor([b.top_p or 0.0 for b in budgets], device=logits.device).view(1, H, 1)
-    floor = torch.tensor([b.density if b.density is not None else b.min_density for b in budgets],
-                         device=logits.device).view(1, H, 1)
+    dev = logits.device  # cached per-head constants: no host-to-device copy per call
+    dens = device_consts([b.density is not None for b in budgets], dev, torch.bool).view(1, H, 1, 1)
+    top_p = device_consts([float(b.top_p or 0.0) for b in budgets], dev, torch.float32).view(1, H, 1)
+    floor = device_consts([float(b.density if b.density is not None else b.min_density) for b in budgets], dev,
+                          torch.float32).view(1, H, 1)
     lg = logits.float().masked_fill(empty, float("-inf"))
     probs = cluster_probs(lg, sizes)
     key = torch.where(dens, lg, probs.masked_fill(empty, -1.0))

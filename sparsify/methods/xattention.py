@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from ..kernels.gather import device_consts
 from ..layout import TileLayout
 from .registry import register_method
 from .select import select_from_scores
@@ -156,13 +157,13 @@ class XAttention:
             forced.fill_diagonal_(True)
         if self.sink:
             forced[:, 0] = True
-        if not bool(forced.any()):
+        if not (self.diagonal or self.sink):  # decided on the host: no sync
             return select_from_scores(mass, budgets, probs=mass)
         # forced tiles sort first (masses are <= 1); their true mass still counts towards top_p
         scores = mass + 2.0 * forced
         idx, cnt = select_from_scores(scores, budgets, probs=mass)
         n_forced = forced.sum(-1).to(torch.int32)  # [n]
-        top_p = torch.tensor([b.top_p is not None for b in budgets], device=mass.device).view(1, -1, 1)
+        top_p = device_consts([b.top_p is not None for b in budgets], mass.device, torch.bool).view(1, -1, 1)
         cnt = torch.where(top_p, torch.maximum(cnt, n_forced), cnt)
         if int(cnt.max()) > idx.shape[-1]:
             idx = torch.argsort(scores, dim=-1, descending=True, stable=True)[..., :int(cnt.max())].to(torch.int32)
