@@ -131,7 +131,7 @@ def use_fast(name: str, *xs: torch.Tensor) -> bool:
     return FAST[name] and triton is not None and all(x.is_cuda for x in xs) and not needs_grad(*xs)
 
 
-_INTS: dict = {}
+_CONSTS: dict = {}
 
 
 def device_ints(values, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
@@ -154,11 +154,11 @@ def device_consts(values, device, dtype: torch.dtype) -> torch.Tensor:
         ([0.5, 0.0], [True])
     """
     key = (tuple(values), str(device), dtype)
-    t = _INTS.get(key)
+    t = _CONSTS.get(key)
     if t is None:
-        if len(_INTS) > 1024:
-            _INTS.clear()
-        t = _INTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
+        if len(_CONSTS) > 1024:
+            _CONSTS.clear()
+        t = _CONSTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
     return t
 
 

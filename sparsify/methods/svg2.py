@@ -8,9 +8,9 @@ from typing import Sequence
 
 import torch
 
+from ..kernels.gather import device_consts
 from ..kernels.varlen import (default_block_size, interpreting, run_kernel, supports_varlen, varlen_block_attn,
                               varlen_block_attn_reference, varlen_pairs)
-from ..kernels.gather import device_consts
 from ..recipe import Budget
 from .registry import register_method
 

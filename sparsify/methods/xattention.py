@@ -152,13 +152,13 @@ class XAttention:
     def select(self, q, k, layout, budgets):
         mass = self.scores(q, k, layout)
         n = layout.n_tiles
+        if not (self.diagonal or self.sink):  # decided on the host: no sync
+            return select_from_scores(mass, budgets, probs=mass)
         forced = torch.zeros(n, n, dtype=torch.bool, device=mass.device)
         if self.diagonal:
             forced.fill_diagonal_(True)
         if self.sink:
             forced[:, 0] = True
-        if not (self.diagonal or self.sink):  # decided on the host: no sync
-            return select_from_scores(mass, budgets, probs=mass)
         # forced tiles sort first (masses are <= 1); their true mass still counts towards top_p
         scores = mass + 2.0 * forced
         idx, cnt = select_from_scores(scores, budgets, probs=mass)
