@@ -1,0 +1,87 @@
+"""Registers, shared memory and programs per SM of the forward kernel's launch configs, compiled for sm_90 without a GPU.
+
+    python -m benchmarks.aot_resources --block 64 64 --tile-n 64,32 --stages 2,3,4 --maxnreg 0,128
+
+Compiles `sparsify.kernels.block_sparse._fwd_kernel` ahead of time (`triton.compile` for `GPUTarget("cuda", 90, 32)`:
+TMA descriptors, D 128, bf16, `kv_block_lens` on, as the whole op launches it) and reads the register count with the
+`cuobjdump` bundled with triton. Programs per SM = the least of the shared-memory (228 KiB, 1 KiB reserved per
+program), register-file (64 Ki) and warp (64) limits. Needs the triton wheel's NVIDIA tools, not a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import itertools
+import subprocess
+import tempfile
+from pathlib import Path
+
+SMEM_PER_SM = 228 * 1024
+REGS_PER_SM = 64 * 1024
+
+
+def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, maxnreg: int | None = None,
+              mask_mode: int = 1, lazy: bool = False, head_dim: int = 128) -> dict:
+    """Compile one config for sm_90; `{"regs", "smem", "programs_per_sm"}`.
+
+    Example:
+        >>> # resources(64, 64, 64, 3, 4)  -> {'regs': 145, 'smem': 114760, 'programs_per_sm': 2}
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsify.kernels import block_sparse
+
+    const = dict(BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n, HEAD_DIM=head_dim, USE_TMA=True, DESC_RANK=3,
+                 HAS_LENS=True, MASK_MODE=mask_mode, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy,
+                 STORE_LSE=False)
+    sig = {}
+    for p in inspect.signature(block_sparse._fwd_kernel).parameters:
+        if p in const:
+            sig[p] = "constexpr"
+        elif p in ("Q", "O"):
+            sig[p] = f"tensordesc<bf16[1,{block_m},{head_dim}]>"
+        elif p in ("K", "V"):
+            sig[p] = f"tensordesc<bf16[1,{tile_n},{head_dim}]>"
+        elif p in ("IDX", "CNT", "LENS", "LSE"):
+            sig[p] = "*i32"
+        elif p == "qk_scale":
+            sig[p] = "fp32"
+        else:
+            sig[p] = "i32"
+    opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    kernel = triton.compile(ASTSource(triton.jit(block_sparse._fwd_kernel), signature=sig, constexprs=const),
+                            target=GPUTarget("cuda", 90, 32), options=opts)
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(usage.split("REG:")[1].split()[0])
+    smem = int(kernel.metadata.shared)
+    per_sm = min(SMEM_PER_SM // (smem + 1024), REGS_PER_SM // (regs * 32 * warps), 64 // warps)
+    return {"regs": regs, "smem": smem, "programs_per_sm": per_sm}
+
+
+def main(argv=None) -> list:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.aot_resources", description=__doc__.splitlines()[0])
+    ap.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("BLOCK_M", "BLOCK_N"))
+    ap.add_argument("--tile-n", default="64,32")
+    ap.add_argument("--stages", default="2,3,4")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--maxnreg", default="0", help="register caps, 0 for none")
+    a = ap.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    rows = []
+    for tn, ns, nw, mr in itertools.product(ints(a.tile_n), ints(a.stages), ints(a.warps), ints(a.maxnreg)):
+        r = resources(*a.block, tn, ns, nw, mr or None)
+        rows.append({"tile_n": tn, "stages": ns, "warps": nw, "maxnreg": mr or None, **r})
+        print(f"block {a.block[0]}x{a.block[1]} tile_n {tn:3d} stages {ns} warps {nw} maxnreg {mr or '-':>3}: "
+              f"regs {r['regs']:3d}  smem {r['smem']:7d} B  -> {r['programs_per_sm']} programs/SM", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
