@@ -24,7 +24,7 @@ from benchmarks.selection import load_set, tile_masses
 from sparsify.layout import pool_tiles, tile_layout, to_tiles
 from sparsify.methods import budget_counts
 from sparsify.methods.select import select_from_scores
-from sparsify.methods.veda import _log_lens, veda_features
+from sparsify.methods.veda import mix_logit, veda_features
 from sparsify.planted import oracle_selection, tile_recall
 from sparsify.recipe import Budget
 
@@ -56,11 +56,9 @@ def probe(sets=("planted", "planted444", "testbed"), densities=(0.05, 0.10), str
             mass = tile_masses(q, k, lay)
             feats = veda_features(q, k, lay, features=("mean", "mix"))
             mean, exact = feats[..., 0], feats[..., 1]
-            log_len, log_len1 = _log_lens(lay, q.device)
             scores = {"vsa (mean)": mean, "veda (exact peak)": exact}
             for s in strides:
-                peak = sampled_peak(q, k, lay, scale, s, offset)
-                scores[f"sampled/{s}"] = torch.logaddexp(mean + log_len1, peak) - log_len
+                scores[f"sampled/{s}"] = mix_logit(mean, sampled_peak(q, k, lay, scale, s, offset), lay)
             for d in densities:
                 kk = budget_counts(Budget(density=d), lay.n_tiles)
                 budgets = [Budget(density=d)] * len(hs)

@@ -143,3 +143,12 @@ def test_remembered_means_skip_inference_tensors():
         x = torch.randn(1, 1, 4, 2)
         remember_means(x, lay, torch.full((1, 1, 1, 2), 7.0))  # must not raise
         torch.testing.assert_close(pool_tiles(x, lay), x.mean(2, keepdim=True))
+
+
+def test_device_consts_are_cached_per_values_and_dtype():
+    """Equal Python tuples of another dtype ((True, False) == (1, 0)) must not share a cached tensor."""
+    a = G.device_consts([True, False], "cpu", torch.bool)
+    assert a is G.device_consts([True, False], "cpu", torch.bool)
+    b = G.device_ints([1, 0], "cpu")
+    assert b.dtype == torch.int32 and a.dtype == torch.bool
+    assert G.device_consts([0.5], "cpu", torch.float32).item() == 0.5

@@ -112,6 +112,19 @@ def _log_lens(layout: TileLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
     return lens.log(), (lens - 1).log()
 
 
+def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """The `mix` feature: `log((L_j - 1)/L_j · exp(mean) + exp(peak)/L_j)` for key tiles of `L_j` valid keys.
+
+    Example:
+        >>> from sparsify.layout import tile_layout
+        >>> lay = tile_layout((1, 1, 64), (1, 1, 64))  # one full tile of 64 keys
+        >>> round(mix_logit(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), lay).item(), 6)  # all logits 0
+        0.0
+    """
+    log_len, log_len1 = _log_lens(layout, mean.device)
+    return torch.logaddexp(mean + log_len1, peak) - log_len
+
+
 def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
                   features: Sequence[str] = FEATURES, max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """The tile-pair features an estimator weighs, float32 `[B, H, n_tiles, n_tiles, len(features)]`.
@@ -162,8 +175,7 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         elif name == "peak":
             v = dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min)
         elif name == "mix":
-            log_len, log_len1 = _log_lens(layout, q.device)
-            v = torch.logaddexp(feat("mean") + log_len1, feat("peak")) - log_len
+            v = mix_logit(feat("mean"), feat("peak"), layout)
         else:
             a, b = name.split("_")
             v = dot(getattr(sq, a), getattr(sk, b))
