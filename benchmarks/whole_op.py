@@ -30,6 +30,12 @@ def bench(fn):
     return time_ms(fn)
 
 
+def method_spec(spec: str):
+    """`name` or `veda:<peak>` (Veda's default estimator with that peak mode) -> (method name, head params)."""
+    name, _, peak = spec.partition(":")
+    return (name, {"peak": peak, "weights": {"mix": 1.0}}) if peak else (name, None)
+
+
 def _stage_times(method, q, k, v, geo, lay, d, H):
     """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse."""
     from sparsify.kernels.block_sparse import block_sparse_attn
@@ -39,7 +45,8 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
     from sparsify.recipe import Budget
 
     vol, P = lay.volume, lay.padded_len
-    sel = get_method(method)
+    name, params = method_spec(method)
+    sel = get_method(name, [params] * H if params else None)
     budgets = [Budget(density=d)] * H
     t_gather = bench(lambda: tile_sequence(q, k, v, geo, lay))
     ts = tile_sequence(q, k, v, geo, lay)
@@ -77,7 +84,8 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
         lay = tile_layout(grid, tile, "cuda")
         for meth in methods:
             for d in densities:
-                cfg = [HeadConfig(method=meth, tile=tile, budget=Budget(density=d))] * H
+                name_m, params = method_spec(meth)
+                cfg = [HeadConfig(method=name_m, tile=tile, budget=Budget(density=d), params=params)] * H
                 st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{key}", kind="self", heads=H,
                                        head_dim=D, configs=cfg)
                 runtime.STATE.sites[st.site_id] = st
@@ -129,24 +137,40 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
     return rows
 
 
-def peak_configs(shape, tile, configs):
-    """Time Veda's fused peak kernel (`tile_peaks`) per launch config `(BM, key slots per step, warps)`."""
+def peak_configs(shape, tile, configs, groups=(1, 4)):
+    """Time the fused tile-logit kernel (`tile_peaks`, the default Veda's `mass` output) per launch config
+    `(BM, key tiles per step, warps)` and key group (1 = Veda's exact peak, G = `keys/G`, whose `group_means`
+    pass is timed on its own)."""
     import math
 
-    from sparsify.kernels.tile_select import tile_peaks
+    from sparsify.kernels.tile_select import group_means, tile_peaks
     from sparsify.layout import tile_layout, to_tiles
 
     name, H, grid = SHAPES[shape]
     lay = tile_layout(grid, tile, "cuda")
     k = to_tiles(torch.randn(1, H, grid[0] * grid[1] * grid[2], 128, device="cuda", dtype=torch.bfloat16), lay)
     qm = torch.randn(1, H, lay.n_tiles, 128, device="cuda")
-    flop = 2.0 * lay.n_tiles * lay.padded_len * 128 * H
     out = {}
-    for c in configs:
-        t = bench(lambda: tile_peaks(qm, k, lay.tile_lens, lay.volume, 1 / math.sqrt(128), mean=True, mix=True,
-                                     config=c))
-        out["x".join(map(str, c))] = t
-        print(f"tile_peaks {name} config {c}: {t:.3f} ms ({flop / t / 1e9:.0f} TFLOP/s)", flush=True)
+    qc, kc = (torch.randn(1, H, lay.n_tiles, 128, device="cuda") for _ in "qk")  # VSA's float32 tile means
+    t = bench(lambda: torch.matmul(qc, kc.transpose(-1, -2)))
+    out["vsa_score_cublas_fp32"] = t
+    print(f"VSA score GEMM {name}, cuBLAS float32: {t:.3f} ms", flush=True)
+    for c in [None, *configs]:
+        t = bench(lambda: tile_peaks(qc, kc, lay.tile_lens, 1, 1 / math.sqrt(128), group=lay.volume, config=c))
+        out["vsa_score:" + ("default" if c is None else "x".join(map(str, c)))] = t
+        print(f"VSA score {name}, tile_peaks (3-pass TF32) config {c or 'default'}: {t:.3f} ms", flush=True)
+    for g in groups:
+        keys = k if g == 1 else group_means(k, lay.tile_lens, lay.volume, g)
+        if g > 1:
+            t = bench(lambda: group_means(k, lay.tile_lens, lay.volume, g))
+            out[f"group_means/{g}"] = t
+            print(f"group_means {name} group {g}: {t:.3f} ms", flush=True)
+        flop = 2.0 * lay.n_tiles * lay.padded_len / g * 128 * H
+        for c in configs:
+            t = bench(lambda: tile_peaks(qm, keys, lay.tile_lens, lay.volume // g, 1 / math.sqrt(128), group=g,
+                                         outputs=("mass",), config=c))
+            out[f"g{g}:" + "x".join(map(str, c))] = t
+            print(f"tile_peaks {name} group {g} config {c}: {t:.3f} ms ({flop / t / 1e9:.0f} TFLOP/s)", flush=True)
     return out
 
 
@@ -163,8 +187,10 @@ def profile(shape, tile, methods, density, out_dir=None):
     torch.manual_seed(1)
     q, k, v = (torch.randn(1, H, S, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     for meth in methods:
+        name_m, params = method_spec(meth)
         st = runtime.SiteState(site_id=runtime.STATE.new_id(), path="prof", kind="self", heads=H, head_dim=128,
-                               configs=[HeadConfig(method=meth, tile=tile, budget=Budget(density=density))] * H)
+                               configs=[HeadConfig(method=name_m, tile=tile, budget=Budget(density=density),
+                                                   params=params)] * H)
         runtime.STATE.sites[st.site_id] = st
         site = torch.tensor([st.site_id])
         for _ in range(2):
@@ -217,10 +243,11 @@ def main(argv=None):
     p.add_argument("--shapes", default="1.3b,14b")
     p.add_argument("--densities", default="0.02,0.05,0.1,0.2,0.5")
     p.add_argument("--tile", default="4x4x4")
-    p.add_argument("--methods", default="vsa", help="comma-separated selection methods (vsa,veda,xattention)")
+    p.add_argument("--methods", default="vsa", help="comma-separated selection methods (vsa,veda,xattention; "
+                   "veda:keys/4 = Veda with that peak mode)")
     p.add_argument("--ablate", action="store_true", help="also time the op with each fast path off")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table per method first")
-    p.add_argument("--peak-configs", default="", help="also time Veda's peak kernel per BMxCOLSxWARPS config")
+    p.add_argument("--peak-configs", default="", help="also time Veda's peak kernel per BMxTILESxWARPS config")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():

@@ -11,9 +11,10 @@ pytest.importorskip("triton")
 
 from sparsify.kernels import gather as G  # noqa: E402
 from sparsify.kernels.reference import _sequence_index, _slot_source, tile_sequence  # noqa: E402
-from sparsify.kernels.tile_select import tile_peaks, topk_indices  # noqa: E402
+from sparsify.kernels.tile_select import group_means, tile_peaks, topk_indices  # noqa: E402
 from sparsify.layout import Geometry, pool_tiles, remember_means, tile_layout, to_tiles  # noqa: E402
-from sparsify.methods.veda import FEATURES, _exact_peak, veda_reference_features  # noqa: E402
+from sparsify.methods.veda import FEATURES, _key_peak, veda_reference_features  # noqa: E402
+from sparsify.methods.vsa import coarse_scores  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -102,28 +103,57 @@ def test_topk_matches_torch_topk():
         topk_indices(s, [0])
 
 
+@pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("tile,grid", [((4, 4, 4), (5, 6, 7)), ((1, 8, 16), (3, 8, 20))])
-def test_tile_peaks_match_exact_peak(tile, grid):
+def test_tile_peaks_match_torch_peak(tile, grid, group):
     lay = tile_layout(grid, tile)
     g = torch.Generator().manual_seed(2)
-    k = to_tiles(torch.randn(1, 2, math.prod(grid), 16, generator=g), lay)
-    qm = torch.randn(1, 2, lay.n_tiles, 16, generator=g)
-    ref = _exact_peak(k, k, qm, lay, 0.25)  # CPU: the PyTorch path
-    got = tile_peaks(qm, k, lay.tile_lens, lay.volume, 0.25, config=(16, 128, 4))
+    k = to_tiles(torch.randn(2, 2, math.prod(grid), 16, generator=g), lay)
+    qm = torch.randn(2, 2, lay.n_tiles, 16, generator=g)
+    ref = _key_peak(k, qm, lay, 0.25, group)  # CPU: the PyTorch path
+    keys = k if group == 1 else group_means(k, lay.tile_lens, lay.volume, group)
+    got, = tile_peaks(qm, keys, lay.tile_lens, lay.volume // group, 0.25, group=group, config=(16, 16, 4))
     assert torch.allclose(got, ref, atol=1e-5)
 
 
-def test_tile_peaks_mean_and_mix_match_veda_reference():
+@pytest.mark.parametrize("peak", ["keys", "keys/4"])
+def test_tile_peaks_mean_mix_and_mass_match_veda_reference(peak):
     lay = tile_layout((5, 4, 4), (4, 4, 4))  # a partial tile of 16 keys
     g = torch.Generator().manual_seed(3)
     q, k = (to_tiles(torch.randn(1, 2, 80, 16, generator=g), lay) for _ in "qk")
-    ref = veda_reference_features(q, k, lay).float()
-    qm = pool_tiles(q, lay)
-    peak, mean, mix = tile_peaks(qm, k, lay.tile_lens, lay.volume, 0.25, mean=True, mix=True)
-    for got, name in ((peak, "peak"), (mean, "mean"), (mix, "mix")):
+    ref = veda_reference_features(q, k, lay, peak=peak).float()
+    group = 4 if peak == "keys/4" else 1
+    keys = k if group == 1 else group_means(k, lay.tile_lens, 64, group)
+    peak_, mean, mix, mass = tile_peaks(pool_tiles(q, lay), keys, lay.tile_lens, 64 // group, 0.25, group=group,
+                                        outputs=("peak", "mean", "mix", "mass"), config=(16, 16, 4))
+    for got, name in ((peak_, "peak"), (mean, "mean"), (mix, "mix")):
         assert torch.allclose(got, ref[..., FEATURES.index(name)], atol=1e-5), name
-    with pytest.raises(ValueError, match="power-of-two"):
-        tile_peaks(qm, k[:, :, :100], lay.tile_lens, 64, 0.25)
+    assert torch.allclose(mass, ref[..., FEATURES.index("mix")] + lay.tile_lens.float().log(), atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two rows"):
+        tile_peaks(pool_tiles(q, lay), k[:, :, :100], lay.tile_lens, 64, 0.25)
+    with pytest.raises(ValueError, match="outputs from"):
+        tile_peaks(pool_tiles(q, lay), k, lay.tile_lens, 64, 0.25, outputs=("max",))
+
+
+def test_group_means_ignore_padding_and_match_torch():
+    lay = tile_layout((3, 5, 7), (2, 4, 8))  # tile lengths 56, 14, 28, 7
+    g = torch.Generator().manual_seed(4)
+    x = to_tiles(torch.randn(1, 3, 105, 16, generator=g), lay)
+    x = torch.where((lay.gather < 0).view(1, 1, -1, 1), torch.full_like(x, 1e4), x)  # garbage in padded slots
+    got = group_means(x, lay.tile_lens, lay.volume, 4)
+    valid = (lay.gather >= 0).view(1, 1, -1, 4, 1)
+    want = (x.view(1, 3, -1, 4, 16) * valid).sum(-2) / valid.sum(-2).clamp_min(1)
+    assert got.shape == (1, 3, lay.padded_len // 4, 16) and torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="power-of-two group dividing"):
+        group_means(x, lay.tile_lens, lay.volume, 3)
+
+
+def test_tile_peaks_with_one_row_per_tile_are_vsa_coarse_scores():
+    lay = tile_layout((5, 6, 7), (4, 4, 4))
+    g = torch.Generator().manual_seed(5)
+    q, k = (to_tiles(torch.randn(1, 2, 210, 16, generator=g), lay) for _ in "qk")
+    got, = tile_peaks(pool_tiles(q, lay), pool_tiles(k, lay), lay.tile_lens, 1, 0.25, group=64, config=(16, 16, 4))
+    assert torch.allclose(got, coarse_scores(q, k, lay), atol=1e-5)  # CPU: the torch matmul
 
 
 def test_fast_paths_stay_off_on_cpu_and_with_grad():

@@ -1,4 +1,4 @@
-"""Triton kernels for tile selection: row-wise top-k by bisection, and Veda's exact tile peaks (one fused GEMM)."""
+"""Triton kernels for tile selection: row-wise top-k by bisection, and tile-level logits (VSA scores, Veda peaks) in one fused GEMM."""
 
 from __future__ import annotations
 
@@ -150,78 +150,167 @@ def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     return out
 
 
-def _peak_kernel(qm_ptr, k_ptr, lens_ptr, out_ptr, mean_ptr, mix_ptr, n, n_slots, scale,
-                 D: tl.constexpr, VOL: tl.constexpr, BM: tl.constexpr, TN: tl.constexpr,
-                 MEAN: tl.constexpr, MIX: tl.constexpr):
-    """out[bh, i, j] = max over the valid keys y of tile j of qm[bh, i] . k[bh, y] * scale (float32 acc);
-    with MEAN the mean of those logits, with MIX log((L-1)/L exp(mean) + exp(peak)/L)."""
+def _peak_kernel(qm_ptr, k_ptr, lens_ptr, peak_ptr, mean_ptr, mix_ptr, mass_ptr, n, scale,
+                 D: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, TN: tl.constexpr,
+                 PEAK: tl.constexpr, MEAN: tl.constexpr, MIX: tl.constexpr, MASS: tl.constexpr,
+                 PREC: tl.constexpr):
+    """Key row r of tile j stands for `cnt = clamp(L_j - r*G, 0, G)` key slots (its mean, or the key when
+    G = 1). For BM query tiles and TN key tiles a program loops over the ROWS rows of the key tiles: each
+    step is one `[BM, D] x [D, TN]` dot of the query means against row r of every key tile, folded into a
+    running max (and a count-weighted sum) element by element, so no logit leaves the accumulator layout.
+    Outputs (float32 [bh, n, n]): peak = max over rows with cnt > 0 of the logit * scale; mean = the
+    count-weighted mean logit; mix = log((L - c)/L exp(mean) + c/L exp(peak)) with c = min(G, L);
+    mass = mix + log L."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     qi = pid_m * BM + tl.arange(0, BM)
     d = tl.arange(0, D)
     qmask = qi < n
     qm = tl.load(qm_ptr + (bh.to(tl.int64) * n + qi[:, None]) * D + d[None, :], mask=qmask[:, None], other=0.0)
-    r = tl.arange(0, TN * VOL)
-    kbase = k_ptr + bh.to(tl.int64) * n_slots * D
+    kbase = k_ptr + bh.to(tl.int64) * n * ROWS * D  # offsets within a head fit in int32 (S * D < 2^31)
     for j0 in range(0, n, TN):
-        tiles = j0 + r // VOL
-        ln = tl.load(lens_ptr + tiles, mask=tiles < n, other=0)
-        kv = (r % VOL) < ln
-        kk = tl.load(kbase + (j0 * VOL + r[:, None]).to(tl.int64) * D + d[None, :], mask=kv[:, None], other=0.0)
-        s = tl.dot(qm, tl.trans(kk))  # [BM, TN*VOL]
-        pk = tl.reduce(tl.reshape(tl.where(kv[None, :], s, float("-inf")), (BM, TN, VOL)), 2, _MAX) * scale
         tj = j0 + tl.arange(0, TN)
+        tmask = tj < n
+        L = tl.load(lens_ptr + tj, mask=tmask, other=0)
+        koff = tj[:, None] * (ROWS * D) + d[None, :]
+        pk = tl.full((BM, TN), float("-inf"), tl.float32)
+        sm = tl.full((BM, TN), 0.0, tl.float32)
+        for r in range(ROWS):
+            cnt = tl.minimum(tl.maximum(L - r * G, 0), G)
+            live = cnt > 0
+            kk = tl.load(kbase + r * D + koff, mask=live[:, None], other=0.0)
+            x = tl.dot(qm, tl.trans(kk.to(qm.dtype)), input_precision=PREC)  # [BM, TN]
+            pk = tl.maximum(pk, tl.where(live[None, :], x, float("-inf")))
+            if MEAN or MIX or MASS:
+                sm += x * cnt.to(tl.float32)[None, :]
+        pk = pk * scale
         o = (bh.to(tl.int64) * n + qi[:, None]) * n + tj[None, :]
-        om = qmask[:, None] & (tj[None, :] < n)
-        tl.store(out_ptr + o, pk, mask=om)
-        if MEAN or MIX:
-            L = tl.load(lens_ptr + tj, mask=tj < n, other=1).to(tl.float32)
-            sm = tl.reduce(tl.reshape(tl.where(kv[None, :], s, 0.0), (BM, TN, VOL)), 2, _SUM)
-            mean = sm * scale / tl.maximum(L, 1.0)[None, :]
+        om = qmask[:, None] & tmask[None, :]
+        if PEAK:
+            tl.store(peak_ptr + o, pk, mask=om)
+        if MEAN or MIX or MASS:
+            Lf = L.to(tl.float32)
+            mean = sm * scale / tl.maximum(Lf, 1.0)[None, :]
             if MEAN:
                 tl.store(mean_ptr + o, mean, mask=om)
-            if MIX:  # log((L-1) e^mean + e^peak) - log L, stably (peak >= mean)
-                mix = pk + tl.log((L[None, :] - 1.0) * tl.exp(mean - pk) + 1.0) - tl.log(L)[None, :]
-                tl.store(mix_ptr + o, mix, mask=om)
+            if MIX or MASS:  # log((L - c) e^mean + c e^peak), stably (peak >= mean); -inf for an empty tile
+                c = tl.minimum(Lf, G * 1.0)
+                full = (L > 0)[None, :]
+                pks = tl.where(full, pk, 0.0)
+                arg = tl.where(full, (Lf - c)[None, :] * tl.exp(mean - pks) + c[None, :], 1.0)
+                lm = tl.where(full, pks + tl.log(arg), float("-inf"))
+                if MIX:
+                    tl.store(mix_ptr + o, lm - tl.log(tl.maximum(Lf, 1.0))[None, :], mask=om)
+                if MASS:
+                    tl.store(mass_ptr + o, lm, mask=om)
 
 
-def tile_peaks(qm: torch.Tensor, k: torch.Tensor, tile_lens: torch.Tensor, volume: int, scale: float, *,
-               mean: bool = False, mix: bool = False, config: tuple[int, int, int] | None = None):
-    """Veda's exact `peak`: `max_{y in tile j, valid} qm[i] . k[y] * scale`, float32 `[B, H, n, n]`.
+def _group_mean_kernel(x_ptr, lens_ptr, out_ptr, n_rows, H, sxb, sxh, sxs,
+                       D: tl.constexpr, VOL: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Means of consecutive groups of G slots over their valid (slot in tile < lens[tile]) slots, for
+    BLOCK_S slots of x[b, h] per program; out is [bh, n_rows, D] in its own dtype (zeros for empty groups)."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    slot = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    tile = slot // VOL
+    smask = slot < n_rows * G
+    ln = tl.load(lens_ptr + tile, mask=smask, other=0)
+    valid = smask & ((slot % VOL) < ln)
+    base = x_ptr + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh
+    x = tl.load(base + slot[:, None].to(tl.int64) * sxs + d[None, :], mask=valid[:, None], other=0.0)
+    xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // G, G, D)), 1, _SUM)
+    rows = pid * (BLOCK_S // G) + tl.arange(0, BLOCK_S // G)
+    rl = tl.load(lens_ptr + (rows * G) // VOL, mask=rows < n_rows, other=0)
+    cnt = tl.minimum(tl.maximum(rl - (rows * G) % VOL, 0), G).to(tl.float32)
+    o = out_ptr + (bh.to(tl.int64) * n_rows + rows[:, None]) * D + d[None, :]
+    tl.store(o, (xs / tl.maximum(cnt, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None])
+
+
+#: The outputs `tile_peaks` can return, see its docstring.
+PEAK_OUTPUTS = ("peak", "mean", "mix", "mass")
+
+
+def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, rows: int, scale: float, *,
+               group: int = 1, outputs=("peak",), config: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
+    """Tile-level logits of per-tile query means against the key rows of every key tile, in one fused kernel.
+
+    Key tile j has `rows` rows in `keys`; row r stands for `cnt = clamp(tile_lens[j] - r*group, 0, group)`
+    key slots (a tile's valid slots are its leading ones): the keys themselves with `group=1` and
+    `rows=volume` (Veda's exact peak), the means of consecutive groups of `group` slots (`group_means`;
+    a cheaper peak), or the tile mean with `rows=1, group=volume` (VSA's coarse score).
 
     Args:
-        qm: `[B, H, n, D]` per-tile query means (cast to k's dtype for the GEMM, as the torch path does).
-        k: `[B, H, n*volume, D]` keys in tile order; a tile's valid keys are its leading `tile_lens[j]`.
-        volume: a power of two; D a power of two >= 16.
-        mean: also return the `mean` feature (the mean logit over the valid keys = q̄_i · k̄_j).
-        mix: also return the `mix` feature, `log((L_j - 1)/L_j · exp(mean) + exp(peak)/L_j)`.
-        config: `(query tiles per program, key slots per step, warps)`; default `(128, 256, 8)` (the fastest
-            of four at Wan-14B 720p 4x4x4 on an H100: 5.9 ms, 231 TFLOP/s).
+        qm: `[B, H, n, D]` per-tile query means; cast to `keys`' dtype for the GEMM (float32 keys use
+            3-pass TF32 on the GPU, close to float32).
+        keys: `[B, H, n*rows, D]`.
+        tile_lens: int `[n]` valid key slots per tile.
+        rows: key rows per tile (a power of two); D a power of two >= 16.
+        scale: the logit scale (1/sqrt(D)).
+        group: key slots per row.
+        outputs: any of `PEAK_OUTPUTS`, in the order wanted: `peak` = max over rows with cnt > 0 of
+            `qm[i] . row * scale`; `mean` = the count-weighted mean logit (= q̄_i . k̄_j * scale);
+            `mix` = `log((L - c)/L exp(mean) + c/L exp(peak))` with `c = min(group, L)`: c keys at the
+            peak, the rest at the mean; `mass` = `mix + log L` (the tile's estimated log attention mass).
+        config: `(query tiles per program, key tiles per step, warps)`; default `(128, 64, 8)` for 16-bit
+            keys, `(64, 64, 4)` for float32 keys (whose 3-pass TF32 operands need more shared memory).
 
     Returns:
-        The peak tensor, or a tuple `(peak, mean?, mix?)` when `mean` or `mix` is asked for.
+        One float32 `[B, H, n, n]` tensor per output.
 
     Example:
         >>> k = torch.randn(1, 1, 128, 16); qm = torch.randn(1, 1, 2, 16)
         >>> with interpreter():
-        ...     p = tile_peaks(qm, k, torch.tensor([64, 10]), 64, 0.25)
+        ...     p, = tile_peaks(qm, k, torch.tensor([64, 10]), 64, 0.25)
         >>> ref = (qm[0, 0] @ k[0, 0, :74].T * 0.25)
         >>> bool(torch.allclose(p[0, 0, :, 1], ref[:, 64:74].amax(-1), atol=1e-5))
         True
     """
     B, H, n, D = qm.shape
-    if k.shape[2] != n * volume or volume & (volume - 1) or D & (D - 1) or D < 16:
-        raise ValueError(f"tile_peaks: need k with {n} x {volume} slots, power-of-two volume and D >= 16; "
-                         f"got k {tuple(k.shape)}, volume {volume}, D {D}")
-    k = k.contiguous()
-    qm = qm.to(k.dtype).contiguous()
-    outs = [torch.empty(B, H, n, n, dtype=torch.float32, device=k.device) for _ in range(1 + mean + mix)]
-    bm, cols, warps = config or (128, 256, 8)
-    tn = max(1, cols // volume)
-    it = iter(outs[1:])
-    mean_t = next(it) if mean else outs[0]
-    mix_t = next(it) if mix else outs[0]
-    _jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](qm, k, tile_lens.to(k.device, torch.int32).contiguous(), outs[0],
-                                                     mean_t, mix_t, n, n * volume, float(scale), D=D, VOL=volume,
-                                                     BM=bm, TN=tn, MEAN=mean, MIX=mix, num_warps=warps)
-    return outs[0] if len(outs) == 1 else tuple(outs)
+    bad = [o for o in outputs if o not in PEAK_OUTPUTS]
+    if keys.shape[:2] != qm.shape[:2] or keys.shape[2] != n * rows or keys.shape[3] != D or rows & (rows - 1) \
+            or D & (D - 1) or D < 16 or group < 1 or bad or not outputs:
+        raise ValueError(f"tile_peaks: need keys [{B}, {H}, {n} x {rows}, {D}], power-of-two rows and D >= 16, "
+                         f"group >= 1 and outputs from {PEAK_OUTPUTS}; got keys {tuple(keys.shape)}, rows {rows}, "
+                         f"group {group}, outputs {tuple(outputs)}")
+    keys = keys.contiguous()
+    qm = qm.to(keys.dtype).contiguous()
+    res = {o: torch.empty(B, H, n, n, dtype=torch.float32, device=keys.device) for o in outputs}
+    dummy = next(iter(res.values()))
+    bm, tn, warps = config or ((64, 64, 4) if keys.dtype == torch.float32 else (128, 64, 8))
+    prec = "tf32x3" if keys.dtype == torch.float32 else "tf32"
+    _jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](
+        qm, keys, tile_lens.to(keys.device, torch.int32).contiguous(), res.get("peak", dummy), res.get("mean", dummy),
+        res.get("mix", dummy), res.get("mass", dummy), n, float(scale), D=D, ROWS=rows, G=group, BM=bm, TN=tn,
+        PEAK="peak" in res, MEAN="mean" in res, MIX="mix" in res, MASS="mass" in res, PREC=prec, num_warps=warps)
+    return [res[o] for o in outputs]
+
+
+def group_means(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, group: int, out_dtype=None) -> torch.Tensor:
+    """Means of consecutive groups of `group` slots of tiled `x` `[B, H, n*volume, D]` over their valid slots.
+
+    A tile's valid slots are its leading `tile_lens[t]`; a group with none is zero. The result,
+    `[B, H, n*volume/group, D]` in `out_dtype` (default: x's), is what `tile_peaks` takes as `keys` with
+    `rows = volume // group`.
+
+    Example:
+        >>> x = torch.arange(8.0).view(1, 1, 8, 1)
+        >>> with interpreter():
+        ...     m = group_means(x, torch.tensor([3, 4]), 4, 2)
+        >>> m.view(-1).tolist()  # tile 0: slots 0-1, slot 2 alone; tile 1: slots 4-5, 6-7
+        [0.5, 2.0, 4.5, 6.5]
+    """
+    B, H, N, D = x.shape
+    n = tile_lens.numel()
+    if N != n * volume or volume % group or group & (group - 1) or D & (D - 1):
+        raise ValueError(f"group_means: need x with {n} tiles x {volume} slots, a power-of-two group dividing the "
+                         f"volume and a power-of-two D; got x {tuple(x.shape)}, group {group}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows = N // group
+    out = torch.empty(B, H, rows, D, dtype=out_dtype or x.dtype, device=x.device)
+    block = max(group, 64)
+    _jit(_group_mean_kernel)[(triton.cdiv(N, block), B * H)](
+        x, tile_lens.to(x.device, torch.int32).contiguous(), out, rows, H, x.stride(0), x.stride(1), x.stride(2), D=D,
+        VOL=volume, G=group, BLOCK_S=block, num_warps=4)
+    return out

@@ -20,11 +20,25 @@ from .select import select_from_scores
 FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_min", "min_max")
 
 #: How `peak` is computed. `keys`: exactly, from the mean query against every key token of the tile
-#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `stats`: from tile statistics
-#: only, as the upper bound `relu(q̄)·kmax - relu(-q̄)·kmin` of that exact peak (two `[n, n]` GEMMs).
-PEAKS: tuple[str, ...] = ("keys", "stats")
+#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `keys/G`: the same against the
+#: means of consecutive groups of G key slots (in tile order; for G = 4 a 1x1x4 row of a 4x4x4 tile), so
+#: 1/G of that GEMM; `mix` then puts G keys, not one, at the peak. `stats`: from tile statistics only, as
+#: the upper bound `relu(q̄)·kmax - relu(-q̄)·kmin` of the exact peak (two `[n, n]` GEMMs).
+PEAKS: tuple[str, ...] = ("keys", "keys/2", "keys/4", "keys/8", "keys/16", "stats")
 
 _MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
+
+
+def peak_group(peak: str) -> int:
+    """Key slots behind each logit of a `peak` mode: 1 for `keys`, G for `keys/G`, 0 for `stats`.
+
+    Example:
+        >>> peak_group("keys"), peak_group("keys/4"), peak_group("stats")
+        (1, 4, 0)
+    """
+    if peak not in PEAKS:
+        raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
+    return 0 if peak == "stats" else int(peak.partition("/")[2] or 1)
 
 
 @dataclass(frozen=True)
@@ -77,33 +91,48 @@ def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
     return TileStats(*out)
 
 
-def _exact_peak(q: torch.Tensor, k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float,
-                max_elems: int = _MAX_ELEMS) -> torch.Tensor:
-    """max over valid keys y of tile j of `q̄_i · k_y * scale`, `[B, H, n, n]`, in query-tile chunks."""
-    B, H, N, _ = k.shape
+def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float, group: int = 1,
+              max_elems: int = _MAX_ELEMS) -> torch.Tensor:
+    """max over the valid keys y of tile j (group = 1), or over the means of its groups of `group` consecutive
+    slots with a valid key, of `q̄_i · k_y * scale`: `[B, H, n, n]`, in query-tile chunks."""
+    B, H, N, D = k.shape
     n, vol = layout.n_tiles, layout.volume
-    if _fast_peaks(k, k, layout):  # one fused GEMM + max, no logits in memory
+    if _fast_peaks(k, layout, group, qm):  # one fused GEMM + max, no logits in memory
         from ..kernels.tile_select import tile_peaks
 
-        return tile_peaks(qm, k, layout.tile_lens, vol, scale)
-    pad = (layout.gather < 0).to(k.device).view(1, 1, 1, n, vol)
+        return tile_peaks(qm, _key_rows(k, layout, group), layout.tile_lens, vol // group, scale, group=group)[0]
+    rows = vol // group
+    valid = (layout.gather >= 0).to(k.device).view(n, rows, group)
+    if group > 1:  # group means over valid slots, rounded to k's dtype as the fast path's are
+        kg = k.view(B, H, n, rows, group, D).float().masked_fill(~valid.view(1, 1, n, rows, group, 1), 0.0)
+        k = (kg.sum(-2) / valid.sum(-1).clamp_min(1).view(1, 1, n, rows, 1)).to(k.dtype).view(B, H, n * rows, D)
+    empty = ~valid.any(-1).view(1, 1, 1, n, rows)
     kt = k.transpose(-1, -2)  # the GEMM runs in k's dtype (bf16 on GPU), logits in float32
     qm = qm.to(k.dtype)
     out = torch.empty(B, H, n, n, dtype=torch.float32, device=k.device)
-    rows = max(1, max_elems // max(1, B * H * N))
-    for i0 in range(0, n, rows):
-        i1 = min(n, i0 + rows)
-        lg = (torch.matmul(qm[:, :, i0:i1], kt).float() * scale).view(B, H, i1 - i0, n, vol)
-        out[:, :, i0:i1] = lg.masked_fill(pad, float("-inf")).amax(-1)
+    step = max(1, max_elems // max(1, B * H * n * rows))
+    for i0 in range(0, n, step):
+        i1 = min(n, i0 + step)
+        lg = (torch.matmul(qm[:, :, i0:i1], kt).float() * scale).view(B, H, i1 - i0, n, rows)
+        out[:, :, i0:i1] = lg.masked_fill(empty, float("-inf")).amax(-1)
     return out
 
 
-def _fast_peaks(q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> bool:
+def _key_rows(k: torch.Tensor, layout: TileLayout, group: int) -> torch.Tensor:
+    """The key rows `tile_peaks` takes: k itself, or the means of its groups of `group` slots (in k's dtype)."""
+    if group == 1:
+        return k
+    from ..kernels.tile_select import group_means
+
+    return group_means(k, layout.tile_lens, layout.volume, group)
+
+
+def _fast_peaks(k: torch.Tensor, layout: TileLayout, group: int, *others: torch.Tensor) -> bool:
     from ..kernels.gather import use_fast
 
     vol, D = layout.volume, k.shape[-1]
-    return (use_fast("peak", q, k) and not vol & (vol - 1) and not D & (D - 1) and D >= 16
-            and k.shape[2] == layout.padded_len)
+    return (use_fast("peak", k, *others) and not vol & (vol - 1) and not D & (D - 1) and D >= 16
+            and k.shape[2] == layout.padded_len and 1 <= group <= vol)
 
 
 def _log_lens(layout: TileLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +141,9 @@ def _log_lens(layout: TileLayout, device) -> tuple[torch.Tensor, torch.Tensor]:
     return lens.log(), (lens - 1).log()
 
 
-def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """The `mix` feature: `log((L_j - 1)/L_j · exp(mean) + exp(peak)/L_j)` for key tiles of `L_j` valid keys.
+def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout, group: int = 1) -> torch.Tensor:
+    """The `mix` feature: `log((L_j - c)/L_j · exp(mean) + c/L_j · exp(peak))` for key tiles of `L_j` valid
+    keys, with `c = min(group, L_j)` keys at the peak (`group` = the key slots behind a peak logit).
 
     Example:
         >>> from sparsify.layout import tile_layout
@@ -121,8 +151,12 @@ def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout) -> tor
         >>> round(mix_logit(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), lay).item(), 6)  # all logits 0
         0.0
     """
-    log_len, log_len1 = _log_lens(layout, mean.device)
-    return torch.logaddexp(mean + log_len1, peak) - log_len
+    if group == 1:
+        log_len, log_len1 = _log_lens(layout, mean.device)
+        return torch.logaddexp(mean + log_len1, peak) - log_len
+    lens = layout.tile_lens.to(mean.device).float().view(1, 1, 1, -1)
+    c = lens.clamp(max=group)
+    return torch.logaddexp(mean + (lens - c).log(), peak + c.log()) - lens.log()
 
 
 def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
@@ -132,7 +166,8 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     Args:
         q, k: `[B, H, n_tiles*volume, D]` in tile order (as a method's `select` receives them).
         layout: their TileLayout; padded slots are ignored.
-        peak: `keys` (exact peak) or `stats` (upper bound from tile statistics), see `PEAKS`.
+        peak: `keys` (exact peak), `keys/G` (peak over groups of G keys) or `stats` (upper bound from
+            tile statistics), see `PEAKS`.
         features: which of `FEATURES`, in this order.
         max_elems: logits held at once by the exact peak.
 
@@ -147,13 +182,12 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         raise ValueError(f"veda: unknown feature(s) {bad} or peak '{peak}'; features: {', '.join(FEATURES)}; "
                          f"peaks: {', '.join(PEAKS)}")
     scale = 1.0 / math.sqrt(q.shape[-1])
+    group = peak_group(peak)
     cache: dict[str, torch.Tensor] = {}
-    if peak == "keys" and _fast_peaks(q, k, layout) and {"mean", "peak", "mix"} & set(features):
-        # one fused kernel: GEMM of the tile means of q with every key, max (and mean, mix) per key tile
-        from ..kernels.tile_select import tile_peaks
-
-        res = tile_peaks(pool_tiles(q, layout), k, layout.tile_lens, layout.volume, scale, mean=True, mix=True)
-        cache.update(zip(("peak", "mean", "mix"), res))
+    wanted = [f for f in ("peak", "mean", "mix") if f in features]
+    if group and wanted and _fast_peaks(k, layout, group, q):
+        # one fused kernel: GEMM of the tile means of q with every key row, max (and mean, mix) per key tile
+        cache.update(zip(wanted, _fused(q, k, layout, group, wanted)))
     stats: dict[str, TileStats] = {}
 
     def st(name: str) -> TileStats:  # q's or k's tile statistics, computed when first needed
@@ -167,15 +201,15 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     def feat(name: str) -> torch.Tensor:
         if name in cache:
             return cache[name]
-        sq, sk = (st("q"), st("k")) if name != "peak" or peak != "keys" else (None, None)
+        sq, sk = (st("q"), st("k")) if name != "peak" or not group else (None, None)
         if name == "mean":
             v = dot(sq.mean, sk.mean)
-        elif name == "peak" and peak == "keys":
-            v = _exact_peak(q, k, pool_tiles(q, layout), layout, scale, max_elems)
+        elif name == "peak" and group:
+            v = _key_peak(k, pool_tiles(q, layout), layout, scale, group, max_elems)
         elif name == "peak":
             v = dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min)
         elif name == "mix":
-            v = mix_logit(feat("mean"), feat("peak"), layout)
+            v = mix_logit(feat("mean"), feat("peak"), layout, max(group, 1))
         else:
             a, b = name.split("_")
             v = dot(getattr(sq, a), getattr(sk, b))
@@ -183,6 +217,14 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         return v
 
     return torch.stack([feat(f) for f in features], -1)
+
+
+def _fused(q, k, layout: TileLayout, group: int, outputs) -> list[torch.Tensor]:
+    """`tile_peaks` outputs for the tile means of q against k's key rows of `group` slots."""
+    from ..kernels.tile_select import tile_peaks
+
+    return tile_peaks(pool_tiles(q, layout), _key_rows(k, layout, group), layout.tile_lens, layout.volume // group,
+                      1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
 
 
 def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys") -> torch.Tensor:
@@ -196,6 +238,7 @@ def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout
     """
     B, H, _, D = q.shape
     scale = 1.0 / math.sqrt(D)
+    group = peak_group(peak)
     sq, sk = veda_reference_stats(q, layout), veda_reference_stats(k, layout)
     n, vol = layout.n_tiles, layout.volume
     out = torch.empty(B, H, n, n, len(FEATURES), dtype=torch.float64)
@@ -204,12 +247,15 @@ def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout
             keys = [j * vol + s for s in range(vol) if int(layout.gather[j * vol + s]) >= 0]
             qm = sq.mean[:, :, i]
             mean = (qm * sk.mean[:, :, j]).sum(-1) * scale
-            if peak == "keys":
-                pk = torch.stack([(qm * k[:, :, y].double()).sum(-1) for y in keys], -1).amax(-1) * scale
+            if group:  # groups of `group` consecutive slots with a valid key; their means
+                groups = [[y for y in keys if (y - j * vol) // group == g] for g in range(vol // group)]
+                rows = [k[:, :, ys].double().mean(2) for ys in groups if ys]
+                pk = torch.stack([(qm * r).sum(-1) for r in rows], -1).amax(-1) * scale
             else:
                 pk = torch.maximum(qm * sk.max[:, :, j], qm * sk.min[:, :, j]).sum(-1) * scale
             L = len(keys)
-            mix = torch.log(((L - 1) * torch.exp(mean) + torch.exp(pk)) / L)
+            c = min(max(group, 1), L)
+            mix = torch.log(((L - c) * torch.exp(mean) + c * torch.exp(pk)) / L)
             corners = [(getattr(sq, a)[:, :, i] * getattr(sk, b)[:, :, j]).sum(-1) * scale
                        for a, b in (("max", "max"), ("min", "min"), ("max", "min"), ("min", "max"))]
             out[:, :, i, j] = torch.stack([mean, pk, mix, *corners], -1)
@@ -277,6 +323,10 @@ class VedaEstimator:
             raise ValueError(f"veda: the estimator has weights for {self.heads} heads, q has {q.shape[1]}; "
                              "use VedaEstimator.subset(heads) for a subset")
         used = [i for i in range(len(self.features)) if bool((self.weights[:, i] != 0).any())]
+        group = peak_group(self.peak)
+        if ([self.features[i] for i in used] == ["mix"] and bool((self.weights[:, used[0]] == 1).all()) and group
+                and _fast_peaks(k, layout, group, q)):  # the default estimator: the fused kernel's log mass
+            return _fused(q, k, layout, group, ("mass",))[0]
         log_len, _ = _log_lens(layout, q.device)
         if not used:
             return log_len.expand(q.shape[0], q.shape[1], layout.n_tiles, -1).contiguous()
@@ -397,7 +447,7 @@ class Veda:
 
     @staticmethod
     def check_params(params: dict) -> None:
-        """Validate one head's recipe parameters: `{peak: keys|extrema, weights: {feature: float}}`."""
+        """Validate one head's recipe parameters: `{peak: one of PEAKS, weights: {feature: float}}`."""
         bad = set(params) - {"peak", "weights"}
         if bad:
             raise ValueError(f"unknown Veda parameter(s) {sorted(bad)}; valid: peak, weights")

@@ -95,7 +95,8 @@ def test_topk_matches_torch_on_real_shape():
     assert torch.equal(topk_indices(s, [72] * 8).long(), torch.topk(s, 72, sorted=True).indices)
 
 
-def test_veda_fast_scores_match_torch_path():
+@pytest.mark.parametrize("peak", ["keys", "keys/4"])
+def test_veda_fast_scores_match_torch_path(peak):
     """Veda's fused peak/mean/mix kernel against the PyTorch path (which rounds logits to bf16): close
     scores, and nearly the same top-5% selection."""
     from sparsify.layout import tile_layout, to_tiles
@@ -103,9 +104,9 @@ def test_veda_fast_scores_match_torch_path():
 
     lay = tile_layout((21, 45, 80), (4, 4, 4), "cuda")
     q, k = (to_tiles(torch.randn(1, 2, 21 * 45 * 80, 128, device="cuda", dtype=torch.bfloat16), lay) for _ in "qk")
-    got = Veda().scores(q, k, lay)
+    got = Veda(peak=peak).scores(q, k, lay)
     G.FAST["peak"] = False
-    want = Veda().scores(q, k, lay)
+    want = Veda(peak=peak).scores(q, k, lay)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() < 0.05
     a = torch.topk(got, 72).indices.sort(-1).values
@@ -114,17 +115,34 @@ def test_veda_fast_scores_match_torch_path():
     assert overlap > 0.9
 
 
-def test_peaks_match_torch_on_real_shape():
-    from sparsify.kernels.tile_select import tile_peaks
+@pytest.mark.parametrize("group", [1, 4])
+def test_peaks_match_torch_on_real_shape(group):
+    from sparsify.kernels.tile_select import group_means, tile_peaks
     from sparsify.layout import tile_layout, to_tiles
-    from sparsify.methods.veda import _exact_peak
+    from sparsify.methods.veda import _key_peak
 
     lay = tile_layout((21, 45, 80), (4, 4, 4), "cuda")
     k = to_tiles(torch.randn(1, 2, 21 * 45 * 80, 128, device="cuda", dtype=torch.bfloat16), lay)
     qm = torch.randn(1, 2, lay.n_tiles, 128, device="cuda")
     G.FAST["peak"] = False
-    want = _exact_peak(k, k, qm, lay, 1 / math.sqrt(128))
-    for config in (None, (64, 256, 4), (64, 128, 4)):
-        got = tile_peaks(qm, k, lay.tile_lens, 64, 1 / math.sqrt(128), config=config)
+    want = _key_peak(k, qm, lay, 1 / math.sqrt(128), group)
+    keys = k if group == 1 else group_means(k, lay.tile_lens, 64, group)
+    for config in (None, (128, 128, 8), (64, 64, 4), (64, 128, 4)):
+        got, = tile_peaks(qm, keys, lay.tile_lens, 64 // group, 1 / math.sqrt(128), group=group, config=config)
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() < 0.05, config  # the torch path rounds logits to bf16
+
+
+def test_vsa_fast_coarse_scores_match_float32_matmul():
+    """The 3-pass TF32 score GEMM against cuBLAS float32: equal to float32 rounding, same top-5% selection."""
+    from sparsify.layout import tile_layout, to_tiles
+    from sparsify.methods.vsa import coarse_scores
+
+    lay = tile_layout((21, 45, 80), (4, 4, 4), "cuda")
+    q, k = (to_tiles(torch.randn(1, 4, 21 * 45 * 80, 128, device="cuda", dtype=torch.bfloat16), lay) for _ in "qk")
+    got = coarse_scores(q, k, lay)
+    G.FAST["score"] = False
+    want = coarse_scores(q, k, lay)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    a, b = (torch.topk(x, 60).indices for x in (got, want))
+    assert (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float().mean() > 0.99
