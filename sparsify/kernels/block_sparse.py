@@ -329,7 +329,8 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
     8-warp programs share an SM (one's softmax overlaps the other's tensor-core work and their
     prologues hide each other); the partial tail key block is deferred to a masked second phase
     (mask_mode 2); the accumulator is rescaled only when a row max grows by more than 2**8 (lazy).
-    Elsewhere: one program per query block, 8 warps (4 for 64-row blocks), 3-4 stages, TMA loads.
+    64x64 blocks keep mask_mode 1. Elsewhere: one program per query block, 8 warps (4 for 64-row blocks),
+    3-4 stages, TMA loads.
     """
     D = q.shape[-1]
     cap = torch.cuda.get_device_capability(q.device)
@@ -348,8 +349,8 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
             opts.update(tile_n=64, num_stages=2, maxnreg=128, mask_mode=2, lazy_rescale=True)
         elif bn == 128:  # (64, 128): the (64, 64) kernel's steps, two programs per SM by shared memory
             opts.update(tile_n=64, mask_mode=2)
-        else:
-            opts.update(mask_mode=2)
+        # (64, 64): mask_mode 1 (the tail tested in the loop): 5-6% faster than mode 2 at Wan-14B 5% and 10%
+        # on an H200 (benchmarks/NOTES.md, "Session 6")
     if cap[0] < 9:  # Ampere and older: less shared memory
         opts["num_stages"] = 2
     if q.dtype == torch.float32:  # exact (ieee) fp32 products: correct, not fast; small tiles to fit

@@ -12,20 +12,9 @@ from .select import select_from_scores
 
 
 def coarse_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    """Tile-level attention logits `mean(q_tile) . mean(k_tile) / sqrt(D)`, float32 `[B, H, n, n]`.
-
-    On CUDA without autograd the GEMM runs in the fused tile-logit kernel (3-pass TF32, close to float32;
-    cuBLAS picks a SIMT float32 kernel for this shape, 0.4 ms at Wan-14B 720p on an H200).
-    """
-    from ..kernels.gather import use_fast
-
+    """Tile-level attention logits `mean(q_tile) . mean(k_tile) / sqrt(D)`, float32 `[B, H, n, n]`."""
     qc, kc = pool_tiles(q, layout), pool_tiles(k, layout)
-    D = q.shape[-1]
-    if use_fast("score", qc, kc) and D >= 16 and not D & (D - 1):
-        from ..kernels.tile_select import tile_peaks
-
-        return tile_peaks(qc, kc, layout.tile_lens, 1, 1.0 / math.sqrt(D), group=layout.volume)[0]
-    return torch.matmul(qc * (1.0 / math.sqrt(D)), kc.transpose(-1, -2))  # scale on the small side
+    return torch.matmul(qc * (1.0 / math.sqrt(q.shape[-1])), kc.transpose(-1, -2))  # scale on the small side
 
 
 def coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
