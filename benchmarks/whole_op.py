@@ -198,7 +198,7 @@ def profile(shape, tile, methods, density, out_dir=None):
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
         print(f"--- profile: {name} {meth} d={density} tile {tile}\n{table}", flush=True)
         if out_dir:
-            Path(out_dir, f"profile_{meth}.txt").write_text(table)
+            Path(out_dir, f"profile_{meth.replace(':', '_').replace('/', '')}.txt").write_text(table)
         runtime.STATE.sites.pop(st.site_id)
 
 

@@ -206,25 +206,24 @@ def _peak_kernel(qm_ptr, k_ptr, lens_ptr, peak_ptr, mean_ptr, mix_ptr, mass_ptr,
 
 
 def _group_mean_kernel(x_ptr, lens_ptr, out_ptr, n_rows, H, sxb, sxh, sxs,
-                       D: tl.constexpr, VOL: tl.constexpr, G: tl.constexpr, BLOCK_S: tl.constexpr):
+                       D: tl.constexpr, VOL: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr):
     """Means of consecutive groups of G slots over their valid (slot in tile < lens[tile]) slots, for
-    BLOCK_S slots of x[b, h] per program; out is [bh, n_rows, D] in its own dtype (zeros for empty groups)."""
+    BLOCK_R groups of x[b, h] per program, as G strided row loads summed in registers (no reshape); out is
+    [bh, n_rows, D] in its own dtype (zeros for an empty group)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
-    slot = pid * BLOCK_S + tl.arange(0, BLOCK_S)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, D)
-    tile = slot // VOL
-    smask = slot < n_rows * G
-    ln = tl.load(lens_ptr + tile, mask=smask, other=0)
-    valid = smask & ((slot % VOL) < ln)
+    rmask = rows < n_rows
+    ln = tl.load(lens_ptr + (rows * G) // VOL, mask=rmask, other=0)
+    cnt = tl.minimum(tl.maximum(ln - (rows * G) % VOL, 0), G)
     base = x_ptr + (bh // H).to(tl.int64) * sxb + (bh % H).to(tl.int64) * sxh
-    x = tl.load(base + slot[:, None].to(tl.int64) * sxs + d[None, :], mask=valid[:, None], other=0.0)
-    xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // G, G, D)), 1, _SUM)
-    rows = pid * (BLOCK_S // G) + tl.arange(0, BLOCK_S // G)
-    rl = tl.load(lens_ptr + (rows * G) // VOL, mask=rows < n_rows, other=0)
-    cnt = tl.minimum(tl.maximum(rl - (rows * G) % VOL, 0), G).to(tl.float32)
+    ptrs = base + (rows * G)[:, None].to(tl.int64) * sxs + d[None, :]
+    acc = tl.full((BLOCK_R, D), 0.0, tl.float32)
+    for u in tl.static_range(G):
+        acc += tl.load(ptrs + u * sxs, mask=(u < cnt)[:, None], other=0.0).to(tl.float32)
     o = out_ptr + (bh.to(tl.int64) * n_rows + rows[:, None]) * D + d[None, :]
-    tl.store(o, (xs / tl.maximum(cnt, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=(rows < n_rows)[:, None])
+    tl.store(o, (acc / tl.maximum(cnt, 1).to(tl.float32)[:, None]).to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 #: The outputs `tile_peaks` can return, see its docstring.
@@ -309,8 +308,7 @@ def group_means(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, group: in
         x = x.contiguous()
     rows = N // group
     out = torch.empty(B, H, rows, D, dtype=out_dtype or x.dtype, device=x.device)
-    block = max(group, 64)
-    _jit(_group_mean_kernel)[(triton.cdiv(N, block), B * H)](
+    _jit(_group_mean_kernel)[(triton.cdiv(rows, 32), B * H)](
         x, tile_lens.to(x.device, torch.int32).contiguous(), out, rows, H, x.stride(0), x.stride(1), x.stride(2), D=D,
-        VOL=volume, G=group, BLOCK_S=block, num_warps=4)
+        VOL=volume, G=group, BLOCK_R=32, num_warps=4)
     return out
