@@ -11,8 +11,9 @@ from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.layout import tile_layout, to_tiles
 from sparsify.methods import available_methods, budget_counts, get_method, veda, xattention
-from sparsify.methods.veda import (FEATURES, PEAKS, Veda, VedaEstimator, default_estimator, fit_veda_estimator,
-                                   tile_stats, veda_features, veda_reference_features, veda_reference_stats)
+from sparsify.methods.veda import (DEFAULT_PEAK, FEATURES, PEAKS, Veda, VedaEstimator, default_estimator,
+                                   fit_veda_estimator, tile_stats, veda_features, veda_reference_features,
+                                   veda_reference_stats)
 from sparsify.methods.xattention import XAttention, xattention_reference_scores, xattention_scores
 from sparsify.planted import attention_tile_mass, planted_heads, tile_recall
 from sparsify.recipe import Budget
@@ -180,7 +181,7 @@ def test_veda_estimator_round_trip_and_subset():
     q, k, lay = tiled((4, 8, 8), (1, 8, 8), H=3)
     est = fit_veda_estimator(q, k, lay, iters=5)
     d = est.to_dict()
-    assert d["peak"] == "keys" and len(d["heads"]) == 3 and all(isinstance(w, float) for w in d["heads"][1].values())
+    assert d["peak"] == DEFAULT_PEAK == "keys/4" and len(d["heads"]) == 3 and all(isinstance(w, float) for w in d["heads"][1].values())
     again = VedaEstimator.from_dict(d)
     torch.testing.assert_close(again.scores(q, k, lay), est.scores(q, k, lay))
     torch.testing.assert_close(est.subset([2]).scores(q[:, 2:], k[:, 2:], lay), est.scores(q, k, lay)[:, 2:])

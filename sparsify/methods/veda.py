@@ -26,6 +26,10 @@ FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_m
 #: the upper bound `relu(q̄)·kmax - relu(-q̄)·kmin` of the exact peak (two `[n, n]` GEMMs).
 PEAKS: tuple[str, ...] = ("keys", "keys/2", "keys/4", "keys/8", "keys/16", "stats")
 
+#: The default peak: `keys/4` keeps most of the exact peak's recall gain over mean pooling at a quarter of its
+#: GEMM (RESULTS.md, "Tile selection"; benchmarks/NOTES.md, "Session 6").
+DEFAULT_PEAK = "keys/4"
+
 _MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
 
 
@@ -159,7 +163,7 @@ def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout, group:
     return torch.logaddexp(mean + (lens - c).log(), peak + c.log()) - lens.log()
 
 
-def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
+def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = DEFAULT_PEAK,
                   features: Sequence[str] = FEATURES, max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """The tile-pair features an estimator weighs, float32 `[B, H, n_tiles, n_tiles, len(features)]`.
 
@@ -227,7 +231,7 @@ def _fused(q, k, layout: TileLayout, group: int, outputs) -> list[torch.Tensor]:
                       1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
 
 
-def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys") -> torch.Tensor:
+def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = DEFAULT_PEAK) -> torch.Tensor:
     """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
 
     Example:
@@ -284,7 +288,7 @@ class VedaEstimator:
 
     features: tuple[str, ...]
     weights: torch.Tensor
-    peak: str = "keys"
+    peak: str = DEFAULT_PEAK
 
     def __post_init__(self):
         self.features = tuple(self.features)
@@ -311,7 +315,7 @@ class VedaEstimator:
         """Inverse of `to_dict`; a feature missing from a head's dict has weight 0."""
         heads = d["heads"]
         feats = tuple(f for f in FEATURES if any(f in h for h in heads))
-        return cls(feats, [[float(h.get(f, 0.0)) for f in feats] for h in heads], d.get("peak", "keys"))
+        return cls(feats, [[float(h.get(f, 0.0)) for f in feats] for h in heads], d.get("peak", DEFAULT_PEAK))
 
     def subset(self, heads: Sequence[int]) -> "VedaEstimator":
         """The estimator of some heads only (e.g. one tile group of a site, or one rank's heads)."""
@@ -335,8 +339,9 @@ class VedaEstimator:
         return (X * w).sum(-1) + log_len
 
 
-def default_estimator(heads: int, peak: str = "keys") -> VedaEstimator:
-    """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - 1) exp(mean) + exp(peak))`.
+def default_estimator(heads: int, peak: str = DEFAULT_PEAK) -> VedaEstimator:
+    """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - c) exp(mean) + c exp(peak))` with
+    `c = min(G, L_j)` keys at the peak (G = the peak mode's group, see `PEAKS`).
 
     Example:
         >>> default_estimator(1).weights.tolist()
@@ -347,7 +352,7 @@ def default_estimator(heads: int, peak: str = "keys") -> VedaEstimator:
     return VedaEstimator(FEATURES, w, peak)
 
 
-def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = "keys",
+def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = DEFAULT_PEAK,
                        features: Sequence[str] = FEATURES, mass: torch.Tensor | None = None, iters: int = 50,
                        l2: float = 1e-3) -> VedaEstimator:
     """Distill per-head feature weights from full attention on calibration q, k.
@@ -432,7 +437,7 @@ class Veda:
         [[[2, 2, 2, 2], [2, 2, 2, 2]]]
     """
 
-    def __init__(self, estimator: VedaEstimator | None = None, peak: str = "keys"):
+    def __init__(self, estimator: VedaEstimator | None = None, peak: str = DEFAULT_PEAK):
         if peak not in PEAKS:
             raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
         self.estimator, self.peak = estimator, peak
@@ -451,7 +456,7 @@ class Veda:
         bad = set(params) - {"peak", "weights"}
         if bad:
             raise ValueError(f"unknown Veda parameter(s) {sorted(bad)}; valid: peak, weights")
-        if params.get("peak", "keys") not in PEAKS:
+        if params.get("peak", DEFAULT_PEAK) not in PEAKS:
             raise ValueError(f"peak must be one of {', '.join(PEAKS)}; got {params.get('peak')!r}")
         w = params.get("weights", {})
         if not isinstance(w, dict) or not w:
@@ -471,10 +476,10 @@ class Veda:
             >>> v.estimator.weights[:, [FEATURES.index("mean"), FEATURES.index("mix")]].tolist()
             [[0.5, 0.5], [0.0, 1.0]]
         """
-        peaks = {p.get("peak", "keys") for p in head_params if p}
+        peaks = {p.get("peak", DEFAULT_PEAK) for p in head_params if p}
         if len(peaks) > 1:
             raise ValueError(f"veda: heads of one group must share one peak mode; got {sorted(peaks)}")
-        peak = peaks.pop() if peaks else "keys"
+        peak = peaks.pop() if peaks else DEFAULT_PEAK
         default = default_estimator(1, peak).weights[0].tolist()
         rows = [[float(p["weights"].get(f, 0.0)) for f in FEATURES] if p else default for p in head_params]
         return cls(VedaEstimator(FEATURES, rows, peak))
