@@ -243,7 +243,7 @@ def block_fn_for(q: torch.Tensor):
     def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None):
         ok, reason = supports(qs, block_size)
         lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
-        if not ok or lens is None:
+        if not ok or (lens is None and key_mask is not None):
             why = reason if not ok else "the key mask is not a per-block prefix"
             if why not in _SLOW_PATH_WARNED:
                 _SLOW_PATH_WARNED.add(why)

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dits import mask_from_selection, tile_of_tokens
-from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask, tiled_sparse_attention
+from sparsify.kernels.reference import (block_sparse_attn_reference, selection_to_block_mask, tile_sequence,
+                                       tiled_sparse_attention)
 from sparsify.layout import Geometry, from_tiles, pool_tiles, tile_layout, to_tiles
 from sparsify.methods import get_method
 from sparsify.recipe import Budget
@@ -138,3 +139,29 @@ def test_tile_sequence_round_trip_and_text_blocks():
     assert ts.n_text_blocks == 1 and ts.q.shape[2] == lay.padded_len + 64
     assert torch.equal(ts.q.index_select(2, ts.inverse), x)
     assert int(ts.block_lens.sum()) == x.shape[2] and int(ts.valid.sum()) == x.shape[2]
+
+
+@pytest.mark.parametrize("grid,tile,video_start,n_text", [((1, 13, 16), (4, 4, 4), 0, 0), ((1, 8, 8), (4, 4, 4), 0, 5),
+                                                          ((1, 8, 40), (1, 8, 16), 0, 0)])
+def test_only_the_last_block_short_runs_as_a_tail_without_block_lengths(grid, tile, video_start, n_text):
+    """When every block but the last is full, the kernel gets the prefix of slots up to the last valid one and
+    no per-block lengths (an ordinary tail); the result still equals the token-level masked reference."""
+    geo = Geometry(grid, video_start)
+    lay = tile_layout(grid, tile)
+    S = geo.video_len + n_text
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, S, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    vid = slice(video_start, video_start + geo.video_len)
+    idx, cnt = get_method("vsa").select(to_tiles(q[:, :, vid], lay), to_tiles(k[:, :, vid], lay), lay,
+                                        [Budget(density=0.5)] * 2)
+    seen = []
+
+    def block_fn(qs, ks, vs, *args, kv_block_lens=None, **kw):
+        seen.append((qs.shape[2], kv_block_lens))
+        return block_sparse_attn_reference(qs, ks, vs, *args, kv_block_lens=kv_block_lens, **kw)
+
+    out = tiled_sparse_attention(q, k, v, geo, lay, idx, cnt, block_fn=block_fn)
+    ts = tile_sequence(q, k, v, geo, lay)
+    assert ts.prefix_len is not None and ts.prefix_len < ts.q.shape[2] and seen == [(ts.prefix_len, None)]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_from_selection(grid, tile, idx, cnt, S, video_start))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)

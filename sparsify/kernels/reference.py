@@ -139,8 +139,9 @@ def _sequence_index(grid, tile, video_start: int, seq_len: int, device: str):
     inverse[video_start + torch.arange(vl)] = lay.scatter
     inverse[text_idx] = n * vol + torch.arange(n_text)
     lens = torch.cat([lay.tile_lens, (n_text - vol * torch.arange(n_tb)).clamp(0, vol).to(torch.int32)])
+    prefix = (len(lens) - 1) * vol + int(lens[-1]) if bool((lens[:-1] == vol).all()) else None
     dev = torch.device(device)
-    return (src.to(dev), valid.to(dev), inverse.to(dev), lens.to(dev, torch.int32), n_tb)
+    return (src.to(dev), valid.to(dev), inverse.to(dev), lens.to(dev, torch.int32), n_tb, prefix)
 
 
 @dataclass
@@ -156,6 +157,9 @@ class TiledSequence:
         block_lens: int32 `[n_blocks]`, valid (leading) slots per block.
         n_video_slots: slots of the video tiles (`layout.padded_len`); text blocks follow.
         n_text_blocks: number of text blocks.
+        prefix_len: when only the last block is short, the slots up to its last valid one (every valid
+            slot lies below it): the kernel then runs on that prefix as an ordinary tail, with no per-block
+            lengths to test. None otherwise.
     """
 
     q: torch.Tensor
@@ -167,6 +171,7 @@ class TiledSequence:
     block_lens: torch.Tensor
     n_video_slots: int
     n_text_blocks: int
+    prefix_len: int | None = None
 
 
 def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
@@ -185,7 +190,8 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     """
     S = q.shape[2]
     geometry.check(S)
-    src, valid, inverse, lens, n_tb = _sequence_index(layout.grid, layout.tile, geometry.video_start, S, str(q.device))
+    src, valid, inverse, lens, n_tb, prefix = _sequence_index(layout.grid, layout.tile, geometry.video_start, S,
+                                                              str(q.device))
     if _fast_gather(q, k, v):  # one Triton launch for q, k, v; tile means of q and k on the fly
         from ..layout import remember_means
         from .gather import FAST, gather_rows
@@ -200,7 +206,7 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
     else:
         qt, kt, vt = (x.index_select(2, src) for x in (q, k, v))
     return TiledSequence(qt, kt, vt, src=src, valid=valid, inverse=inverse,
-                         block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb)
+                         block_lens=lens, n_video_slots=layout.padded_len, n_text_blocks=n_tb, prefix_len=prefix)
 
 
 def _fast_gather(*xs) -> bool:
@@ -286,7 +292,11 @@ def tiled_sparse_attention(
         cnt[:, :, :n] += n_tb
         idx[:, :, n:, :n_blocks] = torch.arange(n_blocks, dtype=torch.int32, device=dev)
         cnt[:, :, n:] = n_blocks
-    if key_mask is None:
+    if key_mask is None and ts.prefix_len is not None:  # only the last block is short: an ordinary tail
+        L = ts.prefix_len
+        out_slots = block_fn(ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt, block_size=(vol, vol),
+                             scale=scale, kv_block_lens=None)
+    elif key_mask is None:
         out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, kv_block_lens=ts.block_lens)
     else:
         kmask = ts.valid.unsqueeze(0) & key_mask.to(torch.bool).index_select(1, ts.src)

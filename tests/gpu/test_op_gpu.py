@@ -17,6 +17,7 @@ from sparsify.recipe import Budget  # noqa: E402
 
 CASES = [  # B, H, grid, video_start, n_text, D, dtype, tile, density
     (1, 12, (21, 30, 52), 0, 0, 128, torch.bfloat16, (4, 4, 4), 0.05),   # Wan-1.3B 480p, 4x4x4 (partial tiles)
+    (1, 2, (21, 45, 80), 0, 0, 128, torch.bfloat16, (4, 4, 4), 0.05),    # Wan-14B 720p: only the last tile short
     (2, 4, (5, 12, 20), 0, 30, 64, torch.float16, (1, 8, 16), 0.2),       # text after video, odd grid, 128-tiles
     (2, 3, (7, 9, 11), 17, 17, 128, torch.bfloat16, (16, 2, 2), 0.3),     # text first (CogVideoX-like)
     (1, 2, (3, 10, 14), 0, 0, 64, torch.bfloat16, (2, 4, 8), 0.5),
