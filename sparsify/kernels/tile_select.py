@@ -205,57 +205,6 @@ def _peak_kernel(qm_ptr, k_ptr, lens_ptr, peak_ptr, mean_ptr, mix_ptr, mass_ptr,
                     tl.store(mass_ptr + o, lm, mask=om)
 
 
-def _peak_flat_kernel(qm_ptr, k_ptr, lens_ptr, peak_ptr, mean_ptr, mix_ptr, mass_ptr, n, scale,
-                      D: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, BM: tl.constexpr, TN: tl.constexpr,
-                      PEAK: tl.constexpr, MEAN: tl.constexpr, MIX: tl.constexpr, MASS: tl.constexpr,
-                      PREC: tl.constexpr):
-    """`_peak_kernel` as one loop over (key-tile chunk, row) steps, the chunk's outputs stored at its last row:
-    the software pipeline runs across chunk boundaries (EXPERIMENT)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    qi = pid_m * BM + tl.arange(0, BM)
-    d = tl.arange(0, D)
-    qmask = qi < n
-    qm = tl.load(qm_ptr + (bh.to(tl.int64) * n + qi[:, None]) * D + d[None, :], mask=qmask[:, None], other=0.0)
-    kbase = k_ptr + bh.to(tl.int64) * n * ROWS * D
-    pk = tl.full((BM, TN), float("-inf"), tl.float32)
-    sm = tl.full((BM, TN), 0.0, tl.float32)
-    for it in range(0, (n + TN - 1) // TN * ROWS):
-        r = it % ROWS
-        tj = (it // ROWS) * TN + tl.arange(0, TN)
-        tmask = tj < n
-        L = tl.load(lens_ptr + tj, mask=tmask, other=0)
-        cnt = tl.minimum(tl.maximum(L - r * G, 0), G)
-        live = cnt > 0
-        kk = tl.load(kbase + (tj[:, None] * ROWS + r) * D + d[None, :], mask=live[:, None], other=0.0)
-        x = tl.dot(qm, tl.trans(kk.to(qm.dtype)), input_precision=PREC)
-        first = r == 0
-        pk = tl.maximum(tl.where(first, float("-inf"), pk), tl.where(live[None, :], x, float("-inf")))
-        if MEAN or MIX or MASS:
-            sm = tl.where(first, 0.0, sm) + x * cnt.to(tl.float32)[None, :]
-        if r == ROWS - 1:
-            pks = pk * scale
-            o = (bh.to(tl.int64) * n + qi[:, None]) * n + tj[None, :]
-            om = qmask[:, None] & tmask[None, :]
-            if PEAK:
-                tl.store(peak_ptr + o, pks, mask=om)
-            if MEAN or MIX or MASS:
-                Lf = L.to(tl.float32)
-                mean = sm * scale / tl.maximum(Lf, 1.0)[None, :]
-                if MEAN:
-                    tl.store(mean_ptr + o, mean, mask=om)
-                if MIX or MASS:
-                    c = tl.minimum(Lf, G * 1.0)
-                    full = (L > 0)[None, :]
-                    pz = tl.where(full, pks, 0.0)
-                    arg = tl.where(full, (Lf - c)[None, :] * tl.exp(mean - pz) + c[None, :], 1.0)
-                    lm = tl.where(full, pz + tl.log(arg), float("-inf"))
-                    if MIX:
-                        tl.store(mix_ptr + o, lm - tl.log(tl.maximum(Lf, 1.0))[None, :], mask=om)
-                    if MASS:
-                        tl.store(mass_ptr + o, lm, mask=om)
-
-
 def _group_mean_kernel(x_ptr, lens_ptr, out_ptr, n_rows, H, sxb, sxh, sxs,
                        D: tl.constexpr, VOL: tl.constexpr, G: tl.constexpr, BLOCK_R: tl.constexpr):
     """Means of consecutive groups of G slots over their valid (slot in tile < lens[tile]) slots, for
@@ -302,8 +251,8 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
             `qm[i] . row * scale`; `mean` = the count-weighted mean logit (= q̄_i . k̄_j * scale);
             `mix` = `log((L - c)/L exp(mean) + c/L exp(peak))` with `c = min(group, L)`: c keys at the
             peak, the rest at the mean; `mass` = `mix + log L` (the tile's estimated log attention mass).
-        config: `(query tiles per program, key tiles per step, warps)`; default `(64, 64, 4)` (the fastest of
-            six at Wan-14B 720p 4x4x4 on an H200, with group 1 and 4: benchmarks/NOTES.md, "Session 6").
+        config: `(query tiles per program, key tiles per step, warps[, stages])`; default `(64, 64, 4)` (the
+            fastest of six at Wan-14B 720p 4x4x4 on an H200, with group 1 and 4: benchmarks/NOTES.md, "Session 6").
 
     Returns:
         One float32 `[B, H, n, n]` tensor per output.
@@ -327,12 +276,13 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
     qm = qm.to(keys.dtype).contiguous()
     res = {o: torch.empty(B, H, n, n, dtype=torch.float32, device=keys.device) for o in outputs}
     dummy = next(iter(res.values()))
-    bm, tn, warps, *flat = config or (64, 64, 4)
+    bm, tn, warps, *stages = config or (64, 64, 4)
     prec = "tf32x3" if keys.dtype == torch.float32 else "tf32"
-    _jit(_peak_flat_kernel if flat and flat[0] else _peak_kernel)[(triton.cdiv(n, bm), B * H)](
+    _jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](
         qm, keys, tile_lens.to(keys.device, torch.int32).contiguous(), res.get("peak", dummy), res.get("mean", dummy),
         res.get("mix", dummy), res.get("mass", dummy), n, float(scale), D=D, ROWS=rows, G=group, BM=bm, TN=tn,
-        PEAK="peak" in res, MEAN="mean" in res, MIX="mix" in res, MASS="mass" in res, PREC=prec, num_warps=warps)
+        PEAK="peak" in res, MEAN="mean" in res, MIX="mix" in res, MASS="mass" in res, PREC=prec, num_warps=warps,
+        **({"num_stages": stages[0]} if stages else {}))
     return [res[o] for o in outputs]
 
 
