@@ -251,8 +251,9 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
             `qm[i] . row * scale`; `mean` = the count-weighted mean logit (= q̄_i . k̄_j * scale);
             `mix` = `log((L - c)/L exp(mean) + c/L exp(peak))` with `c = min(group, L)`: c keys at the
             peak, the rest at the mean; `mass` = `mix + log L` (the tile's estimated log attention mass).
-        config: `(query tiles per program, key tiles per step, warps[, stages])`; default `(64, 64, 4)` (the
-            fastest of six at Wan-14B 720p 4x4x4 on an H200, with group 1 and 4: benchmarks/NOTES.md, "Session 6").
+        config: `(query tiles per program, key tiles per step, warps[, stages])`; default `(64, 64, 4, 4)`
+            (among the fastest of the configs timed at Wan-14B 720p 4x4x4 on an H200 with group 1 and 4:
+            benchmarks/NOTES.md, "Session 6").
 
     Returns:
         One float32 `[B, H, n, n]` tensor per output.
@@ -276,7 +277,7 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
     qm = qm.to(keys.dtype).contiguous()
     res = {o: torch.empty(B, H, n, n, dtype=torch.float32, device=keys.device) for o in outputs}
     dummy = next(iter(res.values()))
-    bm, tn, warps, *stages = config or (64, 64, 4)
+    bm, tn, warps, *stages = config or (64, 64, 4, 4)
     prec = "tf32x3" if keys.dtype == torch.float32 else "tf32"
     _jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](
         qm, keys, tile_lens.to(keys.device, torch.int32).contiguous(), res.get("peak", dummy), res.get("mean", dummy),
