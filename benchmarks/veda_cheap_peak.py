@@ -5,9 +5,11 @@
 
 Veda's default score needs the exact peak `max_y q̄_i · k_y` over every key of tile j, a `[n_tiles, S]` GEMM per head
 (1/volume of the attention FLOPs), which alone exceeds the 10%-of-kernel selection budget at Wan-14B 720p.
-Two cheaper peaks are compared by tile recall on the held-out inputs of `benchmarks.selection`'s planted,
+Three cheaper peaks are compared by tile recall on the held-out inputs of `benchmarks.selection`'s planted,
 planted444 and testbed sets:
 
+- `groups/G`: the peak over the means of the tile's groups of G consecutive key slots (Veda's `keys/G` peak
+  modes; `keys/4` is the default since session 6): 1/G of the GEMM;
 - `sampled/s`: the peak over every s-th key slot of the tile (from `--offset`): 1/s of the GEMM;
 - `two-stage xc`: the exact peak for only the c·k key tiles of largest mean score, the others never chosen:
   c·k·volume/S of the GEMM.
@@ -24,7 +26,7 @@ from benchmarks.selection import load_set, tile_masses
 from sparsify.layout import pool_tiles, tile_layout, to_tiles
 from sparsify.methods import budget_counts
 from sparsify.methods.select import select_from_scores
-from sparsify.methods.veda import mix_logit, veda_features
+from sparsify.methods.veda import _key_peak, mix_logit, veda_features
 from sparsify.planted import oracle_selection, tile_recall
 from sparsify.recipe import Budget
 
@@ -40,7 +42,7 @@ def sampled_peak(q, k, layout, scale: float, stride: int, offset: int) -> torch.
 
 
 def probe(sets=("planted", "planted444", "testbed"), densities=(0.05, 0.10), strides=(2, 4, 8, 16),
-          candidates=(2, 4), offset: int = 0) -> dict:
+          candidates=(2, 4), offset: int = 0, group_sizes=(2, 4, 8, 16)) -> dict:
     """Mean tile recall per set, density and estimate: `{set: {(estimate, density): recall}}`."""
     out = {}
     for name in sets:
@@ -54,9 +56,11 @@ def probe(sets=("planted", "planted444", "testbed"), densities=(0.05, 0.10), str
             q, k = (to_tiles(x[:, hs], lay) for x in ev[:2])
             scale = 1 / math.sqrt(q.shape[-1])
             mass = tile_masses(q, k, lay)
-            feats = veda_features(q, k, lay, features=("mean", "mix"))
+            feats = veda_features(q, k, lay, peak="keys", features=("mean", "mix"))
             mean, exact = feats[..., 0], feats[..., 1]
             scores = {"vsa (mean)": mean, "veda (exact peak)": exact}
+            for g in group_sizes:
+                scores[f"groups/{g}"] = mix_logit(mean, _key_peak(k, pool_tiles(q, lay), lay, scale, g), lay, g)
             for s in strides:
                 scores[f"sampled/{s}"] = mix_logit(mean, sampled_peak(q, k, lay, scale, s, offset), lay)
             for d in densities:
