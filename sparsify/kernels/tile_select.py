@@ -1,4 +1,4 @@
-"""Triton kernels for tile selection: row-wise top-k by bisection, and tile-level logits (VSA scores, Veda peaks) in one fused GEMM."""
+"""Triton kernels for tile selection: row-wise top-k by bisection, Veda's tile peaks in one fused GEMM."""
 
 from __future__ import annotations
 
@@ -231,13 +231,14 @@ PEAK_OUTPUTS = ("peak", "mean", "mix", "mass")
 
 
 def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, rows: int, scale: float, *,
-               group: int = 1, outputs=("peak",), config: tuple[int, int, int] | None = None) -> list[torch.Tensor]:
+               group: int = 1, outputs=("peak",), config: tuple[int, ...] | None = None) -> list[torch.Tensor]:
     """Tile-level logits of per-tile query means against the key rows of every key tile, in one fused kernel.
 
     Key tile j has `rows` rows in `keys`; row r stands for `cnt = clamp(tile_lens[j] - r*group, 0, group)`
     key slots (a tile's valid slots are its leading ones): the keys themselves with `group=1` and
     `rows=volume` (Veda's exact peak), the means of consecutive groups of `group` slots (`group_means`;
-    a cheaper peak), or the tile mean with `rows=1, group=volume` (VSA's coarse score).
+    Veda's `keys/G` peaks), or the tile mean with `rows=1, group=volume` (then `peak` equals VSA's coarse
+    score; VSA itself keeps cuBLAS, which was as fast: benchmarks/NOTES.md, "Session 6").
 
     Args:
         qm: `[B, H, n, D]` per-tile query means; cast to `keys`' dtype for the GEMM (float32 keys use

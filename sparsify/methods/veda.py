@@ -27,7 +27,7 @@ FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_m
 PEAKS: tuple[str, ...] = ("keys", "keys/2", "keys/4", "keys/8", "keys/16", "stats")
 
 #: The default peak: `keys/4` keeps most of the exact peak's recall gain over mean pooling at a quarter of its
-#: GEMM (RESULTS.md, "Tile selection"; benchmarks/NOTES.md, "Session 6").
+#: GEMM (RESULTS.md, "Selection fidelity"; benchmarks/NOTES.md, "Session 6").
 DEFAULT_PEAK = "keys/4"
 
 _MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
@@ -231,7 +231,8 @@ def _fused(q, k, layout: TileLayout, group: int, outputs) -> list[torch.Tensor]:
                       1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
 
 
-def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak: str = DEFAULT_PEAK) -> torch.Tensor:
+def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *,
+                            peak: str = DEFAULT_PEAK) -> torch.Tensor:
     """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
 
     Example:
