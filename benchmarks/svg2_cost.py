@@ -6,8 +6,8 @@
 Every timing is the median of `triton.testing.do_bench` (warm-up first), rotating over `--sets` fresh
 random input sets (each with its own warm k-means cache, so no call sees the inputs of the previous one).
 Rows: the warm selection (`SVG2.cluster_select`: one k-means iteration for q and for k from the previous
-centroids, i.e. assignment + permutation + centroid update, then centroid scores and selection) and its
-parts; the variable-size block kernel on that selection; the whole `attend` (selection, permutations,
+centroids, i.e. assignment + permutation + centroid update, then centroid scores and selection), the same
+with the permutation by `torch.gather` instead of the Triton row gather, and its parts; the variable-size block kernel on that selection; the whole `attend` (selection, permutations,
 kernel, un-permutation); the fixed-block kernel `block_sparse_attn` with 128-token blocks at the same
 density (random selection); dense SDPA (cuDNN). Random Gaussian inputs: the k-means clusters are not
 those of a real model, but the cost of every step does not depend on what the clusters mean.
@@ -26,8 +26,9 @@ import torch
 from sparsify.kernels.block_sparse import block_sparse_attn
 from sparsify.kernels.varlen import default_block_size, varlen_block_attn, varlen_pairs
 from sparsify.layout import Geometry
-from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign, segment_means,
-                                   select_clusters)
+from sparsify.kernels import gather as fast
+from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign, permute_rows,
+                                   segment_means, select_clusters)
 from sparsify.recipe import Budget
 
 
@@ -72,6 +73,11 @@ def run_config(name, method, sets, grid, density, results):
 
     n = len(sets)
     row["select_ms"] = _bench(_rotating([select(i) for i in range(n)]))
+    fast.FAST["gather"] = False  # the permutation by torch.gather instead of the Triton row gather
+    try:
+        row["select_torch_gather_ms"] = _bench(_rotating([select(i) for i in range(n)]))
+    finally:
+        fast.FAST["gather"] = True
     # parts of the warm selection
     cq = [c["svg2"]["q"] for c in caches]
     ck = [c["svg2"]["k"] for c in caches]
@@ -84,10 +90,18 @@ def run_config(name, method, sets, grid, density, results):
         out = []
         for x, lab, c, m in ((sets[i][0], labels[i][0], cq[i], nq), (sets[i][1], labels[i][1], ck[i], nk)):
             perm, st, ln = cluster_blocks(lab, m)
-            out.append(segment_means(torch.gather(x, 2, perm[..., None].expand(x.shape)), st, ln, c))
+            out.append(segment_means(permute_rows(x, perm), st, ln, c))
         return out
 
     row["permute_and_means_ms"] = _bench(_rotating([lambda i=i: perm_means(i) for i in range(n)]))
+    blocks = [[cluster_blocks(lab, m) for lab, m in ((labels[i][0], nq), (labels[i][1], nk))] for i in range(n)]
+    row["sort_ms"] = _bench(_rotating([lambda i=i: (cluster_blocks(labels[i][0], nq), cluster_blocks(labels[i][1], nk))
+                                       for i in range(n)]))
+    row["permute_ms"] = _bench(_rotating([lambda i=i: (permute_rows(sets[i][0], blocks[i][0][0]),
+                                                       permute_rows(sets[i][1], blocks[i][1][0])) for i in range(n)]))
+    row["permute_torch_gather_ms"] = _bench(_rotating([
+        lambda i=i: [torch.gather(x, 2, b[0][..., None].expand(x.shape)) for x, b in zip(sets[i][:2], blocks[i])]
+        for i in range(n)]))
     row["score_and_select_ms"] = _bench(_rotating([
         lambda i=i: select_clusters(centroid_logits(cq[i], ck[i], scale), cluster_sizes(labels[i][1], nk), budgets)
         for i in range(n)]))
@@ -95,7 +109,7 @@ def run_config(name, method, sets, grid, density, results):
     sels = [method.cluster_select(q, k, budgets, cache=caches[i]) for i, (q, k, _) in enumerate(sets)]
     perm_in = []
     for (q, k, v), s in zip(sets, sels):
-        g = lambda x, p: torch.gather(x, 2, p[..., None].expand(x.shape))  # noqa: E731
+        g = permute_rows
         perm_in.append((g(q, s.q_perm), g(k, s.k_perm), g(v, s.k_perm), s.q_starts, s.q_lens, s.k_starts, s.k_lens,
                         s.kv_indices, s.kv_counts))
     row["varlen_kernel_ms"] = _bench(_rotating([lambda a=a: varlen_block_attn(*a, scale=scale) for a in perm_in]), 800)
@@ -152,14 +166,17 @@ def main(argv=None):
                                       for i in range(len(sets))]), 1000)
     lines = [f"shape B{B} H{H} S{S} D{D} bf16, density {args.density:g}; fixed-block kernel (128x128, {count}/{n_b} "
              f"blocks): {fixed:.2f} ms" + (f"; dense SDPA {dense:.1f} ms" if dense else ""),
-             "| config | clusters q/k | select (warm) | assign | permute+means | score+select | varlen kernel | "
-             "attend | density exact / tiles | select / fixed kernel | select / varlen kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| config | clusters q/k | select (warm) | select, torch.gather | assign | permute+means (sort; permute; "
+             "permute by torch.gather) | score+select | varlen kernel | attend | density exact / tiles | "
+             "select / fixed kernel | select / varlen kernel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         r["select_over_fixed_kernel"] = r["select_ms"] / fixed
         r["select_over_varlen_kernel"] = r["select_ms"] / r["varlen_kernel_ms"]
-        lines.append(f"| {name} | {r['clusters'][0]}/{r['clusters'][1]} | {r['select_ms']:.2f} ms | {r['assign_ms']:.2f} | "
-                     f"{r['permute_and_means_ms']:.2f} | {r['score_and_select_ms']:.2f} | {r['varlen_kernel_ms']:.2f} ms | "
+        lines.append(f"| {name} | {r['clusters'][0]}/{r['clusters'][1]} | {r['select_ms']:.2f} ms | "
+                     f"{r['select_torch_gather_ms']:.2f} | {r['assign_ms']:.2f} | "
+                     f"{r['permute_and_means_ms']:.2f} ({r['sort_ms']:.2f}; {r['permute_ms']:.2f}; "
+                     f"{r['permute_torch_gather_ms']:.2f}) | {r['score_and_select_ms']:.2f} | {r['varlen_kernel_ms']:.2f} ms | "
                      f"{r['attend_ms']:.2f} ms | {r['density_exact']:.4f} / {r['density_tiles']:.4f} | "
                      f"{r['select_over_fixed_kernel']:.1%} | {r['select_over_varlen_kernel']:.1%} |")
     table = "\n".join(lines)

@@ -182,3 +182,13 @@ def test_device_consts_are_cached_per_values_and_dtype():
     b = G.device_ints([1, 0], "cpu")
     assert b.dtype == torch.int32 and a.dtype == torch.bool
     assert G.device_consts([0.5], "cpu", torch.float32).item() == 0.5
+
+
+def test_gather_rows_with_a_source_row_per_head():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 37, 16, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # other strides
+    perm = torch.stack([torch.randperm(37, generator=g) for _ in range(6)]).view(2, 3, 37)
+    (y,), _ = G.gather_rows([x], perm, block=16)
+    assert torch.equal(y, torch.gather(x, 2, perm[..., None].expand(x.shape)))
+    with pytest.raises(ValueError, match="per-head src must be"):
+        G.gather_rows([x], perm[:1], block=16)

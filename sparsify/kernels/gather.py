@@ -25,9 +25,10 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1,
                    H, n_out, n_pool_tiles,
                    sb0, sh0, ss0, sb1, sh1, ss1, sb2, sh2, ss2,
                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
-                   VOL: tl.constexpr):
-    """y_t[b, h, s] = x_t[b, h, src[s]] (zeros where src < 0) for tensor t = program_id(2); with POOL, the
-    programs of tensors 0 and 1 also write the float32 mean of each VOL-slot tile (first n_pool_tiles tiles)."""
+                   VOL: tl.constexpr, SRC_BH: tl.constexpr):
+    """y_t[b, h, s] = x_t[b, h, src[s]] (zeros where src < 0; with SRC_BH src[b, h, s]) for tensor t =
+    program_id(2); with POOL, the programs of tensors 0 and 1 also write the float32 mean of each VOL-slot
+    tile (first n_pool_tiles tiles)."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     t = tl.program_id(2)
@@ -36,7 +37,10 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1,
     rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     cols = tl.arange(0, BLOCK_D)
     rmask = rows < n_out
-    src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+    if SRC_BH:
+        src = tl.load(src_ptr + bh.to(tl.int64) * n_out + rows, mask=rmask, other=-1).to(tl.int64)
+    else:
+        src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
     valid = src >= 0
     src = tl.where(valid, src, 0)
     cmask = cols[None, :] < D
@@ -174,14 +178,16 @@ def needs_grad(*xs: torch.Tensor) -> bool:
 
 def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
                 volume: int = 0, block: int = 64):
-    """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`.
+    """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`
+    (or `x[b, h, src[b, h, s]]` with a per-head `src`).
 
     Slots with `src < 0` are written as zeros. Not differentiable: callers use `index_select` when a
     gradient is needed (`needs_grad`).
 
     Args:
         xs: 1 to 3 tensors of equal shape and dtype (any strides with a unit last stride).
-        src: long/int `[n_out]` source row of each output slot, or -1.
+        src: long/int `[n_out]` source row of each output slot, or -1; or `[B, H, n_out]`, one row per head
+            (not with pooling).
         pool_tiles: if > 0, also return the float32 means over each `volume`-slot tile of the first
             `pool_tiles` tiles of `xs[0]` and `xs[1]` (`[B, H, pool_tiles, D]`), valid slots being the
             leading `tile_lens[tile]` ones.
@@ -207,7 +213,11 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
         raise ValueError(f"gather_rows: tensors must be [B, H, S, D]; got {tuple(xs[0].shape)}")
     xs = [x if x.stride(-1) == 1 else x.contiguous() for x in xs]
     B, H, S, D = xs[0].shape
-    n_out = src.numel()
+    per_head = src.dim() == 3
+    if per_head and (tuple(src.shape[:2]) != (B, H) or pool_tiles):
+        raise ValueError(f"gather_rows: a per-head src must be [{B}, {H}, n_out] (without pooling); got "
+                         f"{tuple(src.shape)}")
+    n_out = src.shape[-1]
     src = src.to(xs[0].device, torch.int32 if S < 2**31 else torch.int64).contiguous()
     ys = [torch.empty(B, H, n_out, D, dtype=x.dtype, device=x.device) for x in xs]
     pool = pool_tiles > 0
@@ -230,7 +240,7 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
     grid = (triton.cdiv(n_out, block), B * H, len(xs))
     _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, H, n_out, pool_tiles, *strides,
                                D=D, BLOCK_S=block, BLOCK_D=triton.next_power_of_2(D), POOL=pool,
-                               VOL=max(volume, 1), num_warps=4)
+                               VOL=max(volume, 1), SRC_BH=per_head, num_warps=4)
     return ys, means
 
 

@@ -178,11 +178,26 @@ def segment_means(x_sorted: torch.Tensor, starts: torch.Tensor, lens: torch.Tens
     return torch.where(lens[..., None] > 0, out, old.float())
 
 
+def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """`x[b, h, perm[b, h, p]]` for every position p: one Triton row gather on CUDA without autograd, else
+    `torch.gather`.
+
+    Example:
+        >>> permute_rows(torch.arange(3.0).view(1, 1, 3, 1), torch.tensor([[[2, 0, 1]]])).flatten().tolist()
+        [2.0, 0.0, 1.0]
+    """
+    from ..kernels.gather import gather_rows, use_fast
+
+    if use_fast("gather", x) and perm.shape[-1] == x.shape[2]:
+        return gather_rows([x], perm)[0][0]
+    return torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))
+
+
 def _update(x: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Cluster means: sort + segment means where the Triton kernels run (deterministic), else a scatter."""
     if _use_triton(x):
         perm, starts, lens = cluster_blocks(labels, old.shape[2])
-        return segment_means(torch.gather(x, 2, perm[..., None].expand(x.shape)), starts, lens, old)
+        return segment_means(permute_rows(x, perm), starts, lens, old)
     return kmeans_update(x, labels, old)
 
 
@@ -499,7 +514,7 @@ class SVG2:
         new = kmeans_assign(x, c)
         it += 1
         perm, starts, lens = cluster_blocks(new, n)
-        xp = torch.gather(x, 2, perm[..., None].expand(x.shape))
+        xp = permute_rows(x, perm)
         c = segment_means(xp, starts, lens, c)
         return new, c, perm, starts, lens, xp, it
 
@@ -557,7 +572,7 @@ class SVG2:
         qv, kv, vv = q[:, :, video], k[:, :, video], v[:, :, video]
         w = None if key_mask is None else key_mask[:, video].to(torch.float32)[:, None, :].expand(B, H, nv)
         sel, qp, kp = self._run(qv, kv, budgets, scale, cache, w)
-        vp = torch.gather(vv, 2, sel.k_perm[..., None].expand(vv.shape))
+        vp = permute_rows(vv, sel.k_perm)
         text = torch.cat([torch.arange(0, vs), torch.arange(vs + nv, S)]).to(q.device)
         nt, nk = text.numel(), sel.k_lens.shape[-1]
         idx, cnt = sel.kv_indices, sel.kv_counts
@@ -583,7 +598,9 @@ class SVG2:
         else:
             op = varlen_block_attn_reference(*args, scale=scale, key_mask=km)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        out[:, :, video] = torch.empty_like(op).scatter_(2, sel.q_perm[..., None].expand(op.shape), op)
+        inv = torch.empty_like(sel.q_perm).scatter_(2, sel.q_perm, torch.arange(nv, device=q.device,
+                                                                                 dtype=sel.q_perm.dtype).expand(B, H, nv))
+        out[:, :, video] = permute_rows(op, inv)  # = op scattered back to the original order
         if nt:
             out.index_copy_(2, text, dense_attention(q.index_select(2, text), k, v, scale, key_mask).to(out.dtype))
         pairs = varlen_pairs(sel.q_lens, kl, idx, cnt, tiles).sum() + nt * S * B * H
