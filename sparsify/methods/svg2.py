@@ -29,9 +29,7 @@ _ROW_SUM = tl.standard._sum_combine if tl is not None else None
 
 def _assign_kernel(X, C, CN, L, S, NC, sxb, sxh, sxs, H, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
                    HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Nearest centroid of BLOCK_S rows: argmin_j |c_j|^2 - 2 x.c_j, never materializing the distances. The
-    running minimum is kept element by element over the BLOCK_C columns of every centroid block (no row
-    reduction per step); one row reduction at the end picks the least distance, ties to the lowest index."""
+    """Nearest centroid of BLOCK_S rows: argmin_j |c_j|^2 - 2 x.c_j, never materializing the distances."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -43,8 +41,8 @@ def _assign_kernel(X, C, CN, L, S, NC, sxb, sxh, sxs, H, BLOCK_S: tl.constexpr, 
                 mask=offs_s[:, None] < S, other=0.0)
     if DOT_FP32:
         x = x.to(tl.float32)
-    best = tl.full([BLOCK_S, BLOCK_C], float("inf"), dtype=tl.float32)
-    arg = tl.full([BLOCK_S, BLOCK_C], 2147483647, dtype=tl.int32)
+    best = tl.full([BLOCK_S], float("inf"), dtype=tl.float32)
+    arg = tl.full([BLOCK_S], 0, dtype=tl.int32)
     c_base = C + pid_bh.to(tl.int64) * NC * HEAD_DIM
     for c0 in range(0, NC, BLOCK_C):
         cc = c0 + offs_c
@@ -54,12 +52,12 @@ def _assign_kernel(X, C, CN, L, S, NC, sxb, sxh, sxs, H, BLOCK_S: tl.constexpr, 
             c = c.to(tl.float32)
         cn = tl.load(CN + pid_bh.to(tl.int64) * NC + cc, mask=ok, other=float("inf"))
         d = cn[None, :] - 2.0 * tl.dot(x, tl.trans(c), input_precision=INPUT_PRECISION)
-        better = d < best  # strict: an earlier (lower) index keeps a tie
-        best = tl.where(better, d, best)
-        arg = tl.where(better, cc[None, :], arg)
-    dmin = tl.reduce(best, 1, _ROW_MIN)
-    res = tl.reduce(tl.where(best == dmin[:, None], arg, 2147483647), 1, _ROW_MIN)
-    tl.store(L + pid_bh.to(tl.int64) * S + offs_s, tl.where(res == 2147483647, 0, res), mask=offs_s < S)
+        dmin = tl.reduce(d, 1, _ROW_MIN)
+        darg = tl.reduce(tl.where(d == dmin[:, None], cc[None, :], 2147483647), 1, _ROW_MIN)
+        better = dmin < best
+        best = tl.where(better, dmin, best)
+        arg = tl.where(better, darg, arg)
+    tl.store(L + pid_bh.to(tl.int64) * S + offs_s, arg, mask=offs_s < S)
 
 
 def _segment_mean_kernel(X, OUT, ST, LN, NC, sxb, sxh, sxs, H, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
