@@ -35,52 +35,72 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
     t = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < n_out
-    if SRC_BH:
-        src = tl.load(src_ptr + bh.to(tl.int64) * n_out + rows, mask=rmask, other=-1).to(tl.int64)
-    else:
-        src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    valid = src >= 0
-    src = tl.where(valid, src, 0)
-    cmask = cols[None, :] < D
-    if t == 0:
-        xp = x0 + b.to(tl.int64) * sb0 + h.to(tl.int64) * sh0 + src[:, None] * ss0
-        yp = y0
-        pp = p0
-    elif t == 1:
-        xp = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1 + src[:, None] * ss1
-        yp = y1
-        pp = p1
-    else:
-        xp = x2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2 + src[:, None] * ss2
-        yp = y2
-        pp = p1
-    x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
-    out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
-    tl.store(out, x, mask=rmask[:, None] & cmask)
-    if POOL:
-        if t < 2:
-            tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
-            if pid_s * (BLOCK_S // VOL) < n_pool_tiles:
-                xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // VOL, VOL, BLOCK_D)), 1, _SUM)
+    if GROUP > 0:
+        if t == 1:  # k: G strided row sets (rows u, u + G, ...), summed in registers for the group means
+            gr = pid_s * (BLOCK_S // GROUP) + tl.arange(0, BLOCK_S // GROUP)
+            cols = tl.arange(0, BLOCK_D)
+            cmask = cols[None, :] < D
+            base = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1
+            gs = tl.full((BLOCK_S // GROUP, BLOCK_D), 0.0, tl.float32)
+            for u in tl.static_range(GROUP):
+                r_u = gr * GROUP + u
+                rm = r_u < n_out
+                src = tl.load(src_ptr + r_u, mask=rm, other=-1).to(tl.int64)
+                ok = src >= 0
+                xu = tl.load(base + tl.where(ok, src, 0)[:, None] * ss1 + cols[None, :], mask=ok[:, None] & cmask,
+                             other=0.0)
+                tl.store(y1 + (bh.to(tl.int64) * n_out + r_u[:, None].to(tl.int64)) * D + cols[None, :], xu,
+                         mask=rm[:, None] & cmask)
+                gs += xu.to(tl.float32)
+            if pid_s * (BLOCK_S // VOL) < n_pool_tiles:  # padded slots were loaded as zeros
+                n_g = n_pool_tiles * (VOL // GROUP)
+                gm = gr < n_g
+                gl = tl.load(lens_ptr + (gr * GROUP) // VOL, mask=gm, other=0)
+                gc = tl.minimum(tl.maximum(gl - (gr * GROUP) % VOL, 0), GROUP).to(tl.float32)
+                gout = g_ptr + (bh.to(tl.int64) * n_g + gr[:, None].to(tl.int64)) * D + cols[None, :]
+                tl.store(gout, (gs / tl.maximum(gc, 1.0)[:, None]).to(g_ptr.dtype.element_ty), mask=gm[:, None] & cmask)
+                tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
+                xs = tl.reduce(tl.reshape(gs, (BLOCK_S // VOL, VOL // GROUP, BLOCK_D)), 1, _SUM)
                 tmask = tiles < n_pool_tiles
                 ln = tl.load(lens_ptr + tiles, mask=tmask, other=1).to(tl.float32)
-                mean = xs / tl.maximum(ln, 1.0)[:, None]
-                pout = pp + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
-                tl.store(pout, mean, mask=tmask[:, None] & cmask)
-                if GROUP > 0:
-                    if t == 1:  # padded slots were loaded as zeros: the sums count valid slots only
-                        gs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // GROUP, GROUP, BLOCK_D)), 1, _SUM)
-                        n_g = n_pool_tiles * (VOL // GROUP)
-                        gr = pid_s * (BLOCK_S // GROUP) + tl.arange(0, BLOCK_S // GROUP)
-                        gm = gr < n_g
-                        gl = tl.load(lens_ptr + (gr * GROUP) // VOL, mask=gm, other=0)
-                        gc = tl.minimum(tl.maximum(gl - (gr * GROUP) % VOL, 0), GROUP).to(tl.float32)
-                        gout = g_ptr + (bh.to(tl.int64) * n_g + gr[:, None].to(tl.int64)) * D + cols[None, :]
-                        tl.store(gout, (gs / tl.maximum(gc, 1.0)[:, None]).to(g_ptr.dtype.element_ty),
-                                 mask=gm[:, None] & cmask)
+                pout = p1 + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
+                tl.store(pout, xs / tl.maximum(ln, 1.0)[:, None], mask=tmask[:, None] & cmask)
+    if (t != 1) | (GROUP == 0):
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, BLOCK_D)
+        rmask = rows < n_out
+        if SRC_BH:
+            src = tl.load(src_ptr + bh.to(tl.int64) * n_out + rows, mask=rmask, other=-1).to(tl.int64)
+        else:
+            src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        valid = src >= 0
+        src = tl.where(valid, src, 0)
+        cmask = cols[None, :] < D
+        if t == 0:
+            xp = x0 + b.to(tl.int64) * sb0 + h.to(tl.int64) * sh0 + src[:, None] * ss0
+            yp = y0
+            pp = p0
+        elif t == 1:
+            xp = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1 + src[:, None] * ss1
+            yp = y1
+            pp = p1
+        else:
+            xp = x2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2 + src[:, None] * ss2
+            yp = y2
+            pp = p1
+        x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
+        out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
+        tl.store(out, x, mask=rmask[:, None] & cmask)
+        if POOL:
+            if t < 2:
+                tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
+                if pid_s * (BLOCK_S // VOL) < n_pool_tiles:
+                    xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // VOL, VOL, BLOCK_D)), 1, _SUM)
+                    tmask = tiles < n_pool_tiles
+                    ln = tl.load(lens_ptr + tiles, mask=tmask, other=1).to(tl.float32)
+                    mean = xs / tl.maximum(ln, 1.0)[:, None]
+                    pout = pp + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
+                    tl.store(pout, mean, mask=tmask[:, None] & cmask)
 
 
 def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, sxh, sxs,
