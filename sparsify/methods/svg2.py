@@ -598,8 +598,8 @@ class SVG2:
         else:
             op = varlen_block_attn_reference(*args, scale=scale, key_mask=km)
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-        inv = torch.empty_like(sel.q_perm).scatter_(2, sel.q_perm, torch.arange(nv, device=q.device,
-                                                                                 dtype=sel.q_perm.dtype).expand(B, H, nv))
+        pos = torch.arange(nv, device=q.device, dtype=sel.q_perm.dtype).expand(B, H, nv)
+        inv = torch.empty_like(sel.q_perm).scatter_(2, sel.q_perm, pos)  # each token's position in cluster order
         out[:, :, video] = permute_rows(op, inv)  # = op scattered back to the original order
         if nt:
             out.index_copy_(2, text, dense_attention(q.index_select(2, text), k, v, scale, key_mask).to(out.dtype))
