@@ -58,10 +58,9 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
     lens = lay.tile_lens.to("cuda")
     t_lens = bench(lambda: block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens))
     L = ts.prefix_len or P  # as the op runs it: a prefix with an ordinary tail when only the last tile is short
-    args = ((qt[:, :, :L], kt[:, :, :L], vt[:, :, :L], idx, cnt), dict(block_size=(vol, vol)))
-    if ts.prefix_len is None:
-        args[1]["kv_block_lens"] = lens
-    t_kernel = bench(lambda: block_sparse_attn(*args[0], **args[1]))
+    op_lens = None if ts.prefix_len else lens
+    t_kernel = bench(lambda: block_sparse_attn(qt[:, :, :L], kt[:, :, :L], vt[:, :, :L], idx, cnt, block_size=(vol, vol),
+                                               kv_block_lens=op_lens))
     o = block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens)
     t_inverse = bench(lambda: from_tiles(o, lay))
     return t_gather, t_select, t_kernel, t_inverse, t_select_alone, t_lens

@@ -292,12 +292,10 @@ def tiled_sparse_attention(
         cnt[:, :, :n] += n_tb
         idx[:, :, n:, :n_blocks] = torch.arange(n_blocks, dtype=torch.int32, device=dev)
         cnt[:, :, n:] = n_blocks
-    if key_mask is None and ts.prefix_len is not None:  # only the last block is short: an ordinary tail
-        L = ts.prefix_len
+    if key_mask is None:  # when only the last block is short, the slot prefix with an ordinary tail and no lengths
+        L, lens = (ts.prefix_len, None) if ts.prefix_len is not None else (ts.q.shape[2], ts.block_lens)
         out_slots = block_fn(ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt, block_size=(vol, vol),
-                             scale=scale, kv_block_lens=None)
-    elif key_mask is None:
-        out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, kv_block_lens=ts.block_lens)
+                             scale=scale, kv_block_lens=lens)
     else:
         kmask = ts.valid.unsqueeze(0) & key_mask.to(torch.bool).index_select(1, ts.src)
         out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, key_mask=kmask)
