@@ -22,8 +22,12 @@ REGS_PER_SM = 64 * 1024
 
 
 def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, maxnreg: int | None = None,
-              mask_mode: int = 1, lazy: bool = False, head_dim: int = 128) -> dict:
-    """Compile one config for sm_90; `{"regs", "smem", "programs_per_sm"}`.
+              mask_mode: int = 1, lazy: bool = False, head_dim: int = 128, persistent: bool = False,
+              ttgir: str | None = None, lens: bool = True, q_reload: bool = False) -> dict:
+    """Compile one config for sm_90; `{"regs", "stack", "smem", "programs_per_sm"}` (stack > 0: spills).
+
+    `persistent` compiles `_fwd_persistent_kernel` instead (`q_reload`: its Q_RELOAD); `ttgir` names a file to
+    write the TTGIR to (to see how the loop was pipelined); `lens`: with `kv_block_lens`.
 
     Example:
         >>> # resources(64, 64, 64, 3, 4)  -> {'regs': 145, 'smem': 114760, 'programs_per_sm': 2}
@@ -34,11 +38,12 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
 
     from sparsify.kernels import block_sparse
 
+    fn = block_sparse._fwd_persistent_kernel if persistent else block_sparse._fwd_kernel
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n, HEAD_DIM=head_dim, USE_TMA=True, DESC_RANK=3,
-                 HAS_LENS=True, MASK_MODE=mask_mode, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy,
-                 STORE_LSE=False)
+                 HAS_LENS=lens, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy, STORE_LSE=False,
+                 **({"Q_RELOAD": q_reload} if persistent else {"MASK_MODE": mask_mode}))
     sig = {}
-    for p in inspect.signature(block_sparse._fwd_kernel).parameters:
+    for p in inspect.signature(fn).parameters:
         if p in const:
             sig[p] = "constexpr"
         elif p in ("Q", "O"):
@@ -52,17 +57,20 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
         else:
             sig[p] = "i32"
     opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    kernel = triton.compile(ASTSource(triton.jit(block_sparse._fwd_kernel), signature=sig, constexprs=const),
+    kernel = triton.compile(ASTSource(triton.jit(fn), signature=sig, constexprs=const),
                             target=GPUTarget("cuda", 90, 32), options=opts)
+    if ttgir:
+        Path(ttgir).write_text(kernel.asm["ttgir"])
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     regs = int(usage.split("REG:")[1].split()[0])
+    stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
     smem = int(kernel.metadata.shared)
     per_sm = min(SMEM_PER_SM // (smem + 1024), REGS_PER_SM // (regs * 32 * warps), 64 // warps)
-    return {"regs": regs, "smem": smem, "programs_per_sm": per_sm}
+    return {"regs": regs, "stack": stack, "smem": smem, "programs_per_sm": per_sm}
 
 
 def main(argv=None) -> list:
@@ -72,14 +80,20 @@ def main(argv=None) -> list:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--maxnreg", default="0", help="register caps, 0 for none")
+    ap.add_argument("--persistent", action="store_true", help="the persistent kernel (one flat loop over many rows)")
+    ap.add_argument("--q-reload", action="store_true", help="with --persistent: q loaded every step")
+    ap.add_argument("--no-lens", action="store_true", help="without kv_block_lens (the op's usual prefix call)")
+    ap.add_argument("--lazy", action="store_true", help="lazy rescaling (the 128-row default)")
+    ap.add_argument("--ttgir", default=None, help="write the last config's TTGIR here")
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     rows = []
     for tn, ns, nw, mr in itertools.product(ints(a.tile_n), ints(a.stages), ints(a.warps), ints(a.maxnreg)):
-        r = resources(*a.block, tn, ns, nw, mr or None)
+        r = resources(*a.block, tn, ns, nw, mr or None, lazy=a.lazy, persistent=a.persistent, ttgir=a.ttgir,
+                      lens=not a.no_lens, q_reload=a.q_reload)
         rows.append({"tile_n": tn, "stages": ns, "warps": nw, "maxnreg": mr or None, **r})
         print(f"block {a.block[0]}x{a.block[1]} tile_n {tn:3d} stages {ns} warps {nw} maxnreg {mr or '-':>3}: "
-              f"regs {r['regs']:3d}  smem {r['smem']:7d} B  -> {r['programs_per_sm']} programs/SM", flush=True)
+              f"regs {r['regs']:3d} stack {r['stack']:4d}  smem {r['smem']:7d} B  -> {r['programs_per_sm']} programs/SM", flush=True)
     return rows
 
 

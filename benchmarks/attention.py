@@ -58,6 +58,19 @@ VARIANTS = {
     # (`python -m benchmarks.aot_resources`, benchmarks/NOTES.md "Session 5")
     "tn32_st3": dict(tile_n=32, num_stages=3),
     "tn32_st2": dict(tile_n=32, num_stages=2),
+    # the persistent kernel (one program per SM, a flat loop over its query blocks: the next block's keys load
+    # during a block's epilogue); q carried (copied to shared memory every step) or loaded every step (q_reload)
+    "pers_st2": dict(persistent=1, num_stages=2, maxnreg=0),
+    "pers_st3": dict(persistent=1, num_stages=3, maxnreg=0),
+    "pers_qr_st2": dict(persistent=1, q_reload=True, num_stages=2, maxnreg=0),
+    "pers_qr_st3": dict(persistent=1, q_reload=True, num_stages=3, maxnreg=0),
+    "pers_qr_tn128": dict(persistent=1, q_reload=True, tile_n=128, num_stages=2, maxnreg=0),
+    "pers2_st2": dict(persistent=2, num_stages=2, maxnreg=0),  # two per SM: fits with 64-row blocks only
+    "pers2_qr_st2": dict(persistent=2, q_reload=True, num_stages=2, maxnreg=0),
+    # ablations: the persistent loop body with one query block per program; the plain kernel with 2 stages
+    "pers_all_st2": dict(persistent=1000, num_stages=2, maxnreg=0),
+    "pers_all_qr_st2": dict(persistent=1000, q_reload=True, num_stages=2, maxnreg=0),
+    "st2": dict(num_stages=2),
 }
 
 
@@ -189,9 +202,8 @@ def run(args) -> dict:
             errs["ours"] = _rel(out, ref)
             times["ours"] = _bench(ours, args)
             if args.sweep:
-                for vname, opts in VARIANTS.items():
-                    if vname == "default":
-                        continue
+                for vname in args.variants:
+                    opts = VARIANTS[vname]
                     fn = lambda opts=opts: _launch(q, k, v, idx, cnt, bs, scale, None, fallback=False, **opts)
                     try:
                         errs[vname] = _rel(fn(), ref)
@@ -415,6 +427,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--quick", action="store_true", help="densities 5,10 and shorter timing")
     p.add_argument("--sweep", action="store_true", help="also time the kernel variants in VARIANTS")
+    p.add_argument("--variants", default=None, help="comma list of VARIANTS names to time (implies --sweep)")
     p.add_argument("--no-flash", action="store_true", help="skip SDPA flash (slow on the 14B shape)")
     p.add_argument("--warmup-ms", type=float, default=200.0)
     p.add_argument("--rep-ms", type=float, default=1000.0)
@@ -435,6 +448,12 @@ def main(argv=None) -> dict:
     args.bwd_opts = json.loads(args.bwd_opts) if args.bwd_opts else None
     if args.quick:
         args.densities, args.warmup_ms, args.rep_ms = "5,10", 50.0, 300.0
+    if args.variants:
+        unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+        if unknown:
+            p.error(f"unknown --variants {unknown}; known: {sorted(VARIANTS)}")
+        args.sweep = True
+    args.variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS) if v != "default"]
     args.densities = [float(x) if "." in x else int(x) for x in str(args.densities).split(",") if x]
     for mod in args.plugin:
         importlib.import_module(mod)
