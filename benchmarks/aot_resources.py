@@ -3,9 +3,11 @@
     python -m benchmarks.aot_resources --block 64 64 --tile-n 64,32 --stages 2,3,4 --maxnreg 0,128
 
 Compiles `sparsify.kernels.block_sparse._fwd_kernel` ahead of time (`triton.compile` for `GPUTarget("cuda", 90, 32)`:
-TMA descriptors, D 128, bf16, `kv_block_lens` on, as the whole op launches it) and reads the register count with the
-`cuobjdump` bundled with triton. Programs per SM = the least of the shared-memory (228 KiB, 1 KiB reserved per
-program), register-file (64 Ki) and warp (64) limits. Needs the triton wheel's NVIDIA tools, not a GPU.
+TMA descriptors, D 128, bf16, `kv_block_lens` on unless `--no-lens`) and reads the register count with the
+`cuobjdump` bundled with triton, and from `ptxas -v` whether ptxas serialized the wgmma instructions. Programs per
+SM = the least of the shared-memory (228 KiB, 1 KiB reserved per program), register-file (64 Ki) and warp (64)
+limits. Needs the triton wheel's NVIDIA tools, not a GPU. For the GPU's compiler, put the triton 3.6 wheel first on
+PYTHONPATH (benchmarks/NOTES.md, "How the CPU box checks compile results without a GPU").
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ REGS_PER_SM = 64 * 1024
 
 
 def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, maxnreg: int | None = None,
-              mask_mode: int = 1, lazy: bool = False, head_dim: int = 128, persistent: bool = False,
-              ttgir: str | None = None, lens: bool = True, q_reload: bool = False) -> dict:
-    """Compile one config for sm_90; `{"regs", "stack", "smem", "programs_per_sm"}` (stack > 0: spills).
+              mask_mode: int = 1, lazy: bool = False, head_dim: int = 128, ttgir: str | None = None,
+              lens: bool = True) -> dict:
+    """Compile one config for sm_90; `{"regs", "stack", "smem", "programs_per_sm", "wgmma_serialized"}`.
 
-    `persistent` compiles `_fwd_persistent_kernel` instead (`q_reload`: its Q_RELOAD); `ttgir` names a file to
-    write the TTGIR to (to see how the loop was pipelined); `lens`: with `kv_block_lens`.
+    `stack` > 0 means spills; `wgmma_serialized` is ptxas's reason code (e.g. C7512, too few registers) when it
+    serializes the kernel's wgmma instructions, else None.
+
+    `ttgir` names a file to write the TTGIR to (to see how the loop was pipelined); `lens`: with `kv_block_lens`.
 
     Example:
         >>> # resources(64, 64, 64, 3, 4)  -> {'regs': 145, 'smem': 114760, 'programs_per_sm': 2}
@@ -38,12 +42,11 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
 
     from sparsify.kernels import block_sparse
 
-    fn = block_sparse._fwd_persistent_kernel if persistent else block_sparse._fwd_kernel
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n, HEAD_DIM=head_dim, USE_TMA=True, DESC_RANK=3,
-                 HAS_LENS=lens, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy, STORE_LSE=False,
-                 **({"Q_RELOAD": q_reload} if persistent else {"MASK_MODE": mask_mode}))
+                 HAS_LENS=lens, MASK_MODE=mask_mode, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy,
+                 STORE_LSE=False)
     sig = {}
-    for p in inspect.signature(fn).parameters:
+    for p in inspect.signature(block_sparse._fwd_kernel).parameters:
         if p in const:
             sig[p] = "constexpr"
         elif p in ("Q", "O"):
@@ -57,7 +60,7 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
         else:
             sig[p] = "i32"
     opts = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
-    kernel = triton.compile(ASTSource(triton.jit(fn), signature=sig, constexprs=const),
+    kernel = triton.compile(ASTSource(triton.jit(block_sparse._fwd_kernel), signature=sig, constexprs=const),
                             target=GPUTarget("cuda", 90, 32), options=opts)
     if ttgir:
         Path(ttgir).write_text(kernel.asm["ttgir"])
@@ -66,11 +69,19 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
         f.write(kernel.asm["cubin"])
         f.flush()
         usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "k.ptx").write_text(kernel.asm["ptx"])
+        cmd = [str(ptxas), "-v", "-arch=sm_90a", str(Path(d) / "k.ptx"), "-o", str(Path(d) / "k.cubin")]
+        if maxnreg:
+            cmd += ["-maxrregcount", str(maxnreg)]
+        log = subprocess.run(cmd, capture_output=True, text=True).stderr
+    serial = next((ln.split("(")[1].split(")")[0] for ln in log.splitlines() if "serialized" in ln), None)
     regs = int(usage.split("REG:")[1].split()[0])
     stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
     smem = int(kernel.metadata.shared)
     per_sm = min(SMEM_PER_SM // (smem + 1024), REGS_PER_SM // (regs * 32 * warps), 64 // warps)
-    return {"regs": regs, "stack": stack, "smem": smem, "programs_per_sm": per_sm}
+    return {"regs": regs, "stack": stack, "smem": smem, "programs_per_sm": per_sm, "wgmma_serialized": serial}
 
 
 def main(argv=None) -> list:
@@ -80,8 +91,6 @@ def main(argv=None) -> list:
     ap.add_argument("--stages", default="2,3,4")
     ap.add_argument("--warps", default="4")
     ap.add_argument("--maxnreg", default="0", help="register caps, 0 for none")
-    ap.add_argument("--persistent", action="store_true", help="the persistent kernel (one flat loop over many rows)")
-    ap.add_argument("--q-reload", action="store_true", help="with --persistent: q loaded every step")
     ap.add_argument("--no-lens", action="store_true", help="without kv_block_lens (the op's usual prefix call)")
     ap.add_argument("--lazy", action="store_true", help="lazy rescaling (the 128-row default)")
     ap.add_argument("--ttgir", default=None, help="write the last config's TTGIR here")
@@ -89,11 +98,12 @@ def main(argv=None) -> list:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     rows = []
     for tn, ns, nw, mr in itertools.product(ints(a.tile_n), ints(a.stages), ints(a.warps), ints(a.maxnreg)):
-        r = resources(*a.block, tn, ns, nw, mr or None, lazy=a.lazy, persistent=a.persistent, ttgir=a.ttgir,
-                      lens=not a.no_lens, q_reload=a.q_reload)
+        r = resources(*a.block, tn, ns, nw, mr or None, lazy=a.lazy, ttgir=a.ttgir,
+                      lens=not a.no_lens)
         rows.append({"tile_n": tn, "stages": ns, "warps": nw, "maxnreg": mr or None, **r})
         print(f"block {a.block[0]}x{a.block[1]} tile_n {tn:3d} stages {ns} warps {nw} maxnreg {mr or '-':>3}: "
-              f"regs {r['regs']:3d} stack {r['stack']:4d}  smem {r['smem']:7d} B  -> {r['programs_per_sm']} programs/SM", flush=True)
+              f"regs {r['regs']:3d} stack {r['stack']:4d}  smem {r['smem']:7d} B  -> {r['programs_per_sm']} programs/SM"
+              f"{'  wgmma serialized (' + r['wgmma_serialized'] + ')' if r['wgmma_serialized'] else ''}", flush=True)
     return rows
 
 

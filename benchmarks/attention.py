@@ -58,19 +58,7 @@ VARIANTS = {
     # (`python -m benchmarks.aot_resources`, benchmarks/NOTES.md "Session 5")
     "tn32_st3": dict(tile_n=32, num_stages=3),
     "tn32_st2": dict(tile_n=32, num_stages=2),
-    # the persistent kernel (one program per SM, a flat loop over its query blocks: the next block's keys load
-    # during a block's epilogue); q carried (copied to shared memory every step) or loaded every step (q_reload)
-    "pers_st2": dict(persistent=1, num_stages=2, maxnreg=0),
-    "pers_st3": dict(persistent=1, num_stages=3, maxnreg=0),
-    "pers_qr_st2": dict(persistent=1, q_reload=True, num_stages=2, maxnreg=0),
-    "pers_qr_st3": dict(persistent=1, q_reload=True, num_stages=3, maxnreg=0),
-    "pers_qr_tn128": dict(persistent=1, q_reload=True, tile_n=128, num_stages=2, maxnreg=0),
-    "pers2_st2": dict(persistent=2, num_stages=2, maxnreg=0),  # two per SM: fits with 64-row blocks only
-    "pers2_qr_st2": dict(persistent=2, q_reload=True, num_stages=2, maxnreg=0),
-    # ablations: the persistent loop body with one query block per program; the plain kernel with 2 stages
-    "pers_all_st2": dict(persistent=1000, num_stages=2, maxnreg=0),
-    "pers_all_qr_st2": dict(persistent=1000, q_reload=True, num_stages=2, maxnreg=0),
-    "st2": dict(num_stages=2),
+    "st2": dict(num_stages=2),  # 64x64 blocks: the default's 3 stages against 2 (session 7's ablation)
 }
 
 

@@ -199,215 +199,10 @@ def _fwd_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
-def _fwd_persistent_kernel(
-    Q, K, V, O, IDX, CNT, LENS, LSE,
-    sqb, sqh, sqs,
-    skb, skh, sks,
-    svb, svh, svs,
-    sob, soh, sos,
-    H, S, N_QB, MAX_KV, N_ROWS, N_PROGS, qk_scale,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    TILE_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    USE_TMA: tl.constexpr,
-    DESC_RANK: tl.constexpr,
-    HAS_LENS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr = False,
-    STORE_LSE: tl.constexpr = False,
-    Q_RELOAD: tl.constexpr = False,  # load the query tile every step (pipelined with K, V) instead of per row
-):
-    """Persistent variant: program p serves the query blocks (rows) p, p + N_PROGS, ... of all (b, h) in ONE
-    flat loop over their key steps, so the software pipeline loads the next row's keys while a row ends.
-
-    A row's output is written at the first step of the next row, after that step's QK^T (whose wait also
-    completes the previous P@V), and the running state restarts there through a zero rescale factor: nothing
-    reads the accumulator between its P@V and the next step, as in `_fwd_kernel`. A row with no key block
-    takes one fully masked step (output zeros). The tail (and `kv_block_lens`) masking is tested per step, as
-    MASK_MODE 1. The query tile is carried from row to row (triton stages it into shared memory every step)
-    or, with Q_RELOAD, loaded every step."""
-    SUB: tl.constexpr = BLOCK_N // TILE_N
-    CHUNK: tl.constexpr = 128
-    pid = tl.program_id(0)
-    offs_n = tl.arange(0, TILE_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    offs_r = tl.arange(0, BLOCK_M)
-
-    # the program's step count: SUB steps per selected block, one step for an empty row
-    offs_c = tl.arange(0, CHUNK)
-    total = 0
-    for r0 in range(pid, N_ROWS, N_PROGS * CHUNK):
-        rows = r0 + offs_c * N_PROGS
-        c = tl.load(CNT + rows, mask=rows < N_ROWS, other=0)
-        c = tl.where(rows < N_ROWS, tl.maximum(tl.minimum(c, MAX_KV), 1), 0)
-        total += tl.reduce(c, 0, _ROW_SUM)
-    total = total * SUB
-
-    row = pid  # < N_ROWS: the grid is no larger
-    cnt = tl.minimum(tl.load(CNT + row), MAX_KV)
-    bh = row // N_QB
-    if USE_TMA:
-        if DESC_RANK == 3:
-            q = Q.load([bh, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-        else:
-            q = Q.load([bh // H, bh % H, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        offs_m = (row % N_QB) * BLOCK_M + offs_r
-        q_ptrs = Q + (bh // H).to(tl.int64) * sqb + (bh % H).to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0)
-    out_dtype = q.dtype
-    if DOT_FP32:
-        q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
-    l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
-    e = 0  # entry of the row's selection
-    s = 0  # step within the key block
-    fresh = row >= 0  # (true) this step starts a row: the running state restarts
-    prev = row - N_ROWS  # the row whose output is pending (< 0: none)
-
-    for _ in range(0, total):
-        bh = row // N_QB
-        b = bh // H
-        h = bh % H
-        j = tl.load(IDX + row.to(tl.int64) * MAX_KV + e)
-        j = tl.where(cnt > 0, j, 0)  # an empty row's entries may be garbage: read block 0, all masked
-        start_n = j * BLOCK_N + s * TILE_N
-        if USE_TMA:
-            if DESC_RANK == 3:
-                k = K.load([bh, start_n, 0]).reshape(TILE_N, HEAD_DIM)
-            else:
-                k = K.load([b, h, start_n, 0]).reshape(TILE_N, HEAD_DIM)
-        else:
-            kn = start_n + offs_n
-            k_base = K + b.to(tl.int64) * skb + h.to(tl.int64) * skh
-            k = tl.load(k_base + kn[:, None].to(tl.int64) * sks + offs_d[None, :], mask=kn[:, None] < S, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-        if Q_RELOAD:
-            if USE_TMA:
-                if DESC_RANK == 3:
-                    qt = Q.load([bh, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-                else:
-                    qt = Q.load([b, h, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-            else:
-                offs_m = (row % N_QB) * BLOCK_M + offs_r
-                q_ptrs = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :]
-                qt = tl.load(q_ptrs, mask=offs_m[:, None] < S, other=0.0)
-            if DOT_FP32:
-                qt = qt.to(tl.float32)
-        else:
-            qt = q
-        qk = tl.dot(qt, tl.trans(k), input_precision=INPUT_PRECISION)
-
-        if prev >= 0:  # the previous row ended with the previous step: write it out
-            pbh = prev // N_QB
-            p_m = (prev % N_QB) * BLOCK_M
-            l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-            out = (acc / l_safe[:, None]).to(out_dtype)  # rows with no key: acc == 0 -> 0
-            if USE_TMA:
-                if DESC_RANK == 3:
-                    O.store([pbh, p_m, 0], out.reshape(1, BLOCK_M, HEAD_DIM))
-                else:
-                    O.store([pbh // H, pbh % H, p_m, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
-            else:
-                o_ptrs = (O + (pbh // H).to(tl.int64) * sob + (pbh % H).to(tl.int64) * soh
-                          + (p_m + offs_r)[:, None].to(tl.int64) * sos + offs_d[None, :])
-                tl.store(o_ptrs, out, mask=(p_m + offs_r)[:, None] < S)
-            if STORE_LSE:
-                lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-                tl.store(LSE + pbh.to(tl.int64) * S + p_m + offs_r, lse, mask=p_m + offs_r < S)
-            # (the zero rescale below restarts the row anyway) computing acc here keeps this branch before the
-            # step's P@V: reading the accumulator while a wgmma is in flight makes ptxas serialize every wgmma
-            acc = acc * 0.0
-
-        n_valid = tl.where(cnt > 0, S - start_n, 0)
-        if HAS_LENS:
-            n_valid = tl.minimum(n_valid, j * BLOCK_N + tl.load(LENS + j) - start_n)
-        if n_valid < TILE_N:
-            qk = tl.where(offs_n[None, :] < n_valid, qk, float("-inf"))
-
-        m_old = tl.where(fresh, -1.0e30, m_i)
-        m_ij = tl.maximum(m_old, tl.reduce(qk, 1, _ROW_MAX) * qk_scale)
-        if LAZY_RESCALE:
-            if fresh | (tl.reduce(m_ij - m_old, 0, _ROW_MAX) > 8.0):
-                alpha = tl.where(fresh, 0.0, tl.math.exp2(m_old - m_ij))
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_ij
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.reduce(p, 1, _ROW_SUM)
-        else:
-            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-            alpha = tl.where(fresh, 0.0, tl.math.exp2(m_old - m_ij))
-            l_i = l_i * alpha + tl.reduce(p, 1, _ROW_SUM)
-            acc = acc * alpha[:, None]
-            m_i = m_ij
-        if USE_TMA:
-            if DESC_RANK == 3:
-                v = V.load([bh, start_n, 0]).reshape(TILE_N, HEAD_DIM)
-            else:
-                v = V.load([b, h, start_n, 0]).reshape(TILE_N, HEAD_DIM)
-        else:
-            kn = start_n + offs_n
-            v_base = V + b.to(tl.int64) * svb + h.to(tl.int64) * svh
-            v = tl.load(v_base + kn[:, None].to(tl.int64) * svs + offs_d[None, :], mask=kn[:, None] < S, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(p, v.to(tl.float32), acc, input_precision=INPUT_PRECISION)
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
-
-        # advance (scalars only: the next step's loads are issued while this step's P@V runs)
-        wrap = s == SUB - 1
-        s = tl.where(wrap, 0, s + 1)
-        e = tl.where(wrap, e + 1, e)
-        done = e >= tl.maximum(cnt, 1)
-        prev = tl.where(done, row, -1)
-        fresh = done
-        row = tl.where(done, row + N_PROGS, row)
-        cnt = tl.where(done, tl.minimum(tl.load(CNT + row, mask=done & (row < N_ROWS), other=0), MAX_KV), cnt)
-        e = tl.where(done, 0, e)
-        if not Q_RELOAD:
-            if done:  # the next row's query tile (past the last row: masked / out of bounds, never used)
-                nbh = row // N_QB
-                if USE_TMA:
-                    if DESC_RANK == 3:
-                        q = Q.load([nbh, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-                    else:
-                        q = Q.load([nbh // H, nbh % H, (row % N_QB) * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)
-                else:
-                    offs_m = (row % N_QB) * BLOCK_M + offs_r
-                    q_ptrs = Q + (nbh // H).to(tl.int64) * sqb + (nbh % H).to(tl.int64) * sqh + offs_m[:, None].to(tl.int64) * sqs + offs_d[None, :]
-                    q = tl.load(q_ptrs, mask=offs_m[:, None] < tl.where(row < N_ROWS, S, 0), other=0.0)
-                if DOT_FP32:
-                    q = q.to(tl.float32)
-
-    # the program's last row (its last step always ends a row)
-    if prev >= 0:
-        pbh = prev // N_QB
-        p_m = (prev % N_QB) * BLOCK_M
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        out = (acc / l_safe[:, None]).to(out_dtype)
-        if USE_TMA:
-            if DESC_RANK == 3:
-                O.store([pbh, p_m, 0], out.reshape(1, BLOCK_M, HEAD_DIM))
-            else:
-                O.store([pbh // H, pbh % H, p_m, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
-        else:
-            o_ptrs = (O + (pbh // H).to(tl.int64) * sob + (pbh % H).to(tl.int64) * soh
-                      + (p_m + offs_r)[:, None].to(tl.int64) * sos + offs_d[None, :])
-            tl.store(o_ptrs, out, mask=(p_m + offs_r)[:, None] < S)
-        if STORE_LSE:
-            lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-            tl.store(LSE + pbh.to(tl.int64) * S + p_m + offs_r, lse, mask=p_m + offs_r < S)
-
-
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-_KERNELS: dict[tuple, object] = {}
+_KERNELS: dict[bool, object] = {}
 _LOCK = threading.Lock()
 _TMA_BROKEN: set = set()  # (device index, config) keys whose TMA compile failed once
 
@@ -416,14 +211,13 @@ _interpreting = interpreting
 _env_interpret = interpreter
 
 
-def _kernel(interpret: bool, persistent: bool = False):
-    """`triton.jit` of the (persistent) kernel, built on first use so the interpreter choice is made per call."""
-    key = (interpret, persistent)
+def _kernel(interpret: bool):
+    """`triton.jit(_fwd_kernel)`, built on first use so the interpreter choice is made per call, not at import."""
     with _LOCK:
-        if key not in _KERNELS:
+        if interpret not in _KERNELS:
             with _env_interpret(interpret):
-                _KERNELS[key] = triton.jit(_fwd_persistent_kernel if persistent else _fwd_kernel)
-        return _KERNELS[key]
+                _KERNELS[interpret] = triton.jit(_fwd_kernel)
+        return _KERNELS[interpret]
 
 
 def _norm_block_size(block_size) -> tuple[int, int]:
@@ -525,7 +319,7 @@ def _desc(t: torch.Tensor, rank: int, rows: int):
     return _TensorDescriptor(t, [B, H, S, D], [t.stride(0), t.stride(1), t.stride(2), 1], [1, 1, rows, D])
 
 
-_OPTION_KEYS = ("num_warps", "num_stages", "use_tma", "mask_mode", "tile_n", "maxnreg", "lazy_rescale", "persistent", "q_reload")
+_OPTION_KEYS = ("num_warps", "num_stages", "use_tma", "mask_mode", "tile_n", "maxnreg", "lazy_rescale")
 
 
 def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
@@ -549,8 +343,6 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
         lazy_rescale=False,
         tile_n=bn,
         maxnreg=None,
-        persistent=0,
-        q_reload=False,
     )
     if hopper and D == 128 and q.dtype != torch.float32:
         if bm == 128:
@@ -574,8 +366,6 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     `lse` (contiguous float32 `[B, H, S]`), when given, receives the row log-sum-exp of the scaled scores
     (natural log; -inf for rows that see no key); without it the kernel is compiled without that store.
     With `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
-    `persistent=N` launches `_fwd_persistent_kernel` with N programs per SM (N in all under the interpreter);
-    it ignores `mask_mode` (the tail is masked where needed, as mode 1); `q_reload` loads its query tile every step.
     """
     B, H, S, D = q.shape
     bm, bn = block_size
@@ -601,8 +391,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     qk_scale = float(scale) * _LOG2E
 
     if interpret:
-        opts = dict(num_warps=4, num_stages=1, use_tma=False, mask_mode=2, tile_n=bn, maxnreg=None, lazy_rescale=False,
-                    persistent=0, q_reload=False)
+        opts = dict(num_warps=4, num_stages=1, use_tma=False, mask_mode=2, tile_n=bn, maxnreg=None, lazy_rescale=False)
     else:
         opts = _default_launch(q, bm, bn)
     opts.update({key: val for key, val in options.items() if val is not None})
@@ -616,11 +405,6 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     tn = int(opts["tile_n"])
     if tn not in (16, 32, 64, 128) or bn % tn:
         raise ValueError(f"tile_n {tn} must divide BLOCK_N {bn}")
-    # persistent: that many programs per SM (in all, under the interpreter), each looping over many query blocks
-    n_progs = int(opts["persistent"] or 0)
-    if n_progs and not interpret:
-        n_progs *= torch.cuda.get_device_properties(q.device).multi_processor_count
-    n_progs = min(n_progs, B * H * n_qb)
     cfg_key = (q.device, q.dtype, D, bm, bn, *(opts[key] for key in _OPTION_KEYS))
     if opts["use_tma"] and not interpret and fallback and cfg_key in _TMA_BROKEN:
         opts["use_tma"] = False
@@ -634,26 +418,19 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
         else:
             rank, qq, kk, vv = 3, q, k, v
             args = (qq, kk, vv, out)
-        common = (
+        _kernel(interpret)[(n_qb, B * H)](
             *args, idx, cnt, lens, lse if lse is not None else cnt,
             qq.stride(0), qq.stride(1), qq.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
-            H, S, n_qb, idx.shape[-1],
-        )
-        consts = dict(
+            H, S, n_qb, idx.shape[-1], tail_blk, qk_scale,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
-            DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
+            MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
             INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             num_warps=opts["num_warps"], num_stages=opts["num_stages"], **extra,
         )
-        if n_progs:
-            _kernel(interpret, True)[(n_progs,)](*common, B * H * n_qb, n_progs, qk_scale,
-                                                 Q_RELOAD=bool(opts["q_reload"]), **consts)
-        else:
-            _kernel(interpret)[(n_qb, B * H)](*common, tail_blk, qk_scale, MASK_MODE=mask_mode, **consts)
 
     if interpret:
         with _env_interpret(True):
