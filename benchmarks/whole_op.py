@@ -48,8 +48,9 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
     name, params = method_spec(method)
     sel = get_method(name, [params] * H if params else None)
     budgets = [Budget(density=d)] * H
-    t_gather = bench(lambda: tile_sequence(q, k, v, geo, lay))
-    ts = tile_sequence(q, k, v, geo, lay)
+    kg = getattr(sel, "key_group", 0)  # as the op runs it: Veda's key groups pooled by the gather
+    t_gather = bench(lambda: tile_sequence(q, k, v, geo, lay, key_group=kg))
+    ts = tile_sequence(q, k, v, geo, lay, key_group=kg)
     qt, kt, vt = ts.q[:, :, :P], ts.k[:, :, :P], ts.v[:, :, :P]
     t_select = bench(lambda: sel.select(qt, kt, lay, budgets))
     qc, kc = qt.clone(), kt.clone()  # no tile means remembered from the gather: selection pools q and k itself

@@ -422,7 +422,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 st.add_work(work)
             else:
                 lay = tile_layout(geom.grid, tile, q.device)
-                ts = tile_sequence(qh, kh, vh, geom, lay)
+                ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
                 idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)

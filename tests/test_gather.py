@@ -192,3 +192,26 @@ def test_gather_rows_with_a_source_row_per_head():
     assert torch.equal(y, torch.gather(x, 2, perm[..., None].expand(x.shape)))
     with pytest.raises(ValueError, match="per-head src must be"):
         G.gather_rows([x], perm[:1], block=16)
+
+
+@pytest.mark.parametrize("tile,grid,group", [((4, 4, 4), (5, 6, 7), 4), ((1, 4, 16), (2, 5, 9), 8)])
+def test_gather_pools_key_group_means_like_group_means(tile, grid, group):
+    g = torch.Generator().manual_seed(7)
+    geo = Geometry(grid)
+    lay = tile_layout(grid, tile)
+    q, k, v = (torch.randn(2, 2, geo.video_len, 16, generator=g) for _ in range(3))
+    src, valid, *_ = _sequence_index(grid, tile, 0, geo.video_len, "cpu")
+    (qt, kt, vt), means = G.gather_rows([q, k, v], _slot_source(src, valid), pool_tiles=lay.n_tiles,
+                                        tile_lens=lay.tile_lens, volume=lay.volume, group=group)
+    assert len(means) == 3 and means[2].dtype == k.dtype
+    want = group_means(kt[:, :, :lay.padded_len], lay.tile_lens, lay.volume, group)
+    assert torch.allclose(means[2], want, atol=1e-6)
+    remember_means(kt, lay, means[2], f"group{group}")
+    from sparsify.layout import remembered
+    from sparsify.methods.veda import _key_rows
+
+    assert _key_rows(kt[:, :, :lay.padded_len], lay, group) is means[2]  # served, not recomputed
+    assert remembered(kt, lay) is None  # the tile means were not recorded here
+    with pytest.raises(ValueError, match="group 3 must be a power of two"):
+        G.gather_rows([q, k], _slot_source(src, valid), pool_tiles=lay.n_tiles, tile_lens=lay.tile_lens,
+                      volume=lay.volume, group=3)

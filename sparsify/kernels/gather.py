@@ -21,54 +21,86 @@ _MAX = tl.standard._elementwise_max if tl is not None else None
 _MIN = tl.standard._elementwise_min if tl is not None else None
 
 
-def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1,
+def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
                    H, n_out, n_pool_tiles,
                    sb0, sh0, ss0, sb1, sh1, ss1, sb2, sh2, ss2,
                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
-                   VOL: tl.constexpr, SRC_BH: tl.constexpr):
+                   VOL: tl.constexpr, SRC_BH: tl.constexpr, GROUP: tl.constexpr):
     """y_t[b, h, s] = x_t[b, h, src[s]] (zeros where src < 0; with SRC_BH src[b, h, s]) for tensor t =
     program_id(2); with POOL, the programs of tensors 0 and 1 also write the float32 mean of each VOL-slot
-    tile (first n_pool_tiles tiles)."""
+    tile (first n_pool_tiles tiles), and with GROUP > 0 those of tensor 1 the mean of each group of GROUP
+    consecutive slots of those tiles (in x's dtype; valid slots are a tile's leading lens[tile])."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     t = tl.program_id(2)
     b = bh // H
     h = bh % H
-    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    rmask = rows < n_out
-    if SRC_BH:
-        src = tl.load(src_ptr + bh.to(tl.int64) * n_out + rows, mask=rmask, other=-1).to(tl.int64)
-    else:
-        src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
-    valid = src >= 0
-    src = tl.where(valid, src, 0)
-    cmask = cols[None, :] < D
-    if t == 0:
-        xp = x0 + b.to(tl.int64) * sb0 + h.to(tl.int64) * sh0 + src[:, None] * ss0
-        yp = y0
-        pp = p0
-    elif t == 1:
-        xp = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1 + src[:, None] * ss1
-        yp = y1
-        pp = p1
-    else:
-        xp = x2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2 + src[:, None] * ss2
-        yp = y2
-        pp = p1
-    x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
-    out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
-    tl.store(out, x, mask=rmask[:, None] & cmask)
-    if POOL:
-        if t < 2:
-            tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
-            if pid_s * (BLOCK_S // VOL) < n_pool_tiles:
-                xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // VOL, VOL, BLOCK_D)), 1, _SUM)
+    if GROUP > 0:
+        if t == 1:  # k: G strided row sets (rows u, u + G, ...), summed in registers for the group means
+            gr = pid_s * (BLOCK_S // GROUP) + tl.arange(0, BLOCK_S // GROUP)
+            cols = tl.arange(0, BLOCK_D)
+            cmask = cols[None, :] < D
+            base = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1
+            gs = tl.full((BLOCK_S // GROUP, BLOCK_D), 0.0, tl.float32)
+            for u in tl.static_range(GROUP):
+                r_u = gr * GROUP + u
+                rm = r_u < n_out
+                src = tl.load(src_ptr + r_u, mask=rm, other=-1).to(tl.int64)
+                ok = src >= 0
+                xu = tl.load(base + tl.where(ok, src, 0)[:, None] * ss1 + cols[None, :], mask=ok[:, None] & cmask,
+                             other=0.0)
+                tl.store(y1 + (bh.to(tl.int64) * n_out + r_u[:, None].to(tl.int64)) * D + cols[None, :], xu,
+                         mask=rm[:, None] & cmask)
+                gs += xu.to(tl.float32)
+            if pid_s * (BLOCK_S // VOL) < n_pool_tiles:  # padded slots were loaded as zeros
+                n_g = n_pool_tiles * (VOL // GROUP)
+                gm = gr < n_g
+                gl = tl.load(lens_ptr + (gr * GROUP) // VOL, mask=gm, other=0)
+                gc = tl.minimum(tl.maximum(gl - (gr * GROUP) % VOL, 0), GROUP).to(tl.float32)
+                gout = g_ptr + (bh.to(tl.int64) * n_g + gr[:, None].to(tl.int64)) * D + cols[None, :]
+                tl.store(gout, (gs / tl.maximum(gc, 1.0)[:, None]).to(g_ptr.dtype.element_ty), mask=gm[:, None] & cmask)
+                tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
+                xs = tl.reduce(tl.reshape(gs, (BLOCK_S // VOL, VOL // GROUP, BLOCK_D)), 1, _SUM)
                 tmask = tiles < n_pool_tiles
                 ln = tl.load(lens_ptr + tiles, mask=tmask, other=1).to(tl.float32)
-                mean = xs / tl.maximum(ln, 1.0)[:, None]
-                pout = pp + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
-                tl.store(pout, mean, mask=tmask[:, None] & cmask)
+                pout = p1 + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
+                tl.store(pout, xs / tl.maximum(ln, 1.0)[:, None], mask=tmask[:, None] & cmask)
+    if (t != 1) | (GROUP == 0):
+        rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        cols = tl.arange(0, BLOCK_D)
+        rmask = rows < n_out
+        if SRC_BH:
+            src = tl.load(src_ptr + bh.to(tl.int64) * n_out + rows, mask=rmask, other=-1).to(tl.int64)
+        else:
+            src = tl.load(src_ptr + rows, mask=rmask, other=-1).to(tl.int64)
+        valid = src >= 0
+        src = tl.where(valid, src, 0)
+        cmask = cols[None, :] < D
+        if t == 0:
+            xp = x0 + b.to(tl.int64) * sb0 + h.to(tl.int64) * sh0 + src[:, None] * ss0
+            yp = y0
+            pp = p0
+        elif t == 1:
+            xp = x1 + b.to(tl.int64) * sb1 + h.to(tl.int64) * sh1 + src[:, None] * ss1
+            yp = y1
+            pp = p1
+        else:
+            xp = x2 + b.to(tl.int64) * sb2 + h.to(tl.int64) * sh2 + src[:, None] * ss2
+            yp = y2
+            pp = p1
+        x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
+        out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
+        tl.store(out, x, mask=rmask[:, None] & cmask)
+        if POOL:
+            if t < 2:
+                tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
+                if pid_s * (BLOCK_S // VOL) < n_pool_tiles:
+                    xs = tl.reduce(tl.reshape(x.to(tl.float32), (BLOCK_S // VOL, VOL, BLOCK_D)), 1, _SUM)
+                    tmask = tiles < n_pool_tiles
+                    ln = tl.load(lens_ptr + tiles, mask=tmask, other=1).to(tl.float32)
+                    mean = xs / tl.maximum(ln, 1.0)[:, None]
+                    pout = pp + (bh.to(tl.int64) * n_pool_tiles + tiles[:, None].to(tl.int64)) * D + cols[None, :]
+                    tl.store(pout, mean, mask=tmask[:, None] & cmask)
 
 
 def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, sxh, sxs,
@@ -177,7 +209,7 @@ def needs_grad(*xs: torch.Tensor) -> bool:
 
 
 def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
-                volume: int = 0, block: int = 64):
+                volume: int = 0, block: int = 64, group: int = 0):
     """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`
     (or `x[b, h, src[b, h, s]]` with a per-head `src`).
 
@@ -194,10 +226,13 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
         tile_lens: int `[>= pool_tiles]`, needed with `pool_tiles`.
         volume: slots per tile (with `pool_tiles`; a power of two).
         block: slots per program (a power of two).
+        group: with `pool_tiles`, also the means of `xs[1]` over each group of `group` consecutive slots of
+            those tiles (valid slots only; `[B, H, pool_tiles*volume/group, D]` in x's dtype), a power of two
+            dividing the volume: Veda's `keys/G` rows (`sparsify.kernels.tile_select.group_means`).
 
     Returns:
         `(ys, means)`: the gathered contiguous `[B, H, n_out, D]` tensors and the list of means (empty
-        without `pool_tiles`).
+        without `pool_tiles`; q's and k's tile means, then k's group means with `group`).
 
     Example:
         >>> x = torch.arange(8.0).view(1, 1, 4, 2)
@@ -229,18 +264,25 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
             raise ValueError(f"gather_rows: pooling needs a power-of-two tile volume; got {volume}")
         means = [torch.empty(B, H, pool_tiles, D, dtype=torch.float32, device=xs[0].device) for _ in range(2)]
         lens = tile_lens.to(xs[0].device, torch.int32).contiguous()
+        if group:
+            if group & (group - 1) or volume % group:
+                raise ValueError(f"gather_rows: group {group} must be a power of two dividing the volume {volume}")
+            means.append(torch.empty(B, H, pool_tiles * volume // group, D, dtype=xs[1].dtype, device=xs[0].device))
     else:
+        if group:
+            raise ValueError("gather_rows: group means need pooling (pool_tiles > 0)")
         means, lens = [], src
     if block & (block - 1):
         raise ValueError(f"gather_rows: block must be a power of two; got {block}")
     pad = xs + [xs[0]] * (3 - len(xs))
     ypad = ys + [ys[0]] * (3 - len(ys))
-    mp = means + [ys[0]] * (2 - len(means))
+    mp = means[:2] + [ys[0]] * (2 - len(means[:2]))
+    gp = means[2] if group else ys[0]
     strides = [s for x in pad for s in (x.stride(0), x.stride(1), x.stride(2))]
     grid = (triton.cdiv(n_out, block), B * H, len(xs))
-    _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, H, n_out, pool_tiles, *strides,
+    _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, gp, H, n_out, pool_tiles, *strides,
                                D=D, BLOCK_S=block, BLOCK_D=triton.next_power_of_2(D), POOL=pool,
-                               VOL=max(volume, 1), SRC_BH=per_head, num_warps=4)
+                               VOL=max(volume, 1), SRC_BH=per_head, GROUP=group, num_warps=4)
     return ys, means
 
 

@@ -174,12 +174,13 @@ class TiledSequence:
     prefix_len: int | None = None
 
 
-def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
+def tile_sequence(q, k, v, geometry, layout, key_group: int = 0) -> TiledSequence:
     """Gather q, k, v `[B, H, S, D]` into the padded tile order used by `tiled_sparse_attention` (one pass each).
 
     On CUDA without autograd this is one Triton launch for all three, which also computes the tile
     means of q and k (served to `pool_tiles` of the returned tensors, so selection does not read them
-    again); otherwise three `index_select`s.
+    again) and, with `key_group` > 1, the means of k's groups of that many slots (served to Veda's
+    `keys/G` peak: `sparsify.layout.remembered(k, layout, "group<G>")`); otherwise three `index_select`s.
 
     Example:
         >>> from sparsify.layout import Geometry, tile_layout
@@ -198,11 +199,15 @@ def tile_sequence(q, k, v, geometry, layout) -> TiledSequence:
 
         vol = layout.volume
         fuse = FAST["fuse_pool"] and vol <= 128 and not vol & (vol - 1)
+        group = key_group if fuse and 1 < key_group <= vol and not vol % key_group and not key_group & (key_group - 1) \
+            else 0
         (qt, kt, vt), means = gather_rows([q, k, v], _slot_source(src, valid), pool_tiles=layout.n_tiles if fuse else 0,
-                                          tile_lens=layout.tile_lens, volume=vol)
+                                          tile_lens=layout.tile_lens, volume=vol, group=group)
         if means:
             remember_means(qt, layout, means[0])
             remember_means(kt, layout, means[1])
+        if group:
+            remember_means(kt, layout, means[2], f"group{group}")
     else:
         qt, kt, vt = (x.index_select(2, src) for x in (q, k, v))
     return TiledSequence(qt, kt, vt, src=src, valid=valid, inverse=inverse,

@@ -123,12 +123,15 @@ def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: floa
 
 
 def _key_rows(k: torch.Tensor, layout: TileLayout, group: int) -> torch.Tensor:
-    """The key rows `tile_peaks` takes: k itself, or the means of its groups of `group` slots (in k's dtype)."""
+    """The key rows `tile_peaks` takes: k itself, or the means of its groups of `group` slots (in k's dtype;
+    those the fused gather computed when `tile_sequence` was asked for them, else one pass over k)."""
     if group == 1:
         return k
     from ..kernels.tile_select import group_means
+    from ..layout import remembered
 
-    return group_means(k, layout.tile_lens, layout.volume, group)
+    hit = remembered(k, layout, f"group{group}")
+    return hit if hit is not None else group_means(k, layout.tile_lens, layout.volume, group)
 
 
 def _fast_peaks(k: torch.Tensor, layout: TileLayout, group: int, *others: torch.Tensor) -> bool:
@@ -442,6 +445,12 @@ class Veda:
         if peak not in PEAKS:
             raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
         self.estimator, self.peak = estimator, peak
+
+    @property
+    def key_group(self) -> int:
+        """Key slots per peak row when the peak is `keys/G` with G > 1 (the gather can pool k's groups), else 0."""
+        g = peak_group(self.estimator.peak if self.estimator is not None else self.peak)
+        return g if g > 1 else 0
 
     def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
         """Estimated log tile masses `[B, H, n, n]` (up to a per-query-tile constant)."""

@@ -132,3 +132,20 @@ def test_peaks_match_torch_on_real_shape(group):
         assert torch.isfinite(got).all()
         assert (got - want).abs().max() < 0.05, config  # the torch path rounds logits to bf16
 
+
+
+def test_gather_key_groups_match_group_means_on_real_shape():
+    """The fused gather's k group means (Veda's `keys/4` rows) against the separate `group_means` pass."""
+    from sparsify.kernels.reference import tile_sequence
+    from sparsify.kernels.tile_select import group_means
+    from sparsify.layout import Geometry, remembered, tile_layout
+
+    grid = (21, 45, 80)
+    lay, geo = tile_layout(grid, (4, 4, 4), "cuda"), Geometry(grid)
+    q, k, v = (torch.randn(1, 4, geo.video_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ts = tile_sequence(q, k, v, geo, lay, key_group=4)
+    kt = ts.k[:, :, :lay.padded_len]
+    got = remembered(kt, lay, "group4")
+    want = group_means(kt, lay.tile_lens, 64, 4)
+    assert got is not None and got.shape == want.shape
+    assert (got.float() - want.float()).abs().max() < 2e-2  # both float32 sums rounded to bf16
