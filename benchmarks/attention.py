@@ -213,7 +213,7 @@ def run(args) -> dict:
                 row["x_vs_flex"] = round(times["flex"] / t, 3)
                 record["sparse"].append(row)
             print(f"[{shape}] {d:>4}%: " + ", ".join(f"{m} {t:.3f}" for m, t in times.items()), flush=True)
-        del q, k, v
+        q = k = v = None  # free them (the timing closures above still name them)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return record
@@ -319,7 +319,8 @@ def run_backward(args) -> dict:
             # the autograd path (defaults), as training runs it
             oa = block_sparse_attn(qg, kg, vg, idx, cnt, block_size=bs, scale=scale)
             times["ours_autograd_bwd"] = _bench(grad_of(oa, (qg, kg, vg), go), args)
-            del oa, ref, out, lse
+            del oa, ref
+            out = lse = None  # free them (the timing closures above still name them)
             for m, t in times.items():
                 dense_key = "sdpa_cudnn_fwd_bwd" if m.endswith("fwd_bwd") else "sdpa_cudnn_bwd"
                 flex_key = "flex_fwd_bwd" if m.endswith("fwd_bwd") else "flex_bwd"
@@ -331,7 +332,7 @@ def run_backward(args) -> dict:
                     row["floor_ms"] = round(count / n_kb * dense[dense_key], 4)
                 record["sparse"].append(row)
             print(f"[{shape}] {d:>4}%: " + ", ".join(f"{m} {t:.3f}" for m, t in times.items()), flush=True)
-        del q, k, v, go, qg, kg, vg
+        q = k = v = go = qg = kg = vg = None  # free them (the timing closures above still name them)
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
     return record
