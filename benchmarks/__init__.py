@@ -32,6 +32,24 @@ def time_ms(fn, *, warmup_ms: float = 50.0, rep_ms: float = 200.0, min_reps: int
                                          return_mode="median"))
 
 
+def alternated(calls: dict, rounds: int) -> tuple[dict, dict]:
+    """Time each of `calls` (name -> zero-argument callable) once per round, in turn, for `rounds` rounds.
+
+    Clock drift within a run then falls on every call alike. Returns `(times, medians)`: the `time_ms` of each
+    round per name, and their median per name.
+
+    Example:
+        >>> # times, med = alternated({"a": fa, "b": fb}, 5); med["b"] / med["a"]
+    """
+    import statistics
+
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            times[name].append(time_ms(fn))
+    return times, {name: statistics.median(t) for name, t in times.items()}
+
+
 def write_result(result: dict, out: str | None, stem: str) -> Path:
     """Write a benchmark's `result` as JSON to `out`, default `benchmarks/results/<stem>_<date>.json`; print the path.
 

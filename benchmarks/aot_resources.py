@@ -53,7 +53,7 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
             sig[p] = f"tensordesc<bf16[1,{block_m},{head_dim}]>"
         elif p in ("K", "V"):
             sig[p] = f"tensordesc<bf16[1,{tile_n},{head_dim}]>"
-        elif p in ("IDX", "CNT", "LENS", "LSE"):
+        elif p in ("IDX", "CNT", "LENS", "LSE", "DST"):
             sig[p] = "*i32"
         elif p == "qk_scale":
             sig[p] = "fp32"

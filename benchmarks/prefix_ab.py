@@ -11,14 +11,13 @@ drift within the run falls on both; prints the median of the rounds per density 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 
 def run(densities, rounds: int, method: str = "vsa") -> list[dict]:
-    from benchmarks import time_ms
+    from benchmarks import alternated
     from sparsify.kernels.block_sparse import block_sparse_attn
     from sparsify.kernels.reference import tile_sequence
     from sparsify.layout import Geometry, tile_layout
@@ -42,11 +41,7 @@ def run(densities, rounds: int, method: str = "vsa") -> list[dict]:
             "prefix": lambda: block_sparse_attn(ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt,
                                                 block_size=(vol, vol)),
         }
-        times = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, fn in calls.items():
-                times[name].append(time_ms(fn))
-        med = {name: statistics.median(t) for name, t in times.items()}
+        times, med = alternated(calls, rounds)
         rows.append({"density": d, "method": method, "ms": times, "median_ms": med,
                      "prefix_over_lens": med["prefix"] / med["lens"]})
         print(f"density {d:<5g} lens {med['lens']:7.3f} ms  prefix {med['prefix']:7.3f} ms  "

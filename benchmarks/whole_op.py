@@ -1,10 +1,11 @@
-"""Whole-op benchmark: layout + selection + Triton kernel + inverse layout, against dense cuDNN, in one run.
+"""Whole-op benchmark: layout + selection + Triton kernel (+ inverse layout), against dense cuDNN, in one run.
 
     python -m benchmarks.whole_op [--shapes 1.3b,14b] [--densities 0.02,0.05,0.1,0.2,0.5] [--tile 4x4x4]
                                   [--methods vsa,veda,xattention] [--ablate] [--profile]
 
 Prints one table (times, ratios against cuDNN measured in the same run, the breakdown of the op into
-its stages, and each method's selection time as a share of the kernel's) and writes
+its stages, and each method's selection time as a share of the kernel's; the op itself runs the inverse layout
+inside the kernel's store, timed apart as "kernel storing to token order") and writes
 benchmarks/results/whole_op_<date>.json. `--ablate` also times the op with each fast path of
 `sparsify.kernels.gather.FAST` off; `--profile` prints a CUDA profile of one op call per method. Times are
 medians of at least 10 repeats with the L2 flushed between them (`benchmarks.time_ms`).
@@ -37,9 +38,10 @@ def method_spec(spec: str):
 
 
 def _stage_times(method, q, k, v, geo, lay, d, H):
-    """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse."""
-    from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels.reference import tile_sequence
+    """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse, and the kernel
+    with the inverse fused into its store (how the op runs it)."""
+    from sparsify.kernels.block_sparse import block_sparse_attn, block_sparse_attn_scattered
+    from sparsify.kernels.reference import _slot_source, tile_sequence
     from sparsify.layout import from_tiles
     from sparsify.methods import get_method
     from sparsify.recipe import Budget
@@ -64,7 +66,27 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
                                                kv_block_lens=op_lens))
     o = block_sparse_attn(qt, kt, vt, idx, cnt, block_size=(vol, vol), kv_block_lens=lens)
     t_inverse = bench(lambda: from_tiles(o, lay))
-    return t_gather, t_select, t_kernel, t_inverse, t_select_alone, t_lens
+    rows = _slot_source(ts.src, ts.valid)[:L]
+    t_scatter = bench(lambda: block_sparse_attn_scattered(qt[:, :, :L], kt[:, :, :L], vt[:, :, :L], idx, cnt, rows,
+                                                          q.shape[2], block_size=(vol, vol), kv_block_lens=op_lens))
+    return t_gather, t_select, t_kernel, t_inverse, t_select_alone, t_lens, t_scatter
+
+
+def bench_site(path: str, method: str, tile, density: float, H: int, D: int):
+    """Register a runtime site whose H heads all run `method` (a `method_spec`) at `density`; returns its state
+    (call `runtime.run_site` with `torch.tensor([state.site_id])`; pop `runtime.STATE.sites[state.site_id]` after).
+
+    Example:
+        >>> # st = bench_site("bench.14b", "vsa", (4, 4, 4), 0.05, 40, 128)
+    """
+    from sparsify import runtime
+    from sparsify.recipe import Budget, HeadConfig
+
+    name_m, params = method_spec(method)
+    cfg = [HeadConfig(method=name_m, tile=tile, budget=Budget(density=density), params=params)] * H
+    st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=path, kind="self", heads=H, head_dim=D, configs=cfg)
+    runtime.STATE.sites[st.site_id] = st
+    return st
 
 
 def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
@@ -73,7 +95,6 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
     from sparsify import runtime
     from sparsify.kernels import gather as fast
     from sparsify.layout import Geometry, tile_layout
-    from sparsify.recipe import Budget, HeadConfig
 
     methods = methods or [method]
     rows = []
@@ -88,11 +109,7 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
         lay = tile_layout(grid, tile, "cuda")
         for meth in methods:
             for d in densities:
-                name_m, params = method_spec(meth)
-                cfg = [HeadConfig(method=name_m, tile=tile, budget=Budget(density=d), params=params)] * H
-                st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{key}", kind="self", heads=H,
-                                       head_dim=D, configs=cfg)
-                runtime.STATE.sites[st.site_id] = st
+                st = bench_site(f"bench.{key}", meth, tile, d, H, D)
                 site = torch.tensor([st.site_id])
                 geom = [*grid, 0]
 
@@ -100,14 +117,15 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
                     return runtime.run_site(q, k, v, site, geom, None)
 
                 t_op = bench(op)
-                t_gather, t_select, t_kernel, t_inverse, t_alone, t_lens = _stage_times(meth, q, k, v, geo, lay, d,
-                                                                                           H)
+                t_gather, t_select, t_kernel, t_inverse, t_alone, t_lens, t_scatter = _stage_times(
+                    meth, q, k, v, geo, lay, d, H)
                 floor = d * t_cudnn
                 row = {
                     "shape": name, "H": H, "S": S, "tile": list(tile), "method": meth, "density": d,
                     "padding": round(lay.padding_fraction, 4), "cudnn_ms": t_cudnn, "op_ms": t_op,
                     "kernel_ms": t_kernel, "kernel_with_block_lens_ms": t_lens, "select_ms": t_select,
                     "select_alone_ms": t_alone, "select_alone_share_of_kernel": t_alone / t_kernel, "gather_ms": t_gather, "inverse_ms": t_inverse,
+                    "kernel_scattering_ms": t_scatter,
                     "floor_ms": floor, "op_speedup_vs_cudnn": t_cudnn / t_op,
                     "kernel_speedup_vs_cudnn": t_cudnn / t_kernel, "select_share_of_kernel": t_select / t_kernel,
                 }
@@ -133,7 +151,7 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
                       f"({t_cudnn / t_op:5.1f}x) | kernel {t_kernel:7.2f} ({t_cudnn / t_kernel:5.1f}x) select "
                       f"{t_select:6.2f} ({100 * t_select / t_kernel:5.1f}% of kernel; pooling q, k too: {t_alone:6.2f}, "
                       f"{100 * t_alone / t_kernel:5.1f}%) gather {t_gather:5.2f} "
-                      f"inverse {t_inverse:5.2f} | floor d*cuDNN {floor:6.2f} | kernel with per-tile lengths "
+                      f"inverse {t_inverse:5.2f} (kernel storing to token order {t_scatter:6.2f}) | floor d*cuDNN {floor:6.2f} | kernel with per-tile lengths "
                       f"{t_lens:6.2f}", flush=True)
                 if ablate:
                     print("    op without each fast path: " + ", ".join(

@@ -231,16 +231,17 @@ _SLOW_PATH_WARNED: set = set()
 
 def block_fn_for(q: torch.Tensor):
     """The block-sparse kernel for q's device: Triton on CUDA when it serves the call, else the reference."""
-    from .kernels.reference import block_sparse_attn_reference
+    from .kernels.reference import block_sparse_attn_reference, scatter_rows
 
     if not q.is_cuda:
         return block_sparse_attn_reference
     try:
-        from .kernels.block_sparse import block_sparse_attn, supports
+        from .kernels.block_sparse import block_sparse_attn, block_sparse_attn_scattered, supports
     except ImportError:  # no Triton
         return block_sparse_attn_reference
 
-    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None):
+    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None, out_rows=None,
+                  out_len=None):
         ok, reason = supports(qs, block_size)
         lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
         if not ok or (lens is None and key_mask is not None):
@@ -249,10 +250,15 @@ def block_fn_for(q: torch.Tensor):
                 _SLOW_PATH_WARNED.add(why)
                 warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
                               "using the PyTorch reference path (correct, slower)", stacklevel=2)
-            return block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
-                                               key_mask=key_mask, kv_block_lens=kv_block_lens)
+            out = block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
+                                              key_mask=key_mask, kv_block_lens=kv_block_lens)
+            return out if out_rows is None else scatter_rows(out, out_rows, out_len)
+        if out_rows is not None:
+            return block_sparse_attn_scattered(qs, ks, vs, idx, cnt, out_rows, out_len, block_size=block_size,
+                                               scale=scale, kv_block_lens=lens)
         return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
 
+    triton_fn.scatters_rows = True  # tiled_sparse_attention hands it the inverse layout (no-grad calls)
     return triton_fn
 
 

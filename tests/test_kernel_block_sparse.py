@@ -142,6 +142,27 @@ def test_strided_inputs(tma):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("tma,bs", [(False, (64, 64)), (True, (128, 64))])
+def test_out_rows_scatter(tma, bs):
+    """`out_rows` writes query row r to output row out_rows[r] (the fused inverse layout); -1 rows are dropped."""
+    gen = torch.Generator().manual_seed(6)
+    B, H, S, D, S_out = 2, 2, 300, 64, 280
+    q, k, v = _inputs(B, H, S, D, torch.float16, gen)
+    idx, cnt = _selection(B, H, S, *bs, gen)
+    rows = torch.full((S,), -1, dtype=torch.int32)
+    keep = torch.randperm(S, generator=gen)[:S_out]  # 20 padding rows, the rest a permutation of the output
+    rows[keep] = torch.randperm(S_out, generator=gen).to(torch.int32)
+    ref = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
+    want = torch.zeros(B, H, S_out, D, dtype=q.dtype)
+    want[:, :, rows[keep].long()] = ref[:, :, keep]
+    out = torch.full((B, H, S_out, D), float("nan"), dtype=q.dtype)
+    _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, out=out, out_rows=rows, out_len=S_out, use_tma=tma)
+    assert not out.isnan().any(), "an output row was not written"
+    assert rel_err(out, want) < _TOL[torch.float16]
+    with pytest.raises(ValueError, match="out_rows"):
+        _launch(q, k, v, idx, cnt, bs, 0.1, None, out_rows=rows[:-1], out_len=S_out)
+
+
 def test_errors_and_supports():
     q = torch.randn(1, 2, 100, 64)
     idx = torch.zeros(1, 2, 1, 1, dtype=torch.int32)

@@ -165,3 +165,41 @@ def test_only_the_last_block_short_runs_as_a_tail_without_block_lengths(grid, ti
     assert ts.prefix_len is not None and ts.prefix_len < ts.q.shape[2] and seen == [(ts.prefix_len, None)]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_from_selection(grid, tile, idx, cnt, S, video_start))
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("grid,tile,n_text", [((1, 13, 16), (4, 4, 4), 0), ((2, 8, 12), (4, 4, 4), 5),
+                                              ((1, 8, 40), (1, 8, 16), 0)])
+def test_kernel_scatters_rows_to_token_order(grid, tile, n_text, monkeypatch):
+    """A block_fn that stores rows straight to token order (the Triton kernel, run by the interpreter) gives the
+    token-level masked reference with no inverse pass; with autograd on it is asked for slot order instead."""
+    pytest.importorskip("triton")
+    from sparsify.kernels.block_sparse import block_sparse_attn_scattered
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    geo = Geometry(grid, 0)
+    lay = tile_layout(grid, tile)
+    S = geo.video_len + n_text
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 2, S, 64, generator=g) for _ in range(3))
+    vid = slice(0, geo.video_len)
+    idx, cnt = get_method("vsa").select(to_tiles(q[:, :, vid], lay), to_tiles(k[:, :, vid], lay), lay,
+                                        [Budget(density=0.5)] * 2)
+    calls = []
+
+    def block_fn(qs, ks, vs, i, c, *, block_size, scale, kv_block_lens=None, out_rows=None, out_len=None):
+        calls.append(out_rows is not None)
+        if out_rows is None:
+            return block_sparse_attn_reference(qs, ks, vs, i, c, block_size=block_size, scale=scale,
+                                               kv_block_lens=kv_block_lens)
+        return block_sparse_attn_scattered(qs, ks, vs, i, c, out_rows, out_len, block_size=block_size, scale=scale,
+                                           kv_block_lens=kv_block_lens)
+
+    block_fn.scatters_rows = True
+    out = tiled_sparse_attention(q, k, v, geo, lay, idx, cnt, block_fn=block_fn)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_from_selection(grid, tile, idx, cnt, S, 0))
+    assert calls == [True]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    qg = q.clone().requires_grad_()
+    out_g = tiled_sparse_attention(qg, k, v, geo, lay, idx, cnt, block_fn=block_fn)
+    assert calls == [True, False]
+    torch.testing.assert_close(out_g.detach(), ref, atol=2e-5, rtol=2e-5)

@@ -22,7 +22,7 @@ try:  # host-side TMA tensor descriptors (triton >= 3.4)
 except Exception:  # pragma: no cover
     _TensorDescriptor = None
 
-__all__ = ["block_sparse_attn", "supports", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_scattered", "supports", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -44,6 +44,7 @@ _ROW_SUM = tl.standard._sum_combine if tl is not None else None
 def _fwd_kernel(
     Q, K, V, O,  # pointers (pointer path) or tensor descriptors (TMA path)
     IDX, CNT, LENS, LSE,  # LSE: float32 [B, H, S] row log-sum-exp (natural log), written when STORE_LSE
+    DST,  # int32 [S] (HAS_DST): output row of each query row (< 0: not written); O is then a plain pointer
     sqb, sqh, sqs,  # q strides (elements; last dim contiguous)
     skb, skh, sks,
     svb, svh, svs,
@@ -61,6 +62,7 @@ def _fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr = False,
     STORE_LSE: tl.constexpr = False,  # also write the row log-sum-exp (for the backward); -inf for keyless rows
+    HAS_DST: tl.constexpr = False,  # scatter the output rows through DST (the op's inverse layout, fused)
 ):
     """One program = one query block of one (b, h). MASK_MODE 2 (no kv_block_lens) runs the selected
     blocks unmasked and defers the partial tail key block `TAIL_BLK` (-1: none) to a masked second phase."""
@@ -186,7 +188,11 @@ def _fwd_kernel(
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = (acc / l_safe[:, None]).to(out_dtype)  # rows with no key: acc == 0 -> 0
-    if USE_TMA:
+    if HAS_DST:
+        dst = tl.load(DST + offs_m, mask=offs_m < S, other=-1)
+        o_ptrs = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + dst[:, None].to(tl.int64) * sos + offs_d[None, :]
+        tl.store(o_ptrs, out, mask=dst[:, None] >= 0)
+    elif USE_TMA:
         if DESC_RANK == 3:
             O.store([pid_bh, start_m, 0], out.reshape(1, BLOCK_M, HEAD_DIM))
         else:
@@ -359,12 +365,15 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
 
 
 def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *, out=None, fallback=True,
-            lse=None, **options):
+            lse=None, out_rows=None, out_len=None, **options):
     """Launch the kernel; `options` override `_default_launch` (the benchmark sweeps them). Inputs are checked.
 
     `out` (contiguous `[B, H, S, D]`, q's dtype) is written in place when given (tests poison it first).
     `lse` (contiguous float32 `[B, H, S]`), when given, receives the row log-sum-exp of the scaled scores
     (natural log; -inf for rows that see no key); without it the kernel is compiled without that store.
+    `out_rows` (int `[S]`), when given, scatters query row `r` to output row `out_rows[r]` of a
+    `[B, H, out_len, D]` output (rows with `out_rows[r] < 0` are dropped, output rows nobody names are left
+    as they were): the inverse of a gather into tile order, fused into the store. Not with `lse`.
     With `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
     """
     B, H, S, D = q.shape
@@ -382,10 +391,18 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
     lens = kv_block_lens.to(torch.int32).contiguous() if kv_block_lens is not None else cnt  # dummy pointer
+    S_out = S
+    if out_rows is not None:
+        if lse is not None:
+            raise ValueError("out_rows and lse cannot be combined")
+        if tuple(out_rows.shape) != (S,) or out_rows.device != q.device or out_len is None:
+            raise ValueError(f"out_rows must be an int tensor [S] = [{S}] on {q.device}, with out_len; got "
+                             f"{tuple(out_rows.shape)} on {out_rows.device}, out_len {out_len}")
+        out_rows, S_out = out_rows.to(torch.int32).contiguous(), int(out_len)
     if out is None:
-        out = torch.empty((B, H, S, D), dtype=q.dtype, device=q.device)
-    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError("out must be a contiguous [B, H, S, D] tensor of q's dtype")
+        out = torch.empty((B, H, S_out, D), dtype=q.dtype, device=q.device)
+    elif out.shape != (B, H, S_out, D) or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {(B, H, S_out, D)} tensor of q's dtype")
     if lse is not None and (tuple(lse.shape) != (B, H, S) or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError("lse must be a contiguous float32 [B, H, S] tensor")
     qk_scale = float(scale) * _LOG2E
@@ -414,12 +431,13 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             qq, kk, vv = (t if _tma_ok(t) else t.contiguous() for t in (q, k, v))
             # 3-D [B*H, S, D] when every tensor folds (b, h) into one stride, else 4-D; out is contiguous
             rank = 3 if all(t.stride(0) == t.shape[1] * t.stride(1) or t.shape[0] == 1 for t in (qq, kk, vv)) else 4
-            args = (_desc(qq, rank, bm), _desc(kk, rank, tn), _desc(vv, rank, tn), _desc(out, rank, bm))
+            args = (_desc(qq, rank, bm), _desc(kk, rank, tn), _desc(vv, rank, tn),
+                    out if out_rows is not None else _desc(out, rank, bm))
         else:
             rank, qq, kk, vv = 3, q, k, v
             args = (qq, kk, vv, out)
         _kernel(interpret)[(n_qb, B * H)](
-            *args, idx, cnt, lens, lse if lse is not None else cnt,
+            *args, idx, cnt, lens, lse if lse is not None else cnt, out_rows if out_rows is not None else cnt,
             qq.stride(0), qq.stride(1), qq.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2),
@@ -428,7 +446,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
             MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
-            INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
+            HAS_DST=out_rows is not None, INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             num_warps=opts["num_warps"], num_stages=opts["num_stages"], **extra,
         )
 
@@ -522,3 +540,36 @@ def block_sparse_attn(
         lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
         return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, lse=lse), lse
     return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
+
+
+def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_len, *, block_size=(128, 128),
+                                scale=None, kv_block_lens=None):
+    """`block_sparse_attn` whose output rows go straight to `out_rows` (no gradient): the op's inverse layout.
+
+    Query row `r` of the result is written to row `out_rows[r]` of a `[B, H, out_len, D]` tensor by the
+    kernel's own store, which saves a separate pass that would read and write the whole output again. Rows
+    with `out_rows[r] < 0` (padding slots) are dropped; output rows that no query row names are left
+    uninitialized, so `out_rows` must name every output row (the op's slot-to-token map does). Forward
+    only: autograd is not recorded.
+
+    Args:
+        q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens: as for `block_sparse_attn`.
+        out_rows: int `[S]`, the output row of each query row (< 0: none), on q's device.
+        out_len: rows of the result.
+
+    Returns:
+        `[B, H, out_len, D]` in q's dtype.
+
+    Example:
+        >>> q = torch.randn(1, 1, 200, 64, device="cuda", dtype=torch.bfloat16)
+        >>> idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device="cuda"); cnt = torch.ones(1, 1, 2, dtype=torch.int32, device="cuda")
+        >>> rows = torch.arange(199, -1, -1, dtype=torch.int32, device="cuda")  # reverse the rows
+        >>> block_sparse_attn_scattered(q, q, q, idx, cnt, rows, 200).shape
+        torch.Size([1, 1, 200, 64])
+    """
+    block_size = _norm_block_size(block_size) if triton is not None else block_size
+    _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    with torch.no_grad():
+        return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows=out_rows,
+                       out_len=out_len)

@@ -119,6 +119,22 @@ def block_sparse_attn_reference(
     return out.to(q.dtype)
 
 
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, out_len: int) -> torch.Tensor:
+    """`y[:, :, rows[r]] = x[:, :, r]` for every `rows[r] >= 0`, into a zeroed `[B, H, out_len, D]`.
+
+    The PyTorch form of the Triton kernel's fused output scatter (`block_sparse_attn_scattered`).
+
+    Example:
+        >>> scatter_rows(torch.arange(3.).view(1, 1, 3, 1), torch.tensor([1, -1, 0]), 2).flatten().tolist()
+        [2.0, 0.0]
+    """
+    rows = rows.to(x.device, torch.long)
+    keep = rows >= 0
+    y = x.new_zeros(*x.shape[:2], out_len, x.shape[3])
+    y[:, :, rows[keep]] = x[:, :, keep]
+    return y
+
+
 @functools.lru_cache(maxsize=128)
 def _sequence_index(grid, tile, video_start: int, seq_len: int, device: str):
     """Index tensors of the padded tile sequence [video tiles | text blocks] (cached per shape and device)."""
@@ -225,6 +241,15 @@ def _fast_gather(*xs) -> bool:
 _SLOT_SOURCE: dict = {}
 
 
+def _scatter_on() -> bool:
+    """`FAST["scatter"]` of the Triton helpers (benchmarks switch the fused inverse layout off with it)."""
+    try:
+        from .gather import FAST
+    except ImportError:  # pragma: no cover
+        return False
+    return FAST["scatter"]
+
+
 def _slot_source(src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """int32 `src` with -1 on padding slots (the Triton gather writes zeros there), cached per index tensor."""
     key = id(src)
@@ -264,7 +289,11 @@ def tiled_sparse_attention(
         key_mask: optional bool `[B, S]`; False keys are excluded (e.g. padded text).
         block_fn: the block-sparse kernel to run (default: `block_sparse_attn_reference`); it is
             called as `block_fn(q, k, v, idx, cnt, block_size=..., scale=..., kv_block_lens=...)`, or
-            with `key_mask=` (bool `[B, n_slots]`) instead when a key mask is given.
+            with `key_mask=` (bool `[B, n_slots]`) instead when a key mask is given. A `block_fn` whose
+            attribute `scatters_rows` is true is instead given `out_rows=` (int32 `[n_slots]`: each slot's
+            token, -1 on padding) and `out_len=S` when there is no key mask and no gradient to record, and
+            returns the output in token order itself (the inverse layout fused into its store; off with
+            `sparsify.kernels.gather.FAST["scatter"] = False`).
         tiled: the `tile_sequence` of q, k, v if already computed (the runtime shares it with selection).
 
     Returns:
@@ -299,8 +328,13 @@ def tiled_sparse_attention(
         cnt[:, :, n:] = n_blocks
     if key_mask is None:  # when only the last block is short, the slot prefix with an ordinary tail and no lengths
         L, lens = (ts.prefix_len, None) if ts.prefix_len is not None else (ts.q.shape[2], ts.block_lens)
-        out_slots = block_fn(ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt, block_size=(vol, vol),
-                             scale=scale, kv_block_lens=lens)
+        args = (ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt)
+        if getattr(block_fn, "scatters_rows", False) and _scatter_on() and not (
+                torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            # the kernel stores each slot's row straight to its token's row: no inverse pass
+            return block_fn(*args, block_size=(vol, vol), scale=scale, kv_block_lens=lens,
+                            out_rows=_slot_source(ts.src, ts.valid)[:L], out_len=S)
+        out_slots = block_fn(*args, block_size=(vol, vol), scale=scale, kv_block_lens=lens)
     else:
         kmask = ts.valid.unsqueeze(0) & key_mask.to(torch.bool).index_select(1, ts.src)
         out_slots = block_fn(ts.q, ts.k, ts.v, idx, cnt, block_size=(vol, vol), scale=scale, key_mask=kmask)

@@ -127,3 +127,26 @@ def test_against_flex(B, H, S, D, dtype, bs):
     e_ours, e_flex = rel_err(out, gold), rel_err(ref, gold)
     assert e_ours < max(2 * e_flex, 1e-3), (e_ours, e_flex)
     assert rel_err(out, ref) < _TOL[dtype]
+
+
+@pytest.mark.parametrize("bs,dtype", [((64, 64), torch.bfloat16), ((128, 128), torch.float16)])
+def test_scattered_store(bs, dtype):
+    """The fused inverse layout: rows stored through a permutation with padding rows dropped, every output row
+    written (poisoned output), equal to the reference scattered the same way."""
+    from sparsify.kernels.block_sparse import block_sparse_attn_scattered
+    from sparsify.kernels.reference import scatter_rows
+
+    torch.manual_seed(12)
+    B, H, S, D, S_out = 2, 3, 9001, 128, 8700
+    q, k, v = _qkv(B, H, S, D, dtype)
+    idx, cnt = _selection(B, H, S, *bs, 0.1, p_empty=0.05)
+    rows = torch.full((S,), -1, dtype=torch.int32, device="cuda")
+    keep = torch.randperm(S, device="cuda")[:S_out]
+    rows[keep] = torch.randperm(S_out, device="cuda").to(torch.int32)
+    ref = scatter_rows(block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs), rows, S_out)
+    poisoned = torch.full((B, H, S_out, D), float("nan"), device="cuda", dtype=dtype)
+    _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, out=poisoned, out_rows=rows, out_len=S_out)
+    assert not poisoned.isnan().any(), "an output row was not written"
+    assert rel_err(poisoned, ref) < _TOL[dtype]
+    out = block_sparse_attn_scattered(q, k, v, idx, cnt, rows, S_out, block_size=bs)
+    assert torch.equal(out, poisoned)

@@ -1,0 +1,81 @@
+"""A/B of the whole op with the inverse layout fused into the kernel's store against a separate inverse pass.
+
+    python -m benchmarks.scatter_ab [--shape 14b] [--densities 0.05,0.1] [--rounds 5] [--method vsa] [--out PATH]
+
+Times `runtime.run_site` (gather, selection, kernel, inverse layout) with `FAST["scatter"]` on (the kernel stores
+each row to its token) and off (slot order, then `gather_rows` through the inverse permutation), alternating for
+`--rounds` rounds (`benchmarks.alternated`) on the same inputs, with dense cuDNN timed in the same process.
+Prints the medians and writes a JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4)) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks import alternated, time_ms
+    from benchmarks.whole_op import SHAPES, bench_site
+    from sparsify import runtime
+    from sparsify.kernels.gather import FAST
+
+    name, H, grid = SHAPES[shape]
+    S, D = grid[0] * grid[1] * grid[2], 128
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, H, S, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        t_cudnn = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    rows = []
+    for d in densities:
+        st = bench_site(f"scatter_ab.{shape}", method, tile, d, H, D)
+        site, geom = torch.tensor([st.site_id]), [*grid, 0]
+
+        def op(fused: bool):
+            FAST["scatter"] = fused
+            try:
+                return runtime.run_site(q, k, v, site, geom, None)
+            finally:
+                FAST["scatter"] = True
+
+        a, b = op(True), op(False)
+        same = float((a.float() - b.float()).abs().max())
+        times, med = alternated({"fused": lambda: op(True), "separate": lambda: op(False)}, rounds)
+        runtime.STATE.sites.pop(st.site_id)
+        rows.append({"shape": name, "method": method, "density": d, "cudnn_ms": t_cudnn, "ms": times,
+                     "median_ms": med, "max_abs_diff": same,
+                     "x_vs_cudnn": {k_: t_cudnn / t for k_, t in med.items()}})
+        print(f"{name} {method} d={d:<5g} cuDNN {t_cudnn:7.2f} ms | op fused {med['fused']:7.3f} ms "
+              f"({t_cudnn / med['fused']:5.2f}x)  separate {med['separate']:7.3f} ms ({t_cudnn / med['separate']:5.2f}x)"
+              f"  fused/separate {med['fused'] / med['separate']:.3f}  max |diff| {same:.1e}  (rounds: fused "
+              f"{['%.2f' % t for t in times['fused']]}, separate {['%.2f' % t for t in times['separate']]})", flush=True)
+    return rows
+
+
+def main(argv=None) -> list[dict]:
+    import triton
+
+    from benchmarks import write_result
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scatter_ab", description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="14b", choices=("1.3b", "14b"))
+    ap.add_argument("--densities", default="0.05,0.1")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--method", default="vsa")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.scatter_ab needs a CUDA GPU")
+    rows = run(a.shape, [float(x) for x in a.densities.split(",")], a.rounds, a.method)
+    write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                  "command": "python -m benchmarks.scatter_ab " + " ".join(argv or sys.argv[1:]), "rows": rows},
+                 a.out, "scatter_ab")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
