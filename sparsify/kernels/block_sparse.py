@@ -22,7 +22,8 @@ try:  # host-side TMA tensor descriptors (triton >= 3.4)
 except Exception:  # pragma: no cover
     _TensorDescriptor = None
 
-__all__ = ["block_sparse_attn", "block_sparse_attn_scattered", "supports", "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
+__all__ = ["block_sparse_attn", "block_sparse_attn_scattered", "supports", "SUPPORTED_BLOCK_SIZES",
+           "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -562,7 +563,8 @@ def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_le
 
     Example:
         >>> q = torch.randn(1, 1, 200, 64, device="cuda", dtype=torch.bfloat16)
-        >>> idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device="cuda"); cnt = torch.ones(1, 1, 2, dtype=torch.int32, device="cuda")
+        >>> idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device="cuda")  # both query blocks see key block 0
+        >>> cnt = torch.ones(1, 1, 2, dtype=torch.int32, device="cuda")
         >>> rows = torch.arange(199, -1, -1, dtype=torch.int32, device="cuda")  # reverse the rows
         >>> block_sparse_attn_scattered(q, q, q, idx, cnt, rows, 200).shape
         torch.Size([1, 1, 200, 64])
