@@ -489,6 +489,11 @@ def block_sparse_attn(
     mask_mod, and of `block_sparse_attn_reference`. A query row that sees no key at all (count 0, or
     every selected key masked by `kv_block_lens`) returns zeros, not NaN.
 
+    On an sm_90 GPU (H100/H200), forward calls with 128x128 blocks, 16-bit contiguous q, k, v of head_dim 128
+    and no `kv_block_lens` run the warp-specialized Gluon kernel of `sparsify.kernels.hopper` (a TMA producer
+    warp and two consumer warpgroups in ping-pong); `sparsify.kernels.gather.FAST["hopper"] = False` turns it
+    off. Every other call runs the plain Triton kernel.
+
     Runs on CUDA (TMA tensor-descriptor loads on Hopper and newer, pointer loads otherwise) and on CPU
     tensors under the Triton interpreter (`TRITON_INTERPRET=1` in the environment at call time; slow,
     for tests). Use `supports(q, block_size)` to decide cheaply whether to call it or fall back to dense.
@@ -540,7 +545,44 @@ def block_sparse_attn(
         B, H, S, _ = q.shape
         lse = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
         return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, lse=lse), lse
+    out = _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
+    if out is not None:
+        return out
     return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
+
+
+_HOPPER_OFF: set = set()  # (device, dtype) keys whose Gluon kernel failed once, and "import" if gluon is missing
+
+
+def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens):
+    """The warp-specialized Gluon kernel's output (`sparsify.kernels.hopper`) when it serves the call, else None.
+
+    It serves forward calls on sm_90 with 128x128 blocks, 16-bit contiguous q, k, v, head_dim 128 and no
+    `kv_block_lens` (`hopper.supports`), unless `gather.FAST["hopper"]` is off. If it cannot be imported (a
+    triton without Gluon) or fails once for a (device, dtype), one warning is given and the plain kernel is used.
+    """
+    from .gather import FAST
+
+    if not (FAST["hopper"] and q.is_cuda and "import" not in _HOPPER_OFF
+            and torch.cuda.get_device_capability(q.device) == (9, 0)):
+        return None
+    try:
+        from . import hopper
+    except Exception as e:  # no (or another) Gluon in this triton
+        _HOPPER_OFF.add("import")
+        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernel is unavailable ({type(e).__name__}: {e}); "
+                      "using the plain Triton kernel", RuntimeWarning)
+        return None
+    key = (q.device, q.dtype)
+    if key in _HOPPER_OFF or not hopper.supports(q, k, v, block_size, kv_block_lens)[0]:
+        return None
+    try:
+        return hopper.block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale)
+    except Exception as e:  # compile or launch failure: remember, use the plain kernel
+        _HOPPER_OFF.add(key)
+        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernel failed ({type(e).__name__}: {e}); "
+                      "using the plain Triton kernel", RuntimeWarning)
+        return None
 
 
 def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_len, *, block_size=(128, 128),
