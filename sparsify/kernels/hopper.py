@@ -42,7 +42,7 @@ Barriers (all count 1 unless said):
     v_empty[s]    V stage s free, count = #consumer partitions (each arrives after its PV wgmma completed)
     turn[w]       (pingpong) consumer w may issue its next wgmma's; w arrives on turn[1-w] after issuing.
 
-Shared memory: Q 128x128 bf16 (32 KiB, reused for the O tile of the TMA store) + NUM_STAGES x (K 32 KiB + V 32 KiB).
+Shared memory: Q 128x128 16-bit (32 KiB, reused for the O tile of the TMA store) + NUM_STAGES x (K 32 KiB + V 32 KiB).
 NUM_STAGES=2: 160 KiB, 3: 224 KiB (the sm_90 limit is 227 KiB). One CTA per SM.
 
 Registers (setmaxnreg): pingpong: consumers 240 each, producer 24 (its warpgroup is padded to 4 warps): 12 warps,
@@ -68,6 +68,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 # async_store (the old names then raise)
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+
+__all__ = ["supports", "block_sparse_attn_hopper", "VARIANTS"]
 
 LOG2E = 1.4426950408889634
 BLOCK = 128  # query block = key block = 128 (semantic)
