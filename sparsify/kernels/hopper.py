@@ -359,14 +359,25 @@ def supports(q, k, v, block_size, kv_block_lens=None) -> tuple[bool, str]:
         >>> supports(*(torch.empty(1, 1, 300, 128) for _ in range(3)), (128, 128))
         (False, 'not a CUDA tensor')
     """
-    if not (isinstance(q, torch.Tensor) and q.is_cuda):
-        return False, "not a CUDA tensor"
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return False, "not an sm_90 GPU"
     if tuple(block_size) != (BLOCK, BLOCK):
         return False, f"block size {tuple(block_size)} (the Gluon kernel has 128x128 blocks)"
     if kv_block_lens is not None:
         return False, "kv_block_lens"
+    return inputs_ok(q, k, v)
+
+
+def inputs_ok(q, k, v) -> tuple[bool, str]:
+    """The Gluon kernels' input conditions: q, k, v contiguous, 16-byte aligned `[B, H, S, 128]` tensors of one
+    16-bit dtype on an sm_90 GPU; else `(False, reason)`.
+
+    Example:
+        >>> inputs_ok(*(torch.empty(1, 1, 300, 128) for _ in range(3)))
+        (False, 'not a CUDA tensor')
+    """
+    if not (isinstance(q, torch.Tensor) and q.is_cuda):
+        return False, "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False, "not an sm_90 GPU"
     if q.dtype not in _GL_DTYPES or q.dim() != 4 or q.shape[-1] != 128:
         return False, f"dtype {q.dtype} / shape {tuple(q.shape)} (needs 16-bit, head_dim 128)"
     for t in (q, k, v):

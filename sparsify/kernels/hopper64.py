@@ -1,0 +1,392 @@
+"""EXPERIMENTAL Gluon block-sparse attention forward for Hopper, 64x64 blocks: one CTA = two query blocks, ping-pong.
+
+Status (session 7): compiled ahead of time for sm_90 with triton 3.6 and 3.9 (no spills, wgmma not serialized;
+`tests/test_hopper.py`), **never run on a GPU**, and not used by `block_sparse_attn` or the op. Verify it with
+`python -m benchmarks.hopper64_check` before wiring it in (benchmarks/NOTES.md, "Session 7").
+
+Semantics: `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64))`:
+query block i (rows i*64 .. i*64+63) of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`
+(64 keys each; counts clamped to [0, max_kv]); keys >= S are masked; a query block with no key outputs 0.
+D = 128, q/k/v bf16 or fp16, fp32 accumulation, online softmax in exp2 form.
+
+Layout (template: `sparsify.kernels.hopper`, variant "pingpong"): a CTA ("tile") serves the query blocks 2t and
+2t+1 of one (b, h) (the second may not exist when n_qb is odd). 3 partitions:
+
+    default partition, 4 warps = consumer warpgroup 0: query block 2t   (64 rows), its own key-block list
+    worker 0,           4 warps = consumer warpgroup 1: query block 2t+1 (64 rows), its own key-block list
+    worker 1,           1 warp  = producer: TMA loads of Q (both blocks) and of the K / V tiles of BOTH lists
+
+K/V rings: one ring of NUM_STAGES (K, V) stages PER CONSUMER (the two lists differ, so a stage is read by one
+consumer only; empty barriers have count 1). The producer walks step t = 0 .. max(c0, c1) - 1 and, at each step,
+loads K0_t, V0_t (if t < c0) then K1_t, V1_t (if t < c1) -- the order in which the lock-stepped consumers need them.
+
+Consumer pipeline (per warpgroup, `cnt` key blocks; = the template's):
+    prologue  [turn] S_0 = Q K_0^T [pass] ; wait ; release K_0 ; softmax -> P_0 (registers, RS operand)
+    t=1..c-1  [turn] S_t = Q K_t^T ; O += P_{t-1} V_{t-1} [pass] ; wait(1) -> S_t, release K_t ; softmax(S_t)
+              (overlaps this WG's PV and the other WG's wgmma's) ; wait(0) -> release V_{t-1} ; O *= alpha
+    tail      [turn] O += P_last V_last [pass] ; wait ; release V_last
+    epilogue  O / l (0 where l = 0) -> the WG's Q buffer -> TMA store through the [B*H, S, D] descriptor (clips S)
+So a consumer with c > 0 key blocks has n = c + 1 wgmma issue slots (slot 0 = prologue, c = tail); c = 0: n = 0.
+
+Turn protocol with UNEQUAL slot counts n0, n1 (both consumers load both counts, so each knows the other's n):
+strict alternation WG0 s0, WG1 s0, WG0 s1, WG1 s1, ... while both sides have slots left, then the side with more
+slots runs free. Two count-1 mbarriers: WG1 arrives on turn[0], WG0 arrives on turn[1].
+    WG0, slot k: waits for the k-th arrival on turn[0]   (parity (k-1)&1)  iff 1 <= k <= n1
+                 then arrives on turn[1]                                    iff k < n1
+    WG1, slot k: waits for the (k+1)-th arrival on turn[1] (parity k&1)    iff k < n0
+                 then arrives on turn[0]                                    iff k + 1 < n0
+Every arrival made is awaited by exactly one wait and every wait has its arrival (WG0's (k+1)-th arrival after its
+slot k < n1 is awaited by WG1's slot k < n0, WG1's (k+1)-th arrival after its slot k with k + 1 < n0 by WG0's slot
+k+1 <= n1), the waiter is never two phases behind (strict alternation), so no deadlock and no stale phase;
+n = 0 (count 0 or missing second block) means no waits and no arrivals at all.
+
+Barriers (count 1):
+    q_bar[w]              Q of consumer w landed (only loaded when c_w > 0)
+    k_ready[w*NS + s]     K stage s of consumer w's ring landed       (producer expect + TMA -> consumer w)
+    v_ready[w*NS + s]     V stage s landed
+    k_empty[w*NS + s]     consumer w's QK^T on stage s finished       (consumer w -> producer)
+    v_empty[w*NS + s]     consumer w's PV on stage s finished
+    turn[0], turn[1]      ping-pong (above)
+
+Shared memory: Q 2 x 64 x 128 16-bit (32 KiB, reused for O) + 2 rings x NUM_STAGES x (K 16 KiB + V 16 KiB):
+NUM_STAGES = 2: 160 KiB, 3: 224 KiB (<= 227 KiB). One CTA per SM.
+Registers: as the template: maxnreg 168 on the launch (12 warps), setmaxnreg 240 (consumers) / 24 (producer).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from .hopper import _GL_DTYPES, LOG2E, _softmax_step, _tma_load, _tma_store, inputs_ok
+
+__all__ = ["block_sparse_attn_hopper64", "supports64", "LAUNCH"]
+
+BLOCK = 64  # query block = key block = 64 (semantic)
+HEAD_DIM = 128
+# 12 warps (4 + 4 + 1 padded to 4); maxnreg 168 * 384 = 64512 regs; workers 240 * 128 + 24 * 128, default gets 240
+LAUNCH = dict(num_warps=4, maxnreg=168, consumer_regs=240, producer_regs=24)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# partitions
+# ------------------------------------------------------------------------------------------------------------------
+@gluon.jit
+def _block_row(CNT, pid_bh, qb, N_QB, MAX_KV):
+    """(clamped key-block count, row of the selection) of query block qb of (b, h); count 0 if qb >= N_QB (the
+    missing second block of the last pair); the row is then clamped to a valid one so that reads stay in bounds."""
+    row = pid_bh.to(gl.int64) * N_QB + gl.minimum(qb, N_QB - 1)
+    c = gl.load(CNT + row)
+    c = gl.maximum(gl.minimum(c, MAX_KV), 0)
+    c = gl.where(qb < N_QB, c, 0)
+    return c, row
+
+
+@gluon.jit
+def _slots(c):
+    """wgmma issue slots of a consumer with c key blocks: prologue + (c - 1) steady + tail, none for c = 0."""
+    return gl.where(c > 0, c + 1, 0)
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, ph, pid_bh, start_n):
+    # wait for the stage to be released by its consumer (fresh barrier: parity 1 passes at once)
+    mbarrier.wait(k_empty.index(b), ph ^ 1)
+    mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
+    _tma_load(k_desc, [pid_bh, start_n, 0], k_ready.index(b), k_smem.index(b))
+    mbarrier.wait(v_empty.index(b), ph ^ 1)
+    mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
+    _tma_load(v_desc, [pid_bh, start_n, 0], v_ready.index(b), v_smem.index(b))
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              IDX, CNT, N_QB, N_PAIRS, MAX_KV,
+              NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+    tile = gl.program_id(0)
+    pid_pair = tile % N_PAIRS
+    pid_bh = tile // N_PAIRS
+    qb0 = pid_pair * 2
+    c0, row0 = _block_row(CNT, pid_bh, qb0, N_QB, MAX_KV)
+    c1, row1 = _block_row(CNT, pid_bh, qb0 + 1, N_QB, MAX_KV)
+    idx0 = IDX + row0 * MAX_KV
+    idx1 = IDX + row1 * MAX_KV
+
+    # Q of each consumer that has work (a consumer with count 0 never waits for Q and stages its zeros in the buffer)
+    if c0 > 0:
+        mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [pid_bh, qb0 * BLOCK_M, 0], q_bar.index(0), q_smem.index(0))
+    if c1 > 0:
+        mbarrier.expect(q_bar.index(1), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [pid_bh, (qb0 + 1) * BLOCK_M, 0], q_bar.index(1), q_smem.index(1))
+
+    # key-block ids one step ahead (the address is clamped into the row: always readable, unused past the count)
+    j0 = gl.load(idx0)
+    j1 = gl.load(idx1)
+    for t in range(gl.maximum(c0, c1)):
+        s = t % NUM_STAGES
+        ph = (t // NUM_STAGES) & 1
+        nxt = gl.minimum(t + 1, MAX_KV - 1)
+        j0n = gl.load(idx0 + nxt)
+        j1n = gl.load(idx1 + nxt)
+        if t < c0:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, ph, pid_bh,
+                     j0 * BLOCK_N)
+        if t < c1:
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NUM_STAGES + s, ph,
+                     pid_bh, j1 * BLOCK_N)
+        j0 = j0n
+        j1 = j1n
+
+
+@gluon.jit
+def _take_turn(turn, k, n_other, WG: gl.constexpr):
+    """Before wgmma issue slot k: wait until the other consumer has issued the slot that precedes it (see the
+    module docstring; no wait once the other side has no slot left)."""
+    if WG == 0:
+        if (k >= 1) & (k <= n_other):
+            mbarrier.wait(turn.index(0), (k - 1) & 1)
+    else:
+        if k < n_other:
+            mbarrier.wait(turn.index(1), k & 1)
+
+
+@gluon.jit
+def _pass_turn(turn, k, n_other, WG: gl.constexpr):
+    """After issuing slot k: hand the turn over iff the other consumer will wait for it."""
+    if WG == 0:
+        if k < n_other:
+            mbarrier.arrive(turn.index(1), count=1)
+    else:
+        if k + 1 < n_other:
+            mbarrier.arrive(turn.index(0), count=1)
+
+
+@gluon.jit
+def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+              WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              HEAD_DIM: gl.constexpr):
+    # one warpgroup = 64 rows along M
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
+    orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
+
+    tile = gl.program_id(0)
+    pid_pair = tile % N_PAIRS
+    pid_bh = tile // N_PAIRS
+    qb = pid_pair * 2 + WG
+    cnt, row = _block_row(CNT, pid_bh, qb, N_QB, MAX_KV)
+    c_other, row_other = _block_row(CNT, pid_bh, pid_pair * 2 + (1 - WG), N_QB, MAX_KV)
+    n_other = _slots(c_other)
+    idx_row = IDX + row * MAX_KV
+    base = WG * NUM_STAGES  # this consumer's ring
+
+    q_view3 = q_smem.index(WG)  # [1, BLOCK_M, D]; also the O staging buffer
+    q_tile = q_view3.reshape([BLOCK_M, HEAD_DIM])
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=mma_layout)
+
+    m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, layout=row_layout)
+    l_i = gl.full([BLOCK_M], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    p_op = gl.zeros([BLOCK_M, BLOCK_N], q_desc.dtype, layout=p_layout)
+
+    # ---- prologue (slot 0): S_0 = Q K_0^T, softmax
+    if cnt > 0:
+        mbarrier.wait(q_bar.index(WG), 0)
+        j = gl.load(idx_row)
+        mbarrier.wait(k_ready.index(base), 0)
+        _take_turn(turn, 0, n_other, WG)
+        k_t = k_smem.index(base).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+        _pass_turn(turn, 0, n_other, WG)
+        s_tile = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(base), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+
+    # ---- steady state (slot t): issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}, then softmax(S_t) while PV runs
+    for t in range(1, cnt):
+        s = base + t % NUM_STAGES
+        ph = (t // NUM_STAGES) & 1
+        sp = base + (t - 1) % NUM_STAGES
+        php = ((t - 1) // NUM_STAGES) & 1
+        j = gl.load(idx_row + t)
+        mbarrier.wait(k_ready.index(s), ph)
+        _take_turn(turn, t, n_other, WG)
+        k_t = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), php)
+        v_t = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+        acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
+        _pass_turn(turn, t, n_other, WG)
+        s_tile = warpgroup_mma_wait(1, deps=(s_tok, ))  # the older group (QK^T) is done
+        mbarrier.arrive(k_empty.index(s), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+
+    # ---- tail (slot cnt): O += P_last V_last
+    if cnt > 0:
+        tl_ = cnt - 1
+        sl = base + tl_ % NUM_STAGES
+        mbarrier.wait(v_ready.index(sl), (tl_ // NUM_STAGES) & 1)
+        _take_turn(turn, cnt, n_other, WG)
+        v_t = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
+        acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
+        _pass_turn(turn, cnt, n_other, WG)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(sl), count=1)
+
+    # ---- epilogue: O = acc / l (0 for key-less rows) -> the Q buffer (all QK^T done; never loaded if cnt == 0)
+    # -> TMA store, clipped at S by the [B*H, S, D] descriptor. Nothing to store for a missing second block.
+    if qb < N_QB:
+        l_o = gl.convert_layout(l_i, orow_layout)
+        l_safe = gl.where(l_o > 0.0, l_o, 1.0)
+        out = (acc / gl.expand_dims(l_safe, 1)).to(o_desc.dtype)
+        q_tile.store(out)
+        fence_async_shared()
+        _tma_store(o_desc, [pid_bh, qb * BLOCK_M, 0], q_view3)
+        tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, 0, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)
+
+
+@gluon.jit
+def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+    _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, 1, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# kernel
+# ------------------------------------------------------------------------------------------------------------------
+@gluon.jit
+def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+                          NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                          num_warps: gl.constexpr):
+    """Grid (N_PAIRS * B * H,): program p serves the query blocks 2 * (p % N_PAIRS) + {0, 1} of head p // N_PAIRS
+    (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2)."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [2 * NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [2 * NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for w in gl.static_range(2):
+        mbarrier.init(q_bar.index(w), count=1)
+        mbarrier.init(turn.index(w), count=1)
+    for i in gl.static_range(2 * NUM_STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    fence_async_shared()  # barrier inits visible to the async proxy (TMA) before use
+
+    gl.warp_specialize([
+        (_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)),
+        (_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     IDX, CNT, N_QB, N_PAIRS, MAX_KV, NUM_STAGES, BLOCK_M, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# host
+# ------------------------------------------------------------------------------------------------------------------
+def _descs(q, k, v, o):
+    """Rank-3 `[B*H, S, D]` TMA descriptors, block [1, 64, D] (loads past S read zeros, stores past S are clipped)."""
+    B, H, S, D = q.shape
+    blk = [1, BLOCK, D]
+    layout = gl.NVMMASharedLayout.get_default_for(blk, _GL_DTYPES[q.dtype])
+    descs = []
+    for t in (q, k, v, o):
+        t3 = t.view(B * H, S, D)
+        descs.append(TensorDescriptor(t3, list(t3.shape), list(t3.stride()), blk, layout))
+    return descs
+
+
+def supports64(q, k, v, block_size) -> tuple[bool, str]:
+    """Whether `block_sparse_attn_hopper64` could serve this call; else `(False, reason)` (cheap, no launch).
+
+    Example:
+        >>> supports64(*(torch.empty(1, 1, 300, 128) for _ in range(3)), (64, 64))
+        (False, 'not a CUDA tensor')
+    """
+    if tuple(block_size) != (BLOCK, BLOCK):
+        return False, f"block size {tuple(block_size)} (this kernel has 64x64 blocks)"
+    return inputs_ok(q, k, v)
+
+
+def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=None, num_stages=2):
+    """Block-sparse attention forward, 64x64 blocks, with the warp-specialized Gluon kernel (sm_90).
+
+    Args:
+        q, k, v: contiguous `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU.
+        kv_indices: int `[B, H, ceil(S/64), max_kv]`; kv_counts: int `[B, H, ceil(S/64)]` (clamped to [0, max_kv]).
+        scale: softmax scale.
+        out: optional contiguous output of q's shape and dtype, written in place (every row is written).
+        num_stages: K/V stages per consumer ring (2: 160 KiB of shared memory, 3: 224 KiB).
+
+    Returns:
+        `[B, H, S, 128]` in q's dtype; rows of key-less query blocks are 0.
+
+    Example:
+        >>> q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
+        >>> idx = torch.zeros(1, 2, 5, 1, dtype=torch.int32, device="cuda")  # every query block sees key block 0
+        >>> cnt = torch.ones(1, 2, 5, dtype=torch.int32, device="cuda")
+        >>> block_sparse_attn_hopper64(q, q, q, idx, cnt, 128 ** -0.5).shape
+        torch.Size([1, 2, 300, 128])
+    """
+    B, H, S, D = q.shape
+    assert D == HEAD_DIM and q.dtype in _GL_DTYPES, (q.shape, q.dtype)
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    n_qb = triton.cdiv(S, BLOCK)
+    idx = kv_indices.to(torch.int32).contiguous()
+    cnt = kv_counts.to(torch.int32).contiguous()
+    assert tuple(idx.shape[:3]) == (B, H, n_qb) and tuple(cnt.shape) == (B, H, n_qb), (idx.shape, cnt.shape)
+    o = torch.empty_like(q) if out is None else out
+    assert o.is_contiguous() and o.shape == q.shape and o.dtype == q.dtype
+    if idx.shape[-1] == 0:  # no key anywhere
+        return o.zero_()
+    qd, kd, vd, od = _descs(q, k, v, o)
+    n_pairs = triton.cdiv(n_qb, 2)
+    grid = (n_pairs * B * H, )
+    block_sparse_fwd64_ws[grid](
+        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E,
+        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"])
+    return o
