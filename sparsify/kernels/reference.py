@@ -241,13 +241,16 @@ def _fast_gather(*xs) -> bool:
 _SLOT_SOURCE: dict = {}
 
 
-def _scatter_on() -> bool:
-    """`FAST["scatter"]` of the Triton helpers (benchmarks switch the fused inverse layout off with it)."""
+def _scatters(block_fn, *xs) -> bool:
+    """Whether `block_fn` should store rows straight to token order: it can (`scatters_rows`), the fused inverse
+    is on (`FAST["scatter"]`, benchmarks switch it off) and no gradient is recorded for `xs`."""
+    if not getattr(block_fn, "scatters_rows", False):
+        return False
     try:
-        from .gather import FAST
+        from .gather import FAST, needs_grad
     except ImportError:  # pragma: no cover
         return False
-    return FAST["scatter"]
+    return FAST["scatter"] and not needs_grad(*xs)
 
 
 def _slot_source(src: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -329,8 +332,7 @@ def tiled_sparse_attention(
     if key_mask is None:  # when only the last block is short, the slot prefix with an ordinary tail and no lengths
         L, lens = (ts.prefix_len, None) if ts.prefix_len is not None else (ts.q.shape[2], ts.block_lens)
         args = (ts.q[:, :, :L], ts.k[:, :, :L], ts.v[:, :, :L], idx, cnt)
-        if getattr(block_fn, "scatters_rows", False) and _scatter_on() and not (
-                torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        if _scatters(block_fn, q, k, v):
             # the kernel stores each slot's row straight to its token's row: no inverse pass
             return block_fn(*args, block_size=(vol, vol), scale=scale, kv_block_lens=lens,
                             out_rows=_slot_source(ts.src, ts.valid)[:L], out_len=S)
