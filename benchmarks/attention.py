@@ -59,7 +59,7 @@ VARIANTS = {
     "tn32_st3": dict(tile_n=32, num_stages=3),
     "tn32_st2": dict(tile_n=32, num_stages=2),
     "st2": dict(num_stages=2),  # 64x64 blocks: the default's 3 stages against 2 (session 7's ablation)
-    # the plain Triton kernel with its defaults (where `ours` runs the Gluon kernel: sm_90, 128x128 blocks)
+    # the plain Triton kernel with its defaults (where `ours` runs a Gluon kernel: sm_90, 64x64 or 128x128 blocks)
     "triton": {},
 }
 

@@ -1,4 +1,4 @@
-"""GPU check of the experimental 64x64 Gluon kernel (`sparsify.kernels.hopper64`): correctness, then timing.
+"""GPU check of the 64x64 Gluon kernel (`sparsify.kernels.hopper64`): correctness, then timing.
 
     python -m benchmarks.hopper64_check [--no-bench] [--no-check]
 
@@ -14,7 +14,8 @@
     (64, 64), scale, None)` and of the Gluon kernel (2 and 3 stages) at B1 H40 S75600 D128 bf16 with 59 and 118
     random distinct sorted key blocks of 1182 per query block (`benchmarks.attention.random_selection`), ms and
     ratio, plus the rel-L2 of the Gluon output against the Triton one.
-Prints only (no JSON: the kernel is not wired in yet); always exits 0. About 1-2 minutes on an H200.
+Prints only (no JSON; the kernel-alone table is `benchmarks.attention --block 64 --variants triton`); always exits
+0. About 1-2 minutes on an H200.
 """
 
 from __future__ import annotations

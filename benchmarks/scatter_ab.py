@@ -1,10 +1,13 @@
-"""A/B of the whole op with the inverse layout fused into the kernel's store against a separate inverse pass.
+"""A/B of the whole op with one fast path on and off: by default the inverse layout fused into the kernel's store
+against a separate inverse pass.
 
-    python -m benchmarks.scatter_ab [--shape 14b] [--densities 0.05,0.1] [--rounds 5] [--method vsa] [--out PATH]
+    python -m benchmarks.scatter_ab [--shape 14b] [--densities 0.05,0.1] [--rounds 5] [--method vsa]
+                                    [--switch scatter|hopper] [--out PATH]
 
-Times `runtime.run_site` (gather, selection, kernel, inverse layout) with `FAST["scatter"]` on (the kernel stores
-each row to its token) and off (slot order, then `gather_rows` through the inverse permutation), alternating for
+Times `runtime.run_site` (gather, selection, kernel, inverse layout) with `FAST[switch]` on and off, alternating for
 `--rounds` rounds (`benchmarks.alternated`) on the same inputs, with dense cuDNN timed in the same process.
+`--switch scatter` (default): on = the kernel stores each row to its token, off = slot order, then `gather_rows`
+through the inverse permutation. `--switch hopper`: on = the Gluon kernels (sm_90), off = the plain Triton kernel.
 Prints the medians and writes a JSON.
 """
 
@@ -15,8 +18,10 @@ import sys
 
 import torch
 
+NAMES = {"scatter": ("fused", "separate"), "hopper": ("gluon", "plain")}  # FAST switch -> (on, off) labels
 
-def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4)) -> list[dict]:
+
+def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4), switch: str = "scatter") -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from benchmarks import alternated, time_ms
@@ -35,24 +40,25 @@ def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4))
         st = bench_site(f"scatter_ab.{shape}", method, tile, d, H, D)
         site, geom = torch.tensor([st.site_id]), [*grid, 0]
 
-        def op(fused: bool):
-            FAST["scatter"] = fused
+        def op(on: bool):
+            FAST[switch] = on
             try:
                 return runtime.run_site(q, k, v, site, geom, None)
             finally:
-                FAST["scatter"] = True
+                FAST[switch] = True
 
         a, b = op(True), op(False)
         same = float((a.float() - b.float()).abs().max())
-        times, med = alternated({"fused": lambda: op(True), "separate": lambda: op(False)}, rounds)
+        on, off = NAMES[switch]
+        times, med = alternated({on: lambda: op(True), off: lambda: op(False)}, rounds)
         runtime.STATE.sites.pop(st.site_id)
-        rows.append({"shape": name, "method": method, "density": d, "cudnn_ms": t_cudnn, "ms": times,
-                     "median_ms": med, "max_abs_diff": same,
+        rows.append({"shape": name, "method": method, "density": d, "switch": switch, "cudnn_ms": t_cudnn,
+                     "ms": times, "median_ms": med, "max_abs_diff": same,
                      "x_vs_cudnn": {k_: t_cudnn / t for k_, t in med.items()}})
-        print(f"{name} {method} d={d:<5g} cuDNN {t_cudnn:7.2f} ms | op fused {med['fused']:7.3f} ms "
-              f"({t_cudnn / med['fused']:5.2f}x)  separate {med['separate']:7.3f} ms ({t_cudnn / med['separate']:5.2f}x)"
-              f"  fused/separate {med['fused'] / med['separate']:.3f}  max |diff| {same:.1e}  (rounds: fused "
-              f"{['%.2f' % t for t in times['fused']]}, separate {['%.2f' % t for t in times['separate']]})", flush=True)
+        print(f"{name} {method} d={d:<5g} cuDNN {t_cudnn:7.2f} ms | op {on} {med[on]:7.3f} ms "
+              f"({t_cudnn / med[on]:5.2f}x)  {off} {med[off]:7.3f} ms ({t_cudnn / med[off]:5.2f}x)"
+              f"  {on}/{off} {med[on] / med[off]:.3f}  max |diff| {same:.1e}  (rounds: {on} "
+              f"{['%.2f' % t for t in times[on]]}, {off} {['%.2f' % t for t in times[off]]})", flush=True)
     return rows
 
 
@@ -66,11 +72,12 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--densities", default="0.05,0.1")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--method", default="vsa")
+    ap.add_argument("--switch", default="scatter", choices=sorted(NAMES))
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks.scatter_ab needs a CUDA GPU")
-    rows = run(a.shape, [float(x) for x in a.densities.split(",")], a.rounds, a.method)
+    rows = run(a.shape, [float(x) for x in a.densities.split(",")], a.rounds, a.method, switch=a.switch)
     write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                   "command": "python -m benchmarks.scatter_ab " + " ".join(argv or sys.argv[1:]), "rows": rows},
                  a.out, "scatter_ab")

@@ -13,8 +13,9 @@ triton = pytest.importorskip("triton")
 hopper = pytest.importorskip("sparsify.kernels.hopper", reason="this triton has no (compatible) Gluon")
 
 
-def _compile(dtype: str, kernel: str):
-    """`triton.compile` of the 128x128 ping-pong kernel (`hopper`) or the 64x64 one (`hopper64`) for sm_90."""
+def _compile(dtype: str, kernel: str, has_dst: bool = False):
+    """`triton.compile` of the 128x128 ping-pong kernel (`hopper`) or the 64x64 one (`hopper64`) for sm_90, with the
+    TMA store or (`has_dst`) the fused inverse layout's row stores."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -29,9 +30,10 @@ def _compile(dtype: str, kernel: str):
         fn, warps, maxnreg = hopper.block_sparse_fwd_ws, cfg["num_warps"], cfg["maxnreg"]
         sig = {"q_desc": desc([1, cfg["rows"], 128]), "k_desc": desc([1, 128, 128]), "v_desc": desc([1, 128, 128]),
                "o_desc": desc([1, cfg["rows"], 128]), "IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32",
-               "MAX_KV": "i32", "N_TILES": "i32", "qk_scale": "fp32"}
+               "MAX_KV": "i32", "N_TILES": "i32", "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32",
+               "OUT_LEN": "i32"}
         const = {"NUM_STAGES": 2, "PINGPONG": True, "SEPARATE_O": False, "CONSUMER_REGS": 240, "PRODUCER_REGS": 24,
-                 "num_warps": warps}
+                 "num_warps": warps, "HAS_DST": has_dst}
     else:
         from sparsify.kernels import hopper64
 
@@ -39,21 +41,22 @@ def _compile(dtype: str, kernel: str):
         fn, warps, maxnreg = hopper64.block_sparse_fwd64_ws, launch["num_warps"], launch["maxnreg"]
         sig = {name: desc([1, 64, 128]) for name in ("q_desc", "k_desc", "v_desc", "o_desc")}
         sig.update({"IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32", "N_PAIRS": "i32", "MAX_KV": "i32",
-                    "qk_scale": "fp32"})
+                    "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32", "OUT_LEN": "i32"})
         const = {"NUM_STAGES": 2, "CONSUMER_REGS": launch["consumer_regs"], "PRODUCER_REGS": launch["producer_regs"],
-                 "num_warps": warps}
+                 "num_warps": warps, "HAS_DST": has_dst}
     sig.update({name: "constexpr" for name in const})
     src = GluonASTSource(fn, signature=sig, constexprs=const,
-                         attrs={(4,): [["tt.divisibility", 16]], (5,): [["tt.divisibility", 16]]})
+                         attrs={(i,): [["tt.divisibility", 16]] for i in (4, 5, 11, 12)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
 
-@pytest.mark.parametrize("kernel", ["hopper", "hopper64"])
-@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
-def test_compiles_for_sm90_without_spills_or_serialized_wgmma(dtype, kernel):
-    """The kernel builds for sm_90a: shared memory within the 227 KiB limit, no spills, wgmma not serialized
-    (hopper64, the 64x64 form, has not run on a GPU yet: this is its only test)."""
-    kernel = _compile(dtype, kernel)
+@pytest.mark.parametrize("kernel,dtype,has_dst", [("hopper", "bf16", False), ("hopper", "fp16", False),
+                                                   ("hopper64", "bf16", False), ("hopper64", "fp16", False),
+                                                   ("hopper", "bf16", True), ("hopper64", "bf16", True)])
+def test_compiles_for_sm90_without_spills_or_serialized_wgmma(kernel, dtype, has_dst):
+    """The kernel builds for sm_90a: shared memory within the 227 KiB limit, no spills, wgmma not serialized (Gluon
+    has no interpreter: correctness is tests/gpu/test_hopper_gpu.py)."""
+    kernel = _compile(dtype, kernel, has_dst)
     assert 0 < kernel.metadata.shared <= 232448
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     logs = []
@@ -81,28 +84,45 @@ def test_supports_says_why_not():
 
 
 def test_block_sparse_attn_dispatch(monkeypatch):
-    """block_sparse_attn takes the Gluon kernel when it serves the call, once-failing keys fall back with a warning."""
-    from sparsify.kernels import block_sparse
+    """block_sparse_attn takes the Gluon kernel of the block size (128: hopper, 64: hopper64) when it serves the
+    call, the scattered entry passes its row map on, and a once-failing (device, dtype, block) falls back with one
+    warning without turning off the other block size."""
+    from sparsify.kernels import block_sparse, hopper64
     from sparsify.kernels.gather import FAST
 
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
     monkeypatch.setattr(hopper, "supports", lambda *a, **kw: (True, ""))
-    monkeypatch.setattr(hopper, "block_sparse_attn_hopper", lambda q, *a, **kw: calls.append(q) or "gluon")
+    monkeypatch.setattr(hopper, "block_sparse_attn_hopper", lambda q, *a, **kw: calls.append((128, kw)) or "g128")
+    monkeypatch.setattr(hopper64, "block_sparse_attn_hopper64", lambda q, *a, **kw: calls.append((64, kw)) or "g64")
     monkeypatch.setattr(block_sparse, "_HOPPER_OFF", set())
     q = torch.empty(1, 1, 300, 128)
     assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None  # not CUDA
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
-    assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) == "gluon" and len(calls) == 1
+    assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) == "g128"
+    assert block_sparse._hopper(q, q, q, None, None, (64, 64), 0.1, None, "rows", 7) == "g64"
+    assert calls == [(128, {"out_rows": None, "out_len": None}), (64, {"out_rows": "rows", "out_len": 7})]
     monkeypatch.setitem(FAST, "hopper", False)
-    assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None and len(calls) == 1
+    assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None and len(calls) == 2
     monkeypatch.setitem(FAST, "hopper", True)
 
     def boom(*a, **kw):
         raise RuntimeError("no")
 
     monkeypatch.setattr(hopper, "block_sparse_attn_hopper", boom)
-    with pytest.warns(RuntimeWarning, match="Gluon Hopper kernel failed"):
+    with pytest.warns(RuntimeWarning, match=r"Gluon Hopper kernel for \(128, 128\) blocks failed"):
         assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None
-    monkeypatch.setattr(hopper, "block_sparse_attn_hopper", lambda q, *a, **kw: "gluon")
+    monkeypatch.setattr(hopper, "block_sparse_attn_hopper", lambda q, *a, **kw: "g128")
     assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None  # remembered as failing
+    assert block_sparse._hopper(q, q, q, None, None, (64, 64), 0.1, None) == "g64"  # the other block size still runs
+
+
+def test_gluon_inputs_take_slot_prefixes_without_a_copy():
+    """`_bh3` views a contiguous tensor or its slot prefix `t[:, :, :L]` as `[B*H, L, D]` without a copy (the op's
+    kernel call), and refuses strides that have no such view."""
+    t = torch.randn(2, 3, 10, 128)
+    for x in (t, t[:, :, :7]):
+        v = hopper._bh3(x)
+        assert v.data_ptr() == x.data_ptr() and torch.equal(v, x.reshape(6, x.shape[2], 128))
+    assert hopper._bh3(t.transpose(1, 2)) is None  # [B, S, H, D] memory: heads are not a [B*H] axis
+    assert hopper._bh3(t.transpose(1, 2)[:1]) is not None  # ... unless B = 1

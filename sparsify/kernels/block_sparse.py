@@ -489,10 +489,11 @@ def block_sparse_attn(
     mask_mod, and of `block_sparse_attn_reference`. A query row that sees no key at all (count 0, or
     every selected key masked by `kv_block_lens`) returns zeros, not NaN.
 
-    On an sm_90 GPU (H100/H200), forward calls with 128x128 blocks, 16-bit contiguous q, k, v of head_dim 128
-    and no `kv_block_lens` run the warp-specialized Gluon kernel of `sparsify.kernels.hopper` (a TMA producer
-    warp and two consumer warpgroups in ping-pong); `sparsify.kernels.gather.FAST["hopper"] = False` turns it
-    off. Every other call runs the plain Triton kernel.
+    On an sm_90 GPU (H100/H200), forward calls with 128x128 or 64x64 blocks, 16-bit q, k, v of head_dim 128
+    (contiguous, or slot prefixes of contiguous tensors) and no `kv_block_lens` run the warp-specialized Gluon
+    kernels of `sparsify.kernels.hopper` and `hopper64` (a TMA producer warp and two consumer warpgroups in
+    ping-pong); `sparsify.kernels.gather.FAST["hopper"] = False` turns them off. Every other call runs the plain
+    Triton kernel.
 
     Runs on CUDA (TMA tensor-descriptor loads on Hopper and newer, pointer loads otherwise) and on CPU
     tensors under the Triton interpreter (`TRITON_INTERPRET=1` in the environment at call time; slow,
@@ -551,15 +552,17 @@ def block_sparse_attn(
     return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens)
 
 
-_HOPPER_OFF: set = set()  # (device, dtype) keys whose Gluon kernel failed once, and "import" if gluon is missing
+_HOPPER_OFF: set = set()  # (device, dtype, block size) keys whose Gluon kernel failed once; "import": no Gluon
 
 
-def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens):
-    """The warp-specialized Gluon kernel's output (`sparsify.kernels.hopper`) when it serves the call, else None.
+def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows=None, out_len=None):
+    """The warp-specialized Gluon kernels' output (`sparsify.kernels.hopper` for 128x128 blocks, `hopper64` for
+    64x64) when one serves the call, else None.
 
-    It serves forward calls on sm_90 with 128x128 blocks, 16-bit contiguous q, k, v, head_dim 128 and no
-    `kv_block_lens` (`hopper.supports`), unless `gather.FAST["hopper"]` is off. If it cannot be imported (a
-    triton without Gluon) or fails once for a (device, dtype), one warning is given and the plain kernel is used.
+    They serve forward calls on sm_90 with 16-bit q, k, v of head_dim 128 and no `kv_block_lens`
+    (`hopper.supports`), unless `gather.FAST["hopper"]` is off. If they cannot be imported (a triton without
+    Gluon) or one fails once for a (device, dtype, block size), one warning is given and the plain kernel is used.
+    `out_rows`/`out_len`: the fused inverse layout of `block_sparse_attn_scattered`.
     """
     from .gather import FAST
 
@@ -567,21 +570,22 @@ def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens):
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
     try:
-        from . import hopper
+        from . import hopper, hopper64
     except Exception as e:  # no (or another) Gluon in this triton
         _HOPPER_OFF.add("import")
-        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernel is unavailable ({type(e).__name__}: {e}); "
+        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernels are unavailable ({type(e).__name__}: {e}); "
                       "using the plain Triton kernel", RuntimeWarning)
         return None
-    key = (q.device, q.dtype)
+    key = (q.device, q.dtype, tuple(block_size))
     if key in _HOPPER_OFF or not hopper.supports(q, k, v, block_size, kv_block_lens)[0]:
         return None
+    fn = hopper.block_sparse_attn_hopper if tuple(block_size) == (128, 128) else hopper64.block_sparse_attn_hopper64
     try:
-        return hopper.block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale)
+        return fn(q, k, v, kv_indices, kv_counts, scale, out_rows=out_rows, out_len=out_len)
     except Exception as e:  # compile or launch failure: remember, use the plain kernel
         _HOPPER_OFF.add(key)
-        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernel failed ({type(e).__name__}: {e}); "
-                      "using the plain Triton kernel", RuntimeWarning)
+        warnings.warn(f"block_sparse_attn: the Gluon Hopper kernel for {tuple(block_size)} blocks failed "
+                      f"({type(e).__name__}: {e}); using the plain Triton kernel", RuntimeWarning)
         return None
 
 
@@ -593,7 +597,7 @@ def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_le
     kernel's own store, which saves a separate pass that would read and write the whole output again. Rows
     with `out_rows[r] < 0` (padding slots) are dropped; output rows that no query row names are left
     uninitialized, so `out_rows` must name every output row (the op's slot-to-token map does). Forward
-    only: autograd is not recorded.
+    only: autograd is not recorded. The Gluon kernels serve it where they serve `block_sparse_attn`.
 
     Args:
         q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens: as for `block_sparse_attn`.
@@ -615,5 +619,8 @@ def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_le
     _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     with torch.no_grad():
+        out = _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows, out_len)
+        if out is not None:
+            return out
         return _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows=out_rows,
                        out_len=out_len)

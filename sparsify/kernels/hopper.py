@@ -2,8 +2,8 @@
 
 Written with `triton.experimental.gluon` (Triton >= 3.6), which exposes what plain Triton cannot: warp
 specialization with per-partition register budgets, mbarriers, TMA and asynchronous wgmma. `block_sparse_attn`
-uses it for 128x128 blocks on sm_90 (H100/H200) when `supports` says yes, else the plain Triton kernel.
-Measurements: benchmarks/NOTES.md, "Session 7".
+uses it for 128x128 blocks (and `hopper64`, its 64x64 form, for 64x64 blocks) on sm_90 (H100/H200) when `supports`
+says yes, else the plain Triton kernel. Measurements: benchmarks/NOTES.md, "Session 7" and "Session 8".
 
 Semantics: as `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(128, 128))`:
 query block i of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`; keys >= S are masked;
@@ -143,10 +143,26 @@ def _softmax_step(s_tile, m_i, l_i, n_valid, qk_scale, mma_layout: gl.constexpr,
 
 
 @gluon.jit
+def _store_rows(out, O, DST, pid_bh, row0, S, OUT_LEN, ROWS: gl.constexpr, HEAD_DIM: gl.constexpr,
+                NW: gl.constexpr):
+    """The fused inverse layout: query row r = row0 + i (< S) of `out` ([ROWS, D], any layout) goes to row DST[r]
+    of (b, h) = pid_bh of the [B*H, OUT_LEN, D] output O (DST[r] < 0: dropped), 16-byte vector stores."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [NW, 1], [1, 0])
+    vals = gl.convert_layout(out, layout)
+    r = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
+    c = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, layout))
+    dst = gl.load(DST + r, mask=r < S, other=-1)
+    base = O + pid_bh.to(gl.int64) * OUT_LEN * HEAD_DIM
+    ptrs = base + gl.expand_dims(dst.to(gl.int64) * HEAD_DIM, 1) + gl.expand_dims(c, 0)
+    gl.store(ptrs, vals, mask=gl.expand_dims(dst >= 0, 1))
+
+
+@gluon.jit
 def _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale,
+              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
               WG: gl.constexpr, ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr):
+              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
+              HAS_DST: gl.constexpr):
     # wgmma accumulator layout for this partition: NW warps stacked along M (4 warps = one warpgroup = 64 rows)
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
@@ -243,32 +259,38 @@ def _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_
         l_o = gl.convert_layout(l_i, orow_layout)
         l_safe = gl.where(l_o > 0.0, l_o, 1.0)
         out = (acc / gl.expand_dims(l_safe, 1)).to(o_desc.dtype)
-        tma.store_wait(0)
-        o_tile.store(out)
-        fence_async_shared()
-        _tma_store(o_desc, [pid_bh, pid_m * (ROWS * NUM_CONSUMERS) + WG * ROWS, 0], o_view3)
+        row0 = pid_m * (ROWS * NUM_CONSUMERS) + WG * ROWS
+        if HAS_DST:
+            _store_rows(out, O, DST, pid_bh, row0, S, OUT_LEN, ROWS, HEAD_DIM, NW)
+        else:
+            tma.store_wait(0)
+            o_tile.store(out)
+            fence_async_shared()
+            _tma_store(o_desc, [pid_bh, row0, 0], o_view3)
         tc += 1
     tma.store_wait(0)
 
 
 @gluon.jit
 def _consumer0(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale,
+               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
                ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr):
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, 0, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N,
-              HEAD_DIM, PINGPONG, NW)
+              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, 0, ROWS, NUM_CONSUMERS,
+              NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, NW, HAS_DST)
 
 
 @gluon.jit
 def _consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale,
+               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
                ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr):
+               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, 1, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N,
-              HEAD_DIM, PINGPONG, NW)
+              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, 1, ROWS, NUM_CONSUMERS,
+              NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, NW, HAS_DST)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -276,8 +298,10 @@ def _consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale,
+                        O, DST, OUT_LEN,
                         NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
+                        HAS_DST: gl.constexpr):
     """Grid (programs,): program p serves the tiles p, p + programs, ... of the N_TILES = n_qb * B * H query blocks
     (programs = N_TILES: one tile each; programs = #SMs: persistent, needs SEPARATE_O)."""
     ROWS: gl.constexpr = q_desc.block_type.shape[1]  # query rows per consumer partition
@@ -314,19 +338,19 @@ def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_K
     if PINGPONG:
         gl.warp_specialize([
             (_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, ROWS, NUM_CONSUMERS,
-                          NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps)),
+                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
+                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps, HAS_DST)),
             (_consumer1, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, ROWS, NUM_CONSUMERS,
-                          NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, 4)),
+                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
+                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, 4, HAS_DST)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, IDX, CNT, N_QB, MAX_KV, N_TILES, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
     else:
         gl.warp_specialize([
             (_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, ROWS, NUM_CONSUMERS,
-                          NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps)),
+                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
+                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps, HAS_DST)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
                          v_empty, IDX, CNT, N_QB, MAX_KV, N_TILES, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N)),
         ], [1], [PRODUCER_REGS])
@@ -338,37 +362,65 @@ def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_K
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-def _descs(q, k, v, o, rows):
-    """Rank-3 `[B*H, S, D]` TMA descriptors (loads past S read zeros, stores past S are clipped)."""
-    B, H, S, D = q.shape
+def _bh3(t: torch.Tensor):
+    """`[B, H, S, D]` `t` as a `[B*H, S, D]` view without a copy (a slot prefix `t[:, :, :L]` qualifies), or None
+    when its strides do not allow one."""
+    B, H, S, D = t.shape
+    if t.stride(3) != 1 or (B > 1 and t.stride(0) != H * t.stride(1)):
+        return None
+    return t.as_strided((B * H, S, D), (t.stride(1), t.stride(2), 1))
+
+
+def _descs(q, k, v, o, rows: int, block_n: int):
+    """Rank-3 `[B*H, S, D]` TMA descriptors, blocks of `rows` query / `block_n` key rows (loads past S read zeros,
+    stores past S are clipped)."""
+    D = q.shape[-1]
     descs = []
-    for t, blk in ((q, [1, rows, D]), (k, [1, BLOCK, D]), (v, [1, BLOCK, D]), (o, [1, rows, D])):
-        t3 = t.view(B * H, S, D)
+    for t, blk in ((q, [1, rows, D]), (k, [1, block_n, D]), (v, [1, block_n, D]), (o, [1, rows, D])):
+        t3 = _bh3(t)
         layout = gl.NVMMASharedLayout.get_default_for(blk, _GL_DTYPES[t.dtype])
         descs.append(TensorDescriptor(t3, list(t3.shape), list(t3.stride()), blk, layout))
     return descs
 
 
-def supports(q, k, v, block_size, kv_block_lens=None) -> tuple[bool, str]:
-    """Whether `block_sparse_attn_hopper` serves this call (cheap, no launch); else `(False, reason)`.
+def _output(q, out, out_rows, out_len):
+    """(output tensor, row map, its length) of a launch: q's shape, or `[B, H, out_len, D]` with `out_rows`; the
+    row map is a dummy int32 tensor without `out_rows`."""
+    B, H, S, D = q.shape
+    shape = (B, H, S if out_rows is None else int(out_len), D)
+    o = torch.empty(shape, device=q.device, dtype=q.dtype) if out is None else out
+    if not (o.is_contiguous() and tuple(o.shape) == shape and o.dtype == q.dtype):
+        raise ValueError(f"out must be a contiguous {q.dtype} tensor of shape {shape}, got {o.dtype} "
+                         f"{tuple(o.shape)}")
+    if out_rows is None:
+        return o, torch.empty(1, device=q.device, dtype=torch.int32), S
+    rows = out_rows.to(q.device, torch.int32).contiguous()
+    if rows.numel() < S:
+        raise ValueError(f"out_rows has {rows.numel()} entries for {S} query rows")
+    return o, rows, shape[2]
 
-    It needs an sm_90 GPU (wgmma; H100/H200), q, k, v contiguous `[B, H, S, 128]` of one 16-bit dtype on it,
-    16-byte aligned, 128x128 blocks and no `kv_block_lens`.
+
+def supports(q, k, v, block_size, kv_block_lens=None) -> tuple[bool, str]:
+    """Whether a Gluon kernel serves this call (cheap, no launch); else `(False, reason)`.
+
+    `block_sparse_attn_hopper` serves 128x128 blocks and `hopper64.block_sparse_attn_hopper64` 64x64 blocks; both
+    need an sm_90 GPU (wgmma; H100/H200), q, k, v as `inputs_ok` asks and no `kv_block_lens`.
 
     Example:
         >>> supports(*(torch.empty(1, 1, 300, 128) for _ in range(3)), (128, 128))
         (False, 'not a CUDA tensor')
     """
-    if tuple(block_size) != (BLOCK, BLOCK):
-        return False, f"block size {tuple(block_size)} (the Gluon kernel has 128x128 blocks)"
+    if tuple(block_size) not in ((BLOCK, BLOCK), (64, 64)):
+        return False, f"block size {tuple(block_size)} (the Gluon kernels have 64x64 or 128x128 blocks)"
     if kv_block_lens is not None:
         return False, "kv_block_lens"
     return inputs_ok(q, k, v)
 
 
 def inputs_ok(q, k, v) -> tuple[bool, str]:
-    """The Gluon kernels' input conditions: q, k, v contiguous, 16-byte aligned `[B, H, S, 128]` tensors of one
-    16-bit dtype on an sm_90 GPU; else `(False, reason)`.
+    """The Gluon kernels' input conditions: q, k, v 16-byte aligned `[B, H, S, 128]` tensors of one 16-bit dtype on
+    an sm_90 GPU, each viewable as `[B*H, S, 128]` without a copy (contiguous, or a slot prefix of a contiguous
+    tensor); else `(False, reason)`.
 
     Example:
         >>> inputs_ok(*(torch.empty(1, 1, 300, 128) for _ in range(3)))
@@ -381,14 +433,14 @@ def inputs_ok(q, k, v) -> tuple[bool, str]:
     if q.dtype not in _GL_DTYPES or q.dim() != 4 or q.shape[-1] != 128:
         return False, f"dtype {q.dtype} / shape {tuple(q.shape)} (needs 16-bit, head_dim 128)"
     for t in (q, k, v):
-        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or not t.is_contiguous() \
-                or t.data_ptr() % 16:
-            return False, "q, k, v not contiguous, aligned tensors of one shape and dtype"
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device or _bh3(t) is None \
+                or t.data_ptr() % 16 or t.stride(1) % 8 or t.stride(2) % 8:
+            return False, "q, k, v not 16-byte aligned [B*H, S, D] views of one shape and dtype"
     return True, ""
 
 
 def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None, variant="pingpong",
-                             num_stages=2, num_programs=None):
+                             num_stages=2, num_programs=None, out_rows=None, out_len=None):
     """Block-sparse attention forward with the warp-specialized Gluon kernel (call `supports` first).
 
     Semantics of `sparsify.kernels.block_sparse_attn` with 128x128 blocks (rows with no key are zeros).
@@ -398,13 +450,15 @@ def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None,
     "coop" / "coop_persistent" (one 8-warp consumer, no turn-taking).
 
     Args:
-        q, k, v: contiguous `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU.
+        q, k, v: `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU, as `inputs_ok` asks.
         kv_indices, kv_counts: the selection, as for `block_sparse_attn` with block_size (128, 128).
         scale: softmax scale.
-        out: optional contiguous output of q's shape and dtype, written in place.
+        out: optional contiguous output (of the result's shape and q's dtype), written in place.
+        out_rows, out_len: the fused inverse layout of `block_sparse_attn_scattered`: query row r goes to row
+            `out_rows[r]` (< 0: dropped) of a `[B, H, out_len, 128]` result; rows nobody names stay unwritten.
 
     Returns:
-        `[B, H, S, 128]` in q's dtype.
+        `[B, H, S, 128]` (or `[B, H, out_len, 128]`) in q's dtype.
 
     Example:
         >>> q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
@@ -418,8 +472,8 @@ def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None,
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
     cfg = VARIANTS[variant]
-    o = torch.empty_like(q) if out is None else out
-    qd, kd, vd, od = _descs(q, k, v, o, cfg["rows"])
+    o, dst, out_len = _output(q, out, out_rows, out_len)
+    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, cfg["rows"], BLOCK)
     n_tiles = n_qb * B * H
     if cfg["persistent"]:
         if num_programs is None:
@@ -428,7 +482,8 @@ def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None,
     else:
         grid = (n_tiles, )
     block_sparse_fwd_ws[grid](
-        qd, kd, vd, od, idx, cnt, S, n_qb, idx.shape[-1], n_tiles, float(scale) * LOG2E,
+        qd, kd, vd, od, idx, cnt, S, n_qb, idx.shape[-1], n_tiles, float(scale) * LOG2E, o, dst, out_len,
         NUM_STAGES=num_stages, PINGPONG=cfg["consumers"] == 2, SEPARATE_O=cfg["persistent"],
-        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"])
+        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
+        HAS_DST=out_rows is not None)
     return o

@@ -1,8 +1,8 @@
-"""EXPERIMENTAL Gluon block-sparse attention forward for Hopper, 64x64 blocks: one CTA = two query blocks, ping-pong.
+"""Gluon block-sparse attention forward for Hopper, 64x64 blocks: one CTA = two query blocks, ping-pong.
 
-Status (session 7): compiled ahead of time for sm_90 with triton 3.6 and 3.9 (no spills, wgmma not serialized;
-`tests/test_hopper.py`), **never run on a GPU**, and not used by `block_sparse_attn` or the op. Verify it with
-`python -m benchmarks.hopper64_check` before wiring it in (benchmarks/NOTES.md, "Session 7").
+`block_sparse_attn` uses it for 64x64 blocks on sm_90 when `hopper.supports` says yes. Checked on an H200 with
+`python -m benchmarks.hopper64_check` and `tests/gpu/test_hopper_gpu.py`; speed in benchmarks/NOTES.md, "Session 8".
+Compiled ahead of time for sm_90 on every CI run (`tests/test_hopper.py`).
 
 Semantics: `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64))`:
 query block i (rows i*64 .. i*64+63) of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`
@@ -66,11 +66,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import _GL_DTYPES, LOG2E, _softmax_step, _tma_load, _tma_store, inputs_ok
+from .hopper import LOG2E, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store, inputs_ok
 
-__all__ = ["block_sparse_attn_hopper64", "supports64", "LAUNCH"]
+__all__ = ["block_sparse_attn_hopper64", "LAUNCH"]
 
 BLOCK = 64  # query block = key block = 64 (semantic)
 HEAD_DIM = 128
@@ -174,9 +173,9 @@ def _pass_turn(turn, k, n_other, WG: gl.constexpr):
 
 @gluon.jit
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
               WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr):
+              HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr):
     # one warpgroup = 64 rows along M
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
@@ -260,26 +259,33 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         l_o = gl.convert_layout(l_i, orow_layout)
         l_safe = gl.where(l_o > 0.0, l_o, 1.0)
         out = (acc / gl.expand_dims(l_safe, 1)).to(o_desc.dtype)
-        q_tile.store(out)
-        fence_async_shared()
-        _tma_store(o_desc, [pid_bh, qb * BLOCK_M, 0], q_view3)
-        tma.store_wait(0)
+        if HAS_DST:
+            _store_rows(out, O, DST, pid_bh, qb * BLOCK_M, S, OUT_LEN, BLOCK_M, HEAD_DIM, 4)
+        else:
+            q_tile.store(out)
+            fence_async_shared()
+            _tma_store(o_desc, [pid_bh, qb * BLOCK_M, 0], q_view3)
+            tma.store_wait(0)
 
 
 @gluon.jit
 def _consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
-               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, 0, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 0, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST)
 
 
 @gluon.jit
 def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
-               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr):
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, 1, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 1, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -287,8 +293,9 @@ def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, 
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
+                          O, DST, OUT_LEN,
                           NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr):
+                          num_warps: gl.constexpr, HAS_DST: gl.constexpr):
     """Grid (N_PAIRS * B * H,): program p serves the query blocks 2 * (p % N_PAIRS) + {0, 1} of head p // N_PAIRS
     (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2)."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -316,9 +323,11 @@ def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_P
 
     gl.warp_specialize([
         (_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST)),
         (_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, NUM_STAGES, BLOCK_M, BLOCK_N, HEAD_DIM)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
                      IDX, CNT, N_QB, N_PAIRS, MAX_KV, NUM_STAGES, BLOCK_M, BLOCK_N)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -327,42 +336,21 @@ def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_P
 # ------------------------------------------------------------------------------------------------------------------
 # host
 # ------------------------------------------------------------------------------------------------------------------
-def _descs(q, k, v, o):
-    """Rank-3 `[B*H, S, D]` TMA descriptors, block [1, 64, D] (loads past S read zeros, stores past S are clipped)."""
-    B, H, S, D = q.shape
-    blk = [1, BLOCK, D]
-    layout = gl.NVMMASharedLayout.get_default_for(blk, _GL_DTYPES[q.dtype])
-    descs = []
-    for t in (q, k, v, o):
-        t3 = t.view(B * H, S, D)
-        descs.append(TensorDescriptor(t3, list(t3.shape), list(t3.stride()), blk, layout))
-    return descs
-
-
-def supports64(q, k, v, block_size) -> tuple[bool, str]:
-    """Whether `block_sparse_attn_hopper64` could serve this call; else `(False, reason)` (cheap, no launch).
-
-    Example:
-        >>> supports64(*(torch.empty(1, 1, 300, 128) for _ in range(3)), (64, 64))
-        (False, 'not a CUDA tensor')
-    """
-    if tuple(block_size) != (BLOCK, BLOCK):
-        return False, f"block size {tuple(block_size)} (this kernel has 64x64 blocks)"
-    return inputs_ok(q, k, v)
-
-
-def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=None, num_stages=2):
+def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=None, num_stages=2, out_rows=None,
+                               out_len=None):
     """Block-sparse attention forward, 64x64 blocks, with the warp-specialized Gluon kernel (sm_90).
 
     Args:
-        q, k, v: contiguous `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU.
+        q, k, v: `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU, as `hopper.inputs_ok` asks.
         kv_indices: int `[B, H, ceil(S/64), max_kv]`; kv_counts: int `[B, H, ceil(S/64)]` (clamped to [0, max_kv]).
         scale: softmax scale.
-        out: optional contiguous output of q's shape and dtype, written in place (every row is written).
+        out: optional contiguous output (of the result's shape and q's dtype), written in place.
         num_stages: K/V stages per consumer ring (2: 160 KiB of shared memory, 3: 224 KiB).
+        out_rows, out_len: the fused inverse layout of `block_sparse_attn_scattered`: query row r goes to row
+            `out_rows[r]` (< 0: dropped) of a `[B, H, out_len, 128]` result; rows nobody names stay unwritten.
 
     Returns:
-        `[B, H, S, 128]` in q's dtype; rows of key-less query blocks are 0.
+        `[B, H, S, 128]` (or `[B, H, out_len, 128]`) in q's dtype; rows of key-less query blocks are 0.
 
     Example:
         >>> q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
@@ -372,21 +360,22 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
         torch.Size([1, 2, 300, 128])
     """
     B, H, S, D = q.shape
-    assert D == HEAD_DIM and q.dtype in _GL_DTYPES, (q.shape, q.dtype)
-    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    assert D == HEAD_DIM and inputs_ok(q, k, v)[0], inputs_ok(q, k, v)
     n_qb = triton.cdiv(S, BLOCK)
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
     assert tuple(idx.shape[:3]) == (B, H, n_qb) and tuple(cnt.shape) == (B, H, n_qb), (idx.shape, cnt.shape)
-    o = torch.empty_like(q) if out is None else out
-    assert o.is_contiguous() and o.shape == q.shape and o.dtype == q.dtype
+    o, dst, out_len = _output(q, out, out_rows, out_len)
     if idx.shape[-1] == 0:  # no key anywhere
-        return o.zero_()
-    qd, kd, vd, od = _descs(q, k, v, o)
+        if out_rows is None:
+            return o.zero_()
+        idx = torch.zeros(B, H, n_qb, 1, dtype=torch.int32, device=q.device)  # the kernel writes the zero rows
+        cnt = torch.zeros(B, H, n_qb, dtype=torch.int32, device=q.device)
+    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, BLOCK, BLOCK)
     n_pairs = triton.cdiv(n_qb, 2)
     grid = (n_pairs * B * H, )
     block_sparse_fwd64_ws[grid](
-        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E,
+        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
         NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"])
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
     return o
