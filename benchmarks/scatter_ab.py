@@ -2,12 +2,13 @@
 against a separate inverse pass.
 
     python -m benchmarks.scatter_ab [--shape 14b] [--densities 0.05,0.1] [--rounds 5] [--method vsa]
-                                    [--switch scatter|hopper] [--out PATH]
+                                    [--switch scatter|hopper|direct] [--out PATH]
 
 Times `runtime.run_site` (gather, selection, kernel, inverse layout) with `FAST[switch]` on and off, alternating for
 `--rounds` rounds (`benchmarks.alternated`) on the same inputs, with dense cuDNN timed in the same process.
 `--switch scatter` (default): on = the kernel stores each row to its token, off = slot order, then `gather_rows`
 through the inverse permutation. `--switch hopper`: on = the Gluon kernels (sm_90), off = the plain Triton kernel.
+`--switch direct`: on = the kernel reads q, k, v in token order (`sparsify.kernels.direct`), off = tile-order copies.
 Prints the medians and writes a JSON.
 """
 
@@ -18,7 +19,8 @@ import sys
 
 import torch
 
-NAMES = {"scatter": ("fused", "separate"), "hopper": ("gluon", "plain")}  # FAST switch -> (on, off) labels
+# FAST switch -> (on, off) labels
+NAMES = {"scatter": ("fused", "separate"), "hopper": ("gluon", "plain"), "direct": ("direct", "tiled")}
 
 
 def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4), switch: str = "scatter") -> list[dict]:

@@ -320,10 +320,17 @@ def _select(st, impl, key, heads, ts, lay, geom, gen, step, B):
     budgets = st.budgets(heads, step)
     reuse = st.mask_reuse if step is not None else None
     log = STATE.selection_log if step is not None else None
+    means = getattr(ts, "means", None)  # the direct path (sparsify.kernels.direct) has no tile-order copies
+
+    def select():
+        if means is not None:
+            return impl.select_from_means(*means, lay, budgets)
+        return impl.select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+
     if reuse is None and log is None:
         st.selections += 1
-        return impl.select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
-    pq, pk = pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay)
+        return select()
+    pq, pk = means if means is not None else (pool_tiles(ts.q[:, :, :P], lay), pool_tiles(ts.k[:, :, :P], lay))
     ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
     hit = st.cache.get(ckey) if reuse is not None else None
     if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
@@ -331,7 +338,7 @@ def _select(st, impl, key, heads, ts, lay, geom, gen, step, B):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]
-    idx, cnt = impl.select(ts.q[:, :, :P], ts.k[:, :, :P], lay, budgets)
+    idx, cnt = select()
     st.selections += 1
     if log is not None:
         log(st, (gen, *ckey), step, pq, pk, idx, cnt)
@@ -352,6 +359,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     dense, and with `mask_reuse` a head group's selection is reused across steps while its pooled q and
     k drift less than the threshold.
     """
+    from .kernels import direct
     from .kernels.reference import tile_sequence, tiled_sparse_attention
 
     st = _site(site)
@@ -428,10 +436,15 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 st.add_work(work)
             else:
                 lay = tile_layout(geom.grid, tile, q.device)
-                ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
-                idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
-                oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
-                                            block_fn=block_fn, tiled=ts)
+                if direct.serves(qh, kh, vh, geom, lay, impl, key_mask, gate):  # no tile-order copies
+                    ts = direct.prepare(qh, kh, vh, lay)
+                    idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                    oh = direct.attention(qh, kh, vh, lay, ts, idx, cnt, scale)
+                else:
+                    ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
+                    idx, cnt = _select(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                    oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
+                                                block_fn=block_fn, tiled=ts)
                 st.add_work(sparse_work(geom, lay, cnt, S))
                 if gate is not None:  # VSA's gated coarse branch (sparsify.training.add_vsa_gates)
                     from .methods.vsa import coarse_attention

@@ -44,6 +44,11 @@ def test_gather_matches_index_select_and_pools(dtype, tile, grid, start, tail):
     for m, r in zip(means, (ref.q, ref.k)):
         exact = pool_tiles(r[:, :, :P].double(), lay)
         assert torch.allclose(m, exact.float(), atol=1e-5, rtol=1e-5)
+    none, only = G.gather_rows([q, k, v], _slot_source(src, valid), pool_tiles=lay.n_tiles, tile_lens=lay.tile_lens,
+                               volume=lay.volume, write=False)  # the means alone (the direct kernel path)
+    assert none == [] and len(only) == 2 and all(torch.equal(a, b) for a, b in zip(only, means))
+    with pytest.raises(ValueError, match="write=False needs pooling"):
+        G.gather_rows([q, k], _slot_source(src, valid), write=False)
 
 
 def test_gather_inverse_and_errors():

@@ -13,9 +13,10 @@ triton = pytest.importorskip("triton")
 hopper = pytest.importorskip("sparsify.kernels.hopper", reason="this triton has no (compatible) Gluon")
 
 
-def _compile(dtype: str, kernel: str, has_dst: bool = False):
+def _compile(dtype: str, kernel: str, has_dst: bool = False, direct: bool = False):
     """`triton.compile` of the 128x128 ping-pong kernel (`hopper`) or the 64x64 one (`hopper64`) for sm_90, with the
-    TMA store or (`has_dst`) the fused inverse layout's row stores."""
+    TMA store or (`has_dst`) the fused inverse layout's row stores; `direct`: hopper64 reading token order through
+    5-D boxes of 4x4x4 tiles."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -39,24 +40,27 @@ def _compile(dtype: str, kernel: str, has_dst: bool = False):
 
         launch = hopper64.LAUNCH
         fn, warps, maxnreg = hopper64.block_sparse_fwd64_ws, launch["num_warps"], launch["maxnreg"]
-        sig = {name: desc([1, 64, 128]) for name in ("q_desc", "k_desc", "v_desc", "o_desc")}
+        blk = desc([1, 4, 4, 4, 128] if direct else [1, 64, 128])
+        sig = {name: blk for name in ("q_desc", "k_desc", "v_desc", "o_desc")}
         sig.update({"IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32", "N_PAIRS": "i32", "MAX_KV": "i32",
-                    "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32", "OUT_LEN": "i32"})
+                    "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32", "OUT_LEN": "i32", "qe_desc": blk,
+                    "ke_desc": blk, "ve_desc": blk, "TAB": "*i32"})
         const = {"NUM_STAGES": 2, "CONSUMER_REGS": launch["consumer_regs"], "PRODUCER_REGS": launch["producer_regs"],
-                 "num_warps": warps, "HAS_DST": has_dst}
+                 "num_warps": warps, "HAS_DST": has_dst or direct, "DIRECT": direct}
     sig.update({name: "constexpr" for name in const})
     src = GluonASTSource(fn, signature=sig, constexprs=const,
-                         attrs={(i,): [["tt.divisibility", 16]] for i in (4, 5, 11, 12)})
+                         attrs={(i,): [["tt.divisibility", 16]] for i in (4, 5, 11, 12, 17)[:4 if kernel == "hopper" else 5]})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "maxnreg": maxnreg})
 
 
-@pytest.mark.parametrize("kernel,dtype,has_dst", [("hopper", "bf16", False), ("hopper", "fp16", False),
-                                                   ("hopper64", "bf16", False), ("hopper64", "fp16", False),
-                                                   ("hopper", "bf16", True), ("hopper64", "bf16", True)])
-def test_compiles_for_sm90_without_spills_or_serialized_wgmma(kernel, dtype, has_dst):
+@pytest.mark.parametrize("kernel,dtype,has_dst,direct", [
+    ("hopper", "bf16", False, False), ("hopper", "fp16", False, False), ("hopper64", "bf16", False, False),
+    ("hopper64", "fp16", False, False), ("hopper", "bf16", True, False), ("hopper64", "bf16", True, False),
+    ("hopper64", "bf16", True, True), ("hopper64", "fp16", True, True)])
+def test_compiles_for_sm90_without_spills_or_serialized_wgmma(kernel, dtype, has_dst, direct):
     """The kernel builds for sm_90a: shared memory within the 227 KiB limit, no spills, wgmma not serialized (Gluon
     has no interpreter: correctness is tests/gpu/test_hopper_gpu.py)."""
-    kernel = _compile(dtype, kernel, has_dst)
+    kernel = _compile(dtype, kernel, has_dst, direct)
     assert 0 < kernel.metadata.shared <= 232448
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     logs = []

@@ -25,11 +25,12 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
                    H, n_out, n_pool_tiles,
                    sb0, sh0, ss0, sb1, sh1, ss1, sb2, sh2, ss2,
                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, POOL: tl.constexpr,
-                   VOL: tl.constexpr, SRC_BH: tl.constexpr, GROUP: tl.constexpr):
+                   VOL: tl.constexpr, SRC_BH: tl.constexpr, GROUP: tl.constexpr, WRITE: tl.constexpr):
     """y_t[b, h, s] = x_t[b, h, src[s]] (zeros where src < 0; with SRC_BH src[b, h, s]) for tensor t =
     program_id(2); with POOL, the programs of tensors 0 and 1 also write the float32 mean of each VOL-slot
     tile (first n_pool_tiles tiles), and with GROUP > 0 those of tensor 1 the mean of each group of GROUP
-    consecutive slots of those tiles (in x's dtype; valid slots are a tile's leading lens[tile])."""
+    consecutive slots of those tiles (in x's dtype; valid slots are a tile's leading lens[tile]). Without WRITE
+    only the means are written (the gathered rows are not stored)."""
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
     t = tl.program_id(2)
@@ -49,8 +50,9 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
                 ok = src >= 0
                 xu = tl.load(base + tl.where(ok, src, 0)[:, None] * ss1 + cols[None, :], mask=ok[:, None] & cmask,
                              other=0.0)
-                tl.store(y1 + (bh.to(tl.int64) * n_out + r_u[:, None].to(tl.int64)) * D + cols[None, :], xu,
-                         mask=rm[:, None] & cmask)
+                if WRITE:
+                    tl.store(y1 + (bh.to(tl.int64) * n_out + r_u[:, None].to(tl.int64)) * D + cols[None, :], xu,
+                             mask=rm[:, None] & cmask)
                 gs += xu.to(tl.float32)
             if pid_s * (BLOCK_S // VOL) < n_pool_tiles:  # padded slots were loaded as zeros
                 n_g = n_pool_tiles * (VOL // GROUP)
@@ -89,8 +91,9 @@ def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
             yp = y2
             pp = p1
         x = tl.load(xp + cols[None, :], mask=valid[:, None] & cmask, other=0.0)
-        out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
-        tl.store(out, x, mask=rmask[:, None] & cmask)
+        if WRITE:
+            out = yp + (bh.to(tl.int64) * n_out + rows[:, None].to(tl.int64)) * D + cols[None, :]
+            tl.store(out, x, mask=rmask[:, None] & cmask)
         if POOL:
             if t < 2:
                 tiles = pid_s * (BLOCK_S // VOL) + tl.arange(0, BLOCK_S // VOL)
@@ -128,7 +131,7 @@ def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, s
 
 #: Which fast paths the CUDA code uses (benchmarks switch them off one at a time to measure each stage).
 FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True, "rope": True, "scatter": True,
-        "hopper": True}
+        "hopper": True, "direct": True}
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
@@ -210,7 +213,7 @@ def needs_grad(*xs: torch.Tensor) -> bool:
 
 
 def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
-                volume: int = 0, block: int = 64, group: int = 0):
+                volume: int = 0, block: int = 64, group: int = 0, write: bool = True):
     """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`
     (or `x[b, h, src[b, h, s]]` with a per-head `src`).
 
@@ -230,6 +233,8 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
         group: with `pool_tiles`, also the means of `xs[1]` over each group of `group` consecutive slots of
             those tiles (valid slots only; `[B, H, pool_tiles*volume/group, D]` in x's dtype), a power of two
             dividing the volume: Veda's `keys/G` rows (`sparsify.kernels.tile_select.group_means`).
+        write: False: only the means (with `pool_tiles`), no gathered tensors: `ys` is empty and q and k are
+            read once, nothing written but the means.
 
     Returns:
         `(ys, means)`: the gathered contiguous `[B, H, n_out, D]` tensors and the list of means (empty
@@ -255,8 +260,12 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
                          f"{tuple(src.shape)}")
     n_out = src.shape[-1]
     src = src.to(xs[0].device, torch.int32 if S < 2**31 else torch.int64).contiguous()
-    ys = [torch.empty(B, H, n_out, D, dtype=x.dtype, device=x.device) for x in xs]
     pool = pool_tiles > 0
+    if not write:
+        if not pool:
+            raise ValueError("gather_rows: write=False needs pooling (pool_tiles > 0)")
+        xs = xs[:2]  # only q and k are read
+    ys = [torch.empty(B, H, n_out if write else 0, D, dtype=x.dtype, device=x.device) for x in xs]
     if pool:
         if len(xs) < 2 or tile_lens is None or volume < 1 or (block % volume and volume % block):
             raise ValueError("gather_rows: pooling needs q and k, tile_lens and a volume dividing the block")
@@ -283,8 +292,8 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
     grid = (triton.cdiv(n_out, block), B * H, len(xs))
     _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, gp, H, n_out, pool_tiles, *strides,
                                D=D, BLOCK_S=block, BLOCK_D=triton.next_power_of_2(D), POOL=pool,
-                               VOL=max(volume, 1), SRC_BH=per_head, GROUP=group, num_warps=4)
-    return ys, means
+                               VOL=max(volume, 1), SRC_BH=per_head, GROUP=group, WRITE=write, num_warps=4)
+    return (ys if write else []), means
 
 
 def pool_stats(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, stats=("mean",)) -> list[torch.Tensor]:

@@ -67,9 +67,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import LOG2E, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store, inputs_ok
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-__all__ = ["block_sparse_attn_hopper64", "LAUNCH"]
+from .hopper import (_GL_DTYPES, LOG2E, _bh3, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store,
+                     inputs_ok)
+
+__all__ = ["block_sparse_attn_hopper64", "block_sparse_attn_hopper64_direct", "LAUNCH"]
 
 BLOCK = 64  # query block = key block = 64 (semantic)
 HEAD_DIM = 128
@@ -98,20 +101,48 @@ def _slots(c):
 
 
 @gluon.jit
-def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, ph, pid_bh, start_n):
+def _load_block(desc, e_desc, TAB, pid_bh, j, bar, dst, DIRECT: gl.constexpr):
+    """TMA of block j of (b, h) = pid_bh into `dst`. Slot order: rows j*64.. of the `[B*H, S, D]` descriptor.
+    DIRECT: a whole-box tile (`TAB[j, :4] = (t0, h0, w0, -1)`) as one 5-D box of the `[B*H, T, H, W, D]` descriptor
+    over the tensor in token order; any other tile (`TAB[j, 3] = e >= 0`) as the e-th tile of the edge buffer."""
+    if DIRECT:
+        e = gl.load(TAB + j * 5 + 3)
+        if e >= 0:
+            _tma_load(e_desc, [pid_bh, e * e_desc.block_type.shape[1], 0, 0, 0], bar, dst)
+        else:
+            t0 = gl.load(TAB + j * 5)
+            h0 = gl.load(TAB + j * 5 + 1)
+            w0 = gl.load(TAB + j * 5 + 2)
+            _tma_load(desc, [pid_bh, t0, h0, w0, 0], bar, dst)
+    else:
+        _tma_load(desc, [pid_bh, j * 64, 0], bar, dst)
+
+
+@gluon.jit
+def _n_valid(TAB, S, j, DIRECT: gl.constexpr):
+    """Valid keys of key block j: slot order, those below S; DIRECT, the tile's length `TAB[j, 4]`."""
+    if DIRECT:
+        return gl.load(TAB + j * 5 + 4)
+    else:
+        return S - j * 64
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, ph,
+             pid_bh, j, DIRECT: gl.constexpr):
     # wait for the stage to be released by its consumer (fresh barrier: parity 1 passes at once)
     mbarrier.wait(k_empty.index(b), ph ^ 1)
     mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
-    _tma_load(k_desc, [pid_bh, start_n, 0], k_ready.index(b), k_smem.index(b))
+    _load_block(k_desc, ke_desc, TAB, pid_bh, j, k_ready.index(b), k_smem.index(b), DIRECT)
     mbarrier.wait(v_empty.index(b), ph ^ 1)
     mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
-    _tma_load(v_desc, [pid_bh, start_n, 0], v_ready.index(b), v_smem.index(b))
+    _load_block(v_desc, ve_desc, TAB, pid_bh, j, v_ready.index(b), v_smem.index(b), DIRECT)
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-              IDX, CNT, N_QB, N_PAIRS, MAX_KV,
-              NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+              IDX, CNT, N_QB, N_PAIRS, MAX_KV, qe_desc, ke_desc, ve_desc, TAB,
+              NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, DIRECT: gl.constexpr):
     tile = gl.program_id(0)
     pid_pair = tile % N_PAIRS
     pid_bh = tile // N_PAIRS
@@ -124,10 +155,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
     # Q of each consumer that has work (a consumer with count 0 never waits for Q and stages its zeros in the buffer)
     if c0 > 0:
         mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [pid_bh, qb0 * BLOCK_M, 0], q_bar.index(0), q_smem.index(0))
+        _load_block(q_desc, qe_desc, TAB, pid_bh, qb0, q_bar.index(0), q_smem.index(0), DIRECT)
     if c1 > 0:
         mbarrier.expect(q_bar.index(1), q_desc.block_type.nbytes)
-        _tma_load(q_desc, [pid_bh, (qb0 + 1) * BLOCK_M, 0], q_bar.index(1), q_smem.index(1))
+        _load_block(q_desc, qe_desc, TAB, pid_bh, qb0 + 1, q_bar.index(1), q_smem.index(1), DIRECT)
 
     # key-block ids one step ahead (the address is clamped into the row: always readable, unused past the count)
     j0 = gl.load(idx0)
@@ -139,11 +170,11 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
         j0n = gl.load(idx0 + nxt)
         j1n = gl.load(idx1 + nxt)
         if t < c0:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, ph, pid_bh,
-                     j0 * BLOCK_N)
+            _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s,
+                     ph, pid_bh, j0, DIRECT)
         if t < c1:
-            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NUM_STAGES + s, ph,
-                     pid_bh, j1 * BLOCK_N)
+            _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                     NUM_STAGES + s, ph, pid_bh, j1, DIRECT)
         j0 = j0n
         j1 = j1n
 
@@ -173,9 +204,10 @@ def _pass_turn(turn, k, n_other, WG: gl.constexpr):
 
 @gluon.jit
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
               WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr):
+              HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr,
+              DIRECT: gl.constexpr):
     # one warpgroup = 64 rows along M
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
@@ -215,7 +247,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         _pass_turn(turn, 0, n_other, WG)
         s_tile = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(base), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, _n_valid(TAB, S, j, DIRECT), qk_scale, mma_layout,
+                                           BLOCK_N)
         p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
 
     # ---- steady state (slot t): issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}, then softmax(S_t) while PV runs
@@ -235,7 +268,8 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         _pass_turn(turn, t, n_other, WG)
         s_tile = warpgroup_mma_wait(1, deps=(s_tok, ))  # the older group (QK^T) is done
         mbarrier.arrive(k_empty.index(s), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, _n_valid(TAB, S, j, DIRECT), qk_scale, mma_layout,
+                                           BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(v_empty.index(sp), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -270,22 +304,22 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
 
 @gluon.jit
 def _consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
                NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               HAS_DST: gl.constexpr):
+               HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 0, NUM_STAGES, BLOCK_M, BLOCK_N,
-              HEAD_DIM, HAS_DST)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, 0, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST, DIRECT)
 
 
 @gluon.jit
 def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
                NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               HAS_DST: gl.constexpr):
+               HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 1, NUM_STAGES, BLOCK_M, BLOCK_N,
-              HEAD_DIM, HAS_DST)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, 1, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST, DIRECT)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -293,14 +327,19 @@ def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, 
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
-                          O, DST, OUT_LEN,
+                          O, DST, OUT_LEN, qe_desc, ke_desc, ve_desc, TAB,
                           NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr, HAS_DST: gl.constexpr):
+                          num_warps: gl.constexpr, HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
     """Grid (N_PAIRS * B * H,): program p serves the query blocks 2 * (p % N_PAIRS) + {0, 1} of head p // N_PAIRS
-    (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2)."""
-    BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
-    HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
-    BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+    (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2).
+
+    Slot order (DIRECT off): q/k/v/o descriptors `[B*H, S, D]`, block `[1, 64, D]`. DIRECT (needs HAS_DST):
+    q/k/v are 5-D `[B*H, T, H, W, D]` descriptors over the tensors in token order, block `[1, tt, th, tw, D]` (one
+    64-token tile), qe/ke/ve the same blocks over the edge buffers, TAB int32 `[n_tiles, 5]` (`_load_block`, and the
+    tile's valid length, `_n_valid`)."""
+    BLOCK_M: gl.constexpr = 64
+    HEAD_DIM: gl.constexpr = 128
+    BLOCK_N: gl.constexpr = 64
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [2 * NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -323,13 +362,14 @@ def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_P
 
     gl.warp_specialize([
         (_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, HAS_DST)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST, DIRECT)),
         (_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, HAS_DST)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST, DIRECT)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     IDX, CNT, N_QB, N_PAIRS, MAX_KV, NUM_STAGES, BLOCK_M, BLOCK_N)),
+                     IDX, CNT, N_QB, N_PAIRS, MAX_KV, qe_desc, ke_desc, ve_desc, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
+                     DIRECT)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -376,6 +416,68 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
     grid = (n_pairs * B * H, )
     block_sparse_fwd64_ws[grid](
         qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
+        qd, kd, vd, cnt, NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"],
+        PRODUCER_REGS=LAUNCH["producer_regs"], num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"],
+        HAS_DST=out_rows is not None, DIRECT=False)
+    return o
+
+
+def _desc5(t: torch.Tensor, dims, tile):
+    """A 5-D `[B*H, *dims, D]` TMA descriptor over `t` `[B, H, prod(dims), D]` (token order, rows contiguous in
+    the last three dims' raster order) with one `tile`-shaped box as block; None when t's strides allow no view."""
+    v3 = _bh3(t)
+    if v3 is None:
+        return None
+    a, b, c = dims
+    sh, ss = v3.stride(0), v3.stride(1)
+    v5 = v3.as_strided((v3.shape[0], a, b, c, t.shape[-1]), (sh, ss * b * c, ss * c, ss, 1))
+    blk = [1, *tile, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(blk, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(v5, list(v5.shape), list(v5.stride()), blk, layout)
+
+
+def block_sparse_attn_hopper64_direct(q, k, v, edges, table, grid, tile, kv_indices, kv_counts, scale, out_rows,
+                                      out_len, *, num_stages=2):
+    """The 64x64 kernel reading q, k, v in token order: each whole-box tile is one 5-D TMA box, the other tiles
+    come from `edges`; rows are stored to `out_rows` (the op's direct path, `sparsify.kernels.direct`).
+
+    Args:
+        q, k, v: `[B, H, T*Hh*W, 128]` 16-bit video tokens in raster order (as `hopper.inputs_ok` asks).
+        edges: `(qe, ke, ve)`, contiguous `[B, H, n_edge*64, 128]`: the slots of the tiles that are not whole boxes
+            (at least one tile, unused if none).
+        table: int32 `[n_tiles, 5]`: `(t0, h0, w0, -1, 64)` for a whole box at that corner, `(0, 0, 0, e, len)` for
+            the e-th edge tile with `len` valid (leading) slots.
+        grid, tile: `(T, Hh, W)` and the tile shape `(tt, th, tw)`, `tt*th*tw = 64`.
+        kv_indices, kv_counts: the selection, as for `block_sparse_attn` with 64x64 blocks, over `n_tiles` tiles.
+        scale: softmax scale.
+        out_rows, out_len: int32 `[n_tiles*64]`, each slot's output row (< 0: dropped) of the
+            `[B, H, out_len, 128]` result.
+
+    Returns:
+        `[B, H, out_len, 128]` in q's dtype (rows nobody names stay unwritten).
+
+    Example:
+        >>> # out = block_sparse_attn_hopper64_direct(q, k, v, edges, table, (21, 45, 80), (4, 4, 4), idx, cnt,
+        >>> #                                         128 ** -0.5, rows, S)
+    """
+    B, H, S, D = q.shape
+    n_qb = table.shape[0]
+    n_slots = n_qb * BLOCK
+    assert D == HEAD_DIM and tile[0] * tile[1] * tile[2] == BLOCK and S == grid[0] * grid[1] * grid[2]
+    assert tuple(table.shape) == (n_qb, 5) and out_rows.numel() == n_slots, (table.shape, out_rows.shape)
+    assert tuple(kv_indices.shape[:3]) == (B, H, n_qb), (kv_indices.shape, n_qb)
+    descs = [_desc5(t, grid, tile) for t in (q, k, v)]
+    n_e = edges[0].shape[2] // BLOCK
+    edescs = [_desc5(t, (n_e * tile[0], tile[1], tile[2]), tile) for t in edges]
+    if any(d is None for d in descs + edescs):
+        raise ValueError("q, k, v and the edge buffers must be viewable as [B*H, ...] without a copy")
+    idx = kv_indices.to(torch.int32).contiguous()
+    cnt = kv_counts.to(torch.int32).contiguous()
+    o = torch.empty(B, H, out_len, D, device=q.device, dtype=q.dtype)
+    n_pairs = triton.cdiv(n_qb, 2)
+    block_sparse_fwd64_ws[(n_pairs * B * H, )](
+        descs[0], descs[1], descs[2], descs[0], idx, cnt, n_slots, n_qb, n_pairs, idx.shape[-1],
+        float(scale) * LOG2E, o, out_rows.to(torch.int32).contiguous(), out_len, *edescs, table,
         NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=True, DIRECT=True)
     return o

@@ -13,8 +13,11 @@ from .select import select_from_scores
 
 def coarse_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     """Tile-level attention logits `mean(q_tile) . mean(k_tile) / sqrt(D)`, float32 `[B, H, n, n]`."""
-    qc, kc = pool_tiles(q, layout), pool_tiles(k, layout)
-    return torch.matmul(qc * (1.0 / math.sqrt(q.shape[-1])), kc.transpose(-1, -2))  # scale on the small side
+    return _scores(pool_tiles(q, layout), pool_tiles(k, layout))
+
+
+def _scores(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(qc * (1.0 / math.sqrt(qc.shape[-1])), kc.transpose(-1, -2))  # scale on the small side
 
 
 def coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -44,3 +47,7 @@ class VSA:
 
     def select(self, q, k, layout, budgets):
         return select_from_scores(coarse_scores(q, k, layout), budgets)
+
+    def select_from_means(self, q_means, k_means, layout, budgets):
+        """`select` given the float32 tile means `[B, H, n_tiles, D]` of q and k (the op's direct path)."""
+        return select_from_scores(_scores(q_means, k_means), budgets)
