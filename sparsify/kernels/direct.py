@@ -5,7 +5,11 @@ and runs the kernel on the copies. Here, for 64-token tiles, the kernel loads ea
 straight from the token-order tensors as one 5-D TMA box (`hopper64.block_sparse_attn_hopper64_direct`); only the
 few tiles that are not whole boxes (merged edge tiles) are gathered, into small edge buffers. Selection gets the
 tile means from a pass that reads q and k once and writes nothing else (`gather_rows(..., write=False)`), so it
-serves methods that select from tile means alone (`select_from_means`: VSA). `FAST["direct"]` switches it off.
+serves methods that select from tile means alone (`select_from_means`: VSA).
+
+Off by default (`sparsify.kernels.gather.FAST["direct"] = True` turns it on): on the H200 the kernel runs 1.13-1.14x
+slower from the 5-D boxes than from tile-order copies, which costs more than the 0.5 ms of copying it saves
+(benchmarks/NOTES.md, session 8). What it does save is memory: no tile-order copy of q, k and v per call.
 """
 
 from __future__ import annotations
@@ -85,9 +89,9 @@ def edge_table(layout, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def serves(q, k, v, geometry, layout, impl, key_mask=None, gate=None) -> bool:
-    """Whether the direct path serves this head group: `FAST["direct"]` and `FAST["hopper"]` on, an sm_90 GPU
-    with Gluon, q, k, v as `hopper.inputs_ok` asks, 64-token tiles, video tokens only (no text), no key mask,
-    no VSA gate, no gradient, and a method that selects from tile means.
+    """Whether the direct path serves this head group: `FAST["direct"]` (off by default) and `FAST["hopper"]` on,
+    an sm_90 GPU with Gluon, q, k, v as `hopper.inputs_ok` asks, 64-token tiles, video tokens only (no text), no
+    key mask, no VSA gate, no gradient, and a method that selects from tile means.
 
     Example:
         >>> from sparsify.layout import Geometry

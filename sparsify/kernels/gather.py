@@ -131,7 +131,7 @@ def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, s
 
 #: Which fast paths the CUDA code uses (benchmarks switch them off one at a time to measure each stage).
 FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True, "rope": True, "scatter": True,
-        "hopper": True, "direct": True}
+        "hopper": True, "direct": False}  # direct: no tile-order copies, but 1.13x slower kernel (benchmarks/NOTES.md)
 
 _KERNELS: dict = {}
 _LOCK = threading.Lock()
