@@ -419,8 +419,8 @@ def supports(q, k, v, block_size, kv_block_lens=None) -> tuple[bool, str]:
 
 def inputs_ok(q, k, v) -> tuple[bool, str]:
     """The Gluon kernels' input conditions: q, k, v 16-byte aligned `[B, H, S, 128]` tensors of one 16-bit dtype on
-    an sm_90 GPU, each viewable as `[B*H, S, 128]` without a copy (contiguous, or a slot prefix of a contiguous
-    tensor); else `(False, reason)`.
+    an sm_90 GPU, each viewable as `[B*H, S, 128]` without a copy (contiguous, a slot prefix of a contiguous tensor,
+    or any layout with unit last stride when B = 1); else `(False, reason)`.
 
     Example:
         >>> inputs_ok(*(torch.empty(1, 1, 300, 128) for _ in range(3)))

@@ -49,7 +49,12 @@ Barriers (count 1):
     turn[0], turn[1]      ping-pong (above)
 
 Shared memory: Q 2 x 64 x 128 16-bit (32 KiB, reused for O) + 2 rings x NUM_STAGES x (K 16 KiB + V 16 KiB):
-NUM_STAGES = 2: 160 KiB, 3: 224 KiB (<= 227 KiB). One CTA per SM.
+NUM_STAGES = 2: 160 KiB, 3: 224 KiB (<= 227 KiB); the row stores of the fused inverse layout (HAS_DST) take 16 KiB
+more (layout conversion), so HAS_DST needs NUM_STAGES = 2. One CTA per SM.
+
+DIRECT (`block_sparse_attn_hopper64_direct`, the op's opt-in path of `sparsify.kernels.direct`): the same kernel, but
+each tile of q, k, v that is a whole box of the token grid is one 5-D TMA box of the token-order tensor, and every
+other tile comes from an edge buffer; a table gives each tile's box corner or edge index and its valid length.
 Registers: as the template: maxnreg 168 on the launch (12 warps), setmaxnreg 240 (consumers) / 24 (producer).
 """
 
@@ -66,7 +71,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from .hopper import (_GL_DTYPES, LOG2E, _bh3, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store,
