@@ -54,3 +54,46 @@ def test_serves_keeps_cpu_and_unsuited_calls_out():
     geo, lay = Geometry((1, 8, 8)), tile_layout((1, 8, 8), (1, 8, 8))
     assert not serves(x, x, x, geo, lay, VSA())  # CPU tensors
     assert not serves(x, x, x, geo, lay, object())  # a method that needs more than the tile means
+
+
+def test_run_site_plumbing_of_the_direct_path(monkeypatch):
+    """run_site's direct branch on CPU, the kernel stood in by the reference: VSA selects from the means, mask reuse
+    reads the means, and the output equals the tile-order path's (the GPU kernel: tests/gpu/test_direct_gpu.py)."""
+    import dits
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify.adapters import adapter_for
+    from sparsify.kernels import direct
+    from sparsify.kernels.reference import tiled_sparse_attention
+
+    def prepare(q, k, v, layout):
+        means = tuple(pool_tiles(to_tiles(x, layout), layout) for x in (q, k))
+        return direct.DirectTiles(means, (), None, None, layout.padded_len)
+
+    def attention(q, k, v, layout, dt, idx, cnt, scale=None):
+        calls.append(1)
+        return tiled_sparse_attention(q, k, v, Geometry(layout.grid), layout, idx, cnt, scale=scale)
+
+    m = dits.tiny_wan()
+    kw = adapter_for(m).example_inputs(m, grid=(4, 8, 8))
+    kw["hidden_states"] = torch.randn_like(kw["hidden_states"])
+    recipe = {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": 0.25},
+                                         "mask_reuse": {"threshold": 2.0, "max_age": 2}}}
+
+    def run():
+        runtime.new_generation()
+        sparsify(m, recipe)
+        with torch.no_grad():
+            out = [m(**{**kw, "timestep": torch.full_like(kw["timestep"], t)})[0] for t in (900, 800, 700)]
+        counts = [(s.selections, s.reused) for s in installed_sites(m)]
+        unsparsify(m)
+        return out, counts
+
+    tiled, tiled_counts = run()
+    calls = []
+    monkeypatch.setattr(direct, "serves", lambda *a, **kw: True)
+    monkeypatch.setattr(direct, "prepare", prepare)
+    monkeypatch.setattr(direct, "attention", attention)
+    direct_out, direct_counts = run()
+    assert calls and direct_counts == tiled_counts and all(r > 0 for _, r in direct_counts)  # reuse happened
+    for a, b in zip(direct_out, tiled):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
