@@ -31,7 +31,7 @@ class DirectTiles:
     Attributes:
         means: float32 `[B, H, n_tiles, D]` tile means of q and of k.
         edges: `(qe, ke, ve)`, `[B, H, n_edge*64, D]`: the slots of the tiles that are not whole boxes.
-        table: int32 `[n_tiles, 4]` (`edge_table`).
+        table: int32 `[n_tiles, 5]` (`edge_table`).
         out_rows: int32 `[n_tiles*64]`, each slot's token (-1 on padding).
         n_video_slots: `layout.padded_len`.
     """
