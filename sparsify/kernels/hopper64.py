@@ -73,8 +73,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import (_GL_DTYPES, LOG2E, _bh3, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store,
-                     inputs_ok)
+from .hopper import _GL_DTYPES, LOG2E, _bh3, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store
 
 __all__ = ["block_sparse_attn_hopper64", "block_sparse_attn_hopper64_direct", "LAUNCH"]
 
@@ -404,7 +403,7 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
         torch.Size([1, 2, 300, 128])
     """
     B, H, S, D = q.shape
-    assert D == HEAD_DIM and inputs_ok(q, k, v)[0], inputs_ok(q, k, v)
+    assert D == HEAD_DIM and q.dtype in _GL_DTYPES, (q.shape, q.dtype)  # the rest: `hopper.supports` (caller)
     n_qb = triton.cdiv(S, BLOCK)
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
@@ -416,14 +415,20 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
         idx = torch.zeros(B, H, n_qb, 1, dtype=torch.int32, device=q.device)  # the kernel writes the zero rows
         cnt = torch.zeros(B, H, n_qb, dtype=torch.int32, device=q.device)
     qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, BLOCK, BLOCK)
-    n_pairs = triton.cdiv(n_qb, 2)
-    grid = (n_pairs * B * H, )
-    block_sparse_fwd64_ws[grid](
-        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
-        qd, kd, vd, cnt, NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"],
-        PRODUCER_REGS=LAUNCH["producer_regs"], num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"],
-        HAS_DST=out_rows is not None, DIRECT=False)
+    _launch((qd, kd, vd, od), idx, cnt, S, scale, o, dst, out_len, (qd, kd, vd, cnt), num_stages,
+            has_dst=out_rows is not None, direct=False)
     return o
+
+
+def _launch(descs, idx, cnt, S, scale, o, dst, out_len, direct_args, num_stages, *, has_dst, direct):
+    """One launch of `block_sparse_fwd64_ws`, a program per pair of query blocks of each (b, h). `direct_args`: the
+    edge descriptors and the table of the DIRECT mode (stand-ins without it)."""
+    B, H, n_qb = idx.shape[:3]
+    n_pairs = triton.cdiv(n_qb, 2)
+    block_sparse_fwd64_ws[(n_pairs * B * H, )](
+        *descs, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len, *direct_args,
+        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=has_dst, DIRECT=direct)
 
 
 def _desc5(t: torch.Tensor, dims, tile):
@@ -478,10 +483,6 @@ def block_sparse_attn_hopper64_direct(q, k, v, edges, table, grid, tile, kv_indi
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
     o = torch.empty(B, H, out_len, D, device=q.device, dtype=q.dtype)
-    n_pairs = triton.cdiv(n_qb, 2)
-    block_sparse_fwd64_ws[(n_pairs * B * H, )](
-        descs[0], descs[1], descs[2], descs[0], idx, cnt, n_slots, n_qb, n_pairs, idx.shape[-1],
-        float(scale) * LOG2E, o, out_rows.to(torch.int32).contiguous(), out_len, *edescs, table,
-        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=True, DIRECT=True)
+    _launch((*descs, descs[0]), idx, cnt, n_slots, scale, o, out_rows.to(torch.int32).contiguous(), out_len,
+            (*edescs, table), num_stages, has_dst=True, direct=True)
     return o
