@@ -2,13 +2,16 @@
 
     python -m benchmarks.svg2_cost                       # Wan-14B 720p: B1 H40 S75600 D128 bf16, 5% density
     python -m benchmarks.svg2_cost --shape 1,12,32760,128 --grid 21,30,52 --out /tmp/svg2.json
+    python -m benchmarks.svg2_cost --kernel-tiles 128x128,64x64   # also time the varlen kernel at these tiles
 
 Every timing is the median of `triton.testing.do_bench` (warm-up first), rotating over `--sets` fresh
 random input sets (each with its own warm k-means cache, so no call sees the inputs of the previous one).
 Rows: the warm selection (`SVG2.cluster_select`: one k-means iteration for q and for k from the previous
 centroids, i.e. assignment + permutation + centroid update, then centroid scores and selection), the same
-with the permutation by `torch.gather` instead of the Triton row gather, and its parts; the variable-size block kernel on that selection; the whole `attend` (selection, permutations,
-kernel, un-permutation); the fixed-block kernel `block_sparse_attn` with 128-token blocks at the same
+with the permutation by `torch.gather` instead of the Triton row gather, and its parts; the variable-size
+block kernel on that selection, with the selected keys packed (the default; its key table timed alone too)
+and block by block (`pack_keys=False`), and with packed keys at the `--kernel-tiles` tile sizes; the whole
+`attend` (selection, permutations, kernel, un-permutation); the fixed-block kernel `block_sparse_attn` with 128-token blocks at the same
 density (random selection); dense SDPA (cuDNN). Random Gaussian inputs: the k-means clusters are not
 those of a real model, but the cost of every step does not depend on what the clusters mean.
 """
@@ -24,7 +27,7 @@ import sys
 import torch
 
 from sparsify.kernels.block_sparse import block_sparse_attn
-from sparsify.kernels.varlen import default_block_size, varlen_block_attn, varlen_pairs
+from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
 from sparsify.layout import Geometry
 from sparsify.kernels import gather as fast
 from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign, permute_rows,
@@ -49,7 +52,7 @@ def _rotating(fns):
     return call
 
 
-def run_config(name, method, sets, grid, density, results):
+def run_config(name, method, sets, grid, density, results, tiles=()):
     B, H, S, D = sets[0][0].shape
     budgets = [Budget(density=density)] * H
     scale = 1 / math.sqrt(D)
@@ -113,10 +116,20 @@ def run_config(name, method, sets, grid, density, results):
         perm_in.append((g(q, s.q_perm), g(k, s.k_perm), g(v, s.k_perm), s.q_starts, s.q_lens, s.k_starts, s.k_lens,
                         s.kv_indices, s.kv_counts))
     row["varlen_kernel_ms"] = _bench(_rotating([lambda a=a: varlen_block_attn(*a, scale=scale) for a in perm_in]), 800)
+    row["varlen_kernel_blocks_ms"] = _bench(_rotating([lambda a=a: varlen_block_attn(*a, scale=scale, pack_keys=False)
+                                                       for a in perm_in]), 800)
+    row["key_table_ms"] = _bench(_rotating([lambda a=a: kv_key_table(*a[5:]) for a in perm_in]))
+    row["varlen_kernel_tiles_ms"] = {f"{bm}x{bn}": _bench(_rotating([
+        lambda a=a: varlen_block_attn(*a, scale=scale, block_size=(bm, bn)) for a in perm_in]), 800)
+        for bm, bn in tiles}
     bs = default_block_size(sets[0][0])
     s0 = sels[0]
-    row["density_exact"] = float(varlen_pairs(s0.q_lens, s0.k_lens, s0.kv_indices, s0.kv_counts).sum()) / (B * H * S * S)
-    row["density_tiles"] = float(varlen_pairs(s0.q_lens, s0.k_lens, s0.kv_indices, s0.kv_counts, bs).sum()) / (B * H * S * S)
+    pairs = lambda *tb, pack=True: float(varlen_pairs(s0.q_lens, s0.k_lens, s0.kv_indices, s0.kv_counts, *tb,  # noqa: E731
+                                                      pack_keys=pack).sum()) / (B * H * S * S)
+    row["density_exact"] = pairs()
+    row["density_tiles"] = pairs(bs)
+    row["density_tiles_blocks"] = pairs(default_block_size(sets[0][0], pack_keys=False), pack=False)
+    row["density_tiles_sweep"] = {f"{bm}x{bn}": pairs((bm, bn)) for bm, bn in tiles}
     row["kernel_tiles"] = list(bs)
     geom = Geometry(grid)
     row["attend_ms"] = _bench(_rotating([
@@ -134,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--sets", type=int, default=3, help="fresh random input sets rotated through")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA row")
+    ap.add_argument("--kernel-tiles", default="",
+                    help="comma list of BLOCK_MxBLOCK_N (e.g. 128x128,64x64): also time the varlen kernel (packed "
+                         "keys) with these tiles")
     ap.add_argument("--out", default=None, help="JSON path")
     args = ap.parse_args(argv)
     B, H, S, D = (int(x) for x in args.shape.split(","))
@@ -146,7 +162,8 @@ def main(argv=None):
     results: dict = {}
     configs = {"svg2 (default clusters)": SVG2(), "svg2 (300 q / 1000 k clusters)": SVG2(q_clusters=300, k_clusters=1000)}
     for name, m in configs.items():
-        r = run_config(name, m, sets, grid, args.density, results)
+        tiles = [tuple(int(x) for x in t.split("x")) for t in args.kernel_tiles.split(",") if t]
+        r = run_config(name, m, sets, grid, args.density, results, tiles)
         print(name, json.dumps(r), flush=True)
     # the fixed-block kernel at the same density (random selection of 128-token blocks)
     n_b = -(-S // 128)
@@ -167,18 +184,24 @@ def main(argv=None):
     lines = [f"shape B{B} H{H} S{S} D{D} bf16, density {args.density:g}; fixed-block kernel (128x128, {count}/{n_b} "
              f"blocks): {fixed:.2f} ms" + (f"; dense SDPA {dense:.1f} ms" if dense else ""),
              "| config | clusters q/k | select (warm) | select, torch.gather | assign | permute+means (sort; permute; "
-             "permute by torch.gather) | score+select | varlen kernel | attend | density exact / tiles | "
+             "permute by torch.gather) | score+select | varlen kernel, packed keys (key table) | varlen kernel, "
+             "block by block | attend | density exact / tiles packed / tiles by block | "
              "select / fixed kernel | select / varlen kernel |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         r["select_over_fixed_kernel"] = r["select_ms"] / fixed
         r["select_over_varlen_kernel"] = r["select_ms"] / r["varlen_kernel_ms"]
         lines.append(f"| {name} | {r['clusters'][0]}/{r['clusters'][1]} | {r['select_ms']:.2f} ms | "
                      f"{r['select_torch_gather_ms']:.2f} | {r['assign_ms']:.2f} | "
                      f"{r['permute_and_means_ms']:.2f} ({r['sort_ms']:.2f}; {r['permute_ms']:.2f}; "
-                     f"{r['permute_torch_gather_ms']:.2f}) | {r['score_and_select_ms']:.2f} | {r['varlen_kernel_ms']:.2f} ms | "
-                     f"{r['attend_ms']:.2f} ms | {r['density_exact']:.4f} / {r['density_tiles']:.4f} | "
+                     f"{r['permute_torch_gather_ms']:.2f}) | {r['score_and_select_ms']:.2f} | {r['varlen_kernel_ms']:.2f} ms "
+                     f"({r['key_table_ms']:.2f}) | {r['varlen_kernel_blocks_ms']:.2f} ms | {r['attend_ms']:.2f} ms | "
+                     f"{r['density_exact']:.4f} / {r['density_tiles']:.4f} / {r['density_tiles_blocks']:.4f} | "
                      f"{r['select_over_fixed_kernel']:.1%} | {r['select_over_varlen_kernel']:.1%} |")
+    for name, r in results.items():
+        for t, ms in r["varlen_kernel_tiles_ms"].items():
+            lines.append(f"{name}: varlen kernel, packed keys, {t} tiles: {ms:.2f} ms at tiled density "
+                         f"{r['density_tiles_sweep'][t]:.4f}")
     table = "\n".join(lines)
     print(table)
     import triton

@@ -1,6 +1,7 @@
 """What a cheaper precision for VSA's coarse-score GEMM would change: selections and tile recall, on the CPU.
 
     python -m benchmarks.vsa_score_precision [--sets planted444,testbed,wan14b] [--densities 5,10]
+    python -m benchmarks.vsa_score_precision --time [--out F]   # on a GPU: the GEMM's time, Wan-14B, each way
 
 VSA's scores are `mean(q_tile) . mean(k_tile) / sqrt(D)` in float32 (the issue asks for float32 means). On the GPU
 that GEMM runs as cuBLAS's SIMT fp32 kernel (0.42 ms at Wan-14B, 2.6% of the op; RESULTS). A tensor-core version
@@ -10,6 +11,11 @@ as the tensor cores accumulate) and reports, against float32 scores at each dens
 whose selected set changes, the share of selected tiles that change, and, where exact tile masses are cheap
 (`planted444`, `testbed`), the tile recall of each. A planner can read from it whether "float32 scores" may be
 met by a tensor-core GEMM.
+
+`--time` (CUDA) times the GEMM at Wan-14B (40 heads, 1,182 tile means of Gaussian 4x4x4 tiles) as the op runs it
+(cuBLAS float32), in TF32, and as the bf16 split in one tensor-core GEMM with float32 output
+(`bf16x3_scores`: the split, then `torch.bmm(..., out_dtype=torch.float32)` over the three terms side by side,
+inner dimension 3D), and counts the selections that change on the GPU against float32 at 5% and 10%.
 """
 
 from __future__ import annotations
@@ -46,6 +52,61 @@ def scores(qm: torch.Tensor, km: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(mode)
 
 
+def bf16x3_scores(qm: torch.Tensor, km: torch.Tensor) -> torch.Tensor:
+    """`scores(qm, km, "bf16x3")` as one bf16 tensor-core GEMM with float32 output (CUDA): `[hi, hi, lo] . [hi, lo, hi]`.
+
+    Example:
+        >>> # s = bf16x3_scores(qm.cuda(), km.cuda())  # float32 [B, H, n, n]
+    """
+    qs = qm * (1.0 / qm.shape[-1] ** 0.5)
+    qh, kh = qs.bfloat16(), km.bfloat16()
+    ql, kl = (qs - qh.float()).bfloat16(), (km - kh.float()).bfloat16()
+    a = torch.cat([qh, qh, ql], -1).flatten(0, 1)
+    b = torch.cat([kh, kl, kh], -1).flatten(0, 1)
+    return torch.bmm(a, b.transpose(1, 2), out_dtype=torch.float32).view(*qm.shape[:-1], km.shape[-2])
+
+
+def time_gemm(densities) -> dict:
+    """The coarse-score GEMM's time at Wan-14B on the GPU, float32 / TF32 / bf16x3, and selection changes."""
+    from benchmarks import time_ms
+    from sparsify.layout import pool_tiles, tile_layout, to_tiles
+    from sparsify.methods.select import select_from_scores
+    from sparsify.recipe import Budget
+
+    lay = tile_layout((21, 45, 80), (4, 4, 4))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    qm, km = (pool_tiles(to_tiles(torch.randn(1, 40, 75600, 128, device="cuda", generator=g, dtype=torch.bfloat16),
+                                  lay).float(), lay) for _ in range(2))
+    out = {"shape": list(qm.shape)}
+
+    def tf32_scores():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            return scores(qm, km, "fp32")
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+    ways = {"fp32": lambda: scores(qm, km, "fp32"), "tf32": tf32_scores, "bf16x3": lambda: bf16x3_scores(qm, km)}
+    for name, fn in ways.items():
+        out[f"{name}_ms"] = time_ms(fn)
+    ref = ways["fp32"]()
+    for d in densities:
+        budgets = [Budget(density=d / 100)] * qm.shape[1]
+        want = select_from_scores(ref, budgets)
+        for name in ("tf32", "bf16x3"):
+            got = select_from_scores(ways[name](), budgets)
+            same = torch.zeros(*want[0].shape[:3], lay.n_tiles, dtype=torch.int32, device="cuda")
+            live = torch.arange(want[0].shape[-1], device="cuda") < want[1].unsqueeze(-1)
+            same.scatter_add_(-1, torch.where(live, want[0], 0).long(), live.int())
+            live_g = torch.arange(got[0].shape[-1], device="cuda") < got[1].unsqueeze(-1)
+            same.scatter_add_(-1, torch.where(live_g, got[0], 0).long(), -live_g.int())
+            changed = (same != 0).sum(-1) // 2  # tiles in one set and not the other, per query tile
+            out[f"{name}_{d:g}pct_selected_tiles_changed"] = float(changed.sum() / want[1].sum())
+            out[f"{name}_{d:g}pct_query_tiles_changed"] = float((changed > 0).float().mean())
+    print(" | ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
+    return out
+
+
 def _sets(names):
     from benchmarks.selection import load_set, tile_masses
 
@@ -69,7 +130,22 @@ def main(argv=None) -> dict:
                                  description=__doc__.splitlines()[0])
     ap.add_argument("--sets", default="planted444,testbed,wan14b")
     ap.add_argument("--densities", default="5,10")
+    ap.add_argument("--time", action="store_true", help="on a GPU: time the GEMM each way at Wan-14B")
+    ap.add_argument("--out", default=None, help="with --time: JSON path")
     a = ap.parse_args(argv)
+    if a.time:
+        import datetime
+
+        import triton
+
+        from benchmarks import write_result
+
+        res = time_gemm([float(x) for x in a.densities.split(",")])
+        res.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                   command="python -m benchmarks.vsa_score_precision " + " ".join(argv or __import__("sys").argv[1:]))
+        write_result(res, a.out, "vsa_score_gemm")
+        return res
     out = {}
     for name, grid, q, k, masses in _sets(a.sets.split(",")):
         lay = tile_layout(grid, (4, 4, 4))

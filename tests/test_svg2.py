@@ -161,8 +161,9 @@ CASES = [  # B, H, Sq, Sk, D, dtype, nq, nk, block_size, key mask kind
 ]
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "blocks"])
 @pytest.mark.parametrize("B,H,Sq,Sk,D,dtype,nq,nk,bs,mask", CASES)
-def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, nk, bs, mask):
+def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, nk, bs, mask, pack):
     g = _gen(Sq * 7 + Sk + D)
     q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(B, H, Sk, D, generator=g).to(dtype) for _ in range(2))
@@ -177,7 +178,7 @@ def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, 
     elif mask == "head":
         km = torch.rand(B, H, Sk, generator=g) > 0.3
     ref = varlen_block_attn_reference(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
-    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km, block_size=bs)
+    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km, block_size=bs, pack_keys=pack)
     assert out.shape == ref.shape and out.dtype == dtype and torch.isfinite(out).all()
     rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-3), rel
@@ -201,7 +202,31 @@ def test_tile_table_and_pairs():
     idx = torch.tensor([[[[1, 0], [0, 1], [1, 0]]]], dtype=torch.int32)
     cnt = torch.tensor([[[1, 2, 2]]], dtype=torch.int32)
     assert varlen_pairs(ql, kl, idx, cnt).item() == 3 * 17 + 37 * 22
-    assert varlen_pairs(ql, kl, idx, cnt, (16, 16)).item() == 16 * 32 + 48 * 48
+    assert varlen_pairs(ql, kl, idx, cnt, (16, 16), pack_keys=False).item() == 16 * 32 + 48 * 48
+    assert varlen_pairs(ql, kl, idx, cnt, (16, 16)).item() == 16 * 32 + 48 * 32  # 22 keys packed: 2 chunks
+
+
+@pytest.mark.parametrize("B,H,nq,nk,S", [(1, 1, 3, 5, 40), (2, 3, 7, 11, 300), (1, 2, 4, 300, 400)])
+def test_key_table_lists_each_selected_block_in_order(interpret, B, H, nq, nk, S):
+    g = _gen(B * 100 + nk)
+    ks, kl = _random_blocks(B, H, nk, S, g, gap=nk == 11)  # some empty blocks; gaps between blocks
+    w = max(1, nk - 1)
+    idx = torch.rand(B, H, nq, nk, generator=g).argsort(-1)[..., :w].int().contiguous()
+    cnt = torch.randint(0, w + 1, (B, H, nq), generator=g).int()
+    cnt[0, 0, 0] = w  # one full row, one empty row
+    cnt[-1, -1, -1] = 0
+    idx[0, 0, 1, -1] = 10_000  # past the count: never read
+    keys, first, n = varlen.kv_key_table(ks, kl, idx, cnt)
+    assert keys.dtype == n.dtype == torch.int32 and first.dtype == torch.int64
+    for b in range(B):
+        for h in range(H):
+            for i in range(nq):
+                want = [p for j in idx[b, h, i, :cnt[b, h, i]].tolist()
+                        for p in range(int(ks[b, h, j]), int(ks[b, h, j] + kl[b, h, j]))]
+                r = b * H + h
+                assert int(n[r, i]) == len(want)
+                assert keys[first[r, i]:first[r, i] + n[r, i]].tolist() == want
+    assert int(first[-1, -1] + n[-1, -1]) == int(n.sum())  # packed with no gaps
 
 
 def test_varlen_rejects_bad_input(interpret):

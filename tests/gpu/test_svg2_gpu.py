@@ -28,12 +28,14 @@ def _blocks(B, H, n, S):
     return starts.int().contiguous(), (ends - starts).int().contiguous()
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "blocks"])
 @pytest.mark.parametrize("B,H,S,D,dtype,nq,nk,mask", [
     (1, 2, 4133, 128, torch.bfloat16, 17, 61, False),
     (2, 2, 3001, 64, torch.float16, 12, 40, True),
     (1, 1, 2500, 128, torch.float16, 9, 33, True),
+    (1, 2, 3100, 128, torch.bfloat16, 40, 900, False),  # many short key blocks, up to 300 per query block
 ])
-def test_varlen_kernel_matches_reference(B, H, S, D, dtype, nq, nk, mask):
+def test_varlen_kernel_matches_reference(B, H, S, D, dtype, nq, nk, mask, pack):
     q, k, v = (torch.randn(B, H, S, D, device="cuda").to(dtype) for _ in range(3))
     qs, ql = _blocks(B, H, nq, S)
     ks, kl = _blocks(B, H, nk, S)
@@ -42,7 +44,7 @@ def test_varlen_kernel_matches_reference(B, H, S, D, dtype, nq, nk, mask):
     cnt = torch.randint(0, w + 1, (B, H, nq), device="cuda").int()
     km = (torch.rand(B, S, device="cuda") > 0.1) if mask else None
     ref = varlen_block_attn_reference(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
-    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
+    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km, pack_keys=pack)
     assert torch.isfinite(out).all()
     assert rel_err(out, ref) < 1e-2
     assert torch.equal(out.float().abs().sum(-1) == 0, ref.float().abs().sum(-1) == 0)
