@@ -8,7 +8,8 @@ Every timing is the median of `triton.testing.do_bench` (warm-up first), rotatin
 random input sets (each with its own warm k-means cache, so no call sees the inputs of the previous one).
 Rows: the warm selection (`SVG2.cluster_select`: one k-means iteration for q and for k from the previous
 centroids, i.e. assignment + permutation + centroid update, then centroid scores and selection), the same
-with the permutation by `torch.gather` instead of the Triton row gather, and its parts; the variable-size
+with the permutation by `torch.gather` instead of the Triton row gather, and its parts (scores and selection
+also by `select_clusters`' torch path); the variable-size
 block kernel on that selection, with the selected keys packed (the default; its key table timed alone too)
 and block by block (`pack_keys=False`), and with packed keys at the `--kernel-tiles` tile sizes; the whole
 `attend` (selection, permutations, kernel, un-permutation); the fixed-block kernel `block_sparse_attn` with 128-token blocks at the same
@@ -30,6 +31,7 @@ from sparsify.kernels.block_sparse import block_sparse_attn
 from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
 from sparsify.layout import Geometry
 from sparsify.kernels import gather as fast
+from sparsify.methods import svg2
 from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign, permute_rows,
                                    segment_means, select_clusters)
 from sparsify.recipe import Budget
@@ -105,9 +107,15 @@ def run_config(name, method, sets, grid, density, results, tiles=()):
     row["permute_torch_gather_ms"] = _bench(_rotating([
         lambda i=i: [torch.gather(x, 2, b[0][..., None].expand(x.shape)) for x, b in zip(sets[i][:2], blocks[i])]
         for i in range(n)]))
-    row["score_and_select_ms"] = _bench(_rotating([
+    score_and_select = _rotating([
         lambda i=i: select_clusters(centroid_logits(cq[i], ck[i], scale), cluster_sizes(labels[i][1], nk), budgets)
-        for i in range(n)]))
+        for i in range(n)])
+    row["score_and_select_ms"] = _bench(score_and_select)
+    widest, svg2._SELECT_MAX_NK = svg2._SELECT_MAX_NK, 0  # the torch path of select_clusters
+    try:
+        row["score_and_select_torch_ms"] = _bench(score_and_select)
+    finally:
+        svg2._SELECT_MAX_NK = widest
     # the variable-size block kernel on each set's selection
     sels = [method.cluster_select(q, k, budgets, cache=caches[i]) for i, (q, k, _) in enumerate(sets)]
     perm_in = []
@@ -140,6 +148,44 @@ def run_config(name, method, sets, grid, density, results, tiles=()):
     return row
 
 
+def extra_runs(method, sets, args, row):
+    """`--assign-configs` and `--profile` for one config (its warm caches rebuilt from a cold start)."""
+    if not (args.assign_configs or args.profile):
+        return
+    q, k, _ = sets[0]
+    budgets = [Budget(density=args.density)] * q.shape[1]
+    cache: dict = {}
+    method.cluster_select(q, k, budgets, cache=cache)
+    cq, ck = cache["svg2"]["q"], cache["svg2"]["k"]
+    want = (kmeans_assign(q, cq), kmeans_assign(k, ck))
+    row["assign_configs_ms"] = {}
+    default = dict(svg2.ASSIGN_LAUNCH)
+    for cfg in (c for c in args.assign_configs.split(",") if c):
+        bs, bc, nw, ns = (int(x) for x in cfg.split("x"))
+        svg2.ASSIGN_LAUNCH.update(block_s=bs, block_c=bc, num_warps=nw, num_stages=ns)
+        try:
+            got = (kmeans_assign(q, cq), kmeans_assign(k, ck))
+            agree = min(float((g == w).float().mean()) for g, w in zip(got, want))
+            ms = _bench(lambda: (kmeans_assign(q, cq), kmeans_assign(k, ck)))
+            row["assign_configs_ms"][cfg] = {"ms": ms, "labels_equal_to_default": agree}
+            print(f"assign {cfg}: {ms:.3f} ms (default {default}); labels equal to the default's: {agree:.6f}",
+                  flush=True)
+        except Exception as e:  # a launch the GPU cannot take: say so, keep going
+            row["assign_configs_ms"][cfg] = {"error": str(e)[:300]}
+            print(f"assign {cfg}: failed: {str(e)[:300]}", flush=True)
+        finally:
+            svg2.ASSIGN_LAUNCH.update(default)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        method.cluster_select(q, k, budgets, cache=cache)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            method.cluster_select(q, k, budgets, cache=cache)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="1,40,75600,128", help="B,H,S,D")
@@ -147,6 +193,10 @@ def main(argv=None):
     ap.add_argument("--density", type=float, default=0.05)
     ap.add_argument("--sets", type=int, default=3, help="fresh random input sets rotated through")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA row")
+    ap.add_argument("--assign-configs", default="",
+                    help="comma list of BLOCK_SxBLOCK_CxWARPSxSTAGES (e.g. 128x128x8x3): also time the k-means "
+                         "assignment of the first config's warm centroids with these launches")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one warm selection")
     ap.add_argument("--kernel-tiles", default="",
                     help="comma list of BLOCK_MxBLOCK_N (e.g. 128x128,64x64): also time the varlen kernel (packed "
                          "keys) with these tiles")
@@ -164,6 +214,8 @@ def main(argv=None):
     for name, m in configs.items():
         tiles = [tuple(int(x) for x in t.split("x")) for t in args.kernel_tiles.split(",") if t]
         r = run_config(name, m, sets, grid, args.density, results, tiles)
+        if name == next(iter(configs)):
+            extra_runs(m, sets, args, r)
         print(name, json.dumps(r), flush=True)
     # the fixed-block kernel at the same density (random selection of 128-token blocks)
     n_b = -(-S // 128)
@@ -184,7 +236,7 @@ def main(argv=None):
     lines = [f"shape B{B} H{H} S{S} D{D} bf16, density {args.density:g}; fixed-block kernel (128x128, {count}/{n_b} "
              f"blocks): {fixed:.2f} ms" + (f"; dense SDPA {dense:.1f} ms" if dense else ""),
              "| config | clusters q/k | select (warm) | select, torch.gather | assign | permute+means (sort; permute; "
-             "permute by torch.gather) | score+select | varlen kernel, packed keys (key table) | varlen kernel, "
+             "permute by torch.gather) | score+select (torch path) | varlen kernel, packed keys (key table) | varlen kernel, "
              "block by block | attend | density exact / tiles packed / tiles by block | "
              "select / fixed kernel | select / varlen kernel |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -194,7 +246,7 @@ def main(argv=None):
         lines.append(f"| {name} | {r['clusters'][0]}/{r['clusters'][1]} | {r['select_ms']:.2f} ms | "
                      f"{r['select_torch_gather_ms']:.2f} | {r['assign_ms']:.2f} | "
                      f"{r['permute_and_means_ms']:.2f} ({r['sort_ms']:.2f}; {r['permute_ms']:.2f}; "
-                     f"{r['permute_torch_gather_ms']:.2f}) | {r['score_and_select_ms']:.2f} | {r['varlen_kernel_ms']:.2f} ms "
+                     f"{r['permute_torch_gather_ms']:.2f}) | {r['score_and_select_ms']:.2f} ({r['score_and_select_torch_ms']:.2f}) | {r['varlen_kernel_ms']:.2f} ms "
                      f"({r['key_table_ms']:.2f}) | {r['varlen_kernel_blocks_ms']:.2f} ms | {r['attend_ms']:.2f} ms | "
                      f"{r['density_exact']:.4f} / {r['density_tiles']:.4f} / {r['density_tiles_blocks']:.4f} | "
                      f"{r['select_over_fixed_kernel']:.1%} | {r['select_over_varlen_kernel']:.1%} |")

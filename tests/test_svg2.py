@@ -139,6 +139,34 @@ def test_select_clusters_matches_reference():
     assert all(not (set(range(3)) & s) for s in got[nq:2 * nq])  # (b 0, h 1)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_select_kernel_matches_reference_and_torch(interpret, ties):
+    B, H, nq, nk, D = 2, 5, 6, 37, 8
+    g = _gen(21 + ties)
+    cq, ck = torch.randn(B, H, nq, D, generator=g) * 2, torch.randn(B, H, nk, D, generator=g) * 2
+    sizes = torch.randint(0, 20, (B, H, nk), generator=g).float()
+    if ties:  # integer logits and equal sizes: many exact ties, broken by lower index
+        cq, ck = cq.round().clamp(-1, 1), ck.round().clamp(-1, 1)
+        sizes = torch.where(sizes > 3, 8.0, 0.0)
+    sizes[0, 1, :5] = 0
+    sizes[1, 2] = 0
+    sizes[1, 2, 7] = 3  # one non-empty cluster
+    budgets = [Budget(density=0.2), Budget(top_p=0.8), Budget(top_p=0.5, min_density=0.4), Budget(density=1.0),
+               Budget(density=0.01)]
+    scale = 1 / math.sqrt(D)
+    logits = centroid_logits(cq, ck, scale)
+    idx, cnt = select_clusters(logits, sizes, budgets)  # the Triton kernel, under the interpreter
+    ref = select_clusters_reference(cq, ck, sizes, budgets, scale)
+    got = [set(idx[b, h, i, :cnt[b, h, i]].tolist()) for b in range(B) for h in range(H) for i in range(nq)]
+    assert got == ref
+    assert all(len(s) == int(cnt.flatten()[n]) for n, s in enumerate(got))  # no cluster twice
+    live = torch.arange(nk) < cnt[..., None]
+    assert (idx[~live] == 0).all()
+    with varlen.interpreter(False):
+        idx_t, cnt_t = select_clusters(logits, sizes, budgets)  # the torch path
+    assert torch.equal(cnt, cnt_t)
+
+
 # ----------------------------------------------------------------------------------------------
 # the variable-size block kernel
 

@@ -21,6 +21,7 @@ except Exception:  # pragma: no cover
 
 _ROW_MIN = tl.standard._elementwise_min if tl is not None else None
 _ROW_SUM = tl.standard._sum_combine if tl is not None else None
+_ROW_MAX = tl.standard._elementwise_max if tl is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,17 +73,21 @@ def _segment_mean_kernel(X, OUT, ST, LN, NC, sxb, sxh, sxs, H, BLOCK_R: tl.const
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, HEAD_DIM)
     base = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    acc = tl.full([HEAD_DIM], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)  # summed across rows once, after the loop
     for r in range(0, n, BLOCK_R):
         ok = r + offs_r < n
         x = tl.load(base + (s + r + offs_r)[:, None].to(tl.int64) * sxs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc += tl.reduce(x.to(tl.float32), 0, _ROW_SUM)
-    tl.store(OUT + row * HEAD_DIM + offs_d, acc / tl.maximum(n, 1).to(tl.float32))
+        acc += x.to(tl.float32)
+    tl.store(OUT + row * HEAD_DIM + offs_d, tl.reduce(acc, 0, _ROW_SUM) / tl.maximum(n, 1).to(tl.float32))
 
 
 def _use_triton(x: torch.Tensor) -> bool:
     ok, _ = supports_varlen(x)
     return ok and (x.is_cuda or interpreting())
+
+
+#: The assignment kernel's launch on CUDA (`benchmarks.svg2_cost --assign-configs` times others).
+ASSIGN_LAUNCH = {"block_s": 128, "block_c": 64, "num_warps": 8, "num_stages": 3}
 
 
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, max_elems: int = 1 << 25) -> torch.Tensor:
@@ -109,12 +114,13 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, max_elems: int = 
         labels = torch.empty(B, H, S, dtype=torch.int32, device=x.device)
         x_ = x if x.stride(-1) == 1 else x.contiguous()
         interp = not x.is_cuda
-        bs, bc = (32, 16) if interp else (128, 64)
+        cfg = {"block_s": 32, "block_c": 16, "num_warps": 4, "num_stages": 1} if interp else ASSIGN_LAUNCH
+        bs = cfg["block_s"]
         run_kernel(_assign_kernel, (triton_cdiv(S, bs), B * H), interp,
                    x_, c.contiguous(), cn.contiguous(), labels, S, n, x_.stride(0), x_.stride(1), x_.stride(2), H,
-                   BLOCK_S=bs, BLOCK_C=bc, HEAD_DIM=D, DOT_FP32=interp,
+                   BLOCK_S=bs, BLOCK_C=cfg["block_c"], HEAD_DIM=D, DOT_FP32=interp,
                    INPUT_PRECISION="ieee" if (interp or x.dtype == torch.float32) else "tf32",
-                   num_warps=4 if interp else 8, num_stages=1 if interp else 3)
+                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return labels
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     labels = torch.empty(B, H, S, dtype=torch.int32, device=x.device)
@@ -318,6 +324,90 @@ def cluster_probs(logits: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits + torch.log(k_sizes.float())[:, :, None, :], -1)
 
 
+def _select_kernel(LG, SZ, TOT, NONEMPTY, DENS, TOPP, FLOOR, IDX, CNT, H, NQ, NK, NKP: tl.constexpr):
+    """One query cluster (a row of LG) per program: `select_clusters` without sorting.
+
+    Clusters rank by key (the logit, or for top-p heads the size-weighted probability; empty clusters last),
+    ties by lower index. Up to three searches find the shortest ranked prefix whose weight reaches a target:
+    the sizes (the key floor), the probabilities (top-p heads only), then unit weights (the final count,
+    only when it is not one of the first two prefixes, i.e. clamped to 1 or to the non-empty clusters). Each
+    search bisects the order-preserving int32 bits of the key for the threshold, then an index cutoff among
+    keys tied at it. The kept clusters are written first in index order, zeros after them. One warp."""
+    r = tl.program_id(0).to(tl.int64)
+    bh = r // NQ
+    h = bh % H
+    j = tl.arange(0, NKP)
+    inside = j < NK
+    sz = tl.load(SZ + bh * NK + j, mask=inside, other=0.0)
+    live = inside & (sz > 0)
+    lg = tl.where(live, tl.load(LG + r * NK + j, mask=inside, other=0.0), float("-inf"))
+    wl = tl.where(live, lg + tl.log(tl.where(live, sz, 1.0)), float("-inf"))
+    e = tl.where(live, tl.exp(wl - tl.reduce(wl, 0, _ROW_MAX)), 0.0)
+    prob = e / tl.reduce(e, 0, _ROW_SUM)
+    dens = tl.load(DENS + h) != 0
+    key = tl.where(dens, lg, tl.where(live, prob, -1.0))
+    key = tl.where(inside, key, float("-inf"))
+    bits = key.to(tl.int32, bitcast=True)
+    kb = ((bits & 0x7FFFFFFF) ^ (bits >> 31)) - (bits >> 31)  # order-preserving (-0.0 and 0.0 tie)
+    tot = tl.load(TOT + bh)
+    nonempty = tl.load(NONEMPTY + bh)
+    targets_0 = tl.load(FLOOR + h) * tot - 1e-6
+    targets_1 = tl.where(dens, -1.0, tl.load(TOPP + h) - 1e-6)
+    c0 = 0
+    c1 = 0
+    t = 0
+    x = 0
+    t0 = 0
+    x0 = 0
+    t1 = 0
+    x1 = 0
+    n = 1
+    for stage in range(3):
+        n = tl.minimum(tl.maximum(tl.maximum(c0, c1), 1), nonempty)
+        w = tl.where(stage == 0, sz, tl.where(stage == 1, prob, 1.0))
+        target = tl.where(stage == 0, targets_0, tl.where(stage == 1, targets_1, n.to(tl.float32) - 0.5))
+        # nothing to search: no target, or the final count is the prefix an earlier search found
+        skip = (target <= 0) | ((stage == 2) & ((n == c0) | (n == c1)))
+        hi = tl.reduce(kb, 0, _ROW_MAX)
+        lo = tl.where(skip, hi, tl.reduce(kb, 0, _ROW_MIN))
+        while lo < hi:  # the largest threshold whose keys at or above it weigh at least the target
+            mid = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
+            ok = tl.reduce(tl.where(kb >= mid, w, 0.0), 0, _ROW_SUM) >= target
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid - 1)
+        t = lo
+        above = tl.reduce(tl.where(kb > t, w, 0.0), 0, _ROW_SUM)
+        xlo = 0
+        xhi = tl.where(skip, 0, NKP)
+        while xlo < xhi:  # the fewest keys tied at t (lowest indices first) that reach the target
+            xm = (xlo + xhi) // 2
+            ok = above + tl.reduce(tl.where((kb == t) & (j < xm), w, 0.0), 0, _ROW_SUM) >= target
+            xhi = tl.where(ok, xm, xhi)
+            xlo = tl.where(ok, xlo, xm + 1)
+        x = xlo
+        count = tl.reduce(((kb > t) | ((kb == t) & (j < x))).to(tl.int32), 0, _ROW_SUM)
+        reached = tl.reduce(w, 0, _ROW_SUM) >= target
+        count = tl.where(target <= 0, 0, tl.where(reached, count, NK + stage))
+        c0 = tl.where(stage == 0, count, c0)
+        c1 = tl.where(stage == 1, count, c1)
+        t0 = tl.where(stage == 0, t, t0)
+        x0 = tl.where(stage == 0, x, x0)
+        t1 = tl.where(stage == 1, t, t1)
+        x1 = tl.where(stage == 1, x, x1)
+    t = tl.where(n == c0, t0, tl.where(n == c1, t1, t))
+    x = tl.where(n == c0, x0, tl.where(n == c1, x1, x))
+    kept = ((kb > t) | ((kb == t) & (j < x))) & inside
+    k32 = kept.to(tl.int32)
+    pos = tl.associative_scan(k32, 0, _ROW_SUM) - k32
+    tl.store(IDX + r * NK + pos, j, mask=kept)
+    tl.store(IDX + r * NK + j, j * 0, mask=inside & (j >= n))
+    tl.store(CNT + r, n)
+
+
+#: Widest row of key clusters the selection kernel takes (one program holds a row); wider rows use torch.
+_SELECT_MAX_NK = 8192
+
+
 def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequence[Budget]):
     """Key clusters kept by every query cluster, per head.
 
@@ -333,7 +423,9 @@ def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequen
         budgets: one `Budget` per head.
 
     Returns:
-        `(kv_indices int32 [B, H, NQ, NK], kv_counts int32 [B, H, NQ])`, kept clusters first.
+        `(kv_indices int32 [B, H, NQ, NK], kv_counts int32 [B, H, NQ])`, kept clusters first, in no
+        particular order (the Triton kernel, used on CUDA and under the interpreter for rows of at most
+        8,192 clusters, writes them in index order and zeros after them; torch writes the rest of its ranking).
 
     Example:
         >>> idx, cnt = select_clusters(torch.tensor([[[[0.0, 2.0, 1.0]]]]), torch.tensor([[[5.0, 5.0, 5.0]]]),
@@ -353,6 +445,14 @@ def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequen
     top_p = device_consts([float(b.top_p or 0.0) for b in budgets], dev, torch.float32).view(1, H, 1)
     floor = device_consts([float(b.density if b.density is not None else b.min_density) for b in budgets], dev,
                           torch.float32).view(1, H, 1)
+    if tl is not None and (logits.is_cuda or interpreting()) and nk <= _SELECT_MAX_NK:
+        idx = torch.empty(B, H, nq, nk, dtype=torch.int32, device=dev)
+        cnt = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
+        run_kernel(_select_kernel, (B * H * nq,), not logits.is_cuda, logits.float().contiguous(), sizes.contiguous(),
+                   total.contiguous(), nonempty.to(torch.int32).contiguous(),
+                   device_consts([int(b.density is not None) for b in budgets], dev, torch.int32),
+                   top_p, floor, idx, cnt, H, nq, nk, NKP=1 << max(4, (nk - 1).bit_length()), num_warps=1)
+        return idx, cnt
     lg = logits.float().masked_fill(empty, float("-inf"))
     probs = cluster_probs(lg, sizes)
     key = torch.where(dens, lg, probs.masked_fill(empty, -1.0))
