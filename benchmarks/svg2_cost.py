@@ -3,6 +3,7 @@
     python -m benchmarks.svg2_cost                       # Wan-14B 720p: B1 H40 S75600 D128 bf16, 5% density
     python -m benchmarks.svg2_cost --shape 1,12,32760,128 --grid 21,30,52 --out /tmp/svg2.json
     python -m benchmarks.svg2_cost --kernel-tiles 128x128,64x64   # also time the varlen kernel at these tiles
+    python -m benchmarks.svg2_cost --assign-configs 128x64x8x3,256x64x8x3 --profile   # assignment launches; profile
 
 Every timing is the median of `triton.testing.do_bench` (warm-up first), rotating over `--sets` fresh
 random input sets (each with its own warm k-means cache, so no call sees the inputs of the previous one).

@@ -401,6 +401,8 @@ def q_tile_table(q_starts: torch.Tensor, q_lens: torch.Tensor, block_m: int, seq
 def default_block_size(q: torch.Tensor, pack_keys: bool = True) -> tuple[int, int]:
     """`(BLOCK_M, BLOCK_N)` that `varlen_block_attn` uses for a query like `q` (for `varlen_pairs`).
 
+    `pack_keys` as in `varlen_block_attn` (packed keys take longer chunks at head_dim 128 on CUDA).
+
     Example:
         >>> default_block_size(torch.empty(1, 1, 8, 64))
         (32, 16)
