@@ -1,6 +1,7 @@
 """Registers, shared memory and programs per SM of the forward kernel's launch configs, compiled for sm_90 without a GPU.
 
     python -m benchmarks.aot_resources --block 64 64 --tile-n 64,32 --stages 2,3,4 --maxnreg 0,128
+    python -m benchmarks.aot_resources --varlen packed --block 128 128 --stages 2 --warps 8   # SVG2's kernel
 
 Compiles `sparsify.kernels.block_sparse._fwd_kernel` ahead of time (`triton.compile` for `GPUTarget("cuda", 90, 32)`:
 TMA descriptors, D 128, bf16, `kv_block_lens` on unless `--no-lens`) and reads the register count with the
@@ -84,6 +85,57 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
     return {"regs": regs, "stack": stack, "smem": smem, "programs_per_sm": per_sm, "wgmma_serialized": serial}
 
 
+def varlen_resources(block_m: int, block_n: int, warps: int, stages: int, packed: bool = True,
+                     head_dim: int = 128) -> dict:
+    """Compile SVG2's variable-size kernel (`sparsify.kernels.varlen._varlen_kernel`) for sm_90, bf16, no key mask.
+
+    Pointers and strides get the JIT's divisibility by 16 (without it the pipeliner leaves the K/V loads
+    synchronous). Returns `{"regs", "stack", "smem", "async_copies"}`: `async_copies` counts the `cp.async` copies in
+    the TTGIR (0: the K/V loads were not pipelined).
+
+    Example:
+        >>> # varlen_resources(128, 128, 8, 2)  -> {'regs': 254, 'stack': 0, 'smem': 163840, 'async_copies': 4}
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsify.kernels import varlen
+
+    fn = varlen._varlen_kernel
+    const = dict(BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim, PACKED=packed, HAS_MASK=False, DOT_FP32=False,
+                 INPUT_PRECISION="tf32")
+    names = list(inspect.signature(fn).parameters)
+    sig = {}
+    for p in names:
+        if p in const:
+            sig[p] = "constexpr"
+        elif p in ("Q", "K", "V", "O"):
+            sig[p] = "*bf16"
+        elif p == "KM":
+            sig[p] = "*i8"
+        elif p == "CH_LEN" and packed:
+            sig[p] = "*i64"
+        elif p in ("T_BLK", "T_ROW", "T_LEN", "CH_START", "CH_LEN", "N_CH"):
+            sig[p] = "*i32"
+        elif p == "qk_scale":
+            sig[p] = "fp32"
+        else:
+            sig[p] = "i32"
+    aligned = [n for n in names if sig[n].startswith("*") or (n[0] == "s" and n not in ("skmb", "skmh"))]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    kernel = triton.compile(ASTSource(triton.jit(fn), signature=sig, constexprs=const, attrs=attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return {"regs": int(usage.split("REG:")[1].split()[0]),
+            "stack": int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0,
+            "smem": int(kernel.metadata.shared), "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
+
+
 def main(argv=None) -> list:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.aot_resources", description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("BLOCK_M", "BLOCK_N"))
@@ -94,9 +146,19 @@ def main(argv=None) -> list:
     ap.add_argument("--no-lens", action="store_true", help="without kv_block_lens (the op's usual prefix call)")
     ap.add_argument("--lazy", action="store_true", help="lazy rescaling (the 128-row default)")
     ap.add_argument("--ttgir", default=None, help="write the last config's TTGIR here")
+    ap.add_argument("--varlen", choices=("packed", "blocks"), default=None,
+                    help="compile SVG2's variable-size kernel instead (keys packed or block by block); --block, "
+                         "--stages and --warps apply")
     a = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     rows = []
+    if a.varlen:
+        for ns, nw in itertools.product(ints(a.stages), ints(a.warps)):
+            r = varlen_resources(*a.block, nw, ns, packed=a.varlen == "packed")
+            rows.append({"varlen": a.varlen, "block": list(a.block), "stages": ns, "warps": nw, **r})
+            print(f"varlen {a.varlen} {a.block[0]}x{a.block[1]} stages {ns} warps {nw}: regs {r['regs']:3d} stack "
+                  f"{r['stack']:4d}  smem {r['smem']:7d} B  cp.async copies {r['async_copies']}", flush=True)
+        return rows
     for tn, ns, nw, mr in itertools.product(ints(a.tile_n), ints(a.stages), ints(a.warps), ints(a.maxnreg)):
         r = resources(*a.block, tn, ns, nw, mr or None, lazy=a.lazy, ttgir=a.ttgir,
                       lens=not a.no_lens)
