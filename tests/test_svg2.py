@@ -377,3 +377,19 @@ def test_sparsify_tiny_wan_with_svg2(monkeypatch, no_interpret):
         want, _ = _independent(q, k, v, geom, budgets, SVG2(), before, scale or 1 / math.sqrt(q.shape[-1]), key_mask)
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("packed,bn", [(True, 128), (True, 64), (False, 64)])
+def test_varlen_kernel_pipelines_its_loads_for_sm90(packed, bn):
+    """Compiled ahead of time for sm_90: the K/V loads become `cp.async` copies (the packed mode's key-table load
+    must not keep triton's pipeliner from it), with no spills at the default launch (8 warps, 2 stages)."""
+    from pathlib import Path
+
+    import triton
+
+    from benchmarks.aot_resources import varlen_resources
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton wheel bundles no cuobjdump")
+    r = varlen_resources(128, bn, 8, 2, packed=packed)
+    assert r["async_copies"] >= 2 and r["stack"] == 0, r
