@@ -23,7 +23,10 @@ GPU, versions, command and date goes to `benchmarks/results/attention_<date>.jso
 Whole-op rows (selection + layout + kernel, added later by the op's owner) plug in through
 `register_row(name, factory)`: `factory(case)` gets a `Case` (inputs, selection, block mask) and
 returns a zero-argument callable to time, or None to skip. Pass `--plugin some.module` to import a
-module that registers its rows before the run.
+module that registers its rows before the run. `--op-methods vsa,veda,xattention,svg2` adds, per method, the
+whole op and the selection alone on the same inputs (`benchmarks.whole_op.register_op_rows`; 4x4x4 tiles,
+the case's density, the method's own selection), so each method's selection cost sits beside the kernel and
+the op in one table.
 """
 
 from __future__ import annotations
@@ -93,11 +96,18 @@ class Case:
 DEVICE = "cuda"  # the CPU smoke test sets "cpu" (Triton interpreter, tiny shapes)
 
 _ROWS: dict[str, Callable[[Case], Callable[[], object] | None]] = {}
+_NO_ERR: set[str] = set()  # rows whose output is not the case's attention (no error against Flex)
 
 
-def register_row(name: str, factory: Callable[[Case], Callable[[], object] | None]) -> None:
-    """Add a sparse competitor row (e.g. the whole sparsify op); `factory(case)` returns the callable to time."""
+def register_row(name: str, factory: Callable[[Case], Callable[[], object] | None], *, compare: bool = True) -> None:
+    """Add a sparse competitor row (e.g. the whole sparsify op); `factory(case)` returns the callable to time.
+
+    `compare=False` for rows that do not reproduce the case's random-mask attention (a method's own selection,
+    or the selection alone): they get no error against Flex.
+    """
     _ROWS[name] = factory
+    if not compare:
+        _NO_ERR.add(name)
 
 
 def random_selection(B, H, n_qb, n_kb, count, *, device, generator=None):
@@ -203,7 +213,8 @@ def run(args) -> dict:
             for rname, factory in _ROWS.items():
                 fn = factory(case)
                 if fn is not None:
-                    errs[rname] = _rel(fn(), ref)
+                    if rname not in _NO_ERR:
+                        errs[rname] = _rel(fn(), ref)
                     times[rname] = _bench(fn, args)
             del ref, out
             for m, t in times.items():
@@ -428,6 +439,10 @@ def main(argv=None) -> dict:
     p.add_argument("--bwd-sweep", action="store_true", help="with --backward: also time the variants in BWD_VARIANTS")
     p.add_argument("--bwd-opts", default=None, help="JSON backward launch options (or @file) for the 'ours' rows")
     p.add_argument("--plugin", action="append", default=[], help="module to import that calls register_row")
+    p.add_argument("--op-methods", default="",
+                   help="comma list of selection methods (vsa,veda,xattention,svg2): add for each a whole-op row "
+                        "('op <m>': selection, layout, kernel, inverse on the case's q, k, v at its density) and a "
+                        "selection row ('select <m>': the selection alone)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<date>.json)")
     args = p.parse_args(argv)
     args.shapes = [s for s in args.shapes.split(",") if s]
@@ -446,8 +461,16 @@ def main(argv=None) -> dict:
         args.sweep = True
     args.variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS) if v != "default"]
     args.densities = [float(x) if "." in x else int(x) for x in str(args.densities).split(",") if x]
+    # run as `python -m benchmarks.attention` this module is `__main__`: plugins importing `benchmarks.attention`
+    # must register their rows here, not in a second copy of the module
+    sys.modules.setdefault("benchmarks.attention", sys.modules[__name__])
     for mod in args.plugin:
         importlib.import_module(mod)
+    if args.op_methods:
+        from benchmarks.whole_op import register_op_rows
+
+        for m in args.op_methods.split(","):
+            register_op_rows(m)
     if DEVICE == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention needs a CUDA GPU")
     if args.backward:

@@ -240,8 +240,9 @@ def op_row_factory(tile=(4, 4, 4), method="vsa"):
         grid = GRIDS.get(case.S)
         if grid is None:
             return None
+        name, params = method_spec(method)
         st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.{case.shape}", kind="self", heads=case.H,
-                               head_dim=case.D, configs=[HeadConfig(method=method, tile=tile,
+                               head_dim=case.D, configs=[HeadConfig(method=name, tile=tile, params=params,
                                                                     budget=Budget(density=case.density))] * case.H)
         runtime.STATE.sites[st.site_id] = st
         site, geom = torch.tensor([st.site_id]), [*grid, 0]
@@ -250,10 +251,52 @@ def op_row_factory(tile=(4, 4, 4), method="vsa"):
     return factory
 
 
-try:  # `python -m benchmarks.attention --plugin benchmarks.whole_op` adds the whole-op row to that table
+def select_row_factory(tile=(4, 4, 4), method="vsa"):
+    """A `register_row` factory: the method's selection alone on the case's q, k at the case's density.
+
+    Tile methods select on q, k in tile order, pooling their tile means themselves (the op takes them from its
+    gather, so this is an upper bound of what the op spends); SVG2 runs `cluster_select` on a warm cache (one
+    k-means iteration per call, as on every call after a generation's first)."""
+
+    def factory(case):
+        from sparsify.layout import tile_layout, to_tiles
+        from sparsify.methods import get_method
+        from sparsify.recipe import Budget
+
+        grid = GRIDS.get(case.S)
+        if grid is None:
+            return None
+        name, params = method_spec(method)
+        sel = get_method(name, [params] * case.H if params else None)
+        budgets = [Budget(density=case.density)] * case.H
+        if hasattr(sel, "cluster_select"):
+            cache: dict = {}
+            sel.cluster_select(case.q, case.k, budgets, cache=cache)  # the cold start, once
+            return lambda: sel.cluster_select(case.q, case.k, budgets, cache=cache)
+        lay = tile_layout(grid, tile, case.q.device)
+        qt, kt = to_tiles(case.q, lay), to_tiles(case.k, lay)
+        return lambda: sel.select(qt, kt, lay, budgets)
+
+    return factory
+
+
+def register_op_rows(method: str, tile=(4, 4, 4)) -> None:
+    """Add `op <method>` (the whole op) and `select <method>` (the selection alone) rows to `benchmarks.attention`.
+
+    Example:
+        >>> # register_op_rows("svg2")  # then benchmarks.attention.run(args) times both rows per case
+    """
     from benchmarks.attention import register_row
 
-    register_row("op vsa 4x4x4", op_row_factory())
+    t = "x".join(map(str, tile))
+    register_row(f"op {method} {t}", op_row_factory(tile, method), compare=False)
+    register_row(f"select {method} {t}", select_row_factory(tile, method), compare=False)
+
+
+try:  # `python -m benchmarks.attention --plugin benchmarks.whole_op` adds the VSA whole-op row to that table
+    from benchmarks.attention import register_row
+
+    register_row("op vsa 4x4x4", op_row_factory(), compare=False)
 except ImportError:  # pragma: no cover
     pass
 
