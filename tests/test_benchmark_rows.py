@@ -8,6 +8,9 @@ from benchmarks import attention, whole_op
 
 @pytest.mark.parametrize("method", ["vsa", "veda", "xattention", "svg2"])
 def test_op_and_select_rows_run_each_method(monkeypatch, method):
+    from sparsify import runtime
+
+    monkeypatch.setattr(runtime.STATE, "sites", dict(runtime.STATE.sites))  # the op rows' sites go with the test
     monkeypatch.setattr(attention, "_ROWS", {})
     monkeypatch.setattr(attention, "_NO_ERR", set())
     grid = (4, 8, 8)
