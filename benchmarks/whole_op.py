@@ -293,14 +293,6 @@ def register_op_rows(method: str, tile=(4, 4, 4)) -> None:
     register_row(f"select {method} {t}", select_row_factory(tile, method), compare=False)
 
 
-try:  # `python -m benchmarks.attention --plugin benchmarks.whole_op` adds the VSA whole-op row to that table
-    from benchmarks.attention import register_row
-
-    register_row("op vsa 4x4x4", op_row_factory(), compare=False)
-except ImportError:  # pragma: no cover
-    pass
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.whole_op", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="1.3b,14b")
