@@ -50,6 +50,21 @@ def alternated(calls: dict, rounds: int) -> tuple[dict, dict]:
     return times, {name: statistics.median(t) for name, t in times.items()}
 
 
+def gpu_meta(module: str, argv) -> dict:
+    """`{"gpu", "torch", "triton", "command"}` of a GPU benchmark run as `python -m benchmarks.<module> <argv>`.
+
+    Example:
+        >>> # write_result({**gpu_meta("l2_floor", argv), "rows": rows}, args.out, "l2_floor")
+    """
+    import sys
+
+    import torch
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "command": f"python -m benchmarks.{module} " + " ".join(argv or sys.argv[1:])}
+
+
 def write_result(result: dict, out: str | None, stem: str) -> Path:
     """Write a benchmark's `result` as JSON to `out`, default `benchmarks/results/<stem>_<date>.json`; print the path.
 

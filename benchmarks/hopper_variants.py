@@ -63,9 +63,8 @@ def main(argv=None) -> list[dict]:
         return []
     if not torch.cuda.is_available():
         sys.exit("benchmarks.hopper_variants needs a CUDA GPU")
-    import triton
 
-    from benchmarks import write_result
+    from benchmarks import gpu_meta, write_result
 
     rows = []
     for spec in a.variants.split(","):
@@ -82,9 +81,7 @@ def main(argv=None) -> list[dict]:
             print(f"{spec:24s} count {row['count']:3d}: plain {row['plain_ms']:8.3f} ms  gluon {row['gluon_ms']:8.3f} ms"
                   f"  speedup {row['speedup']:.3f}  rel-L2 vs plain {row['rel_l2_vs_plain']:.1e}", flush=True)
         rows += got
-    write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "command": "python -m benchmarks.hopper_variants " + " ".join(argv or sys.argv[1:]), "rows": rows},
-                 a.out, "hopper_variants")
+    write_result({**gpu_meta("hopper_variants", argv), "rows": rows}, a.out, "hopper_variants")
     return rows
 
 

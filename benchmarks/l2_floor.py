@@ -95,7 +95,7 @@ def run(shape: str, densities, blocks) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    from benchmarks import write_result
+    from benchmarks import gpu_meta, write_result
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.l2_floor", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="wan14b", choices=sorted(SHAPES))
@@ -106,9 +106,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("benchmarks.l2_floor needs a CUDA GPU")
     rows = run(a.shape, [float(x) for x in a.densities.split(",")], [int(x) for x in a.blocks.split(",")])
-    write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "command": "python -m benchmarks.l2_floor " + " ".join(argv or sys.argv[1:]), "rows": rows},
-                 a.out, "l2_floor")
+    write_result({**gpu_meta("l2_floor", argv), "rows": rows}, a.out, "l2_floor")
     return rows
 
 

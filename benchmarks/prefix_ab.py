@@ -51,9 +51,7 @@ def run(densities, rounds: int, method: str = "vsa") -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    import triton
-
-    from benchmarks import write_result
+    from benchmarks import gpu_meta, write_result
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.prefix_ab", description=__doc__.splitlines()[0])
     ap.add_argument("--densities", default="0.02,0.05,0.1,0.2")
@@ -64,9 +62,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("benchmarks.prefix_ab needs a CUDA GPU")
     rows = run([float(x) for x in a.densities.split(",")], a.rounds, a.method)
-    write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "command": "python -m benchmarks.prefix_ab " + " ".join(argv or sys.argv[1:]), "rows": rows},
-                 a.out, "prefix_ab")
+    write_result({**gpu_meta("prefix_ab", argv), "rows": rows}, a.out, "prefix_ab")
     return rows
 
 

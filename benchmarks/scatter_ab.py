@@ -65,9 +65,7 @@ def run(shape: str, densities, rounds: int, method: str = "vsa", tile=(4, 4, 4),
 
 
 def main(argv=None) -> list[dict]:
-    import triton
-
-    from benchmarks import write_result
+    from benchmarks import gpu_meta, write_result
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scatter_ab", description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="14b", choices=("1.3b", "14b"))
@@ -80,9 +78,7 @@ def main(argv=None) -> list[dict]:
     if not torch.cuda.is_available():
         sys.exit("benchmarks.scatter_ab needs a CUDA GPU")
     rows = run(a.shape, [float(x) for x in a.densities.split(",")], a.rounds, a.method, switch=a.switch)
-    write_result({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                  "command": "python -m benchmarks.scatter_ab " + " ".join(argv or sys.argv[1:]), "rows": rows},
-                 a.out, "scatter_ab")
+    write_result({**gpu_meta("scatter_ab", argv), "rows": rows}, a.out, "scatter_ab")
     return rows
 
 

@@ -52,6 +52,14 @@ def scores(qm: torch.Tensor, km: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(mode)
 
 
+def changed(sel, ref, n: int) -> tuple[float, float]:
+    """(share of query tiles whose selected set differs, share of `ref`'s selected tiles missing from `sel`)."""
+    from sparsify.kernels.reference import selection_to_block_mask
+
+    s, r = selection_to_block_mask(*sel, n), selection_to_block_mask(*ref, n)
+    return float((s != r).any(-1).float().mean()), float((r & ~s).sum() / r.sum())
+
+
 def bf16x3_scores(qm: torch.Tensor, km: torch.Tensor) -> torch.Tensor:
     """`scores(qm, km, "bf16x3")` as one bf16 tensor-core GEMM with float32 output (CUDA): `[hi, hi, lo] . [hi, lo, hi]`.
 
@@ -94,15 +102,9 @@ def time_gemm(densities) -> dict:
         budgets = [Budget(density=d / 100)] * qm.shape[1]
         want = select_from_scores(ref, budgets)
         for name in ("tf32", "bf16x3"):
-            got = select_from_scores(ways[name](), budgets)
-            same = torch.zeros(*want[0].shape[:3], lay.n_tiles, dtype=torch.int32, device="cuda")
-            live = torch.arange(want[0].shape[-1], device="cuda") < want[1].unsqueeze(-1)
-            same.scatter_add_(-1, torch.where(live, want[0], 0).long(), live.int())
-            live_g = torch.arange(got[0].shape[-1], device="cuda") < got[1].unsqueeze(-1)
-            same.scatter_add_(-1, torch.where(live_g, got[0], 0).long(), -live_g.int())
-            changed = (same != 0).sum(-1) // 2  # tiles in one set and not the other, per query tile
-            out[f"{name}_{d:g}pct_selected_tiles_changed"] = float(changed.sum() / want[1].sum())
-            out[f"{name}_{d:g}pct_query_tiles_changed"] = float((changed > 0).float().mean())
+            rows, tiles = changed(select_from_scores(ways[name](), budgets), want, lay.n_tiles)
+            out[f"{name}_{d:g}pct_selected_tiles_changed"] = tiles
+            out[f"{name}_{d:g}pct_query_tiles_changed"] = rows
     print(" | ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in out.items()), flush=True)
     return out
 
@@ -136,14 +138,11 @@ def main(argv=None) -> dict:
     if a.time:
         import datetime
 
-        import triton
-
-        from benchmarks import write_result
+        from benchmarks import gpu_meta, write_result
 
         res = time_gemm([float(x) for x in a.densities.split(",")])
-        res.update(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   command="python -m benchmarks.vsa_score_precision " + " ".join(argv or __import__("sys").argv[1:]))
+        res.update(gpu_meta("vsa_score_precision", argv),
+                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         write_result(res, a.out, "vsa_score_gemm")
         return res
     out = {}
@@ -156,18 +155,9 @@ def main(argv=None) -> dict:
         for d in (float(x) for x in a.densities.split(",")):
             budgets = [Budget(density=d / 100)] * q.shape[1]
             sel = {m: select_from_scores(scores(qm, km, m), budgets) for m in ("fp32", "tf32", "bf16x3")}
-
-            def as_sets(idx, cnt):
-                live = torch.arange(idx.shape[-1]).view(1, 1, 1, -1) < cnt.unsqueeze(-1)
-                s = torch.zeros(*idx.shape[:3], n, dtype=torch.bool)
-                return s.scatter_(-1, torch.where(live, idx, 0).long(), live)
-
-            ref = as_sets(*sel["fp32"])
             row = {}
             for m in ("tf32", "bf16x3"):
-                s = as_sets(*sel[m])
-                tiles_changed = float((s & ~ref).sum() / ref.sum())
-                rows_changed = float((s != ref).any(-1).float().mean())
+                rows_changed, tiles_changed = changed(sel[m], sel["fp32"], n)
                 row[m] = {"query_tiles_changed": rows_changed, "selected_tiles_changed": tiles_changed}
                 if mass is not None:
                     row[m]["recall"] = float(tile_recall(mass, *sel[m]).mean())
