@@ -24,6 +24,18 @@ SMEM_PER_SM = 228 * 1024
 REGS_PER_SM = 64 * 1024
 
 
+def _usage(kernel) -> tuple[int, int]:
+    """(registers, stack bytes) of a compiled kernel, read with the `cuobjdump` bundled with triton."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(usage.split("REG:")[1].split()[0]), int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
+
+
 def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, maxnreg: int | None = None,
               mask_mode: int = 1, lazy: bool = False, head_dim: int = 128, ttgir: str | None = None,
               lens: bool = True) -> dict:
@@ -45,7 +57,7 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
 
     const = dict(BLOCK_M=block_m, BLOCK_N=block_n, TILE_N=tile_n, HEAD_DIM=head_dim, USE_TMA=True, DESC_RANK=3,
                  HAS_LENS=lens, MASK_MODE=mask_mode, DOT_FP32=False, INPUT_PRECISION="tf32", LAZY_RESCALE=lazy,
-                 STORE_LSE=False)
+                 STORE_LSE=False, HAS_DST=False)
     sig = {}
     for p in inspect.signature(block_sparse._fwd_kernel).parameters:
         if p in const:
@@ -65,11 +77,7 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
                             target=GPUTarget("cuda", 90, 32), options=opts)
     if ttgir:
         Path(ttgir).write_text(kernel.asm["ttgir"])
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs, stack = _usage(kernel)
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "k.ptx").write_text(kernel.asm["ptx"])
@@ -78,8 +86,6 @@ def resources(block_m: int, block_n: int, tile_n: int, stages: int, warps: int, 
             cmd += ["-maxrregcount", str(maxnreg)]
         log = subprocess.run(cmd, capture_output=True, text=True).stderr
     serial = next((ln.split("(")[1].split(")")[0] for ln in log.splitlines() if "serialized" in ln), None)
-    regs = int(usage.split("REG:")[1].split()[0])
-    stack = int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0
     smem = int(kernel.metadata.shared)
     per_sm = min(SMEM_PER_SM // (smem + 1024), REGS_PER_SM // (regs * 32 * warps), 64 // warps)
     return {"regs": regs, "stack": stack, "smem": smem, "programs_per_sm": per_sm, "wgmma_serialized": serial}
@@ -126,14 +132,9 @@ def varlen_resources(block_m: int, block_n: int, warps: int, stages: int, packed
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     kernel = triton.compile(ASTSource(triton.jit(fn), signature=sig, constexprs=const, attrs=attrs),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return {"regs": int(usage.split("REG:")[1].split()[0]),
-            "stack": int(usage.split("STACK:")[1].split()[0]) if "STACK:" in usage else 0,
-            "smem": int(kernel.metadata.shared), "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
+    regs, stack = _usage(kernel)
+    return {"regs": regs, "stack": stack, "smem": int(kernel.metadata.shared),
+            "async_copies": kernel.asm["ttgir"].count("async_copy_global_to_local")}
 
 
 def main(argv=None) -> list:

@@ -196,3 +196,18 @@ def test_cpu_needs_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = supports(torch.randn(1, 1, 64, 64))
     assert not ok and "TRITON_INTERPRET" in why
+
+
+def test_aot_resources_compiles_the_forward_kernel_for_sm90():
+    """`benchmarks.aot_resources` (the NOTES' register and occupancy figures) keeps compiling the plain kernel."""
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
+        pytest.skip("this triton wheel bundles no cuobjdump")
+    from benchmarks.aot_resources import resources
+    from sparsify.kernels.interp import interpreter
+
+    with interpreter(False):  # compiled, not interpreted
+        r = resources(64, 64, 64, 2, 4)
+    assert r["regs"] > 0 and r["stack"] == 0 and r["programs_per_sm"] >= 1, r
