@@ -440,9 +440,7 @@ def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequen
     sizes = k_sizes.float()
     total = sizes.sum(-1)  # [B, H]
     nonempty = (sizes > 0).sum(-1)  # [B, H]
-    empty = (sizes <= 0)[:, :, None, :]
     dev = logits.device  # cached per-head constants: no host-to-device copy per call
-    dens = device_consts([b.density is not None for b in budgets], dev, torch.bool).view(1, H, 1, 1)
     top_p = device_consts([float(b.top_p or 0.0) for b in budgets], dev, torch.float32).view(1, H, 1)
     floor = device_consts([float(b.density if b.density is not None else b.min_density) for b in budgets], dev,
                           torch.float32).view(1, H, 1)
@@ -454,6 +452,8 @@ def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequen
                    device_consts([int(b.density is not None) for b in budgets], dev, torch.int32),
                    top_p, floor, idx, cnt, H, nq, nk, NKP=1 << max(4, (nk - 1).bit_length()), num_warps=1)
         return idx, cnt
+    empty = (sizes <= 0)[:, :, None, :]
+    dens = device_consts([b.density is not None for b in budgets], dev, torch.bool).view(1, H, 1, 1)
     lg = logits.float().masked_fill(empty, float("-inf"))
     probs = cluster_probs(lg, sizes)
     key = torch.where(dens, lg, probs.masked_fill(empty, -1.0))
