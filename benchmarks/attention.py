@@ -58,7 +58,7 @@ VARIANTS = {
     "mask_branch": dict(mask_mode=1),  # tail masking inside the loop instead of a second phase
     "tn128_st3": dict(tile_n=128, num_stages=3, maxnreg=0, mask_mode=1, lazy_rescale=False),  # 1 program/SM
     # 32-key steps: at --block 64 they fit 3 (3 stages) or 4 (2 stages) programs per SM instead of 2
-    # (`python -m benchmarks.aot_resources`, benchmarks/NOTES.md "Session 5")
+    # (`python -m tools.aot_resources`, benchmarks/NOTES.md "Session 5")
     "tn32_st3": dict(tile_n=32, num_stages=3),
     "tn32_st2": dict(tile_n=32, num_stages=2),
     "st2": dict(num_stages=2),  # 64x64 blocks: the default's 3 stages against 2 (session 7's ablation)

@@ -16,8 +16,8 @@ from sparsify.api import find_sites
 from sparsify.calibrate import run_calibration
 from sparsify.calibrate.core import _run_outputs, choice_configs, model_output_error
 from sparsify.calibrate.solve import solve_allocation, uniform_allocation
-from sparsify.layout import tile_layout
-from sparsify.planted import CANDIDATE_TILES, PLANTED_GRID, build_planted_dit, planted_inputs
+from sparsify.geometry import tile_layout
+from sparsify.testing.planted import CANDIDATE_TILES, PLANTED_GRID, build_planted_dit, planted_inputs
 
 LEVELS = [1 / 32, 1 / 16, 1 / 8, 1 / 4]
 

@@ -52,7 +52,7 @@ def _sets(names):
 
 
 def main(argv=None) -> dict:
-    from sparsify.layout import tile_layout, to_tiles
+    from sparsify.geometry import tile_layout, to_tiles
     from sparsify.methods.vsa import VSA
     from sparsify.recipe import Budget
 

@@ -19,8 +19,8 @@ import torch
 def run(densities, rounds: int, method: str = "vsa") -> list[dict]:
     from benchmarks import alternated
     from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels.reference import tile_sequence
-    from sparsify.layout import Geometry, tile_layout
+    from sparsify.runtime.tiled import tile_sequence
+    from sparsify.geometry import Geometry, tile_layout
     from sparsify.methods import get_method
     from sparsify.recipe import Budget
 

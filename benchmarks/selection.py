@@ -9,7 +9,7 @@ Run on CPU (about 35 s on 2 idle cores without the svg2 rows; their cold k-means
 For every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
 - recall: the share of the true full-attention probability mass inside the selected tiles
-  (`sparsify.planted.tile_recall` of the exact tile masses), averaged over heads;
+  (`sparsify.testing.planted.tile_recall` of the exact tile masses), averaged over heads;
 - err: the relative L2 error `|o_sparse - o_dense| / |o_dense|` of the attention output of each head
   (sparse = softmax restricted to the selected tiles, padded keys excluded), averaged over heads
   (`--error-fraction f` measures it on a seeded random share f of the query tiles only, to save time).
@@ -19,7 +19,7 @@ clusters) and `svg2-fine` (64 query and 256 key clusters) are measured on the to
 held-out input: recall is the mass inside the selected (query cluster, key cluster) blocks, and the
 density budget counts key tokens (`svg2_density_exact` per set: the achieved share of pairs).
 
-Sets: `planted` (the 7 planted-geometry heads of `sparsify.planted.planted_heads`, each with its best
+Sets: `planted` (the 7 planted-geometry heads of `sparsify.testing.planted.planted_heads`, each with its best
 tile), `planted444` (the same heads, all with 4x4x4 tiles), `random` (Gaussian q, k, v, 8 heads,
 grid 8x16x16, 4x4x4 tiles) and `testbed` (q, k, v of the 8 `blocks.*.attn1` self-attentions x 4 heads
 of the trained test-bed Wan model, 16x16x16 tokens, 4x4x4 tiles). Each set has a calibration input and
@@ -44,12 +44,12 @@ from pathlib import Path
 
 import torch
 
-from sparsify.kernels.reference import tiled_sparse_attention
-from sparsify.layout import Geometry, from_tiles, tile_layout, to_tiles
+from sparsify.runtime.tiled import tiled_sparse_attention
+from sparsify.geometry import Geometry, from_tiles, tile_layout, to_tiles
 from sparsify.methods import budget_counts, get_method
 from sparsify.methods.veda import Veda, fit_veda_estimator
 from sparsify.methods.xattention import XAttention
-from sparsify.planted import oracle_selection, planted_heads, tile_recall
+from sparsify.testing.planted import oracle_selection, planted_heads, tile_recall
 from sparsify.recipe import Budget
 
 DENSITIES = (0.05, 0.10, 0.20)
@@ -168,7 +168,7 @@ def _random():
 
 def _testbed():
     from sparsify.testbed import build_testbed, example_inputs, grid
-    from sparsify.testbed.heads import recording
+    from tools.testbed_heads import recording
 
     model = build_testbed()
     out = []
@@ -323,7 +323,7 @@ def head_aware(densities, methods=HEAD_AWARE_METHODS) -> dict:
     Example:
         >>> # python -m benchmarks.selection --head-aware
     """
-    from sparsify.planted import CANDIDATE_TILES
+    from sparsify.testing.planted import CANDIDATE_TILES
 
     grid, cal, ev, heads = _planted(lambda kind, best: best)
     ev_err, cal_err, checks = {}, {}, []

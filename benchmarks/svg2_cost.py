@@ -30,7 +30,7 @@ import torch
 
 from sparsify.kernels.block_sparse import block_sparse_attn
 from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
-from sparsify.layout import Geometry
+from sparsify.geometry import Geometry
 from sparsify.kernels import gather as fast
 from sparsify.methods import svg2
 from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign, permute_rows,

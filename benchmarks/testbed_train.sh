@@ -17,18 +17,18 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 date -u
 if [ "$MODE" = smoke ]; then
   S=${STEPS:-150}
-  python3 -m sparsify.testbed.train --steps "$S" --out /tmp/tb_eager --log-every 25 --eval-every 0 --warmup 50
-  python3 -m sparsify.testbed.train --steps "$S" --out /tmp/tb_comp --compile --log-every 25 --eval-every 0 --warmup 50
+  python3 -m tools.train_testbed --steps "$S" --out /tmp/tb_eager --log-every 25 --eval-every 0 --warmup 50
+  python3 -m tools.train_testbed --steps "$S" --out /tmp/tb_comp --compile --log-every 25 --eval-every 0 --warmup 50
   cp /tmp/tb_eager/train_log.csv "$DEST/eager_log.csv"; cp /tmp/tb_comp/train_log.csv "$DEST/compiled_log.csv"
   cp /tmp/tb_comp/train_summary.json "$DEST/compiled_summary.json"
-  python3 -m sparsify.testbed.heads --weights /tmp/tb_comp/testbed_wan.safetensors --samples 1 --ts 0.5 --out "$DEST/heads_smoke.json" | tail -n 4
-  python3 -m sparsify.testbed.preview --weights /tmp/tb_comp/testbed_wan.safetensors --out "$DEST/preview_smoke.png" --steps 10
+  python3 -m tools.testbed_heads --weights /tmp/tb_comp/testbed_wan.safetensors --samples 1 --ts 0.5 --out "$DEST/heads_smoke.json" | tail -n 4
+  python3 -m tools.testbed_preview --weights /tmp/tb_comp/testbed_wan.safetensors --out "$DEST/preview_smoke.png" --steps 10
 else
   S=${STEPS:-4000}
   T0=$(date +%s)
-  python3 -m sparsify.testbed.train --steps "$S" --out "$DEST" --seed 0 ${TRAIN_ARGS:-} 2>&1 | tee "$DEST/train.txt"
+  python3 -m tools.train_testbed --steps "$S" --out "$DEST" --seed 0 ${TRAIN_ARGS:-} 2>&1 | tee "$DEST/train.txt"
   echo "train wall (incl. start-up, final eval, save): $(( $(date +%s) - T0 )) s"
-  python3 -m sparsify.testbed.heads --weights "$DEST/testbed_wan.safetensors" --out "$DEST/heads.json" | tee "$DEST/heads.txt"
-  python3 -m sparsify.testbed.preview --weights "$DEST/testbed_wan.safetensors" --out "$DEST/preview.png"
+  python3 -m tools.testbed_heads --weights "$DEST/testbed_wan.safetensors" --out "$DEST/heads.json" | tee "$DEST/heads.txt"
+  python3 -m tools.testbed_preview --weights "$DEST/testbed_wan.safetensors" --out "$DEST/preview.png"
 fi
 ls -la "$DEST"

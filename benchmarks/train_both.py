@@ -7,7 +7,7 @@ At the test-bed's own 4,096 tokens (64 tiles of 64 tokens per video) 90% sparsit
 tile, fewer than a tile's 3x3x3 neighbourhood, and VSA trains 6-10% worse than dense; with 16,384 tokens (256
 tiles, 26 kept) it trains as well as dense (RESULTS.md, "Training from scratch").
 
-Both runs share the model init, data, seed, batch, step count and schedule (`sparsify.testbed.train`); they
+Both runs share the model init, data, seed, batch, step count and schedule (`tools.train_testbed`); they
 differ only in `--attention`. A short smoke of both modes comes first (it aborts on failure, halves the batch
 on an out-of-memory error, drops `--compile` if the compiled VSA step fails) and measures the steady step
 time of each, from which the common step count is chosen to fit `--seconds-per-run`. Writes
@@ -15,7 +15,7 @@ time of each, from which the common step count is chosen to fit `--seconds-per-r
 and the two runs' logs next to them (`--logs`).
 
 The comparison: training loss averaged over the last 10% of the common steps, and the held-out loss
-(16 fixed videos x 5 fixed noise levels, fp32, as `sparsify.testbed.train` evaluates) of the raw and EMA
+(16 fixed videos x 5 fixed noise levels, fp32, as `tools.train_testbed` evaluates) of the raw and EMA
 weights; the VSA model is evaluated with its sparse attention at the final density. Compute per step:
 self-attention forward FLOPs computed (from the runtime's work counters, padding and coarse branch
 counted) vs dense, and training FLOPs per step (backward counted as 2x forward) with the rest of the model.
@@ -45,7 +45,7 @@ def _rows(out_dir: Path) -> list[dict]:
 
 def _run(cfg, log_path: Path) -> tuple[dict, list[dict], float]:
     """train(cfg) with its output in `log_path`; returns (summary, per-step rows, peak CUDA memory GiB)."""
-    from sparsify.testbed.train import train
+    from tools.train_testbed import train
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--tag", default=None, help="file tag (default: <date>_<gpu>)")
     a = p.parse_args(argv)
 
-    from sparsify.testbed.train import TrainConfig
+    from tools.train_testbed import TrainConfig
 
     work, results = Path(a.work), Path(a.results)
     logs = Path(a.logs) if a.logs else results

@@ -23,11 +23,11 @@ import math
 import torch
 
 from benchmarks.selection import load_set, tile_masses
-from sparsify.layout import pool_tiles, tile_layout, to_tiles
+from sparsify.geometry import pool_tiles, tile_layout, to_tiles
 from sparsify.methods import budget_counts
 from sparsify.methods.select import select_from_scores
 from sparsify.methods.veda import _key_peak, mix_logit, veda_features
-from sparsify.planted import oracle_selection, tile_recall
+from sparsify.testing.planted import oracle_selection, tile_recall
 from sparsify.recipe import Budget
 
 

@@ -77,7 +77,7 @@ def bf16x3_scores(qm: torch.Tensor, km: torch.Tensor) -> torch.Tensor:
 def time_gemm(densities) -> dict:
     """The coarse-score GEMM's time at Wan-14B on the GPU, float32 / TF32 / bf16x3, and selection changes."""
     from benchmarks import time_ms
-    from sparsify.layout import pool_tiles, tile_layout, to_tiles
+    from sparsify.geometry import pool_tiles, tile_layout, to_tiles
     from sparsify.methods.select import select_from_scores
     from sparsify.recipe import Budget
 
@@ -123,9 +123,9 @@ def _sets(names):
 
 
 def main(argv=None) -> dict:
-    from sparsify.layout import pool_tiles, tile_layout, to_tiles
+    from sparsify.geometry import pool_tiles, tile_layout, to_tiles
     from sparsify.methods.select import select_from_scores
-    from sparsify.planted import tile_recall
+    from sparsify.testing.planted import tile_recall
     from sparsify.recipe import Budget
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.vsa_score_precision",

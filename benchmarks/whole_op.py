@@ -41,8 +41,8 @@ def _stage_times(method, q, k, v, geo, lay, d, H):
     """Separate timings of the op's stages on the same inputs: gather, selection, kernel, inverse, and the kernel
     with the inverse fused into its store (how the op runs it)."""
     from sparsify.kernels.block_sparse import block_sparse_attn, block_sparse_attn_scattered
-    from sparsify.kernels.reference import _slot_source, tile_sequence
-    from sparsify.layout import from_tiles
+    from sparsify.runtime.tiled import _slot_source, tile_sequence
+    from sparsify.geometry import from_tiles
     from sparsify.methods import get_method
     from sparsify.recipe import Budget
 
@@ -94,7 +94,7 @@ def run(shapes, densities, tile, method="vsa", methods=None, ablate=False):
 
     from sparsify import runtime
     from sparsify.kernels import gather as fast
-    from sparsify.layout import Geometry, tile_layout
+    from sparsify.geometry import Geometry, tile_layout
 
     methods = methods or [method]
     rows = []
@@ -168,7 +168,7 @@ def peak_configs(shape, tile, configs, groups=(1, 4)):
     import math
 
     from sparsify.kernels.tile_select import group_means, tile_peaks
-    from sparsify.layout import tile_layout, to_tiles
+    from sparsify.geometry import tile_layout, to_tiles
 
     name, H, grid = SHAPES[shape]
     lay = tile_layout(grid, tile, "cuda")
@@ -259,7 +259,7 @@ def select_row_factory(tile=(4, 4, 4), method="vsa"):
     k-means iteration per call, as on every call after a generation's first)."""
 
     def factory(case):
-        from sparsify.layout import tile_layout, to_tiles
+        from sparsify.geometry import tile_layout, to_tiles
         from sparsify.methods import get_method
         from sparsify.recipe import Budget
 

@@ -6,7 +6,6 @@ import torch
 
 from . import runtime
 from .adapters import GridAdapter, adapter_for
-from .kernels import op as _op  # noqa: F401  (registers torch.ops.sparsify.*)
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall

@@ -653,7 +653,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
 
 def bundled_recipes() -> list[str]:
     """File names of the recipes shipped with sparsify (usable as `recipe="name.yaml"`)."""
-    root = resources.files("sparsify") / "recipes"
+    root = resources.files("sparsify.recipes")
     return sorted(p.name for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))) if root.is_dir() else []
 
 
@@ -662,7 +662,7 @@ def _resolve_path(name: str | Path) -> Path:
     if p.exists():
         return p
     if p.name == str(name):  # a bare file name: look among bundled recipes
-        cand = resources.files("sparsify") / "recipes" / str(name)
+        cand = resources.files("sparsify.recipes") / str(name)
         if cand.is_file():
             return Path(str(cand))
     raise RecipeError(

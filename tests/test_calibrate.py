@@ -8,13 +8,13 @@ import pytest
 import torch
 import yaml
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, load_recipe, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.calibrate import run_calibration
 from sparsify.calibrate.measure import measure_site
-from sparsify.kernels.reference import tiled_sparse_attention
-from sparsify.layout import Geometry, tile_layout, to_tiles
+from sparsify.runtime.tiled import tiled_sparse_attention
+from sparsify.geometry import Geometry, tile_layout, to_tiles
 from sparsify.methods import get_method
 from sparsify.recipe import Budget
 

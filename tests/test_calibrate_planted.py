@@ -7,7 +7,7 @@ from sparsify.api import find_sites
 from sparsify.calibrate import run_calibration
 from sparsify.calibrate.core import _run_outputs, choice_configs, model_output_error
 from sparsify.calibrate.solve import solve_allocation, uniform_allocation
-from sparsify.planted import CANDIDATE_TILES, PLANTED_GRID, REFERENCE_DENSITY, build_planted_dit, planted_inputs
+from sparsify.testing.planted import CANDIDATE_TILES, PLANTED_GRID, REFERENCE_DENSITY, build_planted_dit, planted_inputs
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, runtime, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.calibrate import calibrate_mask_reuse, with_mask_reuse

@@ -80,7 +80,7 @@ def test_bundled_recipe_by_bare_name():
 
 
 def test_vsa_coarse_branch_matches_direct_computation():
-    from sparsify.layout import pool_tiles, tile_layout, to_tiles
+    from sparsify.geometry import pool_tiles, tile_layout, to_tiles
     from sparsify.methods.vsa import coarse_attention
 
     lay = tile_layout((3, 4, 8), (2, 4, 8))  # a full tile, then a partial one: 32 valid tokens of 64
@@ -97,7 +97,7 @@ def test_vsa_coarse_branch_matches_direct_computation():
 def test_repeated_discovery_does_not_exhaust_dynamo_cache():
     """Every capture leaves no compiled entries behind: the 12th sparsify() of a model still finds its sites
     (without the cleanup, Dynamo's recompile limit of 8 made discovery silently capture nothing)."""
-    import dits
+    from sparsify.testing import dits
 
     m = dits.tiny_wan()
     recipe = {"version": 1, "defaults": {"budget": {"density": 0.5}, "tile": [1, 4, 16]}}

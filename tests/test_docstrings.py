@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["sparsify.recipe", "sparsify.layout", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
+MODULES = ["sparsify.recipe", "sparsify.geometry", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
            "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base",
            "sparsify.kernels.rope", "sparsify.kernels.tile_select", "sparsify.kernels.gather"]
 

@@ -10,9 +10,9 @@ import torch
 pytest.importorskip("triton")
 
 from sparsify.kernels import gather as G  # noqa: E402
-from sparsify.kernels.reference import _sequence_index, _slot_source, tile_sequence  # noqa: E402
+from sparsify.runtime.tiled import _sequence_index, _slot_source, tile_sequence  # noqa: E402
 from sparsify.kernels.tile_select import group_means, tile_peaks, topk_indices  # noqa: E402
-from sparsify.layout import Geometry, pool_tiles, remember_means, tile_layout, to_tiles  # noqa: E402
+from sparsify.geometry import Geometry, pool_tiles, tile_layout, to_tiles  # noqa: E402
 from sparsify.methods.veda import FEATURES, _key_peak, veda_reference_features  # noqa: E402
 from sparsify.methods.vsa import coarse_scores  # noqa: E402
 
@@ -74,18 +74,6 @@ def test_pool_stats_match_torch(tile, grid, dtype):
         assert torch.allclose(s, pool_tiles(x, lay, name), atol=1e-5), name
     with pytest.raises(ValueError, match="unknown"):
         G.pool_stats(x, lay.tile_lens, lay.volume, ("median",))
-
-
-def test_remembered_means_only_for_the_same_unmodified_tensor():
-    lay = tile_layout((2, 4, 4), (1, 4, 4))
-    x = torch.randn(1, 1, 40, 4)  # 32 video slots + text
-    fake = torch.full((1, 1, 2, 4), 3.0)
-    remember_means(x, lay, fake)
-    assert pool_tiles(x[:, :, :32], lay) is fake
-    assert not torch.equal(pool_tiles(x[:, :, 8:40], lay), fake)  # another view
-    assert not torch.equal(pool_tiles(x[:, :, :32].clone(), lay), fake)  # another tensor
-    x[0, 0, 0, 0] = 1.0  # modified in place
-    assert torch.allclose(pool_tiles(x[:, :, :32], lay), x[:, :, :32].view(1, 1, 2, 16, 4).mean(3))
 
 
 def test_topk_matches_torch_topk():
@@ -162,31 +150,39 @@ def test_tile_peaks_with_one_row_per_tile_are_vsa_coarse_scores():
 
 
 def test_fast_paths_stay_off_on_cpu_and_with_grad():
+    from sparsify.kernels._triton import needs_grad, use_triton
+
     x = torch.randn(1, 1, 4, 2, requires_grad=True)
-    assert not G.use_fast("gather", x.detach())
-    assert G.needs_grad(x) and not G.needs_grad(x.detach())
+    assert not use_triton("gather", x.detach())
+    assert needs_grad(x) and not needs_grad(x.detach())
     with torch.no_grad():
-        assert not G.needs_grad(x)
+        assert not needs_grad(x)
 
 
-def test_remembered_means_skip_inference_tensors():
-    """Inference tensors have no version counter: they are never recorded, and pooling stays correct."""
-    from sparsify.layout import pool_tiles, remember_means, tile_layout
+def test_kernel_backend_switch_parses_and_restores():
+    from sparsify.kernels import PATHS, enabled, kernel_backend
 
-    lay = tile_layout((1, 2, 2), (1, 2, 2))
-    with torch.inference_mode():
-        x = torch.randn(1, 1, 4, 2)
-        remember_means(x, lay, torch.full((1, 1, 1, 2), 7.0))  # must not raise
-        torch.testing.assert_close(pool_tiles(x, lay), x.mean(2, keepdim=True))
+    with kernel_backend("torch"):
+        assert not any(enabled(p) for p in PATHS)
+        with kernel_backend("-rope,-scatter"):
+            assert not enabled("rope") and not enabled("scatter") and enabled("gather")
+    assert all(enabled(p) for p in PATHS)
+    with pytest.raises(ValueError, match="not a kernel backend.*-rope,-scatter"):
+        with kernel_backend("rope"):
+            pass
+    with pytest.raises(KeyError, match="unknown kernel path"):
+        enabled("direct")
 
 
 def test_device_consts_are_cached_per_values_and_dtype():
     """Equal Python tuples of another dtype ((True, False) == (1, 0)) must not share a cached tensor."""
-    a = G.device_consts([True, False], "cpu", torch.bool)
-    assert a is G.device_consts([True, False], "cpu", torch.bool)
-    b = G.device_ints([1, 0], "cpu")
+    from sparsify.kernels._triton import device_consts, device_ints
+
+    a = device_consts([True, False], "cpu", torch.bool)
+    assert a is device_consts([True, False], "cpu", torch.bool)
+    b = device_ints([1, 0], "cpu")
     assert b.dtype == torch.int32 and a.dtype == torch.bool
-    assert G.device_consts([0.5], "cpu", torch.float32).item() == 0.5
+    assert device_consts([0.5], "cpu", torch.float32).item() == 0.5
 
 
 def test_gather_rows_with_a_source_row_per_head():
@@ -211,12 +207,11 @@ def test_gather_pools_key_group_means_like_group_means(tile, grid, group):
     assert len(means) == 3 and means[2].dtype == k.dtype
     want = group_means(kt[:, :, :lay.padded_len], lay.tile_lens, lay.volume, group)
     assert torch.allclose(means[2], want, atol=1e-6)
-    remember_means(kt, lay, means[2], f"group{group}")
-    from sparsify.layout import remembered
+    from sparsify.methods.base import TileStats
     from sparsify.methods.veda import _key_rows
 
-    assert _key_rows(kt[:, :, :lay.padded_len], lay, group) is means[2]  # served, not recomputed
-    assert remembered(kt, lay) is None  # the tile means were not recorded here
+    stats = TileStats(means[0], means[1], means[2])
+    assert _key_rows(kt[:, :, :lay.padded_len], lay, group, stats) is means[2]  # served, not recomputed
     with pytest.raises(ValueError, match="group 3 must be a power of two"):
         G.gather_rows([q, k], _slot_source(src, valid), pool_tiles=lay.n_tiles, tile_lens=lay.tile_lens,
                       volume=lay.volume, group=3)

@@ -92,7 +92,7 @@ def test_block_sparse_attn_dispatch(monkeypatch):
     call, the scattered entry passes its row map on, and a once-failing (device, dtype, block) falls back with one
     warning without turning off the other block size."""
     from sparsify.kernels import block_sparse, hopper64
-    from sparsify.kernels.gather import FAST
+    from sparsify.kernels import kernel_backend
 
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (9, 0))
@@ -106,9 +106,8 @@ def test_block_sparse_attn_dispatch(monkeypatch):
     assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) == "g128"
     assert block_sparse._hopper(q, q, q, None, None, (64, 64), 0.1, None, "rows", 7) == "g64"
     assert calls == [(128, {"out_rows": None, "out_len": None}), (64, {"out_rows": "rows", "out_len": 7})]
-    monkeypatch.setitem(FAST, "hopper", False)
-    assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None and len(calls) == 2
-    monkeypatch.setitem(FAST, "hopper", True)
+    with kernel_backend("-hopper"):
+        assert block_sparse._hopper(q, q, q, None, None, (128, 128), 0.1, None) is None and len(calls) == 2
 
     def boom(*a, **kw):
         raise RuntimeError("no")

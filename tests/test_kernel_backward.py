@@ -9,7 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from dits import rel_err, stale_selection  # noqa: E402
+from sparsify.testing.dits import rel_err, stale_selection  # noqa: E402
 from sparsify.kernels.block_sparse import block_sparse_attn  # noqa: E402
 from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward, transpose_selection  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask  # noqa: E402

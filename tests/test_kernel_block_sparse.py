@@ -10,7 +10,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from dits import rel_err, stale_selection  # noqa: E402
+from sparsify.testing.dits import rel_err, stale_selection  # noqa: E402
 from sparsify.kernels.block_sparse import _launch, block_sparse_attn, supports  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference  # noqa: E402
 
@@ -199,14 +199,14 @@ def test_cpu_needs_interpreter(monkeypatch):
 
 
 def test_aot_resources_compiles_the_forward_kernel_for_sm90():
-    """`benchmarks.aot_resources` (the NOTES' register and occupancy figures) keeps compiling the plain kernel."""
+    """`tools.aot_resources` (the NOTES' register and occupancy figures) keeps compiling the plain kernel."""
     from pathlib import Path
 
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton wheel bundles no cuobjdump")
-    from benchmarks.aot_resources import resources
-    from sparsify.kernels.interp import interpreter
+    from tools.aot_resources import resources
+    from sparsify.kernels._triton import interpreter
 
     with interpreter(False):  # compiled, not interpreted
         r = resources(64, 64, 64, 2, 4)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dits import mask_from_selection, tile_of_tokens
-from sparsify.kernels.reference import (block_sparse_attn_reference, selection_to_block_mask, tile_sequence,
-                                       tiled_sparse_attention)
-from sparsify.layout import Geometry, from_tiles, pool_tiles, tile_layout, to_tiles
+from sparsify.testing.dits import mask_from_selection, tile_of_tokens
+from sparsify.kernels.reference import block_sparse_attn_reference, selection_to_block_mask
+from sparsify.runtime.tiled import tile_sequence, tiled_sparse_attention
+from sparsify.geometry import Geometry, from_tiles, pool_tiles, tile_layout, to_tiles
 from sparsify.methods import get_method
 from sparsify.recipe import Budget
 
@@ -130,7 +130,7 @@ def test_block_reference_kv_block_lens_equals_key_mask():
 
 
 def test_tile_sequence_round_trip_and_text_blocks():
-    from sparsify.kernels.reference import tile_sequence
+    from sparsify.runtime.tiled import tile_sequence
 
     geo = Geometry((5, 6, 10), video_start=9)
     lay = tile_layout(geo.grid, (4, 4, 4))

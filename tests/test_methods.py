@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.adapters import adapter_for
-from sparsify.layout import tile_layout, to_tiles
+from sparsify.geometry import tile_layout, to_tiles
 from sparsify.methods import available_methods, budget_counts, get_method, veda, xattention
 from sparsify.methods.veda import (DEFAULT_PEAK, FEATURES, PEAKS, Veda, VedaEstimator, default_estimator,
                                    fit_veda_estimator, tile_stats, veda_features, veda_reference_features,
                                    veda_reference_stats)
 from sparsify.methods.xattention import XAttention, xattention_reference_scores, xattention_scores
-from sparsify.planted import attention_tile_mass, planted_heads, tile_recall
+from sparsify.testing.planted import attention_tile_mass, planted_heads, tile_recall
 from sparsify.recipe import Budget
 
 SPARSE = ("vsa", "veda", "xattention")

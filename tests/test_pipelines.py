@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("diffusers")
 
-import dits  # noqa: E402
+from sparsify.testing import dits  # noqa: E402
 from sparsify import installed_sites, runtime, sparsify, unsparsify  # noqa: E402
 
 # Wan: 5 frames at 64x64 with the tiny VAE below (4x spatial, 4x temporal) -> latent [4, 2, 16, 16] -> grid (2, 8, 8);

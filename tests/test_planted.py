@@ -6,16 +6,16 @@ import math
 import pytest
 import torch
 
-import sparsify.planted as planted
+import sparsify.testing.planted as planted
 from sparsify import find_sites, sparsify, unsparsify
-from sparsify.layout import tile_layout, to_tiles
+from sparsify.geometry import tile_layout, to_tiles
 from sparsify.methods import get_method
-from sparsify.planted import (BEST_TILE, CANDIDATE_TILES, GOOD_TILES, KINDS, PLANTED_GRID, PLANTED_LAYERS,
+from sparsify.testing.planted import (BEST_TILE, CANDIDATE_TILES, GOOD_TILES, KINDS, PLANTED_GRID, PLANTED_LAYERS,
                               REFERENCE_DENSITY, TIE_TOLERANCE, attention_tile_mass, build_planted_dit,
                               equal_cost_count, good_tiles, oracle_selection, planted_heads, planted_inputs,
                               planted_logit_features, planted_recipe, tile_recall, tile_recall_table)
 from sparsify.recipe import Budget
-from sparsify.testbed.heads import region_masks
+from tools.testbed_heads import region_masks
 
 # ----------------------------------------------------------------------------------------------
 # helpers

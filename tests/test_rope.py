@@ -8,11 +8,11 @@ import torch
 pytest.importorskip("triton")
 pytest.importorskip("diffusers")
 
-import dits  # noqa: E402
+from sparsify.testing import dits  # noqa: E402
 from benchmarks.rope_bench import stock  # noqa: E402  (diffusers' unfused q/k code)
 from sparsify import sparsify, unsparsify  # noqa: E402
 from sparsify.adapters import adapter_for, wan  # noqa: E402
-from sparsify.kernels.interp import interpreter  # noqa: E402
+from sparsify.kernels._triton import interpreter  # noqa: E402
 from sparsify.kernels.rope import rmsnorm_rope, rmsnorm_rope_reference  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # about one ulp of the dtype
@@ -134,15 +134,19 @@ def test_fused_path_is_skipped_for_autograd_and_cpu(monkeypatch):
     unsparsify(model)
 
 
-def test_fused_processor_can_be_switched_off(monkeypatch):
+def test_fused_processor_can_be_switched_off():
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    monkeypatch.setenv("SPARSIFY_FUSED_ROPE", "0")
+    from sparsify.kernels import kernel_backend
+
     model = dits.tiny_wan(layers=1)
-    sparsify(model, RECIPE)
+    with kernel_backend("-rope"):
+        sparsify(model, RECIPE)
     assert type(model.blocks[0].attn1.processor) is WanAttnProcessor
     unsparsify(model)
-    monkeypatch.delenv("SPARSIFY_FUSED_ROPE")
+    sparsify(model, RECIPE)
+    assert type(model.blocks[0].attn1.processor) is not WanAttnProcessor
+    unsparsify(model)
     sparsify(model, RECIPE, mode="graph")  # graph mode leaves the model's code alone
     assert type(model.blocks[0].attn1.processor) is WanAttnProcessor
     unsparsify(model)

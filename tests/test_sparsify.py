@@ -5,7 +5,7 @@ import torch
 import torch._dynamo.utils as dynamo_utils
 import torch.nn.functional as F
 
-import dits
+from sparsify.testing import dits
 from sparsify import find_sites, installed_sites, runtime, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.methods import vsa

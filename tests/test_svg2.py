@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.kernels import varlen
 from sparsify.kernels.varlen import q_tile_table, varlen_block_attn, varlen_block_attn_reference, varlen_pairs
-from sparsify.layout import Geometry
+from sparsify.geometry import Geometry
 from sparsify.methods import get_method, svg2
 from sparsify.methods.svg2 import (SVG2, cluster_blocks, init_centroids, kmeans, kmeans_assign, kmeans_reference,
                                    kmeans_update, segment_means, select_clusters, select_clusters_reference,
@@ -387,7 +387,7 @@ def test_varlen_kernel_pipelines_its_loads_for_sm90(packed, bn):
 
     import triton
 
-    from benchmarks.aot_resources import varlen_resources
+    from tools.aot_resources import varlen_resources
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton wheel bundles no cuobjdump")

@@ -23,7 +23,7 @@ from sparsify.testbed import (  # noqa: E402
     psnr,
     sample,
 )
-from sparsify.testbed.heads import STAT_NAMES, head_stats, recording  # noqa: E402
+from tools.testbed_heads import STAT_NAMES, head_stats, recording  # noqa: E402
 from sparsify.testbed.model import WEIGHTS_PATH, load_testbed_config  # noqa: E402
 
 TINY = (4, 2, 8, 8)  # latent [C, F, H, W] -> 2 x 4 x 4 = 32 tokens
@@ -151,7 +151,7 @@ def test_recording_processor_is_transparent_and_stats_in_range(trained):
 
 @pytest.mark.slow
 def test_train_one_step_tiny_with_hook(tmp_path):
-    from sparsify.testbed.train import TrainConfig, train
+    from tools.train_testbed import TrainConfig, train
 
     hooked = []
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.adapters import adapter_for
-from sparsify.layout import tile_layout
+from sparsify.geometry import tile_layout
 from sparsify.training import SparsityRamp, add_vsa_gates, attention_work, set_density, vsa_gates
 
 GRID, TILE = (4, 4, 16), (1, 4, 16)  # 256 tokens, 4 tiles of 64
@@ -229,7 +229,7 @@ def test_testbed_train_vsa_mode_logs_density_and_work(tmp_path):
     pytest.importorskip("safetensors")
     import csv
 
-    from sparsify.testbed.train import TrainConfig, train
+    from tools.train_testbed import TrainConfig, train
 
     cfg = TrainConfig(steps=3, batch=1, out=str(tmp_path), device="cpu", latent_shape=(4, 8, 8, 16), log_every=1,
                       eval_every=0, warmup=1, eval_batch=1, attention="vsa", final_density=0.25, ramp_steps=1)
@@ -254,7 +254,7 @@ def installed_sites_of_any():
 
 def test_masked_dense_block_fn_matches_reference_values_and_grads():
     """The CUDA backward's stand-in (dense SDPA + equivalent mask) against the reference semantics."""
-    from sparsify.kernels.op import masked_dense_block_fn
+    from sparsify.runtime.op import masked_dense_block_fn
     from sparsify.kernels.reference import block_sparse_attn_reference
 
     g = torch.Generator().manual_seed(4)

@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import dits
+from sparsify.testing import dits
 from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.calibrate import run_calibration
 from sparsify.calibrate.measure import measure_site
-from sparsify.kernels.reference import tiled_sparse_attention
-from sparsify.layout import Geometry, tile_layout, to_tiles
+from sparsify.runtime.tiled import tiled_sparse_attention
+from sparsify.geometry import Geometry, tile_layout, to_tiles
 from sparsify.methods.veda import FEATURES, Veda, VedaEstimator, default_estimator
 from sparsify.recipe import Budget, RecipeError, load_recipe
 

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from ..layout import Geometry
+from ..geometry import Geometry
 
 _ADAPTERS: list[type] = []
 

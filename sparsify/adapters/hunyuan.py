@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import Geometry
+from ..geometry import Geometry
 from .base import Adapter, _arg, _param, register_adapter
 
 

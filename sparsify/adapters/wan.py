@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 
-from ..kernels.gather import needs_grad, use_fast
-from ..layout import Geometry
+from ..kernels._triton import enabled, needs_grad, use_triton
+from ..geometry import Geometry
 from .base import Adapter, _arg, _param, register_adapter
 
 
@@ -100,8 +99,8 @@ def _fused_processor_cls():
 
 
 def _fast(x: torch.Tensor) -> bool:
-    """Whether the fused Triton path serves `x` (CUDA, Triton, `FAST["rope"]`); tests patch it for the interpreter."""
-    return use_fast("rope", x)
+    """Whether the fused Triton path serves `x` (CUDA, Triton, the `rope` kernel path); tests patch it for the interpreter."""
+    return use_triton("rope", x)
 
 
 def fuse_processor(module):
@@ -109,7 +108,7 @@ def fuse_processor(module):
 
     Only a module whose processor is exactly diffusers' `WanAttnProcessor` is changed; `sparsify()` does
     this at every Wan self-attention site it installs (mode `install`), and `unsparsify()` undoes it.
-    Set `SPARSIFY_FUSED_ROPE=0` in the environment to keep the stock processor.
+    With the `rope` kernel path off (`SPARSIFY_KERNELS=-rope`) the stock processor stays.
 
     Returns:
         A function that restores the original processor, or None when nothing was changed.
@@ -118,7 +117,7 @@ def fuse_processor(module):
         >>> # undo = fuse_processor(model.blocks[0].attn1); ...; undo()
     """
     proc = getattr(module, "processor", None)
-    if proc is None or type(proc).__name__ != "WanAttnProcessor" or not _rope_enabled():
+    if proc is None or type(proc).__name__ != "WanAttnProcessor" or not enabled("rope"):
         return None
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
@@ -134,6 +133,3 @@ def fuse_processor(module):
 
     return undo
 
-
-def _rope_enabled() -> bool:
-    return os.environ.get("SPARSIFY_FUSED_ROPE", "1").strip().lower() not in ("0", "false", "no", "off")

@@ -207,7 +207,7 @@ def _dry_run(model, make_inputs, schedule, args, default_tiles, default_levels) 
     """Time one dense forward and one site measurement; extrapolate to the whole run."""
     from ..api import find_sites
     from ..calibrate.measure import measure_site
-    from ..layout import Geometry
+    from ..geometry import Geometry
 
     kw = make_inputs(*schedule[0])
     sites, adapter = find_sites(model, kw)

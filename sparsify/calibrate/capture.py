@@ -91,8 +91,8 @@ class Capture:
 
     def _fit_veda(self, path, q, k, geom) -> dict:
         """Distill Veda's per-head estimator for every candidate tile from this call's full attention."""
-        from ..kernels.op import _autograd_dispatch
-        from ..layout import tile_layout, to_tiles
+        from ..runtime.op import _autograd_dispatch
+        from ..geometry import tile_layout, to_tiles
         from ..methods.veda import FEATURES, fit_veda_estimator
 
         vs, vl = geom.video_start, geom.video_len

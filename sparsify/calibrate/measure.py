@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import Geometry, tile_layout, to_tiles
+from ..geometry import Geometry, tile_layout, to_tiles
 from ..methods import get_method
 from ..methods.select import budget_counts
 from ..recipe import Budget

@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from .interp import interpreter, interpreting
+from ._triton import interpreter, interpreting
 
 try:  # triton is optional at import time: `supports` then says why nothing runs
     import triton
@@ -492,7 +492,7 @@ def block_sparse_attn(
     On an sm_90 GPU (H100/H200), forward calls with 128x128 or 64x64 blocks, 16-bit q, k, v of head_dim 128
     (contiguous, or slot prefixes of contiguous tensors) and no `kv_block_lens` run the warp-specialized Gluon
     kernels of `sparsify.kernels.hopper` and `hopper64` (a TMA producer warp and two consumer warpgroups in
-    ping-pong); `sparsify.kernels.gather.FAST["hopper"] = False` turns them off. Every other call runs the plain
+    ping-pong); the `hopper` kernel path off (`SPARSIFY_KERNELS=-hopper`) turns them off. Every other call runs the plain
     Triton kernel.
 
     Runs on CUDA (TMA tensor-descriptor loads on Hopper and newer, pointer loads otherwise) and on CPU
@@ -560,13 +560,13 @@ def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, ou
     64x64) when one serves the call, else None.
 
     They serve forward calls on sm_90 with 16-bit q, k, v of head_dim 128 and no `kv_block_lens`
-    (`hopper.supports`), unless `gather.FAST["hopper"]` is off. If they cannot be imported (a triton without
+    (`hopper.supports`), unless the `hopper` kernel path is off. If they cannot be imported (a triton without
     Gluon) or one fails once for a (device, dtype, block size), one warning is given and the plain kernel is used.
     `out_rows`/`out_len`: the fused inverse layout of `block_sparse_attn_scattered`.
     """
-    from .gather import FAST
+    from ._triton import enabled
 
-    if not (FAST["hopper"] and q.is_cuda and "import" not in _HOPPER_OFF
+    if not (enabled("hopper") and q.is_cuda and "import" not in _HOPPER_OFF
             and torch.cuda.get_device_capability(q.device) == (9, 0)):
         return None
     try:

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from .interp import interpreter, interpreting
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - no Triton: callers use the PyTorch path
-    triton = tl = None
+from ._triton import _MAX, _MIN, _SUM, interpreter, jit, tl, triton  # noqa: F401  (interpreter: for the examples)
 
 # Only triton builtins in the kernels (tl.reduce with these combiners, not the @jit helpers tl.sum / tl.max,
 # which cannot run under the interpreter if TRITON_INTERPRET was unset when triton was imported).
-_SUM = tl.standard._sum_combine if tl is not None else None
-_MAX = tl.standard._elementwise_max if tl is not None else None
-_MIN = tl.standard._elementwise_min if tl is not None else None
 
 
 def _gather_kernel(x0, x1, x2, y0, y1, y2, src_ptr, lens_ptr, p0, p1, g_ptr,
@@ -129,89 +118,6 @@ def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, s
         tl.store(min_ptr + o, tl.reduce(tl.where(m, x, float("inf")), 0, _MIN), mask=cm)
 
 
-#: Which fast paths the CUDA code uses (benchmarks switch them off one at a time to measure each stage).
-FAST = {"gather": True, "pool": True, "fuse_pool": True, "topk": True, "peak": True, "rope": True, "scatter": True,
-        "hopper": True, "direct": False}  # direct: no tile-order copies, but 1.13x slower kernel (benchmarks/NOTES.md)
-
-_KERNELS: dict = {}
-_LOCK = threading.Lock()
-
-
-_interpreting = interpreting
-
-
-def _jit(fn):
-    """`triton.jit(fn)` built on first use per interpreter mode (the mode is read per call, as the tests set it)."""
-    key = (fn.__name__, _interpreting())
-    with _LOCK:
-        if key not in _KERNELS:
-            with interpreter(key[1]):
-                _KERNELS[key] = triton.jit(fn)
-        return _KERNELS[key]
-
-
-def available(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels of this module can run on `x` (CUDA, or CPU under TRITON_INTERPRET=1).
-
-    Example:
-        >>> with interpreter():
-        ...     available(torch.zeros(1)) == (triton is not None)
-        True
-    """
-    return triton is not None and (x.is_cuda or (_interpreting() and x.device.type == "cpu"))
-
-
-def use_fast(name: str, *xs: torch.Tensor) -> bool:
-    """Whether fast path `name` (a key of `FAST`) serves tensors `xs`: on, CUDA, Triton, and no gradient needed.
-
-    Example:
-        >>> use_fast("gather", torch.zeros(1))  # CPU tensors take the PyTorch path
-        False
-    """
-    return FAST[name] and triton is not None and all(x.is_cuda for x in xs) and not needs_grad(*xs)
-
-
-_CONSTS: dict = {}
-
-
-def device_ints(values, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-    """A cached integer tensor of `values` on `device`: small per-head constants (k per head, counts, head
-    indices) are copied to the GPU once, not on every call (a host-to-device copy from pageable memory
-    synchronizes the stream). The tensor is shared: callers must not modify it.
-
-    Example:
-        >>> device_ints([3, 5], "cpu").tolist()
-        [3, 5]
-    """
-    return device_consts([int(v) for v in values], device, dtype)
-
-
-def device_consts(values, device, dtype: torch.dtype) -> torch.Tensor:
-    """`device_ints` for any dtype: a cached, shared tensor of the Python scalars `values` on `device`.
-
-    Example:
-        >>> device_consts([0.5, 0.0], "cpu", torch.float32).tolist(), device_consts([True], "cpu", torch.bool).tolist()
-        ([0.5, 0.0], [True])
-    """
-    key = (tuple(values), str(device), dtype)
-    t = _CONSTS.get(key)
-    if t is None:
-        if len(_CONSTS) > 1024:
-            _CONSTS.clear()
-        t = _CONSTS[key] = torch.tensor(key[0], dtype=dtype, device=device)
-    return t
-
-
-def needs_grad(*xs: torch.Tensor) -> bool:
-    """True if autograd would record an op on any of `xs` (then the differentiable PyTorch path must run).
-
-    Example:
-        >>> needs_grad(torch.zeros(1, requires_grad=True)), needs_grad(torch.zeros(1))
-        (True, False)
-    """
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
 def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
                 volume: int = 0, block: int = 64, group: int = 0, write: bool = True):
     """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`
@@ -290,7 +196,7 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
     gp = means[2] if group else ys[0]
     strides = [s for x in pad for s in (x.stride(0), x.stride(1), x.stride(2))]
     grid = (triton.cdiv(n_out, block), B * H, len(xs))
-    _jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, gp, H, n_out, pool_tiles, *strides,
+    jit(_gather_kernel)[grid](*pad, *ypad, src, lens, *mp, gp, H, n_out, pool_tiles, *strides,
                                D=D, BLOCK_S=block, BLOCK_D=triton.next_power_of_2(D), POOL=pool,
                                VOL=max(volume, 1), SRC_BH=per_head, GROUP=group, WRITE=write, num_warps=4)
     return (ys if write else []), means
@@ -324,7 +230,7 @@ def pool_stats(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, stats=("me
         x = x.contiguous()
     outs = {s: torch.empty(B, H, n, D, dtype=torch.float32, device=x.device) for s in stats}
     dummy = next(iter(outs.values()))
-    _jit(_pool_kernel)[(n, B * H)](x, tile_lens.to(x.device, torch.int32).contiguous(), outs.get("mean", dummy),
+    jit(_pool_kernel)[(n, B * H)](x, tile_lens.to(x.device, torch.int32).contiguous(), outs.get("mean", dummy),
                                    outs.get("max", dummy), outs.get("min", dummy), n, H, x.stride(0), x.stride(1),
                                    x.stride(2), D=D, VOL=volume,
                                    BLOCK_V=triton.next_power_of_2(volume), BLOCK_D=triton.next_power_of_2(D),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather import _SUM, _jit, interpreter  # noqa: F401  (interpreter: for the examples)
+from ._triton import _SUM, interpreter, jit  # noqa: F401  (interpreter: for the examples)
 
 try:
     import triton
@@ -112,7 +112,7 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
         return y
     bh = triton.next_power_of_2(heads)
     w = weight if weight is not None else x  # unused without AFFINE
-    _jit(_norm_rope_kernel)[(B * S,)](
+    jit(_norm_rope_kernel)[(B * S,)](
         x, w, cos, sin, y, S, heads, N, float(eps), x.stride(0), x.stride(1),
         cos.stride(0) if cos.shape[0] > 1 else 0, cos.stride(1), sin.stride(0) if sin.shape[0] > 1 else 0,
         sin.stride(1), D=D, BLOCK_H=bh, AFFINE=weight is not None, num_warps=8 if bh * D >= 4096 else 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .gather import _MAX, _MIN, _SUM, _jit, device_ints, interpreter  # noqa: F401  (interpreter: for the examples)
+from ._triton import _MAX, _MIN, _SUM, device_ints, interpreter, jit  # noqa: F401  (interpreter: for the examples)
 
 try:
     import triton
@@ -145,7 +145,7 @@ def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     ra = 1 << ((nk // 32).bit_length() - 1)  # the row as ra * 32 + rb * 32 columns, both powers of two
     rest = triton.cdiv(nk - ra * 32, 32)
     rb = triton.next_power_of_2(rest) if rest else 1
-    _jit(_topk_kernel)[(B * H * nq,)](s, kt, out, scr, H, nq, nk, max_kv, RA=ra, RB=rb, CAND=cand,
+    jit(_topk_kernel)[(B * H * nq,)](s, kt, out, scr, H, nq, nk, max_kv, RA=ra, RB=rb, CAND=cand,
                                       CH=max(1, min(cand, 1024 // cand)), FSTEPS=12, num_warps=1)
     return out
 
@@ -280,7 +280,7 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
     dummy = next(iter(res.values()))
     bm, tn, warps, *stages = config or (64, 64, 4, 4)
     prec = "tf32x3" if keys.dtype == torch.float32 else "tf32"
-    _jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](
+    jit(_peak_kernel)[(triton.cdiv(n, bm), B * H)](
         qm, keys, tile_lens.to(keys.device, torch.int32).contiguous(), res.get("peak", dummy), res.get("mean", dummy),
         res.get("mix", dummy), res.get("mass", dummy), n, float(scale), D=D, ROWS=rows, G=group, BM=bm, TN=tn,
         PEAK="peak" in res, MEAN="mean" in res, MIX="mix" in res, MASS="mass" in res, PREC=prec, num_warps=warps,
@@ -311,7 +311,7 @@ def group_means(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, group: in
         x = x.contiguous()
     rows = N // group
     out = torch.empty(B, H, rows, D, dtype=out_dtype or x.dtype, device=x.device)
-    _jit(_group_mean_kernel)[(triton.cdiv(rows, 32), B * H)](
+    jit(_group_mean_kernel)[(triton.cdiv(rows, 32), B * H)](
         x, tile_lens.to(x.device, torch.int32).contiguous(), out, rows, H, x.stride(0), x.stride(1), x.stride(2), D=D,
         VOL=volume, G=group, BLOCK_R=32, num_warps=4)
     return out

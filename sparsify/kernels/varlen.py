@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from .interp import interpreter, interpreting
+from ._triton import interpreter, interpreting
 
 try:  # triton is optional at import time: `supports_varlen` then says why nothing runs
     import triton

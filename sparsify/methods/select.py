@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..kernels.gather import device_ints
+from ..kernels._triton import device_ints
 from ..recipe import Budget
 
 
@@ -23,10 +23,10 @@ def budget_counts(budget: Budget, n_tiles: int) -> int:
 
 def _fast_topk(scores: torch.Tensor) -> bool:
     try:
-        from ..kernels.gather import use_fast
+        from ..kernels._triton import use_triton
     except ImportError:  # pragma: no cover
         return False
-    return scores.shape[-1] <= 4096 and use_fast("topk", scores)
+    return scores.shape[-1] <= 4096 and use_triton("topk", scores)
 
 
 def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs: torch.Tensor | None = None):

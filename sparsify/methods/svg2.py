@@ -8,10 +8,11 @@ from typing import Sequence
 
 import torch
 
-from ..kernels.gather import device_consts
+from ..kernels._triton import device_consts
 from ..kernels.varlen import (default_block_size, interpreting, run_kernel, supports_varlen, varlen_block_attn,
                               varlen_block_attn_reference, varlen_pairs)
 from ..recipe import Budget
+from .base import SelectionMethod
 from .registry import register_method
 
 try:
@@ -192,9 +193,10 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         >>> permute_rows(torch.arange(3.0).view(1, 1, 3, 1), torch.tensor([[[2, 0, 1]]])).flatten().tolist()
         [2.0, 0.0, 1.0]
     """
-    from ..kernels.gather import gather_rows, use_fast
+    from ..kernels._triton import use_triton
+    from ..kernels.gather import gather_rows
 
-    if use_fast("gather", x) and perm.shape[-1] == x.shape[2]:
+    if use_triton("gather", x) and perm.shape[-1] == x.shape[2]:
         return gather_rows([x], perm)[0][0]
     return torch.gather(x, 2, perm[..., None].expand(*perm.shape, x.shape[-1]))
 
@@ -550,7 +552,7 @@ class ClusterSelection:
 
 
 @register_method("svg2")
-class SVG2:
+class SVG2(SelectionMethod):
     """Sparse VideoGen 2: semantic-aware permutation by k-means and centroid-based top-p selection.
 
     Per head, q and k of the video tokens are clustered by k-means (`init_iters` iterations, stopping
@@ -569,7 +571,7 @@ class SVG2:
         seed: seed of the cold start's random initialization.
 
     Example:
-        >>> from sparsify.layout import Geometry
+        >>> from sparsify.geometry import Geometry
         >>> q, k, v = torch.randn(3, 1, 2, 96, 16).unbind(0)
         >>> cache = {}
         >>> out, work = SVG2(q_clusters=4, k_clusters=6).attend(q, k, v, Geometry((2, 4, 8), 32), [Budget(density=0.3)] * 2,
@@ -600,7 +602,7 @@ class SVG2:
         nk = self.k_clusters or math.ceil(n_tokens / self.k_cluster_size)
         return max(1, min(nq, n_tokens)), max(1, min(nk, n_tokens))
 
-    def select(self, q, k, layout, budgets):
+    def select(self, q, k, layout, budgets, stats=None):
         raise TypeError("svg2 chooses its own token order (clusters), not tiles of a layout: the runtime calls "
                         "SVG2.attend(); for a selection alone call SVG2.cluster_select(q, k, budgets)")
 

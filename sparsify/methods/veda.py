@@ -8,7 +8,8 @@ from typing import Sequence
 
 import torch
 
-from ..layout import TileLayout, pool_tiles
+from ..geometry import TileLayout, pool_tiles
+from .base import SelectionMethod, TileStats
 from .registry import register_method
 from .select import select_from_scores
 
@@ -46,7 +47,7 @@ def peak_group(peak: str) -> int:
 
 
 @dataclass(frozen=True)
-class TileStats:
+class ExtremaStats:
     """Per-tile statistics of tiled tokens over their valid slots, float32 `[B, H, n_tiles, D]` each.
 
     Attributes:
@@ -58,29 +59,29 @@ class TileStats:
     min: torch.Tensor
 
 
-def tile_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
+def tile_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
     """Mean, max and min of every tile of `x` `[B, H, n_tiles*volume, D]` (tile order), padding ignored.
 
     Example:
-        >>> from sparsify.layout import tile_layout
+        >>> from sparsify.geometry import tile_layout
         >>> lay = tile_layout((1, 1, 3), (1, 1, 64)); x = torch.zeros(1, 1, 64, 1); x[0, 0, :3, 0] = torch.tensor([1., 2., 6.])
         >>> st = tile_stats(x, lay); st.mean.item(), st.max.item(), st.min.item()
         (3.0, 6.0, 1.0)
     """
-    from ..kernels.gather import use_fast
+    from ..kernels._triton import use_triton
 
-    if use_fast("pool", x) and x.shape[2] == layout.padded_len:  # one read of x for all three
+    if use_triton("pool", x) and x.shape[2] == layout.padded_len:  # one read of x for all three
         from ..kernels.gather import pool_stats
 
-        return TileStats(*pool_stats(x, layout.tile_lens, layout.volume, ("mean", "max", "min")))
-    return TileStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
+        return ExtremaStats(*pool_stats(x, layout.tile_lens, layout.volume, ("mean", "max", "min")))
+    return ExtremaStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
 
 
-def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
+def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
     """Slow, explicit reference of `tile_stats`: a loop over tiles and their valid tokens (float64).
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
         >>> bool(torch.allclose(veda_reference_stats(x, lay).max.float(), tile_stats(x, lay).max))
         True
@@ -92,7 +93,7 @@ def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> TileStats:
         slots = [t * vol + s for s in range(vol) if int(layout.gather[t * vol + s]) >= 0]
         xt = x[:, :, slots].double()
         out[0][:, :, t], out[1][:, :, t], out[2][:, :, t] = xt.mean(2), xt.amax(2), xt.amin(2)
-    return TileStats(*out)
+    return ExtremaStats(*out)
 
 
 def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float, group: int = 1,
@@ -122,23 +123,29 @@ def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: floa
     return out
 
 
-def _key_rows(k: torch.Tensor, layout: TileLayout, group: int) -> torch.Tensor:
+def _key_rows(k: torch.Tensor, layout: TileLayout, group: int, stats: TileStats | None = None) -> torch.Tensor:
     """The key rows `tile_peaks` takes: k itself, or the means of its groups of `group` slots (in k's dtype;
-    those the fused gather computed when `tile_sequence` was asked for them, else one pass over k)."""
+    those the fused gather computed, `stats.k_group_means`, else one pass over k)."""
     if group == 1:
         return k
     from ..kernels.tile_select import group_means
-    from ..layout import remembered
 
-    hit = remembered(k, layout, f"group{group}")
-    return hit if hit is not None else group_means(k, layout.tile_lens, layout.volume, group)
+    hit = stats.k_group_means if stats is not None else None
+    if hit is not None and hit.shape[2] == layout.padded_len // group:
+        return hit
+    return group_means(k, layout.tile_lens, layout.volume, group)
+
+
+def _q_means(q: torch.Tensor, layout: TileLayout, stats: TileStats | None) -> torch.Tensor:
+    """q's float32 tile means: those the gather computed, else pooled."""
+    return stats.q_means if stats is not None and stats.q_means is not None else pool_tiles(q, layout)
 
 
 def _fast_peaks(k: torch.Tensor, layout: TileLayout, group: int, *others: torch.Tensor) -> bool:
-    from ..kernels.gather import use_fast
+    from ..kernels._triton import use_triton
 
     vol, D = layout.volume, k.shape[-1]
-    return (use_fast("peak", k, *others) and not vol & (vol - 1) and not D & (D - 1) and D >= 16
+    return (use_triton("peak", k, *others) and not vol & (vol - 1) and not D & (D - 1) and D >= 16
             and k.shape[2] == layout.padded_len and 1 <= group <= vol)
 
 
@@ -153,7 +160,7 @@ def mix_logit(mean: torch.Tensor, peak: torch.Tensor, layout: TileLayout, group:
     keys, with `c = min(group, L_j)` keys at the peak (`group` = the key slots behind a peak logit).
 
     Example:
-        >>> from sparsify.layout import tile_layout
+        >>> from sparsify.geometry import tile_layout
         >>> lay = tile_layout((1, 1, 64), (1, 1, 64))  # one full tile of 64 keys
         >>> round(mix_logit(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), lay).item(), 6)  # all logits 0
         0.0
@@ -179,7 +186,7 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         max_elems: logits held at once by the exact peak.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((2, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 2, 128, 16), lay)
         >>> veda_features(x, x, lay).shape
         torch.Size([1, 2, 2, 2, 7])
@@ -195,9 +202,9 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     if group and wanted and _fast_peaks(k, layout, group, q):
         # one fused kernel: GEMM of the tile means of q with every key row, max (and mean, mix) per key tile
         cache.update(zip(wanted, _fused(q, k, layout, group, wanted)))
-    stats: dict[str, TileStats] = {}
+    stats: dict[str, ExtremaStats] = {}
 
-    def st(name: str) -> TileStats:  # q's or k's tile statistics, computed when first needed
+    def st(name: str) -> ExtremaStats:  # q's or k's tile statistics, computed when first needed
         if name not in stats:
             stats[name] = tile_stats(q if name == "q" else k, layout)
         return stats[name]
@@ -226,11 +233,12 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     return torch.stack([feat(f) for f in features], -1)
 
 
-def _fused(q, k, layout: TileLayout, group: int, outputs) -> list[torch.Tensor]:
+def _fused(q, k, layout: TileLayout, group: int, outputs, stats: TileStats | None = None) -> list[torch.Tensor]:
     """`tile_peaks` outputs for the tile means of q against k's key rows of `group` slots."""
     from ..kernels.tile_select import tile_peaks
 
-    return tile_peaks(pool_tiles(q, layout), _key_rows(k, layout, group), layout.tile_lens, layout.volume // group,
+    return tile_peaks(_q_means(q, layout, stats), _key_rows(k, layout, group, stats), layout.tile_lens,
+                      layout.volume // group,
                       1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
 
 
@@ -239,7 +247,7 @@ def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout
     """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
         >>> bool(torch.allclose(veda_reference_features(x, x, lay).float(), veda_features(x, x, lay), atol=1e-5))
         True
@@ -325,8 +333,10 @@ class VedaEstimator:
         """The estimator of some heads only (e.g. one tile group of a site, or one rank's heads)."""
         return VedaEstimator(self.features, self.weights[list(heads)], self.peak)
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-        """Estimated log tile masses `[B, H, n, n]` (up to a per-row constant) of tiled q, k."""
+    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+               stats: TileStats | None = None) -> torch.Tensor:
+        """Estimated log tile masses `[B, H, n, n]` (up to a per-row constant) of tiled q, k (`stats`: tile
+        means the gather already computed)."""
         if q.shape[1] != self.heads:
             raise ValueError(f"veda: the estimator has weights for {self.heads} heads, q has {q.shape[1]}; "
                              "use VedaEstimator.subset(heads) for a subset")
@@ -334,7 +344,7 @@ class VedaEstimator:
         group = peak_group(self.peak)
         if ([self.features[i] for i in used] == ["mix"] and bool((self.weights[:, used[0]] == 1).all()) and group
                 and _fast_peaks(k, layout, group, q)):  # the default estimator: the fused kernel's log mass
-            return _fused(q, k, layout, group, ("mass",))[0]
+            return _fused(q, k, layout, group, ("mass",), stats)[0]
         log_len, _ = _log_lens(layout, q.device)
         if not used:
             return log_len.expand(q.shape[0], q.shape[1], layout.n_tiles, -1).contiguous()
@@ -373,7 +383,7 @@ def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, 
         peak: see `PEAKS`.
         features: the features to weigh (must include `mix` for the default start).
         mass: optional true tile masses `[B, H, n, n]` (default: computed from q, k with
-            `sparsify.planted.attention_tile_mass`).
+            `sparsify.testing.planted.attention_tile_mass`).
         iters: L-BFGS iterations.
         l2: regularization towards the default weights.
 
@@ -381,7 +391,7 @@ def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, 
         A VedaEstimator with one weight row per head.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((4, 8, 8), (1, 8, 8)); q, k = (to_tiles(torch.randn(1, 2, 256, 16), lay) for _ in "qk")
         >>> est = fit_veda_estimator(q, k, lay, iters=5)
         >>> est.weights.shape, sorted(est.to_dict()["heads"][0])[:2]
@@ -391,8 +401,8 @@ def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, 
     if "mix" not in features:
         raise ValueError(f"fit_veda_estimator: features must include 'mix' (the default start); got {features}")
     if mass is None:
-        from ..layout import from_tiles
-        from ..planted import attention_tile_mass
+        from ..geometry import from_tiles
+        from ..testing.planted import attention_tile_mass
 
         mass = attention_tile_mass(from_tiles(q, layout), from_tiles(k, layout), layout)
     B, H = q.shape[:2]
@@ -424,7 +434,7 @@ def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, 
 
 
 @register_method("veda")
-class Veda:
+class Veda(SelectionMethod):
     """Veda's selection: top-k (or top-p) of estimated tile masses per query tile.
 
     Args:
@@ -433,7 +443,7 @@ class Veda:
         peak: how the default estimator computes tile peaks (`PEAKS`); ignored with an estimator.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> from sparsify.recipe import Budget
         >>> lay = tile_layout((4, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 2, 256, 16), lay)
         >>> idx, cnt = Veda().select(x, x, lay, [Budget(density=0.5)] * 2)
@@ -452,13 +462,14 @@ class Veda:
         g = peak_group(self.estimator.peak if self.estimator is not None else self.peak)
         return g if g > 1 else 0
 
-    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    def scores(self, q: torch.Tensor, k: torch.Tensor, layout: TileLayout,
+               stats: TileStats | None = None) -> torch.Tensor:
         """Estimated log tile masses `[B, H, n, n]` (up to a per-query-tile constant)."""
         est = self.estimator or default_estimator(q.shape[1], self.peak)
-        return est.scores(q, k, layout)
+        return est.scores(q, k, layout, stats)
 
-    def select(self, q, k, layout, budgets):
-        return select_from_scores(self.scores(q, k, layout), budgets)
+    def select(self, q, k, layout, budgets, stats=None):
+        return select_from_scores(self.scores(q, k, layout, stats), budgets)
 
     @staticmethod
     def check_params(params: dict) -> None:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from ..layout import TileLayout, pool_tiles
+from ..geometry import TileLayout, pool_tiles
+from .base import SelectionMethod
 from .registry import register_method
 from .select import select_from_scores
 
@@ -31,7 +32,7 @@ def coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
         VSA this is added to the sparse output through a learned gate; without a gate it is unused.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((4, 4, 8), (4, 4, 4)); x = torch.randn(1, 2, 128, 16)
         >>> coarse_attention(*(to_tiles(x, lay),) * 3, lay).shape
         torch.Size([1, 2, 128, 16])
@@ -42,12 +43,10 @@ def coarse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: 
 
 
 @register_method("vsa")
-class VSA:
+class VSA(SelectionMethod):
     """Video Sparse Attention's selection: top-k (or top-p) of coarse tile scores per query tile."""
 
-    def select(self, q, k, layout, budgets):
-        return select_from_scores(coarse_scores(q, k, layout), budgets)
-
-    def select_from_means(self, q_means, k_means, layout, budgets):
-        """`select` given the float32 tile means `[B, H, n_tiles, D]` of q and k (the op's direct path)."""
-        return select_from_scores(_scores(q_means, k_means), budgets)
+    def select(self, q, k, layout, budgets, stats=None):
+        qm = stats.q_means if stats is not None and stats.q_means is not None else pool_tiles(q, layout)
+        km = stats.k_means if stats is not None and stats.k_means is not None else pool_tiles(k, layout)
+        return select_from_scores(_scores(qm, km), budgets)

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from ..kernels.gather import device_consts
-from ..layout import TileLayout
+from ..kernels._triton import device_consts
+from ..geometry import TileLayout
+from .base import SelectionMethod
 from .registry import register_method
 from .select import select_from_scores
 
@@ -54,7 +55,7 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stri
         float32 `[B, H, n_tiles, n_tiles]`, rows summing to 1.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((2, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 1, 128, 16), lay)
         >>> s = xattention_scores(x, x, lay); s.shape, bool(torch.allclose(s.sum(-1), torch.ones(1, 1, 2)))
         (torch.Size([1, 1, 2, 2]), True)
@@ -88,7 +89,7 @@ def xattention_reference_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLa
     """Slow, explicit reference of `xattention_scores` (float64): loops over sub-blocks and antidiagonal entries.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
         >>> bool(torch.allclose(xattention_reference_scores(x, x, lay).float(), xattention_scores(x, x, lay), atol=1e-6))
         True
@@ -119,7 +120,7 @@ def xattention_reference_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLa
 
 
 @register_method("xattention")
-class XAttention:
+class XAttention(SelectionMethod):
     """XAttention's selection on the layout's tiles: antidiagonal scores, then a cumulative-mass threshold.
 
     Per query tile, top-p budgets keep the smallest prefix of key tiles (sorted by estimated mass)
@@ -134,7 +135,7 @@ class XAttention:
         sink: always keep key tile 0.
 
     Example:
-        >>> from sparsify.layout import tile_layout, to_tiles
+        >>> from sparsify.geometry import tile_layout, to_tiles
         >>> from sparsify.recipe import Budget
         >>> lay = tile_layout((4, 8, 8), (1, 8, 8)); x = to_tiles(torch.randn(1, 1, 256, 16), lay)
         >>> idx, cnt = XAttention().select(x, x, lay, [Budget(density=0.25)])
@@ -149,7 +150,7 @@ class XAttention:
         """Estimated tile masses `[B, H, n, n]` (rows sum to 1), see `xattention_scores`."""
         return xattention_scores(q, k, layout, self.stride)
 
-    def select(self, q, k, layout, budgets):
+    def select(self, q, k, layout, budgets, stats=None):
         mass = self.scores(q, k, layout)
         n = layout.n_tiles
         if not (self.diagonal or self.sink):  # decided on the host: no sync

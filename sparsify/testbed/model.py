@@ -100,7 +100,7 @@ def build_testbed(
         if not weights.exists():
             raise FileNotFoundError(
                 f"test-bed weights not found at {weights}; train them with "
-                "`python -m sparsify.testbed.train --out DIR` or pass pretrained=False"
+                "`python -m tools.train_testbed --out DIR` or pass pretrained=False"
             )
         from safetensors.torch import load_file
 

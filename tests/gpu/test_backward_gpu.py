@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dits import density_selection as _selection, rel_err
+from sparsify.testing.dits import density_selection as _selection, rel_err
 
 pytestmark = [
     pytest.mark.gpu,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dits import density_selection as _selection, rel_err
+from sparsify.testing.dits import density_selection as _selection, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -121,13 +121,10 @@ def test_against_flex(B, H, S, D, dtype, bs):
     ref = flex(q, k, v, block_mask=mask, kernel_options=opts)
     out = _poisoned_run(q, k, v, idx, cnt, bs)
     assert not out.isnan().any()
-    from sparsify.kernels.gather import FAST
+    from sparsify.kernels import kernel_backend
 
-    FAST["hopper"] = False  # on sm_90 the public entry would run the Gluon kernel (tests/gpu/test_hopper_gpu.py)
-    try:
+    with kernel_backend("-hopper"):  # on sm_90 the public entry would run the Gluon kernel (test_hopper_gpu.py)
         assert torch.equal(out, block_sparse_attn(q, k, v, idx, cnt, block_size=bs))  # public entry, same kernel
-    finally:
-        FAST["hopper"] = True
     gold = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=bs)
     # same error scale as Flex's own against the fp32 reference
     e_ours, e_flex = rel_err(out, gold), rel_err(ref, gold)
@@ -154,11 +151,8 @@ def test_scattered_store(bs, dtype):
     _launch(q, k, v, idx, cnt, bs, 1.0 / math.sqrt(D), None, out=poisoned, out_rows=rows, out_len=S_out)
     assert not poisoned.isnan().any(), "an output row was not written"
     assert rel_err(poisoned, ref) < _TOL[dtype]
-    from sparsify.kernels.gather import FAST
+    from sparsify.kernels import kernel_backend
 
-    FAST["hopper"] = False  # on sm_90 the public entry runs a Gluon kernel (tests/gpu/test_hopper_gpu.py)
-    try:
+    with kernel_backend("-hopper"):  # on sm_90 the public entry runs a Gluon kernel (test_hopper_gpu.py)
         out = block_sparse_attn_scattered(q, k, v, idx, cnt, rows, S_out, block_size=bs)
-    finally:
-        FAST["hopper"] = True
     assert torch.equal(out, poisoned)

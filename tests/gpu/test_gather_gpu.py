@@ -6,29 +6,29 @@ import math
 
 import pytest
 import torch
-from dits import rel_err
+from sparsify.testing.dits import rel_err
 
 pytestmark = pytest.mark.gpu
 
 G = pytest.importorskip("sparsify.kernels.gather")
+from sparsify.kernels import _triton  # noqa: E402
 
 
 def _all_fast(on: bool):
-    for key in G.FAST:
-        G.FAST[key] = on
+    _triton._OFF = frozenset() if on else frozenset(_triton.PATHS)
 
 
 @pytest.fixture(autouse=True)
 def _restore():
     yield
-    _all_fast(True)
+    _triton._OFF = frozenset()
 
 
 @pytest.mark.parametrize("tile,grid,start,tail", [((4, 4, 4), (21, 30, 52), 0, 0), ((1, 8, 16), (5, 30, 52), 7, 300),
                                                   ((2, 4, 8), (5, 9, 11), 0, 77)])
 def test_tile_sequence_fast_matches_torch(tile, grid, start, tail):
-    from sparsify.kernels.reference import tile_sequence
-    from sparsify.layout import Geometry, pool_tiles, tile_layout
+    from sparsify.runtime.tiled import tile_sequence
+    from sparsify.geometry import Geometry, pool_tiles, tile_layout
 
     geo = Geometry(grid, video_start=start)
     S = start + geo.video_len + tail
@@ -71,8 +71,9 @@ def test_op_fast_matches_torch_path(method):
 
 def test_tile_layout_differentiable_with_fast_paths_on():
     """With a gradient needed, the gather and inverse take the index_select path: grads flow (reference kernel)."""
-    from sparsify.kernels.reference import block_sparse_attn_reference, tiled_sparse_attention
-    from sparsify.layout import Geometry, tile_layout
+    from sparsify.kernels.reference import block_sparse_attn_reference
+    from sparsify.runtime.tiled import tiled_sparse_attention
+    from sparsify.geometry import Geometry, tile_layout
 
     geo = Geometry((4, 8, 8), video_start=5)
     lay = tile_layout(geo.grid, (4, 4, 4), "cuda")
@@ -99,13 +100,13 @@ def test_topk_matches_torch_on_real_shape():
 def test_veda_fast_scores_match_torch_path(peak):
     """Veda's fused peak/mean/mix kernel against the PyTorch path (which rounds logits to bf16): close
     scores, and nearly the same top-5% selection."""
-    from sparsify.layout import tile_layout, to_tiles
+    from sparsify.geometry import tile_layout, to_tiles
     from sparsify.methods.veda import Veda
 
     lay = tile_layout((21, 45, 80), (4, 4, 4), "cuda")
     q, k = (to_tiles(torch.randn(1, 2, 21 * 45 * 80, 128, device="cuda", dtype=torch.bfloat16), lay) for _ in "qk")
     got = Veda(peak=peak).scores(q, k, lay)
-    G.FAST["peak"] = False
+    _triton._OFF = frozenset({"peak"})
     want = Veda(peak=peak).scores(q, k, lay)
     assert torch.isfinite(got).all()
     assert (got - want).abs().max() < 0.05
@@ -118,13 +119,13 @@ def test_veda_fast_scores_match_torch_path(peak):
 @pytest.mark.parametrize("group", [1, 4])
 def test_peaks_match_torch_on_real_shape(group):
     from sparsify.kernels.tile_select import group_means, tile_peaks
-    from sparsify.layout import tile_layout, to_tiles
+    from sparsify.geometry import tile_layout, to_tiles
     from sparsify.methods.veda import _key_peak
 
     lay = tile_layout((21, 45, 80), (4, 4, 4), "cuda")
     k = to_tiles(torch.randn(1, 2, 21 * 45 * 80, 128, device="cuda", dtype=torch.bfloat16), lay)
     qm = torch.randn(1, 2, lay.n_tiles, 128, device="cuda")
-    G.FAST["peak"] = False
+    _triton._OFF = frozenset({"peak"})
     want = _key_peak(k, qm, lay, 1 / math.sqrt(128), group)
     keys = k if group == 1 else group_means(k, lay.tile_lens, 64, group)
     for config in (None, (128, 128, 8), (64, 64, 4), (64, 128, 4)):
@@ -136,9 +137,9 @@ def test_peaks_match_torch_on_real_shape(group):
 
 def test_gather_key_groups_match_group_means_on_real_shape():
     """The fused gather's k group means (Veda's `keys/4` rows) against the separate `group_means` pass."""
-    from sparsify.kernels.reference import tile_sequence
+    from sparsify.runtime.tiled import tile_sequence
     from sparsify.kernels.tile_select import group_means
-    from sparsify.layout import Geometry, remembered, tile_layout
+    from sparsify.geometry import Geometry, remembered, tile_layout
 
     grid = (21, 45, 80)
     lay, geo = tile_layout(grid, (4, 4, 4), "cuda"), Geometry(grid)

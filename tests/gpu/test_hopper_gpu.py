@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dits import density_selection as _selection, rel_err
+from sparsify.testing.dits import density_selection as _selection, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,7 +18,7 @@ hopper = pytest.importorskip("sparsify.kernels.hopper", reason="this triton has 
 
 from sparsify.kernels import hopper64  # noqa: E402
 from sparsify.kernels.block_sparse import block_sparse_attn, block_sparse_attn_scattered  # noqa: E402
-from sparsify.kernels.gather import FAST  # noqa: E402
+from sparsify.kernels import kernel_backend  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference, scatter_rows  # noqa: E402
 
 _TOL = {torch.bfloat16: 1.2e-2, torch.float16: 3e-3}
@@ -63,7 +63,7 @@ def test_hopper64_against_reference(B, H, S, dtype, density, stages):
 
 
 def test_public_entry_uses_it_and_matches_flex():
-    """block_sparse_attn runs the Gluon kernel here (FAST["hopper"] off gives the plain kernel, a different result
+    """block_sparse_attn runs the Gluon kernel here (the `hopper` path off gives the plain kernel, a different result
     within rounding) and both agree with FlexAttention on the same block mask at the Wan-1.3B shape."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
@@ -73,11 +73,8 @@ def test_public_entry_uses_it_and_matches_flex():
     idx, cnt = _selection(B, H, S, 128, 128, 0.05)
     ours = block_sparse_attn(q, k, v, idx, cnt)
     assert torch.equal(ours, hopper.block_sparse_attn_hopper(q, k, v, idx, cnt, 128 ** -0.5))
-    FAST["hopper"] = False
-    try:
+    with kernel_backend("-hopper"):
         plain = block_sparse_attn(q, k, v, idx, cnt)
-    finally:
-        FAST["hopper"] = True
     mask = BlockMask.from_kv_blocks(cnt, idx, BLOCK_SIZE=(128, 128), seq_lengths=(S, S))
     flex = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=mask)
     gold = block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(128, 128))
@@ -91,7 +88,7 @@ def test_public_entry_uses_it_and_matches_flex():
 def test_scattered_and_slot_prefix(block, B, H, L, pad, dtype):
     """`block_sparse_attn_scattered` on the Gluon kernels, fed slot prefixes `t[:, :, :L]` of longer tensors (no
     copy) as the op does: each slot's row lands on its token's row, padding slots (row -1) are dropped, and the
-    plain kernel (FAST["hopper"] off) agrees."""
+    plain kernel (the `hopper` path off) agrees."""
     torch.manual_seed(L + block)
     q, k, v = (torch.randn(B, H, L + 64, 128, device="cuda", dtype=dtype)[:, :, :L] for _ in range(3))
     assert not q.is_contiguous() and hopper.supports(q, k, v, (block, block))[0]
@@ -107,11 +104,8 @@ def test_scattered_and_slot_prefix(block, B, H, L, pad, dtype):
     assert rel_err(ours, ref) < _TOL[dtype]
     slots = block_sparse_attn(q, k, v, idx, cnt, block_size=(block, block))  # slot order, from the prefix views
     assert rel_err(slots, block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(block, block))) < _TOL[dtype]
-    FAST["hopper"] = False
-    try:
+    with kernel_backend("-hopper"):
         plain = block_sparse_attn_scattered(q, k, v, idx, cnt, out_rows, out_len, block_size=(block, block))
-    finally:
-        FAST["hopper"] = True
     assert rel_err(plain, ours) < _TOL[dtype]
 
 

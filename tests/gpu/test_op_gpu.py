@@ -7,10 +7,11 @@ import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from dits import rel_err  # noqa: E402
+from sparsify.testing.dits import rel_err  # noqa: E402
 from sparsify import runtime  # noqa: E402
-from sparsify.kernels.reference import block_sparse_attn_reference, tiled_sparse_attention  # noqa: E402
-from sparsify.layout import Geometry, tile_layout, to_tiles  # noqa: E402
+from sparsify.kernels.reference import block_sparse_attn_reference  # noqa: E402
+from sparsify.runtime.tiled import tiled_sparse_attention  # noqa: E402
+from sparsify.geometry import Geometry, tile_layout, to_tiles  # noqa: E402
 from sparsify.methods import get_method  # noqa: E402
 from sparsify.recipe import Budget  # noqa: E402
 

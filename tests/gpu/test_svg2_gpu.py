@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dits import rel_err
+from sparsify.testing.dits import rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -16,7 +16,7 @@ pytestmark = [
 ]
 
 from sparsify.kernels.varlen import varlen_block_attn, varlen_block_attn_reference  # noqa: E402
-from sparsify.layout import Geometry  # noqa: E402
+from sparsify.geometry import Geometry  # noqa: E402
 from sparsify.methods import svg2  # noqa: E402
 from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, kmeans_assign, kmeans_update,  # noqa: E402
                                    segment_means, select_clusters, select_clusters_reference)

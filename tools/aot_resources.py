@@ -1,7 +1,7 @@
 """Registers, shared memory and programs per SM of the forward kernel's launch configs, compiled for sm_90 without a GPU.
 
-    python -m benchmarks.aot_resources --block 64 64 --tile-n 64,32 --stages 2,3,4 --maxnreg 0,128
-    python -m benchmarks.aot_resources --varlen packed --block 128 128 --stages 2 --warps 8   # SVG2's kernel
+    python -m tools.aot_resources --block 64 64 --tile-n 64,32 --stages 2,3,4 --maxnreg 0,128
+    python -m tools.aot_resources --varlen packed --block 128 128 --stages 2 --warps 8   # SVG2's kernel
 
 Compiles `sparsify.kernels.block_sparse._fwd_kernel` ahead of time (`triton.compile` for `GPUTarget("cuda", 90, 32)`:
 TMA descriptors, D 128, bf16, `kv_block_lens` on unless `--no-lens`) and reads the register count with the
@@ -138,7 +138,7 @@ def varlen_resources(block_m: int, block_n: int, warps: int, stages: int, packed
 
 
 def main(argv=None) -> list:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.aot_resources", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.aot_resources", description=__doc__.splitlines()[0])
     ap.add_argument("--block", type=int, nargs=2, default=(64, 64), metavar=("BLOCK_M", "BLOCK_N"))
     ap.add_argument("--tile-n", default="64,32")
     ap.add_argument("--stages", default="2,3,4")

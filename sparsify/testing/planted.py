@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .kernels.reference import selection_to_block_mask
-from .layout import TileLayout, tile_layout
+from ..kernels.reference import selection_to_block_mask
+from ..geometry import TileLayout, tile_layout
 
 #: The geometry kinds `planted_heads` and `PlantedDiT` can plant.
 KINDS: tuple[str, ...] = ("spatial", "temporal", "local3d", "global", "sink", "band", "mixed")
@@ -65,7 +65,7 @@ BEST_TILE: dict[str, tuple[int, int, int]] = {
 #: Every candidate within `TIE_TOLERANCE` of the best recall at `REFERENCE_DENSITY` on `PLANTED_GRID`:
 #: the tile choices a calibrator may make for the kind. Ties: `global` and `sink` heads have no
 #: geometric preference; on 8 frames a (16, 2, 2) tile is two 8x2x2 edge boxes merged side by side,
-#: i.e. the same 8x2x4 column as (8, 2, 4) (see `sparsify.layout.TileLayout`); a `band` head ties
+#: i.e. the same 8x2x4 column as (8, 2, 4) (see `sparsify.geometry.TileLayout`); a `band` head ties
 #: (1, 8, 8) with (1, 4, 16), since on a 16-wide frame two 8x8 tiles side by side are the same 8 full
 #: rows as two 4x16 strips (at density 1/8, (1, 4, 16) wins by 0.03).
 GOOD_TILES: dict[str, tuple[tuple[int, int, int], ...]] = {

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 
-from .. import runtime
+from .dispatch import run_site
+from .state import site_state
 
 
 @torch.library.custom_op("sparsify::sparse_attention", mutates_args=())
@@ -45,8 +43,8 @@ def sparse_attention(
         >>> # torch.ops.sparsify.sparse_attention(q, k, v, module._sparsify_site, [T, H, W, 0])
     """
     if gate is None:  # exactly the gate-less call of before
-        return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
-    return runtime.run_site(q, k, v, site, geometry, scale, attn_mask, timestep, gate=gate)
+        return run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
+    return run_site(q, k, v, site, geometry, scale, attn_mask, timestep, gate=gate)
 
 
 @sparse_attention.register_fake
@@ -60,78 +58,6 @@ def _autograd_dispatch():
     for key in ("AutogradCPU", "AutogradCUDA", "AutogradOther", "AutogradNestedTensor"):
         exclude = exclude.remove(getattr(torch._C.DispatchKey, key))
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
-
-
-# ----------------------------------------------------------------------------------------------
-# differentiable kernels for the backward's recomputation
-
-_TRITON_GRAD: dict[str, bool] = {}
-
-
-def _triton_differentiable(device: torch.device) -> bool:
-    """Whether the Triton block-sparse kernel that serves CUDA calls has an autograd formula (probed once).
-
-    `SPARSIFY_NO_TRITON_BACKWARD=1` in the environment says no (the backward then uses masked dense SDPA).
-    """
-    key = str(device)
-    if os.environ.get("SPARSIFY_NO_TRITON_BACKWARD", "") not in ("", "0"):
-        return False
-    if key not in _TRITON_GRAD:
-        try:
-            from .block_sparse import block_sparse_attn
-
-            x = torch.randn(1, 1, 128, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
-            idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device=device)
-            cnt = torch.ones(1, 1, 2, dtype=torch.int32, device=device)
-            with torch.enable_grad():
-                out = block_sparse_attn(x, x, x, idx, cnt, block_size=(64, 64))
-            _TRITON_GRAD[key] = bool(out.requires_grad)
-        except Exception:  # noqa: BLE001 - no Triton, or a kernel that cannot run: not differentiable
-            _TRITON_GRAD[key] = False
-    return _TRITON_GRAD[key]
-
-
-def masked_dense_block_fn(q, k, v, kv_indices, kv_counts, *, block_size, scale=None, key_mask=None,
-                          kv_block_lens=None):
-    """Block-sparse attention as dense SDPA with the equivalent boolean mask (differentiable, fused).
-
-    The stand-in for a backward kernel: same semantics as `block_sparse_attn_reference` (rows that see no
-    key return zeros), memory `O(B·H·S²)` bits for the mask instead of materialized scores, but dense
-    compute. Used by the op's backward on CUDA while the Triton kernel has no autograd formula.
-    """
-    from .reference import selection_to_block_mask
-
-    B, H, S, _ = q.shape
-    bm, bn = block_size
-    n_kb = -(-S // bn)
-    blocks = selection_to_block_mask(kv_indices, kv_counts, n_kb)  # [B, H, nq, nk]
-    mask = blocks.repeat_interleave(bm, dim=2)[:, :, :S].repeat_interleave(bn, dim=3)[..., :S]
-    keys = None
-    if kv_block_lens is not None:
-        keys = (torch.arange(bn, device=q.device).view(1, bn) < kv_block_lens.view(-1, 1).to(q.device)).reshape(-1)[:S]
-        keys = keys.unsqueeze(0).expand(B, S)
-    if key_mask is not None:
-        keys = key_mask.to(torch.bool) if keys is None else keys & key_mask.to(torch.bool)
-    if keys is not None:
-        mask = mask & keys[:, None, None, :]
-    seen = mask.any(-1, keepdim=True)  # rows without any key: attend everywhere, then zero the output
-    mask = mask | ~seen
-    out = runtime._dense_sdpa(q, k, v, mask, 0.0, False, scale=scale)
-    return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
-
-
-@contextlib.contextmanager
-def _differentiable_kernels(device: torch.device):
-    """Make `run_site` use a block-sparse kernel that autograd can differentiate on `device`."""
-    if device.type != "cuda" or _triton_differentiable(device):
-        yield
-        return
-    orig = runtime.block_fn_for
-    runtime.block_fn_for = lambda q: masked_dense_block_fn
-    try:
-        yield
-    finally:
-        runtime.block_fn_for = orig
 
 
 _COUNTERS = ("calls", "selections", "reused", "work", "dense_work")
@@ -155,21 +81,21 @@ def sparse_attention_backward(
     coarse branch (with a gate) is differentiated through its pooling and softmax. The step policy (dense
     first steps, mask reuse) is inference-only: the recomputation does not use it, and it leaves the
     site's call and work counters as the forward left them. On CUDA the block-sparse part runs the Triton
-    kernel when it has an autograd formula, else dense SDPA with the equivalent mask.
+    backward kernel (the `backward` kernel path; switched off, the PyTorch reference).
 
     Returns:
         `(dq, dk, dv, dgate)`; `dgate` is an empty tensor when `gate` is None.
     """
-    st = runtime._site(site)
+    st = site_state(site)
     saved = {name: getattr(st, name) for name in _COUNTERS}
     try:
-        with torch.enable_grad(), _autograd_dispatch(), _differentiable_kernels(q.device):
+        with torch.enable_grad(), _autograd_dispatch():
             xs = [x.detach().requires_grad_(True) for x in (q, k, v)]
             gg = gate.detach().requires_grad_(True) if gate is not None else None
             if gg is None:
-                out = runtime.run_site(*xs, site, geometry, scale, attn_mask)
+                out = run_site(*xs, site, geometry, scale, attn_mask)
             else:
-                out = runtime.run_site(*xs, site, geometry, scale, attn_mask, None, gate=gg)
+                out = run_site(*xs, site, geometry, scale, attn_mask, None, gate=gg)
             wrt = xs + ([gg] if gg is not None else [])
             grads = torch.autograd.grad(out, wrt, grad, allow_unused=True) if out.requires_grad else [None] * len(wrt)
     finally:

@@ -1,6 +1,6 @@
 """Per-head attention statistics of a Wan model (entropy, locality, temporal share): how heterogeneous its heads are.
 
-    python -m sparsify.testbed.heads --weights sparsify/testbed/testbed_wan.safetensors --out heads.json
+    python -m tools.testbed_heads --weights sparsify/testbed/testbed_wan.safetensors --out heads.json
 
 For every self-attention layer and head, averaged over query tokens, samples and noise levels:
 
@@ -193,9 +193,9 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .model import build_testbed, example_inputs, grid
+    from sparsify.testbed.model import build_testbed, example_inputs, grid
 
-    p = argparse.ArgumentParser(prog="python -m sparsify.testbed.heads", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.testbed_heads", description=__doc__.split("\n")[0])
     p.add_argument("--weights", default=None, help="safetensors of the test-bed (default: the shipped weights)")
     p.add_argument("--out", default=None, help="write the statistics as JSON here")
     p.add_argument("--samples", type=int, default=4)

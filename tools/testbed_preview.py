@@ -1,6 +1,6 @@
 """Sample the test-bed once per class and save a PNG strip (first 3 latent channels as RGB), a visual sanity check.
 
-    python -m sparsify.testbed.preview --out preview.png [--weights W.safetensors] [--steps 30]
+    python -m tools.testbed_preview --out preview.png [--weights W.safetensors] [--steps 30]
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import argparse
 
 import torch
 
-from .data import NUM_CLASSES, class_embeddings
-from .model import LATENT_SHAPE, build_testbed, sample
+from sparsify.testbed.data import NUM_CLASSES, class_embeddings
+from sparsify.testbed.model import LATENT_SHAPE, build_testbed, sample
 
 
 def to_png(videos: torch.Tensor, path: str, frames: int = 8, zoom: int = 3) -> None:
@@ -25,7 +25,7 @@ def to_png(videos: torch.Tensor, path: str, frames: int = 8, zoom: int = 3) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m sparsify.testbed.preview", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.testbed_preview", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--weights", default=None)
     p.add_argument("--steps", type=int, default=30)

@@ -172,11 +172,9 @@ def tile_layout(grid, tile, device=None) -> TileLayout:
 
 
 def _fast(name: str, x: torch.Tensor) -> bool:
-    try:
-        from .kernels.gather import use_fast
-    except ImportError:  # pragma: no cover
-        return False
-    return x.dim() == 4 and use_fast(name, x)
+    from .kernels._triton import use_triton
+
+    return x.dim() == 4 and use_triton(name, x)
 
 
 def to_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
@@ -202,60 +200,6 @@ def from_tiles(x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
     return x.index_select(2, layout.scatter.to(x.device))
 
 
-# Tile means computed on the fly by a fused gather (`remember_means`), served by `pool_tiles` to a view
-# of the same gathered tensor while that tensor is alive and unmodified.
-_MEANS: dict[int, tuple] = {}
-
-
-def remember_means(base: torch.Tensor, layout: TileLayout, mean: torch.Tensor, kind: str = "mean") -> None:
-    """Record float32 tile means `[B, H, n_tiles, D]` of the first `layout.padded_len` slots of `base`.
-
-    `pool_tiles(x, layout)` then returns them for `x` = `base` or `base[:, :, :padded_len]` as long as
-    `base` is alive and not modified in place (its version counter is checked); the record dies with
-    `base`. Inference tensors (`torch.inference_mode`) have no version counter: they are not recorded,
-    and their means are computed afresh. Another `kind` (e.g. `group4`, the means of groups of 4 slots)
-    is recorded beside the tile means and read back with `remembered(x, layout, kind)`.
-
-    Example:
-        >>> lay = tile_layout((1, 2, 2), (1, 2, 2)); x = torch.randn(1, 1, 4, 2)
-        >>> remember_means(x, lay, torch.full((1, 1, 1, 2), 7.0))
-        >>> pool_tiles(x[:, :, :4], lay).flatten().tolist()
-        [7.0, 7.0]
-        >>> _ = x.add_(1)  # modified in place: computed afresh
-        >>> bool(torch.allclose(pool_tiles(x, lay), x.mean(2, keepdim=True)))
-        True
-    """
-    if base.is_inference():
-        return
-    key, lkey = id(base), (layout.grid, layout.tile)
-    old = _MEANS.get(key)
-    if old is not None and old[0]() is base and old[1] == base._version and old[2] == lkey:
-        old[3][kind] = mean
-        return
-    _MEANS[key] = (weakref.ref(base, lambda _, key=key: _MEANS.pop(key, None)), base._version, lkey, {kind: mean})
-
-
-def remembered(x: torch.Tensor, layout: TileLayout, kind: str = "mean") -> torch.Tensor | None:
-    """The statistic `kind` recorded for `x`'s base by `remember_means`, if still valid; else None.
-
-    Example:
-        >>> lay = tile_layout((1, 2, 2), (1, 2, 2)); x = torch.randn(1, 1, 4, 2)
-        >>> remember_means(x, lay, torch.zeros(1, 1, 2, 2), "group2")
-        >>> remembered(x, lay, "group2").shape, remembered(x, lay) is None
-        (torch.Size([1, 1, 2, 2]), True)
-    """
-    base = x if x._base is None else x._base
-    hit = _MEANS.get(id(base))
-    if hit is None:
-        return None
-    ref, version, key, stats = hit
-    if (ref() is not base or base._version != version or key != (layout.grid, layout.tile) or x.dim() != 4
-            or x.shape[2] != layout.padded_len or x.shape[:2] != base.shape[:2] or x.shape[3] != base.shape[3]
-            or x.stride() != base.stride() or x.storage_offset() != base.storage_offset()):
-        return None
-    return stats.get(kind)
-
-
 def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch.Tensor:
     """Per-tile statistic of tiled tokens `[B, H, n_tiles*vol, D]` over valid slots, in float32.
 
@@ -271,10 +215,6 @@ def pool_tiles(x: torch.Tensor, layout: TileLayout, stat: str = "mean") -> torch
         >>> pool_tiles(to_tiles(x, lay), lay).flatten().tolist()
         [1.5]
     """
-    if stat == "mean":
-        hit = remembered(x, layout)
-        if hit is not None:
-            return hit
     if _fast("pool", x) and x.shape[2] == layout.padded_len:
         from .kernels.gather import pool_stats
 

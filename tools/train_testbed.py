@@ -1,7 +1,7 @@
 """Train the test-bed Wan DiT on procedural videos with rectified flow matching (as Wan is trained).
 
-    python -m sparsify.testbed.train --steps 4000 --compile --out out/testbed --seed 0   # the shipped run (H100, 7 min)
-    python -m sparsify.testbed.train --attention vsa --final-density 0.1 --ramp-steps 600 --compile --out out/vsa
+    python -m tools.train_testbed --steps 4000 --compile --out out/testbed --seed 0   # the shipped run (H100, 7 min)
+    python -m tools.train_testbed --attention vsa --final-density 0.1 --ramp-steps 600 --compile --out out/vsa
 
 `--attention vsa` trains with Video Sparse Attention from scratch: every self-attention site is sparsified
 with VSA's 4x4x4 tiles, gets VSA's learned gate (`sparsify.training.add_vsa_gates`), and its density follows
@@ -36,8 +36,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .data import class_embeddings, make_batch, render, sample_params
-from .model import LATENT_SHAPE, NUM_TRAIN_TIMESTEPS, TESTBED_CONFIG, build_testbed, count_params
+from sparsify.testbed.data import class_embeddings, make_batch, render, sample_params
+from sparsify.testbed.model import LATENT_SHAPE, NUM_TRAIN_TIMESTEPS, TESTBED_CONFIG, build_testbed, count_params
 
 
 @dataclass
@@ -207,8 +207,8 @@ def train(
         model = hook(model) or model
     ramp = None
     if cfg.attention == "vsa":
-        from ..api import sparsify
-        from ..training import SparsityRamp, add_vsa_gates
+        from sparsify.api import sparsify
+        from sparsify.training import SparsityRamp, add_vsa_gates
 
         sparsify(model, VSA_TRAIN_RECIPE)
         add_vsa_gates(model)
@@ -354,7 +354,7 @@ def train(
     save_weights(base, out_dir, {"training": {k: v for k, v in summary.items() if k != "evals"}})
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if ramp is not None:  # release the runtime sites and the SDPA patch (the gates stay in the saved weights)
-        from ..api import unsparsify
+        from sparsify.api import unsparsify
 
         unsparsify(base)
     print(f"[train] done: {step + 1} steps in {wall:.1f}s; eval (fp32) raw {raw_ev}, ema {ema_ev}, "
@@ -363,7 +363,7 @@ def train(
 
 
 def _work(model) -> tuple[float, float]:
-    from ..training import attention_work
+    from sparsify.training import attention_work
 
     return attention_work(model._orig_mod if hasattr(model, "_orig_mod") else model)
 
@@ -375,7 +375,7 @@ def _last_row(log_path: Path) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m sparsify.testbed.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tools.train_testbed", description=__doc__.split("\n")[0])
     defaults = TrainConfig()
     for name, val in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")

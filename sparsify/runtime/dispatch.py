@@ -1,0 +1,221 @@
+"""Dispatch of one attention call: dense heads dense, sparse heads per (method, tile) group through the tiled op."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from ..geometry import Geometry, tile_layout
+from ..kernels._triton import device_ints, enabled, needs_grad
+from ..kernels.reference import block_sparse_attn_reference, scatter_rows
+from .reuse import select_tiles
+from .state import STATE, current_geometry, site_state, timestep_value, unpack_geometry
+from .tiled import tile_sequence, tiled_sparse_attention
+
+_dense_sdpa = torch._C._nn.scaled_dot_product_attention  # the op's dense path: never the patched F.*
+
+
+def dense_attention(q, k, v, scale=None, key_mask=None):
+    """Dense SDPA (never routed back into sparsify), with an optional bool key mask `[B, S]`."""
+    mask = None if key_mask is None else key_mask.to(torch.bool)[:, None, None, :]
+    return _dense_sdpa(q, k, v, mask, 0.0, False, scale=scale)
+
+
+def block_lens_from_mask(key_mask: torch.Tensor, block: int) -> torch.Tensor | None:
+    """Per-key-block valid lengths if `key_mask` `[B, S]` is the same for every batch row and each
+    block's valid keys form a prefix (as padded tiles do); else None.
+
+    Example:
+        >>> block_lens_from_mask(torch.tensor([[1, 1, 1, 0]], dtype=torch.bool), 2).tolist()
+        [2, 1]
+    """
+    if key_mask.shape[0] > 1 and not bool((key_mask == key_mask[:1]).all()):
+        return None
+    m = key_mask[0]
+    pad = (-m.numel()) % block
+    if pad:
+        m = torch.cat([m, m.new_zeros(pad)])
+    m = m.view(-1, block)
+    lens = m.sum(-1)
+    if not bool((m == (torch.arange(block, device=m.device) < lens[:, None])).all()):
+        return None
+    return lens.to(torch.int32)
+
+
+_SLOW_PATH_WARNED: set = set()
+
+
+def block_fn_for(q: torch.Tensor):
+    """The block-sparse kernel for q: Triton on CUDA when it serves the call (and, for a call that records a
+    gradient, the `backward` path is on), else the differentiable PyTorch reference."""
+    if not (q.is_cuda and enabled("attention")) or (needs_grad(q) and not enabled("backward")):
+        return block_sparse_attn_reference
+    try:
+        from ..kernels.block_sparse import block_sparse_attn, block_sparse_attn_scattered, supports
+    except ImportError:  # no Triton
+        return block_sparse_attn_reference
+
+    def triton_fn(qs, ks, vs, idx, cnt, *, block_size, scale, key_mask=None, kv_block_lens=None, out_rows=None,
+                  out_len=None):
+        ok, reason = supports(qs, block_size)
+        lens = kv_block_lens if key_mask is None else block_lens_from_mask(key_mask, block_size[1])
+        if not ok or (lens is None and key_mask is not None):
+            why = reason if not ok else "the key mask is not a per-block prefix"
+            if why not in _SLOW_PATH_WARNED:
+                _SLOW_PATH_WARNED.add(why)
+                warnings.warn(f"sparsify: the Triton kernel cannot serve this call ({why}); "
+                              "using the PyTorch reference path (correct, slower)", stacklevel=2)
+            out = block_sparse_attn_reference(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale,
+                                              key_mask=key_mask, kv_block_lens=kv_block_lens)
+            return out if out_rows is None else scatter_rows(out, out_rows, out_len)
+        if out_rows is not None:
+            return block_sparse_attn_scattered(qs, ks, vs, idx, cnt, out_rows, out_len, block_size=block_size,
+                                               scale=scale, kv_block_lens=lens)
+        return block_sparse_attn(qs, ks, vs, idx, cnt, block_size=block_size, scale=scale, kv_block_lens=lens)
+
+    triton_fn.scatters_rows = True  # tiled_sparse_attention hands it the inverse layout (no-grad calls)
+    return triton_fn
+
+
+def sparse_work(geom: Geometry, layout, kv_counts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Attention work of a selection relative to one dense head, summed over `[B, H]` (padding counted).
+
+    Video-video blocks count `volume²` each; text rows and columns are dense.
+
+    Example:
+        >>> from sparsify.geometry import tile_layout
+        >>> g = Geometry((4, 8, 8)); lay = tile_layout(g.grid, (1, 8, 8))
+        >>> float(sparse_work(g, lay, torch.full((1, 1, 4), 2), 256))
+        0.5
+    """
+    n_text = seq_len - geom.video_len
+    vol = layout.volume
+    video = kv_counts.to(torch.float64).sum() * vol * vol
+    text = n_text * (layout.padded_len + n_text) + layout.padded_len * n_text
+    return (video + text * kv_counts.shape[0] * kv_counts.shape[1]) / float(seq_len * seq_len)
+
+
+def key_padding_mask(attn_mask, B: int, S: int):
+    """A bool `[B, S]` key mask equivalent to `attn_mask`, or None if the mask is not key padding.
+
+    Accepts bool or 0/-inf float masks shaped `[B, S]`, `[B|1, 1, 1, S]`.
+    """
+    m = attn_mask
+    if m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1:
+        m = m[:, 0, 0, :]
+    if m.dim() != 2 or m.shape[-1] != S or m.shape[0] not in (1, B):
+        return None
+    if m.dtype != torch.bool:
+        if not bool(((m == 0) | (m == float("-inf"))).all()):
+            return None
+        m = m == 0
+    return m.expand(B, S)
+
+
+def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None, timestep=None,
+             gate=None) -> torch.Tensor:
+    """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group.
+
+    With a `gate` (`[B, H, S, D]`, VSA's learned gate), tiled sparse heads add VSA's coarse branch:
+    `out = sparse_out + gate * coarse_out`, coarse_out being attention among tile means broadcast to
+    each video token of the tile (0 on text tokens); dense heads ignore the gate.
+
+    With a `timestep`, the denoising step is tracked: the first `dense_steps` steps of a generation run
+    dense, and with `mask_reuse` a head group's selection is reused across steps while its pooled q and
+    k drift less than the threshold.
+    """
+    st = site_state(site)
+    st.calls += 1
+    B, H, S, D = q.shape
+    if H != st.heads or D != st.head_dim:
+        raise RuntimeError(
+            f"sparsify: site '{st.path}' was installed for {st.heads} heads of dim {st.head_dim} "
+            f"but is called with q of shape {tuple(q.shape)} ([B, H, S, D])")
+
+    def dense(reason=None):
+        if reason:
+            st.warn_once(reason, f"{reason}; this call runs dense attention")
+        st.add_work(B * H)
+        st.dense_work += B * H
+        return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
+
+    if st.is_dense and STATE.observer is None:
+        return dense()
+    if k.shape != q.shape or v.shape != q.shape:
+        return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    key_mask = None
+    if attn_mask is not None:
+        key_mask = key_padding_mask(attn_mask, B, S)
+        if key_mask is None:
+            return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask")
+    geom = unpack_geometry(geometry)
+    if geom is None and STATE.geometry is not None:  # graph mode: the hook ran outside the graph
+        geom = unpack_geometry(current_geometry())
+        if timestep is None:
+            timestep = STATE.timestep
+    if geom is None:
+        raise RuntimeError(
+            f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
+            "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
+    geom.check(S, st.path)
+    if STATE.observer is not None:
+        STATE.observer(st, q, k, v, geom, scale, key_mask)
+        if st.is_dense:
+            return dense()
+    step = None
+    if timestep is not None:
+        step = STATE.steps.observe(timestep_value(timestep), geom.grid)
+        if (st.step_seen, st.gen_seen) != (step, STATE.steps.generation):
+            st.step_seen, st.gen_seen, st.calls_in_step = step, STATE.steps.generation, 0
+        else:
+            st.calls_in_step += 1
+        if step < st.dense_steps:
+            return dense()
+    st.dense_work += B * H
+    groups: dict[tuple, list[int]] = {}
+    for h, c in enumerate(st.configs):
+        groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
+    block_fn = block_fn_for(q)
+    out = None
+    for key, heads in groups.items():
+        whole = len(heads) == H
+        hi = None if whole else device_ints(heads, q.device, torch.long)
+        qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
+        if key == ("dense",):
+            oh = dense_attention(qh, kh, vh, scale, key_mask)
+            st.add_work(B * len(heads))
+        else:
+            method, tile = key
+            impl = st.method(key, heads)
+            if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
+                gkey = ("attend", key, tuple(heads), geom.grid, B, st.calls_in_step)
+                cache = st.cache.get(gkey)
+                if cache is None or cache.get("_generation") != STATE.steps.generation:
+                    cache = st.cache[gkey] = {"_generation": STATE.steps.generation}
+                oh, work = impl.attend(qh, kh, vh, geom, st.budgets(heads, step), scale=scale,
+                                       key_mask=key_mask, cache=cache, block_fn=block_fn)
+                st.selections += 1
+                st.add_work(work)
+            else:
+                lay = tile_layout(geom.grid, tile, q.device)
+                ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
+                idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
+                                            block_fn=block_fn, tiled=ts)
+                st.add_work(sparse_work(geom, lay, cnt, S))
+                if gate is not None:  # VSA's gated coarse branch (sparsify.training.add_vsa_gates)
+                    from ..methods.vsa import coarse_attention
+
+                    P = ts.n_video_slots
+                    c = coarse_attention(ts.q[:, :, :P], ts.k[:, :, :P], ts.v[:, :, :P], lay)
+                    c = torch.nn.functional.pad(c, (0, 0, 0, ts.q.shape[2] - P)).index_select(2, ts.inverse)
+                    gh = gate if whole else gate.index_select(1, hi)
+                    oh = oh + gh.to(oh.dtype) * c.to(oh.dtype)
+                    st.add_work(B * len(heads) * (lay.n_tiles / S) ** 2)  # tile-level scores and outputs
+        if whole:
+            return oh.to(q.dtype).contiguous()
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out.index_copy_(1, hi, oh.to(out.dtype))
+    return out

@@ -1,0 +1,1 @@
+"""Fixtures for tests and benchmarks: planted-geometry heads and tiny DiT families."""

@@ -1,0 +1,1 @@
+"""Maintenance scripts: test-bed training, head statistics and previews, kernel resource reports."""
