@@ -67,9 +67,11 @@ def _patch_sdpa(modules: list) -> None:
     _USERS += 1
     targets = [(F, "scaled_dot_product_attention")]
     for mod in modules:
-        if getattr(mod, "__name__", "").split(".")[0] == __name__.split(".")[0]:
-            # never sparsify's own modules: with a model already sparsified, discovery of the next one traces
-            # through sparsify_sdpa, whose `_ORIG_SDPA` would otherwise be patched into itself (recursion)
+        name = getattr(mod, "__name__", "")
+        if name.split(".")[0] == __name__.split(".")[0] and not name.startswith("sparsify.testing"):
+            # never sparsify's own modules (the fixture models of `sparsify.testing` are user code): with a model
+            # already sparsified, discovery of the next one traces through sparsify_sdpa, whose `_ORIG_SDPA`
+            # would otherwise be patched into itself (recursion)
             continue
         for name, val in list(vars(mod).items()):
             if val is _ORIG_SDPA:
