@@ -62,14 +62,14 @@ def test_against_reference(B, H, S, D, dtype, bs, density, layout):
 
 VARIANTS = [
     dict(use_tma=False),
-    dict(mask_mode=0),
-    dict(mask_mode=1),
+    dict(tail_last=False),
+    dict(tail_last=True),
     dict(lazy_rescale=True),
     dict(tile_n=64, num_stages=2, maxnreg=128),
     dict(tile_n=64, num_stages=2, maxnreg=128, lazy_rescale=True),
     dict(tile_n=64, num_stages=4, lazy_rescale=True),
-    dict(tile_n=128, num_stages=3, maxnreg=0, mask_mode=1),
-    dict(tile_n=128, num_stages=3, maxnreg=0, mask_mode=2),
+    dict(tile_n=128, num_stages=3, maxnreg=0, tail_last=False),
+    dict(tile_n=128, num_stages=3, maxnreg=0, tail_last=True),
 ]
 
 

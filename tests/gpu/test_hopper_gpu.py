@@ -43,12 +43,12 @@ def _check_against_reference(fn, block, B, H, S, dtype, density, p_empty, seed, 
     assert rel_err(wrong, ref) > 0.1
 
 
-@pytest.mark.parametrize("variant", ["pingpong", "pingpong_persistent", "coop"])
-@pytest.mark.parametrize("B,H,S,dtype,density", [(2, 3, 1000, torch.bfloat16, 0.3), (1, 4, 4099, torch.float16, 0.2),
-                                                 (2, 2, 2048, torch.bfloat16, 0.5)])
-def test_against_reference(B, H, S, dtype, density, variant):
-    _check_against_reference(hopper.block_sparse_attn_hopper, 128, B, H, S, dtype, density, 0.1, S + len(variant),
-                             variant=variant)
+@pytest.mark.parametrize("B,H,S,dtype,density,stages", [(2, 3, 1000, torch.bfloat16, 0.3, 2),
+                                                        (1, 4, 4099, torch.float16, 0.2, 2),
+                                                        (2, 2, 2048, torch.bfloat16, 0.5, 3)])
+def test_against_reference(B, H, S, dtype, density, stages):
+    _check_against_reference(hopper.block_sparse_attn_hopper, 128, B, H, S, dtype, density, 0.1, S + stages,
+                             num_stages=stages)
 
 
 @pytest.mark.parametrize("B,H,S,dtype,density,stages", [(2, 3, 1000, torch.bfloat16, 0.3, 2),
