@@ -9,10 +9,6 @@ import torch
 
 from sparsify.testing.dits import density_selection as _selection, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 from sparsify.kernels.block_sparse import _launch, block_sparse_attn  # noqa: E402
 from sparsify.kernels.reference import block_sparse_attn_reference  # noqa: E402

@@ -10,10 +10,6 @@ import torch
 
 from sparsify.testing.dits import rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 from sparsify.kernels import kernel_backend  # noqa: E402
 from sparsify.kernels.cluster_select import select_clusters  # noqa: E402
