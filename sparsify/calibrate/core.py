@@ -266,6 +266,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
         >>> # res.allocation.density <= 0.05, res.recipe.save("my.yaml")
     """
     config = (config or CalibrationConfig()).replace(**overrides) if overrides else (config or CalibrationConfig())
+    clock = {"start": time.perf_counter()}
     say = (lambda msg: print(f"sparsify.calibrate: {msg}", file=sys.stderr)) if config.verbose else (lambda msg: None)
     all_infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
     infos = [i for i in all_infos if i.kind in SPARSE_KINDS]
@@ -277,6 +278,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
     if bad:
         raise CalibrationConfigError(f"CalibrationConfig.dense_layers={list(config.dense_layers)} is invalid: "
                                      f"the model has {len(infos)} self/joint sites (indices 0..{len(infos) - 1})")
+    clock["discovery"] = time.perf_counter()
     tiles, levels = config.candidates(_calibration_grid(model, adapter, example_inputs, grid))
     tiles, levels, methods = [tuple(t) for t in tiles], list(levels), list(config.methods)
     cands = [(m, t) for m in methods for t in tiles]
@@ -300,6 +302,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
     finally:
         uninstall(model, inst)
     bar.close()
+    clock["measurement"] = time.perf_counter()
     if cap.loaded:
         say(f"resumed from {ckpt}: {cap.loaded} of {cap.loaded + cap.measured} site measurements loaded, "
             f"{cap.measured} measured now")
@@ -316,6 +319,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
                                                           veda=cap.veda_estimators())
         bar.close()
         error = error * alphas[layer][:, None]
+    clock["output error"] = time.perf_counter()
     forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(config.dense_layers)}
     try:
         alloc = solve_allocation(cost, error, config.budget, weight=weight, layer=layer, forced=forced or None,
@@ -352,11 +356,15 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
         configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
         measured_total = model_output_error(model, all_infos, adapter, configs, output_loop or forward_loop, dense_out)
         provenance["measured_output_error"] = float(measured_total)
+    clock["solve and check"] = time.perf_counter()
+    marks = list(clock.values())
+    seconds = {name: marks[i + 1] - marks[i] for i, name in enumerate(list(clock)[1:])}
     return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
                              layer=layer, allocation=alloc, capture_seconds=cap.seconds, config=config,
                              attention_error=attention_error,
                              extras={"loaded_checkpoints": cap.loaded, "names": names, "alphas": alphas,
-                                     "site_output_error": measured, "veda": cap.veda_estimators()})
+                                     "site_output_error": measured, "veda": cap.veda_estimators(),
+                                     "seconds": seconds})
 
 
 def calibrate(model, forward_loop, config: CalibrationConfig | None = None, **kwargs) -> Recipe:
