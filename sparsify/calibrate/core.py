@@ -356,7 +356,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
         configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
         measured_total = model_output_error(model, all_infos, adapter, configs, output_loop or forward_loop, dense_out)
         provenance["measured_output_error"] = float(measured_total)
-    clock["solve and check"] = time.perf_counter()
+    clock["solve, recipe and final check"] = time.perf_counter()
     marks = list(clock.values())
     seconds = {name: marks[i + 1] - marks[i] for i, name in enumerate(list(clock)[1:])}
     return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
