@@ -154,8 +154,8 @@ def test_manual_attention_site_is_sparse_and_matches_masked(monkeypatch):
     captured = []
     orig_run = runtime.run_site
 
-    def spy(q, k, v, site, geometry, scale, attn_mask=None, timestep=None):
-        out = orig_run(q, k, v, site, geometry, scale, attn_mask, timestep)
+    def spy(q, k, v, site, geometry, scale, attn_mask=None, timestep=None, gate=None):
+        out = orig_run(q, k, v, site, geometry, scale, attn_mask, timestep, gate)
         captured.append((q, k, v, scale, out))
         return out
 
