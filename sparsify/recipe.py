@@ -750,12 +750,14 @@ def _resolve_path(name: str | Path) -> Path:
     try:
         if p.exists():
             if p.is_dir():
-                raise RecipeError(f"is a directory; pass the path of a recipe YAML file in it", source=str(name))
+                raise RecipeError("is a directory; pass the path of a recipe YAML file in it", source=str(name))
             return p
         if p.name == str(name):  # a bare file name: look among bundled recipes
             cand = resources.files("sparsify.recipes") / str(name)
             if cand.is_file():
                 return Path(str(cand))
+    except RecipeError:
+        raise
     except (OSError, ValueError) as e:  # a name the OS cannot look up (too long, NUL byte, ...)
         raise RecipeError(f"cannot be looked up as a file ({type(e).__name__}: {e}); pass {_VALID}",
                           source=_shown(name)) from None
@@ -770,6 +772,28 @@ def _shown(value) -> str:
 
 
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_DEPTH = 64  # nesting levels a recipe may have (it needs 6); deeper input is refused before it is composed
+
+
+def _check_depth(text: str) -> None:
+    """Raise RecipeError for YAML nested more than MAX_DEPTH levels (libyaml recurses per level: deep input
+    would crash the process, and deep flow collections take quadratic time to parse)."""
+    depth = peak = 0
+    for ch in re.sub(r"[^\[\]{}]", "", text):  # flow brackets, counted without parsing (strings included)
+        depth = depth + 1 if ch in "[{" else max(0, depth - 1)
+        peak = max(peak, depth)
+    if peak <= MAX_DEPTH:
+        depth = 0
+        for ev in yaml.parse(text, Loader=_SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                peak = max(peak, depth)
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            if peak > MAX_DEPTH:
+                break
+    if peak > MAX_DEPTH:
+        raise RecipeError(f"not a recipe: the YAML is nested more than {MAX_DEPTH} levels deep (a recipe needs 6)")
 
 
 def _check_unique_keys(root) -> None:
@@ -809,8 +833,10 @@ def parse_yaml(text: str, source: str = "<string>"):
         ...
         sparsify.errors.RecipeError: <string>: key 'version': duplicate key (line 1; first at line 1): a YAML mapping may list each key once
     """
-    loader = _SafeLoader(text)
+    loader = None
     try:
+        _check_depth(text)
+        loader = _SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -823,7 +849,8 @@ def parse_yaml(text: str, source: str = "<string>"):
     except RecursionError:
         raise RecipeError("not a recipe: the YAML is nested too deeply to read", source=source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_recipe_file(path: Path):

@@ -87,7 +87,7 @@ class GridAdapter(Adapter):
             raise SparsifyArgumentError(
                 "grid", self.grid, f"calling grid(args, kwargs) with the forward call's arguments raised "
                 f"{type(e).__name__}: {e}; a callable grid takes (args, kwargs) and returns (T, H, W)") from e
-        return Geometry(check_grid(g, "grid(args, kwargs) returned"), self.video_start)
+        return Geometry(check_grid(g, returned=True), self.video_start)
 
 
 def check_count(value, argument: str) -> int:
@@ -109,10 +109,11 @@ def check_count(value, argument: str) -> int:
     return int(n)
 
 
-def check_grid(grid, argument: str = "grid") -> tuple[int, int, int]:
+def check_grid(grid, argument: str = "grid", *, returned: bool = False) -> tuple[int, int, int]:
     """`grid` as a `(T, H, W)` tuple of positive ints, or SparsifyArgumentError naming `argument`.
 
     Accepts a tuple, list or torch.Size of three Python/numpy integers (not booleans, not floats).
+    With `returned`, `grid` is what a callable `grid(args, kwargs)` returned, and the message says so.
 
     Example:
         >>> check_grid([4, 30, 52])
@@ -120,6 +121,8 @@ def check_grid(grid, argument: str = "grid") -> tuple[int, int, int]:
     """
     valid = ("must be the latent token grid (T, H, W): three positive integers (frames, rows and columns "
              "of tokens after patchifying), or a callable grid(args, kwargs) returning them")
+    if returned:
+        valid = "is what the callable grid(args, kwargs) returned; it " + valid
     if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 3:
         n = f" (it has {len(grid)} values)" if isinstance(grid, (tuple, list, torch.Size)) else ""
         raise SparsifyArgumentError(argument, grid, valid + n)
