@@ -226,6 +226,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         raise SparsifyArgumentError("mode", mode, f"must be one of {', '.join(repr(m) for m in MODES)}")
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
+    if grid is None and adapter is None and example_inputs is not None and adapter_for(model) is None:
+        raise SparsifyArgumentError(
+            "grid", None, f"no adapter knows {type(model).__name__}, so the token grid of its calls is unknown; pass "
+            "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     recipe = load_recipe(recipe)
     unplaced: list = []
     infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter,
