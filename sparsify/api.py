@@ -226,14 +226,14 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         raise SparsifyArgumentError("mode", mode, f"must be one of {', '.join(repr(m) for m in MODES)}")
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
-    if grid is None and adapter is None and example_inputs is not None and adapter_for(model) is None:
+    adapter = _resolve_adapter(model, grid, video_start, adapter)
+    if adapter is None and example_inputs is not None:
         raise SparsifyArgumentError(
             "grid", None, f"no adapter knows {type(model).__name__}, so the token grid of its calls is unknown; pass "
             "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     recipe = load_recipe(recipe)
     unplaced: list = []
-    infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter,
-                                unplaced=unplaced)
+    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)
     outside = (f"{len(unplaced)} attention call(s) outside any submodule ({', '.join(sorted(set(unplaced))[:3])}), "
                "which sparsify cannot install on: it routes attention per submodule, so move such a call into an "
                "nn.Module of its own") if unplaced else ""
