@@ -37,7 +37,10 @@ def is_number(v) -> bool:
 
 
 def _in_range(v, lo: float, hi: float, lo_open: bool) -> bool:
-    if not is_number(v) or not math.isfinite(float(v)):
+    try:
+        if not is_number(v) or not math.isfinite(float(v)):
+            return False
+    except OverflowError:  # an int too large for a float
         return False
     return (lo < v if lo_open else lo <= v) and v <= hi
 

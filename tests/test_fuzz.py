@@ -48,7 +48,7 @@ def deep(n):
 def junk(rng):
     """A random value: wrong types, booleans, numpy scalars, NaN/inf, negatives, containers, deep nesting."""
     return rng.choice([
-        True, False, None, 0, 1, -1, 2, 7, 10 ** 30, 0.0, 0.5, 1.0, 1.5, -0.1, float("nan"), float("inf"),
+        True, False, None, 0, 1, -1, 2, 7, 10 ** 30, 10 ** 400, 0.0, 0.5, 1.0, 1.5, -0.1, float("nan"), float("inf"),
         -float("inf"), np.float32(0.25), np.float64(0.75), np.int64(3), np.int32(-2), np.bool_(True), "", "x", "vsa",
         "dense", "4x4x4", "blocks.*", "re:(", [], {}, [4, 4, 4], [1, 8, 8], [3, 4, 4], [True, 4, 16], [0.5], [None],
         {"density": 0.2}, {"x": 1}, {"head": 0}, deep(rng.randint(2, 80)), b"\xff\xfe", (4, 4, 4),
