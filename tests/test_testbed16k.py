@@ -139,7 +139,7 @@ def test_lr_schedule_depends_on_the_step_only():
     from tools.train_testbed import TrainConfig, _lr_at
 
     cfg = TrainConfig(config="16k", device="cpu", steps=100, warmup=10, lr=1e-3, min_lr_ratio=0.1)
-    assert cfg.batch == 16 and cfg.ema >= 0.999 and cfg.latent_shape == (4, 16, 64, 64)
+    assert cfg.batch == 8 and cfg.ema >= 0.999 and cfg.latent_shape == (4, 16, 64, 64)
     assert _lr_at(0, cfg) == pytest.approx(1e-4) and _lr_at(9, cfg) == pytest.approx(1e-3)
     assert _lr_at(99, cfg) == pytest.approx(1e-4, rel=1e-2) and _lr_at(500, cfg) == pytest.approx(1e-4)
 

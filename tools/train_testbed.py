@@ -57,7 +57,7 @@ from sparsify.testbed.variants import get_variant
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "testbed": {"steps": 4000, "batch": 32, "lr": 1e-3, "warmup": 150, "ema": 0.999, "eval_every": 1000,
                 "eval_batch": 16, "checkpoint_every": 0},
-    "testbed-16k": {"steps": 3000, "batch": 16, "lr": 3e-4, "warmup": 200, "ema": 0.999, "eval_every": 0,
+    "testbed-16k": {"steps": 2000, "batch": 8, "lr": 3e-4, "warmup": 200, "ema": 0.999, "eval_every": 0,
                     "eval_batch": 4, "checkpoint_every": 200},
 }
 
