@@ -2,42 +2,40 @@
 
 Run on a GPU::
 
-    python -m benchmarks.attention                       # both Wan shapes, densities 2,5,10,20,50%
-    python -m benchmarks.attention --quick               # fewer repeats, densities 5,10%
-    python -m benchmarks.attention --shapes wan14b --densities 5,10 --sweep   # + kernel variants
-    python -m benchmarks.attention --backward --shapes wan1.3b           # backward: ours, cuDNN, flash, Flex
-    python -m benchmarks.attention --backward --bwd-sweep                # + backward launch variants
+    python -m benchmarks.kernel                       # both Wan shapes, densities 2,5,10,20,50%
+    python -m benchmarks.kernel --quick               # fewer repeats, densities 5,10%
+    python -m benchmarks.kernel --shapes wan14b --densities 5,10 --sweep   # + kernel launch variants
+    python -m benchmarks.kernel --backward --shapes wan1.3b           # backward: ours, cuDNN, flash, Flex
+    python -m benchmarks.kernel --backward --bwd-sweep                # + backward launch variants
+    python -m benchmarks.kernel --tiny                # CPU smoke run (Triton interpreter, 256 tokens)
 
 Backward (``--backward``): the time of dq, dk, dv given the forward's saved state, measured as
 ``torch.autograd.grad(out, (q, k, v), dO, retain_graph=True)`` for SDPA cuDNN, SDPA flash and compiled
 FlexAttention (same block mask), and as ``block_sparse_attn_backward`` for ours (preprocess, transposed
 selection and both kernels); ``+fwd`` rows time the forward and the backward together. The JSON goes to
-``benchmarks/results/attention_bwd_<date>.json``.
+``benchmarks/results/kernel_bwd_<date>.json``.
 
-Every competitor sees the same fresh random (never zero) bf16 q, k, v and, for the sparse ones, the
+Every competitor sees the same fresh random (never zero) q, k, v and, for the sparse ones, the
 same random block selection (the same number of key blocks for every query block). Times are
 `triton.testing.do_bench` medians (device events, L2 flushed between repeats). The table gives
 ratios against cuDNN and against FlexAttention measured in the same process; a JSON record with the
-GPU, versions, command and date goes to `benchmarks/results/attention_<date>.json`.
+GPU, versions, command and date goes to `benchmarks/results/kernel_<date>.json`.
 
-Whole-op rows (selection + layout + kernel, added later by the op's owner) plug in through
-`register_row(name, factory)`: `factory(case)` gets a `Case` (inputs, selection, block mask) and
-returns a zero-argument callable to time, or None to skip. Pass `--plugin some.module` to import a
-module that registers its rows before the run. `--op-methods vsa,veda,xattention,svg2` adds, per method, the
-whole op and the selection alone on the same inputs (`benchmarks.whole_op.register_op_rows`; 4x4x4 tiles,
-the case's density, the method's own selection), so each method's selection cost sits beside the kernel and
-the op in one table.
+More sparse rows plug in through `register_row(name, factory)`: `factory(case)` gets a `Case` (inputs,
+selection, block mask) and returns a zero-argument callable to time, or None to skip. `--plugin some.module`
+imports a module that registers its rows before the run. `--op-methods vsa,veda,xattention,svg2` adds, per
+method, the whole op and the selection alone on the same inputs (`benchmarks.op.op_row_factory` and
+`select_row_factory`; 4x4x4 tiles, the case's density, the method's own selection), so each method's
+selection cost sits beside the kernel and the op in one table.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib
 import json
 import math
 import os
-import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +43,10 @@ from typing import Callable
 
 import torch
 
-SHAPES = {  # name: (B, H, S, D)
-    "wan1.3b": (1, 12, 32760, 128),  # Wan2.1-1.3B, 480p, 81 frames
-    "wan14b": (1, 40, 75600, 128),  # Wan2.1-14B, 720p, 81 frames
-}
+from benchmarks._common import TINY_SHAPE, WAN_SHAPES, run_header, wall_ms, write_result
+
+SHAPES = {name: s[1:5] for name, s in WAN_SHAPES.items()}  # name: (B, H, S, D)
+TINY = {TINY_SHAPE[0]: TINY_SHAPE[1:5]}
 
 # kernel variants timed with --sweep (launch options of sparsify.kernels.block_sparse._launch)
 VARIANTS = {
@@ -58,10 +56,10 @@ VARIANTS = {
     "mask_branch": dict(mask_mode=1),  # tail masking inside the loop instead of a second phase
     "tn128_st3": dict(tile_n=128, num_stages=3, maxnreg=0, mask_mode=1, lazy_rescale=False),  # 1 program/SM
     # 32-key steps: at --block 64 they fit 3 (3 stages) or 4 (2 stages) programs per SM instead of 2
-    # (`python -m tools.aot_resources`, benchmarks/NOTES.md "Session 5")
+    # (`python -m tools.aot_resources`)
     "tn32_st3": dict(tile_n=32, num_stages=3),
     "tn32_st2": dict(tile_n=32, num_stages=2),
-    "st2": dict(num_stages=2),  # 64x64 blocks: the default's 3 stages against 2 (session 7's ablation)
+    "st2": dict(num_stages=2),  # 64x64 blocks: the default's 3 stages against 2
     # the plain Triton kernel with its defaults (where `ours` runs a Gluon kernel: sm_90, 64x64 or 128x128 blocks)
     "triton": {},
 }
@@ -93,7 +91,8 @@ class Case:
         return self.count / self.n_kv_blocks
 
 
-DEVICE = "cuda"  # the CPU smoke test sets "cpu" (Triton interpreter, tiny shapes)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DEVICE = "cuda"  # "cpu" under --tiny (Triton interpreter, tiny shapes)
 
 _ROWS: dict[str, Callable[[Case], Callable[[], object] | None]] = {}
 _NO_ERR: set[str] = set()  # rows whose output is not the case's attention (no error against Flex)
@@ -118,12 +117,20 @@ def random_selection(B, H, n_qb, n_kb, count, *, device, generator=None):
     return idx, cnt
 
 
+def _flex_stand_in(q, k, v, *, block_mask, scale, kernel_options=None):
+    """The CPU smoke run's Flex row: dense SDPA (math) under the block mask's token mask (Flex has no CPU backward)."""
+    bm, bn = block_mask.BLOCK_SIZE
+    S = q.shape[2]
+    tok = block_mask.to_dense().bool().repeat_interleave(bm, -2).repeat_interleave(bn, -1)[..., :S, :S]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=tok, scale=scale)
+
+
 def _bench(fn, args) -> float:
     import triton.testing
 
     fn()  # compile / warm caches outside the timed region
     if DEVICE != "cuda":
-        return float("nan")
+        return wall_ms(fn, reps=1)  # --tiny: a smoke run, not a measurement
     torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, return_mode="median"))
 
@@ -133,21 +140,8 @@ def _rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _env() -> dict:
-    import triton
-
-    cuda = DEVICE == "cuda"
-    return {
-        "gpu": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-        "sm_count": torch.cuda.get_device_properties(0).multi_processor_count if cuda else None,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(),
-        "python": platform.python_version(),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.attention", *sys.argv[1:]]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+def _env(argv) -> dict:
+    return run_header("kernel", argv)
 
 
 def run(args) -> dict:
@@ -156,16 +150,16 @@ def run(args) -> dict:
 
     from sparsify.kernels.block_sparse import _launch, block_sparse_attn
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     bs = (args.block, args.block)
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False) if DEVICE == "cuda" else _flex_stand_in
     flex_opts = None if args.block == 128 else {"BLOCK_M": args.block, "BLOCK_N": args.block}
-    record = {**_env(), "dtype": args.dtype, "block_size": list(bs), "ours_opts": args.ours_opts or {}, "warmup_ms": args.warmup_ms,
+    record = {**_env(args.argv), "dtype": args.dtype, "block_size": list(bs), "ours_opts": args.ours_opts or {}, "warmup_ms": args.warmup_ms,
               "rep_ms": args.rep_ms, "dense": [], "sparse": []}
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
 
     for shape in args.shapes:
-        B, H, S, D = SHAPES[shape]
+        B, H, S, D = {**SHAPES, **TINY}[shape]
         # fresh random inputs (never zeros); scale 1 like normalised q/k after RMSNorm
         q, k, v = (torch.randn(B, H, S, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(3))
         scale = 1.0 / math.sqrt(D)
@@ -251,11 +245,11 @@ def run_backward(args) -> dict:
     from sparsify.kernels.block_sparse import block_sparse_attn
     from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     bs = (args.block, args.block)
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = torch.compile(flex_attention, dynamic=False) if DEVICE == "cuda" else _flex_stand_in
     flex_opts = None if args.block == 128 else {"BLOCK_M": args.block, "BLOCK_N": args.block}
-    record = {**_env(), "kind": "backward", "dtype": args.dtype, "block_size": list(bs), "bwd_opts": args.bwd_opts or {},
+    record = {**_env(args.argv), "kind": "backward", "dtype": args.dtype, "block_size": list(bs), "bwd_opts": args.bwd_opts or {},
               "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms, "dense": [], "sparse": []}
     gen = torch.Generator(device=DEVICE).manual_seed(args.seed)
 
@@ -263,7 +257,7 @@ def run_backward(args) -> dict:
         return lambda: torch.autograd.grad(out, xs, go, retain_graph=True)
 
     for shape in args.shapes:
-        B, H, S, D = SHAPES[shape]
+        B, H, S, D = {**SHAPES, **TINY}[shape]
         q, k, v, go = (torch.randn(B, H, S, D, device=DEVICE, dtype=dtype, generator=gen) for _ in range(4))
         qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
         scale = 1.0 / math.sqrt(D)
@@ -372,7 +366,7 @@ def pick_best_bwd(record: dict, max_err: float = 2e-2) -> tuple[str, dict]:
 
 
 def table_bwd(record: dict) -> str:
-    lines = [f"{record['gpu']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
+    lines = [f"{record['device']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
              f"block {record['block_size']}  {record['date']}  (backward)"]
     dense = {r["shape"]: r for r in record["dense"]}
     for shape in dict.fromkeys(r["shape"] for r in record["sparse"]):
@@ -407,7 +401,7 @@ def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
 
 def table(record: dict) -> str:
     lines = [
-        f"{record['gpu']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
+        f"{record['device']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
         f"block {record['block_size']}  {record['date']}",
     ]
     dense = {r["shape"]: r for r in record["dense"]}
@@ -422,11 +416,12 @@ def table(record: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.attention", description=__doc__.splitlines()[0])
+    global DEVICE
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel", description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="wan1.3b,wan14b", help=f"comma list of {sorted(SHAPES)}")
     p.add_argument("--densities", default="2,5,10,20,50", help="percent of key blocks per query block")
     p.add_argument("--block", type=int, default=128, choices=(64, 128), help="BLOCK_M = BLOCK_N")
-    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--quick", action="store_true", help="densities 5,10 and shorter timing")
     p.add_argument("--sweep", action="store_true", help="also time the kernel variants in VARIANTS")
     p.add_argument("--variants", default=None, help="comma list of VARIANTS names to time (implies --sweep)")
@@ -443,9 +438,22 @@ def main(argv=None) -> dict:
                    help="comma list of selection methods (vsa,veda,xattention,svg2): add for each a whole-op row "
                         "('op <m>': selection, layout, kernel, inverse on the case's q, k, v at its density) and a "
                         "selection row ('select <m>': the selection alone)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/attention_<date>.json)")
+    p.add_argument("--tiny", action="store_true",
+                   help="CPU smoke run: Triton interpreter, one 256-token shape (B1 H2 D64), fp32, 64x64 blocks, "
+                        "densities 25,50 unless given; wall times, not measurements")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/kernel[_bwd]_<date>.json)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    if args.tiny:
+        os.environ["TRITON_INTERPRET"] = "1"
+        DEVICE = "cpu"
+        args.shapes, args.dtype, args.block = TINY_SHAPE[0], "fp32", 64
+        if "--densities" not in " ".join(args.argv):
+            args.densities = "25,50"
     args.shapes = [s for s in args.shapes.split(",") if s]
+    unknown = sorted(set(args.shapes) - set(SHAPES) - (set(TINY) if args.tiny else set()))
+    if unknown:
+        p.error(f"unknown --shapes {unknown}; known: {sorted(SHAPES)}")
     if args.ours_opts and args.ours_opts.startswith("@"):
         args.ours_opts = Path(args.ours_opts[1:]).read_text()
     args.ours_opts = json.loads(args.ours_opts) if args.ours_opts else None
@@ -461,30 +469,28 @@ def main(argv=None) -> dict:
         args.sweep = True
     args.variants = [v for v in (args.variants.split(",") if args.variants else VARIANTS) if v != "default"]
     args.densities = [float(x) if "." in x else int(x) for x in str(args.densities).split(",") if x]
-    # run as `python -m benchmarks.attention` this module is `__main__`: plugins importing `benchmarks.attention`
+    # run as `python -m benchmarks.kernel` this module is `__main__`: plugins importing `benchmarks.kernel`
     # must register their rows here, not in a second copy of the module
-    sys.modules.setdefault("benchmarks.attention", sys.modules[__name__])
+    sys.modules.setdefault("benchmarks.kernel", sys.modules[__name__])
     for mod in args.plugin:
         importlib.import_module(mod)
     if args.op_methods:
-        from benchmarks.whole_op import register_op_rows
+        from benchmarks.op import op_row_factory, select_row_factory
 
         for m in args.op_methods.split(","):
-            register_op_rows(m)
+            register_row(f"op {m} 4x4x4", op_row_factory((4, 4, 4), m), compare=False)
+            register_row(f"select {m} 4x4x4", select_row_factory((4, 4, 4), m), compare=False)
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.attention needs a CUDA GPU")
+        raise SystemExit("benchmarks.kernel needs a CUDA GPU (or --tiny for the CPU smoke run)")
     if args.backward:
         record = run_backward(args)
         print(table_bwd(record), flush=True)
-        name = f"attention_bwd_{_dt.date.today().isoformat()}{'_sweep' if args.bwd_sweep else ''}.json"
+        stem = f"kernel_bwd{'_sweep' if args.bwd_sweep else ''}"
     else:
         record = run(args)
         print(table(record), flush=True)
-        name = f"attention_{_dt.date.today().isoformat()}{'_sweep' if args.sweep else ''}.json"
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
-    print(f"wrote {out}")
+        stem = f"kernel{'_sweep' if args.sweep else ''}"
+    write_result(record, args.out, stem)
     return record
 
 
