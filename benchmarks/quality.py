@@ -1,12 +1,13 @@
-"""Selection fidelity: tile recall and attention-output error of every tile-selection method against dense attention.
+"""Quality benchmarks: selection fidelity against dense attention (CPU), and sampled-video PSNR against dense sampling.
 
-Run on CPU (about 35 s on 2 idle cores without the svg2 rows; their cold k-means adds minutes)::
+    python -m benchmarks.quality selection                       # every set and method, 5/10/20% (CPU, ~70 s)
+    python -m benchmarks.quality selection --sets planted,random --no-save
+    python -m benchmarks.quality selection --head-aware          # head-aware tiles vs 4x4x4 on the planted heads
+    python -m benchmarks.quality video --steps 50 --videos 4 --densities 0.2,0.1,0.05   # GPU: test-bed sampling
+    python -m benchmarks.quality selection --tiny                # CPU smoke runs
+    python -m benchmarks.quality video --tiny
 
-    python -m benchmarks.selection
-    python -m benchmarks.selection --sets planted,random --no-save
-    python -m benchmarks.selection --head-aware      # head-aware tiles vs 4x4x4 on the planted heads
-
-For every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
+`selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
 - recall: the share of the true full-attention probability mass inside the selected tiles
   (`sparsify.testing.planted.tile_recall` of the exact tile masses), averaged over heads;
@@ -25,22 +26,28 @@ grid 8x16x16, 4x4x4 tiles) and `testbed` (q, k, v of the 8 `blocks.*.attn1` self
 of the trained test-bed Wan model, 16x16x16 tokens, 4x4x4 tiles). Each set has a calibration input and
 a held-out input (another seed: other content noise, another video): Veda's estimator is fitted on the
 first, every number is measured on the second. `oracle` keeps the tiles of largest true mass.
-
 Outputs are computed in one pass over the dense attention matrix per input (the exact semantics of
-`sparsify.kernels.reference.tiled_sparse_attention`, checked against it on one head at the start of
-every run), since the reference kernel would take minutes on CPU.
+`sparsify.runtime.tiled_sparse_attention`, checked against it on one head at the start of every run), since
+the reference kernel would take minutes on CPU. Writes `benchmarks/results/selection_<date>.json`
+(`selection_head_aware_<date>.json`).
+
+`video`: on the learned test-bed, for each density a uniform recipe (VSA, 4x4x4, one density for all heads) and
+a calibrated recipe (`sparsify.calibrate` at that budget, on inputs disjoint from the sampled ones) sample from
+the same noise as dense sampling; PSNR and SSIM (per frame, `torchmetrics`) are against the dense sample (same
+noise, same steps, CFG off). Then the calibrated recipe at the middle density gets its temporal-mask-reuse
+threshold from `sparsify.calibrate.calibrate_mask_reuse` (on a trajectory from other noise, or
+`--reuse-threshold`) and samples again with reuse: the share of selection calls saved, the PSNR, and the relative
+L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output error
+growth is the last step's ratio). Needs `torchmetrics` (`pip install torchmetrics`). Writes
+`benchmarks/results/fidelity_<date>.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -57,7 +64,6 @@ TILE_METHODS = ("oracle", "vsa", "veda-bound", "veda", "veda-exact", "veda-fit",
 SVG2_CONFIGS = {"svg2": {}, "svg2-fine": {"q_clusters": 64, "k_clusters": 256}}  # default cluster counts; finer
 METHODS = TILE_METHODS + tuple(SVG2_CONFIGS)
 SETS = ("planted", "planted444", "random", "testbed")
-RESULTS_DIR = Path(__file__).with_name("results")
 _CHUNK = 1 << 23  # attention probabilities held at once
 
 
@@ -290,14 +296,6 @@ def run_set(name, densities, timings, checks, error_fraction=1.0):
                             for d in densities} for m in METHODS}}
 
 
-def _cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def format_table(results: dict, densities) -> str:
     ds = [f"{round(100 * d)}%" for d in densities]
     head = ["set", "method"] + [f"recall@{d}" for d in ds] + [f"err@{d}" for d in ds]
@@ -321,7 +319,7 @@ def head_aware(densities, methods=HEAD_AWARE_METHODS) -> dict:
     least error on the calibration input (what a calibrator would pick), both measured held out.
 
     Example:
-        >>> # python -m benchmarks.selection --head-aware
+        >>> # python -m benchmarks.quality selection --head-aware
     """
     from sparsify.testing.planted import CANDIDATE_TILES
 
@@ -361,30 +359,24 @@ def head_aware(densities, methods=HEAD_AWARE_METHODS) -> dict:
     return out
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
-    ap.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
-    ap.add_argument("--error-fraction", type=float, default=1.0,
-                    help="share of query tiles (seeded random sample) whose output error is measured")
-    ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/selection_<date>.json")
-    ap.add_argument("--head-aware", action="store_true",
-                    help="instead: head-aware tiles vs 4x4x4 on the planted heads (selection_head_aware_<date>.json)")
-    args = ap.parse_args(argv)
+def selection(args, argv) -> dict:
+    """The `selection` subcommand (see the module docstring)."""
+    from benchmarks._common import run_header, write_result
+
+    if args.tiny:
+        args.sets, args.densities, args.error_fraction = "random", "0.1", 0.25
     densities = tuple(float(x) for x in args.densities.split(","))
     if args.head_aware:
         t0 = time.perf_counter()
-        record = {"benchmark": "selection --head-aware", "command": "python -m benchmarks.selection "
-                  + " ".join(argv if argv is not None else sys.argv[1:]),
-                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "device": _cpu_name(),
-                  "torch": torch.__version__, **head_aware(densities)}
+        record = {"benchmark": "quality selection --head-aware", **run_header("quality", argv), **head_aware(densities)}
         record["wall_s"] = round(time.perf_counter() - t0, 1)
         print(record["table"])
         if not args.no_save:
-            from benchmarks import write_result
-
-            write_result(record, None, "selection_head_aware")
+            write_result(record, args.out, "selection_head_aware")
         return record
+    unknown = sorted(set(args.sets.split(",")) - set(SETS))
+    if unknown:
+        raise SystemExit(f"--sets: unknown {unknown}; known: {', '.join(SETS)}")
     t_start = time.perf_counter()
     timings: dict = {}
     checks: list = []
@@ -401,20 +393,183 @@ def main(argv=None) -> dict:
           ", ".join(f"{m} {t:.2f}" for m, t in sorted(timings.items())))
     wall = time.perf_counter() - t_start
     print(f"wall {wall:.1f} s")
-    record = {
-        "benchmark": "selection", "command": "python -m benchmarks.selection " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": _cpu_name(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "wall_s": round(wall, 1),
-        "densities": list(densities), "reference_check_max_abs": checks[0], "selection_seconds": timings,
-        "table": table, "sets": results,
-    }
+    record = {"benchmark": "quality selection", **run_header("quality", argv), "wall_s": round(wall, 1),
+              "densities": list(densities), "reference_check_max_abs": checks[0], "selection_seconds": timings,
+              "table": table, "sets": results}
     if not args.no_save:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / f"selection_{_dt.date.today().isoformat()}.json"
-        path.write_text(json.dumps(record, indent=1))
-        print(f"wrote {path}")
+        write_result(record, args.out, "selection")
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# sampled video on the test-bed
+
+
+def video_metrics():
+    """`(psnr, ssim)` of two videos `[B, C, F, H, W]` with values in [-1, 1] (data range 2), from `torchmetrics`:
+    PSNR over all values at once, SSIM the mean over frames (each frame a C-channel image).
+
+    Example:
+        >>> psnr, ssim = video_metrics()
+        >>> x = torch.rand(1, 4, 2, 16, 16) * 2 - 1
+        >>> round(ssim(x, x), 6), psnr(x + 0.02, x) > 30
+        (1.0, True)
+    """
+    try:
+        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    except ImportError:
+        raise SystemExit("benchmarks.quality video needs torchmetrics for PSNR and SSIM: pip install torchmetrics") \
+            from None
+
+    def frames(x):  # [B, C, F, H, W] -> [B*F, C, H, W]
+        return x.movedim(2, 1).flatten(0, 1)
+
+    def psnr(a, b) -> float:
+        return float(peak_signal_noise_ratio(a.double(), b.double(), data_range=2.0))
+
+    def ssim(a, b) -> float:
+        return float(structural_similarity_index_measure(frames(a).float(), frames(b).float(), data_range=2.0))
+
+    return psnr, ssim
+
+
+def video(a, argv) -> dict:
+    """The `video` subcommand (see the module docstring)."""
+    from benchmarks._common import run_header, write_result
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify.calibrate import run_calibration
+    from sparsify.testbed import build_testbed, example_inputs, sample
+    from sparsify.testbed.data import class_embeddings
+
+    psnr, ssim = video_metrics()
+    latent = (4, 16, 32, 32)  # the test-bed's training shape: 4,096 tokens
+    if a.tiny:
+        a.steps, a.videos, a.densities, a.reuse_steps, a.device = 2, 1, "0.2", 2, "cpu"
+        latent = (4, 8, 16, 16)  # 512 tokens, 8 tiles of 4x4x4
+    dev = torch.device(a.device)
+    model = build_testbed(device=dev)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(a.videos, *latent, generator=g).to(dev)
+    cond = class_embeddings(torch.arange(a.videos) % 8).to(dev)
+
+    traj: dict = {}
+
+    def run(label):
+        runtime.new_generation()
+        xs = traj[label] = []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x = sample(model, noise, cond, steps=a.steps, callback=lambda i, t, x: xs.append(x.float().cpu()))
+        xs.append(x.float().cpu())
+        return x, time.perf_counter() - t0
+
+    def step_errors(label):  # relative L2 error of x_t against the dense trajectory, per step (last = output)
+        return [float((x - d).norm() / d.norm()) for x, d in zip(traj[label], traj["dense"])]
+
+    dense, t_dense = run("dense")
+    rows = []
+
+    def loop(m):  # calibration inputs: seeds 100.. (the sampled noise is seed 1234), 2 noise levels
+        for seed in (100, 101)[:1 if a.tiny else 2]:
+            for t in (0.8, 0.4)[:1 if a.tiny else 2]:
+                m(**example_inputs(seed=seed, t=t, device=dev, latent_shape=latent))
+
+    # --tiny: one candidate tile, three levels, no output-error pass (the calibrator's code path, not its result)
+    cal_opts = dict(tiles=[(4, 4, 4)], levels=(0.1, 0.3, 1.0), output_error=False, query_fraction=0.05) if a.tiny else {}
+
+    calibrated = {}
+    for d in [float(x) for x in a.densities.split(",")]:
+        uniform = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": d}}}
+        res = run_calibration(model, loop, budget=d, example_inputs=example_inputs(device=dev, latent_shape=latent),
+                              progress=False,
+                              **cal_opts)
+        calibrated[d] = res.recipe
+        for name, recipe in (("uniform 4x4x4", uniform), ("calibrated", res.recipe)):
+            sparsify(model, recipe)
+            x, secs = run(name)
+            density = sum(s.work for s in installed_sites(model)) / sum(s.dense_work for s in installed_sites(model))
+            unsparsify(model)
+            rows.append({"recipe": name, "density_target": d, "density_achieved": round(density, 4),
+                         "psnr_db": round(psnr(x, dense), 2), "ssim": round(ssim(x, dense), 4),
+                         "seconds": round(secs, 2)})
+            print(rows[-1], flush=True)
+
+    d_mid = sorted(calibrated)[len(calibrated) // 2]
+    base = calibrated[d_mid]
+    sparsify(model, base)
+    x_fresh, _ = run("fresh")  # the calibrated recipe again, recording its trajectory
+    unsparsify(model)
+    reuse_cal = None
+    if a.reuse_threshold is None:
+        from sparsify.calibrate import calibrate_mask_reuse
+
+        g2 = torch.Generator().manual_seed(4321)
+        noise2 = torch.randn(1, *latent, generator=g2).to(dev)
+        cond2 = class_embeddings(torch.tensor([3])).to(dev)
+        rc = calibrate_mask_reuse(model, base, lambda m: sample(m, noise2, cond2, steps=a.reuse_steps),
+                                  max_age=a.reuse_max_age)
+        threshold = rc.threshold
+        reuse_cal = {"threshold": rc.threshold, "max_age": rc.max_age, "trajectory_steps": a.reuse_steps,
+                     "reuse_share": rc.reuse_share, "least_overlap": rc.min_overlap, "tried": rc.tried,
+                     "calibration_error_growth": rc.error_growth}
+        print("reuse calibration:", reuse_cal, flush=True)
+    else:
+        threshold = a.reuse_threshold
+    reuse_recipe = base.to_dict()
+    reuse_recipe["defaults"]["mask_reuse"] = {"threshold": threshold, "max_age": a.reuse_max_age}
+    sparsify(model, reuse_recipe)
+    x_reuse, secs = run("reuse")
+    sites = installed_sites(model)
+    sel, reused = sum(s.selections for s in sites), sum(s.reused for s in sites)
+    unsparsify(model)
+    fresh = next(r for r in rows if r["recipe"] == "calibrated" and r["density_target"] == d_mid)
+    err_fresh, err_reuse = step_errors("fresh"), step_errors("reuse")
+    reuse_row = {"recipe": "calibrated + mask reuse", "density_target": d_mid, "psnr_db": round(psnr(x_reuse, dense), 2),
+                 "ssim": round(ssim(x_reuse, dense), 4), "threshold": threshold, "max_age": a.reuse_max_age,
+                 "calibration": reuse_cal, "selections": sel, "reused": reused,
+                 "reuse_share": round(reused / max(1, sel + reused), 3),
+                 "psnr_fresh_db": round(psnr(x_fresh, dense), 2), "psnr_fresh_first_run_db": fresh["psnr_db"],
+                 "output_error_fresh": err_fresh[-1], "output_error_reuse": err_reuse[-1],
+                 "output_error_growth": err_reuse[-1] / err_fresh[-1] - 1.0,
+                 "step_error_fresh": err_fresh, "step_error_reuse": err_reuse, "seconds": round(secs, 2)}
+    rows.append(reuse_row)
+    print({k: v for k, v in reuse_row.items() if not k.startswith("step_error")}, flush=True)
+    print("step  error fresh  error reuse  (relative L2 of x_t vs the dense trajectory)")
+    for i in sorted(set(range(0, len(err_fresh), max(1, len(err_fresh) // 10))) | {len(err_fresh) - 1}):
+        print(f"{i:4d}  {err_fresh[i]:11.5f}  {err_reuse[i]:11.5f}")
+    meta = {"benchmark": "quality video", **run_header("quality", argv), "steps": a.steps, "videos": a.videos,
+            "dense_seconds": round(t_dense, 2), "rows": rows}
+    write_result(meta, a.out, "fidelity")
+    return meta
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("selection", help="selection fidelity, tile recall, head-aware tiles (CPU)")
+    s.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {','.join(SETS)}")
+    s.add_argument("--densities", default=",".join(f"{d:g}" for d in DENSITIES))
+    s.add_argument("--error-fraction", type=float, default=1.0,
+                   help="share of query tiles (seeded random sample) whose output error is measured")
+    s.add_argument("--no-save", action="store_true", help="do not write the JSON")
+    s.add_argument("--head-aware", action="store_true",
+                   help="instead: head-aware tiles vs 4x4x4 on the planted heads (selection_head_aware_<date>.json)")
+    s.add_argument("--tiny", action="store_true", help="smoke run: the random set at 10%%, a quarter of the query tiles")
+    s.add_argument("--out", default=None, help="JSON path (default benchmarks/results/selection_<date>.json)")
+    v = sub.add_parser("video", help="sampled-video PSNR / SSIM against dense sampling on the test-bed, mask reuse")
+    v.add_argument("--steps", type=int, default=50)
+    v.add_argument("--videos", type=int, default=4)
+    v.add_argument("--densities", default="0.2,0.1,0.05")
+    v.add_argument("--reuse-threshold", type=float, default=None, help="fixed threshold (default: calibrated)")
+    v.add_argument("--reuse-steps", type=int, default=20, help="steps of the reuse-calibration trajectory")
+    v.add_argument("--reuse-max-age", type=int, default=4)
+    v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--tiny", action="store_true", help="CPU smoke run: 1 video of 512 tokens, 2 steps, density 0.2, "
+                   "a one-tile calibration on one input")
+    v.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
+    args = ap.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return selection(args, argv) if args.command == "selection" else video(args, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train the test-bed from scratch twice, dense and with VSA (gated coarse branch, sparsity ramp): loss and compute.
 
-    python -m benchmarks.train_both --seconds-per-run 200 --compile     # one H100: smoke, then both runs
-    python -m benchmarks.train_both --latent-shape 4 16 64 64 --batch 8 --steps 1100   # 16,384 tokens per video
+    python -m benchmarks.training --seconds-per-run 200 --compile     # one H100: smoke, then both runs
+    python -m benchmarks.training --latent-shape 4 16 64 64 --batch 8 --steps 1100   # 16,384 tokens per video
+    python -m benchmarks.training --tiny --results /tmp/t       # CPU smoke run: 3 steps each, 512 tokens
 
 At the test-bed's own 4,096 tokens (64 tiles of 64 tokens per video) 90% sparsity keeps 7 key tiles per query
 tile, fewer than a tile's 3x3x3 neighbourhood, and VSA trains 6-10% worse than dense; with 16,384 tokens (256
@@ -10,8 +11,8 @@ tiles, 26 kept) it trains as well as dense (RESULTS.md, "Training from scratch")
 Both runs share the model init, data, seed, batch, step count and schedule (`tools.train_testbed`); they
 differ only in `--attention`. A short smoke of both modes comes first (it aborts on failure, halves the batch
 on an out-of-memory error, drops `--compile` if the compiled VSA step fails) and measures the steady step
-time of each, from which the common step count is chosen to fit `--seconds-per-run`. Writes
-`train_both_<date>_<gpu>.json` (curves, summaries, comparison) and a side-by-side plot `.png` to --results,
+time of each, from which the common step count is chosen to fit `--seconds-per-run` (`--steps` skips it). Writes
+`training_<date>_<gpu>.json` (curves, summaries, comparison) and a side-by-side plot `.png` to --results,
 and the two runs' logs next to them (`--logs`).
 
 The comparison: training loss averaged over the last 10% of the common steps, and the held-out loss
@@ -36,6 +37,8 @@ import traceback
 from pathlib import Path
 
 import torch
+
+from benchmarks._common import run_header
 
 
 def _rows(out_dir: Path) -> list[dict]:
@@ -111,7 +114,7 @@ def _plot(path: Path, res: dict) -> None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train_both", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
     p.add_argument("--seconds-per-run", type=float, default=200.0, help="training wall time budget of each run")
     p.add_argument("--max-steps", type=int, default=4000)
     p.add_argument("--steps", type=int, default=0, help="fixed step count (skips the smoke-based choice)")
@@ -125,11 +128,15 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--latent-shape", type=int, nargs=4, default=None, metavar=("C", "F", "H", "W"))
     p.add_argument("--eval-batch", type=int, default=16)
-    p.add_argument("--work", default="/tmp/train_both", help="scratch directory of the runs")
+    p.add_argument("--work", default="/tmp/benchmarks_training", help="scratch directory of the runs")
     p.add_argument("--results", default="benchmarks/results")
     p.add_argument("--logs", default=None, help="where the run logs go (default: --results)")
     p.add_argument("--tag", default=None, help="file tag (default: <date>_<gpu>)")
+    p.add_argument("--tiny", action="store_true", help="CPU smoke run: 3 steps per mode, batch 2, latent 4x8x16x16 "
+                   "(512 tokens, 8 tiles), eager")
     a = p.parse_args(argv)
+    if a.tiny:
+        a.device, a.steps, a.batch, a.eval_batch, a.compile, a.latent_shape = "cpu", 3, 2, 2, False, [4, 8, 16, 16]
 
     from tools.train_testbed import TrainConfig
 
@@ -157,7 +164,7 @@ def main(argv=None):
                 for mode in ("dense", "vsa"):
                     t0 = time.perf_counter()
                     s, rows, peak = _run(cfg(mode, n, batch, compile_, work / f"smoke_{mode}", ramp=n // 2, eval_batch=2),
-                                         logs / f"train_both_{tag}_smoke_{mode}.log")
+                                         logs / f"training_{tag}_smoke_{mode}.log")
                     per, startup = _steady(rows)
                     smoke[mode] = {"s_per_step": per, "startup_s": startup, "peak_gib": peak, "batch": batch,
                                    "compile": compile_, "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
@@ -194,7 +201,7 @@ def main(argv=None):
     for mode in ("dense", "vsa"):
         t0 = time.perf_counter()
         s, rows, peak = _run(cfg(mode, steps, batch, compile_, work / mode, ramp if mode == "vsa" else 0, cap),
-                             logs / f"train_both_{tag}_{mode}.log")
+                             logs / f"training_{tag}_{mode}.log")
         runs[mode] = {"summary": s, "peak_gib": peak, "wall_s": time.perf_counter() - t0,
                       "curve": [[int(r["step"]), r["loss"], r["density"], r["attn_work"], r["elapsed_s"]] for r in rows]}
         print(f"[both] {mode}: {s['steps_done']} steps in {s['wall_s']} s (peak {peak:.1f} GiB), last loss "
@@ -225,8 +232,7 @@ def main(argv=None):
     rel = {k: comp["vsa"][k] / comp["dense"][k] - 1.0 for k in ("train_loss_last10pct", "heldout_raw", "heldout_ema")}
     res = {
         "what": "test-bed Wan DiT trained from scratch twice: dense vs VSA (gated coarse branch, sparsity ramp)",
-        "command": "python -m benchmarks.train_both " + " ".join(sys.argv[1:] if argv is None else argv),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": gpu, "torch": torch.__version__,
+        **run_header("training", argv), "device": gpu,
         "steps": steps, "batch": batch, "compile": compile_, "seed": a.seed, "final_density": a.final_density,
         "ramp_steps": ramp, "common_steps": common, "tail_steps": tail, "smoke": smoke,
         "comparison": {**comp, "relative_vsa_vs_dense": rel,
@@ -234,10 +240,10 @@ def main(argv=None):
                        "target_at_most_2pct_above_dense": {k: v <= 0.02 for k, v in rel.items()}},
         "runs": runs,
     }
-    out_json = results / f"train_both_{tag}.json"
+    out_json = results / f"training_{tag}.json"
     out_json.write_text(json.dumps(res, indent=1, default=str))
-    _plot(results / f"train_both_{tag}.png", res)
-    print(f"[both] wrote {out_json} and {results / f'train_both_{tag}.png'}", flush=True)
+    _plot(results / f"training_{tag}.png", res)
+    print(f"[both] wrote {out_json} and {results / f'training_{tag}.png'}", flush=True)
     print(f"{'':>8} {'steps':>6} {'loss last10%':>13} {'held-out raw':>13} {'held-out EMA':>13} {'attn fwd':>9} "
           f"{'train TFLOP/step':>17} {'s/step':>7}")
     for mode in ("dense", "vsa"):
