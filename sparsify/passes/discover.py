@@ -152,22 +152,48 @@ def _split_inputs(example_inputs):
     return (example_inputs,), {}
 
 
-def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
-    """Attention sites of one captured graph, each with its FX match."""
+def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None,
+                   modules: dict | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+    """Attention sites of one captured graph, each with its FX match.
+
+    q may be `[B, H, S, D]`, or `[N, S, D]` with the heads folded into the batch (N = batch·heads, the
+    heads read from the site module's `heads`/`num_heads` attribute when it divides N, else N).
+    """
     out = []
     for m in find_attention(gm.graph):
         qv, kv = _val(m.q), _val(m.k)
-        if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or not isinstance(kv, torch.Tensor):
-            continue  # not [B, H, S, D]: not a site we can serve
+        if not isinstance(qv, torch.Tensor) or qv.dim() not in (3, 4) or not isinstance(kv, torch.Tensor):
+            continue  # neither [B, H, S, D] nor [B*H, S, D]: not a site we can serve
         path = module_path(m.node, id_to_name)
         if path is None:
             continue
-        B, H, S, D = qv.shape
+        if qv.dim() == 3:
+            N, S, D = qv.shape
+            H = folded_heads((modules or {}).get(path), int(N))
+        else:
+            B, H, S, D = qv.shape
         has_mask = m.attn_mask is not None
         out.append((SiteInfo(path=path, kind=classify(int(S), int(kv.shape[-2]), video_len), heads=int(H),
                              head_dim=int(D), q_len=int(S), kv_len=int(kv.shape[-2]), has_mask=has_mask,
                              impl=m.impl, source=source_location(m.node)), m))
     return out
+
+
+HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads", "nheads")
+
+
+def folded_heads(module, n: int) -> int:
+    """Heads of an attention call whose q is `[n, S, D]`: the module's head count when it divides n, else n.
+
+    Example:
+        >>> folded_heads(type("A", (), {"heads": 4})(), 8), folded_heads(None, 8)
+        (4, 8)
+    """
+    for attr in HEAD_ATTRS:
+        h = getattr(module, attr, None)
+        if isinstance(h, int) and h > 0 and n % h == 0:
+            return h
+    return n
 
 
 def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None) -> list[SiteInfo]:
@@ -189,10 +215,11 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         >>> from sparsify.passes import discover
         >>> # for s in discover(model, inputs): print(s.path, s.kind, s.heads)
     """
-    id_to_name = {str(id(m)): name for name, m in model.named_modules()}
+    named = dict(model.named_modules())
+    id_to_name = {str(id(m)): name for name, m in named.items()}
     seen: dict[str, SiteInfo] = {}
     for gm in capture_graphs(model, example_inputs):
-        for info, _ in sites_in_graph(gm, id_to_name, video_len):
+        for info, _ in sites_in_graph(gm, id_to_name, video_len, named):
             if info.path in seen:
                 continue
             seen[info.path] = info

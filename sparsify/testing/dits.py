@@ -1,4 +1,4 @@
-"""Tiny DiTs for the tests: diffusers families from small configs, and two hand-written DiTs."""
+"""Tiny DiTs for the tests: diffusers families from small configs, and hand-written DiTs in many attention spellings."""
 
 from __future__ import annotations
 
@@ -83,6 +83,137 @@ class NamedSDPAAttention(_QKV):
     def forward(self, x):
         q, k, v = self.split(x)
         return self.merge(scaled_dot_product_attention(q, k, v))
+
+
+class EinsumAttention(_QKV):
+    """softmax(q·kᵀ·scale)·v with `torch.einsum`, in the subscript style given (e.g. `bhid,bhjd->bhij`)."""
+
+    def __init__(self, dim, heads, qk="bhid,bhjd->bhij", pv="bhij,bhjd->bhid"):
+        super().__init__(dim, heads)
+        self.qk, self.pv = qk, pv
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = torch.einsum(self.qk, q, k) * self.head_dim ** -0.5
+        return self.merge(torch.einsum(self.pv, scores.softmax(dim=-1), v))
+
+
+def einsum_attention(qk, pv):
+    """An `EinsumAttention` class for one subscript style."""
+    return lambda dim, heads: EinsumAttention(dim, heads, qk, pv)
+
+
+class BaddbmmAttention(_QKV):
+    """diffusers' classic `AttnProcessor`: heads folded into the batch, `baddbmm` scores with an unused
+    `torch.empty` input (beta=0), a float32 softmax, `bmm` with v."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        B, H, S, D = q.shape
+        q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=D ** -0.5)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        return self.merge(torch.bmm(probs, v).reshape(B, H, S, D))
+
+
+class ScaledQueryAttention(_QKV):
+    """`(q * scale) @ k.mT`, softmax, `@ v`."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        q = q * self.head_dim ** -0.5
+        return self.merge((q @ k.mT).softmax(-1) @ v)
+
+
+class PerSampleAttention(_QKV):
+    """Attention run once per batch element (`[H, S, D]` slices through SDPA), then stacked."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        return self.merge(torch.stack([F.scaled_dot_product_attention(q[i], k[i], v[i]) for i in range(q.shape[0])]))
+
+
+class MaskedJointAttention(_QKV):
+    """Joint attention over [text, video] with a dense `(S, S)` mask from `mask_fn(n_text, n_video)`."""
+
+    def __init__(self, dim, heads, mask_fn):
+        super().__init__(dim, heads)
+        self.mask_fn = mask_fn
+
+    def forward(self, x, n_text):
+        q, k, v = self.split(x)
+        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class JointDiT(nn.Module):
+    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask."""
+
+    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6):
+        super().__init__()
+        self.n_text = n_text
+        self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
+        self.attns = nn.ModuleList(MaskedJointAttention(dim, heads, mask_fn) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch)
+
+    def forward(self, x, ctx):
+        B, C, T, H, W = x.shape
+        h = torch.cat([self.ctx(ctx[:, : self.n_text]), self.embed(x.flatten(2).transpose(1, 2))], 1)
+        for attn in self.attns:
+            h = h + attn(h, self.n_text)
+        return self.head(h[:, self.n_text:]).transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def padding_mask(valid_text):
+    """Bool `(S, S)` key-padding mask in disguise: every query sees the video and the first `valid_text` texts."""
+    def fn(n_text, n_video):
+        keys = torch.ones(n_text + n_video, dtype=torch.bool)
+        keys[valid_text:n_text] = False
+        return keys.expand(n_text + n_video, -1)
+    return fn
+
+
+def block_mask(valid_text):
+    """Additive `(S, S)` block mask: video sees video and the valid text; text sees only the valid text."""
+    def fn(n_text, n_video):
+        S = n_text + n_video
+        m = torch.zeros(S, S)
+        m[:, valid_text:n_text] = float("-inf")
+        m[:n_text, n_text:] = float("-inf")
+        return m
+    return fn
+
+
+def random_mask(seed=0):
+    """Bool `(S, S)` mask with no structure (each query keeps its own random half of the keys)."""
+    def fn(n_text, n_video):
+        S = n_text + n_video
+        m = torch.rand(S, S, generator=torch.Generator().manual_seed(seed)) > 0.5
+        m[:, 0] = True
+        return m
+    return fn
+
+
+SPELLINGS = {
+    "einsum_bhid": einsum_attention("bhid,bhjd->bhij", "bhij,bhjd->bhid"),
+    "einsum_bhqk": einsum_attention("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"),
+    "einsum_ellipsis": einsum_attention("...id,...jd->...ij", "...ij,...jd->...id"),
+    "baddbmm_folded": BaddbmmAttention,
+    "scaled_query_mT": ScaledQueryAttention,
+    "per_sample_loop": PerSampleAttention,
+}
+
+
+def spelling_dit(name):
+    """A `TinyDiT` whose self-attention is written in spelling `name` of `SPELLINGS`."""
+    torch.manual_seed(0)
+    return TinyDiT(SPELLINGS[name]).eval()
+
+
+def joint_dit(mask_fn):
+    torch.manual_seed(0)
+    return JointDiT(mask_fn).eval()
 
 
 class CrossAttention(_QKV):
