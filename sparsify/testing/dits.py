@@ -154,12 +154,14 @@ class JointDiT(nn.Module):
         super().__init__()
         self.n_text = n_text
         self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
+        self.text = nn.Parameter(torch.randn(n_text, dim))
         self.attns = nn.ModuleList(MaskedJointAttention(dim, heads, mask_fn) for _ in range(layers))
         self.head = nn.Linear(dim, in_ch)
 
     def forward(self, x, ctx):
         B, C, T, H, W = x.shape
-        h = torch.cat([self.ctx(ctx[:, : self.n_text]), self.embed(x.flatten(2).transpose(1, 2))], 1)
+        text = self.text + self.ctx(ctx).mean(1, keepdim=True)
+        h = torch.cat([text, self.embed(x.flatten(2).transpose(1, 2))], 1)
         for attn in self.attns:
             h = h + attn(h, self.n_text)
         return self.head(h[:, self.n_text:]).transpose(1, 2).reshape(B, C, T, H, W)
@@ -185,12 +187,13 @@ def block_mask(valid_text):
     return fn
 
 
-def random_mask(seed=0):
-    """Bool `(S, S)` mask with no structure (each query keeps its own random half of the keys)."""
+def random_mask(size, seed=0):
+    """Bool `(size, size)` mask with no structure (each query keeps its own random half of the keys)."""
+    m = torch.rand(size, size, generator=torch.Generator().manual_seed(seed)) > 0.5
+    m[:, 0] = True
+
     def fn(n_text, n_video):
-        S = n_text + n_video
-        m = torch.rand(S, S, generator=torch.Generator().manual_seed(seed)) > 0.5
-        m[:, 0] = True
+        assert n_text + n_video == size, (n_text, n_video, size)
         return m
     return fn
 
