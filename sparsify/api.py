@@ -26,6 +26,10 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
     """
     if adapter is None:
         adapter = GridAdapter(grid, video_start) if grid is not None else adapter_for(model)
+    if adapter is None and example_inputs is not None:  # no family adapter: infer the geometry from shapes
+        from .adapters.infer import find_sites_inferred
+
+        return find_sites_inferred(model, example_inputs)
     if example_inputs is None:
         if adapter is None or isinstance(adapter, GridAdapter):
             raise ValueError(

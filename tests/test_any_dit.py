@@ -107,3 +107,52 @@ def test_block_mask_equals_masked_reference_rows():
     per_batch[1, :, :, 5] = False  # key padding that differs per batch element
     p = plan_mask(per_batch, B, H, S, (n_text, S - n_text))
     assert p.dense_rows is None and p.key_mask[0].all() and not p.key_mask[1, 5]
+
+
+@pytest.mark.parametrize("family", ["wan", "hunyuan", "cogvideox"])
+def test_inferred_geometry_equals_the_family_adapter(family, monkeypatch):
+    """The generic adapter, inferred from shapes alone, gives the family adapter's geometry and, at density
+    0.25, the very same output."""
+    from sparsify.adapters import adapter_for
+    from sparsify.adapters.infer import InferredAdapter, find_sites_inferred
+
+    m = {"wan": dits.tiny_wan, "hunyuan": dits.tiny_hunyuan, "cogvideox": dits.tiny_cogvideox}[family]()
+    family_adapter = adapter_for(m)
+    kw = family_adapter.example_inputs(m) if family == "cogvideox" else family_adapter.example_inputs(m, grid=(4, 4, 8))
+    sites, inferred = find_sites_inferred(m, kw)
+    assert isinstance(inferred, InferredAdapter)
+    want, got = family_adapter.geometry(m, (), kw), inferred.geometry(m, (), kw)
+    assert got.grid == want.grid
+    seq = max(s.q_len for s in sites)
+    assert (got.video_start if got.video_start >= 0 else seq - got.video_len) == want.video_start
+    assert [(s.path, s.kind) for s in sites] == [(s.path, s.kind) for s in find_sites(m, kw)[0]]
+    tile = (1, 8, 8) if family == "cogvideox" else (2, 4, 8)
+    outs = []
+    for adapter in (family_adapter, inferred):
+        sparsify(m, recipe(0.5, tile=tile), example_inputs=kw, adapter=adapter)
+        with torch.no_grad():
+            outs.append(m(**kw)[0])
+        unsparsify(m)
+    torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+
+
+def test_model_without_adapter_needs_no_grid():
+    m = dits.conv_dit()
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 4, 16, 16, generator=g), torch.randn(2, 5, 8, generator=g)
+    inputs = {"hidden_states": x, "encoder_hidden_states": ctx}
+    ref = m(**inputs)
+    sites, adapter = find_sites(m, inputs)
+    assert adapter.name == "inferred" and adapter.patch == (1, 2, 2) and adapter.embed == "patch_embed"
+    assert adapter.geometry(m, (), inputs).grid == (4, 8, 8) and adapter.video_start == -1  # text first
+    assert {s.path: s.kind for s in sites} == {"blocks.0.attn": "joint", "blocks.1.attn": "joint"}
+    sparsify(m, recipe(1.0), example_inputs=inputs)
+    with torch.no_grad():
+        torch.testing.assert_close(m(**inputs), ref, atol=1e-5, rtol=0)
+        longer = {"hidden_states": x, "encoder_hidden_states": torch.randn(2, 9, 8, generator=g)}  # other text length
+        dense = unsparsify(m)(**longer)
+        sparsify(m, recipe(0.25), example_inputs=inputs)
+        out = m(**longer)
+    assert torch.isfinite(out).all() and (out - dense).abs().max() > 1e-3
+    assert all(s.density < 0.5 for s in installed_sites(m))
+    unsparsify(m)

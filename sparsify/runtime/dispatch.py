@@ -177,6 +177,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         raise RuntimeError(
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
             "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
+    if geom.video_start < 0:  # the video is the last video_len tokens (text first, of any length)
+        geom = Geometry(geom.grid, S - geom.video_len)
     geom.check(S, st.path)
     key_mask, plan = None, None
     if attn_mask is not None:

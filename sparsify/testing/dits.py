@@ -198,6 +198,31 @@ def random_mask(size, seed=0):
     return fn
 
 
+class ConvDiT(nn.Module):
+    """A hand-written DiT with a Conv3d patch embedding (patch `(1, 2, 2)`) and joint [text, video] SDPA
+    attention, known to no adapter: its geometry must be inferred."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4, patch=(1, 2, 2)):
+        super().__init__()
+        self.patch_embed = nn.Conv3d(in_ch, dim, patch, stride=patch)
+        self.ctx = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch * math.prod(patch))
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        tokens = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        n_text = encoder_hidden_states.shape[1]
+        h = torch.cat([self.ctx(encoder_hidden_states), tokens], 1)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h[:, n_text:])
+
+
+def conv_dit():
+    torch.manual_seed(0)
+    return ConvDiT().eval()
+
+
 SPELLINGS = {
     "einsum_bhid": einsum_attention("bhid,bhjd->bhij", "bhij,bhjd->bhid"),
     "einsum_bhqk": einsum_attention("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"),
