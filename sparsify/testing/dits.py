@@ -359,3 +359,106 @@ def density_selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
     if p_empty:
         cnt = torch.where(torch.rand(B, H, n_qb, device=device) < p_empty, torch.zeros_like(cnt), cnt)
     return idx, cnt
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers video transformers from tiny configs (for the coverage test and `inspect --all-diffusers`)
+
+COVERAGE_GRID = (4, 8, 8)  # latent tokens after patching: four 1x8x8 tiles per frame stack
+
+
+def _video_latent(channels, patch=(1, 2, 2), grid=COVERAGE_GRID, frames_first=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    F_, H_, W_ = (n * p for n, p in zip(grid, patch))
+    shape = (1, F_, channels, H_, W_) if frames_first else (1, channels, F_, H_, W_)
+    return torch.randn(*shape, generator=g)
+
+
+def _text(n, dim, seed=1):
+    return torch.randn(1, n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _t():
+    return torch.tensor([500])
+
+
+def _tiny_skyreels():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    m = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                     rope_max_seq_len=32)
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "control_hidden_states": _video_latent(8, seed=3), "return_dict": False}
+
+
+def _tiny_wan_family():
+    m = tiny_wan()
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_hunyuan_family():
+    m = tiny_hunyuan()
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "encoder_attention_mask": mask, "pooled_projections": torch.randn(1, 8), "return_dict": False}
+
+
+def _tiny_cogvideox_family():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                    time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+                                    sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
+                                    max_text_seq_length=8)
+    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
+               "timestep": _t(), "return_dict": False}
+
+
+#: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
+DIFFUSERS_VIDEO = {
+    "WanTransformer3DModel": _tiny_wan_family,
+    "WanVACETransformer3DModel": _tiny_wan_vace,
+    "SkyReelsV2Transformer3DModel": _tiny_skyreels,
+    "HunyuanVideoTransformer3DModel": _tiny_hunyuan_family,
+    "CogVideoXTransformer3DModel": _tiny_cogvideox_family,
+}
+
+_NO_TINY = "no tiny config in sparsify.testing.dits yet"
+
+#: diffusers video transformers this coverage does not serve, each with the reason (asserted by the test).
+DIFFUSERS_VIDEO_UNSUPPORTED = {
+    "MochiTransformer3DModel": "attention runs per batch element over the valid text tokens (torch.nonzero): Dynamo "
+                               "breaks the graph there and the resumed frames carry no module path, so no video "
+                               "site is discovered",
+    "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
+    **{name: _NO_TINY for name in (
+        "AllegroTransformer3DModel", "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel",
+        "ChronoEditTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
+        "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky5Transformer3DModel",
+        "Kandinsky6SRTransformer3DModel", "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel",
+        "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel",
+        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
+        "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel")},
+}
+
+
+def diffusers_video_classes() -> list[str]:
+    """Names of the installed diffusers' top-level `*Transformer3DModel` classes (video latents `[B, C, F, H, W]`)."""
+    import diffusers
+
+    return sorted(n for n in dir(diffusers) if n.endswith("Transformer3DModel"))
