@@ -193,7 +193,7 @@ def infer_adapter(model, example_inputs) -> InferredAdapter | None:
     return InferredAdapter(where=where, dims=dims, patch=patch, embed=path)
 
 
-def find_sites_inferred(model, example_inputs):
+def find_sites_inferred(model, example_inputs, unplaced: list | None = None):
     """`sparsify.find_sites` for a model without a family adapter: infer the adapter, discover the sites,
     and set the adapter's `video_start` from the spans found at the sparse sites (the most common one).
 
@@ -210,10 +210,10 @@ def find_sites_inferred(model, example_inputs):
 
     adapter = infer_adapter(model, example_inputs)
     if adapter is None:
-        return discover(model, example_inputs), None
+        return discover(model, example_inputs, unplaced=unplaced), None
     args, kwargs = _split_inputs(example_inputs)
     video_len = math.prod(adapter.geometry(model, args, kwargs).grid)
-    sites, spans = discover_with_spans(model, example_inputs, video_len=video_len)
+    sites, spans = discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)
     found = Counter(v for v in spans.values() if v is not None)
     adapter.spans = spans
     adapter.video_start = found.most_common(1)[0][0] if found else 0

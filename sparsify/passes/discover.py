@@ -153,11 +153,13 @@ def _split_inputs(example_inputs):
 
 
 def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None,
-                   modules: dict | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+                   unplaced: list | None = None, modules: dict | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
     """Attention sites of one captured graph, each with its FX match.
 
     q may be `[B, H, S, D]`, or `[N, S, D]` with the heads folded into the batch (N = batch·heads, the
     heads read from the site module's `heads`/`num_heads` attribute when it divides N, else N).
+    Calls made outside every submodule (in the model's own forward) have no site path; their
+    `file:line` is appended to `unplaced` when given.
     """
     out = []
     for m in find_attention(gm.graph):
@@ -166,6 +168,8 @@ def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: in
             continue  # neither [B, H, S, D] nor [B*H, S, D]: not a site we can serve
         path = module_path(m.node, id_to_name)
         if path is None:
+            if unplaced is not None:
+                unplaced.append(source_location(m.node) or "(unknown location)")
             continue
         if qv.dim() == 3:
             N, S, D = qv.shape
@@ -196,7 +200,8 @@ def folded_heads(module, n: int) -> int:
     return n
 
 
-def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None) -> list[SiteInfo]:
+def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
+             unplaced: list | None = None) -> list[SiteInfo]:
     """List every attention site of `model`, found on its Dynamo graph(s) at `example_inputs`.
 
     Finds `F.scaled_dot_product_attention` however it is called (positionally, by keyword, through
@@ -207,6 +212,8 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         model: the DiT.
         example_inputs: a kwargs dict, an args tuple, or a single tensor for `model(...)`.
         video_len: video tokens per sample at these inputs, to tell `joint` from `self` sites.
+        unplaced: if given, receives the `file:line` of every attention call made outside any submodule
+            (such calls cannot be sites: sparsify installs per submodule).
 
     Returns:
         One SiteInfo per module path, in call order.
@@ -215,7 +222,7 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         >>> from sparsify.passes import discover
         >>> # for s in discover(model, inputs): print(s.path, s.kind, s.heads)
     """
-    return discover_with_spans(model, example_inputs, video_len=video_len)[0]
+    return discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)[0]
 
 
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
@@ -253,7 +260,8 @@ def video_span(q: fx.Node, q_len: int, video_len: int, max_nodes: int = 2000) ->
     return None
 
 
-def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: int | None = None):
+def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
+                        unplaced: list | None = None):
     """`discover`, and for each site the video offset found by `video_span` (None: none found).
 
     Returns:
@@ -267,7 +275,7 @@ def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: in
     seen: dict[str, SiteInfo] = {}
     spans: dict[str, int | None] = {}
     for gm in capture_graphs(model, example_inputs):
-        for info, m in sites_in_graph(gm, id_to_name, video_len, named):
+        for info, m in sites_in_graph(gm, id_to_name, video_len, unplaced, named):
             if info.path in seen:
                 continue
             seen[info.path] = info

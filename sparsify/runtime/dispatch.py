@@ -180,6 +180,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     if geom.video_start < 0:  # the video is the last video_len tokens (text first, of any length)
         geom = Geometry(geom.grid, S - geom.video_len)
     geom.check(S, st.path)
+    if st.check is not None:
+        st.check(st, geom, S)
     key_mask, plan = None, None
     if attn_mask is not None:
         key_mask = key_padding_mask(attn_mask, B, S)
