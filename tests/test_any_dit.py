@@ -156,3 +156,36 @@ def test_model_without_adapter_needs_no_grid():
     assert torch.isfinite(out).all() and (out - dense).abs().max() > 1e-3
     assert all(s.density < 0.5 for s in installed_sites(m))
     unsparsify(m)
+
+
+def test_uninferable_geometry_asks_for_grid():
+    """A model fed tokens (no 5-D video latent) has no inferable grid: sparsify() names grid=."""
+    from sparsify.errors import SparsifyArgumentError
+
+    m = dits.named_sdpa_dit()
+    tokens = torch.randn(1, 64, 32)
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = m.blocks
+
+        def forward(self, h):
+            for blk in self.blocks:
+                h = blk(h)
+            return h
+
+    net = Tokens().eval()
+    with pytest.raises(SparsifyArgumentError, match="no adapter knows Tokens and its token grid could not be inferred"):
+        sparsify(net, recipe(0.5), example_inputs=(tokens,))
+    assert not hasattr(net, "_sparsify")
+
+
+def test_linear_patch_embedding_on_flattened_latent_is_inferred():
+    """TinyDiT embeds the flattened latent with a Linear: its grid (patch 1x1x1) is inferred, no grid= needed."""
+    m = dits.named_sdpa_dit()
+    inputs = dits.dit_inputs(GRID)
+    sites, adapter = find_sites(m, inputs)
+    assert adapter.name == "inferred" and adapter.patch == (1, 1, 1) and adapter.where == 0
+    assert adapter.geometry(m, inputs, {}).grid == GRID
+    assert {s.path: s.kind for s in sites} == {"blocks.0.attn": "self", "blocks.1.attn": "self", "cross": "cross"}
