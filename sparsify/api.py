@@ -110,6 +110,11 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
     _check_model(model)
     adapter = _resolve_adapter(model, grid, video_start, adapter)
     given = example_inputs is not None
+    if adapter is None and given:  # no family adapter: infer the geometry from shapes
+        from .adapters.infer import find_sites_inferred
+
+        _check_example_inputs(example_inputs)
+        return find_sites_inferred(model, example_inputs, unplaced=unplaced)
     if example_inputs is None:
         if adapter is None or isinstance(adapter, GridAdapter):
             hint = "" if adapter is not None else " and grid=(T, H, W) (no adapter knows this model)"
@@ -227,13 +232,14 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
     adapter = _resolve_adapter(model, grid, video_start, adapter)
-    if adapter is None and example_inputs is not None:
-        raise SparsifyArgumentError(
-            "grid", None, f"no adapter knows {type(model).__name__}, so the token grid of its calls is unknown; pass "
-            "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     recipe = load_recipe(recipe)
     unplaced: list = []
-    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)
+    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
+    if adapter is None and example_inputs is not None:
+        raise SparsifyArgumentError(
+            "grid", None, f"no adapter knows {type(model).__name__} and its token grid could not be inferred from "
+            "the shapes (a 5-D video latent entering a Conv3d, per-frame Conv2d or Linear patch embedding); pass "
+            "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     outside = (f"{len(unplaced)} attention call(s) outside any submodule ({', '.join(sorted(set(unplaced))[:3])}), "
                "which sparsify cannot install on: it routes attention per submodule, so move such a call into an "
                "nn.Module of its own") if unplaced else ""
