@@ -48,8 +48,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     blocks with different configurations.
 
     Args:
-        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`).
-        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`.
+        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`), or a
+            diffusers pipeline (see `sparsify.pipeline.sparsify_pipeline`).
+        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`; for a
+            pipeline also a PipelineRecipe (one section per transformer).
         example_inputs: arguments of one forward call (dict of kwargs or tuple) used to discover
             sites; known families make small ones themselves.
         grid: for models without an adapter: the `(T, H, W)` token grid, or a callable
@@ -74,6 +76,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         >>> # model = sparsify(my_dit, {"version": 1, "defaults": {"budget": {"density": 0.1}}},
         >>> #                  example_inputs=(x,), grid=(16, 30, 52))
     """
+    from .pipeline import is_pipeline, sparsify_pipeline
+
+    if is_pipeline(model):  # a diffusers pipeline: every transformer, each with its recipe section
+        return sparsify_pipeline(model, recipe, mode=mode)
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
     recipe = load_recipe(recipe)
@@ -107,6 +113,10 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     Example:
         >>> # model = unsparsify(model)
     """
+    from .pipeline import is_pipeline, unsparsify_pipeline
+
+    if is_pipeline(model):
+        return unsparsify_pipeline(model)
     inst = getattr(model, "_sparsify", None)
     if inst is None:
         raise RuntimeError("sparsify: this model is not sparsified")
