@@ -80,6 +80,7 @@ def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequ
             getattr(pipe, "text_encoder", None) is None:
         return [{"prompt": p, "negative_prompt": negative_prompt} for p in prompts]
     kw = {"max_sequence_length": max_sequence_length} if max_sequence_length and "max_sequence_length" in params else {}
+    _ftfy_fallback(pipe)
     out = []
     with torch.no_grad():
         for p in prompts:
@@ -89,6 +90,17 @@ def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequ
                 return [{"prompt": q, "negative_prompt": negative_prompt} for q in prompts]
             out.append({"prompt_embeds": res[0], "negative_prompt_embeds": res[1]})
     return out
+
+
+def _ftfy_fallback(pipe) -> None:
+    """Without the optional `ftfy`, WanPipeline skips its text fix-up but diffusers 0.42's WanImageToVideoPipeline
+    calls `ftfy.fix_text` regardless (NameError); give that module the same no-op fix-up WanPipeline uses then."""
+    import importlib.util
+    import types
+
+    module = sys.modules.get(type(pipe).__module__)
+    if module is not None and "ftfy" not in vars(module) and importlib.util.find_spec("ftfy") is None:
+        module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
 
 
 def free_text_encoders(pipe) -> list[str]:
@@ -202,11 +214,14 @@ def _call_defaults(pipe) -> dict:
 def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=None, width=None, num_frames=None,
                               num_inference_steps: int = 50, guidance_scale: float = 5.0, steps: int = DEFAULT_STEPS,
                               dense_steps: int = 0, seed: int = 0, image=None, max_sequence_length=None,
-                              free_text_encoder: bool = False, pipeline_kwargs: dict | None = None) -> PipelinePlan:
+                              free_text_encoder: bool = False, pipeline_kwargs: dict | None = None,
+                              device=None) -> PipelinePlan:
     """Encode the prompts, find which steps each transformer runs and sample them, and probe the token grid.
 
     The probe starts one generation and stops it at the first transformer call (no denoising step runs).
-    Steps below `dense_steps` (dense at run time) are not sampled.
+    Steps below `dense_steps` (dense at run time) are not sampled. With a `device`, the text encoder goes
+    there first and alone, and the rest of the pipeline follows once the prompts are encoded (and the
+    text encoder dropped, with `free_text_encoder`): the two never share the device's memory.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -215,10 +230,16 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
     if not found:
         raise ValueError(f"sparsify.calibrate: {type(pipe).__name__} has no transformer that sparsify knows (components: "
                          f"{', '.join(k for k, v in pipe.components.items() if v is not None)})")
+    if device is not None:
+        for n, comp in pipe.components.items():
+            if n.startswith("text_encoder") and isinstance(comp, torch.nn.Module):
+                comp.to(device)
     calls = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length=max_sequence_length,
-                           guidance=guidance_scale > 1.0)
+                           guidance=guidance_scale > 1.0, device=device)
     if free_text_encoder and "prompt_embeds" in calls[0]:
         free_text_encoders(pipe)
+    if device is not None:
+        pipe.to(device)
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "output_type": "latent",
               **{k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None},
               **({"image": image} if image is not None else {}), **(pipeline_kwargs or {})}
@@ -360,7 +381,7 @@ def _calibrate_one(plan: PipelinePlan, name: str, model, config: CalibrationConf
 def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=None, height=None, width=None,
                        num_frames=None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                        steps: int = DEFAULT_STEPS, seed: int = 0, image=None, max_sequence_length=None,
-                       free_text_encoder: bool = False, pipeline_kwargs: dict | None = None,
+                       free_text_encoder: bool = False, pipeline_kwargs: dict | None = None, device=None,
                        config: CalibrationConfig | None = None, **overrides) -> Recipe | PipelineRecipe:
     """Calibrate every transformer of a diffusers pipeline on its own sampling trajectory; return the recipe.
 
@@ -381,6 +402,7 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
         max_sequence_length: text length for `encode_prompt` (None: its default).
         free_text_encoder: drop the text encoder(s) from `pipe` once the prompts are encoded (saves memory).
         pipeline_kwargs: further `__call__` arguments.
+        device: where to run the pipeline (None: where it is); the text encoder runs there before the rest.
         config: a `CalibrationConfig`; `**overrides` are its fields (e.g. `tiles=[(1, 8, 8)]`).
 
     Returns:
@@ -399,5 +421,6 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
                                      num_frames=num_frames, num_inference_steps=num_inference_steps,
                                      guidance_scale=guidance_scale, steps=steps, dense_steps=cfg.dense_steps, seed=seed,
                                      image=image, max_sequence_length=max_sequence_length,
-                                     free_text_encoder=free_text_encoder, pipeline_kwargs=pipeline_kwargs)
+                                     free_text_encoder=free_text_encoder, pipeline_kwargs=pipeline_kwargs,
+                                     device=device)
     return run_pipeline_calibration(plan, cfg).recipe
