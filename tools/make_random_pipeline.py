@@ -100,11 +100,13 @@ def build_pipeline(config: str = "tiny-t2v", *, dtype=torch.float32, words: str 
     transformers = []
     for i, cfg in enumerate(transformer_cfgs):
         torch.manual_seed(seed + i)
-        transformers.append(WanTransformer3DModel(**cfg).to(dtype).eval())
+        model = WanTransformer3DModel(**cfg).eval()
+        transformers.append(model if dtype == torch.float32 else model.to(dtype))
     torch.manual_seed(seed)
     vae = tiny_vae(seed) if tiny else AutoencoderKLWan().eval()
     tok = word_tokenizer(words)
-    text_encoder = small_text_encoder(transformer_cfgs[0]["text_dim"], len(tok), seed).to(dtype)
+    text_encoder = small_text_encoder(transformer_cfgs[0]["text_dim"], len(tok), seed)
+    text_encoder = text_encoder if dtype == torch.float32 else text_encoder.to(dtype)
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
                                         num_train_timesteps=1000)
     kw = dict(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformers[0])
