@@ -21,25 +21,24 @@ encoder is excluded (random prompt embeddings are passed in) and so is the VAE (
 
 Forwards run under `torch.no_grad()`, as diffusers pipelines do. On CUDA, sparsify gives every Wan
 self-attention site a processor that fuses the q/k RMSNorm and RoPE into one Triton pass (eager only;
-`SPARSIFY_FUSED_ROPE=0` turns it off); the row "dense, fused q/k" times that processor with dense cuDNN
+`SPARSIFY_KERNELS=-rope` turns it off); the row "dense, fused q/k" times that processor with dense cuDNN
 attention, so the share of the speedup that comes from it, and not from sparsity, is measured in the same run.
 
 Prints one table and writes benchmarks/results/e2e_<date>.json (GPU, versions, command, date).
+`--tiny` runs every code path at toy sizes on the CPU (fp32; wall times, not measurements).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import statistics
 import sys
 import time
 
 import torch
 
-from benchmarks import write_result
-from benchmarks.wan_shapes import WAN_1_3B, WAN_14B, _build
+from benchmarks._common import WAN_1_3B, WAN_14B, build_wan, run_header, write_result
 
 TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=64, text_dim=32, freq_dim=32, ffn_dim=64,
             num_layers=2, in_channels=4, out_channels=4, rope_max_seq_len=64)
@@ -110,7 +109,7 @@ def per_forward(cfg, grid, n_blocks, densities, tile, device, dtype, reps, compi
     from sparsify import installed_sites, sparsify, unsparsify
     from sparsify.adapters.wan import fuse_processor
 
-    model = _build(cfg, num_layers=n_blocks, device=device).to(dtype)  # bf16 already on the GPU; fp32 for --tiny
+    model = build_wan(cfg, num_layers=n_blocks, device=device).to(dtype)  # bf16 already on the GPU; fp32 for --tiny
     T, H, W = grid
     p = cfg["patch_size"]
     H_heads, D = cfg["num_attention_heads"], cfg["attention_head_dim"]
@@ -209,7 +208,7 @@ def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False)
 
     from sparsify import installed_sites, sparsify, unsparsify
 
-    model = _build(cfg, device=device).to(dtype)
+    model = build_wan(cfg, device=device).to(dtype)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
     pipe.set_progress_bar_config(disable=True)
@@ -249,7 +248,7 @@ def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e", description=__doc__.split("\n")[0])
     ap.add_argument("--frames", default="81,161", help="video frames of the 14B per-forward rows (81 and/or 161)")
     ap.add_argument("--blocks", type=int, default=2, help="transformer blocks of the 14B model (of 40)")
     ap.add_argument("--densities", default="0.1,0.05")
@@ -265,14 +264,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    result = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  command="python -m benchmarks.e2e " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  torch=torch.__version__, device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu")
+    result = run_header("e2e", argv)
     try:
         import diffusers
-        import triton
 
-        result.update(diffusers=diffusers.__version__, triton=triton.__version__)
+        result["diffusers"] = diffusers.__version__
     except ImportError:
         pass
     forward = []

@@ -3,7 +3,8 @@
 __version__ = "0.1.0"
 
 from .api import find_sites, installed_sites, sparsify, unsparsify
-from .recipe import Recipe, RecipeError, load_recipe
+from .errors import RecipeError, SparsifyArgumentError, SparsifyWarning
+from .recipe import Recipe, load_recipe
 from .training import SparsityRamp, add_vsa_gates, set_density
 
 
@@ -15,4 +16,5 @@ def calibrate(model, forward_loop, config=None, **kwargs) -> Recipe:
 
 
 __all__ = ["sparsify", "unsparsify", "calibrate", "find_sites", "installed_sites", "Recipe", "RecipeError",
+           "SparsifyArgumentError", "SparsifyWarning",
            "load_recipe", "add_vsa_gates", "set_density", "SparsityRamp"]

@@ -1,19 +1,26 @@
-"""The end-to-end benchmark's code paths at toy sizes on the CPU (its GPU numbers are in RESULTS.md)."""
+"""`python -m benchmarks.e2e --tiny`: the end-to-end benchmark's code paths at toy sizes on the CPU."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_e2e_tiny_runs_every_path(tmp_path):
-    from benchmarks.e2e import main
-
     out = tmp_path / "e2e.json"
-    assert main(["--tiny", "--frames", "81", "--densities", "0.5", "--pipeline-steps", "2", "--reps", "1",
-                 "--out", str(out)]) == 0
+    p = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.e2e", "--tiny", "--frames", "81",
+                        "--densities", "0.5", "--pipeline-steps", "2", "--reps", "1", "--out", str(out)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads(out.read_text())
+    assert res["command"].startswith("python -m benchmarks.e2e --tiny") and res["diffusers"]
     (fwd,) = res["per_forward"]
     labels = [r["label"] for r in fwd["rows"]]
     assert labels == ["dense (cuDNN)", "vsa 0.5"]

@@ -9,11 +9,21 @@ pytest.importorskip("triton")
 pytest.importorskip("diffusers")
 
 from sparsify.testing import dits  # noqa: E402
-from benchmarks.rope_bench import stock  # noqa: E402  (diffusers' unfused q/k code)
 from sparsify import sparsify, unsparsify  # noqa: E402
 from sparsify.adapters import adapter_for, wan  # noqa: E402
 from sparsify.kernels._triton import interpreter  # noqa: E402
 from sparsify.kernels.rope import rmsnorm_rope, rmsnorm_rope_reference  # noqa: E402
+
+
+def stock(x, w, eps, cos, sin, heads):
+    """diffusers Wan's unfused q/k code (nn.RMSNorm over all heads, then apply_rotary_emb)."""
+    y = torch.nn.functional.rms_norm(x, (x.shape[-1],), w, eps).unflatten(2, (heads, -1))
+    x1, x2 = y.unflatten(-1, (-1, 2)).unbind(-1)
+    out = torch.empty_like(y)
+    out[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+    out[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+    return out.type_as(y).flatten(2)
+
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # about one ulp of the dtype
 

@@ -28,10 +28,16 @@ def test_kernel_matches_reference(dtype, B, S, heads, D):
 def test_fused_processor_matches_stock_block():
     """A Wan-1.3B-width block (12 heads of 128) at 2 x 12 x 20 tokens: the fused processor gives the stock
     processor's output up to bf16 rounding."""
-    from benchmarks.wan_shapes import WAN_1_3B, _build
+    from diffusers import WanTransformer3DModel
+
     from sparsify.adapters.wan import fuse_processor
 
-    model = _build(WAN_1_3B, num_layers=1, device="cuda").to(torch.bfloat16)
+    torch.manual_seed(0)
+    with torch.device("cuda"):  # Wan2.1-1.3B's config, one block, random weights
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+            text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=1, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024).eval().to(torch.bfloat16)
     x = torch.randn(1, 16, 3, 24, 40, device="cuda", dtype=torch.bfloat16)
     text = torch.randn(1, 512, 4096, device="cuda", dtype=torch.bfloat16)
     kw = dict(hidden_states=x, timestep=torch.tensor([500.0], device="cuda"), encoder_hidden_states=text,
