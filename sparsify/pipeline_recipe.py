@@ -7,7 +7,7 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_VERSION, Recipe, RecipeError, _resolve_path, recipe_from_dict
+from .recipe import RECIPE_VERSION, Recipe, RecipeError, _resolve_path, read_recipe_file, recipe_from_dict
 
 _TOP_KEYS = {"version", "transformers", "calibration"}
 
@@ -99,11 +99,7 @@ def load_pipeline_recipe(recipe) -> Recipe | PipelineRecipe:
         data, source = recipe, "<dict>"
     else:
         path = _resolve_path(recipe)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise RecipeError(f"not valid YAML: {e}", source=str(path)) from None
-        source = str(path)
+        data, source = read_recipe_file(path), str(path)
     if is_pipeline_recipe_data(data):
         return pipeline_recipe_from_dict(data, source)
     return recipe_from_dict(data, source=source)
