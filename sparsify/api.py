@@ -192,9 +192,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     blocks with different configurations.
 
     Args:
-        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); a
-            pipeline's `pipe.transformer`, not the pipeline; the module, not a `torch.compile` wrapper.
-        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`.
+        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); the module,
+            not a `torch.compile` wrapper; or a diffusers pipeline (see `sparsify.pipeline.sparsify_pipeline`).
+        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`; for a
+            pipeline also a PipelineRecipe (one section per transformer).
         example_inputs: arguments of one forward call (a tensor, a tuple of positional arguments or a dict
             of keyword arguments) used to discover sites; known families make small ones themselves.
         grid: for models without an adapter: the `(T, H, W)` token grid (three positive integers), or a
@@ -226,6 +227,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         >>> # model = sparsify(my_dit, {"version": 1, "defaults": {"budget": {"density": 0.1}}},
         >>> #                  example_inputs=(x,), grid=(16, 30, 52))
     """
+    from .pipeline import is_pipeline, sparsify_pipeline
+
+    if is_pipeline(model):  # a diffusers pipeline: every transformer, each with its recipe section
+        return sparsify_pipeline(model, recipe, mode=mode)
     _check_model(model)
     if not isinstance(mode, str) or mode not in MODES:
         raise SparsifyArgumentError("mode", mode, f"must be one of {', '.join(repr(m) for m in MODES)}")
@@ -326,6 +331,10 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     Example:
         >>> # model = unsparsify(model)
     """
+    from .pipeline import is_pipeline, unsparsify_pipeline
+
+    if is_pipeline(model):
+        return unsparsify_pipeline(model)
     inst = getattr(model, "_sparsify", None)
     if inst is None:
         raise RuntimeError("sparsify: this model is not sparsified")
