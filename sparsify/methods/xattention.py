@@ -34,21 +34,13 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stri
                       max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """XAttention's tile masses: the share of each query tile's estimated attention on each key tile.
 
-    Inside every `stride x stride` sub-block of the attention matrix, the q·k logits on its
-    antidiagonal (query slot `a*S + S-1-i`, key slot `b*S + i`) are averaged, which for all sub-blocks
-    at once is ONE GEMM of strided-subsampled rows (`[N/S, S*D] @ [S*D, N/S]`), scaled by 1/sqrt(D).
-    A softmax over the strided keys of every strided query row follows, then the probabilities are
-    summed per (query tile, key tile) and normalized per query tile. Padded slots (`layout.gather <
-    0`) never contribute: the average runs over valid (query, key) pairs only, sub-blocks without
-    one are excluded, and a strided key (query) row stands for its number of valid key (query) slots
-    (its logit gets `+log(count)`, its probabilities are weighted by the count), so a partial tile
-    gets the mass of its valid tokens only. With no padding this is exactly XAttention's estimate
-    (logits / sqrt(D) / stride).
+    The mean q·k logit on the antidiagonal of every `stride x stride` sub-block (ONE GEMM of strided rows,
+    `[N/S, S*D] @ [S*D, N/S]`, scaled by 1/sqrt(D)), a softmax per strided query row, then sums per tile pair,
+    normalized per query tile. Padded slots never contribute: means run over valid pairs and a strided row
+    stands for its valid slots (`+log(count)` on its logit), so with no padding this is exactly XAttention's.
 
     Args:
-        q, k: `[B, H, n_tiles*volume, D]` in tile order.
-        layout: their TileLayout; `stride` must divide its volume.
-        stride: S (8 in XAttention's video setup).
+        q, k: `[B, H, n_tiles*volume, D]` in tile order; `stride` (8 for video) must divide the volume.
         max_elems: strided logits held at once (query tiles are processed in chunks).
 
     Returns:
@@ -123,16 +115,9 @@ def xattention_reference_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLa
 class XAttention(SelectionMethod):
     """XAttention's selection on the layout's tiles: antidiagonal scores, then a cumulative-mass threshold.
 
-    Per query tile, top-p budgets keep the smallest prefix of key tiles (sorted by estimated mass)
-    whose mass reaches `top_p` (at least `min_density` of the tiles); top-k budgets keep the
-    `density` share of largest mass. Forced tiles (the own/diagonal tile, the first/sink tile) are
-    kept first and their mass counts towards `top_p`, as in XAttention; under a top-k budget they
-    take the first places of the k.
-
-    Args:
-        stride: antidiagonal stride S (must divide the tile volume).
-        diagonal: always keep each query tile's own tile.
-        sink: always keep key tile 0.
+    Per query tile, top-p budgets keep the smallest prefix of key tiles by estimated mass reaching `top_p`, top-k
+    budgets the `density` share. Forced tiles (`diagonal`: the own tile, `sink`: key tile 0) come first; their
+    mass counts towards `top_p`, and under top-k they take the first places.
 
     Example:
         >>> from sparsify.geometry import tile_layout, to_tiles

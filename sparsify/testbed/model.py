@@ -17,24 +17,11 @@ TEXT_LEN: int = 8
 TEXT_DIM: int = 64
 
 #: `WanTransformer3DModel(**TESTBED_CONFIG)`: dim 256 = 4 heads x 64, 8 blocks, ffn 512, about 6.9M parameters.
-TESTBED_CONFIG: dict[str, Any] = {
-    "patch_size": [1, 2, 2],
-    "num_attention_heads": 4,
-    "attention_head_dim": 64,
-    "in_channels": LATENT_SHAPE[0],
-    "out_channels": LATENT_SHAPE[0],
-    "text_dim": TEXT_DIM,
-    "freq_dim": 64,
-    "ffn_dim": 512,
-    "num_layers": 8,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "image_dim": None,
-    "added_kv_proj_dim": None,
-    "rope_max_seq_len": 1024,
-    "pos_embed_seq_len": None,
-}
+TESTBED_CONFIG: dict[str, Any] = dict(
+    patch_size=[1, 2, 2], num_attention_heads=4, attention_head_dim=64, in_channels=LATENT_SHAPE[0],
+    out_channels=LATENT_SHAPE[0], text_dim=TEXT_DIM, freq_dim=64, ffn_dim=512, num_layers=8, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+    pos_embed_seq_len=None)
 
 #: Shipped weights (fp16) and their config/metadata, next to this file.
 WEIGHTS_PATH = Path(__file__).with_name("testbed_wan.safetensors")
@@ -65,21 +52,13 @@ def load_testbed_config(path: str | Path | None = None) -> dict[str, Any]:
     return dict(meta.get("config", meta))
 
 
-def build_testbed(
-    pretrained: bool = True,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    weights: str | Path | None = None,
-    seed: int = 0,
-):
+def build_testbed(pretrained: bool = True, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  weights: str | Path | None = None, seed: int = 0):
     """Build the test-bed `WanTransformer3DModel`, with the shipped trained weights when `pretrained`.
 
     Args:
-        pretrained: load `testbed_wan.safetensors` (fp16 on disk, cast to `dtype`); else a seeded random init.
-        device: where to put the model.
-        dtype: parameter dtype (fp32 on CPU; bf16/fp16 on GPU).
+        pretrained: load `testbed_wan.safetensors` (fp16 on disk, cast to `dtype`); else a random init from `seed`.
         weights: another safetensors file of the same config (e.g. a fresh training run's output).
-        seed: seed of the random init (used when not pretrained).
 
     Returns:
         The model in eval mode.
@@ -98,10 +77,8 @@ def build_testbed(
         model = WanTransformer3DModel(**config)
     if pretrained:
         if not weights.exists():
-            raise FileNotFoundError(
-                f"test-bed weights not found at {weights}; train them with "
-                "`python -m tools.train_testbed --out DIR` or pass pretrained=False"
-            )
+            raise FileNotFoundError(f"test-bed weights not found at {weights}; train them with "
+                                    "`python -m tools.train_testbed --out DIR` or pass pretrained=False")
         from safetensors.torch import load_file
 
         state = load_file(str(weights))
@@ -114,38 +91,19 @@ def build_testbed(
     return model.eval()
 
 
-def example_inputs(
-    batch: int = 1,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    t: float = 0.5,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
-) -> dict[str, Any]:
+def example_inputs(batch: int = 1, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, t: float = 0.5, latent_shape: tuple[int, int, int, int] = LATENT_SHAPE) -> dict[str, Any]:
     """Forward kwargs of the test-bed: a procedural video noised to level `t`, its class condition, Wan timestep.
 
-    The video comes from `sparsify.testbed.data` (the training distribution), so the attention these inputs
-    produce is the trained model's real attention, not that of noise.
-
-    Args:
-        batch: number of videos.
-        seed: seed of the videos and the noise (same seed, same inputs on every device).
-        device, dtype: of the returned tensors.
-        t: noise level in [0, 1] (x_t = (1 - t) x0 + t eps); the timestep is t * 1000.
-        latent_shape: [C, F, H, W]; the default gives 4,096 tokens.
-
-    Returns:
-        `dict(hidden_states=[B, C, F, H, W], timestep=[B], encoder_hidden_states=[B, L, text_dim],
-        return_dict=False)`; call `model(**inputs)[0]`.
+    The video comes from `sparsify.testbed.data` (the training distribution), so the attention is the trained
+    model's real attention. `seed` fixes videos and noise on every device; `x_t = (1 - t) x0 + t eps`. Returns
+    `dict(hidden_states, timestep, encoder_hidden_states, return_dict=False)`: call `model(**inputs)[0]`.
     """
     x0, eps, cond = _example_x0_eps_cond(batch, seed, latent_shape)
     xt = (1.0 - t) * x0 + t * eps
-    return {
-        "hidden_states": xt.to(device=device, dtype=dtype),
-        "timestep": torch.full((batch,), t * NUM_TRAIN_TIMESTEPS, device=device, dtype=dtype),
-        "encoder_hidden_states": cond.to(device=device, dtype=dtype),
-        "return_dict": False,
-    }
+    return dict(hidden_states=xt.to(device=device, dtype=dtype),
+                timestep=torch.full((batch,), t * NUM_TRAIN_TIMESTEPS, device=device, dtype=dtype),
+                encoder_hidden_states=cond.to(device=device, dtype=dtype), return_dict=False)
 
 
 def _example_x0_eps_cond(batch: int, seed: int, latent_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,13 +114,8 @@ def _example_x0_eps_cond(batch: int, seed: int, latent_shape) -> tuple[torch.Ten
     return x0, eps, cond
 
 
-def example_target(
-    batch: int = 1,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
-) -> torch.Tensor:
+def example_target(batch: int = 1, seed: int = 0, device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, latent_shape: tuple[int, int, int, int] = LATENT_SHAPE) -> torch.Tensor:
     """The flow-matching target v = eps - x0 of `example_inputs(batch, seed, ...)` (any t): the ideal output."""
     x0, eps, _ = _example_x0_eps_cond(batch, seed, latent_shape)
     return (eps - x0).to(device=device, dtype=dtype)
@@ -175,31 +128,20 @@ def shifted_sigmas(steps: int, shift: float = 1.0, device: str | torch.device = 
 
 
 @torch.no_grad()
-def sample(
-    model: Callable[..., Any],
-    noise: torch.Tensor,
-    cond: torch.Tensor,
-    steps: int = 20,
-    shift: float = 1.0,
-    guidance_scale: float = 1.0,
-    null_cond: torch.Tensor | None = None,
-    callback: Callable[[int, float, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
+def sample(model: Callable[..., Any], noise: torch.Tensor, cond: torch.Tensor, steps: int = 20, shift: float = 1.0,
+           guidance_scale: float = 1.0, null_cond: torch.Tensor | None = None,
+           callback: Callable[[int, float, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Euler sampler of the rectified flow x_t = (1 - t) x0 + t eps, the model predicting v = eps - x0.
 
     Model-agnostic: it only calls `model(hidden_states=x, timestep=t*1000, encoder_hidden_states=c,
-    return_dict=False)[0]`, so a sparsified model (or any wrapper with that signature) samples the same way
-    and dense-vs-sparse PSNR compares like with like from the same `noise`.
+    return_dict=False)[0]`, so dense and sparsified models sample alike from the same `noise`.
 
     Args:
-        model: the denoiser.
         noise: x at t = 1, [B, C, F, H, W]; its dtype/device is used throughout.
         cond: text-like condition [B, L, text_dim].
-        steps: number of Euler steps.
         shift: Wan-style time shift of the schedule (1.0 = uniform).
         guidance_scale: classifier-free guidance; > 1 also runs the model on `null_cond` (zeros by default).
-        null_cond: the unconditional embedding.
-        callback: called as `callback(step_index, t, x)` before each model call (e.g. to set a step index).
+        callback: called as `callback(step_index, t, x)` before each model call.
 
     Returns:
         The sample x at t = 0, same shape and dtype as `noise`.
