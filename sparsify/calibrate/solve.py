@@ -16,10 +16,8 @@ import numpy as np
 
 from .config import SOLVERS
 
-__all__ = [
-    "Allocation", "InfeasibleBudgetError", "ParetoCurve", "available_solvers", "pareto_curve",
-    "solve_allocation", "uniform_allocation"
-]
+__all__ = ["Allocation", "InfeasibleBudgetError", "ParetoCurve", "available_solvers", "pareto_curve",
+           "solve_allocation", "uniform_allocation"]
 
 Forced = Mapping[int, int] | Sequence[int] | np.ndarray  # {group: option}, or (G,) with -1 = free
 LayerIds = Sequence[Any] | np.ndarray  # (G,) layer id of each group
@@ -423,15 +421,14 @@ def _silenced(on: bool):
         return
     for f in (sys.stdout, sys.stderr):
         f.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
+    saved, null = [os.dup(1), os.dup(2)], os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
+        for fd in (1, 2):
+            os.dup2(null, fd)
         yield
     finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
         for fd in (*saved, null):
             os.close(fd)
 

@@ -100,26 +100,6 @@ def kmeans(x: torch.Tensor, n: int, *, init: torch.Tensor | None = None, iters: 
     return KMeansResult(c, labels, done)
 
 
-def kmeans_reference(x: torch.Tensor, init: torch.Tensor, iters: int) -> KMeansResult:
-    """Exact, slow k-means: per head and per token loops in float64 (the oracle of `kmeans`)."""
-    B, H, S, D = x.shape
-    n = init.shape[2]
-    c = init.double().clone()
-    labels = torch.zeros(B, H, S, dtype=torch.int32)
-    xd = x.double().cpu()
-    c = c.cpu()
-    for _ in range(iters):
-        for b in range(B):
-            for h in range(H):
-                for s in range(S):
-                    labels[b, h, s] = int(((xd[b, h, s] - c[b, h]) ** 2).sum(-1).argmin())
-                for j in range(n):
-                    members = xd[b, h][labels[b, h] == j]
-                    if len(members):
-                        c[b, h, j] = members.mean(0)
-    return KMeansResult(c.float(), labels, iters)
-
-
 def cluster_blocks(labels: torch.Tensor, n: int):
     """`(perm long [B, H, S], starts, lens int32 [B, H, n])`: position `p` of the permuted sequence holds token
     `perm[..., p]`, and cluster `j` occupies `starts[j] .. + lens[j]`.
@@ -139,45 +119,6 @@ def cluster_blocks(labels: torch.Tensor, n: int):
 def centroid_logits(cq: torch.Tensor, ck: torch.Tensor, scale: float) -> torch.Tensor:
     """Centroid attention logits `cq . ck * scale`, float32 `[B, H, NQ, NK]`."""
     return torch.matmul(cq.float(), ck.float().transpose(-1, -2)) * scale
-
-
-def select_clusters_reference(cq, ck, k_sizes, budgets, scale):
-    """Exact, slow `select_clusters(centroid_logits(cq, ck, scale), ...)`: the set of kept key clusters per
-    (b, h, query cluster), by loops in float64."""
-    B, H, nq, _ = cq.shape
-    nk = ck.shape[2]
-    out = []
-    for b in range(B):
-        for h in range(H):
-            bud = budgets[h]
-            sizes = [float(k_sizes[b, h, j]) for j in range(nk)]
-            total = sum(sizes)
-            for i in range(nq):
-                lg = [float((cq[b, h, i].double() * ck[b, h, j].double()).sum()) * scale for j in range(nk)]
-                live = [j for j in range(nk) if sizes[j] > 0]
-                mx = max(lg[j] for j in live)
-                w = {j: sizes[j] * math.exp(lg[j] - mx) for j in live}
-                z = sum(w.values())
-                if bud.density is not None:
-                    ranked = sorted(live, key=lambda j: -lg[j])
-                    need, floor = 0, bud.density
-                else:
-                    ranked = sorted(live, key=lambda j: -w[j])
-                    acc, need = 0.0, 0
-                    for j in ranked:
-                        need += 1
-                        acc += w[j] / z
-                        if acc >= bud.top_p - 1e-6:
-                            break
-                    floor = bud.min_density
-                held, n_floor = 0.0, 0
-                for j in ranked:
-                    if held >= floor * total - 1e-6:
-                        break
-                    n_floor += 1
-                    held += sizes[j]
-                out.append(set(ranked[:max(1, need, n_floor)]))
-    return out
 
 
 @dataclass

@@ -76,25 +76,6 @@ def tile_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
     return ExtremaStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
 
 
-def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
-    """Slow, explicit reference of `tile_stats`: a loop over tiles and their valid tokens (float64).
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(veda_reference_stats(x, lay).max.float(), tile_stats(x, lay).max))
-        True
-    """
-    B, H, _, D = x.shape
-    vol = layout.volume
-    out = [torch.empty(B, H, layout.n_tiles, D, dtype=torch.float64) for _ in range(3)]
-    for t in range(layout.n_tiles):
-        slots = [t * vol + s for s in range(vol) if int(layout.gather[t * vol + s]) >= 0]
-        xt = x[:, :, slots].double()
-        out[0][:, :, t], out[1][:, :, t], out[2][:, :, t] = xt.mean(2), xt.amax(2), xt.amin(2)
-    return ExtremaStats(*out)
-
-
 def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float, group: int = 1,
               max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """max over the valid keys y of tile j (group = 1), or over the means of its groups of `group` consecutive
@@ -228,40 +209,6 @@ def _fused(q, k, layout: TileLayout, group: int, outputs, stats: TileStats | Non
 
     return tile_peaks(_q_means(q, layout, stats), _key_rows(k, layout, group, stats), layout.tile_lens,
                       layout.volume // group, 1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
-
-
-def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *,
-                            peak: str = DEFAULT_PEAK) -> torch.Tensor:
-    """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(veda_reference_features(x, x, lay).float(), veda_features(x, x, lay), atol=1e-5))
-        True
-    """
-    B, H, _, D = q.shape
-    scale = 1.0 / math.sqrt(D)
-    group = peak_group(peak)
-    sq, sk = veda_reference_stats(q, layout), veda_reference_stats(k, layout)
-    n, vol = layout.n_tiles, layout.volume
-    out = torch.empty(B, H, n, n, len(FEATURES), dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
-            keys = [j * vol + s for s in range(vol) if int(layout.gather[j * vol + s]) >= 0]
-            qm = sq.mean[:, :, i]
-            mean = (qm * sk.mean[:, :, j]).sum(-1) * scale
-            # groups of `group` consecutive slots with a valid key; their means
-            groups = [[y for y in keys if (y - j * vol) // group == g] for g in range(vol // group)]
-            rows = [k[:, :, ys].double().mean(2) for ys in groups if ys]
-            pk = torch.stack([(qm * r).sum(-1) for r in rows], -1).amax(-1) * scale
-            L = len(keys)
-            c = min(group, L)
-            mix = torch.log(((L - c) * torch.exp(mean) + c * torch.exp(pk)) / L)
-            corners = [(getattr(sq, a)[:, :, i] * getattr(sk, b)[:, :, j]).sum(-1) * scale
-                       for a, b in (("max", "max"), ("min", "min"), ("max", "min"), ("min", "max"))]
-            out[:, :, i, j] = torch.stack([mean, pk, mix, *corners], -1)
-    return out
 
 
 @dataclass

@@ -77,40 +77,6 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stri
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def xattention_reference_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int = 8) -> torch.Tensor:
-    """Slow, explicit reference of `xattention_scores` (float64): loops over sub-blocks and antidiagonal entries.
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(xattention_reference_scores(x, x, lay).float(), xattention_scores(x, x, lay), atol=1e-6))
-        True
-    """
-    _check_stride(layout, stride)
-    B, H, N, D = q.shape
-    S, n, per = stride, layout.n_tiles, layout.volume // stride
-    valid = [int(g) >= 0 for g in layout.gather]
-    qd, kd = q.double(), k.double()
-    m = N // S
-    logits = torch.full((B, H, m, m), float("-inf"), dtype=torch.float64)
-    for a in range(m):
-        for b in range(m):
-            pairs = [(a * S + S - 1 - i, b * S + i) for i in range(S)]  # the sub-block's antidiagonal
-            pairs = [(r, c) for r, c in pairs if valid[r] and valid[c]]
-            n_keys = sum(valid[b * S:(b + 1) * S])
-            if pairs:
-                mean = sum((qd[:, :, r] * kd[:, :, c]).sum(-1) for r, c in pairs) / len(pairs)
-                logits[:, :, a, b] = mean / math.sqrt(D) + math.log(n_keys)
-    out = torch.zeros(B, H, n, n, dtype=torch.float64)
-    for a in range(m):
-        if not torch.isfinite(logits[0, 0, a]).any():
-            continue
-        p = torch.softmax(logits[:, :, a], -1) * sum(valid[a * S:(a + 1) * S])
-        for j in range(n):
-            out[:, :, a // per, j] += p[:, :, j * per:(j + 1) * per].sum(-1)
-    return out / out.sum(-1, keepdim=True)
-
-
 @register_method("xattention")
 class XAttention(SelectionMethod):
     """XAttention's selection on the layout's tiles: antidiagonal scores, then a cumulative-mass threshold.

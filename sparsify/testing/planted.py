@@ -134,19 +134,9 @@ def planted_logit_features(kind: str, grid, head_dim: int, *, noise: float = 0.1
                            random_content: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of one planted head with `fq @ fk.T` = its attention logits (before softmax).
 
-    Positional dimensions come first; the remaining (content) dimensions hold random unit-variance
-    vectors scaled so that they add a random logit of std `content_std(kind, noise)`.
-
-    Args:
-        kind: one of `KINDS`.
-        grid: `(T, H, W)`; the local kinds need `T + H + W + 1 + 8 <= head_dim`.
-        head_dim: feature dimension D.
-        noise: std of the content logit of the geometric kinds.
-        generator: random source of the content vectors.
-        random_content: False leaves the content dimensions zero (`PlantedDiT` fills them from tokens).
-
-    Returns:
-        `(fq, fk, content_mask)`: float64 `[S, D]` each, and bool `[D]` marking the content dims.
+    Positional dimensions come first (the local kinds need `T + H + W + 1 + 8 <= head_dim`); the content
+    dimensions add a random logit of std `content_std(kind, noise)`, or stay zero without `random_content`
+    (`PlantedDiT` fills them from tokens). Returns float64 `fq, fk [S, D]` and the bool content mask `[D]`.
 
     Example:
         >>> fq, fk, cm = planted_logit_features("spatial", (2, 4, 4), 32, noise=0.0)
@@ -247,9 +237,6 @@ def attention_tile_masses(q: torch.Tensor, k: torch.Tensor, layouts: Sequence[Ti
                           video_start: int = 0, max_elems: int = 1 << 24) -> list[torch.Tensor]:
     """`attention_tile_mass` for several layouts of one grid, sharing one pass over the attention matrix.
 
-    Returns:
-        One float64 `[B, H, n_tiles, n_tiles]` per layout.
-
     Example:
         >>> ph = planted_heads((4, 8, 8), kinds=("temporal",))
         >>> layouts = [tile_layout((4, 8, 8), t) for t in [(4, 4, 4), (1, 8, 8)]]
@@ -320,10 +307,8 @@ def tile_recall(mass: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.T
 
 
 def equal_cost_count(layout: TileLayout, density: float) -> int:
-    """Key tiles per query tile that spend `density` of full attention's compute, padding included.
-
-    A query tile keeping k key tiles costs `n_tiles * k * volume^2` slot pairs against `S^2` for
-    dense attention; for unpadded layouts this is `ceil(density * n_tiles)`, as `budget_counts`.
+    """Key tiles per query tile that spend `density` of full attention's compute (`n_tiles * k * volume^2`
+    slot pairs against `S^2`), padding included; `budget_counts` for unpadded layouts.
 
     Example:
         >>> [equal_cost_count(tile_layout((8, 16, 16), t), 1 / 16) for t in [(4, 4, 4), (8, 4, 4), (16, 2, 2)]]
@@ -344,11 +329,8 @@ def tile_recall_table(q: torch.Tensor, k: torch.Tensor, grid, tiles: Sequence = 
                       density: float = REFERENCE_DENSITY, **kw) -> dict[tuple[int, int, int], torch.Tensor]:
     """Oracle tile recall of every head for every candidate tile at equal compute.
 
-    For each tile the oracle keeps, per query tile, the `equal_cost_count(layout, density)` key tiles
-    of largest true mass; the value is the share of the attention mass kept, averaged over the batch.
-
-    Returns:
-        `{tile: float64 [H]}`.
+    Per query tile the oracle keeps the `equal_cost_count(layout, density)` key tiles of largest true mass;
+    returns `{tile: float64 [H]}`, the share of the attention mass kept, averaged over the batch.
 
     Example:
         >>> ph = planted_heads(kinds=("temporal",))
@@ -530,9 +512,7 @@ class PlantedDiT(nn.Module):
 
 
 def build_planted_dit(seed: int = 0, **kwargs) -> PlantedDiT:
-    """A deterministic `PlantedDiT` (default: `PLANTED_GRID`, 4 layers x 4 heads, dim 128, head_dim 64), in eval mode.
-
-    Weights are drawn from `seed` without touching the global random state; `kwargs` go to `PlantedDiT`.
+    """A `PlantedDiT(**kwargs)` in eval mode, its weights drawn from `seed` (the global random state untouched).
 
     Example:
         >>> a, b = build_planted_dit(), build_planted_dit()
