@@ -9,6 +9,7 @@ from .adapters import GridAdapter, adapter_for
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
+from .parallel.shard import attach as _attach_head_shards, serial_view
 from .recipe import load_recipe
 
 SPARSE_KINDS = ("self", "joint")
@@ -77,7 +78,8 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
     recipe = load_recipe(recipe)
-    infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
+    with serial_view(model):  # under context parallelism: discover the one-process sites (all heads)
+        infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
     if not any(i.kind in SPARSE_KINDS for i in infos):
         found = ", ".join(f"{i.path} ({i.kind}, {i.q_len} tokens)" for i in infos) or "none"
         raise ValueError(
@@ -98,6 +100,11 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
                                         dense_steps=recipe.defaults.dense_steps,
                                         mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule))
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
+    try:
+        _attach_head_shards(model, model._sparsify)  # Ulysses sequence parallelism: heads per rank
+    except Exception:
+        unsparsify(model)
+        raise
     return model
 
 
