@@ -9,7 +9,7 @@ densities are spread log-uniformly over `--densities` (seeded, the same on every
 and with the balanced order of `sparsify.parallel.assign_heads`. It prints one table (the slowest rank, the mean,
 the measured balance ratio slowest / mean, and the ratio the cost model predicts) on rank 0 and writes
 benchmarks/results/parallel_<date>_p<P>.json. The default shape is Wan-14B 720p (S = 75,600, 40 heads, D 128,
-bf16, CUDA: ranks use `cuda:<local rank>`); `--tiny` is a CPU/gloo shape (8 heads, 4x8x8 tokens, fp32). The
+bf16, CUDA: ranks use `cuda:<local rank>`); `--tiny` is a CPU/gloo shape (8 heads, 8x16x16 tokens, fp32). The
 all-to-all itself is not timed (it is the same dense or sparse).
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-SHAPES = {"14b": ("Wan-14B 720p", 40, 128, (21, 45, 80)), "tiny": ("tiny (CPU)", 8, 32, (4, 8, 8))}
+SHAPES = {"14b": ("Wan-14B 720p", 40, 128, (21, 45, 80)), "tiny": ("tiny (CPU)", 8, 32, (8, 16, 16))}
 
 
 def densities(H: int, lo: float, hi: float, seed: int = 0) -> list[float]:
@@ -115,7 +115,7 @@ def run(shape: str, lo: float, hi: float, tile) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="CPU shape (8 heads, 4x8x8 tokens, fp32)")
+    p.add_argument("--tiny", action="store_true", help="CPU shape (8 heads, 8x16x16 tokens, fp32)")
     p.add_argument("--densities", default="0.025,0.2", help="lowest,highest per-head density (log-uniform between)")
     p.add_argument("--tile", default="4x4x4")
     p.add_argument("--out", default=None)

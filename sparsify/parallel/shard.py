@@ -66,6 +66,11 @@ def head_shard(rank: int, degree: int, group=None):
         _MANUAL.pop()
 
 
+def manual_shard():
+    """The innermost `head_shard` block's `(rank, degree, group)`, or None outside one."""
+    return _MANUAL[-1] if _MANUAL else None
+
+
 def _resolver(module, path: str):
     ref = weakref.ref(module)
 

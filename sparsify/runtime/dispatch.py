@@ -182,7 +182,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     if st.mask_reuse is not None and step is not None and H != st.heads:  # Ulysses: decide reuse across ranks
         from ..parallel.consensus import reuse_agreement
 
-        groups, agree = reuse_agreement(st, groups, st.shard()[2], q.device)
+        groups, agree = reuse_agreement(st, groups, st.current_shard()[2], q.device)
     block_fn = block_fn_for(q)
     out = None
     for key, local in groups.items():

@@ -69,10 +69,19 @@ class SiteState:
     def is_dense(self) -> bool:
         return all(c.is_dense for c in self.configs)
 
+    def current_shard(self):
+        """`(rank, degree, group)` of the call being run (the site's resolver, else `sparsify.parallel.head_shard`),
+        or None outside sequence parallelism."""
+        if self.shard is not None:
+            return self.shard()
+        from ..parallel.shard import manual_shard
+
+        return manual_shard()
+
     def head_offset(self, H: int) -> int:
         """The first global head of a call with `H` heads: 0 for a whole call, `rank * H` under a head shard
         (Ulysses sequence parallelism: `sparsify.parallel`)."""
-        shard = self.shard() if self.shard is not None else None
+        shard = self.current_shard()
         if shard is not None and shard[1] > 1:
             rank, degree = shard[0], shard[1]
             if H * degree != self.heads:
