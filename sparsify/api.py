@@ -13,6 +13,7 @@ from .errors import SparsifyArgumentError, SparsifyWarning
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
+from .parallel.shard import attach as _attach_head_shards, serial_view
 from .recipe import load_recipe
 
 SPARSE_KINDS = ("self", "joint")
@@ -239,7 +240,8 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     adapter = _resolve_adapter(model, grid, video_start, adapter)
     recipe = load_recipe(recipe)
     unplaced: list = []
-    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
+    with serial_view(model):  # under context parallelism: discover the one-process sites (all heads)
+        infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
     if adapter is None and example_inputs is not None:
         raise SparsifyArgumentError(
             "grid", None, f"no adapter knows {type(model).__name__} and its token grid could not be inferred from "
@@ -278,6 +280,11 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
                                         mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule,
                                         check=call_check(info, adapter, example_inputs, model, recipe, shared)))
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
+    try:
+        _attach_head_shards(model, model._sparsify)  # Ulysses sequence parallelism: heads per rank
+    except Exception:
+        unsparsify(model)
+        raise
     return model
 
 
