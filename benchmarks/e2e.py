@@ -21,7 +21,7 @@ encoder is excluded (random prompt embeddings are passed in) and so is the VAE (
 
 Forwards run under `torch.no_grad()`, as diffusers pipelines do. On CUDA, sparsify gives every Wan
 self-attention site a processor that fuses the q/k RMSNorm and RoPE into one Triton pass (eager only;
-`SPARSIFY_FUSED_ROPE=0` turns it off); the row "dense, fused q/k" times that processor with dense cuDNN
+`SPARSIFY_KERNELS=-rope` turns it off); the row "dense, fused q/k" times that processor with dense cuDNN
 attention, so the share of the speedup that comes from it, and not from sparsity, is measured in the same run.
 
 Prints one table and writes benchmarks/results/e2e_<date>.json (GPU, versions, command, date).

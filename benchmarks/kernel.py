@@ -229,11 +229,8 @@ def run(args) -> dict:
 # backward launch variants timed with --bwd-sweep (options of sparsify.kernels.block_sparse_bwd.block_sparse_attn_backward)
 BWD_VARIANTS = {
     "b_default": {},  # Hopper: two launches (dq first, computing delta), TMA loads, 64/64 tiles, 4 warps, 2 stages
-    "b_fused_tma": dict(fused=True, use_tma=True),  # one grid for both kinds of program
-    "b_fused_ptr": dict(fused=True, use_tma=False),
-    "b_split_ptr": dict(fused=False, use_tma=False),  # two launches, pointer loads
-    "b_fused_tma_dq128_w8": dict(fused=True, use_tma=True, q_tile=128),  # fused: one num_warps for both kinds
-    "b_split_tma_dq128_w8": dict(fused=False, use_tma=True, q_tile=128, dq_warps=8),
+    "b_ptr": dict(use_tma=False),
+    "b_tma_dq128_w8": dict(use_tma=True, q_tile=128, dq_warps=8),
 }
 
 

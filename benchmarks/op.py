@@ -207,6 +207,7 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
     from sparsify.geometry import Geometry
     from sparsify.kernels import kernel_backend
     from sparsify.kernels.block_sparse import block_sparse_attn
+    from sparsify.kernels import kernel_backend
     from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
     from sparsify.methods import svg2
     from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign,
@@ -298,19 +299,14 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
             lambda i=i: select_clusters(centroid_logits(cq[i], ck[i], scale), cluster_sizes(labels[i][1], nk), budgets)
             for i in range(n)])
         row["score_and_select_ms"] = sbench(score_and_select)
-        widest, svg2._SELECT_MAX_NK = svg2._SELECT_MAX_NK, 0  # the torch path of select_clusters
-        try:
+        with kernel_backend("-kmeans"):  # the torch path of select_clusters
             row["score_and_select_torch_ms"] = sbench(score_and_select)
-        finally:
-            svg2._SELECT_MAX_NK = widest
         # the variable-size block kernel on each set's selection
         sels = [method.cluster_select(q, k, budgets, cache=caches[i]) for i, (q, k, _) in enumerate(sets)]
         perm_in = [(permute_rows(q, s.q_perm), permute_rows(k, s.k_perm), permute_rows(v, s.k_perm), s.q_starts,
                     s.q_lens, s.k_starts, s.k_lens, s.kv_indices, s.kv_counts) for (q, k, v), s in zip(sets, sels)]
         row["varlen_kernel_ms"] = sbench(_rotating([lambda a=a: varlen_block_attn(*a, scale=scale) for a in perm_in]),
                                         rep_ms=long_ms)
-        row["varlen_kernel_blocks_ms"] = sbench(_rotating([
-            lambda a=a: varlen_block_attn(*a, scale=scale, pack_keys=False) for a in perm_in]), rep_ms=long_ms)
         row["key_table_ms"] = sbench(_rotating([lambda a=a: kv_key_table(*a[5:]) for a in perm_in]))
         row["varlen_kernel_tiles_ms"] = {f"{bm}x{bn}": sbench(_rotating([
             lambda a=a: varlen_block_attn(*a, scale=scale, block_size=(bm, bn)) for a in perm_in]), rep_ms=long_ms)
@@ -318,13 +314,11 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
         bs = default_block_size(sets[0][0])
         s0 = sels[0]
 
-        def pairs(*tb, pack=True):
-            return float(varlen_pairs(s0.q_lens, s0.k_lens, s0.kv_indices, s0.kv_counts, *tb,
-                                      pack_keys=pack).sum()) / (B * H * S * S)
+        def pairs(*tb):
+            return float(varlen_pairs(s0.q_lens, s0.k_lens, s0.kv_indices, s0.kv_counts, *tb).sum()) / (B * H * S * S)
 
         row["density_exact"] = pairs()
         row["density_tiles"] = pairs(bs)
-        row["density_tiles_blocks"] = pairs(default_block_size(sets[0][0], pack_keys=False), pack=False)
         row["density_tiles_sweep"] = {f"{bm}x{bn}": pairs((bm, bn)) for bm, bn in tiles}
         row["kernel_tiles"] = list(bs)
         geom = Geometry(grid)

@@ -10,6 +10,7 @@ import torch
 
 BUNDLED_MODELS = {
     "testbed": "sparsify.testbed:build_testbed",
+    "testbed-16k": "sparsify.testbed:build_testbed16k",
     "tiny-wan": "sparsify.inspect:tiny_wan",
 }
 
@@ -25,7 +26,7 @@ def tiny_wan():
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """Build a model from `import.path:factory`, or a bundled name (`testbed`, `tiny-wan`).
+    """Build a model from `import.path:factory`, or a bundled name (`testbed`, `testbed-16k`, `tiny-wan`).
 
     Example:
         >>> m = load_model("tiny-wan")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from importlib import resources
@@ -12,26 +14,35 @@ from typing import Any
 
 import yaml
 
+from .errors import RecipeError
+
 RECIPE_VERSION = 1
 SITE_KINDS = ("self", "joint", "cross", "text")
 TILE_VOLUMES = (64, 128)
 
 
-class RecipeError(ValueError):
-    """A recipe is malformed or does not match the model. The message names the file and key path."""
-
-    def __init__(self, message: str, *, source: str | None = None, key: str | None = None):
-        self.source, self.key, self.reason = source, key, message
-        where = []
-        if source:
-            where.append(str(source))
-        if key:
-            where.append(f"key '{key}'")
-        super().__init__(f"{': '.join(where)}: {message}" if where else message)
-
-
 def _fail(key: str, message: str) -> None:
     raise RecipeError(message, key=key)
+
+
+def is_number(v) -> bool:
+    """True for a real number: Python and numpy ints and floats; booleans are not numbers.
+
+    Example:
+        >>> import numpy as np
+        >>> [is_number(x) for x in (0.5, np.float32(0.5), 2, True, "0.5")]
+        [True, True, True, False, False]
+    """
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _in_range(v, lo: float, hi: float, lo_open: bool) -> bool:
+    try:
+        if not is_number(v) or not math.isfinite(float(v)):
+            return False
+    except OverflowError:  # an int too large for a float
+        return False
+    return (lo < v if lo_open else lo <= v) and v <= hi
 
 
 def _method_names() -> tuple[str, ...]:
@@ -72,20 +83,22 @@ class Budget:
 def _check_budget(density, top_p, min_density, key):
     if (density is None) == (top_p is None):
         _fail(key, "give exactly one of 'density' (top-k fraction of key tiles) or 'top_p' (mass)")
-    if density is not None and not (isinstance(density, (int, float)) and 0.0 < density <= 1.0):
-        _fail(f"{key}.density", f"must be a number in (0, 1]; got {density!r}")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0.0 < top_p <= 1.0):
-        _fail(f"{key}.top_p", f"must be a number in (0, 1]; got {top_p!r}")
-    if not (isinstance(min_density, (int, float)) and 0.0 <= min_density <= 1.0):
-        _fail(f"{key}.min_density", f"must be a number in [0, 1]; got {min_density!r}")
+    if density is not None and not _in_range(density, 0.0, 1.0, True):
+        _fail(f"{key}.density", f"must be a number in (0, 1] (booleans are not numbers); got {density!r}")
+    if top_p is not None and not _in_range(top_p, 0.0, 1.0, True):
+        _fail(f"{key}.top_p", f"must be a number in (0, 1] (booleans are not numbers); got {top_p!r}")
+    if not _in_range(min_density, 0.0, 1.0, False):
+        _fail(f"{key}.min_density", f"must be a number in [0, 1] (booleans are not numbers); got {min_density!r}")
     if density is not None and min_density:
         _fail(f"{key}.min_density", "only valid together with 'top_p'")
 
 
 def check_tile(tile: Any, key: str) -> tuple[int, int, int]:
     """Validate a 3-D tile shape `(t, h, w)`: positive ints whose product is 64 or 128."""
-    if not (isinstance(tile, (list, tuple)) and len(tile) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in tile)):
+    if not (isinstance(tile, (list, tuple)) and len(tile) == 3
+            and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in tile)):
         _fail(key, f"must be a list of three integers [t, h, w]; got {tile!r}")
+    tile = tuple(int(x) for x in tile)
     if min(tile) < 1:
         _fail(key, f"every tile dimension must be >= 1; got {list(tile)}")
     vol = tile[0] * tile[1] * tile[2]
@@ -303,7 +316,73 @@ class Recipe:
             out = [dataclasses.replace(c, enable=False) for c in out]
         return out
 
+    @property
+    def where(self) -> str:
+        """The recipe's file, `<dict>`, or `<Recipe>` for one built in code (the start of every error)."""
+        return self.source or "<Recipe>"
+
+    @property
+    def calibration_grid(self) -> tuple[int, int, int] | None:
+        """The token grid `(T, H, W)` the recipe was calibrated at, if its provenance records one.
+
+        Read from `calibration.grid` (`[T, H, W]`), else from a `--grid TxHxW` option in
+        `calibration.command`; None when neither is there.
+
+        Example:
+            >>> Recipe(calibration={"command": "python -m sparsify.calibrate --grid 21x30x52"}).calibration_grid
+            (21, 30, 52)
+        """
+        cal = self.calibration or {}
+        grid = cal.get("grid")
+        if isinstance(grid, (list, tuple)) and len(grid) == 3 and all(isinstance(x, int) for x in grid):
+            return tuple(int(x) for x in grid)
+        cmd = cal.get("command")
+        m = re.search(r"--grid[ =](\d+)x(\d+)x(\d+)", cmd) if isinstance(cmd, str) else None
+        return tuple(int(x) for x in m.groups()) if m else None
+
     # -- model matching -------------------------------------------------------------------------
+    def unintended(self, sites: list[SiteSpec]) -> list[tuple[str, str]]:
+        """Legal settings that change nothing on a model with these sites: `(key path, message)` pairs.
+
+        Reported: a rule that matches no site, only cross/text sites (which stay dense), or only sites an
+        earlier rule already takes (first match wins); a `sites` entry for a cross/text site; a
+        `dense_layers` index past the model's last self/joint site.
+
+        Example:
+            >>> r = Recipe(rules=(Rule(match="transformer.*"),))
+            >>> r.unintended([SiteSpec("blocks.0.attn1", "self", 2, 16)])[0][0]
+            'rules[0].match'
+        """
+        out = []
+        paths = [s.path for s in sites]
+        sparse = [s.path for s in sites if s.kind in ("self", "joint")]
+        for i, rule in enumerate(self.rules):
+            hit = [p for p in paths if rule.matches(p)]
+            key = f"rules[{i}].match"
+            if not hit:
+                out.append((key, f"pattern {rule.match!r} matches no attention site of this model; site paths: "
+                                 f"{_short_list(paths)}"))
+            elif not any(p in sparse for p in hit):
+                out.append((key, f"pattern {rule.match!r} matches only cross- or text-attention sites "
+                                 f"({_short_list(hit)}), which always run dense"))
+            else:
+                first = {p: next(j for j, r in enumerate(self.rules) if r.matches(p)) for p in hit if p in sparse}
+                if all(j < i for j in first.values()):
+                    earlier = sorted({j for j in first.values()})
+                    out.append((key, f"pattern {rule.match!r} never applies: every site it matches is matched "
+                                     f"first by {', '.join(f'rules[{j}]' for j in earlier)} (the first match wins)"))
+        kinds = {s.path: s.kind for s in sites}
+        for path in self.sites:
+            if kinds.get(path) in ("cross", "text"):
+                out.append((f"sites.{path}", f"site '{path}' is {kinds[path]}-attention, which always runs dense; "
+                                             "this entry is ignored"))
+        for j, idx in enumerate(self.defaults.dense_layers):
+            if idx >= len(sparse):
+                out.append((f"defaults.dense_layers[{j}]",
+                            f"index {idx} is past the model's last self/joint site: it has {len(sparse)} "
+                            f"(indices 0..{len(sparse) - 1}); this entry is ignored"))
+        return out
+
     def check_against(self, model_cls: str, sites: list[SiteSpec]) -> None:
         """Raise RecipeError unless this recipe fits a model with class `model_cls` and these sites."""
         by_path = {s.path: s for s in sites}
@@ -311,35 +390,35 @@ class Recipe:
             if self.model.cls != model_cls:
                 raise RecipeError(
                     f"recipe is for model class '{self.model.cls}' but the model is '{model_cls}'",
-                    source=self.source, key="model.class")
+                    source=self.where, key="model.class")
             for i, spec in enumerate(self.model.sites):
                 got = by_path.get(spec.path)
                 if got is None:
                     raise RecipeError(
                         f"site '{spec.path}' is not an attention site of this model; the model has: "
-                        f"{_short_list(by_path)}", source=self.source, key=f"model.sites[{i}].path")
+                        f"{_short_list(by_path)}", source=self.where, key=f"model.sites[{i}].path")
                 for attr in ("kind", "heads", "head_dim"):
                     if getattr(got, attr) != getattr(spec, attr):
                         raise RecipeError(
                             f"recipe says {attr}={getattr(spec, attr)!r} but the model's site '{spec.path}' has "
-                            f"{attr}={getattr(got, attr)!r}", source=self.source, key=f"model.sites[{i}].{attr}")
+                            f"{attr}={getattr(got, attr)!r}", source=self.where, key=f"model.sites[{i}].{attr}")
             if len(self.model.sites) != len(sites):
                 missing = [p for p in by_path if self.model.site(p) is None]
                 raise RecipeError(
                     f"the model has {len(sites)} attention sites, the recipe's signature lists "
                     f"{len(self.model.sites)}; not in the recipe: {_short_list(missing)}",
-                    source=self.source, key="model.sites")
+                    source=self.where, key="model.sites")
         for path, entry in self.sites.items():
             spec = by_path.get(path)
             if spec is None:
                 raise RecipeError(
                     f"no attention site '{path}' in the model; valid site paths: {_short_list(by_path)}",
-                    source=self.source, key=f"sites.{path}")
+                    source=self.where, key=f"sites.{path}")
             for j, h in enumerate(entry.heads):
                 if h.head >= spec.heads:
                     raise RecipeError(
                         f"head {h.head} does not exist: site '{path}' has {spec.heads} heads (0..{spec.heads - 1})",
-                        source=self.source, key=f"sites.{path}.heads[{j}].head")
+                        source=self.where, key=f"sites.{path}.heads[{j}].head")
 
     # -- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -460,8 +539,8 @@ def _schedule_from(raw, key: str) -> tuple[ScheduleStep, ...]:
         e = _expect_map(e, k, {"from_step", "scale"}, required=("from_step", "scale"))
         step = _int(e["from_step"], f"{k}.from_step", 0)
         sc = e["scale"]
-        if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not sc > 0:
-            _fail(f"{k}.scale", f"must be a positive number (a factor on each head's density); got {sc!r}")
+        if not _in_range(sc, 0.0, math.inf, True):
+            _fail(f"{k}.scale", f"must be a positive finite number (a factor on each head's density); got {sc!r}")
         if out and step <= out[-1].from_step:
             _fail(f"{k}.from_step", f"entries must be in increasing step order; {step} follows {out[-1].from_step}")
         out.append(ScheduleStep(step, float(sc)))
@@ -469,11 +548,11 @@ def _schedule_from(raw, key: str) -> tuple[ScheduleStep, ...]:
 
 
 def _int(v, key, lo=None):
-    if not isinstance(v, int) or isinstance(v, bool):
-        _fail(key, f"must be an integer; got {v!r}")
+    if not isinstance(v, numbers.Integral) or isinstance(v, bool):
+        _fail(key, f"must be an integer{'' if lo is None else f' >= {lo}'}; got {v!r}")
     if lo is not None and v < lo:
         _fail(key, f"must be >= {lo}; got {v}")
-    return v
+    return int(v)
 
 
 def _params(entry: dict, method: str | None, key: str) -> dict:
@@ -543,8 +622,11 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
 def _parse(data: Any, source: str | None) -> Recipe:
     _expect_map(data, "", _TOP_KEYS, required=("version",))
     version = data["version"]
+    if not isinstance(version, numbers.Integral) or isinstance(version, bool):
+        _fail("version", f"must be the integer {RECIPE_VERSION}; got {version!r}")
     if version != RECIPE_VERSION:
         _fail("version", f"unsupported recipe version {version!r}; this sparsify reads version {RECIPE_VERSION}")
+    version = int(version)
 
     model = None
     if "model" in data:
@@ -578,7 +660,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
         if "mask_reuse" in dd:
             mr = _expect_map(dd["mask_reuse"], "defaults.mask_reuse", {"threshold", "max_age"})
             thr = mr.get("threshold", MaskReuse.threshold)
-            if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0.0 <= thr <= 2.0:
+            if not _in_range(thr, 0.0, 2.0, False):
                 _fail("defaults.mask_reuse.threshold", f"must be a drift in [0, 2] (cosine distance); got {thr!r}")
             reuse = MaskReuse(threshold=float(thr),
                               max_age=_int(mr.get("max_age", MaskReuse.max_age), "defaults.mask_reuse.max_age", 1))
@@ -643,6 +725,11 @@ def _parse(data: Any, source: str | None) -> Recipe:
     calibration = data.get("calibration")
     if calibration is not None and not isinstance(calibration, dict):
         _fail("calibration", "must be a mapping (provenance: model, inputs, budget, date, ...)")
+    if calibration is not None and "grid" in calibration:
+        g = calibration["grid"]
+        if not (isinstance(g, list) and len(g) == 3 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1
+                                                            for x in g)):
+            _fail("calibration.grid", f"must be the calibration token grid [T, H, W] (positive integers); got {g!r}")
 
     recipe = Recipe(version=version, model=model, defaults=defaults, rules=tuple(rules), sites=sites,
                     calibration=calibration, source=source)
@@ -657,17 +744,138 @@ def bundled_recipes() -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.name.endswith((".yaml", ".yml"))) if root.is_dir() else []
 
 
+_VALID = ("a Recipe, a dict, a path to a YAML file (str or pathlib.Path), or a bundled recipe name "
+          "such as 'wan14b.yaml'")
+
+
 def _resolve_path(name: str | Path) -> Path:
     p = Path(name)
-    if p.exists():
-        return p
-    if p.name == str(name):  # a bare file name: look among bundled recipes
-        cand = resources.files("sparsify.recipes") / str(name)
-        if cand.is_file():
-            return Path(str(cand))
+    try:
+        if p.exists():
+            if p.is_dir():
+                raise RecipeError("is a directory; pass the path of a recipe YAML file in it", source=str(name))
+            return p
+        if p.name == str(name):  # a bare file name: look among bundled recipes
+            cand = resources.files("sparsify.recipes") / str(name)
+            if cand.is_file():
+                return Path(str(cand))
+    except RecipeError:
+        raise
+    except (OSError, ValueError) as e:  # a name the OS cannot look up (too long, NUL byte, ...)
+        raise RecipeError(f"cannot be looked up as a file ({type(e).__name__}: {e}); pass {_VALID}",
+                          source=_shown(name)) from None
     raise RecipeError(
         f"no such recipe file; bundled recipes are: {', '.join(bundled_recipes()) or '(none)'}",
         source=str(name))
+
+
+def _shown(value) -> str:
+    s = repr(value)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+MAX_DEPTH = 64  # nesting levels a recipe may have (it needs 6); deeper input is refused before it is composed
+
+
+def _check_depth(text: str) -> None:
+    """Raise RecipeError for YAML nested more than MAX_DEPTH levels (libyaml recurses per level: deep input
+    would crash the process, and deep flow collections take quadratic time to parse)."""
+    depth = peak = 0
+    for ch in re.sub(r"[^\[\]{}]", "", text):  # flow brackets, counted without parsing (strings included)
+        depth = depth + 1 if ch in "[{" else max(0, depth - 1)
+        peak = max(peak, depth)
+    if peak <= MAX_DEPTH:
+        depth = 0
+        for ev in yaml.parse(text, Loader=_SafeLoader):
+            if isinstance(ev, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                peak = max(peak, depth)
+            elif isinstance(ev, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+            if peak > MAX_DEPTH:
+                break
+    if peak > MAX_DEPTH:
+        raise RecipeError(f"not a recipe: the YAML is nested more than {MAX_DEPTH} levels deep (a recipe needs 6)")
+
+
+def _check_unique_keys(root) -> None:
+    """Raise RecipeError (with the key path and line) for a key listed twice in one YAML mapping."""
+    todo, seen_nodes = [(root, "")], set()
+    while todo:
+        node, path = todo.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for knode, vnode in node.value:
+                if not isinstance(knode, yaml.ScalarNode) or knode.tag == "tag:yaml.org,2002:merge":
+                    todo.append((vnode, path))
+                    continue
+                key = f"{path}.{knode.value}" if path else str(knode.value)
+                if knode.value in first:
+                    raise RecipeError(
+                        f"duplicate key (line {knode.start_mark.line + 1}; first at line {first[knode.value]}): "
+                        "a YAML mapping may list each key once", key=key)
+                first[knode.value] = knode.start_mark.line + 1
+                todo.append((vnode, key))
+        elif isinstance(node, yaml.SequenceNode):
+            todo.extend((v, f"{path}[{j}]") for j, v in enumerate(node.value))
+
+
+def parse_yaml(text: str, source: str = "<string>"):
+    """Parse recipe YAML strictly: safe tags only, and a key listed twice in one mapping is an error.
+
+    Raises:
+        RecipeError: naming `source`, and the key path and line of a duplicate key.
+
+    Example:
+        >>> parse_yaml("{version: 1, version: 1}")
+        Traceback (most recent call last):
+        ...
+        sparsify.errors.RecipeError: <string>: key 'version': duplicate key (line 1; first at line 1): a YAML mapping may list each key once
+    """
+    loader = None
+    try:
+        _check_depth(text)
+        loader = _SafeLoader(text)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node)
+        return loader.construct_document(node)
+    except RecipeError as e:
+        raise RecipeError(e.reason, source=source, key=e.key) from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"not valid YAML: {e}", source=source) from None
+    except RecursionError:
+        raise RecipeError("not a recipe: the YAML is nested too deeply to read", source=source) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def read_recipe_file(path: Path):
+    """The parsed YAML of a recipe file, with every way of failing reported as RecipeError naming the file."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecipeError(f"cannot be read ({type(e).__name__}: {e.strerror or e})", source=str(path)) from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        hint = " (it starts with a UTF-16 byte-order mark)" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise RecipeError(
+            f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} cannot be decoded{hint}; a recipe is a "
+            "UTF-8 YAML file", source=str(path)) from None
+    if "\x00" in text:
+        raise RecipeError("not a text file (it holds NUL bytes); a recipe is a UTF-8 YAML file", source=str(path))
+    data = parse_yaml(text, str(path))
+    if data is None:
+        raise RecipeError("the file is empty; a recipe is a YAML mapping with at least 'version: 1'",
+                          source=str(path))
+    return data
 
 
 def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
@@ -680,7 +888,9 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
         The validated Recipe.
 
     Raises:
-        RecipeError: the message names the file and key path of the problem and what is valid.
+        RecipeError: for every malformed recipe and every argument that is not one: the message names the
+            file (`<dict>` for a dict, `recipe` for a wrong argument), the key path of the problem and what
+            is valid. YAML files must be UTF-8, with each key at most once per mapping.
 
     Example:
         >>> r = load_recipe({"version": 1, "defaults": {"budget": {"top_p": 0.9, "min_density": 0.05}}})
@@ -691,9 +901,7 @@ def load_recipe(recipe: str | Path | dict | Recipe) -> Recipe:
         return recipe
     if isinstance(recipe, dict):
         return recipe_from_dict(recipe, source="<dict>")
+    if not isinstance(recipe, (str, Path)) or isinstance(recipe, str) and not recipe.strip():
+        raise RecipeError(f"is {type(recipe).__name__} {_shown(recipe)}; pass {_VALID}", source="recipe")
     path = _resolve_path(recipe)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RecipeError(f"not valid YAML: {e}", source=str(path)) from None
-    return recipe_from_dict(data, source=str(path))
+    return recipe_from_dict(read_recipe_file(path), source=str(path))

@@ -13,54 +13,46 @@ triton = pytest.importorskip("triton")
 hopper = pytest.importorskip("sparsify.kernels.hopper", reason="this triton has no (compatible) Gluon")
 
 
-def _compile(dtype: str, kernel: str, has_dst: bool = False, direct: bool = False):
+def _compile(dtype: str, kernel: str, has_dst: bool = False):
     """`triton.compile` of the 128x128 ping-pong kernel (`hopper`) or the 64x64 one (`hopper64`) for sm_90, with the
-    TMA store or (`has_dst`) the fused inverse layout's row stores; `direct`: hopper64 reading token order through
-    5-D boxes of 4x4x4 tiles."""
+    TMA store or (`has_dst`) the fused inverse layout's row stores."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
+
+    from sparsify.kernels import hopper64
 
     gdt = {"bf16": gl.bfloat16, "fp16": gl.float16}[dtype]
 
     def desc(block):
         return f"tensordesc<{dtype}[{','.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, gdt)!r}>"
 
+    launch = hopper.LAUNCH
     if kernel == "hopper":
-        cfg = hopper.VARIANTS["pingpong"]
-        fn, warps, maxnreg = hopper.block_sparse_fwd_ws, cfg["num_warps"], cfg["maxnreg"]
-        sig = {"q_desc": desc([1, cfg["rows"], 128]), "k_desc": desc([1, 128, 128]), "v_desc": desc([1, 128, 128]),
-               "o_desc": desc([1, cfg["rows"], 128]), "IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32",
-               "MAX_KV": "i32", "N_TILES": "i32", "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32",
-               "OUT_LEN": "i32"}
-        const = {"NUM_STAGES": 2, "PINGPONG": True, "SEPARATE_O": False, "CONSUMER_REGS": 240, "PRODUCER_REGS": 24,
-                 "num_warps": warps, "HAS_DST": has_dst}
+        fn = hopper.block_sparse_fwd_ws
+        q_blk, k_blk = desc([1, hopper.ROWS, 128]), desc([1, hopper.BLOCK, 128])
+        sig = {"q_desc": q_blk, "k_desc": k_blk, "v_desc": k_blk, "o_desc": q_blk}
     else:
-        from sparsify.kernels import hopper64
-
-        launch = hopper64.LAUNCH
-        fn, warps, maxnreg = hopper64.block_sparse_fwd64_ws, launch["num_warps"], launch["maxnreg"]
-        blk = desc([1, 4, 4, 4, 128] if direct else [1, 64, 128])
-        sig = {name: blk for name in ("q_desc", "k_desc", "v_desc", "o_desc")}
-        sig.update({"IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32", "N_PAIRS": "i32", "MAX_KV": "i32",
-                    "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32", "OUT_LEN": "i32", "qe_desc": blk,
-                    "ke_desc": blk, "ve_desc": blk, "TAB": "*i32"})
-        const = {"NUM_STAGES": 2, "CONSUMER_REGS": launch["consumer_regs"], "PRODUCER_REGS": launch["producer_regs"],
-                 "num_warps": warps, "HAS_DST": has_dst or direct, "DIRECT": direct}
-    sig.update({name: "constexpr" for name in const})
-    src = GluonASTSource(fn, signature=sig, constexprs=const,
-                         attrs={(i,): [["tt.divisibility", 16]] for i in (4, 5, 11, 12, 17)[:4 if kernel == "hopper" else 5]})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "maxnreg": maxnreg})
+        fn = hopper64.block_sparse_fwd64_ws
+        sig = {name: desc([1, 64, 128]) for name in ("q_desc", "k_desc", "v_desc", "o_desc")}
+    sig.update({"IDX": "*i32", "CNT": "*i32", "S": "i32", "N_QB": "i32", "N_PAIRS": "i32", "MAX_KV": "i32",
+                "qk_scale": "fp32", "O": f"*{dtype}", "DST": "*i32", "OUT_LEN": "i32"})
+    const = {"NUM_STAGES": 2, "CONSUMER_REGS": launch["consumer_regs"], "PRODUCER_REGS": launch["producer_regs"],
+             "num_warps": launch["num_warps"], "HAS_DST": has_dst}
+    sig = {name: "constexpr" if name in const else sig[name] for name in fn.arg_names}
+    pointers = [i for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")]
+    src = GluonASTSource(fn, signature=sig, constexprs=const, attrs={(i,): [["tt.divisibility", 16]] for i in pointers})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": launch["num_warps"], "maxnreg": launch["maxnreg"]})
 
 
-@pytest.mark.parametrize("kernel,dtype,has_dst,direct", [
-    ("hopper", "bf16", False, False), ("hopper", "fp16", False, False), ("hopper64", "bf16", False, False),
-    ("hopper64", "fp16", False, False), ("hopper", "bf16", True, False), ("hopper64", "bf16", True, False),
-    ("hopper64", "bf16", True, True), ("hopper64", "fp16", True, True)])
-def test_compiles_for_sm90_without_spills_or_serialized_wgmma(kernel, dtype, has_dst, direct):
+@pytest.mark.parametrize("kernel,dtype,has_dst", [
+    ("hopper", "bf16", False), ("hopper", "fp16", False), ("hopper64", "bf16", False), ("hopper64", "fp16", False),
+    ("hopper", "bf16", True), ("hopper64", "bf16", True), ("hopper64", "fp16", True)])
+def test_compiles_for_sm90_without_spills_or_serialized_wgmma(kernel, dtype, has_dst):
     """The kernel builds for sm_90a: shared memory within the 227 KiB limit, no spills, wgmma not serialized (Gluon
     has no interpreter: correctness is tests/gpu/test_hopper_gpu.py)."""
-    kernel = _compile(dtype, kernel, has_dst, direct)
+    kernel = _compile(dtype, kernel, has_dst)
     assert 0 < kernel.metadata.shared <= 232448
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     logs = []

@@ -32,12 +32,12 @@ def _grads(fn, q, k, v, go, **kw):
 _TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
 
 # (B, H, S, D, dtype, block_size, lens, launch options): odd S, B > 1, both head dims, mixed block sizes,
-# kv_block_lens, sub-tiles in both kernels, the fused single-launch grid, the separate preprocess, TMA loads
+# kv_block_lens, sub-tiles in both kernels, the separate preprocess, TMA loads
 CASES = [
     (2, 1, 200, 64, torch.float32, (64, 64), False, {}),
     (1, 2, 150, 128, torch.float32, (64, 64), False, {}),
     (2, 1, 190, 64, torch.float16, (64, 64), True, {}),
-    (1, 1, 250, 64, torch.float32, (64, 128), True, dict(kv_tile=64, m_step=32, q_tile=32, n_step=64, fused=True)),
+    (1, 1, 250, 64, torch.float32, (64, 128), True, dict(kv_tile=64, m_step=32, q_tile=32, n_step=64)),
     (1, 2, 140, 64, torch.float32, (128, 64), False, dict(kv_tile=32, m_step=64, q_tile=64, n_step=32, dq_pre=False)),
     (2, 1, 256, 64, torch.float16, (64, 64), False, dict(use_tma=True)),  # S a multiple of the block; TMA loads
     (1, 1, 170, 128, torch.float32, (64, 64), True, dict(use_tma=True, dq_pre=False, m_step=32, n_step=32)),

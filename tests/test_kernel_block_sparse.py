@@ -31,12 +31,13 @@ def _inputs(B, H, S, D, dtype, gen):
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 # (B, H, S, D, dtype, block_size, launch options): odd S (and one exact multiple), B > 1, both head dims, all block
-# sizes, TMA descriptors (also run by the interpreter), every masking mode, lazy rescaling, sub-tiles
+# sizes, TMA descriptors (also run by the interpreter), the tail block last (the interpreter's default) or masked
+# where needed, lazy rescaling, sub-tiles
 CASES = [
     (1, 2, 300, 64, torch.float32, (128, 128), {}),
     (2, 1, 333, 128, torch.float16, (128, 128), dict(use_tma=True, lazy_rescale=True)),
-    (2, 2, 257, 64, torch.float16, (64, 64), dict(mask_mode=1)),
-    (1, 3, 390, 64, torch.float32, (64, 128), dict(use_tma=True, mask_mode=0)),
+    (2, 2, 257, 64, torch.float16, (64, 64), dict(tail_last=False)),
+    (1, 3, 390, 64, torch.float32, (64, 128), dict(use_tma=True, tail_last=False)),
     (1, 2, 200, 128, torch.float32, (128, 64), dict(tile_n=32, lazy_rescale=True)),
     (2, 1, 130, 64, torch.bfloat16, (64, 64), dict(use_tma=True)),
     (1, 2, 256, 64, torch.float32, (64, 64), {}),  # S a multiple of BLOCK_N, no lens: the last block is kept
@@ -210,4 +211,7 @@ def test_aot_resources_compiles_the_forward_kernel_for_sm90():
 
     with interpreter(False):  # compiled, not interpreted
         r = resources(64, 64, 64, 2, 4)
+        r128 = resources(128, 128, 64, 2, 8, 128, tail_last=True, lazy=True, lens=False)  # the 128-row default
     assert r["regs"] > 0 and r["stack"] == 0 and r["programs_per_sm"] >= 1, r
+    # two programs per SM under the 128-register cap, wgmma not serialized (spills depend on the triton version)
+    assert r128["regs"] <= 128 and r128["programs_per_sm"] == 2 and r128["wgmma_serialized"] is None, r128

@@ -299,6 +299,7 @@ def test_hunyuan_video_pipeline_true_cfg_with_text_padding(installed):
     assert all(s.selections == s.calls == 6 for s in installed_sites(model))
 
 
+@pytest.mark.slow  # compile-heavy
 def test_wan_pipeline_compile_repeated_blocks_matches_eager(installed):
     pipe = wan_pipe()
     pipe.transformer = installed(pipe.transformer, recipe(dense_steps=1, mask_reuse={"threshold": 2.0, "max_age": 2}))
@@ -318,6 +319,7 @@ def test_wan_pipeline_compile_repeated_blocks_matches_eager(installed):
             assert (s["selections"] - tot["selections"], s["reused"] - tot["reused"]) == (e["selections"], e["reused"])
 
 
+@pytest.mark.slow  # compile-heavy
 def test_wan_pipeline_whole_model_compile_matches_eager(installed):
     """`torch.compile(pipe.transformer, fullgraph=True)`: the geometry/timestep hook is traced into the graph; one
     graph serves every step and CFG call (no recompilation per timestep). The eager backend keeps it fast; inductor

@@ -38,7 +38,7 @@ def recipe(**defaults):
     return {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": 0.25}, **defaults}}
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_dense_first_steps_then_sparse(compiled):
     m, kw = _wan(recipe(dense_steps=2))
     dense = [_call(m, kw, t) for t in (900, 800, 700)]
@@ -118,6 +118,7 @@ def test_reused_selection_is_the_cached_one(monkeypatch):
     unsparsify(m)
 
 
+@pytest.mark.slow  # compile-heavy
 def test_dense_first_steps_under_regional_compile():
     m, kw = _wan(None)
     dense = [_call(m, kw, t) for t in (900, 800)]

@@ -9,7 +9,6 @@ import pytest
 from sparsify.calibrate.solve import (
     DENSITY_TOL,
     InfeasibleBudgetError,
-    _cbc_log_bound,
     available_solvers,
     pareto_curve,
     solve_allocation,
@@ -151,7 +150,7 @@ def test_ilp_within_lagrangian_bounds(solver):
             cost, error = random_instance(rng, 96, 12)
         budget = [0.1, 0.2, 0.4][trial]
         lag = solve_allocation(cost, error, budget, solver="lagrangian")
-        ilp = solve_allocation(cost, error, budget, solver=solver, gap_rel=1e-7, warm_start=False)
+        ilp = solve_allocation(cost, error, budget, solver=solver, gap_rel=1e-7)
         check(lag, cost, error, budget)
         check(ilp, cost, error, budget)
         tol = 1e-6 * lag.total_error
@@ -304,23 +303,46 @@ def test_time_limit_is_reported_honestly(solver):
     assert min(layer_densities(cost, alloc.choice, layer).values()) >= 0.19 - DENSITY_TOL
 
 
-def test_cbc_log_parsing():
-    """pulp reads neither CBC's bound nor why it stopped: both come from its log."""
-    done = (
-        "Cbc0011I Exiting as integer gap of 3.0445315e-05 less than 1e-10 or 0.01%\n"
-        "Cbc0001I Search completed - best objective 18.32272704071319\n\n"
-        "Result - Optimal solution found (within gap tolerance)\n"
-    )
-    bound, result = _cbc_log_bound(done, 18.32272704071319)
-    assert bound == pytest.approx(18.32272704071319 - 3.0445315e-05, rel=1e-15)
-    assert result == "Optimal solution found (within gap tolerance)"
-    partial = (
-        "Cbc0010I After 0 nodes, 1 on tree, 1.4979351 best solution, best possible 1.4843626 (0.06 seconds)\n"
-        "Cbc0005I Partial search - best objective 1.4970196 (best possible 1.4847299), took 16569 iterations\n"
-        "Result - Stopped on time limit\n"
-    )
-    assert _cbc_log_bound(partial, 1.4970196) == (1.4847299, "Stopped on time limit")
-    assert _cbc_log_bound("", 1.0) == (None, "")
+def test_milp_prints_nothing_unless_asked(capfd):
+    """msg=False silences the solvers entirely, HiGHS' C++ banner included."""
+    cost, error, _ = realistic_instance(np.random.default_rng(8), layers=2, heads=4, methods=2)
+    for solver in ILP_SOLVERS:
+        solve_allocation(cost, error, 0.2, solver=solver)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_cbc_is_the_fallback_without_highs(monkeypatch):
+    pulp = pytest.importorskip("pulp")
+    if "cbc" not in ILP_SOLVERS:
+        pytest.skip("pulp's bundled CBC is missing")
+    monkeypatch.setattr(pulp.HiGHS, "available", lambda self: False)
+    available_solvers.cache_clear()
+    try:
+        assert available_solvers() == ("cbc", "lagrangian")
+        cost, error, _ = realistic_instance(np.random.default_rng(9), layers=3, heads=4, methods=2)
+        alloc = solve_allocation(cost, error, 0.2)
+        assert alloc.solver == "cbc" and alloc.status == "optimal"
+        check(alloc, cost, error, 0.2)
+    finally:
+        available_solvers.cache_clear()
+
+
+def test_auto_uses_the_lagrangian_beyond_milp_size(monkeypatch):
+    import sparsify.calibrate.solve as solve
+
+    cost, error, _ = realistic_instance(np.random.default_rng(10), layers=3, heads=4, methods=2)
+    monkeypatch.setattr(solve, "MILP_MAX_VARIABLES", 5)
+    alloc = solve_allocation(cost, error, 0.2)
+    assert alloc.solver == "lagrangian"
+    check(alloc, cost, error, 0.2)
+
+
+def test_infeasible_budget_carries_the_minimum_density():
+    cost = np.array([[1.0, 0.5, 0.25]] * 2)
+    with pytest.raises(InfeasibleBudgetError) as e:
+        solve_allocation(cost, np.zeros((2, 3)), 0.1)
+    assert e.value.min_density == pytest.approx(0.25)
 
 
 def test_weights_change_the_budget_row():

@@ -9,7 +9,7 @@ from sparsify.testing import dits
 from sparsify import find_sites, installed_sites, runtime, sparsify, unsparsify
 from sparsify.adapters import adapter_for
 from sparsify.methods import vsa
-from sparsify.recipe import RecipeError
+from sparsify.errors import RecipeError, SparsifyArgumentError
 
 DIFFUSERS = {"wan": dits.tiny_wan, "hunyuan": dits.tiny_hunyuan, "cogvideox": dits.tiny_cogvideox}
 HANDWRITTEN = {"manual": dits.manual_dit, "named_sdpa": dits.named_sdpa_dit}
@@ -108,8 +108,8 @@ class _RecordSelections:
         self.calls = []
         orig = vsa.VSA.select
 
-        def select(this, q, k, layout, budgets):
-            idx, cnt = orig(this, q, k, layout, budgets)
+        def select(this, q, k, layout, budgets, stats=None):
+            idx, cnt = orig(this, q, k, layout, budgets, stats)
             self.calls.append((layout.grid, layout.tile, idx.clone(), cnt.clone()))
             return idx, cnt
 
@@ -154,12 +154,12 @@ def test_manual_attention_site_is_sparse_and_matches_masked(monkeypatch):
     captured = []
     orig_run = runtime.run_site
 
-    def spy(q, k, v, site, geometry, scale, attn_mask=None, timestep=None):
-        out = orig_run(q, k, v, site, geometry, scale, attn_mask, timestep)
+    def spy(q, k, v, site, geometry, scale, attn_mask=None, timestep=None, gate=None):
+        out = orig_run(q, k, v, site, geometry, scale, attn_mask, timestep, gate)
         captured.append((q, k, v, scale, out))
         return out
 
-    monkeypatch.setattr(runtime, "run_site", spy)
+    monkeypatch.setattr(runtime.op, "run_site", spy)  # the op's call into the dispatch
     dense = run(m, args, kwargs)
     sparsify(m, recipe(0.25, tile=(4, 4, 4)), **skw)
     out = run(m, args, kwargs)
@@ -225,6 +225,21 @@ def test_unsparsify_restores_exactly():
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["wan", "named_sdpa"])
+def test_unsparsify_after_regional_compile_is_exact(name):
+    """In-place compiles made after sparsify() traced the sparse op: unsparsify removes them, bit for bit."""
+    m, args, kwargs, skw = build(name)
+    ref = run(m, args, kwargs)
+    sparsify(m, recipe(0.25, tile=(4, 4, 4)), **skw)
+    _regional_compile(m)
+    assert (run(m, args, kwargs) - ref).abs().max() > 1e-3
+    compiled = [n for n, mod in m.named_modules() if mod._compiled_call_impl is not None]
+    assert compiled
+    unsparsify(m)
+    assert all(mod._compiled_call_impl is None for mod in m.modules())
+    assert torch.equal(run(m, args, kwargs), ref)
+
+
 def test_backward_through_sparse_op():
     m, args, kwargs, skw = build("named_sdpa")
     sparsify(m, recipe(0.25, tile=(4, 4, 4)), **skw)
@@ -247,7 +262,7 @@ def test_sparse_op_opcheck():
 
 def test_errors_are_loud():
     m, args, kwargs, skw = build("named_sdpa")
-    with pytest.raises(ValueError, match="example_inputs"):
+    with pytest.raises(SparsifyArgumentError, match="example_inputs"):
         sparsify(m, recipe(0.5))
     with pytest.raises(RecipeError, match="sites.blocks.7.attn"):
         sparsify(m, recipe(0.5, sites={"blocks.7.attn": {"density": 0.2}}), **skw)
@@ -258,7 +273,7 @@ def test_errors_are_loud():
         sparsify(m, recipe(0.5), **skw)
     unsparsify(m)
     # a grid larger than the sequence: no video site, and the message says what was found
-    with pytest.raises(ValueError, match=r"blocks.0.attn \(text, 160 tokens\).*grid"):
+    with pytest.raises(SparsifyArgumentError, match=r"grid=\(9, 9, 9\).*blocks.0.attn \(text, 160 tokens\).*grid"):
         sparsify(m, recipe(0.5), example_inputs=args, grid=(9, 9, 9))
     # a call whose geometry does not fit is reported with the site path
     sparsify(m, recipe(0.5, tile=(4, 4, 4)), **skw)
@@ -270,7 +285,7 @@ def test_errors_are_loud():
 
 def test_model_without_sites_is_an_error():
     lin = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    with pytest.raises(ValueError, match="no self- or joint-attention site"):
+    with pytest.raises(SparsifyArgumentError, match="no self- or joint-attention site"):
         sparsify(lin, recipe(0.5), example_inputs=(torch.randn(2, 4),), grid=(1, 1, 2))
 
 

@@ -10,7 +10,8 @@ import torch
 from sparsify.testing import dits
 from sparsify import installed_sites, sparsify, unsparsify
 from sparsify.adapters import adapter_for
-from sparsify.kernels import varlen
+from sparsify.kernels import cluster_select, kernel_backend, kmeans as kmeans_kernels, varlen
+from sparsify.kernels._triton import interpreter
 from sparsify.kernels.varlen import q_tile_table, varlen_block_attn, varlen_block_attn_reference, varlen_pairs
 from sparsify.geometry import Geometry
 from sparsify.methods import get_method, svg2
@@ -47,7 +48,7 @@ def _blobs(B, H, S, D, n, seed, spread=0.3):
     return torch.gather(centers, 2, pick[..., None].expand(B, H, S, D)) + spread * torch.randn(B, H, S, D, generator=g)
 
 
-@pytest.mark.parametrize("module", [svg2, varlen])
+@pytest.mark.parametrize("module", [svg2, varlen, kmeans_kernels, cluster_select])
 def test_docstring_examples(module, no_interpret):
     assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0
 
@@ -93,6 +94,23 @@ def test_segment_means_equal_the_scatter_update(monkeypatch, mode):
     perm, starts, lens = cluster_blocks(labels, 9)
     xs = torch.gather(x, 2, perm[..., None].expand(x.shape))
     torch.testing.assert_close(segment_means(xs, starts, lens, old), kmeans_update(x, labels, old), rtol=1e-5, atol=1e-5)
+
+
+def test_kmeans_path_switch(monkeypatch):
+    """The `kmeans` kernel path governs the assignment, segment means and selection kernels: under the interpreter
+    they serve CPU tensors of a supported dtype and head dim unless `kernel_backend` turns the path off."""
+    x = torch.zeros(1, 1, 8, 16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kmeans_kernels.uses_triton(x) and not kmeans_kernels.uses_triton(x.double())
+    assert not kmeans_kernels.uses_triton(torch.zeros(1, 1, 8, 24))
+    with kernel_backend("-kmeans"):
+        assert not kmeans_kernels.uses_triton(x)
+        calls = []
+        monkeypatch.setattr(cluster_select, "jit", lambda *a: calls.append(a))
+        idx, cnt = select_clusters(torch.zeros(1, 1, 2, 3), torch.ones(1, 1, 3), [Budget(density=0.5)])
+        assert calls == [] and cnt.tolist() == [[[2, 2]]]  # the torch path
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not kmeans_kernels.uses_triton(x)
 
 
 def test_warm_start_needs_fewer_iterations(no_interpret):
@@ -162,7 +180,7 @@ def test_select_kernel_matches_reference_and_torch(interpret, ties):
     assert all(len(s) == int(cnt.flatten()[n]) for n, s in enumerate(got))  # no cluster twice
     live = torch.arange(nk) < cnt[..., None]
     assert (idx[~live] == 0).all()
-    with varlen.interpreter(False):
+    with interpreter(False):
         idx_t, cnt_t = select_clusters(logits, sizes, budgets)  # the torch path
     assert torch.equal(cnt, cnt_t)
 
@@ -189,9 +207,8 @@ CASES = [  # B, H, Sq, Sk, D, dtype, nq, nk, block_size, key mask kind
 ]
 
 
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "blocks"])
 @pytest.mark.parametrize("B,H,Sq,Sk,D,dtype,nq,nk,bs,mask", CASES)
-def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, nk, bs, mask, pack):
+def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, nk, bs, mask):
     g = _gen(Sq * 7 + Sk + D)
     q = torch.randn(B, H, Sq, D, generator=g).to(dtype)
     k, v = (torch.randn(B, H, Sk, D, generator=g).to(dtype) for _ in range(2))
@@ -206,7 +223,7 @@ def test_varlen_kernel_matches_reference(interpret, B, H, Sq, Sk, D, dtype, nq, 
     elif mask == "head":
         km = torch.rand(B, H, Sk, generator=g) > 0.3
     ref = varlen_block_attn_reference(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km)
-    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km, block_size=bs, pack_keys=pack)
+    out = varlen_block_attn(q, k, v, qs, ql, ks, kl, idx, cnt, key_mask=km, block_size=bs)
     assert out.shape == ref.shape and out.dtype == dtype and torch.isfinite(out).all()
     rel = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-3), rel
@@ -230,7 +247,6 @@ def test_tile_table_and_pairs():
     idx = torch.tensor([[[[1, 0], [0, 1], [1, 0]]]], dtype=torch.int32)
     cnt = torch.tensor([[[1, 2, 2]]], dtype=torch.int32)
     assert varlen_pairs(ql, kl, idx, cnt).item() == 3 * 17 + 37 * 22
-    assert varlen_pairs(ql, kl, idx, cnt, (16, 16), pack_keys=False).item() == 16 * 32 + 48 * 48
     assert varlen_pairs(ql, kl, idx, cnt, (16, 16)).item() == 16 * 32 + 48 * 32  # 22 keys packed: 2 chunks
 
 
@@ -379,10 +395,10 @@ def test_sparsify_tiny_wan_with_svg2(monkeypatch, no_interpret):
     assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
 
 
-@pytest.mark.parametrize("packed,bn", [(True, 128), (True, 64), (False, 64)])
-def test_varlen_kernel_pipelines_its_loads_for_sm90(packed, bn):
-    """Compiled ahead of time for sm_90: the K/V loads become `cp.async` copies (the packed mode's key-table load
-    must not keep triton's pipeliner from it), with no spills at the default launch (8 warps, 2 stages)."""
+@pytest.mark.parametrize("bn", [128, 64])
+def test_varlen_kernel_pipelines_its_loads_for_sm90(bn):
+    """Compiled ahead of time for sm_90: the K/V loads become `cp.async` copies (the key-table load must not keep
+    triton's pipeliner from them), with no spills at the default launch (8 warps, 2 stages)."""
     from pathlib import Path
 
     import triton
@@ -391,5 +407,5 @@ def test_varlen_kernel_pipelines_its_loads_for_sm90(packed, bn):
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this triton wheel bundles no cuobjdump")
-    r = varlen_resources(128, bn, 8, 2, packed=packed)
+    r = varlen_resources(128, bn, 8, 2)
     assert r["async_copies"] >= 2 and r["stack"] == 0, r

@@ -252,28 +252,6 @@ def installed_sites_of_any():
     return list(runtime.STATE.sites)
 
 
-def test_masked_dense_block_fn_matches_reference_values_and_grads():
-    """The CUDA backward's stand-in (dense SDPA + equivalent mask) against the reference semantics."""
-    from sparsify.runtime.op import masked_dense_block_fn
-    from sparsify.kernels.reference import block_sparse_attn_reference
-
-    g = torch.Generator().manual_seed(4)
-    B, H, Sq, D, bs = 2, 2, 200, 16, 64  # 4 blocks, the last partial
-    q, k, v = (torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    idx = torch.stack([torch.randperm(4, generator=g)[:3] for _ in range(B * H * 4)]).view(B, H, 4, 3).int()
-    cnt = torch.randint(1, 4, (B, H, 4), generator=g).int()
-    cnt[0, 0, 1] = 0  # a query block that sees nothing: zeros
-    lens = torch.tensor([64, 64, 50, 8], dtype=torch.int32)
-    up = torch.randn(B, H, Sq, D, generator=g, dtype=torch.float64)
-    kw = dict(block_size=(bs, bs), scale=0.3, kv_block_lens=lens)
-    a = masked_dense_block_fn(q, k, v, idx, cnt, **kw)
-    b = block_sparse_attn_reference(q, k, v, idx, cnt, **kw)
-    torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
-    assert float(a.detach()[0, 0, 64:128].abs().max()) == 0.0
-    for x, y, name in zip(torch.autograd.grad(a, (q, k, v), up), torch.autograd.grad(b, (q, k, v), up), "qkv"):
-        torch.testing.assert_close(x, y, atol=1e-10, rtol=0, msg=name)
-
-
 def test_docstring_examples_of_training():
     import doctest
 

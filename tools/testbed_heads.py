@@ -1,6 +1,7 @@
 """Per-head attention statistics of a Wan model (entropy, locality, temporal share): how heterogeneous its heads are.
 
     python -m tools.testbed_heads --weights sparsify/testbed/testbed_wan.safetensors --out heads.json
+    python -m tools.testbed_heads --model testbed-16k --samples 2 --out heads16k.json   # on a GPU
 
 For every self-attention layer and head, averaged over query tokens, samples and noise levels:
 
@@ -8,7 +9,9 @@ For every self-attention layer and head, averaged over query tokens, samples and
 - local: attention mass within |dt| <= 1, |dh| <= 2, |dw| <= 2 token-grid units of the query (the radius is an
   argument);
 - temporal: mass on the query's own (h, w) position in the other frames;
-- frame: mass inside the query's own frame (dt = 0).
+- frame: mass inside the query's own frame (dt = 0);
+- sink: the largest share of all queries' attention that one key receives (mean over queries of p[q, k], maximized
+  over k): about 1/S for a head without a sink, near 1 when every query attends to the same key.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-STAT_NAMES = ("entropy", "local", "temporal", "frame")
+STAT_NAMES = ("entropy", "local", "temporal", "frame", "sink")
+_MASKED = ("local", "temporal", "frame")
 
 
 def wan_qkv(attn, hidden_states: torch.Tensor, rotary_emb) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,13 +128,16 @@ class HeadStats:
         kf = k.float().transpose(1, 2)
         scale = 1.0 / math.sqrt(D)
         for b in range(B):
+            col = torch.zeros(Hh, S, dtype=torch.float64, device=q.device)  # attention each key receives
             for i0 in range(0, S, self.chunk):
                 i1 = min(S, i0 + self.chunk)
                 p = torch.softmax((qf[b, :, i0:i1] @ kf[b].transpose(-1, -2)) * scale, dim=-1)  # [H, c, S]
                 ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / math.log(S)
                 acc[0] += ent.sum(-1).double()
-                for j, name in enumerate(STAT_NAMES[1:], start=1):
-                    acc[j] += (p * self._masks[name][i0:i1]).sum(-1).sum(-1).double()
+                for name in _MASKED:
+                    acc[STAT_NAMES.index(name)] += (p * self._masks[name][i0:i1]).sum(-1).sum(-1).double()
+                col += p.sum(1).double()
+            acc[STAT_NAMES.index("sink")] += col.amax(-1)  # / S per sample, as every sum here, in result()
         self.sums[layer] = self.sums.get(layer, 0) + acc.cpu()
         self.rows[layer] = self.rows.get(layer, 0) + B * S
 
@@ -193,9 +200,11 @@ def summarize(stats: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from sparsify.testbed.model import build_testbed, example_inputs, grid
+    from sparsify.testbed.model import build_testbed, example_inputs
+    from sparsify.testbed.model import grid as testbed_grid
 
     p = argparse.ArgumentParser(prog="python -m tools.testbed_heads", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="testbed", help="test-bed variant: testbed or testbed-16k")
     p.add_argument("--weights", default=None, help="safetensors of the test-bed (default: the shipped weights)")
     p.add_argument("--out", default=None, help="write the statistics as JSON here")
     p.add_argument("--samples", type=int, default=4)
@@ -207,18 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     def inputs():
         for s in range(args.samples):
             for t in args.ts:
-                yield example_inputs(batch=1, seed=10_000 + s, device=args.device, t=t)
+                yield example_inputs(batch=1, seed=10_000 + s, device=args.device, t=t, name=args.model)
 
-    model = build_testbed(pretrained=True, device=args.device, weights=args.weights)
-    stats = head_stats(model, inputs(), grid())
-    base = None if args.no_init else head_stats(build_testbed(pretrained=False, device=args.device), inputs(), grid())
+    grid = testbed_grid(name=args.model)
+    model = build_testbed(pretrained=True, device=args.device, weights=args.weights, name=args.model)
+    stats = head_stats(model, inputs(), grid)
+    base = None if args.no_init else head_stats(build_testbed(pretrained=False, device=args.device, name=args.model),
+                                                 inputs(), grid)
     print(format_table(stats, base))
     print("trained:", json.dumps(summarize(stats)))
     if base is not None:
         print("random init:", json.dumps(summarize(base)))
     if args.out:
         blob = {
-            "grid": list(grid()),
+            "model": args.model,
+            "grid": list(grid),
             "radius": [1, 2, 2],
             "samples": args.samples,
             "ts": args.ts,

@@ -1,6 +1,7 @@
 """Sample the test-bed once per class and save a PNG strip (first 3 latent channels as RGB), a visual sanity check.
 
-    python -m tools.testbed_preview --out preview.png [--weights W.safetensors] [--steps 30]
+    python -m tools.testbed_preview --out preview.png [--model testbed-16k] [--weights W.safetensors] [--steps 30]
+    python -m tools.testbed_preview --out data16k.png --model testbed-16k --data   # the training data instead
 """
 
 from __future__ import annotations
@@ -9,8 +10,8 @@ import argparse
 
 import torch
 
-from sparsify.testbed.data import NUM_CLASSES, class_embeddings
-from sparsify.testbed.model import LATENT_SHAPE, build_testbed, sample
+from sparsify.testbed.model import build_testbed, sample
+from sparsify.testbed.variants import get_variant
 
 
 def to_png(videos: torch.Tensor, path: str, frames: int = 8, zoom: int = 3) -> None:
@@ -27,16 +28,25 @@ def to_png(videos: torch.Tensor, path: str, frames: int = 8, zoom: int = 3) -> N
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tools.testbed_preview", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True)
+    p.add_argument("--model", default="testbed", help="test-bed variant: testbed or testbed-16k")
+    p.add_argument("--data", action="store_true", help="draw one training clip per class instead of sampling")
+    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--weights", default=None)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    model = build_testbed(pretrained=True, device=args.device, weights=args.weights)
-    labels = torch.arange(NUM_CLASSES)
-    g = torch.Generator().manual_seed(args.seed)
-    noise = torch.randn(NUM_CLASSES, *LATENT_SHAPE, generator=g).to(args.device)
-    x = sample(model, noise, class_embeddings(labels).to(args.device), steps=args.steps)
+    variant = get_variant(args.model)
+    data = variant.data_module()
+    labels = torch.arange(data.NUM_CLASSES)
+    if args.data:
+        x = data.make_batch(len(labels), seed=args.seed, labels=labels, device=args.device)[0]
+    else:
+        model = build_testbed(pretrained=True, device=args.device, weights=args.weights, name=variant.name)
+        g = torch.Generator().manual_seed(args.seed)
+        noise = torch.randn(len(labels), *variant.latent_shape, generator=g).to(args.device)
+        x = sample(model, noise, data.class_embeddings(labels).to(args.device), steps=args.steps,
+                   guidance_scale=args.guidance)
     to_png(x, args.out)
     print(f"[preview] wrote {args.out}; sample mean {x.mean().item():.3f} std {x.std().item():.3f} "
           f"min {x.min().item():.3f} max {x.max().item():.3f}")

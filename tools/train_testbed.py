@@ -1,7 +1,20 @@
-"""Train the test-bed Wan DiT on procedural videos with rectified flow matching (as Wan is trained).
+"""Train a test-bed Wan DiT on procedural videos with rectified flow matching (as Wan is trained).
 
     python -m tools.train_testbed --steps 4000 --compile --out out/testbed --seed 0   # the shipped run (H100, 7 min)
+    python -m tools.train_testbed --config 16k --compile --max-seconds 420 --out out/t16k        # testbed-16k, call 1
+    python -m tools.train_testbed --resume out/t16k --compile --max-seconds 420 --out out/t16k  # ... calls 2, 3, ...
     python -m tools.train_testbed --attention vsa --final-density 0.1 --ramp-steps 600 --compile --out out/vsa
+
+`--config` picks the variant (`testbed`, the default, or `testbed-16k` / `16k`; see `sparsify.testbed.variants`):
+its model, latent shape, data generator, output file stem and training defaults (`TRAIN_DEFAULTS`; flags given
+on the command line win).
+
+Long runs are split into calls: `--steps` is the total of the learning-rate schedule, `--max-seconds` (or
+`--run-steps`) stops this call, and the call then writes `checkpoint.pt` (raw weights, EMA, optimizer, step,
+RNG states, config) and the shipped weights of the current state. `--resume DIR` continues from
+`DIR/checkpoint.pt` with the checkpoint's config (only the per-call flags `RESUME_FLAGS` may change), appends to
+the log, and gives the same weights as one uninterrupted run. `--max-seconds` counts from the start of `train()`
+(model build and compilation included); leave about a minute of the call for the final evaluation and saving.
 
 `--attention vsa` trains with Video Sparse Attention from scratch: every self-attention site is sparsified
 with VSA's 4x4x4 tiles, gets VSA's learned gate (`sparsify.training.add_vsa_gates`), and its density follows
@@ -10,9 +23,9 @@ also records the density and the attention work actually computed per step (the 
 
 x_t = (1 - t) x0 + t eps, the model predicts v = eps - x0 (MSE), t from a logit-normal, the model sees
 timestep t * 1000. AdamW with warm-up and cosine decay, bf16 autocast on CUDA, an EMA of the weights (saved).
-Outputs in `--out`: `testbed_wan.safetensors` (fp16 EMA weights, or the raw
-ones if they evaluate better), `testbed_wan.json` (model config + training
-metadata), `train_log.csv` (step, loss, lr, ...) and `train_summary.json`.
+Outputs in `--out`: `<stem>.safetensors` (fp16 EMA weights, or the raw ones if they evaluate better; stem
+`testbed_wan` or `testbed16k`), `<stem>.json` (model config + training metadata), `train_log.csv` (step, loss,
+lr, ...), `train_summary.json` and `checkpoint.pt`.
 
 To train with a different attention (e.g. a sparse processor), pass `model_hook` to `train()` or
 `--model-hook package.module:function` on the command line: it is called as `hook(model)` after the model is
@@ -28,57 +41,93 @@ import csv
 import importlib
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from sparsify.testbed.data import class_embeddings, make_batch, render, sample_params
-from sparsify.testbed.model import LATENT_SHAPE, NUM_TRAIN_TIMESTEPS, TESTBED_CONFIG, build_testbed, count_params
+from sparsify.testbed.model import NUM_TRAIN_TIMESTEPS, build_testbed, count_params
+from sparsify.testbed.variants import get_variant
+
+#: Training defaults per variant; `TrainConfig` fields left at None take these.
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    "testbed": {"steps": 4000, "batch": 32, "lr": 1e-3, "warmup": 150, "ema": 0.999, "eval_every": 1000,
+                "eval_batch": 16, "checkpoint_every": 0},
+    "testbed-16k": {"steps": 2000, "batch": 8, "lr": 3e-4, "warmup": 200, "ema": 0.999, "eval_every": 0,
+                    "eval_batch": 4, "checkpoint_every": 200},
+}
+
+#: Fields a resumed run may set differently from its checkpoint (everything else must match).
+RESUME_FLAGS: tuple[str, ...] = ("out", "resume", "max_seconds", "run_steps", "compile", "device", "log_every",
+                                 "eval_every", "eval_batch", "checkpoint_every", "steps")
+
+CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters (defaults: the shipped test-bed run, which added `--compile`)."""
+    """Training hyper-parameters; fields left at None take the variant's `TRAIN_DEFAULTS`.
 
-    steps: int = 4000
+    Example:
+        >>> TrainConfig(config="16k", device="cpu").lr
+        0.0003
+    """
+
+    config: str = "testbed"  # variant: "testbed" or "testbed-16k" (alias "16k")
+    steps: int | None = None  # total steps of the learning-rate schedule
     out: str = "out/testbed"
     seed: int = 0
-    batch: int = 32
-    lr: float = 1e-3
+    batch: int | None = None
+    lr: float | None = None
     min_lr_ratio: float = 0.05
-    warmup: int = 150
+    warmup: int | None = None
     weight_decay: float = 0.01
     grad_clip: float = 1.0
-    ema: float = 0.999
+    ema: float | None = None
     cond_drop: float = 0.1
     logit_mean: float = 0.0
     logit_std: float = 1.0
     compile: bool = False
     log_every: int = 25
-    eval_every: int = 1000
-    eval_batch: int = 16  # held-out videos of every eval (5 noise levels each)
-    max_seconds: float = 0.0  # stop (and still save) after this wall time; 0 = no limit
+    eval_every: int | None = None
+    eval_batch: int | None = None  # held-out videos of every eval (5 noise levels each)
+    max_seconds: float = 0.0  # stop this call (and still save) after this wall time; 0 = no limit
+    run_steps: int = 0  # stop this call after this many steps; 0 = no limit
+    checkpoint_every: int | None = None  # also write checkpoint.pt every this many steps; 0 = only when stopping
+    resume: str = ""  # directory holding checkpoint.pt to continue from
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     model_hook: str = ""  # "package.module:function", see the module docstring
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE  # [C, F, H, W]; C must be the model's in_channels
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # WanTransformer3DModel kwargs over the variant's
+    latent_shape: tuple[int, int, int, int] | None = None  # [C, F, H, W]; default: the variant's
     attention: str = "dense"  # "dense" (the shipped run) or "vsa" (sparse attention with VSA's gates and ramp)
     final_density: float = 0.1  # --attention vsa: density after the ramp (0.1 = 90% sparsity)
     ramp_steps: int = 0  # --attention vsa: steps of the ramp from dense to final_density (0: sparse from step 0)
 
     def __post_init__(self):
+        variant = get_variant(self.config)
+        self.config = variant.name
+        for k, v in TRAIN_DEFAULTS[variant.name].items():
+            if getattr(self, k) is None:
+                setattr(self, k, v)
+        if self.latent_shape is None:
+            self.latent_shape = variant.latent_shape
         if self.steps < 1 or self.batch < 1:
             raise ValueError(f"steps and batch must be >= 1; got steps={self.steps}, batch={self.batch}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError(f"cond_drop must be in [0, 1); got {self.cond_drop}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema must be in [0, 1); got {self.ema}")
+        if self.run_steps < 0 or self.max_seconds < 0 or self.checkpoint_every < 0:
+            raise ValueError(f"run_steps, max_seconds and checkpoint_every must be >= 0; got {self.run_steps}, "
+                             f"{self.max_seconds}, {self.checkpoint_every}")
         self.latent_shape = tuple(int(v) for v in self.latent_shape)
-        if len(self.latent_shape) != 4 or self.latent_shape[0] != TESTBED_CONFIG["in_channels"]:
-            raise ValueError(
-                f"latent_shape must be [C={TESTBED_CONFIG['in_channels']}, F, H, W]; got {self.latent_shape}"
-            )
+        channels = {**variant.config, **self.model_overrides}["in_channels"]
+        if len(self.latent_shape) != 4 or self.latent_shape[0] != channels:
+            raise ValueError(f"latent_shape must be [C={channels}, F, H, W] for {variant.name}; got {self.latent_shape}")
         if self.attention not in ("dense", "vsa"):
             raise ValueError(f"attention must be 'dense' or 'vsa'; got {self.attention!r}")
         if not 0.0 < self.final_density <= 1.0 or self.ramp_steps < 0:
@@ -91,24 +140,25 @@ VSA_TRAIN_RECIPE = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4
 
 
 def attention_flops(model: torch.nn.Module, batch: int, latent_shape) -> dict[str, float]:
-    """Forward FLOPs per step of the test-bed: dense self-attention and an estimate of everything else.
+    """Forward FLOPs per step of a test-bed: dense self-attention and an estimate of everything else.
 
     Self-attention: `4 * S^2 * D` per (sample, head, layer) (q.kT and p.v). The rest: `2 * params * tokens`
-    over the blocks, patch embedding and output projection (the cross-attention to the 8 text tokens and the
+    over the blocks, patch embedding and output projection (the cross-attention to the text tokens and the
     per-sample condition embedder are counted as if per token: a slight over-estimate).
     """
-    c = TESTBED_CONFIG
+    base = model._orig_mod if hasattr(model, "_orig_mod") else model
+    c = base.config
     _, f, h, w = latent_shape
     pt, ph, pw = c["patch_size"]
     S = (f // pt) * (h // ph) * (w // pw)
     heads, d, layers = c["num_attention_heads"], c["attention_head_dim"], c["num_layers"]
-    base = model._orig_mod if hasattr(model, "_orig_mod") else model
     per_token = sum(p.numel() for n, p in base.named_parameters()
                     if n.startswith(("blocks.", "patch_embedding.", "proj_out.")))
     return {"self_attention": 4.0 * S * S * d * heads * layers * batch, "other": 2.0 * per_token * S * batch}
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio * lr` at `cfg.steps` (a function of the step alone)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     prog = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
@@ -128,11 +178,12 @@ def flow_matching_batch(
     batch: int, seed: int, device: str | torch.device, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One training batch: (x_t, timestep*1000, cond, target v = eps - x0), deterministic for `seed`."""
+    data = get_variant(cfg.config).data_module()
     g = torch.Generator().manual_seed(int(seed) + 1)
-    params = sample_params(batch, seed, latent_shape=cfg.latent_shape)
-    x0 = render(params, device=device, latent_shape=cfg.latent_shape)
+    params = data.sample_params(batch, seed, latent_shape=cfg.latent_shape)
+    x0 = data.render(params, device=device, latent_shape=cfg.latent_shape)
     drop = torch.rand(batch, generator=g) < cfg.cond_drop
-    cond = class_embeddings(params["labels"], drop=drop).to(device)
+    cond = data.class_embeddings(params["labels"], drop=drop).to(device)
     t = torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(batch, generator=g)).to(device)
     gd = torch.Generator(device=device).manual_seed(int(seed) + 2)
     eps = torch.randn(x0.shape, generator=gd, device=device)
@@ -148,16 +199,19 @@ def eval_loss(
     seed: int = 10**6,
     device: str | torch.device = "cpu",
     autocast: bool = False,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
+    latent_shape: tuple[int, int, int, int] | None = None,
+    name: str = "testbed",
 ) -> dict[float, float]:
     """Flow-matching MSE on a fixed held-out batch at fixed noise levels (same videos and noise for every model)."""
     stance = torch.compiler.set_stance("force_eager")  # no recompiles of a compiled model for eval shapes
     with stance:
-        return _eval_loss(model, ts, batch, seed, device, autocast, latent_shape)
+        return _eval_loss(model, ts, batch, seed, device, autocast, latent_shape, name)
 
 
-def _eval_loss(model, ts, batch, seed, device, autocast, latent_shape) -> dict[float, float]:
-    x0, _, cond = make_batch(batch, seed=seed, device=device, latent_shape=latent_shape)
+def _eval_loss(model, ts, batch, seed, device, autocast, latent_shape, name) -> dict[float, float]:
+    variant = get_variant(name)
+    latent_shape = variant.latent_shape if latent_shape is None else latent_shape
+    x0, _, cond = variant.data_module().make_batch(batch, seed=seed, device=device, latent_shape=latent_shape)
     g = torch.Generator().manual_seed(seed + 1)
     eps = torch.randn(x0.shape, generator=g).to(device)
     out = {}
@@ -170,17 +224,56 @@ def _eval_loss(model, ts, batch, seed, device, autocast, latent_shape) -> dict[f
     return out
 
 
-def save_weights(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> Path:
-    """Save fp16 weights `testbed_wan.safetensors` and `testbed_wan.json` (config + metadata) into `out_dir`."""
+def save_weights(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any], stem: str = "testbed_wan") -> Path:
+    """Save fp16 weights `<stem>.safetensors` and `<stem>.json` (config + metadata) into `out_dir`."""
     from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    path = out_dir / "testbed_wan.safetensors"
+    path = out_dir / f"{stem}.safetensors"
     save_file(state, str(path), metadata={"format": "pt"})
     cfg = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
-    (out_dir / "testbed_wan.json").write_text(json.dumps({"config": cfg, **meta}, indent=1, default=str))
+    (out_dir / f"{stem}.json").write_text(json.dumps({"config": cfg, **meta}, indent=1, default=str))
     return path
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, ema: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+                    step: int, cfg: TrainConfig, extra: dict[str, Any]) -> None:
+    """Write the full training state (resumable with `--resume`) to `path` atomically."""
+    state = {
+        "step": step,  # the next step to run
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ema": {k: v.detach().cpu() for k, v in ema.items()},
+        "optimizer": opt.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": asdict(cfg),
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(directory: str | Path, cfg: TrainConfig | None = None) -> dict[str, Any]:
+    """Read `directory/checkpoint.pt`; when `cfg` is given, check it matches except for `RESUME_FLAGS`."""
+    path = Path(directory) / CHECKPOINT
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {directory}: no {CHECKPOINT} there (a run writes it into its --out)")
+    ck = torch.load(path, map_location="cpu", weights_only=False)
+    if cfg is not None:
+        saved = ck["config"]
+        mine = asdict(cfg)
+        diff = [k for k in mine if k not in RESUME_FLAGS and _norm(mine[k]) != _norm(saved.get(k))]
+        if diff:
+            raise ValueError(f"--resume {directory}: config differs from the checkpoint's in {diff} "
+                             f"(checkpoint: {[saved.get(k) for k in diff]}, now: {[mine[k] for k in diff]}); only "
+                             f"{', '.join(RESUME_FLAGS)} may change on resume")
+    return ck
+
+
+def _norm(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 def train(
@@ -188,20 +281,31 @@ def train(
     model_hook: Callable[[torch.nn.Module], torch.nn.Module | None] | None = None,
     step_hook: Callable[[int, torch.nn.Module, torch.Tensor], None] | None = None,
 ) -> dict[str, Any]:
-    """Train the test-bed from a seeded random init; see the module docstring. Returns the summary dict.
+    """Train a test-bed from a seeded random init or a checkpoint; see the module docstring. Returns the summary.
 
     Example (on a GPU; about 7 minutes on an H100)::
 
         summary = train(TrainConfig(steps=4000, out="out/testbed", compile=True))
+        summary = train(TrainConfig(config="16k", max_seconds=420, compile=True, out="out/t16k"))  # call 1
+        summary = train(TrainConfig(config="16k", max_seconds=420, compile=True, out="out/t16k",
+                                    resume="out/t16k"))                                           # call 2
     """
+    t_start = time.perf_counter()
+    variant = get_variant(cfg.config)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ck = load_checkpoint(cfg.resume, cfg) if cfg.resume else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = build_testbed(pretrained=False, device=device, seed=cfg.seed).train()
+
+    def build():
+        return build_testbed(pretrained=False, device=device, seed=cfg.seed, name=variant.name,
+                             overrides=cfg.model_overrides)
+
+    model = build().train()
     hook = model_hook or _resolve_hook(cfg.model_hook)
     if hook is not None:
         model = hook(model) or model
@@ -216,7 +320,6 @@ def train(
     flops = attention_flops(model, cfg.batch, cfg.latent_shape)
     n_params = count_params(model)
     ema = {k: p.detach().clone().float() for k, p in model.named_parameters()}
-    params, ema_list = list(model.parameters()), list(ema.values())
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name or "scale_shift" in name else decay).append(p)
@@ -226,25 +329,49 @@ def train(
         betas=(0.9, 0.99),
         fused=device.type == "cuda",
     )
+    start, evals, init_ev, wall_before = 0, [], None, 0.0
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        with torch.no_grad():
+            for k, v in ck["ema"].items():
+                ema[k].copy_(v)
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng_cpu"])
+        if device.type == "cuda" and ck["rng_cuda"]:
+            torch.cuda.set_rng_state_all(ck["rng_cuda"])
+        start, evals, init_ev = ck["step"], ck.get("evals", []), ck.get("eval_loss_random_init")
+        wall_before = ck.get("wall_s_total", 0.0)
+        if start >= cfg.steps:
+            raise ValueError(f"--resume {cfg.resume}: the checkpoint is at step {start}, the schedule has "
+                             f"{cfg.steps} steps; nothing to do (pass a larger --steps to extend it)")
+    params, ema_list = list(model.parameters()), [ema[k] for k, _ in model.named_parameters()]
     fwd = model
     if cfg.compile:
         model.compile_repeated_blocks(fullgraph=True)
     use_amp = device.type == "cuda"
-    print(f"[train] params {n_params:,}  device {device}  batch {cfg.batch}  steps {cfg.steps}  amp {use_amp}",
+    print(f"[train] {variant.name}  params {n_params:,}  device {device}  batch {cfg.batch}  steps {start}->"
+          f"{cfg.steps}  amp {use_amp}  fwd TFLOP/step {(flops['self_attention'] + flops['other']) / 1e12:.3g}",
           flush=True)
 
     log_path = out_dir / "train_log.csv"
-    log_f = open(log_path, "w", newline="")
+    new_log = not (ck is not None and log_path.exists())
+    log_f = open(log_path, "w" if new_log else "a", newline="")
     log = csv.writer(log_f)
-    log.writerow(["step", "loss", "lr", "grad_norm", "elapsed_s", "samples_per_s", "density", "attn_work"])
-    evals = []
-    t_start = time.perf_counter()
-    t_win, win_loss, win_n, win_gn = t_start, 0.0, 0, 0.0
+    if new_log:
+        log.writerow(["step", "loss", "lr", "grad_norm", "elapsed_s", "samples_per_s", "density", "attn_work"])
+    ck_path = out_dir / CHECKPOINT
+
+    def checkpoint(next_step: int) -> None:
+        save_checkpoint(ck_path, model, ema, opt, next_step, cfg, {
+            "evals": evals, "eval_loss_random_init": init_ev,
+            "wall_s_total": wall_before + time.perf_counter() - t_start})
+
+    t_win, win_loss, win_n, win_gn = time.perf_counter(), 0.0, 0, 0.0
     work_sum = dense_sum = win_work = win_dense = 0.0
-    step = 0
-    stopped_early = False
+    step = start - 1
+    stop = ""
     density = 1.0
-    for step in range(cfg.steps):
+    for step in range(start, cfg.steps):
         lr = _lr_at(step, cfg)
         for gr in opt.param_groups:
             gr["lr"] = lr
@@ -270,46 +397,56 @@ def train(
         win_loss += loss.detach()
         win_gn += gn.detach()
         win_n += 1
-        last = step == cfg.steps - 1
-        if (step + 1) % cfg.log_every == 0 or last:
+        if step + 1 == cfg.steps:
+            stop = "done"
+        elif cfg.run_steps and step + 1 - start >= cfg.run_steps:
+            stop = f"--run-steps {cfg.run_steps} reached"
+        elif cfg.max_seconds and time.perf_counter() - t_start > cfg.max_seconds:
+            stop = f"time budget {cfg.max_seconds}s reached"
+        if (step + 1) % cfg.log_every == 0 or stop:
             now = time.perf_counter()
             l, g_ = (win_loss / win_n).item(), (win_gn / win_n).item()
             sps = win_n * cfg.batch / (now - t_win)
             aw = win_work / win_dense if win_dense else 1.0  # attention computed / dense in this window
             work_sum, dense_sum = work_sum + (win_work if win_dense else win_n), dense_sum + (win_dense or win_n)
-            log.writerow([step + 1, f"{l:.5f}", f"{lr:.3e}", f"{g_:.3f}", f"{now - t_start:.1f}", f"{sps:.1f}",
-                          f"{density:.4f}", f"{aw:.4f}"])
+            log.writerow([step + 1, f"{l:.5f}", f"{lr:.3e}", f"{g_:.3f}", f"{wall_before + now - t_start:.1f}",
+                          f"{sps:.1f}", f"{density:.4f}", f"{aw:.4f}"])
             log_f.flush()
             print(f"[train] step {step + 1:5d}  loss {l:.4f}  lr {lr:.2e}  gnorm {g_:.2f}  "
                   f"{sps:7.1f} samples/s  {now - t_start:6.1f}s" + (f"  density {density:.3f} (attn work {aw:.3f})"
                                                                     if ramp is not None else ""), flush=True)
             t_win, win_loss, win_n, win_gn, win_work, win_dense = now, 0.0, 0, 0.0, 0.0, 0.0
-            if cfg.max_seconds and now - t_start > cfg.max_seconds and not last:
-                print(f"[train] time budget {cfg.max_seconds}s reached at step {step + 1}: stopping", flush=True)
-                stopped_early = True
-                break
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
+        if stop:
+            break
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             model.eval()
-            ev = eval_loss(
-                model, device=device, autocast=use_amp, latent_shape=cfg.latent_shape, batch=cfg.eval_batch
-            )
+            ev = eval_loss(model, device=device, autocast=use_amp, latent_shape=cfg.latent_shape,
+                           batch=cfg.eval_batch, name=variant.name)
             model.train()
             evals.append({"step": step + 1, "raw": ev})
             print(f"[train] eval step {step + 1}: " + " ".join(f"t={t}:{v:.4f}" for t, v in ev.items()), flush=True)
-    wall = time.perf_counter() - t_start
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            checkpoint(step + 1)
     log_f.close()
+    if stop != "done":
+        print(f"[train] {stop} at step {step + 1} of {cfg.steps}: stopping (resume with --resume {out_dir})",
+              flush=True)
+    wall = time.perf_counter() - t_start
+    model.eval()
+    if init_ev is None:
+        init = build()
+        init_ev = eval_loss(init, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch,
+                            name=variant.name)
+        del init
+    checkpoint(step + 1)  # the raw training state, before the EMA is swapped in for shipping
 
     # Final evaluation of raw and EMA weights (fp32, no autocast), then ship the EMA weights.
-    model.eval()
-    raw_ev = eval_loss(model, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch)
+    raw_ev = eval_loss(model, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch, name=variant.name)
     raw_state = {k: p.detach().clone() for k, p in model.named_parameters()}
     with torch.no_grad():
         for k, p in model.named_parameters():
             p.copy_(ema[k])
-    ema_ev = eval_loss(model, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch)
-    init = build_testbed(pretrained=False, device=device, seed=cfg.seed)
-    init_ev = eval_loss(init, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch)
-    del init
+    ema_ev = eval_loss(model, device=device, latent_shape=cfg.latent_shape, batch=cfg.eval_batch, name=variant.name)
     use_ema = sum(ema_ev.values()) <= sum(raw_ev.values())
     last_aw = float(rows_last["attn_work"]) if (rows_last := _last_row(log_path)) else 1.0
     mean_aw = work_sum / dense_sum if dense_sum else 1.0
@@ -330,10 +467,13 @@ def train(
             for k, p in model.named_parameters():
                 p.copy_(raw_state[k])
     summary = {
+        "variant": variant.name,
         "params": n_params,
         "steps_done": step + 1,
-        "stopped_early": stopped_early,
+        "steps_this_call": step + 1 - start,
+        "stopped_early": stop != "done",
         "wall_s": round(wall, 1),
+        "wall_s_total": round(wall_before + wall, 1),
         "final_train_loss_window": None,
         "eval_loss_final_raw": raw_ev,
         "eval_loss_final_ema": ema_ev,
@@ -351,14 +491,15 @@ def train(
     if rows:
         summary["final_train_loss_window"] = float(rows[-1]["loss"])
     base = model._orig_mod if hasattr(model, "_orig_mod") else model
-    save_weights(base, out_dir, {"training": {k: v for k, v in summary.items() if k != "evals"}})
+    save_weights(base, out_dir, {"training": {k: v for k, v in summary.items() if k != "evals"}}, stem=variant.stem)
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if ramp is not None:  # release the runtime sites and the SDPA patch (the gates stay in the saved weights)
         from sparsify.api import unsparsify
 
         unsparsify(base)
-    print(f"[train] done: {step + 1} steps in {wall:.1f}s; eval (fp32) raw {raw_ev}, ema {ema_ev}, "
-          f"random init {init_ev}; shipped {summary['shipped']}", flush=True)
+    print(f"[train] {'done' if stop == 'done' else 'stopped'}: step {step + 1} of {cfg.steps} ({step + 1 - start} "
+          f"in {wall:.1f}s); eval (fp32) raw {raw_ev}, ema {ema_ev}, random init {init_ev}; shipped "
+          f"{summary['shipped']} to {out_dir / variant.stem}.safetensors", flush=True)
     return summary
 
 
@@ -374,19 +515,40 @@ def _last_row(log_path: Path) -> dict | None:
     return rows[-1] if rows else None
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m tools.train_testbed", description=__doc__.split("\n")[0])
-    defaults = TrainConfig()
-    for name, val in asdict(defaults).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(val, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=val)
-        elif isinstance(val, tuple):
-            p.add_argument(flag, type=int, nargs=len(val), default=val, metavar=("C", "F", "H", "W"))
+    v1 = {**asdict(TrainConfig(device="cpu")), **TRAIN_DEFAULTS["testbed"]}
+    for f in fields(TrainConfig):
+        flag, val = "--" + f.name.replace("_", "-"), v1[f.name]
+        kw: dict[str, Any] = {"default": argparse.SUPPRESS}
+        if f.name == "config":
+            kw.update(choices=sorted({n for v in map(get_variant, TRAIN_DEFAULTS) for n in (v.name, *v.aliases)}))
+        elif isinstance(val, bool):
+            kw.update(action=argparse.BooleanOptionalAction)
+        elif f.name == "latent_shape":
+            kw.update(type=int, nargs=4, metavar=("C", "F", "H", "W"))
+        elif f.name == "model_overrides":
+            kw.update(type=json.loads, metavar="JSON")
         else:
-            p.add_argument(flag, type=type(val), default=val)
-    args = p.parse_args(argv)
-    return train(TrainConfig(**vars(args)))
+            kw.update(type=type(val))
+        p.add_argument(flag, **kw)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line: flags not given take the variant's defaults, or the checkpoint's with `--resume`."""
+    args = vars(_parser().parse_args(argv))
+    if args.get("resume"):
+        saved = load_checkpoint(args["resume"])["config"]
+        given = {k: v for k, v in args.items() if k not in RESUME_FLAGS}
+        if "config" in given:
+            given["config"] = get_variant(given["config"]).name
+        diff = {k: v for k, v in given.items() if _norm(v) != _norm(saved.get(k))}
+        if diff:
+            raise SystemExit(f"--resume {args['resume']}: {sorted(diff)} differ from the checkpoint's config; only "
+                             f"{', '.join(RESUME_FLAGS)} may change on resume")
+        args = {**saved, **{k: v for k, v in args.items() if k in RESUME_FLAGS}}
+    return train(TrainConfig(**args))
 
 
 if __name__ == "__main__":

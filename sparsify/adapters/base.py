@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
 
+from ..errors import SparsifyArgumentError
 from ..geometry import Geometry
 
 _ADAPTERS: list[type] = []
@@ -69,14 +71,72 @@ class GridAdapter(Adapter):
     name = "grid"
 
     def __init__(self, grid: tuple[int, int, int] | Callable, video_start: int = 0, timestep: Callable | None = None):
-        self.grid, self.video_start, self._timestep = grid, video_start, timestep
+        self.grid = grid if callable(grid) else check_grid(grid)
+        self.video_start = check_count(video_start, "video_start")
+        self._timestep = timestep
 
     def timestep(self, model, args, kwargs):
         return self._timestep(args, kwargs) if self._timestep is not None else kwargs.get("timestep")
 
     def geometry(self, model, args, kwargs) -> Geometry:
-        g = self.grid(args, kwargs) if callable(self.grid) else self.grid
-        return Geometry(tuple(int(x) for x in g), self.video_start)
+        if not callable(self.grid):
+            return Geometry(self.grid, self.video_start)
+        try:
+            g = self.grid(args, kwargs)
+        except Exception as e:  # noqa: BLE001 - any failure of the user's callable is reported the same way
+            raise SparsifyArgumentError(
+                "grid", self.grid, f"calling grid(args, kwargs) with the forward call's arguments raised "
+                f"{type(e).__name__}: {e}; a callable grid takes (args, kwargs) and returns (T, H, W)") from e
+        return Geometry(check_grid(g, returned=True), self.video_start)
+
+
+def check_count(value, argument: str) -> int:
+    """`value` as an int >= 0 (Python, numpy or 0-d integer tensor; not a bool), or SparsifyArgumentError.
+
+    Example:
+        >>> check_count(3, "video_start")
+        3
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        raise SparsifyArgumentError(argument, value, "must be an integer >= 0 (an index into the attention "
+                                                     "sequence)") from None
+    if n < 0:
+        raise SparsifyArgumentError(argument, value, "must be an integer >= 0 (an index into the attention sequence)")
+    return int(n)
+
+
+def check_grid(grid, argument: str = "grid", *, returned: bool = False) -> tuple[int, int, int]:
+    """`grid` as a `(T, H, W)` tuple of positive ints, or SparsifyArgumentError naming `argument`.
+
+    Accepts a tuple, list or torch.Size of three Python/numpy integers (not booleans, not floats).
+    With `returned`, `grid` is what a callable `grid(args, kwargs)` returned, and the message says so.
+
+    Example:
+        >>> check_grid([4, 30, 52])
+        (4, 30, 52)
+    """
+    valid = ("must be the latent token grid (T, H, W): three positive integers (frames, rows and columns "
+             "of tokens after patchifying), or a callable grid(args, kwargs) returning them")
+    if returned:
+        valid = "is what the callable grid(args, kwargs) returned; it " + valid
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != 3:
+        n = f" (it has {len(grid)} values)" if isinstance(grid, (tuple, list, torch.Size)) else ""
+        raise SparsifyArgumentError(argument, grid, valid + n)
+    out = []
+    for x in grid:
+        try:
+            if isinstance(x, bool):
+                raise TypeError
+            out.append(int(operator.index(x)))
+        except TypeError:
+            raise SparsifyArgumentError(argument, grid, valid + f" ({x!r} is not an integer)") from None
+    if min(out) < 1:
+        raise SparsifyArgumentError(argument, grid, valid + " (every size must be >= 1)")
+    return tuple(out)
 
 
 def adapter_for(model: torch.nn.Module) -> Adapter | None:

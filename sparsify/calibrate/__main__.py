@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "testbed"
+MIN_GRID_TOKENS = 1024  # adapter-made inputs are enlarged to at least this many tokens unless --grid is given
 
 
 def _parse_tiles(text: str):
@@ -40,15 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=0.1, help="target attention density over all sparsifiable heads")
     p.add_argument("--out", default="recipe.yaml", help="recipe path; the plots are written beside it")
     p.add_argument("--tiles", type=_parse_tiles, default=None,
-                   help="candidate tile shapes, e.g. 4x4x4,1x8x8 (default: 4x4x4,1x8x8,2x4x8,8x2x4,16x2x2,1x4x16)")
+                   help="candidate tile shapes, e.g. 4x4x4,1x8x8 (default: those of 4x4x4,1x8x8,2x4x8,8x2x4,16x2x2,"
+                        "1x4x16 that cut the calibration grid into at least 4 tiles with at most 25%% padding)")
     p.add_argument("--methods", default="vsa",
                    help="comma-separated selection methods considered per head (vsa, veda, xattention)")
-    p.add_argument("--levels", type=_parse_floats, default=None, help="candidate densities, e.g. 0.03,0.05,0.1,0.2")
+    p.add_argument("--levels", type=_parse_floats, default=None,
+                   help="candidate densities, e.g. 0.03,0.05,0.1,0.2 (default: 0.02,...,0.5, one per distinct number "
+                        "of key tiles on the calibration grid)")
     p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds SEED..SEED+N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input")
     p.add_argument("--steps", type=int, default=2, help="denoising steps sampled per input (timesteps evenly spaced)")
     p.add_argument("--grid", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
-                   help="latent token grid TxHxW for adapter-made inputs (not the test-bed)")
+                   help="latent token grid TxHxW for adapter-made inputs (not the test-bed; default: the adapter's "
+                        f"example grid, doubled along its smallest side until it holds {MIN_GRID_TOKENS} tokens)")
     p.add_argument("--dense-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="site indices kept dense, e.g. 0,1")
     p.add_argument("--dense-steps", type=int, default=0, help="first denoising steps kept dense (runtime policy)")
@@ -74,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-max-growth", type=float, default=0.05,
                    help="tolerated growth of the trajectory's final-output error with reuse (0.05 = 5%%)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true",
+                   help="print only the files written (and warnings): no progress, no solver output, no summary")
     return p
 
 
@@ -110,23 +116,76 @@ def resolve_model(spec: str, device, dtype):
     return model, make_inputs, adapter, f"{type(model).__name__} from {spec}"
 
 
+def default_grid(adapter, model) -> tuple[int, int, int]:
+    """The adapter's example grid, doubled along its smallest side until it holds `MIN_GRID_TOKENS` tokens.
+
+    Example:
+        >>> class A:
+        ...     def geometry(self, model, args, kwargs):
+        ...         from sparsify.geometry import Geometry
+        ...         return Geometry((2, 4, 4))
+        ...     def example_inputs(self, model):
+        ...         return {}
+        >>> default_grid(A(), None)
+        (16, 8, 8)
+    """
+    grid = list(adapter.geometry(model, (), adapter.example_inputs(model)).grid)
+    while grid[0] * grid[1] * grid[2] < MIN_GRID_TOKENS:
+        grid[grid.index(min(grid))] *= 2
+    return tuple(grid)
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"sparsify.calibrate: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from . import DEFAULT_LEVELS, DEFAULT_TILES, run_calibration
+    from .config import CalibrationConfig, CalibrationConfigError
+    from .core import run_calibration
     from .report import plots, summary
+    from .solve import InfeasibleBudgetError
 
+    t_start = time.perf_counter()
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    out = Path(args.out)
+    ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
+    try:
+        config = CalibrationConfig(
+            budget=args.budget, methods=tuple(m for m in args.methods.split(",") if m), tiles=args.tiles,
+            levels=args.levels, dense_layers=tuple(args.dense_layers), dense_steps=args.dense_steps,
+            min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
+            query_fraction=args.query_fraction, output_error=not args.no_output_error, checkpoint_dir=ckpt,
+            progress=not args.quiet, verbose=not args.quiet)
+    except CalibrationConfigError as e:
+        return _fail(str(e))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    t0 = time.perf_counter()
     model, make_inputs, adapter, desc = resolve_model(args.model, device, dtype)
-    if args.grid and adapter is not None:
+    grid = None
+    if adapter is not None:
+        grid = tuple(args.grid) if args.grid else default_grid(adapter, model)
         base = make_inputs
-        make_inputs = lambda seed, t: base(seed, t, args.grid)  # noqa: E731
+        make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
     times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
     schedule = [(seed, t) for seed in range(args.seed, args.seed + args.inputs) for t in times]
-    inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), args.grid)).encode()).hexdigest()[:16]
-    print(f"sparsify.calibrate: {desc}; {args.inputs} inputs x {args.steps} steps; budget {args.budget}; device {device}",
-          file=sys.stderr)
+    inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), grid)).encode()).hexdigest()[:16]
+    if grid is None:  # the test-bed: its own grid
+        from ..testbed import grid as testbed_grid
+
+        grid = testbed_grid()
+    tiles, levels = config.candidates(grid)
+    config = config.replace(tiles=tiles, levels=levels)
+    lowest = _lowest_density(grid, tiles, levels)
+    if lowest > config.budget + 1e-9:
+        return _fail(f"budget {config.budget:g} is infeasible on the {'x'.join(map(str, grid))} token grid: the lowest "
+                     f"density the candidates reach is {lowest:.4g} (tiles {_names(tiles)}, levels "
+                     f"{', '.join(f'{x:g}' for x in levels)}). Use --budget {lowest:.3g} or more, or lower --levels, "
+                     "or a larger --grid (one key tile is then a smaller share)")
+    say(f"sparsify.calibrate: {desc}; grid {'x'.join(map(str, grid))}; {args.inputs} inputs x {args.steps} steps; "
+        f"budget {config.budget:g}; tiles {_names(tiles)}; levels {', '.join(f'{x:g}' for x in levels)}; "
+        f"device {device}")
 
     def forward_loop(m, schedule=schedule):
         for seed, t in schedule:
@@ -136,33 +195,50 @@ def main(argv=None) -> int:
         m(**make_inputs(args.seed, times[len(times) // 2]))
 
     if args.dry_run:
-        return _dry_run(model, make_inputs, schedule, args, DEFAULT_TILES, DEFAULT_LEVELS)
-    out = Path(args.out)
-    ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
+        return _dry_run(model, make_inputs, schedule, config, t_start)
     # discovery needs only small inputs of the same family (a full-size forward under Dynamo is slow)
     first = adapter.example_inputs(model) if adapter is not None else make_inputs(0, times[0])
-    result = run_calibration(
-        model, forward_loop, budget=args.budget, tiles=args.tiles or DEFAULT_TILES, levels=args.levels or DEFAULT_LEVELS,
-        methods=[m for m in args.methods.split(",") if m],
-        example_inputs=first, dense_layers=args.dense_layers, dense_steps=args.dense_steps,
-        min_layer_density=args.min_layer_density, error_cap=args.error_cap, solver=args.solver,
-        query_fraction=args.query_fraction, checkpoint_dir=ckpt, progress=not args.quiet,
-        n_forwards=len(schedule), inputs_hash=inputs_hash, output_loop=output_loop,
-        output_error=not args.no_output_error)
+    try:
+        result = run_calibration(model, forward_loop, config, example_inputs=first, n_forwards=len(schedule),
+                                 inputs_hash=inputs_hash, output_loop=output_loop)
+    except (InfeasibleBudgetError, CalibrationConfigError) as e:
+        return _fail(str(e).removeprefix("sparsify.calibrate: "))
+    except KeyboardInterrupt as e:
+        return _fail(str(e) or "interrupted", 130)
     if args.mask_reuse:
         result.recipe = _calibrate_reuse(model, result.recipe, make_inputs, args)
     cal = result.recipe.calibration
     cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.note:
         cal["calibrated_on"] = args.note
-    result.recipe.save(out)
-    print(summary(result, args.budget))
-    print(f"\nrecipe: {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    written = [result.recipe.save(out)]
+    if not args.quiet:
+        print(summary(result, config.budget))
     if not args.no_plots:
-        for p in plots(result, args.budget, out):
-            print(f"plot:   {p}")
-    print(f"time: {time.perf_counter() - t0:.1f}s (measurement {result.capture_seconds:.1f}s)")
+        written += plots(result, config.budget, out)
+    if not args.quiet:
+        print(f"\ntime: {time.perf_counter() - t_start:.1f}s (measurement {result.capture_seconds:.1f}s)")
+        print("files written:")
+    for f in written:
+        print(f"  {f}" if not args.quiet else f)
+    if ckpt is not None:
+        print(f"  {ckpt}/ (per-site measurements: a rerun with other --budget resumes from them)" if not args.quiet
+              else f"{ckpt}/")
     return 0
+
+
+def _names(tiles) -> str:
+    return ", ".join("x".join(map(str, t)) for t in tiles)
+
+
+def _lowest_density(grid, tiles, levels) -> float:
+    """The lowest video self-attention density any candidate reaches on `grid` (padding counted)."""
+    from ..geometry import Geometry
+    from .measure import candidate_cost
+
+    geo = Geometry(tuple(grid))
+    return min(candidate_cost(geo, t, min(levels), geo.video_len) for t in tiles)
 
 
 def _calibrate_reuse(model, recipe, make_inputs, args):
@@ -203,32 +279,46 @@ def _calibrate_reuse(model, recipe, make_inputs, args):
     return with_mask_reuse(recipe, rc)
 
 
-def _dry_run(model, make_inputs, schedule, args, default_tiles, default_levels) -> int:
-    """Time one dense forward and one site measurement; extrapolate to the whole run."""
-    from ..api import find_sites
-    from ..calibrate.measure import measure_site
-    from ..geometry import Geometry
+# CPU costs relative to one dense forward, measured on the test-bed (2 inputs x 2 steps, 8 sites, 4,096 tokens):
+OUTPUT_PASS_FORWARDS = 1.5  # one per-site model-output pass (that site sparse at the reference density)
+CHECK_FORWARDS_PER_SITE = 1.4  # the final check (every site sparse, heads on mixed tiles), per site
+REPORT_SECONDS = 15.0  # emitting the recipe, the summary's solves and the three plots
 
+
+def _dry_run(model, make_inputs, schedule, config, t_start) -> int:
+    """Time discovery, one dense forward and one site measurement; extrapolate to the whole run."""
+    from ..api import find_sites
+    from ..geometry import Geometry
+    from .measure import measure_site
+
+    setup = time.perf_counter() - t_start  # imports and model load
     kw = make_inputs(*schedule[0])
+    t0 = time.perf_counter()
     sites, adapter = find_sites(model, kw)
+    discovery = time.perf_counter() - t0
     video = [s for s in sites if s.kind in ("self", "joint")]
     with torch.no_grad():
+        model(**kw)  # the first forward pays one-off costs
         t0 = time.perf_counter()
         model(**kw)
         fwd = time.perf_counter() - t0
     s = video[0]
     geo = adapter.geometry(model, (), kw)
     q = torch.randn(1, s.heads, s.q_len, s.head_dim, device=next(model.parameters()).device)
-    tiles, levels = args.tiles or default_tiles, args.levels or default_levels
     t0 = time.perf_counter()
-    measure_site(q, q, q, Geometry(geo.grid, geo.video_start), tiles, levels, query_fraction=args.query_fraction,
-                 methods=[m for m in args.methods.split(",") if m])
+    measure_site(q, q, q, Geometry(geo.grid, geo.video_start), config.tiles, config.levels,
+                 query_fraction=config.query_fraction, methods=config.methods)
     per_site = time.perf_counter() - t0
-    total = len(schedule) * (fwd + per_site * len(video))
+    capture = len(schedule) * (fwd + per_site * len(video))
+    output = fwd * (1 + len(video) * (OUTPUT_PASS_FORWARDS + CHECK_FORWARDS_PER_SITE)) if config.output_error else 0.0
+    total = setup + discovery + capture + output + REPORT_SECONDS
     n_tiles = max(-(-s.q_len // 64), 1)
-    mem = s.q_len * args.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
+    mem = s.q_len * config.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
     print(f"dry run: {len(video)} sites, {len(schedule)} forwards; one forward {fwd:.2f}s, one site measurement "
-          f"{per_site:.2f}s\nestimated time {total:.0f}s; peak extra memory per head ~{mem / 2**20:.0f} MiB")
+          f"{per_site:.2f}s\nestimated time {total:.0f}s: setup {setup:.0f}s, discovery {discovery:.0f}s, "
+          f"measurement {capture:.0f}s, model-output error and final check {output:.0f}s, recipe and plots "
+          f"~{REPORT_SECONDS:.0f}s; "
+          f"peak extra memory per head ~{mem / 2**20:.0f} MiB")
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class Capture:
         methods: candidate selection methods.
         query_fraction: share of video query tokens measured per call (the same for every candidate).
         checkpoint_dir: where per-site results go (None: no checkpoints).
-        config_key: a string identifying the settings; checkpoints of other settings are refused.
+        config_key: a string identifying the settings; a checkpoint folder of other settings is moved aside
+            (to `<dir>.old1`, ...) with a message on stderr, and measuring starts afresh.
         progress: an object with `update(site_path)` called after each measured site, or None.
     """
 
@@ -40,19 +42,40 @@ class Capture:
         self.loaded = 0
         self.progress = progress
         self.veda: dict[tuple, list] = {}  # (site path, tile) -> [sum of fitted estimator weights, calls]
+        self.measured = 0
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            meta = self.dir / "meta.json"
-            key = hashlib.sha256(config_key.encode()).hexdigest()[:16]
-            if meta.exists():
+            self._open_checkpoints(hashlib.sha256(config_key.encode()).hexdigest()[:16])
+
+    def _open_checkpoints(self, key: str) -> None:
+        """Use the checkpoint folder; one holding another configuration's measurements is set aside, not mixed in."""
+        meta = self.dir / "meta.json"
+        if self.dir.exists() and any(self.dir.iterdir()):
+            try:
                 old = json.loads(meta.read_text()).get("config")
-                if old != key:
-                    raise RuntimeError(
-                        f"sparsify.calibrate: checkpoint directory {self.dir} holds a run with other settings "
-                        f"(config {old}, now {key}); delete it or choose another --checkpoint-dir")
-            else:
-                meta.write_text(json.dumps({"config": key}))
+            except (OSError, ValueError, AttributeError):
+                old = None
+            if old != key:
+                n = 1
+                while (aside := self.dir.with_name(f"{self.dir.name}.old{n}")).exists():
+                    n += 1
+                self.dir.rename(aside)
+                print(f"sparsify.calibrate: {self.dir} held measurements of another configuration (other model, "
+                      f"inputs, candidates or query fraction); moved them to {aside} and measuring afresh",
+                      file=sys.stderr)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        meta.write_text(json.dumps({"config": key}))
+
+    @staticmethod
+    def _load(f: Path) -> dict | None:
+        """A checkpoint's contents, or None when it is missing or unreadable (then it is measured again)."""
+        if not f.exists():
+            return None
+        try:
+            saved = torch.load(f)
+            return saved if isinstance(saved, dict) and {"sq_err", "energy", "cost", "calls"} <= set(saved) else None
+        except Exception:  # a truncated or foreign file: measure this call again
+            return None
 
     def _file(self, path: str, call: int) -> Path:
         return self.dir / f"{path.replace('/', '_')}.call{call}.pt"
@@ -61,13 +84,14 @@ class Capture:
         call = self.calls.get(st.path, 0)
         self.calls[st.path] = call + 1
         f = self._file(st.path, call) if self.dir is not None else None
-        if f is not None and f.exists():
-            saved = torch.load(f)
+        saved = self._load(f) if f is not None else None
+        if saved is not None:
             for tile, w in saved.pop("veda", {}).items():
                 self._add_veda(st.path, tile, w)
             m = SiteMeasurement(**saved)
             self.loaded += 1
         else:
+            self.measured += 1
             t0 = time.perf_counter()
             fitted = self._fit_veda(st.path, q, k, geom) if "veda" in self.methods else {}
             m = measure_site(q, k, v, geom, self.tiles, self.levels, methods=self.methods, scale=scale, key_mask=key_mask,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,13 +16,12 @@ from ..api import SPARSE_KINDS, find_sites
 from ..passes.discover import import_bound_modules
 from ..passes.install import install, uninstall
 from .. import runtime
-from ..recipe import (RECIPE_VERSION, Budget, Defaults, HeadConfig, HeadEntry, ModelSignature, Recipe, SiteEntry,
-                      check_tile)
+from ..recipe import RECIPE_VERSION, Budget, Defaults, HeadConfig, HeadEntry, ModelSignature, Recipe, SiteEntry
 from .capture import Capture
-from .solve import solve_allocation
+from .config import DEFAULT_LEVELS, DEFAULT_TILES, CalibrationConfig, CalibrationConfigError
+from .solve import InfeasibleBudgetError, solve_allocation
 
-DEFAULT_TILES = ((4, 4, 4), (1, 8, 8), (2, 4, 8), (8, 2, 4), (16, 2, 2), (1, 4, 16))
-DEFAULT_LEVELS = (0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)
+__all__ = ["CalibrationResult", "calibrate", "run_calibration", "DEFAULT_LEVELS", "DEFAULT_TILES"]
 
 
 class Progress:
@@ -65,6 +65,9 @@ class CalibrationResult:
         choice: `[G]` chosen option per head.
         layer: `[G]` site index of each head.
         allocation: the solver's Allocation.
+        config: the CalibrationConfig of the run.
+        attention_error: `[G, O]` each head's share of its site's relative squared attention-output error
+            (`error` before the per-site model-output scaling).
     """
 
     recipe: Recipe
@@ -76,6 +79,8 @@ class CalibrationResult:
     layer: np.ndarray
     allocation: object
     capture_seconds: float = 0.0
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    attention_error: np.ndarray | None = None
     extras: dict = field(default_factory=dict)
 
     @property
@@ -204,143 +209,196 @@ def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, de
     return Recipe(version=RECIPE_VERSION, model=sig, defaults=defaults, sites=sites, calibration=provenance)
 
 
-def run_calibration(model, forward_loop, *, budget: float = 0.1, tiles=DEFAULT_TILES, levels=DEFAULT_LEVELS,
-                    methods=("vsa",),
-                    example_inputs=None, grid=None, video_start: int = 0, adapter=None, dense_layers=(),
-                    dense_steps: int = 0, min_layer_density=None, error_cap=None, solver: str = "auto",
-                    query_fraction: float = 0.125, checkpoint_dir=None, progress: bool = True,
-                    n_forwards: int | None = None, inputs_hash: str = "", output_loop=None,
-                    output_error: bool = True, reference_density: float = 0.1) -> CalibrationResult:
-    """Calibrate `model` and return the full result (see `calibrate` for the arguments)."""
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"sparsify.calibrate: budget must be a density in (0, 1]; got {budget}")
-    tiles = [check_tile(list(t), "tiles") for t in tiles]
-    from ..methods import available_methods
-    from ..methods.registry import method_class
+def _calibration_grid(model, adapter, example_inputs, grid):
+    """The (T, H, W) token grid of `example_inputs` (where `tiles=None`/`levels=None` are resolved)."""
+    from ..passes.discover import _split_inputs
 
-    def usable(m):  # tile methods: the measurement ranks key tiles with `select` (not `attend`-only methods)
-        return m in available_methods() and m != "dense" and not hasattr(method_class(m), "attend")
+    if grid is not None and not callable(grid):
+        return tuple(grid)
+    inputs = adapter.example_inputs(model) if example_inputs is None else example_inputs
+    args, kwargs = _split_inputs(inputs)
+    return tuple(adapter.geometry(model, args, kwargs).grid)
 
-    methods = list(methods)
-    unknown = [m for m in methods if not usable(m)]
-    if not methods or unknown:
-        raise ValueError(f"sparsify.calibrate: unknown or unusable methods {unknown or methods}; the calibrator "
-                         f"measures tile methods: {', '.join(m for m in available_methods() if usable(m))}")
-    cands = [(m, tuple(t)) for m in methods for t in tiles]
-    levels = sorted(float(x) for x in levels)
-    if not levels or not all(0.0 < x <= 1.0 for x in levels):
-        raise ValueError(f"sparsify.calibrate: levels must be densities in (0, 1]; got {levels}")
+
+def _infeasible(e: InfeasibleBudgetError, config: CalibrationConfig, tiles, levels) -> InfeasibleBudgetError:
+    """The solver's infeasibility, restated in the config's terms: the minimum feasible budget and what to change."""
+    if e.min_density is None:  # the layer minimums, not the budget, are the obstacle
+        return InfeasibleBudgetError(f"sparsify.calibrate: {e}; lower min_layer_density (--min-layer-density) or "
+                                     f"raise budget (--budget, now {config.budget:g})")
+    lo = e.min_density
+    dense = f", {len(config.dense_layers)} dense layer(s)" if config.dense_layers else ""
+    return InfeasibleBudgetError(
+        f"sparsify.calibrate: budget {config.budget:g} is infeasible: the lowest density these candidates reach is "
+        f"{lo:.4g} (every head at its sparsest candidate: tiles {', '.join('x'.join(map(str, t)) for t in tiles)}, "
+        f"levels {', '.join(f'{x:g}' for x in levels)}{dense}). Use budget >= {math.ceil(lo * 1000) / 1000:g} "
+        "(--budget), or make sparser candidates reachable: lower levels (--levels), fewer dense layers "
+        "(--dense-layers) or a larger token grid (--grid), on which one key tile is a smaller share",
+        min_density=lo)
+
+
+def run_calibration(model, forward_loop, config: CalibrationConfig | None = None, *, example_inputs=None, grid=None,
+                    video_start: int = 0, adapter=None, output_loop=None, n_forwards: int | None = None,
+                    inputs_hash: str = "", **overrides) -> CalibrationResult:
+    """Calibrate `model` under `config` and return the full result (recipe, allocation, measurements).
+
+    Args:
+        model: the DiT (any model `sparsify()` accepts).
+        forward_loop: `forward_loop(model)` runs the calibration forwards (inputs x denoising steps).
+        config: a `CalibrationConfig` (default: `CalibrationConfig()`).
+        example_inputs, grid, video_start, adapter: as for `sparsify()`; `example_inputs` also sets the grid
+            on which `config.tiles=None` / `config.levels=None` are resolved (see `CalibrationConfig.candidates`).
+        output_loop: the forwards of the per-site model-output error (default: `forward_loop`; one input
+            is usually enough).
+        n_forwards: how many forwards `forward_loop` makes (for the progress ETA).
+        inputs_hash: identifies the calibration inputs; checkpoints of other inputs are set aside.
+        **overrides: `CalibrationConfig` fields, applied over `config` (e.g. `budget=0.05`).
+
+    Returns:
+        A `CalibrationResult`.
+
+    Raises:
+        CalibrationConfigError: an invalid config field or an unknown keyword.
+        InfeasibleBudgetError: no allocation meets the budget; the message gives the lowest feasible
+            budget and the options that would lower it.
+
+    Example:
+        >>> # res = run_calibration(model, loop, CalibrationConfig(budget=0.05), example_inputs=x)
+        >>> # res.allocation.density <= 0.05, res.recipe.save("my.yaml")
+    """
+    config = (config or CalibrationConfig()).replace(**overrides) if overrides else (config or CalibrationConfig())
+    clock = {"start": time.perf_counter()}
+    say = (lambda msg: print(f"sparsify.calibrate: {msg}", file=sys.stderr)) if config.verbose else (lambda msg: None)
     all_infos, adapter = find_sites(model, example_inputs, grid=grid, video_start=video_start, adapter=adapter)
     infos = [i for i in all_infos if i.kind in SPARSE_KINDS]
     if not infos:
         raise ValueError(
             f"sparsify.calibrate: {type(model).__name__} has no self- or joint-attention site to calibrate "
             f"(found: {', '.join(f'{i.path} ({i.kind})' for i in all_infos) or 'no attention at all'})")
+    bad = [i for i in config.dense_layers if i >= len(infos)]
+    if bad:
+        raise CalibrationConfigError(f"CalibrationConfig.dense_layers={list(config.dense_layers)} is invalid: "
+                                     f"the model has {len(infos)} self/joint sites (indices 0..{len(infos) - 1})")
+    clock["discovery"] = time.perf_counter()
+    tiles, levels = config.candidates(_calibration_grid(model, adapter, example_inputs, grid))
+    tiles, levels, methods = [tuple(t) for t in tiles], list(levels), list(config.methods)
+    cands = [(m, t) for m in methods for t in tiles]
     # every site installed as dense: the model computes exactly its dense output while we observe
     states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=i.path, kind=i.kind, heads=i.heads,
                                 head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n)
               for n, i in enumerate(infos)]
     config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, methods,
-                       query_fraction, inputs_hash))
-    bar = Progress(len(infos) * n_forwards if n_forwards else None, enabled=progress)
+                       config.query_fraction, inputs_hash))
+    ckpt = config.checkpoint_dir
+    bar = Progress(len(infos) * n_forwards if n_forwards else None, enabled=config.progress)
     inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
     try:
-        with Capture(tiles, levels, methods=methods, query_fraction=query_fraction, checkpoint_dir=checkpoint_dir,
+        with Capture(tiles, levels, methods=methods, query_fraction=config.query_fraction, checkpoint_dir=ckpt,
                      config_key=config_key, progress=bar) as cap, torch.no_grad():
             forward_loop(model)
     except KeyboardInterrupt:
         bar.close()
-        where = f" Measurements so far are in {checkpoint_dir}; rerun the same command to resume." if checkpoint_dir else ""
+        where = f" Measurements so far are in {ckpt}; rerun the same command to resume." if ckpt else ""
         raise KeyboardInterrupt(f"sparsify.calibrate interrupted.{where}") from None
     finally:
         uninstall(model, inst)
     bar.close()
+    clock["measurement"] = time.perf_counter()
+    if cap.loaded:
+        say(f"resumed from {ckpt}: {cap.loaded} of {cap.loaded + cap.measured} site measurements loaded, "
+            f"{cap.measured} measured now")
     missing = [i.path for i in infos if i.path not in cap.results]
     if missing:
         raise RuntimeError(f"sparsify.calibrate: the forward loop never reached these sites: {', '.join(missing)}")
     options, cost, error, weight, layer, names = _problem(infos, cap.results, cands, levels)
+    attention_error = error.copy()
     alphas = measured = None
-    if output_error:
-        bar = Progress(len(infos), label="output error", enabled=progress)
+    if config.output_error:
+        bar = Progress(len(infos), label="output error", enabled=config.progress)
         alphas, measured, ref, dense_out = _output_scales(model, all_infos, infos, adapter, cap.results, cands, levels,
-                                                          output_loop or forward_loop, reference_density, bar,
+                                                          output_loop or forward_loop, config.reference_density, bar,
                                                           veda=cap.veda_estimators())
         bar.close()
         error = error * alphas[layer][:, None]
-    forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(dense_layers)}
-    alloc = solve_allocation(cost, error, budget, weight=weight, layer=layer, forced=forced or None,
-                             min_layer_density=min_layer_density, error_cap=error_cap, solver=solver, names=names)
+    clock["output error"] = time.perf_counter()
+    forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(config.dense_layers)}
+    try:
+        alloc = solve_allocation(cost, error, config.budget, weight=weight, layer=layer, forced=forced or None,
+                                 min_layer_density=config.min_layer_density, error_cap=config.error_cap,
+                                 solver=config.solver, gap_rel=config.solver_gap,
+                                 time_limit=config.solver_time_limit, names=names)
+    except InfeasibleBudgetError as e:
+        raise _infeasible(e, config, tiles, levels) from None
     provenance = {
         "tool": f"sparsify {__version__}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "model": type(model).__name__,
+        "config_version": config.version,
         "inputs_hash": inputs_hash,
         "calls_per_site": int(next(iter(cap.results.values())).calls),
-        "budget": float(budget),
+        "budget": float(config.budget),
         "achieved_density": round(float(alloc.density), 6),
         "predicted_error": float(alloc.total_error),  # in the units of error_metric
         "predicted_attention_speedup": round(1.0 / float(alloc.density), 3),
         "solver": f"{alloc.solver} ({alloc.status})",
         "candidates": {"methods": methods, "tiles": [list(t) for t in tiles], "densities": levels},
-        "query_fraction": query_fraction,
+        "query_fraction": config.query_fraction,
         "error_metric": ("model-output relative squared error, predicted per head: the head's share of its site's "
-                         "attention-output error, scaled per site by a measured model-output error" if output_error
-                         else "relative squared error of each site's attention output, split by head energy share"),
+                         "attention-output error, scaled per site by a measured model-output error"
+                         if config.output_error else
+                         "relative squared error of each site's attention output, split by head energy share"),
     }
-    if output_error:
+    if config.output_error:
         provenance["output_scale_per_site"] = {i.path: round(float(a), 4) for i, a in zip(infos, alphas)}
-    recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=budget, defaults_tile=tuple(tiles[0]),
-                   default_method=methods[0],
-                   dense_steps=dense_steps, provenance=provenance, veda=cap.veda_estimators())
-    if output_error:  # check the prediction: the emitted recipe's real model-output error
+    recipe = _emit(model, all_infos, infos, options, alloc.choice, budget=config.budget,
+                   defaults_tile=tuple(tiles[0]), default_method=methods[0], dense_steps=config.dense_steps,
+                   provenance=provenance, veda=cap.veda_estimators())
+    if config.output_error:  # check the prediction: the emitted recipe's real model-output error
         configs = {i.path: recipe.head_configs(i.path, i.heads, kind=i.kind) for i in infos}
         measured_total = model_output_error(model, all_infos, adapter, configs, output_loop or forward_loop, dense_out)
         provenance["measured_output_error"] = float(measured_total)
+    clock["solve, recipe and final check"] = time.perf_counter()
+    marks = list(clock.values())
+    seconds = {name: marks[i + 1] - marks[i] for i, name in enumerate(list(clock)[1:])}
     return CalibrationResult(recipe=recipe, sites=infos, options=options, cost=cost, error=error, weight=weight,
-                             layer=layer, allocation=alloc, capture_seconds=cap.seconds,
+                             layer=layer, allocation=alloc, capture_seconds=cap.seconds, config=config,
+                             attention_error=attention_error,
                              extras={"loaded_checkpoints": cap.loaded, "names": names, "alphas": alphas,
-                                     "site_output_error": measured, "veda": cap.veda_estimators()})
+                                     "site_output_error": measured, "veda": cap.veda_estimators(),
+                                     "seconds": seconds})
 
 
-def calibrate(model, forward_loop, *, budget: float = 0.1, **kwargs) -> Recipe:
+def calibrate(model, forward_loop, config: CalibrationConfig | None = None, **kwargs) -> Recipe:
     """Measure every head's error per candidate, solve the budget ILP, and return the recipe.
 
     Runs the DENSE model through `forward_loop(model)`; at each attention site and head it measures,
     for every candidate method, tile shape and density, the exact error of top-k selection against dense
     attention and its cost (attention FLOPs relative to dense, padding of partial tiles included). A
     multiple-choice knapsack (one option per head, dense included) minimizes the total error under
-    the global density `budget`; tile shapes are chosen in the same solve.
+    the global density `config.budget`; tile shapes are chosen in the same solve.
 
     Args:
         model: the DiT (any model `sparsify()` accepts).
         forward_loop: `forward_loop(model)` runs the calibration forwards (inputs x denoising steps).
-        budget: target attention density over all sparsifiable heads (e.g. 0.1 = 10%).
-        tiles: candidate tile shapes (volume 64 or 128). Default: the six 64-token shapes.
-        methods: selection methods to consider per head (default `("vsa",)`; e.g. `("vsa", "veda")`).
-        levels: candidate densities per head.
-        example_inputs, grid, video_start, adapter: as for `sparsify()`.
-        dense_layers: site indices forced dense.
-        dense_steps: recorded in the recipe's defaults (runtime policy).
-        min_layer_density: per-site minimum density (a float, or {site index: float}).
-        error_cap: per-head cap on the error; options above it are excluded.
-        solver: `auto`, `highs`, `cbc` or `lagrangian`.
-        query_fraction: share of video query tokens measured per call (exact on those rows; the same
-            tokens for every candidate).
-        checkpoint_dir: per-site checkpoints, making an interrupted run resumable.
-        progress: print progress with ETA to stderr.
-        n_forwards: how many forwards `forward_loop` makes (for the ETA).
-        output_error: weigh each site's errors by a measured model-output error (HASTE): one extra pass of
-            `output_loop` per site with that site sparse at `reference_density`.
-        output_loop: the forwards used for that (default: `forward_loop`; one input is usually enough).
-        reference_density: the density at which the per-site output error is measured.
+        config: a `CalibrationConfig` (budget, candidates, solver, checkpoints, ...).
+        **kwargs: `CalibrationConfig` fields (applied over `config`) and the model arguments of
+            `run_calibration` (`example_inputs`, `grid`, `video_start`, `adapter`, `output_loop`,
+            `n_forwards`, `inputs_hash`).
 
     Returns:
         A Recipe with explicit per-site, per-head entries and a `calibration` provenance block.
 
     Example:
-        >>> from sparsify.calibrate import calibrate
-        >>> # def loop(m):
-        >>> #     for x in my_inputs: m(**x)
-        >>> # recipe = calibrate(model, loop, budget=0.1); recipe.save("my.yaml")
+        >>> from sparsify.calibrate import CalibrationConfig, calibrate
+        >>> from sparsify.testing.dits import tiny_wan
+        >>> from sparsify.adapters import adapter_for
+        >>> model = tiny_wan(layers=1, heads=2, head_dim=16)
+        >>> x = adapter_for(model).example_inputs(model, grid=(4, 8, 8))
+        >>> cfg = CalibrationConfig(budget=0.5, tiles=[(1, 8, 8)], levels=[0.25, 0.5], progress=False,
+        ...                         verbose=False, output_error=False)
+        >>> recipe = calibrate(model, lambda m: m(**x), cfg, example_inputs=x)
+        >>> recipe.calibration["achieved_density"] <= 0.5
+        True
+        >>> calibrate(model, lambda m: m(**x), cfg, example_inputs=x, budget=0.25).calibration["budget"]
+        0.25
     """
-    return run_calibration(model, forward_loop, budget=budget, **kwargs).recipe
+    return run_calibration(model, forward_loop, config, **kwargs).recipe

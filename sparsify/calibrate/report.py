@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .solve import solve_allocation, uniform_allocation
+from .solve import pareto_curve, uniform_allocation
 
 
 def head_grid(result, values):
@@ -33,42 +33,72 @@ def uniform_baseline(result, budget):
     return uniform_allocation(result.cost, result.error, budget, weight=result.weight)
 
 
+def site_attention_error(result) -> np.ndarray:
+    """`[n_sites]` relative L2 error of each site's attention output under the chosen options (predicted from the
+    measurements: the heads' shares of the site's relative squared error, summed, square-rooted)."""
+    att = result.attention_error if result.attention_error is not None else result.error
+    per_head = att[np.arange(len(result.choice)), result.choice]
+    return np.sqrt(np.bincount(result.layer, weights=per_head, minlength=len(result.sites)))
+
+
 def summary(result, budget) -> str:
-    """A text summary: totals, the ILP against the uniform allocation, and per-site choices."""
+    """A text summary: the allocation, the GPU speedup it predicts, its errors as relative L2, per-site choices."""
     cost, err, opts = chosen(result)
     a = result.allocation
+    cal = result.recipe.calibration or {}
+    output_error = result.config.output_error
+    site_err = site_attention_error(result)
+    worst = int(np.argmax(site_err))
     lines = [
-        f"calibrated {len(result.sites)} sites, {len(result.choice)} heads; budget {budget:.3f}",
+        f"calibrated {len(result.sites)} sites, {len(result.choice)} heads; budget {budget:g}",
         f"solver: {a.solver} ({a.status}), {a.solve_seconds:.2f}s",
-        f"achieved density {a.density:.4f}  ->  predicted attention speedup {1 / a.density:.2f}x",
-        f"predicted error: {a.total_error:.4g}" + (
-            f"  (model-output relative squared error; measured with this recipe: "
-            f"{result.recipe.calibration['measured_output_error']:.4g})"
-            if "measured_output_error" in (result.recipe.calibration or {}) else
-            "  (sum over sites of relative squared attention-output error)"),
+        f"achieved density {a.density:.4f}  ->  predicted attention speedup {1 / a.density:.1f}x for the GPU "
+        "block-sparse kernel (1/density; measured kernel speeds: RESULTS.md)",
+        "  the CPU path is the pure-PyTorch reference: it checks the numbers and is not faster, so no CPU speedup "
+        "is implied",
+        "error, as relative L2 ||sparse - dense|| / ||dense|| (0 = exact):",
+        f"  attention output (per site, predicted from the measured candidates): mean {site_err.mean():.4f}, worst "
+        f"{site_err[worst]:.4f} at {result.sites[worst].path}",
     ]
+    if output_error:
+        line = f"  model output (final prediction of the DiT): predicted {np.sqrt(a.total_error):.4f}"
+        if "measured_output_error" in cal:
+            line += f", measured with this recipe {np.sqrt(cal['measured_output_error']):.4f}"
+        lines.append(line)
+    else:
+        lines.append("  model output: not measured (--no-output-error); the solver minimised the attention errors")
     try:
         u = uniform_baseline(result, budget)
-        gain = 1 - a.total_error / u.total_error if u.total_error > 0 else 0.0
-        lines.append(f"uniform allocation at the same budget: density {u.density:.4f}, error {u.total_error:.4g} "
-                     f"(ILP error {100 * gain:.0f}% lower)")
+        gain = 1 - np.sqrt(a.total_error / u.total_error) if u.total_error > 0 else 0.0
+        what = "model-output" if output_error else "summed attention-output"
+        lines.append(f"uniform allocation at the same budget (one tile and density for every head): density "
+                     f"{u.density:.4f}, predicted {what} error {np.sqrt(u.total_error):.4f} (the ILP's is "
+                     f"{100 * gain:.0f}% lower)")
     except ValueError as e:
         lines.append(f"uniform allocation: not feasible at this budget ({e})")
+    secs = result.extras.get("seconds")
+    if secs:
+        lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     lines.append("")
-    lines.append(f"{'site':34s} {'density':>8s}  heads (tile@density or dense)")
+    lines.append(f"{'site':34s} {'density':>8s} {'att.err':>8s}  heads (tile@density or dense)")
     g = 0
-    for s in result.sites:
+    multi = len({o[2] for o in result.options[1:]}) > 1
+    for si, s in enumerate(result.sites):
         w = cost[g:g + s.heads]
-        multi = len({o[2] for o in result.options[1:]}) > 1
         desc = ["dense" if o[0] == "dense" else (f"{o[2]}:" if multi else "") + f"{'x'.join(map(str, o[0]))}@{o[1]:g}"
                 for o in opts[g:g + s.heads]]
-        lines.append(f"{s.path:34s} {w.mean():8.3f}  " + ", ".join(desc))
+        lines.append(f"{s.path:34s} {w.mean():8.3f} {site_err[si]:8.4f}  " + ", ".join(desc))
         g += s.heads
     return "\n".join(lines)
 
 
 def plots(result, budget, out_prefix, budgets=None) -> list[Path]:
-    """Write the three PNG plots next to the recipe; returns their paths (empty without matplotlib)."""
+    """Write the three PNG plots beside the recipe; returns their paths (empty without matplotlib).
+
+    `<out>.density.png`: each head's density, its colour scale spanning the chosen densities;
+    `<out>.tiles.png`: each head's tile shape; `<out>.error_vs_budget.png`: predicted error (relative L2)
+    against density for the ILP and the uniform allocation, the chosen budget marked.
+    """
     try:
         import matplotlib
 
@@ -81,12 +111,16 @@ def plots(result, budget, out_prefix, budgets=None) -> list[Path]:
     cost, err, opts = chosen(result)
     labels = [s.path for s in result.sites]
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * head_grid(result, cost).shape[1], 1 + 0.35 * len(labels)))
-    im = ax.imshow(head_grid(result, cost), cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    grid = head_grid(result, cost)
+    lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
+    if hi - lo < 1e-6:
+        lo, hi = lo * 0.9, hi * 1.1 + 1e-6
+    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * grid.shape[1], 1 + 0.35 * len(labels)))
+    im = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("head")
-    ax.set_title(f"per-head density (budget {budget:g})")
-    fig.colorbar(im, ax=ax)
+    ax.set_title(f"per-head density (budget {budget:g}, achieved {result.allocation.density:.3f})")
+    fig.colorbar(im, ax=ax, label="density (attention work / dense)")
     paths.append(_save(fig, out_prefix.with_name(out_prefix.name + ".density.png")))
 
     tile_names = sorted({"dense" if o[0] == "dense" else "x".join(map(str, o[0])) for o in result.options})
@@ -101,24 +135,24 @@ def plots(result, budget, out_prefix, budgets=None) -> list[Path]:
     ax.legend(handles, tile_names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     paths.append(_save(fig, out_prefix.with_name(out_prefix.name + ".tiles.png")))
 
-    budgets = budgets or [b for b in (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5) if b >= result.cost.min(1).max() * 0.999]
-    rows = []
-    for b in budgets:
-        try:
-            ilp = solve_allocation(result.cost, result.error, b, weight=result.weight)
-            uni = uniform_baseline(result, b)
-            rows.append((b, ilp.density, ilp.total_error, uni.density, uni.total_error))
-        except ValueError:
-            continue
-    if rows:
-        r = np.array(rows)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(r[:, 1], r[:, 2], "o-", label="ILP (per-head budgets and tiles)")
-        ax.plot(r[:, 3], r[:, 4], "s--", label="uniform (one density and tile)")
+    budgets = sorted(set(budgets or (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5)) | {float(budget)})
+    curve = pareto_curve(result.cost, result.error, budgets, weight=result.weight)
+    ok = ~np.isnan(curve.ilp_error)
+    if ok.any():
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        ax.plot(curve.ilp_density[ok], np.sqrt(curve.ilp_error[ok]), "o-", label="ILP (per-head budgets and tiles)")
+        uok = ~np.isnan(curve.uniform_error)
+        ax.plot(curve.uniform_density[uok], np.sqrt(curve.uniform_error[uok]), "s--",
+                label="uniform (one density and tile)")
+        a = result.allocation
+        ax.axvline(budget, color="tab:red", lw=1, ls=":", label=f"chosen budget {budget:g}")
+        ax.plot([a.density], [np.sqrt(max(a.total_error, 1e-30))], "*", color="tab:red", ms=14, label="this recipe")
         ax.set_xlabel("achieved density")
-        ax.set_ylabel("predicted error")
-        ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        what = "model output" if result.config.output_error else "attention output (summed)"
+        ax.set_ylabel(f"predicted error, relative L2\n({what})")
+        if (curve.ilp_error[ok] > 0).all():
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
         ax.set_title("error versus budget")
         paths.append(_save(fig, out_prefix.with_name(out_prefix.name + ".error_vs_budget.png")))
     return paths

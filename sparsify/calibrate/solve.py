@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-import re
-import tempfile
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -14,25 +14,31 @@ from typing import Any
 
 import numpy as np
 
+from .config import SOLVERS
+
 __all__ = [
-    "Allocation",
-    "InfeasibleBudgetError",
-    "ParetoCurve",
-    "available_solvers",
-    "pareto_curve",
-    "solve_allocation",
-    "uniform_allocation",
+    "Allocation", "InfeasibleBudgetError", "ParetoCurve", "available_solvers", "pareto_curve",
+    "solve_allocation", "uniform_allocation"
 ]
 
-SOLVERS = ("auto", "highs", "cbc", "lagrangian")
 Forced = Mapping[int, int] | Sequence[int] | np.ndarray  # {group: option}, or (G,) with -1 = free
 LayerIds = Sequence[Any] | np.ndarray  # (G,) layer id of each group
 LayerMinimum = float | Mapping[Any, float]  # one density for every layer, or {layer id: density}
 DENSITY_TOL = 1e-9  # an allocation meets the budget when density <= budget + DENSITY_TOL
+MILP_MAX_VARIABLES = 250_000  # "auto" solves larger problems with the Lagrangian heuristic
 
 
 class InfeasibleBudgetError(ValueError):
-    """No allocation meets the budget (or the per-layer minimum densities). A ``ValueError``."""
+    """No allocation meets the budget (or the per-layer minimum densities). A ``ValueError``.
+
+    Attributes:
+        min_density: the lowest density any allocation reaches (every head on its cheapest allowed
+            option), or None when the budget itself is not the obstacle.
+    """
+
+    def __init__(self, message: str, min_density: float | None = None):
+        super().__init__(message)
+        self.min_density = min_density
 
 
 @dataclass
@@ -44,7 +50,7 @@ class Allocation:
         total_error: sum of the chosen options' errors.
         density: achieved weighted density ``sum_g w_g c[g, choice_g] / sum_g w_g``.
         budget: the requested density budget.
-        status: ``"optimal"`` (proven optimal within ``gap_rel``), ``"feasible (time limit)"``,
+        status: ``"optimal"`` (proven optimal within ``gap_rel``), ``"feasible (stopped ...)"``,
             ``"feasible (gap 3.1e-03)"`` (a heuristic with its known gap), or ``"feasible"`` (no bound:
             the uniform baseline).
         solver: ``"highs"``, ``"cbc"``, ``"lagrangian"`` or ``"uniform"``.
@@ -91,19 +97,9 @@ class ParetoCurve:
 
     def rows(self) -> list[dict[str, float | str]]:
         """One dict per budget, ready for JSON or a table."""
-        return [
-            {
-                "budget": float(b),
-                "ilp_density": float(d),
-                "ilp_error": float(e),
-                "uniform_density": float(ud),
-                "uniform_error": float(ue),
-                "ilp_status": s,
-            }
-            for b, d, e, ud, ue, s in zip(
-                self.budget, self.ilp_density, self.ilp_error, self.uniform_density, self.uniform_error, self.ilp_status
-            )
-        ]
+        keys = ("budget", "ilp_density", "ilp_error", "uniform_density", "uniform_error")
+        cols = zip(self.budget, self.ilp_density, self.ilp_error, self.uniform_density, self.uniform_error)
+        return [{**{k: float(x) for k, x in zip(keys, row)}, "ilp_status": s} for row, s in zip(cols, self.ilp_status)]
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -201,15 +197,12 @@ def _layer_constraints(
     return [(lid, np.flatnonzero(layer == lid), lo) for lid, lo in wanted.items() if lo > 0]
 
 
-def _prepare(
-    cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names
-) -> _Problem:
+def _prepare(cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names) -> _Problem:
     cost = np.asarray(cost, dtype=np.float64)
     error = np.asarray(error, dtype=np.float64)
     if cost.ndim != 2 or cost.shape != error.shape:
-        raise ValueError(
-            f"cost and error must be (groups, options) arrays of one shape, got {cost.shape} and {error.shape}"
-        )
+        raise ValueError(f"cost and error must be (groups, options) arrays of one shape, got {cost.shape} and "
+                         f"{error.shape}")
     G, O = cost.shape
     if G == 0 or O == 0:
         raise ValueError(f"empty problem: {G} groups x {O} options")
@@ -240,10 +233,8 @@ def _prepare(
     capped[rows, forced_arr[rows]] = True  # a forced option is kept even above the error cap
     for g in np.flatnonzero(~capped.any(axis=1)):
         if ok[g].any() and error_cap is not None:
-            raise ValueError(
-                f"{names[g]}: no option within error_cap={float(cap[g]):.4g} "
-                f"(its smallest error is {float(error[g][ok[g]].min()):.4g}); raise the cap for this head"
-            )
+            raise ValueError(f"{names[g]}: no option within error_cap={float(cap[g]):.4g} (its smallest error is "
+                             f"{float(error[g][ok[g]].min()):.4g}); raise the cap for this head")
         raise ValueError(f"{names[g]}: no available option (all missing, NaN/inf or masked)")
     if weight is None:
         w = np.ones(G)
@@ -258,9 +249,8 @@ def _prepare(
     for lid, idx, lo in p.layers:
         top = float(np.dot(p.w[idx], np.where(capped[idx], cost[idx], -np.inf).max(axis=1)) / p.w[idx].sum())
         if top < lo - DENSITY_TOL:
-            raise InfeasibleBudgetError(
-                f"layer {lid!r}: minimum density {lo:.4g} is above its maximum achievable density {top:.4g}"
-            )
+            raise InfeasibleBudgetError(f"layer {lid!r}: minimum density {lo:.4g} is above its maximum achievable "
+                                        f"density {top:.4g}")
     return p
 
 
@@ -272,9 +262,8 @@ def _check_budget(p: _Problem) -> None:
     lo = _min_density(p)
     if lo > p.budget + DENSITY_TOL:
         raise InfeasibleBudgetError(
-            f"budget {p.budget:.6g} is infeasible: the minimum achievable density is {lo:.6g} "
-            "(every head on its cheapest allowed option, after forced options, masks and error_cap)"
-        )
+            f"budget {p.budget:.6g} is infeasible: the minimum achievable density is {lo:.6g} (every head on its "
+            "cheapest allowed option, after forced options, masks and error_cap)", min_density=lo)
 
 
 # -------------------------------------------------------------------------------------- compact form
@@ -446,92 +435,67 @@ def _greedy_fill(cp: _Compact, k: np.ndarray, budget: float) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def available_solvers() -> tuple[str, ...]:
-    """The solver names usable here, best first (``"lagrangian"`` is always available)."""
-    out = []
+    """The solver names usable here, best first (``"lagrangian"`` needs only numpy and is always last).
+
+    ``"highs"`` is pulp's HiGHS interface (``highspy``), ``"cbc"`` pulp's bundled CBC; both come with
+    ``pip install "sparsify[calibrate]"``.
+
+    Example:
+        >>> available_solvers()[-1]
+        'lagrangian'
+    """
     try:
         import pulp
-    except ImportError:  # pragma: no cover - pulp is a dependency
+    except ImportError:
         return ("lagrangian",)
-    if pulp.HiGHS(msg=False).available():
-        out.append("highs")
-    if _cbc_solver(msg=False).available():
-        out.append("cbc")
+    out = [name for name in ("highs", "cbc") if _pulp_solver(name, msg=False).available()]
     return (*out, "lagrangian")
 
 
-@functools.lru_cache(maxsize=1)
-def _warm_highs_class():
-    """``pulp.HiGHS`` (the highspy API) with a MIP start and batched integrality.
-
-    pulp 3.3 supports warmStart only for HiGHS_CMD (which needs a ``highs`` binary that highspy does
-    not ship), and marks integer columns one ``changeColIntegrality`` call at a time (~30 us each,
-    0.6 s for 20k columns); one ``changeColsIntegrality`` call does the same.
-    """
-    import highspy
+def _pulp_solver(name: str, *, msg: bool, gap_rel: float = 1e-4, time_limit: float | None = None):
+    """pulp's own solver object: ``pulp.HiGHS`` (highspy) or ``pulp.PULP_CBC_CMD``."""
     import pulp
 
-    class WarmHiGHS(pulp.HiGHS):
-        def __init__(self, start=None, **kwargs):
-            super().__init__(**kwargs)
-            self._mip_start = start  # {variable: value}
-
-        def buildSolverModel(self, lp):
-            mip, self.mip = self.mip, False  # pulp reads self.mip only here, to mark integer columns
-            try:
-                super().buildSolverModel(lp)
-            finally:
-                self.mip = mip
-            idx = np.array([v.index for v in lp.variables() if v.cat == pulp.LpInteger], dtype=np.int32)
-            if mip and idx.size:
-                kind = np.full(idx.size, int(highspy.HighsVarType.kInteger), dtype=np.uint8)
-                lp.solverModel.changeColsIntegrality(idx.size, idx, kind)
-
-        def callSolver(self, lp):
-            if self._mip_start:
-                idx = np.array([v.index for v in self._mip_start], dtype=np.int32)
-                val = np.array(list(self._mip_start.values()), dtype=np.float64)
-                lp.solverModel.setSolution(len(idx), idx, val)
-            lp.solverModel.run()
-
-    return WarmHiGHS
-
-
-def _cbc_solver(**kwargs):
-    """A CBC on PATH (``pip install pulp[cbc]``, pulp 4's way) if there is one, else pulp's bundled CBC.
-
-    ``PULP_CBC_CMD`` warns (DeprecationWarning, once per instance) that pulp 4 drops the bundled binary.
-    """
-    import pulp
-
-    solver = pulp.COIN_CMD(**kwargs)
-    if solver.available():
-        return solver
-    with warnings.catch_warnings():
+    if name == "highs":
+        return pulp.HiGHS(msg=msg, gapRel=gap_rel, gapAbs=0.0, timeLimit=time_limit)
+    with warnings.catch_warnings():  # pulp 3.3 warns that pulp 4 stops bundling the CBC binary
         warnings.simplefilter("ignore", DeprecationWarning)
-        return pulp.PULP_CBC_CMD(**kwargs)
+        return pulp.PULP_CBC_CMD(msg=msg, gapRel=gap_rel, timeLimit=time_limit)
 
 
-_CBC_GAP = re.compile(r"Cbc0011I Exiting as integer gap of ([-+0-9.eE]+)")
-_CBC_POSSIBLE = re.compile(r"best possible ([-+0-9.eE]+)")
-_CBC_RESULT = re.compile(r"Result - (.+)")
+@contextlib.contextmanager
+def _silenced(on: bool):
+    """Send the process's stdout and stderr file descriptors to /dev/null (HiGHS prints its banner from C++)."""
+    if not on:
+        yield
+        return
+    for f in (sys.stdout, sys.stderr):
+        f.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
 
 
-def _cbc_log_bound(log: str, objective: float) -> tuple[float | None, str]:
-    """Lower bound (solver units) and the ``Result -`` line from a CBC log; pulp reads neither."""
-    result = m.group(1).strip() if (m := _CBC_RESULT.search(log)) else ""
-    if m := _CBC_GAP.search(log):
-        return objective - float(m.group(1)), result
-    if found := _CBC_POSSIBLE.findall(log):  # progress lines carry it too: the last one is final
-        return min(float(found[-1]), objective), result
-    if "Search completed" in log:
-        return objective, result
-    return None, result
+def _solve_milp(
+    p: _Problem, cp: _Compact, backend: str, gap_rel: float, time_limit: float, msg: bool
+) -> tuple[np.ndarray | None, str, dict[str, Any]]:
+    """The multiple-choice knapsack as a pulp MILP. Returns (compact choice or None, status, info).
 
+    One binary ``x[g][j]`` per kept option ``j`` of each group ``g`` with more than one option::
 
-def _solve_pulp(
-    p: _Problem, cp: _Compact, backend: str, gap_rel: float, time_limit: float, start: np.ndarray | None
-) -> tuple[np.ndarray | None, str, float | None, dict[str, Any]]:
-    """Build the MCKP with pulp and solve it. Returns (compact choice or None, status, bound, info)."""
+        minimise    lpSum(error[g, j] * x[g][j])
+        subject to  lpSum(x[g]) == 1                                      for every group
+                    lpSum(w[g] * cost[g, j] * x[g][j]) <= budget * G        (budget row)
+                    lpSum over a layer's groups >= its minimum density * its weight
+    """
     import pulp
 
     G = p.n_groups
@@ -540,97 +504,39 @@ def _solve_pulp(
     choice = np.zeros(G, dtype=np.int64)
     info: dict[str, Any] = {"variables": int(cp.count[free].sum()), "fixed_groups": int(fixed.size)}
     if free.size == 0:
-        return choice, "optimal", float(cp.error[fixed, 0].sum()), info
-    e_fixed = float(cp.error[fixed, 0].sum())
-    wc = p.w[:, None] * cp.cost  # row units: mean-1 weights, so the budget row reads density * G
+        return choice, "optimal", info
+    wc = p.w[:, None] * cp.cost  # mean-1 weights: the budget row reads density * G
     finite = cp.error[free][np.isfinite(cp.error[free])]
-    scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0  # coefficients in [0, 1]
+    scale = float(finite.max()) if finite.size and finite.max() > 0 else 1.0  # objective coefficients in [0, 1]
 
     prob = pulp.LpProblem("sparsify_allocation", pulp.LpMinimize)
-    # pulp 3.3 deprecates LpVariable(...) (one DeprecationWarning per variable) for prob.add_variable
-    new_var = getattr(prob, "add_variable", pulp.LpVariable)
-    xs: list[list[Any]] = []
-    objective, load = [], []
-    load_by_group: dict[int, Any] = {}
-    for g in free:
-        n = int(cp.count[g])
-        x = [new_var(f"x_{g}_{j}", cat=pulp.LpBinary) for j in range(n)]
-        xs.append(x)
-        objective.append(pulp.LpAffineExpression(zip(x, (cp.error[g, :n] / scale).tolist())))
-        load_by_group[int(g)] = pulp.LpAffineExpression(zip(x, wc[g, :n].tolist()))
-        load.append(load_by_group[int(g)])
-        prob += pulp.lpSum(x) == 1, f"one_{g}"
-    prob += pulp.lpSum(objective)
-    prob += pulp.lpSum(load) <= p.budget * G - float(wc[fixed, 0].sum()), "budget"
+    x = {int(g): [prob.add_variable(f"x_{g}_{j}", cat=pulp.LpBinary) for j in range(int(cp.count[g]))] for g in free}
+
+    def load(g):
+        return pulp.lpSum(c * v for c, v in zip(wc[g].tolist(), x[g]))
+
+    prob += pulp.lpSum(e / scale * v for g in x for e, v in zip(cp.error[g].tolist(), x[g]))
+    for g in x:
+        prob += pulp.lpSum(x[g]) == 1, f"one_{g}"
+    prob += pulp.lpSum(load(g) for g in x) <= p.budget * G - float(wc[fixed, 0].sum()), "budget"
     for i, (_, idx, lo) in enumerate(p.layers):
-        in_free = [load_by_group[int(g)] for g in idx if int(g) in load_by_group]
-        rhs = lo * float(p.w[idx].sum()) - float(wc[idx, 0][cp.count[idx] == 1].sum())
-        prob += pulp.lpSum(in_free) >= rhs, f"layer_{i}"
+        rhs = lo * float(p.w[idx].sum()) - float(sum(wc[g, 0] for g in idx if cp.count[g] == 1))
+        prob += pulp.lpSum(load(int(g)) for g in idx if int(g) in x) >= rhs, f"layer_{i}"
 
-    warm = None
-    if start is not None:
-        warm = {v: float(j == start[g]) for g, x in zip(free, xs) for j, v in enumerate(x)}
-    logfile = None
-    if backend == "highs":
-        solver = _warm_highs_class()(
-            start=warm,
-            msg=False,
-            gapRel=gap_rel,
-            gapAbs=0.0,  # HiGHS' default absolute gap (1e-6) would end early on small objectives
-            timeLimit=time_limit,
-            mip_feasibility_tolerance=1e-9,
-        )
-    else:
-        if warm is not None:
-            for v, val in warm.items():
-                v.setInitialValue(val)
-        fd, logfile = tempfile.mkstemp(prefix="sparsify_cbc_", suffix=".log")
-        os.close(fd)
-        solver = _cbc_solver(
-            msg=False, gapRel=gap_rel, timeLimit=time_limit, warmStart=warm is not None, logPath=logfile
-        )
-    try:
-        prob.solve(solver)
-        log = ""
-        if logfile is not None:
-            with open(logfile) as f:
-                log = f.read()
-    finally:
-        if logfile is not None:
-            os.unlink(logfile)
-
-    lp_status = pulp.LpStatus[prob.status]
-    sol_status = prob.sol_status
-    info.update(pulp_status=lp_status, pulp_sol_status=pulp.LpSolution[sol_status])
-    if sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        # pulp still fills varValue with whatever the solver left (e.g. an LP point): never read it
-        if prob.status == pulp.LpStatusInfeasible or sol_status == pulp.LpSolutionInfeasible:
-            raise InfeasibleBudgetError(
-                f"no allocation meets budget {p.budget:.6g} together with the per-layer minimum densities"
-            )
-        return None, f"no solution ({lp_status})", None, info
-    for g, x in zip(free, xs):
-        vals = np.array([v.varValue or 0.0 for v in x])
-        choice[g] = int(np.argmax(vals))
-    objective_value = float(pulp.value(prob.objective))
-
-    bound = None
-    if backend == "highs":
-        model_status = str(prob.solverModel.getModelStatus()).rsplit(".", 1)[-1]
-        hinfo = prob.solverModel.getInfo()
-        bound = float(hinfo.mip_dual_bound) * scale + e_fixed if np.isfinite(hinfo.mip_dual_bound) else None
-        info["highs_status"] = model_status
-        proven = model_status == "kOptimal"
-        reason = {"kTimeLimit": "time limit", "kIterationLimit": "iteration limit", "kInterrupt": "interrupted"}
-        why = reason.get(model_status, model_status)
-    else:
-        b, result = _cbc_log_bound(log, objective_value)
-        bound = None if b is None else b * scale + e_fixed
-        info["cbc_result"] = result
-        # CBC says "Optimal" (pulp status) after a time limit: only "Optimal solution found" is a proof
-        proven = sol_status == pulp.LpSolutionOptimal and result.startswith("Optimal solution found")
-        why = "time limit" if "time" in result.lower() else (result or lp_status).lower()
-    return choice, "optimal" if proven else f"feasible ({why})", bound, info
+    with _silenced(not msg):
+        prob.solve(_pulp_solver(backend, msg=msg, gap_rel=gap_rel, time_limit=time_limit))
+    info.update(pulp_status=pulp.LpStatus[prob.status], pulp_sol_status=pulp.LpSolution[prob.sol_status])
+    if prob.sol_status == pulp.LpSolutionInfeasible:
+        raise InfeasibleBudgetError(
+            f"no allocation meets budget {p.budget:.6g} together with the per-layer minimum densities",
+            min_density=_min_density(p))
+    if prob.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        return None, f"no solution ({pulp.LpSolution[prob.sol_status]})", info  # varValue is not a solution then
+    for g, xs in x.items():
+        choice[g] = int(np.argmax([v.varValue or 0.0 for v in xs]))
+    if prob.sol_status == pulp.LpSolutionOptimal:
+        return choice, "optimal", info
+    return choice, "feasible (stopped before proving optimality: time limit)", info
 
 
 # ------------------------------------------------------------------------------------------- API
@@ -644,33 +550,22 @@ def _gap(total: float, bound: float | None) -> float | None:
     return max(0.0, (total - bound) / total)
 
 
-def _resolve_solver(solver: str) -> str:
+def _resolve_solver(solver: str, n_variables: int) -> str:
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}: expected one of {SOLVERS}")
     if solver == "auto":
-        return available_solvers()[0]
+        return "lagrangian" if n_variables > MILP_MAX_VARIABLES else available_solvers()[0]
     if solver != "lagrangian" and solver not in available_solvers():
-        hint = "pip install highspy" if solver == "highs" else "pulp's bundled CBC is missing"
-        raise RuntimeError(f"solver {solver!r} is not available here ({hint}); available: {available_solvers()}")
+        raise RuntimeError(f"solver {solver!r} is not available here (pip install \"sparsify[calibrate]\" brings "
+                           f"pulp and highspy); available: {', '.join(available_solvers())}")
     return solver
 
 
 def solve_allocation(
-    cost: np.ndarray,
-    error: np.ndarray,
-    budget: float,
-    *,
-    weight: np.ndarray | None = None,
-    layer: LayerIds | None = None,
-    forced: Forced | None = None,
-    min_layer_density: LayerMinimum | None = None,
-    error_cap: float | np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    solver: str = "auto",
-    gap_rel: float = 1e-4,
-    time_limit: float = 60.0,
-    names: Sequence[str] | None = None,
-    warm_start: bool = True,
+    cost: np.ndarray, error: np.ndarray, budget: float, *, weight: np.ndarray | None = None,
+    layer: LayerIds | None = None, forced: Forced | None = None, min_layer_density: LayerMinimum | None = None,
+    error_cap: float | np.ndarray | None = None, mask: np.ndarray | None = None, solver: str = "auto",
+    gap_rel: float = 1e-4, time_limit: float = 60.0, names: Sequence[str] | None = None, msg: bool = False
 ) -> Allocation:
     """Choose one option per group that minimises the total error under a global density budget.
 
@@ -683,8 +578,10 @@ def solve_allocation(
     A group is one attention head of one layer; an option is one candidate (method x tile shape x
     budget level). Options whose cost or error is NaN/inf, that ``mask`` hides, or whose error exceeds
     ``error_cap`` are never chosen. Options dominated in both cost and error are pruned before the
-    solve (only equal-cost duplicates when layer minimums are set). The ILP solvers start from the
-    Lagrangian solution, and every returned solution is re-checked here, whatever the solver says.
+    solve (only equal-cost duplicates when layer minimums are set). The Lagrangian heuristic always
+    runs first: its dual bound, its answer where a MILP solver returns none, and its answer where it
+    beats the MILP's (which stops within ``gap_rel``). Every returned solution is re-checked here,
+    whatever the solver says.
 
     Args:
         cost: ``(G, O)`` attention cost of each option as a fraction of the head's dense cost
@@ -699,15 +596,16 @@ def solve_allocation(
             ``{layer id: density}``.
         error_cap: a float or ``(G,)`` array; options with a larger error are excluded.
         mask: ``(G, O)`` bool, True where the option may be used.
-        solver: ``"highs"`` (pulp's HiGHS through highspy), ``"cbc"`` (pulp's bundled CBC),
-            ``"lagrangian"`` (numpy only: Lagrangian relaxation of the budget row, bisection on its
-            multiplier, a repair for layer minimums and a greedy fill; gives a dual bound) or
-            ``"auto"`` (the first available of these three).
+        solver: ``"highs"`` (the MILP through ``pulp.HiGHS``), ``"cbc"`` (the MILP through
+            ``pulp.PULP_CBC_CMD``), ``"lagrangian"`` (numpy only: Lagrangian relaxation of the budget
+            row, bisection on its multiplier, a repair for layer minimums and a greedy fill; gives a
+            dual bound) or ``"auto"`` (the first available of these three; the Lagrangian for
+            problems of more than ``MILP_MAX_VARIABLES`` binaries after pruning).
         gap_rel: relative optimality gap at which the ILP may stop (0 to prove exact optimality).
         time_limit: seconds the ILP solver may run; on expiry its best solution is returned with
-            status ``"feasible (time limit)"``.
+            status ``"feasible (stopped before proving optimality: time limit)"``.
         names: ``(G,)`` group names used in error messages (e.g. ``"blocks.3.attn1 head 5"``).
-        warm_start: start the ILP from the Lagrangian solution (ignored by ``"lagrangian"``).
+        msg: let the MILP solver print its log (otherwise nothing, not even HiGHS' banner, is printed).
 
     Returns:
         An :class:`Allocation`; ``choice[g]`` indexes ``cost``'s columns.
@@ -730,75 +628,55 @@ def solve_allocation(
     t0 = time.perf_counter()
     p = _prepare(cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names)
     _check_budget(p)
-    name = _resolve_solver(solver)
     cp = _compact(p, pareto=not p.layers)
+    name = _resolve_solver(solver, int(cp.count[cp.count > 1].sum()))
     info: dict[str, Any] = {"options": int(p.ok.sum()), "options_kept": int(cp.count.sum())}
     k_lag, bound, info["lagrange_multiplier"] = _lagrangian(cp, p.budget)  # bound valid with layer rows too
     if p.layers:
         k_lag = _repair_layers(cp, k_lag, p.budget)
     lag_choice = None
     if k_lag is not None:
-        k_lag = _greedy_fill(cp, k_lag, p.budget)
-        lag_choice = cp.expand(k_lag)
+        lag_choice = cp.expand(_greedy_fill(cp, k_lag, p.budget))
         if not p.feasible(lag_choice):  # never expected: the heuristic keeps every row
-            k_lag = lag_choice = None
+            lag_choice = None
     info["lagrangian_error"] = None if lag_choice is None else p.total_error(lag_choice)
     if name == "lagrangian":
         if lag_choice is None:
-            raise RuntimeError(
-                "solver='lagrangian': the heuristic found no allocation meeting both the budget and the "
-                "per-layer minimum densities; use solver='highs' or 'cbc'"
-            )
+            raise RuntimeError("solver='lagrangian': the heuristic found no allocation meeting both the budget and "
+                               "the per-layer minimum densities; use solver='highs' or 'cbc'")
         choice = lag_choice
         gap = _gap(p.total_error(choice), bound)
         status = "optimal" if gap is not None and gap <= gap_rel else f"feasible (gap {gap:.1e})"
     else:
-        k, status, ilp_bound, ilp_info = _solve_pulp(
-            p, cp, name, gap_rel, time_limit, k_lag if warm_start else None
-        )
-        info.update(ilp_info)
-        if ilp_bound is not None:
-            bound = max(bound, ilp_bound)
+        k, status, milp_info = _solve_milp(p, cp, name, gap_rel, time_limit, msg)
+        info.update(milp_info)
         choice = None if k is None else cp.expand(k)
-        if choice is not None and not p.feasible(choice):
-            info["rejected_solver_choice"] = choice
+        if choice is not None and not p.feasible(choice):  # re-checked here, whatever the solver says
             status, choice = f"{status}; its solution failed the feasibility re-check", None
         if choice is None:
             if lag_choice is None:
-                raise RuntimeError(
-                    f"{name} returned no usable allocation ({status}; time_limit={time_limit:g} s) and the "
-                    "Lagrangian heuristic found none meeting the per-layer minimum densities: raise time_limit"
-                )
-            choice = lag_choice
-            status = f"feasible (lagrangian fallback; {name}: {status})"
+                raise RuntimeError(f"{name} returned no usable allocation ({status}; time_limit={time_limit:g} s) "
+                                   "and the Lagrangian heuristic found none meeting the per-layer minimum densities: "
+                                   "raise time_limit")
+            choice, status = lag_choice, f"feasible (lagrangian fallback; {name}: {status})"
+        else:
+            if status == "optimal":  # proven within gap_rel: the optimum is at least (1 - gap_rel) x this
+                bound = max(bound, p.total_error(choice) * (1.0 - gap_rel))
+            if lag_choice is not None and p.total_error(lag_choice) < p.total_error(choice):
+                choice, info["kept"] = lag_choice, "lagrangian (lower error than the MILP's answer within gap_rel)"
     total = p.total_error(choice)
     return Allocation(
-        choice=choice.astype(np.int64),
-        total_error=total,
-        density=p.density(choice),
-        budget=p.budget,
-        status=status,
-        solver=name,
-        bound=min(bound, total),
-        gap=_gap(total, min(bound, total)),
-        solve_seconds=time.perf_counter() - t0,
-        info=info,
+        choice=choice.astype(np.int64), total_error=total, density=p.density(choice), budget=p.budget,
+        status=status, solver=name, bound=min(bound, total), gap=_gap(total, min(bound, total)),
+        solve_seconds=time.perf_counter() - t0, info=info
     )
 
 
 def uniform_allocation(
-    cost: np.ndarray,
-    error: np.ndarray,
-    budget: float,
-    *,
-    level: np.ndarray | Sequence[float] | None = None,
-    weight: np.ndarray | None = None,
-    layer: LayerIds | None = None,
-    forced: Forced | None = None,
-    min_layer_density: LayerMinimum | None = None,
-    error_cap: float | np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    names: Sequence[str] | None = None,
+    cost: np.ndarray, error: np.ndarray, budget: float, *, level: np.ndarray | Sequence[float] | None = None,
+    weight: np.ndarray | None = None, layer: LayerIds | None = None, forced: Forced | None = None,
+    min_layer_density: LayerMinimum | None = None, error_cap: float | np.ndarray | None = None,
+    mask: np.ndarray | None = None, names: Sequence[str] | None = None
 ) -> Allocation:
     """The baseline without per-head allocation: every free head runs at one shared level.
 
@@ -862,24 +740,15 @@ def uniform_allocation(
         )
     total, dens, v, choice = best
     return Allocation(
-        choice=choice.astype(np.int64),
-        total_error=total,
-        density=dens,
-        budget=p.budget,
-        status="feasible",
-        solver="uniform",
-        solve_seconds=time.perf_counter() - t0,
-        info={"level": v.item() if hasattr(v, "item") else v},
+        choice=choice.astype(np.int64), total_error=total, density=dens, budget=p.budget, status="feasible",
+        solver="uniform", solve_seconds=time.perf_counter() - t0,
+        info={"level": v.item() if hasattr(v, "item") else v}
     )
 
 
 def pareto_curve(
-    cost: np.ndarray,
-    error: np.ndarray,
-    budgets: Sequence[float] | np.ndarray,
-    *,
-    level: np.ndarray | Sequence[float] | None = None,
-    **kwargs: Any,
+    cost: np.ndarray, error: np.ndarray, budgets: Sequence[float] | np.ndarray, *,
+    level: np.ndarray | Sequence[float] | None = None, **kwargs: Any
 ) -> ParetoCurve:
     """Total error versus budget for :func:`solve_allocation` and :func:`uniform_allocation`.
 
@@ -888,7 +757,7 @@ def pareto_curve(
         budgets: the budgets to evaluate.
         level: passed to :func:`uniform_allocation`.
         **kwargs: passed to both (solver-only keywords such as ``solver``, ``gap_rel``,
-            ``time_limit`` and ``warm_start`` go to :func:`solve_allocation` only).
+            ``time_limit`` and ``msg`` go to :func:`solve_allocation` only).
 
     Returns:
         A :class:`ParetoCurve`; budgets that a method cannot meet give NaN density and error.
@@ -901,7 +770,7 @@ def pareto_curve(
         >>> curve.ilp_error.tolist(), curve.uniform_error.tolist()
         ([nan, 1.2, 0.0], [nan, 9.2, 0.0])
     """
-    solver_only = {"solver", "gap_rel", "time_limit", "warm_start"}
+    solver_only = {"solver", "gap_rel", "time_limit", "msg"}
     ukw = {k: v for k, v in kwargs.items() if k not in solver_only}
     budgets = np.asarray(budgets, dtype=np.float64)
     out = np.full((4, len(budgets)), np.nan)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 
 import torch
 
-from ._triton import interpreter, interpreting
+# The kernel calls only triton builtins (tl.full, tl.reduce with the `_triton` combiners, ...), never the @jit helpers
+# of triton.language.standard (tl.zeros, tl.max, tl.sum): those are decorated once, when triton is first imported,
+# and cannot run under the interpreter if TRITON_INTERPRET was unset then.
+from ._triton import _MAX, _SUM, interpreter, interpreting, jit
 
 try:  # triton is optional at import time: `supports` then says why nothing runs
     import triton
@@ -31,16 +33,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = 1.4426950408889634
 
-# The kernel calls only triton builtins (tl.full, tl.reduce, ...), never the @jit helpers of
-# triton.language.standard (tl.zeros, tl.max, tl.sum): those are decorated once, when triton is first
-# imported, and cannot run under the interpreter if TRITON_INTERPRET was unset then. tl.reduce with
-# these two combiners is what tl.max / tl.sum do, and the interpreter runs them through numpy.
-_ROW_MAX = tl.standard._elementwise_max if tl is not None else None
-_ROW_SUM = tl.standard._sum_combine if tl is not None else None
-
 
 # --------------------------------------------------------------------------------------------------
-# kernel (a plain function, wrapped by triton.jit lazily: once for CUDA, once under the interpreter)
+# kernel (a plain function, wrapped by `_triton.jit` lazily: once for CUDA, once under the interpreter)
 # --------------------------------------------------------------------------------------------------
 def _fwd_kernel(
     Q, K, V, O,  # pointers (pointer path) or tensor descriptors (TMA path)
@@ -58,15 +53,16 @@ def _fwd_kernel(
     USE_TMA: tl.constexpr,  # Q/K/V/O are TensorDescriptors
     DESC_RANK: tl.constexpr,  # 3: [B*H, S, D] descriptors; 4: [B, H, S, D]
     HAS_LENS: tl.constexpr,
-    MASK_MODE: tl.constexpr,  # 0: mask every step; 1: mask where needed (branch); 2: tail block last
+    TAIL_LAST: tl.constexpr,  # the partial tail key block in a masked second phase (no LENS); else mask where needed
     DOT_FP32: tl.constexpr,  # upcast operands to fp32 before tl.dot (interpreter)
     INPUT_PRECISION: tl.constexpr,
     LAZY_RESCALE: tl.constexpr = False,
     STORE_LSE: tl.constexpr = False,  # also write the row log-sum-exp (for the backward); -inf for keyless rows
     HAS_DST: tl.constexpr = False,  # scatter the output rows through DST (the op's inverse layout, fused)
 ):
-    """One program = one query block of one (b, h). MASK_MODE 2 (no kv_block_lens) runs the selected
-    blocks unmasked and defers the partial tail key block `TAIL_BLK` (-1: none) to a masked second phase."""
+    """One program = one query block of one (b, h). TAIL_LAST (no kv_block_lens) runs the selected blocks
+    unmasked and defers the partial tail key block `TAIL_BLK` (-1: none) to a masked second phase; otherwise every
+    step tests whether its keys run past S (or the block's length) and masks only then."""
     SUB: tl.constexpr = BLOCK_N // TILE_N
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -83,12 +79,12 @@ def _fwd_kernel(
 
     # where does the partial tail block sit in this row's selection (-1: not selected / no tail)?
     pos = tl.full([], -1, tl.int32)
-    if MASK_MODE == 2:
+    if TAIL_LAST:
         offs_c = tl.arange(0, 64)
         for c0 in range(0, cnt, 64):
             # -2 past the count: never equal to TAIL_BLK (a block id, or -1 when S is a multiple of BLOCK_N)
             ids = tl.load(idx_row + c0 + offs_c, mask=c0 + offs_c < cnt, other=-2)
-            hit = tl.reduce(tl.where(ids == TAIL_BLK, c0 + offs_c, -1), 0, _ROW_MAX)
+            hit = tl.reduce(tl.where(ids == TAIL_BLK, c0 + offs_c, -1), 0, _MAX)
             pos = tl.maximum(pos, hit)
     has_tail = (pos >= 0).to(tl.int32)
     last_j = tl.load(idx_row + cnt - 1, mask=cnt > 0, other=0)
@@ -112,10 +108,10 @@ def _fwd_kernel(
     acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
 
     n_main = (cnt - has_tail) * SUB
-    for phase in tl.static_range(MASK_MODE // 2 + 1):
+    for phase in tl.static_range(TAIL_LAST + 1):
         if phase == 0:
             lo = 0
-            if MASK_MODE == 2:
+            if TAIL_LAST:
                 hi = n_main
             else:
                 hi = cnt * SUB
@@ -126,7 +122,7 @@ def _fwd_kernel(
             if phase == 0:
                 e = t // SUB
                 j = tl.load(idx_row + e)
-                if MASK_MODE == 2:
+                if TAIL_LAST:
                     j = tl.where(e == pos, last_j, j)  # the tail's slot runs the row's last entry instead
             else:
                 j = TAIL_BLK
@@ -145,31 +141,30 @@ def _fwd_kernel(
                 k = k.to(tl.float32)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
 
-            if MASK_MODE != 2 or phase == 1:
+            if phase == 1 or not TAIL_LAST:
                 n_valid = S - start_n  # keys of this tile that exist / are valid
                 if HAS_LENS:
                     n_valid = tl.minimum(n_valid, j * BLOCK_N + tl.load(LENS + j) - start_n)
-                if MASK_MODE == 1:
-                    if n_valid < TILE_N:
-                        qk = tl.where(offs_n[None, :] < n_valid, qk, float("-inf"))
-                else:
+                if TAIL_LAST:  # the tail block: always partial
+                    qk = tl.where(offs_n[None, :] < n_valid, qk, float("-inf"))
+                elif n_valid < TILE_N:
                     qk = tl.where(offs_n[None, :] < n_valid, qk, float("-inf"))
 
-            m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _ROW_MAX) * qk_scale)
+            m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX) * qk_scale)
             if LAZY_RESCALE:
                 # keep a stale running max unless some row's max grew by more than 2**8 (then p <= 256):
                 # the rescale of acc is skipped in most steps (one CTA-wide reduction instead)
-                if tl.reduce(m_ij - m_i, 0, _ROW_MAX) > 8.0:
+                if tl.reduce(m_ij - m_i, 0, _MAX) > 8.0:
                     alpha = tl.math.exp2(m_i - m_ij)
                     l_i = l_i * alpha
                     acc = acc * alpha[:, None]
                     m_i = m_ij
                 p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-                l_i = l_i + tl.reduce(p, 1, _ROW_SUM)
+                l_i = l_i + tl.reduce(p, 1, _SUM)
             else:
                 p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
                 alpha = tl.math.exp2(m_i - m_ij)
-                l_i = l_i * alpha + tl.reduce(p, 1, _ROW_SUM)
+                l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
                 acc = acc * alpha[:, None]
                 m_i = m_ij
             # ---- V tile
@@ -209,22 +204,7 @@ def _fwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-_KERNELS: dict[bool, object] = {}
-_LOCK = threading.Lock()
 _TMA_BROKEN: set = set()  # (device index, config) keys whose TMA compile failed once
-
-
-_interpreting = interpreting
-_env_interpret = interpreter
-
-
-def _kernel(interpret: bool):
-    """`triton.jit(_fwd_kernel)`, built on first use so the interpreter choice is made per call, not at import."""
-    with _LOCK:
-        if interpret not in _KERNELS:
-            with _env_interpret(interpret):
-                _KERNELS[interpret] = triton.jit(_fwd_kernel)
-        return _KERNELS[interpret]
 
 
 def _norm_block_size(block_size) -> tuple[int, int]:
@@ -269,7 +249,7 @@ def supports(q: torch.Tensor, block_size=(128, 128)) -> tuple[bool, str]:
     if q.device.type == "cuda":
         return True, ""
     if q.device.type == "cpu":
-        if _interpreting():
+        if interpreting():
             return True, ""
         return False, "CPU tensors run only under the Triton interpreter (TRITON_INTERPRET=1)"
     return False, f"device {q.device} not supported (CUDA, or CPU under the Triton interpreter)"
@@ -326,18 +306,18 @@ def _desc(t: torch.Tensor, rank: int, rows: int):
     return _TensorDescriptor(t, [B, H, S, D], [t.stride(0), t.stride(1), t.stride(2), 1], [1, 1, rows, D])
 
 
-_OPTION_KEYS = ("num_warps", "num_stages", "use_tma", "mask_mode", "tile_n", "maxnreg", "lazy_rescale")
+_OPTION_KEYS = ("num_warps", "num_stages", "use_tma", "tail_last", "tile_n", "maxnreg", "lazy_rescale")
 
 
 def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
-    """Launch options on CUDA (measured on an H100, triton 3.6: benchmarks/NOTES.md).
+    """Launch options on CUDA (measured on an H100, triton 3.6: docs/kernel-notes.md).
 
     D=128, 16-bit, Hopper, 128-row blocks: 64-key steps, 2 stages and a 128-register cap, so that two
     8-warp programs share an SM (one's softmax overlaps the other's tensor-core work and their
     prologues hide each other); the partial tail key block is deferred to a masked second phase
-    (mask_mode 2); the accumulator is rescaled only when a row max grows by more than 2**8 (lazy).
-    64x64 blocks keep mask_mode 1. Elsewhere: one program per query block, 8 warps (4 for 64-row blocks),
-    3-4 stages, TMA loads.
+    (tail_last); the accumulator is rescaled only when a row max grows by more than 2**8 (lazy).
+    64x64 blocks test the tail in the loop. Elsewhere: one program per query block, 8 warps (4 for 64-row
+    blocks), 3-4 stages, TMA loads.
     """
     D = q.shape[-1]
     cap = torch.cuda.get_device_capability(q.device)
@@ -346,18 +326,18 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
         num_warps=8 if bm == 128 else 4,
         num_stages=3 if (bm * bn >= 128 * 128 and D == 128) else 4 if D == 64 else 3,
         use_tma=hopper,
-        mask_mode=1,
+        tail_last=False,
         lazy_rescale=False,
         tile_n=bn,
         maxnreg=None,
     )
     if hopper and D == 128 and q.dtype != torch.float32:
         if bm == 128:
-            opts.update(tile_n=64, num_stages=2, maxnreg=128, mask_mode=2, lazy_rescale=True)
+            opts.update(tile_n=64, num_stages=2, maxnreg=128, tail_last=True, lazy_rescale=True)
         elif bn == 128:  # (64, 128): the (64, 64) kernel's steps, two programs per SM by shared memory
-            opts.update(tile_n=64, mask_mode=2)
-        # (64, 64): mask_mode 1 (the tail tested in the loop): 5-6% faster than mode 2 at Wan-14B 5% and 10%
-        # on an H200 (benchmarks/NOTES.md, "Session 6")
+            opts.update(tile_n=64, tail_last=True)
+        # (64, 64): the tail tested in the loop: 5-6% faster than tail_last at Wan-14B 5% and 10% on an H200
+        # (docs/kernel-notes.md)
     if cap[0] < 9:  # Ampere and older: less shared memory
         opts["num_stages"] = 2
     if q.dtype == torch.float32:  # exact (ieee) fp32 products: correct, not fast; small tiles to fit
@@ -380,7 +360,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     B, H, S, D = q.shape
     bm, bn = block_size
     n_qb = -(-S // bm)
-    interpret = q.device.type == "cpu" or _interpreting()
+    interpret = q.device.type == "cpu" or interpreting()
     bad = set(options) - set(_OPTION_KEYS)
     if bad:
         raise TypeError(f"unknown launch options {sorted(bad)}; valid: {_OPTION_KEYS}")
@@ -409,16 +389,15 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     qk_scale = float(scale) * _LOG2E
 
     if interpret:
-        opts = dict(num_warps=4, num_stages=1, use_tma=False, mask_mode=2, tile_n=bn, maxnreg=None, lazy_rescale=False)
+        opts = dict(num_warps=4, num_stages=1, use_tma=False, tail_last=True, tile_n=bn, maxnreg=None,
+                    lazy_rescale=False)
     else:
         opts = _default_launch(q, bm, bn)
     opts.update({key: val for key, val in options.items() if val is not None})
     extra = {} if (interpret or not opts["maxnreg"]) else {"maxnreg": int(opts["maxnreg"])}
     if opts["use_tma"] and _TensorDescriptor is None:
         opts["use_tma"] = False
-    mask_mode = int(opts["mask_mode"])
-    if kv_block_lens is not None and mask_mode == 2:  # any block may be short: mask where needed
-        mask_mode = 1
+    tail_last = bool(opts["tail_last"]) and kv_block_lens is None  # with lens any block may be short
     tail_blk = (S - 1) // bn if S % bn else -1
     tn = int(opts["tile_n"])
     if tn not in (16, 32, 64, 128) or bn % tn:
@@ -437,7 +416,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
         else:
             rank, qq, kk, vv = 3, q, k, v
             args = (qq, kk, vv, out)
-        _kernel(interpret)[(n_qb, B * H)](
+        jit(_fwd_kernel, interpret)[(n_qb, B * H)](
             *args, idx, cnt, lens, lse if lse is not None else cnt, out_rows if out_rows is not None else cnt,
             qq.stride(0), qq.stride(1), qq.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
@@ -446,13 +425,13 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             H, S, n_qb, idx.shape[-1], tail_blk, qk_scale,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
-            MASK_MODE=mask_mode, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
+            TAIL_LAST=tail_last, DOT_FP32=interpret, LAZY_RESCALE=bool(opts["lazy_rescale"]), STORE_LSE=lse is not None,
             HAS_DST=out_rows is not None, INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             num_warps=opts["num_warps"], num_stages=opts["num_stages"], **extra,
         )
 
     if interpret:
-        with _env_interpret(True):
+        with interpreter(True):
             run(opts["use_tma"])
         return out
     if opts["use_tma"] and fallback:

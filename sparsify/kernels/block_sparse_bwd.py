@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 
 import torch
 
-from .block_sparse import (
-    _LOG2E,
-    _TensorDescriptor,
-    _ROW_SUM,
-    _check,
-    _env_interpret,
-    _interpreting,
-    _launch,
-    _norm_block_size,
-    _tma_ok,
-    tl,
-    triton,
-)
+from ._triton import _SUM, interpreter, interpreting, jit
+from .block_sparse import _LOG2E, _TensorDescriptor, _check, _launch, _norm_block_size, _tma_ok, tl, triton
 
 __all__ = ["block_sparse_attn_backward", "transpose_selection", "BlockSparseAttnFunction"]
 
 
 # --------------------------------------------------------------------------------------------------
-# kernels (plain functions, wrapped by triton.jit lazily, as in block_sparse.py)
+# kernels (plain functions, wrapped by `_triton.jit` lazily, as in block_sparse.py)
 # --------------------------------------------------------------------------------------------------
 def _bwd_preprocess_kernel(
     O, DO, LSE, DELTA, LSE2,
@@ -46,7 +34,7 @@ def _bwd_preprocess_kernel(
     o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows * sos + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh + rows * sdos + offs_d[None, :], mask=ok[:, None],
                  other=0.0)
-    delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _ROW_SUM)
+    delta = tl.reduce(o.to(tl.float32) * do.to(tl.float32), 1, _SUM)
     base = pid_bh.to(tl.int64) * S
     lse = tl.load(LSE + base + offs_m, mask=ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -61,7 +49,7 @@ def _bwd_kernel(
     LSE,  # natural-log LSE, read by the dq programs when DQ_PRE
     KV_IDX, KV_CNT, Q_IDX, Q_CNT, LENS,
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sdob, sdoh, sdos,
-    H, S, N_QB, N_KB, MAX_KV, MAX_Q, PID0, sm_scale, qk_scale,
+    H, S, N_QB, N_KB, MAX_KV, MAX_Q, sm_scale, qk_scale,
     BLOCK_M: tl.constexpr,  # semantic query block
     BLOCK_N: tl.constexpr,  # semantic key block
     KV_TILE: tl.constexpr,  # keys per dk/dv program (divides BLOCK_N)
@@ -69,19 +57,19 @@ def _bwd_kernel(
     Q_TILE: tl.constexpr,  # query rows per dq program (divides BLOCK_M)
     N_STEP: tl.constexpr,  # keys per dq loop step (divides BLOCK_N)
     HEAD_DIM: tl.constexpr,
-    MODE: tl.constexpr,  # 0: both kinds of program in one grid; 1: dk/dv programs only; 2: dq programs only
+    COMPUTE_DQ: tl.constexpr,  # False: the dk/dv programs; True: the dq programs (one launch each)
     HAS_LENS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     USE_TMA: tl.constexpr = False,
     DQ_PRE: tl.constexpr = False,  # dq programs compute and store delta and lse2 (dq launched before dk/dv)
 ):
-    """Programs `0 .. N_KB*BLOCK_N/KV_TILE - 1` (after adding PID0): dk, dv of a KV_TILE slice of one key block,
-    looping over the query blocks that selected it. The rest: dq of a Q_TILE slice of one query block,
-    looping over its selected key blocks. P is recomputed from the saved log-sum-exp (exp2 domain)."""
+    """Program p computes dk, dv of a KV_TILE slice of one key block, looping over the query blocks that selected
+    it; with COMPUTE_DQ, dq of a Q_TILE slice of one query block, looping over its selected key blocks. P is
+    recomputed from the saved log-sum-exp (exp2 domain)."""
     KV_SPLIT: tl.constexpr = BLOCK_N // KV_TILE
     Q_SPLIT: tl.constexpr = BLOCK_M // Q_TILE
-    pid = tl.program_id(0) + PID0
+    pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -92,11 +80,8 @@ def _bwd_kernel(
     do_base = DO + b.to(tl.int64) * sdob + h.to(tl.int64) * sdoh
     g_base = pid_bh.to(tl.int64) * S * HEAD_DIM  # dq, dk, dv: contiguous [B, H, S, D]
     r_base = pid_bh.to(tl.int64) * S  # lse2, delta: [B, H, S]
-    n_kv_progs = N_KB * KV_SPLIT
 
-    # MODE 0: a run-time branch (both kinds of program in one grid; the branches share no variable names,
-    # so that nothing has to be merged); MODE 1 / 2: only one kind is compiled
-    if (MODE == 1) or ((MODE == 0) and (pid < n_kv_progs)):
+    if not COMPUTE_DQ:
         # ------------------------------------------------------------------ dk, dv
         j = pid // KV_SPLIT
         start_n = j * BLOCK_N + (pid % KV_SPLIT) * KV_TILE
@@ -152,16 +137,15 @@ def _bwd_kernel(
         tl.store(DV + g, dv.to(dtype), mask=offs_n[:, None] < S)
     else:
         # ------------------------------------------------------------------ dq
-        p2 = pid - n_kv_progs
-        i_q = p2 // Q_SPLIT
-        offs_m_q = i_q * BLOCK_M + (p2 % Q_SPLIT) * Q_TILE + tl.arange(0, Q_TILE)
+        i_q = pid // Q_SPLIT
+        offs_m_q = i_q * BLOCK_M + (pid % Q_SPLIT) * Q_TILE + tl.arange(0, Q_TILE)
         qm_q = offs_m_q[:, None].to(tl.int64)
         q_q = tl.load(q_base + qm_q * sqs + offs_d[None, :], mask=offs_m_q[:, None] < S, other=0.0)
         do_q = tl.load(do_base + qm_q * sdos + offs_d[None, :], mask=offs_m_q[:, None] < S, other=0.0)
         if DQ_PRE:
             o = tl.load(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + qm_q * sos + offs_d[None, :],
                         mask=offs_m_q[:, None] < S, other=0.0)
-            dlt_q = tl.reduce(o.to(tl.float32) * do_q.to(tl.float32), 1, _ROW_SUM)
+            dlt_q = tl.reduce(o.to(tl.float32) * do_q.to(tl.float32), 1, _SUM)
             lse = tl.load(LSE + r_base + offs_m_q, mask=offs_m_q < S, other=0.0)
             lse2_q = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
             tl.store(DELTA + r_base + offs_m_q, dlt_q, mask=offs_m_q < S)
@@ -233,28 +217,16 @@ def _sel_compact_kernel(SEL, Q_IDX, Q_CNT, N_QB, N_KB, BLOCK_Q: tl.constexpr):
     for i0 in range(0, N_QB, BLOCK_Q):
         offs = i0 + tl.arange(0, BLOCK_Q)
         hit = tl.load(SEL + base + offs, mask=offs < N_QB, other=0).to(tl.int32)
-        pos = tl.associative_scan(hit, 0, _ROW_SUM) - 1 + total
+        pos = tl.associative_scan(hit, 0, _SUM) - 1 + total
         tl.store(Q_IDX + base + pos, offs, mask=hit > 0)
-        total += tl.reduce(hit, 0, _ROW_SUM)
+        total += tl.reduce(hit, 0, _SUM)
     tl.store(Q_CNT + bh.to(tl.int64) * N_KB + j, total)
 
 
 # --------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------
-_KERNELS: dict = {}
-_LOCK = threading.Lock()
 _TMA_BROKEN: set = set()  # launch configurations whose TMA variant failed once
-
-
-def _kernels(interpret: bool):
-    """(preprocess, main) kernels jitted for CUDA or for the interpreter, on first use."""
-    with _LOCK:
-        if interpret not in _KERNELS:
-            with _env_interpret(interpret):
-                _KERNELS[interpret] = tuple(triton.jit(f) for f in (_bwd_preprocess_kernel, _bwd_kernel,
-                                                                    _sel_scatter_kernel, _sel_compact_kernel))
-        return _KERNELS[interpret]
 
 
 def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_blocks: int):
@@ -282,14 +254,14 @@ def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_
     """
     B, H, n_qb, max_kv = kv_indices.shape
     dev = kv_indices.device
-    if triton is not None and (dev.type == "cuda" or _interpreting()):
+    if triton is not None and (dev.type == "cuda" or interpreting()):
         idx = kv_indices.to(torch.int32).contiguous()
         cnt = kv_counts.to(torch.int32).contiguous()
         sel = torch.zeros(B, H, n_kv_blocks, n_qb, dtype=torch.int8, device=dev)
         q_idx = torch.empty(B, H, n_kv_blocks, n_qb, dtype=torch.int32, device=dev)
         q_cnt = torch.empty(B, H, n_kv_blocks, dtype=torch.int32, device=dev)
         interpret = dev.type == "cpu"
-        _, _, scatter, compact = _kernels(interpret)
+        scatter, compact = jit(_sel_scatter_kernel, interpret), jit(_sel_compact_kernel, interpret)
         block_q = min(1024, triton.next_power_of_2(max(n_qb, 16)))
 
         def launch():
@@ -297,7 +269,7 @@ def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_
             compact[(n_kv_blocks, B * H)](sel, q_idx, q_cnt, n_qb, n_kv_blocks, BLOCK_Q=block_q, num_warps=4)
 
         if interpret:
-            with _env_interpret(True):
+            with interpreter(True):
                 launch()
         else:
             launch()
@@ -314,20 +286,19 @@ def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_
     return q_idx[..., :n_qb].contiguous(), q_counts
 
 
-_BWD_KEYS = ("kv_tile", "m_step", "q_tile", "n_step", "num_warps", "num_stages", "dq_warps", "dq_stages", "fused",
-             "use_tma", "dq_pre")
+_BWD_KEYS = ("kv_tile", "m_step", "q_tile", "n_step", "num_warps", "num_stages", "dq_warps", "dq_stages", "use_tma",
+             "dq_pre")
 
 
 def _default_bwd_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
-    """Launch options of the backward on CUDA (see benchmarks/NOTES.md, "Backward kernel")."""
+    """Launch options of the backward on CUDA (docs/kernel-notes.md, "Backward")."""
     D = q.shape[-1]
-    # GPU runs 1-3 (Wan-1.3B and 14B, D 128, bf16; benchmarks/NOTES.md): 64-key / 64-row tiles, 4 warps, 2 stages
-    # (two programs per SM) fastest at every density; TMA loads of the looped-over tiles -12%; two launches
-    # (dq first, its programs computing delta: no preprocess) and one fused grid tie on Wan-1.3B, and two
-    # launches are 3-4% faster on Wan-14B.
+    # Wan-1.3B and 14B, D 128, bf16: 64-key / 64-row tiles, 4 warps, 2 stages (two programs per SM) fastest at every
+    # density; TMA loads of the looped-over tiles -12%; dq launched first, its programs computing delta (no
+    # preprocess launch).
     hopper = torch.cuda.get_device_capability(q.device)[0] >= 9 and _TensorDescriptor is not None
     opts = dict(kv_tile=min(bn, 64), m_step=min(bm, 64), q_tile=min(bm, 64), n_step=min(bn, 64),
-                num_warps=4, num_stages=2, dq_warps=4, dq_stages=2, fused=False, use_tma=hopper, dq_pre=True)
+                num_warps=4, num_stages=2, dq_warps=4, dq_stages=2, use_tma=hopper, dq_pre=True)
     if D == 64:
         opts.update(kv_tile=bn, q_tile=bm, num_warps=8 if bn == 128 else 4, dq_warps=8 if bm == 128 else 4)
     if torch.cuda.get_device_capability(q.device)[0] < 9:
@@ -356,9 +327,10 @@ def block_sparse_attn_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `block_sparse_attn` with respect to q, k and v, by Triton kernels.
 
-    Three steps: a preprocess (`delta = rowsum(dO * O)`), the transposed selection (`transpose_selection`,
-    the query blocks that selected each key block), then dk/dv programs (one per key block slice, over the
-    query blocks that selected it) and dq programs (one per query block slice, over its key blocks).
+    Three steps: the transposed selection (`transpose_selection`, the query blocks that selected each key
+    block), a launch of dq programs (one per query block slice, over its key blocks; they also compute
+    `delta = rowsum(dO * O)`, or with `dq_pre=False` a preprocess launch does), then a launch of dk/dv programs
+    (one per key block slice, over the query blocks that selected it).
     Assumes what the forward assumes: ids in a row distinct and in range (not checked).
 
     Args:
@@ -370,7 +342,7 @@ def block_sparse_attn_backward(
         grads: optional contiguous `[B, H, S, D]` buffers of q's dtype for `(dq, dk, dv)`, written in place
             (every element; tests poison them first).
         **options: launch options (`kv_tile`, `m_step`, `q_tile`, `n_step`, `num_warps`, `num_stages`,
-            `dq_warps`, `dq_stages`, `fused`) overriding the defaults (the benchmark sweeps them).
+            `dq_warps`, `dq_stages`, `use_tma`, `dq_pre`) overriding the defaults (the benchmark sweeps them).
 
     Returns:
         `(dq, dk, dv)`, contiguous `[B, H, S, D]` in q's dtype. Rows that see no key get zero dq; keys no
@@ -397,7 +369,7 @@ def block_sparse_attn_backward(
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bm, bn = block_size
     n_qb, n_kb = -(-S // bm), -(-S // bn)
-    interpret = q.device.type == "cpu" or _interpreting()
+    interpret = q.device.type == "cpu" or interpreting()
 
     def fix(t):
         return t if t.stride(-1) == 1 else t.contiguous()
@@ -412,7 +384,7 @@ def block_sparse_attn_backward(
 
     if interpret:
         opts = dict(kv_tile=bn, m_step=bm, q_tile=bm, n_step=bn, num_warps=4, num_stages=1, dq_warps=4, dq_stages=1,
-                    fused=False, use_tma=False, dq_pre=True)
+                    use_tma=False, dq_pre=True)
     else:
         opts = _default_bwd_launch(q, bm, bn)
     opts.update({key: val for key, val in options.items() if val is not None})
@@ -428,11 +400,11 @@ def block_sparse_attn_backward(
             raise ValueError("block_sparse_attn_backward: grads must be contiguous [B, H, S, D] tensors of q's dtype")
     delta = torch.empty((B, H, S), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    pre, main = _kernels(interpret)[:2]
+    pre, main = jit(_bwd_preprocess_kernel, interpret), jit(_bwd_kernel, interpret)
     n_kv_progs = n_kb * (bn // opts["kv_tile"])
     n_q_progs = n_qb * (bm // opts["q_tile"])
 
-    fused, dq_pre = bool(opts["fused"]), bool(opts["dq_pre"]) and not opts["fused"]
+    dq_pre = bool(opts["dq_pre"])
     use_tma = bool(opts["use_tma"]) and _TensorDescriptor is not None
     if use_tma and (interpret or (q.device, q.dtype, D, bm, bn, tuple(opts.values())) not in _TMA_BROKEN):
         # rank-3 [B*H, S, D] descriptors: every tensor must fold (b, h) into one stride
@@ -470,17 +442,14 @@ def block_sparse_attn_backward(
             DOT_FP32=interpret, INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
             USE_TMA=use_tma,
         )
-        if fused:
-            main[(n_kv_progs + n_q_progs, B * H)](*common, 0, scale, scale * _LOG2E, MODE=0, **meta,
-                                                  num_warps=opts["num_warps"], num_stages=opts["num_stages"])
-        else:  # dq first: with dq_pre its programs also write delta and lse2, which the dk/dv programs read
-            main[(n_q_progs, B * H)](*common, n_kv_progs, scale, scale * _LOG2E, MODE=2, DQ_PRE=dq_pre, **meta,
-                                     num_warps=opts["dq_warps"], num_stages=opts["dq_stages"])
-            main[(n_kv_progs, B * H)](*common, 0, scale, scale * _LOG2E, MODE=1, **meta,
-                                      num_warps=opts["num_warps"], num_stages=opts["num_stages"])
+        # dq first: with dq_pre its programs also write delta and lse2, which the dk/dv programs read
+        main[(n_q_progs, B * H)](*common, scale, scale * _LOG2E, COMPUTE_DQ=True, DQ_PRE=dq_pre, **meta,
+                                 num_warps=opts["dq_warps"], num_stages=opts["dq_stages"])
+        main[(n_kv_progs, B * H)](*common, scale, scale * _LOG2E, COMPUTE_DQ=False, **meta,
+                                  num_warps=opts["num_warps"], num_stages=opts["num_stages"])
 
     if interpret:
-        with _env_interpret(True):
+        with interpreter(True):
             launch()
     elif use_tma:
         try:

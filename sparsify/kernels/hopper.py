@@ -3,29 +3,23 @@
 Written with `triton.experimental.gluon` (Triton >= 3.6), which exposes what plain Triton cannot: warp
 specialization with per-partition register budgets, mbarriers, TMA and asynchronous wgmma. `block_sparse_attn`
 uses it for 128x128 blocks (and `hopper64`, its 64x64 form, for 64x64 blocks) on sm_90 (H100/H200) when `supports`
-says yes, else the plain Triton kernel. Measurements: benchmarks/NOTES.md, "Session 7" and "Session 8".
+says yes, else the plain Triton kernel. Measurements, and the persistent and cooperative forms that lost:
+docs/kernel-notes.md.
 
 Semantics: as `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(128, 128))`:
 query block i of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`; keys >= S are masked;
 a query row with no key outputs 0.
 
-Variants (a "tile" = one 128-row query block of one (b, h)):
-
-* ``"pingpong"`` (FA3-style): 3 partitions.
+Layout (FA3-style ping-pong; one program = one "tile" = one 128-row query block of one (b, h)): 3 partitions.
     - default partition, 4 warps  = consumer warpgroup 0: query rows   0..63 of the block
     - worker 0,           4 warps = consumer warpgroup 1: query rows 64..127 of the block
     - worker 1,           1 warp  = producer: TMA loads of Q (2 halves) and of the K / V tiles of the block's
                                     selection into a ring of NUM_STAGES shared-memory stages.
-  Both consumers read the SAME K/V stage (same query block => same key-block list), so K/V are loaded once per
-  query block. The two consumers take turns issuing their wgmma's (two "turn" mbarriers), so that the softmax of
-  one warpgroup runs while the tensor cores work for the other (FA3's inter-warpgroup ping-pong). Inside a warpgroup,
-  QK^T of step t+1 is issued together with PV of step t (FA3's intra-warpgroup overlap), P is fed from registers
-  (wgmma RS form).
-* ``"coop"`` (fallback, simpler): default partition of 8 warps (two warpgroups, 64 rows each, in lock-step as one
-  partition) + the same 1-warp producer. Same pipeline, no explicit turn-taking.
-* ``"pingpong_persistent"`` / ``"coop_persistent"``: the same, with min(#SMs, tiles) programs looping over tiles
-  (static round robin), a separate O staging buffer, a q_empty barrier so the producer loads the next tile's Q
-  and K/V while the consumers finish the current tile, and the O TMA store's wait deferred by one tile.
+Both consumers read the SAME K/V stage (same query block => same key-block list), so K/V are loaded once per
+query block. The two consumers take turns issuing their wgmma's (two "turn" mbarriers), so that the softmax of
+one warpgroup runs while the tensor cores work for the other (FA3's inter-warpgroup ping-pong). Inside a warpgroup,
+QK^T of step t+1 is issued together with PV of step t (FA3's intra-warpgroup overlap), P is fed from registers
+(wgmma RS form).
 
 Why 64 rows per consumer warpgroup and not "each warpgroup owns its own 128-row query block" (Blackwell example
 layout): on Hopper the accumulators live in registers; a 128 x 128 fp32 S tile plus a 128 x 128 fp32 O accumulator
@@ -35,17 +29,16 @@ share a K/V stage (2x K/V shared-memory and L2 traffic). FA3 itself (hdim 128) u
 
 Barriers (all count 1 unless said):
     q_bar[w]      Q half w landed            (producer expect+TMA -> consumer w)
-    q_empty[w]    consumer w done with its Q (all its QK^T wgmma's finished) -> producer may load the next tile's
     k_ready[s]    K stage s landed           (producer -> both consumers)
     v_ready[s]    V stage s landed
-    k_empty[s]    K stage s free, count = #consumer partitions (each arrives after its QK^T wgmma completed)
-    v_empty[s]    V stage s free, count = #consumer partitions (each arrives after its PV wgmma completed)
-    turn[w]       (pingpong) consumer w may issue its next wgmma's; w arrives on turn[1-w] after issuing.
+    k_empty[s]    K stage s free, count 2 (each consumer arrives after its QK^T wgmma completed)
+    v_empty[s]    V stage s free, count 2 (each consumer arrives after its PV wgmma completed)
+    turn[w]       consumer w may issue its next wgmma's; w arrives on turn[1-w] after issuing.
 
 Shared memory: Q 128x128 16-bit (32 KiB, reused for the O tile of the TMA store) + NUM_STAGES x (K 32 KiB + V 32 KiB).
 NUM_STAGES=2: 160 KiB, 3: 224 KiB (the sm_90 limit is 227 KiB). One CTA per SM.
 
-Registers (setmaxnreg): pingpong: consumers 240 each, producer 24 (its warpgroup is padded to 4 warps): 12 warps,
+Registers (setmaxnreg): consumers 240 each, producer 24 (its warpgroup is padded to 4 warps): 12 warps,
 maxnreg 168 -> 168 * 384 = 64512 <= 65536; the default partition gets what is left, 240.
 """
 
@@ -69,65 +62,46 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
-__all__ = ["supports", "block_sparse_attn_hopper", "VARIANTS"]
+__all__ = ["supports", "block_sparse_attn_hopper", "LAUNCH"]
 
 LOG2E = 1.4426950408889634
 BLOCK = 128  # query block = key block = 128 (semantic)
-
-# variant -> num_warps of the default partition, query rows per consumer partition, #consumer partitions,
-# maxnreg (sets what the default partition gets: 168 * 12 warps * 32 = 64512 regs; workers take 240*128 (+24*128))
-# and whether the grid is persistent (one program per SM looping over tiles; needs a separate O staging buffer).
-VARIANTS = {
-    "pingpong": dict(num_warps=4, rows=64, consumers=2, maxnreg=168, persistent=False),
-    "pingpong_persistent": dict(num_warps=4, rows=64, consumers=2, maxnreg=168, persistent=True),
-    "coop": dict(num_warps=8, rows=128, consumers=1, maxnreg=168, persistent=False),
-    "coop_persistent": dict(num_warps=8, rows=128, consumers=1, maxnreg=168, persistent=True),
-}
+ROWS = 64  # query rows per consumer warpgroup (the q/o descriptors' block)
+# 12 warps (4 + 4 + 1 padded to 4); maxnreg 168 * 384 = 64512 regs; workers 240 * 128 + 24 * 128, default gets 240
+LAUNCH = dict(num_warps=4, maxnreg=168, consumer_regs=240, producer_regs=24)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # partitions
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def _tile_coords(tile, N_QB):
-    return tile % N_QB, tile // N_QB  # (query block, b*H + h): consecutive tiles = consecutive blocks of one head
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              IDX, CNT, N_QB, MAX_KV, NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]  # query rows per consumer
+    tile = gl.program_id(0)
+    pid_m = tile % N_QB  # consecutive programs = consecutive query blocks of one head
+    pid_bh = tile // N_QB
+    row = pid_bh.to(gl.int64) * N_QB + pid_m
+    cnt = gl.minimum(gl.load(CNT + row), MAX_KV)
+    idx_row = IDX + row * MAX_KV
 
+    # Q: one TMA per consumer half
+    for w in gl.static_range(2):
+        mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
+        _tma_load(q_desc, [pid_bh, pid_m * (2 * ROWS) + w * ROWS, 0], q_bar.index(w), q_smem.index(w))
 
-@gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              IDX, CNT, N_QB, MAX_KV, N_TILES,
-              ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-              BLOCK_N: gl.constexpr):
-    it = 0  # K/V ring step counter, runs on across tiles
-    tc = 0  # tiles done by this CTA
-    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-        pid_m, pid_bh = _tile_coords(tile, N_QB)
-        row = pid_bh.to(gl.int64) * N_QB + pid_m
-        cnt = gl.minimum(gl.load(CNT + row), MAX_KV)
-        idx_row = IDX + row * MAX_KV
-
-        # Q: one TMA per consumer partition, once that consumer released its Q buffer (last QK^T of the previous
-        # tile done; fresh barrier: parity 1 passes at once)
-        for w in gl.static_range(NUM_CONSUMERS):
-            mbarrier.wait(q_empty.index(w), (tc & 1) ^ 1)
-            mbarrier.expect(q_bar.index(w), q_desc.block_type.nbytes)
-            _tma_load(q_desc, [pid_bh, pid_m * (ROWS * NUM_CONSUMERS) + w * ROWS, 0],
-                                            q_bar.index(w), q_smem.index(w))
-
-        for t in range(cnt):
-            s = it % NUM_STAGES
-            ph = (it // NUM_STAGES) & 1
-            j = gl.load(idx_row + t)
-            start_n = j * BLOCK_N
-            # wait for the stage to be released by every consumer (fresh barrier: parity 1 passes at once)
-            mbarrier.wait(k_empty.index(s), ph ^ 1)
-            mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
-            _tma_load(k_desc, [pid_bh, start_n, 0], k_ready.index(s), k_smem.index(s))
-            mbarrier.wait(v_empty.index(s), ph ^ 1)
-            mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
-            _tma_load(v_desc, [pid_bh, start_n, 0], v_ready.index(s), v_smem.index(s))
-            it += 1
-        tc += 1
+    for t in range(cnt):
+        s = t % NUM_STAGES
+        ph = (t // NUM_STAGES) & 1
+        j = gl.load(idx_row + t)
+        start_n = j * BLOCK_N
+        # wait for the stage to be released by both consumers (fresh barrier: parity 1 passes at once)
+        mbarrier.wait(k_empty.index(s), ph ^ 1)
+        mbarrier.expect(k_ready.index(s), k_desc.block_type.nbytes)
+        _tma_load(k_desc, [pid_bh, start_n, 0], k_ready.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), ph ^ 1)
+        mbarrier.expect(v_ready.index(s), v_desc.block_type.nbytes)
+        _tma_load(v_desc, [pid_bh, start_n, 0], v_ready.index(s), v_smem.index(s))
 
 
 @gluon.jit
@@ -158,202 +132,158 @@ def _store_rows(out, O, DST, pid_bh, row0, S, OUT_LEN, ROWS: gl.constexpr, HEAD_
 
 
 @gluon.jit
-def _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
-              WG: gl.constexpr, ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-              BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
+def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN,
+              WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
               HAS_DST: gl.constexpr):
-    # wgmma accumulator layout for this partition: NW warps stacked along M (4 warps = one warpgroup = 64 rows)
-    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+    ROWS: gl.constexpr = q_desc.block_type.shape[1]  # query rows of this consumer
+    # wgmma accumulator layout: one warpgroup (4 warps stacked along M) = 64 rows
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, mma_layout)
     orow_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
-    q_tile = q_smem.index(WG).reshape([ROWS, HEAD_DIM])  # [1, ROWS, D] buffer viewed as [ROWS, D]
-    o_view3 = o_smem.index(WG)  # [1, ROWS, D] (the same buffer as Q when not persistent)
-    o_tile = o_view3.reshape([ROWS, HEAD_DIM])
+    tile = gl.program_id(0)
+    pid_m = tile % N_QB
+    pid_bh = tile // N_QB
+    row = pid_bh.to(gl.int64) * N_QB + pid_m
+    cnt = gl.minimum(gl.load(CNT + row), MAX_KV)
+    idx_row = IDX + row * MAX_KV
+
+    q_view3 = q_smem.index(WG)  # [1, ROWS, D]; also the O staging buffer
+    q_tile = q_view3.reshape([ROWS, HEAD_DIM])
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=mma_layout)
 
-    it = 0  # K/V ring step counter (same sequence as the producer's)
-    u = 0  # wgmma issue slots taken so far (ping-pong turn counter; both consumers take the same number)
-    tc = 0
-    for tile in range(gl.program_id(0), N_TILES, gl.num_programs(0)):
-        pid_m, pid_bh = _tile_coords(tile, N_QB)
-        row = pid_bh.to(gl.int64) * N_QB + pid_m
-        cnt = gl.minimum(gl.load(CNT + row), MAX_KV)
-        idx_row = IDX + row * MAX_KV
+    mbarrier.wait(q_bar.index(WG), 0)
 
-        mbarrier.wait(q_bar.index(WG), tc & 1)
+    m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_layout)
+    l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
+    p_op = gl.zeros([ROWS, BLOCK_N], q_desc.dtype, layout=p_layout)
 
-        m_i = gl.full([ROWS], -1.0e30, gl.float32, layout=row_layout)
-        l_i = gl.full([ROWS], 0.0, gl.float32, layout=row_layout)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, layout=o_layout)
-        p_op = gl.zeros([ROWS, BLOCK_N], q_desc.dtype, layout=p_layout)
+    # wgmma issue slot u (0 = prologue, t = steady step t, cnt = tail) waits for its turn with parity
+    # (u & 1) ^ (1 - WG): consumer 0 goes first, then the two alternate (both have cnt + 1 slots)
+    # ---- prologue: S_0 = Q K_0^T, softmax
+    if cnt > 0:
+        j = gl.load(idx_row)
+        mbarrier.wait(k_ready.index(0), 0)
+        mbarrier.wait(turn.index(WG), 1 - WG)
+        k_t = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        s_tile = warpgroup_mma_wait(0, deps=(s_tok, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
 
-        # ---- prologue: S_0 = Q K_0^T, softmax
-        if cnt > 0:
-            s0 = it % NUM_STAGES
-            j = gl.load(idx_row)
-            mbarrier.wait(k_ready.index(s0), (it // NUM_STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), (u & 1) ^ (1 - WG))
-            k_t = k_smem.index(s0).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG), count=1)
-            s_tile = warpgroup_mma_wait(0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(s0), count=1)
-            p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
-            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+    # ---- steady state: issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}, then softmax(S_t) while PV runs
+    for t in range(1, cnt):
+        s = t % NUM_STAGES
+        ph = (t // NUM_STAGES) & 1
+        sp = (t - 1) % NUM_STAGES
+        php = ((t - 1) // NUM_STAGES) & 1
+        j = gl.load(idx_row + t)
+        mbarrier.wait(k_ready.index(s), ph)
+        mbarrier.wait(turn.index(WG), (t & 1) ^ (1 - WG))
+        k_t = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
+        s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(sp), php)
+        v_t = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
+        acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        s_tile = warpgroup_mma_wait(1, deps=(s_tok, ))  # the older group (QK^T) is done
+        mbarrier.arrive(k_empty.index(s), count=1)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(sp), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
+        p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
 
-        # ---- steady state: issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}, then softmax(S_t) while PV runs
-        for t in range(1, cnt):
-            g = it + t
-            s = g % NUM_STAGES
-            ph = (g // NUM_STAGES) & 1
-            sp = (g - 1) % NUM_STAGES
-            php = ((g - 1) // NUM_STAGES) & 1
-            j = gl.load(idx_row + t)
-            mbarrier.wait(k_ready.index(s), ph)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), ((u + t) & 1) ^ (1 - WG))
-            k_t = k_smem.index(s).reshape([BLOCK_N, HEAD_DIM]).permute((1, 0))
-            s_tok = warpgroup_mma(q_tile, k_t, s_zero, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(sp), php)
-            v_t = v_smem.index(sp).reshape([BLOCK_N, HEAD_DIM])
-            acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG), count=1)
-            s_tile = warpgroup_mma_wait(1, deps=(s_tok, ))  # the older group (QK^T) is done
-            mbarrier.arrive(k_empty.index(s), count=1)
-            p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-            mbarrier.arrive(v_empty.index(sp), count=1)
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
-            p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+    # ---- tail: O += P_last V_last
+    if cnt > 0:
+        sl = (cnt - 1) % NUM_STAGES
+        mbarrier.wait(v_ready.index(sl), ((cnt - 1) // NUM_STAGES) & 1)
+        mbarrier.wait(turn.index(WG), (cnt & 1) ^ (1 - WG))
+        v_t = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
+        acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
+        mbarrier.arrive(turn.index(1 - WG), count=1)
+        acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
+        mbarrier.arrive(v_empty.index(sl), count=1)
 
-        # every QK^T of this tile is done: Q may be reloaded for the next tile (persistent)
-        mbarrier.arrive(q_empty.index(WG), count=1)
-
-        # ---- tail: O += P_last V_last
-        if cnt > 0:
-            g = it + cnt - 1
-            sl = g % NUM_STAGES
-            mbarrier.wait(v_ready.index(sl), (g // NUM_STAGES) & 1)
-            if PINGPONG:
-                mbarrier.wait(turn.index(WG), ((u + cnt) & 1) ^ (1 - WG))
-            v_t = v_smem.index(sl).reshape([BLOCK_N, HEAD_DIM])
-            acc_tok = warpgroup_mma(p_op, v_t, acc, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - WG), count=1)
-            acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
-            mbarrier.arrive(v_empty.index(sl), count=1)
-            u += cnt + 1
-        it += cnt
-
-        # ---- epilogue: O = acc / l (0 for key-less rows) -> smem -> TMA store (clips rows >= S: the descriptor
-        # is [B*H, S, D]). The previous tile's store must have finished reading o_smem first.
-        l_o = gl.convert_layout(l_i, orow_layout)
-        l_safe = gl.where(l_o > 0.0, l_o, 1.0)
-        out = (acc / gl.expand_dims(l_safe, 1)).to(o_desc.dtype)
-        row0 = pid_m * (ROWS * NUM_CONSUMERS) + WG * ROWS
-        if HAS_DST:
-            _store_rows(out, O, DST, pid_bh, row0, S, OUT_LEN, ROWS, HEAD_DIM, NW)
-        else:
-            tma.store_wait(0)
-            o_tile.store(out)
-            fence_async_shared()
-            _tma_store(o_desc, [pid_bh, row0, 0], o_view3)
-        tc += 1
-    tma.store_wait(0)
+    # ---- epilogue: O = acc / l (0 for key-less rows) -> the Q buffer (every QK^T done) -> TMA store (clips rows
+    # >= S: the descriptor is [B*H, S, D])
+    l_o = gl.convert_layout(l_i, orow_layout)
+    l_safe = gl.where(l_o > 0.0, l_o, 1.0)
+    out = (acc / gl.expand_dims(l_safe, 1)).to(o_desc.dtype)
+    row0 = pid_m * (2 * ROWS) + WG * ROWS
+    if HAS_DST:
+        _store_rows(out, O, DST, pid_bh, row0, S, OUT_LEN, ROWS, HEAD_DIM, 4)
+    else:
+        q_tile.store(out)
+        fence_async_shared()
+        _tma_store(o_desc, [pid_bh, row0, 0], q_view3)
+        tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer0(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
-               ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
-               HAS_DST: gl.constexpr):
-    _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, 0, ROWS, NUM_CONSUMERS,
-              NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, NW, HAS_DST)
+def _consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr):
+    _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN, 0, NUM_STAGES, BLOCK_N, HEAD_DIM, HAS_DST)
 
 
 @gluon.jit
-def _consumer1(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-               turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN,
-               ROWS: gl.constexpr, NUM_CONSUMERS: gl.constexpr, NUM_STAGES: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PINGPONG: gl.constexpr, NW: gl.constexpr,
-               HAS_DST: gl.constexpr):
-    _consumer(q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready, v_empty,
-              turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, 1, ROWS, NUM_CONSUMERS,
-              NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, NW, HAS_DST)
+def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+               IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN,
+               NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr):
+    _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+              IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN, 1, NUM_STAGES, BLOCK_N, HEAD_DIM, HAS_DST)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # kernel
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
-def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale,
-                        O, DST, OUT_LEN,
-                        NUM_STAGES: gl.constexpr, PINGPONG: gl.constexpr, SEPARATE_O: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr,
-                        HAS_DST: gl.constexpr):
-    """Grid (programs,): program p serves the tiles p, p + programs, ... of the N_TILES = n_qb * B * H query blocks
-    (programs = N_TILES: one tile each; programs = #SMs: persistent, needs SEPARATE_O)."""
-    ROWS: gl.constexpr = q_desc.block_type.shape[1]  # query rows per consumer partition
+def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN,
+                        NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                        num_warps: gl.constexpr, HAS_DST: gl.constexpr):
+    """Grid (N_QB * B * H,): program p serves query block p % N_QB of head p // N_QB (consecutive programs =
+    consecutive blocks of one head, so a head's K/V stays in L2). q/o descriptors `[B*H, S, D]` with blocks of
+    `[1, ROWS, D]`, k/v blocks `[1, BLOCK, D]`."""
     HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
-    NUM_CONSUMERS: gl.constexpr = 2 if PINGPONG else 1
 
-    q_smem = gl.allocate_shared_memory(q_desc.dtype, [NUM_CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
-    if SEPARATE_O:  # own O staging buffer: the next tile's Q can load while this tile's O is stored
-        o_smem = gl.allocate_shared_memory(o_desc.dtype, [NUM_CONSUMERS] + o_desc.block_type.shape, o_desc.layout)
-    else:  # O staged in the Q buffer (only correct with one tile per program)
-        o_smem = q_smem
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)  # also O
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [NUM_STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(v_desc.dtype, [NUM_STAGES] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
-    q_empty = gl.allocate_shared_memory(gl.int64, [NUM_CONSUMERS, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for w in gl.static_range(NUM_CONSUMERS):
+    for w in gl.static_range(2):
         mbarrier.init(q_bar.index(w), count=1)
-        mbarrier.init(q_empty.index(w), count=1)
+        mbarrier.init(turn.index(w), count=1)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=NUM_CONSUMERS)
-        mbarrier.init(v_empty.index(i), count=NUM_CONSUMERS)
-    for w in gl.static_range(2):
-        mbarrier.init(turn.index(w), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()  # barrier inits visible to the async proxy (TMA) before use
 
-    if PINGPONG:
-        gl.warp_specialize([
-            (_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
-                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps, HAS_DST)),
-            (_consumer1, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
-                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, 4, HAS_DST)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, IDX, CNT, N_QB, MAX_KV, N_TILES, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_consumer0, (q_desc, o_desc, q_smem, o_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                          v_empty, turn, IDX, CNT, S, N_QB, MAX_KV, N_TILES, qk_scale, O, DST, OUT_LEN, ROWS,
-                          NUM_CONSUMERS, NUM_STAGES, BLOCK_N, HEAD_DIM, PINGPONG, num_warps, HAS_DST)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, IDX, CNT, N_QB, MAX_KV, N_TILES, ROWS, NUM_CONSUMERS, NUM_STAGES, BLOCK_N)),
-        ], [1], [PRODUCER_REGS])
+    gl.warp_specialize([
+        (_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                      IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_N, HEAD_DIM, HAS_DST)),
+        (_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
+                      IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_N, HEAD_DIM, HAS_DST)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                     IDX, CNT, N_QB, MAX_KV, NUM_STAGES, BLOCK_N)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -439,21 +369,20 @@ def inputs_ok(q, k, v) -> tuple[bool, str]:
     return True, ""
 
 
-def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None, variant="pingpong",
-                             num_stages=2, num_programs=None, out_rows=None, out_len=None):
+def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None, num_stages=2, out_rows=None,
+                             out_len=None):
     """Block-sparse attention forward with the warp-specialized Gluon kernel (call `supports` first).
 
     Semantics of `sparsify.kernels.block_sparse_attn` with 128x128 blocks (rows with no key are zeros).
-    One tile = one 128-row query block of one (b, h); its two 64-row halves go to the two consumer warpgroups,
-    which share its K/V stages. `variant`: "pingpong" (default: the consumers take turns issuing their wgmma's,
-    one program per tile), "pingpong_persistent" (one program per SM looping over tiles, or `num_programs`),
-    "coop" / "coop_persistent" (one 8-warp consumer, no turn-taking).
+    One program per 128-row query block of one (b, h); its two 64-row halves go to the two consumer warpgroups,
+    which share its K/V stages and take turns issuing their wgmma's.
 
     Args:
         q, k, v: `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU, as `inputs_ok` asks.
         kv_indices, kv_counts: the selection, as for `block_sparse_attn` with block_size (128, 128).
         scale: softmax scale.
         out: optional contiguous output (of the result's shape and q's dtype), written in place.
+        num_stages: K/V stages (2: 160 KiB of shared memory, 3: 224 KiB).
         out_rows, out_len: the fused inverse layout of `block_sparse_attn_scattered`: query row r goes to row
             `out_rows[r]` (< 0: dropped) of a `[B, H, out_len, 128]` result; rows nobody names stay unwritten.
 
@@ -471,19 +400,10 @@ def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None,
     n_qb = triton.cdiv(S, BLOCK)
     idx = kv_indices.to(torch.int32).contiguous()
     cnt = kv_counts.to(torch.int32).contiguous()
-    cfg = VARIANTS[variant]
     o, dst, out_len = _output(q, out, out_rows, out_len)
-    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, cfg["rows"], BLOCK)
-    n_tiles = n_qb * B * H
-    if cfg["persistent"]:
-        if num_programs is None:
-            num_programs = torch.cuda.get_device_properties(q.device).multi_processor_count
-        grid = (min(n_tiles, num_programs), )
-    else:
-        grid = (n_tiles, )
-    block_sparse_fwd_ws[grid](
-        qd, kd, vd, od, idx, cnt, S, n_qb, idx.shape[-1], n_tiles, float(scale) * LOG2E, o, dst, out_len,
-        NUM_STAGES=num_stages, PINGPONG=cfg["consumers"] == 2, SEPARATE_O=cfg["persistent"],
-        CONSUMER_REGS=240, PRODUCER_REGS=24, num_warps=cfg["num_warps"], maxnreg=cfg["maxnreg"],
-        HAS_DST=out_rows is not None)
+    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, ROWS, BLOCK)
+    block_sparse_fwd_ws[(n_qb * B * H, )](
+        qd, kd, vd, od, idx, cnt, S, n_qb, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
+        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
     return o

@@ -1,7 +1,7 @@
 """Gluon block-sparse attention forward for Hopper, 64x64 blocks: one CTA = two query blocks, ping-pong.
 
 `block_sparse_attn` uses it for 64x64 blocks on sm_90 when `hopper.supports` says yes. Checked on an H200 with
-`python -m benchmarks.hopper64_check` and `tests/gpu/test_hopper_gpu.py`; speed in benchmarks/NOTES.md, "Session 8".
+`python -m benchmarks.hopper64_check` and `tests/gpu/test_hopper_gpu.py`; speed in docs/kernel-notes.md.
 Compiled ahead of time for sm_90 on every CI run (`tests/test_hopper.py`).
 
 Semantics: `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64))`:
@@ -9,7 +9,7 @@ query block i (rows i*64 .. i*64+63) of (b, h) attends to the key blocks `kv_ind
 (64 keys each; counts clamped to [0, max_kv]); keys >= S are masked; a query block with no key outputs 0.
 D = 128, q/k/v bf16 or fp16, fp32 accumulation, online softmax in exp2 form.
 
-Layout (template: `sparsify.kernels.hopper`, variant "pingpong"): a CTA ("tile") serves the query blocks 2t and
+Layout (template: `sparsify.kernels.hopper`): a CTA ("tile") serves the query blocks 2t and
 2t+1 of one (b, h) (the second may not exist when n_qb is odd). 3 partitions:
 
     default partition, 4 warps = consumer warpgroup 0: query block 2t   (64 rows), its own key-block list
@@ -51,10 +51,6 @@ Barriers (count 1):
 Shared memory: Q 2 x 64 x 128 16-bit (32 KiB, reused for O) + 2 rings x NUM_STAGES x (K 16 KiB + V 16 KiB):
 NUM_STAGES = 2: 160 KiB, 3: 224 KiB (<= 227 KiB); the row stores of the fused inverse layout (HAS_DST) take 16 KiB
 more (layout conversion), so HAS_DST needs NUM_STAGES = 2. One CTA per SM.
-
-DIRECT (`block_sparse_attn_hopper64_direct`, the op's opt-in path of `sparsify.kernels.direct`): the same kernel, but
-each tile of q, k, v that is a whole box of the token grid is one 5-D TMA box of the token-order tensor, and every
-other tile comes from an edge buffer; a table gives each tile's box corner or edge index and its valid length.
 Registers: as the template: maxnreg 168 on the launch (12 warps), setmaxnreg 240 (consumers) / 24 (producer).
 """
 
@@ -71,16 +67,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from .hopper import _GL_DTYPES, LOG2E, _bh3, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store
+from .hopper import _GL_DTYPES, LAUNCH, LOG2E, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store
 
-__all__ = ["block_sparse_attn_hopper64", "block_sparse_attn_hopper64_direct", "LAUNCH"]
+__all__ = ["block_sparse_attn_hopper64", "LAUNCH"]
 
 BLOCK = 64  # query block = key block = 64 (semantic)
 HEAD_DIM = 128
-# 12 warps (4 + 4 + 1 padded to 4); maxnreg 168 * 384 = 64512 regs; workers 240 * 128 + 24 * 128, default gets 240
-LAUNCH = dict(num_warps=4, maxnreg=168, consumer_regs=240, producer_regs=24)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -104,48 +97,21 @@ def _slots(c):
 
 
 @gluon.jit
-def _load_block(desc, e_desc, TAB, pid_bh, j, bar, dst, DIRECT: gl.constexpr):
-    """TMA of block j of (b, h) = pid_bh into `dst`. Slot order: rows j*64.. of the `[B*H, S, D]` descriptor.
-    DIRECT: a whole-box tile (`TAB[j, :4] = (t0, h0, w0, -1)`) as one 5-D box of the `[B*H, T, H, W, D]` descriptor
-    over the tensor in token order; any other tile (`TAB[j, 3] = e >= 0`) as the e-th tile of the edge buffer."""
-    if DIRECT:
-        e = gl.load(TAB + j * 5 + 3)
-        if e >= 0:
-            _tma_load(e_desc, [pid_bh, e * e_desc.block_type.shape[1], 0, 0, 0], bar, dst)
-        else:
-            t0 = gl.load(TAB + j * 5)
-            h0 = gl.load(TAB + j * 5 + 1)
-            w0 = gl.load(TAB + j * 5 + 2)
-            _tma_load(desc, [pid_bh, t0, h0, w0, 0], bar, dst)
-    else:
-        _tma_load(desc, [pid_bh, j * 64, 0], bar, dst)
-
-
-@gluon.jit
-def _n_valid(TAB, S, j, DIRECT: gl.constexpr):
-    """Valid keys of key block j: slot order, those below S; DIRECT, the tile's length `TAB[j, 4]`."""
-    if DIRECT:
-        return gl.load(TAB + j * 5 + 4)
-    else:
-        return S - j * 64
-
-
-@gluon.jit
-def _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, ph,
-             pid_bh, j, DIRECT: gl.constexpr):
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, ph, pid_bh, j):
+    """TMA of key block j of (b, h) = pid_bh (rows j*64.. of the `[B*H, S, D]` descriptors) into stage b."""
     # wait for the stage to be released by its consumer (fresh barrier: parity 1 passes at once)
     mbarrier.wait(k_empty.index(b), ph ^ 1)
     mbarrier.expect(k_ready.index(b), k_desc.block_type.nbytes)
-    _load_block(k_desc, ke_desc, TAB, pid_bh, j, k_ready.index(b), k_smem.index(b), DIRECT)
+    _tma_load(k_desc, [pid_bh, j * 64, 0], k_ready.index(b), k_smem.index(b))
     mbarrier.wait(v_empty.index(b), ph ^ 1)
     mbarrier.expect(v_ready.index(b), v_desc.block_type.nbytes)
-    _load_block(v_desc, ve_desc, TAB, pid_bh, j, v_ready.index(b), v_smem.index(b), DIRECT)
+    _tma_load(v_desc, [pid_bh, j * 64, 0], v_ready.index(b), v_smem.index(b))
 
 
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-              IDX, CNT, N_QB, N_PAIRS, MAX_KV, qe_desc, ke_desc, ve_desc, TAB,
-              NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, DIRECT: gl.constexpr):
+              IDX, CNT, N_QB, N_PAIRS, MAX_KV,
+              NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
     tile = gl.program_id(0)
     pid_pair = tile % N_PAIRS
     pid_bh = tile // N_PAIRS
@@ -158,10 +124,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
     # Q of each consumer that has work (a consumer with count 0 never waits for Q and stages its zeros in the buffer)
     if c0 > 0:
         mbarrier.expect(q_bar.index(0), q_desc.block_type.nbytes)
-        _load_block(q_desc, qe_desc, TAB, pid_bh, qb0, q_bar.index(0), q_smem.index(0), DIRECT)
+        _tma_load(q_desc, [pid_bh, qb0 * 64, 0], q_bar.index(0), q_smem.index(0))
     if c1 > 0:
         mbarrier.expect(q_bar.index(1), q_desc.block_type.nbytes)
-        _load_block(q_desc, qe_desc, TAB, pid_bh, qb0 + 1, q_bar.index(1), q_smem.index(1), DIRECT)
+        _tma_load(q_desc, [pid_bh, (qb0 + 1) * 64, 0], q_bar.index(1), q_smem.index(1))
 
     # key-block ids one step ahead (the address is clamped into the row: always readable, unused past the count)
     j0 = gl.load(idx0)
@@ -173,11 +139,10 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
         j0n = gl.load(idx0 + nxt)
         j1n = gl.load(idx1 + nxt)
         if t < c0:
-            _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s,
-                     ph, pid_bh, j0, DIRECT)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, s, ph, pid_bh, j0)
         if t < c1:
-            _load_kv(k_desc, v_desc, ke_desc, ve_desc, TAB, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                     NUM_STAGES + s, ph, pid_bh, j1, DIRECT)
+            _load_kv(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, NUM_STAGES + s, ph,
+                     pid_bh, j1)
         j0 = j0n
         j1 = j1n
 
@@ -207,10 +172,9 @@ def _pass_turn(turn, k, n_other, WG: gl.constexpr):
 
 @gluon.jit
 def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
               WG: gl.constexpr, NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr,
-              DIRECT: gl.constexpr):
+              HEAD_DIM: gl.constexpr, HAS_DST: gl.constexpr):
     # one warpgroup = 64 rows along M
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BLOCK_N, 16])
@@ -250,8 +214,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         _pass_turn(turn, 0, n_other, WG)
         s_tile = warpgroup_mma_wait(0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(base), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, _n_valid(TAB, S, j, DIRECT), qk_scale, mma_layout,
-                                           BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
         p_op = gl.convert_layout(p.to(q_desc.dtype), p_layout)
 
     # ---- steady state (slot t): issue S_t = Q K_t^T and O += P_{t-1} V_{t-1}, then softmax(S_t) while PV runs
@@ -271,8 +234,7 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
         _pass_turn(turn, t, n_other, WG)
         s_tile = warpgroup_mma_wait(1, deps=(s_tok, ))  # the older group (QK^T) is done
         mbarrier.arrive(k_empty.index(s), count=1)
-        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, _n_valid(TAB, S, j, DIRECT), qk_scale, mma_layout,
-                                           BLOCK_N)
+        p, alpha, m_i, l_i = _softmax_step(s_tile, m_i, l_i, S - j * BLOCK_N, qk_scale, mma_layout, BLOCK_N)
         acc = warpgroup_mma_wait(0, deps=(acc_tok, ))
         mbarrier.arrive(v_empty.index(sp), count=1)
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, orow_layout), 1)
@@ -307,22 +269,22 @@ def _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v
 
 @gluon.jit
 def _consumer0(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
                NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, 0, NUM_STAGES, BLOCK_M, BLOCK_N,
-              HEAD_DIM, HAS_DST, DIRECT)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 0, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST)
 
 
 @gluon.jit
 def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB,
+               IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN,
                NUM_STAGES: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-               HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
+               HAS_DST: gl.constexpr):
     _consumer(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, 1, NUM_STAGES, BLOCK_M, BLOCK_N,
-              HEAD_DIM, HAS_DST, DIRECT)
+              IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, 1, NUM_STAGES, BLOCK_M, BLOCK_N,
+              HEAD_DIM, HAS_DST)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -330,16 +292,12 @@ def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, 
 # ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
-                          O, DST, OUT_LEN, qe_desc, ke_desc, ve_desc, TAB,
+                          O, DST, OUT_LEN,
                           NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                          num_warps: gl.constexpr, HAS_DST: gl.constexpr, DIRECT: gl.constexpr):
+                          num_warps: gl.constexpr, HAS_DST: gl.constexpr):
     """Grid (N_PAIRS * B * H,): program p serves the query blocks 2 * (p % N_PAIRS) + {0, 1} of head p // N_PAIRS
-    (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2).
-
-    Slot order (DIRECT off): q/k/v/o descriptors `[B*H, S, D]`, block `[1, 64, D]`. DIRECT (needs HAS_DST):
-    q/k/v are 5-D `[B*H, T, H, W, D]` descriptors over the tensors in token order, block `[1, tt, th, tw, D]` (one
-    64-token tile), qe/ke/ve the same blocks over the edge buffers, TAB int32 `[n_tiles, 5]` (`_load_block`, and the
-    tile's valid length, `_n_valid`)."""
+    (consecutive programs = consecutive pairs of one head, so a head's K/V stays in L2). q/k/v/o descriptors
+    `[B*H, S, D]`, block `[1, 64, D]`."""
     BLOCK_M: gl.constexpr = 64
     HEAD_DIM: gl.constexpr = 128
     BLOCK_N: gl.constexpr = 64
@@ -365,14 +323,13 @@ def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_P
 
     gl.warp_specialize([
         (_consumer0, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, HAS_DST, DIRECT)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST)),
         (_consumer1, (q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, turn,
-                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
-                      HEAD_DIM, HAS_DST, DIRECT)),
+                      IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale, O, DST, OUT_LEN, NUM_STAGES, BLOCK_M, BLOCK_N,
+                      HEAD_DIM, HAS_DST)),
         (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                     IDX, CNT, N_QB, N_PAIRS, MAX_KV, qe_desc, ke_desc, ve_desc, TAB, NUM_STAGES, BLOCK_M, BLOCK_N,
-                     DIRECT)),
+                     IDX, CNT, N_QB, N_PAIRS, MAX_KV, NUM_STAGES, BLOCK_M, BLOCK_N)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -415,74 +372,9 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
         idx = torch.zeros(B, H, n_qb, 1, dtype=torch.int32, device=q.device)  # the kernel writes the zero rows
         cnt = torch.zeros(B, H, n_qb, dtype=torch.int32, device=q.device)
     qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, BLOCK, BLOCK)
-    _launch((qd, kd, vd, od), idx, cnt, S, scale, o, dst, out_len, (qd, kd, vd, cnt), num_stages,
-            has_dst=out_rows is not None, direct=False)
-    return o
-
-
-def _launch(descs, idx, cnt, S, scale, o, dst, out_len, direct_args, num_stages, *, has_dst, direct):
-    """One launch of `block_sparse_fwd64_ws`, a program per pair of query blocks of each (b, h). `direct_args`: the
-    edge descriptors and the table of the DIRECT mode (stand-ins without it)."""
-    B, H, n_qb = idx.shape[:3]
     n_pairs = triton.cdiv(n_qb, 2)
     block_sparse_fwd64_ws[(n_pairs * B * H, )](
-        *descs, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len, *direct_args,
+        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
         NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=has_dst, DIRECT=direct)
-
-
-def _desc5(t: torch.Tensor, dims, tile):
-    """A 5-D `[B*H, *dims, D]` TMA descriptor over `t` `[B, H, prod(dims), D]` (token order, rows contiguous in
-    the last three dims' raster order) with one `tile`-shaped box as block; None when t's strides allow no view."""
-    v3 = _bh3(t)
-    if v3 is None:
-        return None
-    a, b, c = dims
-    sh, ss = v3.stride(0), v3.stride(1)
-    v5 = v3.as_strided((v3.shape[0], a, b, c, t.shape[-1]), (sh, ss * b * c, ss * c, ss, 1))
-    blk = [1, *tile, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(blk, _GL_DTYPES[t.dtype])
-    return TensorDescriptor(v5, list(v5.shape), list(v5.stride()), blk, layout)
-
-
-def block_sparse_attn_hopper64_direct(q, k, v, edges, table, grid, tile, kv_indices, kv_counts, scale, out_rows,
-                                      out_len, *, num_stages=2):
-    """The 64x64 kernel reading q, k, v in token order: each whole-box tile is one 5-D TMA box, the other tiles
-    come from `edges`; rows are stored to `out_rows` (the op's direct path, `sparsify.kernels.direct`).
-
-    Args:
-        q, k, v: `[B, H, T*Hh*W, 128]` 16-bit video tokens in raster order (as `hopper.inputs_ok` asks).
-        edges: `(qe, ke, ve)`, contiguous `[B, H, n_edge*64, 128]`: the slots of the tiles that are not whole boxes
-            (at least one tile, unused if none).
-        table: int32 `[n_tiles, 5]`: `(t0, h0, w0, -1, 64)` for a whole box at that corner, `(0, 0, 0, e, len)` for
-            the e-th edge tile with `len` valid (leading) slots.
-        grid, tile: `(T, Hh, W)` and the tile shape `(tt, th, tw)`, `tt*th*tw = 64`.
-        kv_indices, kv_counts: the selection, as for `block_sparse_attn` with 64x64 blocks, over `n_tiles` tiles.
-        scale: softmax scale.
-        out_rows, out_len: int32 `[n_tiles*64]`, each slot's output row (< 0: dropped) of the
-            `[B, H, out_len, 128]` result.
-
-    Returns:
-        `[B, H, out_len, 128]` in q's dtype (rows nobody names stay unwritten).
-
-    Example:
-        >>> # out = block_sparse_attn_hopper64_direct(q, k, v, edges, table, (21, 45, 80), (4, 4, 4), idx, cnt,
-        >>> #                                         128 ** -0.5, rows, S)
-    """
-    B, H, S, D = q.shape
-    n_qb = table.shape[0]
-    n_slots = n_qb * BLOCK
-    assert D == HEAD_DIM and tile[0] * tile[1] * tile[2] == BLOCK and S == grid[0] * grid[1] * grid[2]
-    assert tuple(table.shape) == (n_qb, 5) and out_rows.numel() == n_slots, (table.shape, out_rows.shape)
-    assert tuple(kv_indices.shape[:3]) == (B, H, n_qb), (kv_indices.shape, n_qb)
-    descs = [_desc5(t, grid, tile) for t in (q, k, v)]
-    n_e = edges[0].shape[2] // BLOCK
-    edescs = [_desc5(t, (n_e * tile[0], tile[1], tile[2]), tile) for t in edges]
-    if any(d is None for d in descs + edescs):
-        raise ValueError("q, k, v and the edge buffers must be viewable as [B*H, ...] without a copy")
-    idx = kv_indices.to(torch.int32).contiguous()
-    cnt = kv_counts.to(torch.int32).contiguous()
-    o = torch.empty(B, H, out_len, D, device=q.device, dtype=q.dtype)
-    _launch((*descs, descs[0]), idx, cnt, n_slots, scale, o, out_rows.to(torch.int32).contiguous(), out_len,
-            (*edescs, table), num_stages, has_dst=True, direct=True)
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
     return o

@@ -237,8 +237,8 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
     Key tile j has `rows` rows in `keys`; row r stands for `cnt = clamp(tile_lens[j] - r*group, 0, group)`
     key slots (a tile's valid slots are its leading ones): the keys themselves with `group=1` and
     `rows=volume` (Veda's exact peak), the means of consecutive groups of `group` slots (`group_means`;
-    Veda's `keys/G` peaks), or the tile mean with `rows=1, group=volume` (then `peak` equals VSA's coarse
-    score; VSA itself keeps cuBLAS, which was as fast: benchmarks/NOTES.md, "Session 6").
+    Veda's `keys/4` peak), or the tile mean with `rows=1, group=volume` (then `peak` equals VSA's coarse
+    score; VSA itself keeps cuBLAS, which was as fast: docs/kernel-notes.md).
 
     Args:
         qm: `[B, H, n, D]` per-tile query means; cast to `keys`' dtype for the GEMM (float32 keys use
@@ -254,7 +254,7 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
             peak, the rest at the mean; `mass` = `mix + log L` (the tile's estimated log attention mass).
         config: `(query tiles per program, key tiles per step, warps[, stages])`; default `(64, 64, 4, 4)`
             (among the fastest of the configs timed at Wan-14B 720p 4x4x4 on an H200 with group 1 and 4:
-            benchmarks/NOTES.md, "Session 6").
+            docs/kernel-notes.md).
 
     Returns:
         One float32 `[B, H, n, n]` tensor per output.

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import torch
 
-from ._triton import interpreter, interpreting
+from ._triton import _MAX, _SUM, interpreting, jit
 
 try:  # triton is optional at import time: `supports_varlen` then says why nothing runs
     import triton
@@ -16,15 +15,12 @@ except Exception:  # pragma: no cover - no triton on this platform
     triton = None
     tl = None
 
-__all__ = ["varlen_block_attn", "kv_chunk_table", "default_block_size", "varlen_block_attn_reference", "varlen_pairs", "supports_varlen", "q_tile_table",
-           "kv_key_table"]
+__all__ = ["varlen_block_attn", "default_block_size", "varlen_block_attn_reference", "varlen_pairs", "supports_varlen",
+           "q_tile_table", "kv_key_table"]
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
-# builtin combiners (see block_sparse.py: the @jit helpers of tl.standard cannot follow an interpreter toggle)
-_ROW_MAX = tl.standard._elementwise_max if tl is not None else None
-_ROW_SUM = tl.standard._sum_combine if tl is not None else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,52 +113,45 @@ def varlen_block_attn_reference(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_
     return out.to(q.dtype)
 
 
-def varlen_pairs(q_lens, k_lens, kv_indices, kv_counts, block_size: tuple[int, int] | None = None, *,
-                 pack_keys: bool = True) -> torch.Tensor:
+def varlen_pairs(q_lens, k_lens, kv_indices, kv_counts, block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """(query, key) pairs a selection computes, per `(b, h)` (float64 `[B, H]`).
 
     With `block_size=(BLOCK_M, BLOCK_N)`, the work the Triton kernel actually does: every query block
-    rounded up to whole `BLOCK_M`-row tiles, and its keys rounded up to whole `BLOCK_N`-key chunks, either
-    all its selected keys together (`pack_keys=True`, as `varlen_block_attn` does by default) or every
-    selected key block on its own (`pack_keys=False`). Without `block_size`, the exact pairs.
+    rounded up to whole `BLOCK_M`-row tiles, and all its selected keys together (packed one block after
+    another) rounded up to whole `BLOCK_N`-key chunks. Without `block_size`, the exact pairs.
 
     Example:
         >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32).view(1, 1, -1)
         >>> idx, cnt = i32(0, 1).view(1, 1, 1, 2), i32(2)
         >>> varlen_pairs(i32(10), i32(3, 20), idx, cnt).item(), varlen_pairs(i32(10), i32(3, 20), idx, cnt, (16, 16)).item()
         (230.0, 512.0)
-        >>> varlen_pairs(i32(10), i32(3, 20), idx, cnt, (16, 16), pack_keys=False).item()
-        768.0
     """
     ql, kl = q_lens.double(), k_lens.double()
     if block_size is not None:
         ql = torch.ceil(ql / block_size[0]) * block_size[0]
-        if not pack_keys:
-            kl = torch.ceil(kl / block_size[1]) * block_size[1]
     B, H, nq, w = kv_indices.shape
     live = torch.arange(w, device=kv_indices.device) < kv_counts[..., None].long()
     got = torch.gather(kl, 2, kv_indices.long().clamp(0, kl.shape[-1] - 1).reshape(B, H, nq * w)).view(B, H, nq, w)
     keys = (got * live).sum(-1)
-    if block_size is not None and pack_keys:
+    if block_size is not None:
         keys = torch.ceil(keys / block_size[1]) * block_size[1]
     return (ql * keys).sum(-1)
 
 
 # --------------------------------------------------------------------------------------------------
 # Triton kernel: one program per query tile (BLOCK_M rows of one query block), looping over its query
-# block's selected keys in BLOCK_N-key chunks, either packed (PACKED: the keys of all selected blocks one
-# after another, read through a key table; only the last chunk is short) or block by block (each selected
-# key block cut into chunks of its own); chunk and tile edges masked.
+# block's selected keys in BLOCK_N-key chunks, packed (the keys of all selected blocks one after another,
+# read through a key table; only the last chunk is short); chunk and tile edges masked. Reading every
+# selected block in chunks of its own was slower (docs/kernel-notes.md, "Measured dead ends").
 
 
 def _varlen_kernel(
     Q, K, V, O, KM,
     T_BLK, T_ROW, T_LEN,  # [BH, MT]: query block, first row and rows (0: no tile) of every query tile
-    CH_START, CH_LEN, N_CH,  # PACKED: keys (flat int32), [BH, NQ] first entry (int64) and count of every query
-    #                          block; else [BH, NQ, MAX_CH] chunks (first key, keys) and [BH, NQ] chunk counts
+    KEYS, KEY_FIRST, N_KEYS,  # the key table (flat int32), [BH, NQ] first entry (int64) and count of every query block
     sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, sob, soh, sos, skmb, skmh,
-    H, NQ, MT, MAX_CH, qk_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, PACKED: tl.constexpr,
+    H, NQ, MT, qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -190,23 +179,14 @@ def _varlen_kernel(
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
         acc = tl.full([BLOCK_M, HEAD_DIM], 0.0, dtype=tl.float32)
         qrow = pid_bh.to(tl.int64) * NQ + qblk
-        if PACKED:
-            key_row = tl.load(CH_LEN + qrow)
-            n_keys = tl.load(N_CH + qrow)
-            n_ch = (n_keys + BLOCK_N - 1) // BLOCK_N
-        else:
-            n_ch = tl.minimum(tl.load(N_CH + qrow), MAX_CH)
-        ch_row = qrow * MAX_CH
+        key_row = tl.load(KEY_FIRST + qrow)
+        n_keys = tl.load(N_KEYS + qrow)
+        n_ch = (n_keys + BLOCK_N - 1) // BLOCK_N
         for t in range(n_ch):  # one flat loop over every selected key chunk: software-pipelined like a tile loop
-            if PACKED:  # (triton's pipeliner reads the key table a stage ahead of the K/V loads it addresses)
-                at = t * BLOCK_N + offs_n
-                ok = at < n_keys
-                kn = tl.load(CH_START + key_row + at, mask=ok, other=0).to(tl.int64)
-            else:
-                ks = tl.load(CH_START + ch_row + t)
-                kl = tl.load(CH_LEN + ch_row + t)
-                kn = (ks + offs_n).to(tl.int64)
-                ok = offs_n < kl
+            # (triton's pipeliner reads the key table a stage ahead of the K/V loads it addresses)
+            at = t * BLOCK_N + offs_n
+            ok = at < n_keys
+            kn = tl.load(KEYS + key_row + at, mask=ok, other=0).to(tl.int64)
             k = tl.load(k_base + kn[:, None] * sks + offs_d[None, :], mask=ok[:, None], other=0.0)
             if HAS_MASK:
                 ok = ok & (tl.load(KM + b.to(tl.int64) * skmb + h.to(tl.int64) * skmh + kn, mask=ok, other=0) != 0)
@@ -214,10 +194,10 @@ def _varlen_kernel(
                 k = k.to(tl.float32)
             qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
             qk = tl.where(ok[None, :], qk * qk_scale, float("-inf"))
-            m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _ROW_MAX))
+            m_ij = tl.maximum(m_i, tl.reduce(qk, 1, _MAX))
             p = tl.math.exp2(qk - m_ij[:, None])
             alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.reduce(p, 1, _ROW_SUM)
+            l_i = l_i * alpha + tl.reduce(p, 1, _SUM)
             acc = acc * alpha[:, None]
             m_i = m_ij
             v = tl.load(v_base + kn[:, None] * svs + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -229,39 +209,6 @@ def _varlen_kernel(
         o = (acc / l_safe[:, None]).to(out_dtype)
         tl.store(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None] * sos + offs_d[None, :], o,
                  mask=row_ok[:, None])
-
-
-def kv_chunk_table(k_starts, k_lens, kv_indices, kv_counts, block_n: int):
-    """Flatten every query block's selected key blocks into `block_n`-key chunks (two device syncs: the widths).
-
-    Returns `(start, len, count)`: int32 `[B*H, NQ, max_chunks]` first key and keys of every chunk, and
-    int32 `[B*H, NQ]` chunks per query block.
-
-    Example:
-        >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32).view(1, 1, -1)
-        >>> st, ln, n = kv_chunk_table(i32(0, 5), i32(5, 20), i32(1, 0).view(1, 1, 1, 2), i32(2), 16)
-        >>> st[0, 0].tolist(), ln[0, 0].tolist(), n.tolist()
-        ([5, 21, 0], [16, 4, 5], [[3]])
-    """
-    B, H, nq, w = kv_indices.shape
-    w = max(1, min(w, int(kv_counts.max()) if kv_counts.numel() else 1))  # entries past every count: unused
-    kv_indices = kv_indices[..., :w]
-    nk = k_starts.shape[-1]
-    ks, kl = k_starts.reshape(B * H, 1, nk).long(), k_lens.reshape(B * H, 1, nk).long()
-    idx = kv_indices.reshape(B * H, nq, w).long().clamp(0, nk - 1)
-    live = torch.arange(w, device=idx.device) < kv_counts.reshape(B * H, nq, 1).long()
-    sel_len = torch.gather(kl.expand(B * H, nq, nk), 2, idx) * live
-    sel_start = torch.gather(ks.expand(B * H, nq, nk), 2, idx)
-    n_c = (sel_len + block_n - 1) // block_n
-    cum = torch.cumsum(n_c, -1)
-    total = cum[..., -1]
-    width = max(1, int(total.max()))
-    t = torch.arange(width, device=idx.device).expand(B * H, nq, width).contiguous()
-    e = torch.searchsorted(cum, t, right=True).clamp_max(w - 1)
-    within = t - (torch.gather(cum, 2, e) - torch.gather(n_c, 2, e))
-    start = torch.gather(sel_start, 2, e) + within * block_n
-    ln = (torch.gather(sel_len, 2, e) - within * block_n).clamp(0, block_n)
-    return start.to(torch.int32), ln.to(torch.int32), total.to(torch.int32)
 
 
 def _key_table_kernel(KEYS, FIRST, COUNT, IDX, CNT, K_START, K_LEN, NQ, NK, W, WRITE: tl.constexpr,
@@ -279,14 +226,14 @@ def _key_table_kernel(KEYS, FIRST, COUNT, IDX, CNT, K_START, K_LEN, NQ, NK, W, W
         jm = j0 + offs_j < n_sel
         blk = tl.minimum(tl.maximum(tl.load(IDX + r * W + j0 + offs_j, mask=jm, other=0), 0), NK - 1)
         n = tl.load(K_LEN + bh * NK + blk, mask=jm, other=0)
-        total += tl.reduce(n, 0, _ROW_SUM)
+        total += tl.reduce(n, 0, _SUM)
         if WRITE:
             s = tl.load(K_START + bh * NK + blk, mask=jm, other=0)
-            dst = at + tl.associative_scan(n, 0, _ROW_SUM) - n  # each block's first entry
-            for o in range(0, tl.reduce(n, 0, _ROW_MAX), BK):
+            dst = at + tl.associative_scan(n, 0, _SUM) - n  # each block's first entry
+            for o in range(0, tl.reduce(n, 0, _MAX), BK):
                 kk = o + offs_k
                 tl.store(KEYS + dst[:, None] + kk[None, :], s[:, None] + kk[None, :], mask=kk[None, :] < n[:, None])
-            at += tl.reduce(n, 0, _ROW_SUM)
+            at += tl.reduce(n, 0, _SUM)
     if not WRITE:
         tl.store(COUNT + r, total)
 
@@ -314,43 +261,15 @@ def kv_key_table(k_starts, k_lens, kv_indices, kv_counts):
     count = torch.empty(B * H, nq, dtype=torch.int32, device=dev)
     interpret = dev.type == "cpu"
     args = (idx, cnt, ks, kl, nq, nk, w)
-    run_kernel(_key_table_kernel, (B * H * nq,), interpret, count, count, count, *args, WRITE=False, JB=32, BK=64,
-               num_warps=4)
+    kernel = jit(_key_table_kernel, interpret)
+    kernel[(B * H * nq,)](count, count, count, *args, WRITE=False, JB=32, BK=64, num_warps=4)
     first = torch.cumsum(count.flatten(), 0, dtype=torch.int64)
     total = int(first[-1]) if first.numel() else 0
     first = (first - count.flatten()).view(B * H, nq)
     keys = torch.empty(max(1, total), dtype=torch.int32, device=dev)
     if total:
-        run_kernel(_key_table_kernel, (B * H * nq,), interpret, keys, first, count, *args, WRITE=True, JB=32, BK=64,
-                   num_warps=4)
+        kernel[(B * H * nq,)](keys, first, count, *args, WRITE=True, JB=32, BK=64, num_warps=4)
     return keys, first, count
-
-
-_KERNELS: dict = {}
-_LOCK = threading.Lock()
-
-
-_env_interpret = interpreter
-
-
-def jit_kernel(fn, interpret: bool):
-    """`triton.jit(fn)`, built on first use per mode, so the interpreter choice is made per call, not at import."""
-    with _LOCK:
-        key = (fn, interpret)
-        if key not in _KERNELS:
-            with _env_interpret(interpret):
-                _KERNELS[key] = triton.jit(fn)
-        return _KERNELS[key]
-
-
-def run_kernel(fn, grid, interpret: bool, *args, **kwargs) -> None:
-    """Launch `fn` (a plain kernel function) on `grid`, under the interpreter when `interpret`."""
-    kern = jit_kernel(fn, interpret)
-    if interpret:
-        with _env_interpret(True):
-            kern[grid](*args, **kwargs)
-    else:
-        kern[grid](*args, **kwargs)
 
 
 def supports_varlen(q: torch.Tensor) -> tuple[bool, str]:
@@ -398,23 +317,21 @@ def q_tile_table(q_starts: torch.Tensor, q_lens: torch.Tensor, block_m: int, seq
     return bc.to(torch.int32), row.to(torch.int32), ln.to(torch.int32)
 
 
-def default_block_size(q: torch.Tensor, pack_keys: bool = True) -> tuple[int, int]:
+def default_block_size(q: torch.Tensor) -> tuple[int, int]:
     """`(BLOCK_M, BLOCK_N)` that `varlen_block_attn` uses for a query like `q` (for `varlen_pairs`).
-
-    `pack_keys` as in `varlen_block_attn` (packed keys take longer chunks at head_dim 128 on CUDA).
 
     Example:
         >>> default_block_size(torch.empty(1, 1, 8, 64))
         (32, 16)
     """
-    return _default_blocks(q, pack_keys)[:2]
+    return _default_blocks(q)[:2]
 
 
-def _default_blocks(q: torch.Tensor, pack_keys: bool) -> tuple[int, int, int, int]:
+def _default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q's device and head dim.
 
-    Packed keys at head_dim 128 take 128-key chunks: 27.8 against 32.9 ms for 64 (SVG2 at Wan-14B, 5%, H200;
-    `python -m benchmarks.svg2_cost --kernel-tiles 128x128`); block by block, 64 wastes less on short blocks.
+    Head_dim 128 takes 128-key chunks: 27.8 against 32.9 ms for 64 (SVG2 at Wan-14B, 5%, H200;
+    `python -m benchmarks.svg2_cost --kernel-tiles 128x128`).
     """
     if q.device.type != "cuda":
         return 32, 16, 4, 1
@@ -422,29 +339,25 @@ def _default_blocks(q: torch.Tensor, pack_keys: bool) -> tuple[int, int, int, in
     if q.dtype == torch.float32:
         return 64, 32, 4, 1
     if D >= 128:
-        return (128, 128 if pack_keys else 64, 8, 2)
+        return 128, 128, 8, 2
     return 128, 64, 4, 3
 
 
 def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, kv_counts, *,
                       scale: float | None = None, key_mask: torch.Tensor | None = None,
-                      block_size: tuple[int, int] | None = None, pack_keys: bool = True,
-                      num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                      block_size: tuple[int, int] | None = None, num_warps: int | None = None,
+                      num_stages: int | None = None) -> torch.Tensor:
     """Variable-size block-sparse attention (forward) with a Triton kernel.
 
     The semantics of `varlen_block_attn_reference` (see there for the arguments): query blocks and key
     blocks of arbitrary length, e.g. the clusters of SVG2 after its token permutation. Each query block
     is cut into `BLOCK_M`-row tiles, one program each. A program walks its query block's selected keys in
-    `BLOCK_N`-key chunks:
+    `BLOCK_N`-key chunks: the keys of all selected blocks one after another, read through a key table
+    (`kv_key_table`, one device sync), so only the last chunk is short. The table takes 4 bytes per
+    (query block, selected key): at Wan-14B 720p with SVG2's 296 query clusters, about 180 MB at 5%
+    density and 1.8 GB at 50%.
 
-    - `pack_keys=True` (default): the keys of all selected blocks one after another, read through a key
-      table (`kv_key_table`, one device sync), so only the last chunk is short. The table takes 4 bytes
-      per (query block, selected key): at Wan-14B 720p with SVG2's 296 query clusters, about 180 MB at 5%
-      density and 1.8 GB at 50%.
-    - `pack_keys=False`: every selected block cut into chunks of its own, a short block masked
-      (`kv_chunk_table`, two device syncs, a few bytes per chunk), so short blocks waste work.
-
-    The work done is `varlen_pairs(..., block_size, pack_keys=pack_keys)`. Rows outside every query
+    The work done is `varlen_pairs(..., block_size)`. Rows outside every query
     block, and rows that see no key, are zeros. Runs on CUDA (float16/bfloat16; float32 exact and slow)
     and on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1`; test sizes only).
 
@@ -452,7 +365,6 @@ def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, k
         q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, kv_counts, scale, key_mask: as in
             `varlen_block_attn_reference`; the block tensors int32 (int64 is converted).
         block_size: `(BLOCK_M, BLOCK_N)` tile sizes (powers of two >= 16); default by device and dtype.
-        pack_keys: read the selected keys packed through a key table (see above).
         num_warps, num_stages: launch options (CUDA); default by head dim.
 
     Returns:
@@ -471,7 +383,7 @@ def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, k
     if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
         raise ValueError("varlen_block_attn: q, k, v must share a dtype and a device")
     B, H, Sq, D = q.shape
-    bm, bn, nw, ns = _default_blocks(q, pack_keys)
+    bm, bn, nw, ns = _default_blocks(q)
     if block_size is not None:
         bm, bn = (int(x) for x in block_size)
         if bm < 16 or bn < 16 or bm & (bm - 1) or bn & (bn - 1):
@@ -481,24 +393,18 @@ def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, k
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     blk, row, ln = q_tile_table(q_starts, q_lens, bm, Sq)
     nq = q_starts.shape[-1]
-    if pack_keys:
-        ch_start, ch_len, n_ch = kv_key_table(k_starts, k_lens, kv_indices, kv_counts)
-        max_ch = 0
-    else:
-        ch_start, ch_len, n_ch = kv_chunk_table(k_starts, k_lens, kv_indices, kv_counts, bn)
-        max_ch = ch_start.shape[-1]
-    km = key_mask.to(torch.int8).contiguous() if key_mask is not None else n_ch  # dummy pointer
+    keys, first, n_keys = kv_key_table(k_starts, k_lens, kv_indices, kv_counts)
+    km = key_mask.to(torch.int8).contiguous() if key_mask is not None else n_keys  # dummy pointer
     out = torch.zeros(B, H, Sq, D, dtype=q.dtype, device=q.device)
     mt = blk.shape[1]
-    run_kernel(_varlen_kernel, (mt, B * H), interpret,
-               q, k, v, out, km, blk, row, ln, ch_start, ch_len, n_ch,
-               q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-               km.stride(0) if key_mask is not None else 0,
-               km.stride(1) if key_mask is not None and key_mask.dim() == 3 else 0,
-               H, nq, mt, max_ch, float(1.0 / math.sqrt(D) if scale is None else scale) * _LOG2E,
-               BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, PACKED=bool(pack_keys), HAS_MASK=key_mask is not None,
-               DOT_FP32=interpret,
-               INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
-               num_warps=nw, num_stages=ns)
+    jit(_varlen_kernel, interpret)[(mt, B * H)](
+        q, k, v, out, km, blk, row, ln, keys, first, n_keys,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        km.stride(0) if key_mask is not None else 0,
+        km.stride(1) if key_mask is not None and key_mask.dim() == 3 else 0,
+        H, nq, mt, float(1.0 / math.sqrt(D) if scale is None else scale) * _LOG2E,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D, HAS_MASK=key_mask is not None, DOT_FP32=interpret,
+        INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
+        num_warps=nw, num_stages=ns)
     return out

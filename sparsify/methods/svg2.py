@@ -4,185 +4,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
-from ..kernels._triton import device_consts
-from ..kernels.varlen import (default_block_size, interpreting, run_kernel, supports_varlen, varlen_block_attn,
-                              varlen_block_attn_reference, varlen_pairs)
-from ..recipe import Budget
+from ..kernels._triton import interpreting
+from ..kernels.cluster_select import select_clusters
+from ..kernels.kmeans import kmeans_assign, kmeans_update, segment_means, uses_triton
+from ..kernels.varlen import (default_block_size, supports_varlen, varlen_block_attn, varlen_block_attn_reference,
+                              varlen_pairs)
+from ..recipe import Budget  # noqa: F401  (the examples use it)
 from .base import SelectionMethod
 from .registry import register_method
 
-try:
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    tl = None
-
-_ROW_MIN = tl.standard._elementwise_min if tl is not None else None
-_ROW_SUM = tl.standard._sum_combine if tl is not None else None
-_ROW_MAX = tl.standard._elementwise_max if tl is not None else None
-
 
 # ----------------------------------------------------------------------------------------------
-# k-means: assignment (fused Triton distance + argmin on CUDA / the interpreter, chunked torch else)
-
-
-def _assign_kernel(X, C, CN, L, S, NC, sxb, sxh, sxs, H, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Nearest centroid of BLOCK_S rows: argmin_j |c_j|^2 - 2 x.c_j, never materializing the distances."""
-    pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_d = tl.arange(0, HEAD_DIM)
-    x = tl.load(X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh + offs_s[:, None].to(tl.int64) * sxs + offs_d[None, :],
-                mask=offs_s[:, None] < S, other=0.0)
-    if DOT_FP32:
-        x = x.to(tl.float32)
-    best = tl.full([BLOCK_S], float("inf"), dtype=tl.float32)
-    arg = tl.full([BLOCK_S], 0, dtype=tl.int32)
-    c_base = C + pid_bh.to(tl.int64) * NC * HEAD_DIM
-    for c0 in range(0, NC, BLOCK_C):
-        cc = c0 + offs_c
-        ok = cc < NC
-        c = tl.load(c_base + cc[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :], mask=ok[:, None], other=0.0)
-        if DOT_FP32:
-            c = c.to(tl.float32)
-        cn = tl.load(CN + pid_bh.to(tl.int64) * NC + cc, mask=ok, other=float("inf"))
-        d = cn[None, :] - 2.0 * tl.dot(x, tl.trans(c), input_precision=INPUT_PRECISION)
-        dmin = tl.reduce(d, 1, _ROW_MIN)
-        darg = tl.reduce(tl.where(d == dmin[:, None], cc[None, :], 2147483647), 1, _ROW_MIN)
-        better = dmin < best
-        best = tl.where(better, dmin, best)
-        arg = tl.where(better, darg, arg)
-    tl.store(L + pid_bh.to(tl.int64) * S + offs_s, arg, mask=offs_s < S)
-
-
-def _segment_mean_kernel(X, OUT, ST, LN, NC, sxb, sxh, sxs, H, BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Mean of the rows `ST[c] .. ST[c] + LN[c]` of one (b, h): a cluster's centroid after the permutation."""
-    pid_c = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    row = pid_bh.to(tl.int64) * NC + pid_c
-    s = tl.load(ST + row)
-    n = tl.load(LN + row)
-    offs_r = tl.arange(0, BLOCK_R)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = X + b.to(tl.int64) * sxb + h.to(tl.int64) * sxh
-    acc = tl.full([BLOCK_R, HEAD_DIM], 0.0, dtype=tl.float32)  # summed across rows once, after the loop
-    for r in range(0, n, BLOCK_R):
-        ok = r + offs_r < n
-        x = tl.load(base + (s + r + offs_r)[:, None].to(tl.int64) * sxs + offs_d[None, :], mask=ok[:, None], other=0.0)
-        acc += x.to(tl.float32)
-    tl.store(OUT + row * HEAD_DIM + offs_d, tl.reduce(acc, 0, _ROW_SUM) / tl.maximum(n, 1).to(tl.float32))
-
-
-def _use_triton(x: torch.Tensor) -> bool:
-    ok, _ = supports_varlen(x)
-    return ok and (x.is_cuda or interpreting())
-
-
-#: The assignment kernel's launch on CUDA (`benchmarks.svg2_cost --assign-configs` times others).
-ASSIGN_LAUNCH = {"block_s": 128, "block_c": 64, "num_warps": 8, "num_stages": 3}
-
-
-def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, *, max_elems: int = 1 << 25) -> torch.Tensor:
-    """Index of the nearest centroid (squared L2) of every row.
-
-    Args:
-        x: `[B, H, S, D]`.
-        centroids: `[B, H, n, D]` (any float dtype; products run in x's dtype with fp32 accumulation).
-        max_elems: distance entries held at once on the torch path.
-
-    Returns:
-        int32 `[B, H, S]`. Uses a fused Triton kernel on CUDA (and under `TRITON_INTERPRET=1`), else torch.
-
-    Example:
-        >>> x = torch.tensor([[[[0.0, 0.0], [5.0, 5.0], [0.2, 0.1]]]])
-        >>> kmeans_assign(x, torch.tensor([[[[5.0, 4.0], [0.0, 0.5]]]])).tolist()
-        [[[1, 0, 1]]]
-    """
-    B, H, S, D = x.shape
-    n = centroids.shape[2]
-    c = centroids.to(x.dtype)
-    cn = c.float().square().sum(-1)  # [B, H, n]
-    if _use_triton(x):
-        labels = torch.empty(B, H, S, dtype=torch.int32, device=x.device)
-        x_ = x if x.stride(-1) == 1 else x.contiguous()
-        interp = not x.is_cuda
-        cfg = {"block_s": 32, "block_c": 16, "num_warps": 4, "num_stages": 1} if interp else ASSIGN_LAUNCH
-        bs = cfg["block_s"]
-        run_kernel(_assign_kernel, (triton_cdiv(S, bs), B * H), interp,
-                   x_, c.contiguous(), cn.contiguous(), labels, S, n, x_.stride(0), x_.stride(1), x_.stride(2), H,
-                   BLOCK_S=bs, BLOCK_C=cfg["block_c"], HEAD_DIM=D, DOT_FP32=interp,
-                   INPUT_PRECISION="ieee" if (interp or x.dtype == torch.float32) else "tf32",
-                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return labels
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    labels = torch.empty(B, H, S, dtype=torch.int32, device=x.device)
-    step = max(1, max_elems // max(1, B * H * n))
-    for s0 in range(0, S, step):
-        d = cn.to(acc)[:, :, None, :] - 2.0 * torch.matmul(x[:, :, s0:s0 + step].to(acc), c.to(acc).transpose(-1, -2))
-        labels[:, :, s0:s0 + step] = d.argmin(-1).to(torch.int32)
-    return labels
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+# k-means (the assignment and segment-means kernels: `sparsify.kernels.kmeans`)
 
 
 def cluster_sizes(labels: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens per cluster, float32 `[B, H, n]` (`weights` `[B, H, S]` counts each token by its weight)."""
     w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.float()
     return torch.zeros(*labels.shape[:2], n, device=labels.device).scatter_add_(2, labels.long(), w)
-
-
-def kmeans_update(x: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Cluster means (float32 `[B, H, n, D]`); an empty cluster keeps its old centroid.
-
-    Example:
-        >>> x = torch.tensor([[[[1.0], [3.0], [7.0]]]]); old = torch.zeros(1, 1, 3, 1)
-        >>> kmeans_update(x, torch.tensor([[[0, 0, 2]]]), old).flatten().tolist()
-        [2.0, 0.0, 7.0]
-    """
-    B, H, S, D = x.shape
-    n = old.shape[2]
-    flat = (labels.long() + n * torch.arange(B * H, device=x.device).view(B, H, 1)).reshape(-1)
-    sums = torch.zeros(B * H * n, D, device=x.device).index_add_(0, flat, x.reshape(-1, D).float())
-    cnt = torch.zeros(B * H * n, device=x.device).index_add_(0, flat, torch.ones(flat.numel(), device=x.device))
-    means = (sums / cnt.clamp_min(1)[:, None]).view(B, H, n, D)
-    return torch.where(cnt.view(B, H, n, 1) > 0, means, old.float())
-
-
-def segment_means(x_sorted: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Cluster means from rows already grouped by cluster (`starts`, `lens` int32 `[B, H, n]`); float32.
-
-    Equal to `kmeans_update` on the unpermuted rows; a Triton kernel on CUDA (one pass over x), torch else.
-
-    Example:
-        >>> x = torch.tensor([[[[1.0], [3.0], [7.0]]]]); i32 = lambda *v: torch.tensor(v, dtype=torch.int32).view(1, 1, -1)
-        >>> segment_means(x, i32(0, 2, 3), i32(2, 1, 0), torch.full((1, 1, 3, 1), 9.0)).flatten().tolist()
-        [2.0, 7.0, 9.0]
-    """
-    B, H, S, D = x_sorted.shape
-    n = starts.shape[-1]
-    if _use_triton(x_sorted):
-        out = torch.empty(B, H, n, D, dtype=torch.float32, device=x_sorted.device)
-        xs = x_sorted if x_sorted.stride(-1) == 1 else x_sorted.contiguous()
-        interp = not x_sorted.is_cuda
-        run_kernel(_segment_mean_kernel, (n, B * H), interp, xs, out, starts.to(torch.int32).contiguous(),
-                   lens.to(torch.int32).contiguous(), n, xs.stride(0), xs.stride(1), xs.stride(2), H,
-                   BLOCK_R=16 if interp else 64, HEAD_DIM=D, num_warps=4)
-    else:
-        seg = torch.searchsorted((starts.long() + lens.long()).contiguous(), torch.arange(S, device=x_sorted.device)
-                                 .expand(B, H, S).contiguous(), right=True).clamp_max(n - 1)
-        out = kmeans_update(x_sorted, seg, old)
-    return torch.where(lens[..., None] > 0, out, old.float())
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -203,7 +45,7 @@ def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 def _update(x: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """Cluster means: sort + segment means where the Triton kernels run (deterministic), else a scatter."""
-    if _use_triton(x):
+    if uses_triton(x):
         perm, starts, lens = cluster_blocks(labels, old.shape[2])
         return segment_means(permute_rows(x, perm), starts, lens, old)
     return kmeans_update(x, labels, old)
@@ -290,7 +132,7 @@ def kmeans_reference(x: torch.Tensor, init: torch.Tensor, iters: int) -> KMeansR
 
 
 # ----------------------------------------------------------------------------------------------
-# centroid scores and selection
+# centroid scores and selection (the top-p selection kernel: `sparsify.kernels.cluster_select`)
 
 
 def cluster_blocks(labels: torch.Tensor, n: int):
@@ -315,159 +157,6 @@ def cluster_blocks(labels: torch.Tensor, n: int):
 def centroid_logits(cq: torch.Tensor, ck: torch.Tensor, scale: float) -> torch.Tensor:
     """Centroid attention logits `cq . ck * scale`, float32 `[B, H, NQ, NK]`."""
     return torch.matmul(cq.float(), ck.float().transpose(-1, -2)) * scale
-
-
-def cluster_probs(logits: torch.Tensor, k_sizes: torch.Tensor) -> torch.Tensor:
-    """SVG2's cluster-size-weighted softmax: `p_ij ∝ |K_j| exp(logit_ij)` (empty clusters get 0).
-
-    Example:
-        >>> [round(p, 4) for p in cluster_probs(torch.zeros(1, 1, 1, 3), torch.tensor([[[1.0, 3.0, 0.0]]])).flatten().tolist()]
-        [0.25, 0.75, 0.0]
-    """
-    return torch.softmax(logits + torch.log(k_sizes.float())[:, :, None, :], -1)
-
-
-def _select_kernel(LG, SZ, TOT, NONEMPTY, DENS, TOPP, FLOOR, IDX, CNT, H, NQ, NK, NKP: tl.constexpr):
-    """One query cluster (a row of LG) per program: `select_clusters` without sorting.
-
-    Clusters rank by key (the logit, or for top-p heads the size-weighted probability; empty clusters last),
-    ties by lower index. Up to three searches find the shortest ranked prefix whose weight reaches a target:
-    the sizes (the key floor), the probabilities (top-p heads only), then unit weights (the final count,
-    only when it is not one of the first two prefixes, i.e. clamped to 1 or to the non-empty clusters). Each
-    search bisects the order-preserving int32 bits of the key for the threshold, then an index cutoff among
-    keys tied at it. The kept clusters are written first in index order, zeros after them. One warp."""
-    r = tl.program_id(0).to(tl.int64)
-    bh = r // NQ
-    h = bh % H
-    j = tl.arange(0, NKP)
-    inside = j < NK
-    sz = tl.load(SZ + bh * NK + j, mask=inside, other=0.0)
-    live = inside & (sz > 0)
-    lg = tl.where(live, tl.load(LG + r * NK + j, mask=inside, other=0.0), float("-inf"))
-    wl = tl.where(live, lg + tl.log(tl.where(live, sz, 1.0)), float("-inf"))
-    e = tl.where(live, tl.exp(wl - tl.reduce(wl, 0, _ROW_MAX)), 0.0)
-    prob = e / tl.reduce(e, 0, _ROW_SUM)
-    dens = tl.load(DENS + h) != 0
-    key = tl.where(dens, lg, tl.where(live, prob, -1.0))
-    key = tl.where(inside, key, float("-inf"))
-    bits = key.to(tl.int32, bitcast=True)
-    kb = ((bits & 0x7FFFFFFF) ^ (bits >> 31)) - (bits >> 31)  # order-preserving (-0.0 and 0.0 tie)
-    tot = tl.load(TOT + bh)
-    nonempty = tl.load(NONEMPTY + bh)
-    targets_0 = tl.load(FLOOR + h) * tot - 1e-6
-    targets_1 = tl.where(dens, -1.0, tl.load(TOPP + h) - 1e-6)
-    c0 = 0
-    c1 = 0
-    t = 0
-    x = 0
-    t0 = 0
-    x0 = 0
-    t1 = 0
-    x1 = 0
-    n = 1
-    for stage in range(3):
-        n = tl.minimum(tl.maximum(tl.maximum(c0, c1), 1), nonempty)
-        w = tl.where(stage == 0, sz, tl.where(stage == 1, prob, 1.0))
-        target = tl.where(stage == 0, targets_0, tl.where(stage == 1, targets_1, n.to(tl.float32) - 0.5))
-        # nothing to search: no target, or the final count is the prefix an earlier search found
-        skip = (target <= 0) | ((stage == 2) & ((n == c0) | (n == c1)))
-        hi = tl.reduce(kb, 0, _ROW_MAX)
-        lo = tl.where(skip, hi, tl.reduce(kb, 0, _ROW_MIN))
-        while lo < hi:  # the largest threshold whose keys at or above it weigh at least the target
-            mid = ((lo.to(tl.int64) + hi.to(tl.int64) + 1) >> 1).to(tl.int32)
-            ok = tl.reduce(tl.where(kb >= mid, w, 0.0), 0, _ROW_SUM) >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        t = lo
-        above = tl.reduce(tl.where(kb > t, w, 0.0), 0, _ROW_SUM)
-        xlo = 0
-        xhi = tl.where(skip, 0, NKP)
-        while xlo < xhi:  # the fewest keys tied at t (lowest indices first) that reach the target
-            xm = (xlo + xhi) // 2
-            ok = above + tl.reduce(tl.where((kb == t) & (j < xm), w, 0.0), 0, _ROW_SUM) >= target
-            xhi = tl.where(ok, xm, xhi)
-            xlo = tl.where(ok, xlo, xm + 1)
-        x = xlo
-        count = tl.reduce(((kb > t) | ((kb == t) & (j < x))).to(tl.int32), 0, _ROW_SUM)
-        reached = tl.reduce(w, 0, _ROW_SUM) >= target
-        count = tl.where(target <= 0, 0, tl.where(reached, count, NK + stage))
-        c0 = tl.where(stage == 0, count, c0)
-        c1 = tl.where(stage == 1, count, c1)
-        t0 = tl.where(stage == 0, t, t0)
-        x0 = tl.where(stage == 0, x, x0)
-        t1 = tl.where(stage == 1, t, t1)
-        x1 = tl.where(stage == 1, x, x1)
-    t = tl.where(n == c0, t0, tl.where(n == c1, t1, t))
-    x = tl.where(n == c0, x0, tl.where(n == c1, x1, x))
-    kept = ((kb > t) | ((kb == t) & (j < x))) & inside
-    k32 = kept.to(tl.int32)
-    pos = tl.associative_scan(k32, 0, _ROW_SUM) - k32
-    tl.store(IDX + r * NK + pos, j, mask=kept)
-    tl.store(IDX + r * NK + j, j * 0, mask=inside & (j >= n))
-    tl.store(CNT + r, n)
-
-
-#: Widest row of key clusters the selection kernel takes (one program holds a row); wider rows use torch.
-_SELECT_MAX_NK = 8192
-
-
-def select_clusters(logits: torch.Tensor, k_sizes: torch.Tensor, budgets: Sequence[Budget]):
-    """Key clusters kept by every query cluster, per head.
-
-    Density budgets keep clusters in decreasing centroid logit (the estimated attention per key token:
-    the greedy order for mass per token) until they hold `density` of the (valid) video keys. Top-p
-    budgets keep clusters in decreasing size-weighted probability (`cluster_probs`) until their mass
-    reaches `top_p`, and at least until they hold `min_density` of the keys (SVG2's minimum share of
-    key clusters, measured in tokens). At least one non-empty cluster is kept; empty ones never.
-
-    Args:
-        logits: float `[B, H, NQ, NK]` (`centroid_logits`).
-        k_sizes: float `[B, H, NK]` valid keys per cluster.
-        budgets: one `Budget` per head.
-
-    Returns:
-        `(kv_indices int32 [B, H, NQ, NK], kv_counts int32 [B, H, NQ])`, kept clusters first, in no
-        particular order (the Triton kernel, used on CUDA and under the interpreter for rows of at most
-        8,192 clusters, writes them in index order and zeros after them; torch writes the rest of its ranking).
-
-    Example:
-        >>> idx, cnt = select_clusters(torch.tensor([[[[0.0, 2.0, 1.0]]]]), torch.tensor([[[5.0, 5.0, 5.0]]]),
-        ...                            [Budget(density=0.5)])
-        >>> idx[0, 0, 0, :cnt[0, 0, 0]].tolist()
-        [1, 2]
-    """
-    B, H, nq, nk = logits.shape
-    if len(budgets) != H:
-        raise ValueError(f"need one budget per head: {H} heads, {len(budgets)} budgets")
-    sizes = k_sizes.float()
-    total = sizes.sum(-1)  # [B, H]
-    nonempty = (sizes > 0).sum(-1)  # [B, H]
-    dev = logits.device  # cached per-head constants: no host-to-device copy per call
-    top_p = device_consts([float(b.top_p or 0.0) for b in budgets], dev, torch.float32).view(1, H, 1)
-    floor = device_consts([float(b.density if b.density is not None else b.min_density) for b in budgets], dev,
-                          torch.float32).view(1, H, 1)
-    if tl is not None and (logits.is_cuda or interpreting()) and nk <= _SELECT_MAX_NK:
-        idx = torch.empty(B, H, nq, nk, dtype=torch.int32, device=dev)
-        cnt = torch.empty(B, H, nq, dtype=torch.int32, device=dev)
-        run_kernel(_select_kernel, (B * H * nq,), not logits.is_cuda, logits.float().contiguous(), sizes.contiguous(),
-                   total.contiguous(), nonempty.to(torch.int32).contiguous(),
-                   device_consts([int(b.density is not None) for b in budgets], dev, torch.int32),
-                   top_p, floor, idx, cnt, H, nq, nk, NKP=1 << max(4, (nk - 1).bit_length()), num_warps=1)
-        return idx, cnt
-    empty = (sizes <= 0)[:, :, None, :]
-    dens = device_consts([b.density is not None for b in budgets], dev, torch.bool).view(1, H, 1, 1)
-    lg = logits.float().masked_fill(empty, float("-inf"))
-    probs = cluster_probs(lg, sizes)
-    key = torch.where(dens, lg, probs.masked_fill(empty, -1.0))
-    order = torch.argsort(key, dim=-1, descending=True)
-    sz = torch.gather(sizes[:, :, None, :].expand(B, H, nq, nk), -1, order)
-    before = torch.cumsum(sz, -1) - sz  # keys held by the clusters ranked before
-    n_floor = (before < (floor * total[..., None] - 1e-6)[..., None]).sum(-1)
-    mass = torch.cumsum(torch.gather(probs, -1, order), -1)
-    n_p = torch.where(dens[..., 0], 0, (mass < (top_p - 1e-6)[..., None]).sum(-1) + 1)
-    cnt = torch.maximum(n_floor, n_p).clamp_min(1)
-    cnt = torch.minimum(cnt, nonempty[..., None])
-    return order.to(torch.int32), cnt.to(torch.int32)
 
 
 def select_clusters_reference(cq, ck, k_sizes, budgets, scale):

@@ -21,29 +21,29 @@ from .select import select_from_scores
 FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_min", "min_max")
 
 #: How `peak` is computed. `keys`: exactly, from the mean query against every key token of the tile
-#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `keys/G`: the same against the
-#: means of consecutive groups of G key slots (in tile order; for G = 4 a 1x1x4 row of a 4x4x4 tile), so
-#: 1/G of that GEMM; `mix` then puts G keys, not one, at the peak. `stats`: from tile statistics only, as
-#: the upper bound `relu(q̄)·kmax - relu(-q̄)·kmin` of the exact peak (two `[n, n]` GEMMs).
-PEAKS: tuple[str, ...] = ("keys", "keys/2", "keys/4", "keys/8", "keys/16", "stats")
+#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `keys/4`: the same against the
+#: means of consecutive groups of 4 key slots (in tile order; a 1x1x4 row of a 4x4x4 tile), so 1/4 of that
+#: GEMM; `mix` then puts 4 keys, not one, at the peak. Other group sizes and a bound from tile statistics
+#: lost recall or time (docs/kernel-notes.md, "Measured dead ends").
+PEAKS: tuple[str, ...] = ("keys", "keys/4")
 
 #: The default peak: `keys/4` keeps most of the exact peak's recall gain over mean pooling at a quarter of its
-#: GEMM (RESULTS.md, "Selection fidelity"; benchmarks/NOTES.md, "Session 6").
+#: GEMM (RESULTS.md, "Selection fidelity"; docs/kernel-notes.md).
 DEFAULT_PEAK = "keys/4"
 
 _MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
 
 
 def peak_group(peak: str) -> int:
-    """Key slots behind each logit of a `peak` mode: 1 for `keys`, G for `keys/G`, 0 for `stats`.
+    """Key slots behind each logit of a `peak` mode: 1 for `keys`, 4 for `keys/4`.
 
     Example:
-        >>> peak_group("keys"), peak_group("keys/4"), peak_group("stats")
-        (1, 4, 0)
+        >>> peak_group("keys"), peak_group("keys/4")
+        (1, 4)
     """
     if peak not in PEAKS:
         raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
-    return 0 if peak == "stats" else int(peak.partition("/")[2] or 1)
+    return int(peak.partition("/")[2] or 1)
 
 
 @dataclass(frozen=True)
@@ -180,8 +180,7 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     Args:
         q, k: `[B, H, n_tiles*volume, D]` in tile order (as a method's `select` receives them).
         layout: their TileLayout; padded slots are ignored.
-        peak: `keys` (exact peak), `keys/G` (peak over groups of G keys) or `stats` (upper bound from
-            tile statistics), see `PEAKS`.
+        peak: `keys` (exact peak) or `keys/4` (peak over groups of 4 keys), see `PEAKS`.
         features: which of `FEATURES`, in this order.
         max_elems: logits held at once by the exact peak.
 
@@ -199,7 +198,7 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     group = peak_group(peak)
     cache: dict[str, torch.Tensor] = {}
     wanted = [f for f in ("peak", "mean", "mix") if f in features]
-    if group and wanted and _fast_peaks(k, layout, group, q):
+    if wanted and _fast_peaks(k, layout, group, q):
         # one fused kernel: GEMM of the tile means of q with every key row, max (and mean, mix) per key tile
         cache.update(zip(wanted, _fused(q, k, layout, group, wanted)))
     stats: dict[str, ExtremaStats] = {}
@@ -215,15 +214,13 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
     def feat(name: str) -> torch.Tensor:
         if name in cache:
             return cache[name]
-        sq, sk = (st("q"), st("k")) if name != "peak" or not group else (None, None)
+        sq, sk = (st("q"), st("k")) if name != "peak" else (None, None)
         if name == "mean":
             v = dot(sq.mean, sk.mean)
-        elif name == "peak" and group:
-            v = _key_peak(k, pool_tiles(q, layout), layout, scale, group, max_elems)
         elif name == "peak":
-            v = dot(sq.mean.clamp_min(0), sk.max) - dot((-sq.mean).clamp_min(0), sk.min)
+            v = _key_peak(k, pool_tiles(q, layout), layout, scale, group, max_elems)
         elif name == "mix":
-            v = mix_logit(feat("mean"), feat("peak"), layout, max(group, 1))
+            v = mix_logit(feat("mean"), feat("peak"), layout, group)
         else:
             a, b = name.split("_")
             v = dot(getattr(sq, a), getattr(sk, b))
@@ -263,14 +260,12 @@ def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout
             keys = [j * vol + s for s in range(vol) if int(layout.gather[j * vol + s]) >= 0]
             qm = sq.mean[:, :, i]
             mean = (qm * sk.mean[:, :, j]).sum(-1) * scale
-            if group:  # groups of `group` consecutive slots with a valid key; their means
-                groups = [[y for y in keys if (y - j * vol) // group == g] for g in range(vol // group)]
-                rows = [k[:, :, ys].double().mean(2) for ys in groups if ys]
-                pk = torch.stack([(qm * r).sum(-1) for r in rows], -1).amax(-1) * scale
-            else:
-                pk = torch.maximum(qm * sk.max[:, :, j], qm * sk.min[:, :, j]).sum(-1) * scale
+            # groups of `group` consecutive slots with a valid key; their means
+            groups = [[y for y in keys if (y - j * vol) // group == g] for g in range(vol // group)]
+            rows = [k[:, :, ys].double().mean(2) for ys in groups if ys]
+            pk = torch.stack([(qm * r).sum(-1) for r in rows], -1).amax(-1) * scale
             L = len(keys)
-            c = min(max(group, 1), L)
+            c = min(group, L)
             mix = torch.log(((L - c) * torch.exp(mean) + c * torch.exp(pk)) / L)
             corners = [(getattr(sq, a)[:, :, i] * getattr(sk, b)[:, :, j]).sum(-1) * scale
                        for a, b in (("max", "max"), ("min", "min"), ("max", "min"), ("min", "max"))]
@@ -342,7 +337,7 @@ class VedaEstimator:
                              "use VedaEstimator.subset(heads) for a subset")
         used = [i for i in range(len(self.features)) if bool((self.weights[:, i] != 0).any())]
         group = peak_group(self.peak)
-        if ([self.features[i] for i in used] == ["mix"] and bool((self.weights[:, used[0]] == 1).all()) and group
+        if ([self.features[i] for i in used] == ["mix"] and bool((self.weights[:, used[0]] == 1).all())
                 and _fast_peaks(k, layout, group, q)):  # the default estimator: the fused kernel's log mass
             return _fused(q, k, layout, group, ("mass",), stats)[0]
         log_len, _ = _log_lens(layout, q.device)
@@ -355,7 +350,7 @@ class VedaEstimator:
 
 def default_estimator(heads: int, peak: str = DEFAULT_PEAK) -> VedaEstimator:
     """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - c) exp(mean) + c exp(peak))` with
-    `c = min(G, L_j)` keys at the peak (G = the peak mode's group, see `PEAKS`).
+    `c = min(G, L_j)` keys at the peak (G = the peak mode's group: 1 or 4, see `PEAKS`).
 
     Example:
         >>> default_estimator(1).weights.tolist()
@@ -458,7 +453,7 @@ class Veda(SelectionMethod):
 
     @property
     def key_group(self) -> int:
-        """Key slots per peak row when the peak is `keys/G` with G > 1 (the gather can pool k's groups), else 0."""
+        """Key slots per peak row when the peak is `keys/4` (the gather can pool k's groups of 4), else 0."""
         g = peak_group(self.estimator.peak if self.estimator is not None else self.peak)
         return g if g > 1 else 0
 

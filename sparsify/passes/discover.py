@@ -152,8 +152,13 @@ def _split_inputs(example_inputs):
     return (example_inputs,), {}
 
 
-def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
-    """Attention sites of one captured graph, each with its FX match."""
+def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None,
+                   unplaced: list | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+    """Attention sites of one captured graph, each with its FX match.
+
+    Calls made outside every submodule (in the model's own forward) have no site path; their
+    `file:line` is appended to `unplaced` when given.
+    """
     out = []
     for m in find_attention(gm.graph):
         qv, kv = _val(m.q), _val(m.k)
@@ -161,6 +166,8 @@ def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: in
             continue  # not [B, H, S, D]: not a site we can serve
         path = module_path(m.node, id_to_name)
         if path is None:
+            if unplaced is not None:
+                unplaced.append(source_location(m.node) or "(unknown location)")
             continue
         B, H, S, D = qv.shape
         has_mask = m.attn_mask is not None
@@ -170,7 +177,8 @@ def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: in
     return out
 
 
-def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None) -> list[SiteInfo]:
+def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
+             unplaced: list | None = None) -> list[SiteInfo]:
     """List every attention site of `model`, found on its Dynamo graph(s) at `example_inputs`.
 
     Finds `F.scaled_dot_product_attention` however it is called (positionally, by keyword, through
@@ -181,6 +189,8 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         model: the DiT.
         example_inputs: a kwargs dict, an args tuple, or a single tensor for `model(...)`.
         video_len: video tokens per sample at these inputs, to tell `joint` from `self` sites.
+        unplaced: if given, receives the `file:line` of every attention call made outside any submodule
+            (such calls cannot be sites: sparsify installs per submodule).
 
     Returns:
         One SiteInfo per module path, in call order.
@@ -192,7 +202,7 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
     id_to_name = {str(id(m)): name for name, m in model.named_modules()}
     seen: dict[str, SiteInfo] = {}
     for gm in capture_graphs(model, example_inputs):
-        for info, _ in sites_in_graph(gm, id_to_name, video_len):
+        for info, _ in sites_in_graph(gm, id_to_name, video_len, unplaced):
             if info.path in seen:
                 continue
             seen[info.path] = info

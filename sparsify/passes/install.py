@@ -67,9 +67,11 @@ def _patch_sdpa(modules: list) -> None:
     _USERS += 1
     targets = [(F, "scaled_dot_product_attention")]
     for mod in modules:
-        if getattr(mod, "__name__", "").split(".")[0] == __name__.split(".")[0]:
-            # never sparsify's own modules: with a model already sparsified, discovery of the next one traces
-            # through sparsify_sdpa, whose `_ORIG_SDPA` would otherwise be patched into itself (recursion)
+        name = getattr(mod, "__name__", "")
+        if name.split(".")[0] == __name__.split(".")[0] and not name.startswith("sparsify.testing"):
+            # never sparsify's own modules (the fixture models of `sparsify.testing` are user code): with a model
+            # already sparsified, discovery of the next one traces through sparsify_sdpa, whose `_ORIG_SDPA`
+            # would otherwise be patched into itself (recursion)
             continue
         for name, val in list(vars(mod).items()):
             if val is _ORIG_SDPA:
@@ -175,6 +177,7 @@ class Installation:
     modules: list = field(default_factory=list)  # site modules whose forward was replaced
     patched: bool = False
     mode: str = "install"
+    compiled: list = field(default_factory=list)  # (module, its `_compiled_call_impl` when sparsify() ran)
 
 
 def install_site(model, info, state: runtime.SiteState, inst: Installation) -> None:
@@ -213,7 +216,8 @@ def install(model, infos, states, recipe, adapter, import_modules, mode: str = "
     """
     if mode not in ("install", "graph"):
         raise ValueError(f"sparsify: mode must be 'install' or 'graph'; got {mode!r}")
-    inst = Installation(sites=list(states), infos=list(infos), recipe=recipe, adapter=adapter, mode=mode)
+    inst = Installation(sites=list(states), infos=list(infos), recipe=recipe, adapter=adapter, mode=mode,
+                        compiled=[(m, m.__dict__.get("_compiled_call_impl")) for m in model.modules()])
     by_path = {i.path: i for i in infos}
     try:
         for st in states:
@@ -242,7 +246,12 @@ def install(model, infos, states, recipe, adapter, import_modules, mode: str = "
 
 
 def uninstall(model, inst: Installation) -> None:
-    """Undo `install` exactly: hooks, forwards, site tensors, registry entries and patches."""
+    """Undo `install` exactly: hooks, forwards, site tensors, registry entries and patches.
+
+    In-place compilation applied after `install` (`module.compile()`, diffusers' `compile_repeated_blocks()`)
+    holds graphs traced through the sparse op; it is removed too, so that every module calls the code it
+    called before `install`.
+    """
     from .rewrite import GRAPH_SITES, uninstall_inductor_pass
 
     for h in inst.hooks:
@@ -264,3 +273,7 @@ def uninstall(model, inst: Installation) -> None:
     if inst.patched:
         _unpatch_sdpa()
         inst.patched = False
+    for module, before in inst.compiled:
+        if module.__dict__.get("_compiled_call_impl") is not before:
+            module._compiled_call_impl = before
+    inst.compiled.clear()

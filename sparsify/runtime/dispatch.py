@@ -159,6 +159,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
             "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
     geom.check(S, st.path)
+    if st.check is not None:
+        st.check(st, geom, S)
     if STATE.observer is not None:
         STATE.observer(st, q, k, v, geom, scale, key_mask)
         if st.is_dense:

@@ -36,6 +36,7 @@ class SiteState:
     calls_in_step: int = 0  # calls of this site at the current step (CFG as two calls: 0 and 1)
     dense_work: float = 0.0  # attention FLOPs the same calls would take dense
     warned: set = field(default_factory=set)
+    check: object = None  # check(state, geometry, seq_len) before each call runs: sparsify()'s argument checks
     _work: float = 0.0  # host part of `work`
     _work_pending: torch.Tensor | None = None  # device part: summed without a host sync until `work` is read
 

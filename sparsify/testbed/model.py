@@ -1,4 +1,4 @@
-"""The test-bed model: a small diffusers Wan video DiT, its example inputs and a flow-matching sampler."""
+"""The test-bed models: small diffusers Wan video DiTs (see `variants`), their example inputs and a flow-matching sampler."""
 
 from __future__ import annotations
 
@@ -44,23 +44,33 @@ CONFIG_PATH = Path(__file__).with_name("testbed_wan.json")
 NUM_TRAIN_TIMESTEPS = 1000
 
 
-def grid(latent_shape: tuple[int, int, int, int] = LATENT_SHAPE) -> tuple[int, int, int]:
-    """Token grid (T, H, W) of the test-bed for a latent video shape; tokens are frame-major t*H*W + h*W + w.
+def grid(latent_shape: tuple[int, int, int, int] | None = None, name: str = "testbed") -> tuple[int, int, int]:
+    """Token grid (T, H, W) of a test-bed for a latent video shape; tokens are frame-major t*H*W + h*W + w.
+
+    Args:
+        latent_shape: [C, F, H, W]; default: the variant's training shape.
+        name: the test-bed variant (`testbed`, `testbed-16k`; see `sparsify.testbed.variants`).
 
     Example:
-        >>> grid()
-        (16, 16, 16)
+        >>> grid(), grid(name="testbed-16k")
+        ((16, 16, 16), (16, 32, 32))
     """
-    _, f, h, w = latent_shape
-    pt, ph, pw = TESTBED_CONFIG["patch_size"]
+    from .variants import get_variant
+
+    v = get_variant(name)
+    _, f, h, w = v.latent_shape if latent_shape is None else latent_shape
+    pt, ph, pw = v.config["patch_size"]
     return f // pt, h // ph, w // pw
 
 
-def load_testbed_config(path: str | Path | None = None) -> dict[str, Any]:
-    """The model config stored beside the weights (falls back to `TESTBED_CONFIG` when no json is shipped)."""
-    path = Path(path) if path is not None else CONFIG_PATH
+def load_testbed_config(path: str | Path | None = None, name: str = "testbed") -> dict[str, Any]:
+    """The model config stored beside the weights (falls back to the variant's config when no json is there)."""
+    from .variants import get_variant
+
+    v = get_variant(name)
+    path = Path(path) if path is not None else v.config_path
     if not path.exists():
-        return dict(TESTBED_CONFIG)
+        return dict(v.config)
     meta = json.loads(path.read_text())
     return dict(meta.get("config", meta))
 
@@ -71,15 +81,22 @@ def build_testbed(
     dtype: torch.dtype = torch.float32,
     weights: str | Path | None = None,
     seed: int = 0,
+    name: str = "testbed",
+    overrides: dict[str, Any] | None = None,
 ):
-    """Build the test-bed `WanTransformer3DModel`, with the shipped trained weights when `pretrained`.
+    """Build a test-bed `WanTransformer3DModel`, with the shipped trained weights when `pretrained`.
 
     Args:
-        pretrained: load `testbed_wan.safetensors` (fp16 on disk, cast to `dtype`); else a seeded random init.
+        pretrained: load the variant's `<stem>.safetensors` (fp16 on disk, cast to `dtype`); else a seeded random
+            init.
         device: where to put the model.
         dtype: parameter dtype (fp32 on CPU; bf16/fp16 on GPU).
-        weights: another safetensors file of the same config (e.g. a fresh training run's output).
+        weights: another safetensors file of the same config (e.g. a fresh training run's output); its config is
+            read from the `.json` beside it.
         seed: seed of the random init (used when not pretrained).
+        name: the variant, `testbed` (4,096 tokens, the default) or `testbed-16k` (16,384 tokens).
+        overrides: `WanTransformer3DModel` kwargs replacing the variant's (e.g. `{"num_layers": 2}` for a tiny
+            model in tests); the weights must then match.
 
     Returns:
         The model in eval mode.
@@ -88,20 +105,22 @@ def build_testbed(
         >>> model = build_testbed()                       # trained weights, fp32 CPU
         >>> model(**example_inputs(latent_shape=(4, 2, 8, 8)))[0].shape   # default latent: [1, 4, 16, 32, 32]
         torch.Size([1, 4, 2, 8, 8])
+        >>> tiny = build_testbed(pretrained=False, name="testbed-16k", overrides={"num_layers": 2})
     """
     from diffusers import WanTransformer3DModel
 
-    weights = Path(weights) if weights is not None else WEIGHTS_PATH
-    config = load_testbed_config(weights.with_suffix(".json")) if pretrained else dict(TESTBED_CONFIG)
+    from .variants import get_variant
+
+    v = get_variant(name)
+    weights = Path(weights) if weights is not None else v.weights_path
+    if pretrained and not weights.exists():
+        raise FileNotFoundError(_missing_weights_message(v, weights))
+    config = load_testbed_config(weights.with_suffix(".json"), name=v.name) if pretrained else dict(v.config)
+    config.update(overrides or {})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WanTransformer3DModel(**config)
     if pretrained:
-        if not weights.exists():
-            raise FileNotFoundError(
-                f"test-bed weights not found at {weights}; train them with "
-                "`python -m tools.train_testbed --out DIR` or pass pretrained=False"
-            )
         from safetensors.torch import load_file
 
         state = load_file(str(weights))
@@ -114,31 +133,58 @@ def build_testbed(
     return model.eval()
 
 
+def build_testbed16k(pretrained: bool = True, **kwargs):
+    """Build `testbed-16k` (16,384 tokens, 12 blocks of 8 heads x 32): `build_testbed(name="testbed-16k", ...)`.
+
+    Example:
+        >>> model = build_testbed16k(pretrained=False)    # random init; pretrained=True needs testbed16k.safetensors
+        >>> grid(name="testbed-16k")
+        (16, 32, 32)
+    """
+    return build_testbed(pretrained=pretrained, name="testbed-16k", **kwargs)
+
+
+def _missing_weights_message(variant, weights: Path) -> str:
+    flag = "" if variant.name == "testbed" else f" --config {variant.aliases[0]}"
+    msg = f"{variant.name} weights not found at {weights}; train them with `python -m tools.train_testbed{flag} --out DIR`"
+    if weights == variant.weights_path:
+        msg += (f", then copy DIR/{variant.stem}.safetensors and DIR/{variant.stem}.json to {weights.parent}/ "
+                f"(or pass weights=DIR/{variant.stem}.safetensors)")
+    return msg + ", or pass pretrained=False for a random init"
+
+
 def example_inputs(
     batch: int = 1,
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     t: float = 0.5,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
+    latent_shape: tuple[int, int, int, int] | None = None,
+    name: str = "testbed",
 ) -> dict[str, Any]:
-    """Forward kwargs of the test-bed: a procedural video noised to level `t`, its class condition, Wan timestep.
+    """Forward kwargs of a test-bed: a procedural video noised to level `t`, its class condition, Wan timestep.
 
-    The video comes from `sparsify.testbed.data` (the training distribution), so the attention these inputs
-    produce is the trained model's real attention, not that of noise.
+    The video comes from the variant's data generator (its training distribution), so the attention these
+    inputs produce is the trained model's real attention, not that of noise.
 
     Args:
         batch: number of videos.
         seed: seed of the videos and the noise (same seed, same inputs on every device).
         device, dtype: of the returned tensors.
         t: noise level in [0, 1] (x_t = (1 - t) x0 + t eps); the timestep is t * 1000.
-        latent_shape: [C, F, H, W]; the default gives 4,096 tokens.
+        latent_shape: [C, F, H, W]; default: the variant's (4,096 tokens for `testbed`, 16,384 for `testbed-16k`).
+        name: the test-bed variant.
 
     Returns:
         `dict(hidden_states=[B, C, F, H, W], timestep=[B], encoder_hidden_states=[B, L, text_dim],
         return_dict=False)`; call `model(**inputs)[0]`.
+
+    Example:
+        >>> x = example_inputs(batch=2, name="testbed-16k", latent_shape=(4, 4, 16, 16))
+        >>> x["hidden_states"].shape, x["encoder_hidden_states"].shape
+        (torch.Size([2, 4, 4, 16, 16]), torch.Size([2, 10, 64]))
     """
-    x0, eps, cond = _example_x0_eps_cond(batch, seed, latent_shape)
+    x0, eps, cond = _example_x0_eps_cond(batch, seed, latent_shape, name)
     xt = (1.0 - t) * x0 + t * eps
     return {
         "hidden_states": xt.to(device=device, dtype=dtype),
@@ -148,10 +194,14 @@ def example_inputs(
     }
 
 
-def _example_x0_eps_cond(batch: int, seed: int, latent_shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from .data import make_batch
+def _example_x0_eps_cond(
+    batch: int, seed: int, latent_shape, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from .variants import get_variant
 
-    x0, _labels, cond = make_batch(batch, seed=seed, device="cpu", latent_shape=latent_shape)
+    v = get_variant(name)
+    latent_shape = v.latent_shape if latent_shape is None else latent_shape
+    x0, _labels, cond = v.data_module().make_batch(batch, seed=seed, device="cpu", latent_shape=latent_shape)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 7919))
     return x0, eps, cond
 
@@ -161,10 +211,11 @@ def example_target(
     seed: int = 0,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
+    latent_shape: tuple[int, int, int, int] | None = None,
+    name: str = "testbed",
 ) -> torch.Tensor:
     """The flow-matching target v = eps - x0 of `example_inputs(batch, seed, ...)` (any t): the ideal output."""
-    x0, eps, _ = _example_x0_eps_cond(batch, seed, latent_shape)
+    x0, eps, _ = _example_x0_eps_cond(batch, seed, latent_shape, name)
     return (eps - x0).to(device=device, dtype=dtype)
 
 

@@ -9,10 +9,6 @@ import torch
 
 from sparsify.testing.dits import density_selection as _selection, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
 
 from sparsify.kernels.block_sparse import block_sparse_attn  # noqa: E402
 from sparsify.kernels.block_sparse_bwd import block_sparse_attn_backward  # noqa: E402
@@ -98,10 +94,9 @@ VARIANTS = [
     dict(kv_tile=128, m_step=64, q_tile=128, n_step=64, num_warps=8, num_stages=2, dq_warps=8, dq_stages=2),
     dict(kv_tile=64, m_step=64, q_tile=64, n_step=64, num_warps=4, num_stages=2, dq_warps=4, dq_stages=2),
     dict(kv_tile=64, m_step=64, q_tile=128, n_step=64, num_warps=8, num_stages=3, dq_warps=8, dq_stages=2),
-    dict(fused=True, kv_tile=64, m_step=64, q_tile=64, n_step=64, num_warps=4, num_stages=3),
-    dict(fused=True, kv_tile=128, m_step=32, q_tile=128, n_step=32, num_warps=8, num_stages=2),
+    dict(kv_tile=64, m_step=64, q_tile=64, n_step=64, num_warps=4, num_stages=3),
+    dict(kv_tile=128, m_step=32, q_tile=128, n_step=32, num_warps=8, num_stages=2),
     dict(use_tma=True),
-    dict(use_tma=True, fused=True),
     dict(use_tma=True, q_tile=128, dq_warps=8, kv_tile=128, num_warps=8),
     dict(dq_pre=False),
 ]

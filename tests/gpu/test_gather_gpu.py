@@ -8,7 +8,6 @@ import pytest
 import torch
 from sparsify.testing.dits import rel_err
 
-pytestmark = pytest.mark.gpu
 
 G = pytest.importorskip("sparsify.kernels.gather")
 from sparsify.kernels import _triton  # noqa: E402

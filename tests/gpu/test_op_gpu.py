@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from sparsify.testing.dits import rel_err  # noqa: E402
 from sparsify import runtime  # noqa: E402
