@@ -18,7 +18,7 @@ kernel stays on).
 selection (`SVG2.cluster_select`: one k-means iteration for q and for k from the previous centroids, then
 centroid scores and selection), the same with the permutation by `torch.gather`, its parts (assignment,
 permutation, cluster sort, scores and selection also by the torch path), the variable-size block kernel on
-that selection (keys packed, its key table alone, and block by block), the whole `attend`, and the fixed-block
+that selection (keys packed, and its key table alone), the whole `attend`, and the fixed-block
 kernel with 128-token blocks at the same density (random selection). Its timings rotate over `--sets` fresh
 random input sets, each with its own warm k-means cache, so no call sees the inputs of the previous one; it
 runs with the default cluster counts and with 300 query / 1,000 key clusters.
@@ -207,9 +207,7 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
     from sparsify.geometry import Geometry
     from sparsify.kernels import kernel_backend
     from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels import kernel_backend
     from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
-    from sparsify.methods import svg2
     from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign,
                                        permute_rows, segment_means, select_clusters)
     from sparsify.recipe import Budget
@@ -340,8 +338,7 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
 
 def _svg2_extra(method, sets, budgets, args, row):
     """`--assign-configs` and `--profile` for SVG2's first config (its warm cache rebuilt from a cold start)."""
-    from sparsify.methods import svg2
-    from sparsify.methods.svg2 import kmeans_assign
+    from sparsify.kernels.kmeans import ASSIGN_LAUNCH, kmeans_assign
 
     if not (args.assign_configs or args.profile):
         return
@@ -351,10 +348,10 @@ def _svg2_extra(method, sets, budgets, args, row):
     cq, ck = cache["svg2"]["q"], cache["svg2"]["k"]
     want = (kmeans_assign(q, cq), kmeans_assign(k, ck))
     row["assign_configs_ms"] = {}
-    default = dict(svg2.ASSIGN_LAUNCH)
+    default = dict(ASSIGN_LAUNCH)
     for cfg in (c for c in args.assign_configs.split(",") if c):
         bs, bc, nw, ns = (int(x) for x in cfg.split("x"))
-        svg2.ASSIGN_LAUNCH.update(block_s=bs, block_c=bc, num_warps=nw, num_stages=ns)
+        ASSIGN_LAUNCH.update(block_s=bs, block_c=bc, num_warps=nw, num_stages=ns)
         try:
             got = (kmeans_assign(q, cq), kmeans_assign(k, ck))
             agree = min(float((g == w).float().mean()) for g, w in zip(got, want))
@@ -366,7 +363,7 @@ def _svg2_extra(method, sets, budgets, args, row):
             row["assign_configs_ms"][cfg] = {"error": str(e)[:300]}
             print(f"assign {cfg}: failed: {str(e)[:300]}", flush=True)
         finally:
-            svg2.ASSIGN_LAUNCH.update(default)
+            ASSIGN_LAUNCH.update(default)
     if args.profile and q.is_cuda:
         from torch.profiler import ProfilerActivity, profile
 
