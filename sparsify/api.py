@@ -13,6 +13,7 @@ from .errors import SparsifyArgumentError, SparsifyWarning
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
+from .parallel.shard import attach as _attach_head_shards, serial_view
 from .recipe import load_recipe
 
 SPARSE_KINDS = ("self", "joint")
@@ -110,6 +111,11 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
     _check_model(model)
     adapter = _resolve_adapter(model, grid, video_start, adapter)
     given = example_inputs is not None
+    if adapter is None and given:  # no family adapter: infer the geometry from shapes
+        from .adapters.infer import find_sites_inferred
+
+        _check_example_inputs(example_inputs)
+        return find_sites_inferred(model, example_inputs, unplaced=unplaced)
     if example_inputs is None:
         if adapter is None or isinstance(adapter, GridAdapter):
             hint = "" if adapter is not None else " and grid=(T, H, W) (no adapter knows this model)"
@@ -187,9 +193,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     blocks with different configurations.
 
     Args:
-        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); a
-            pipeline's `pipe.transformer`, not the pipeline; the module, not a `torch.compile` wrapper.
-        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`.
+        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); the module,
+            not a `torch.compile` wrapper; or a diffusers pipeline (see `sparsify.pipeline.sparsify_pipeline`).
+        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`; for a
+            pipeline also a PipelineRecipe (one section per transformer).
         example_inputs: arguments of one forward call (a tensor, a tuple of positional arguments or a dict
             of keyword arguments) used to discover sites; known families make small ones themselves.
         grid: for models without an adapter: the `(T, H, W)` token grid (three positive integers), or a
@@ -221,19 +228,25 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         >>> # model = sparsify(my_dit, {"version": 1, "defaults": {"budget": {"density": 0.1}}},
         >>> #                  example_inputs=(x,), grid=(16, 30, 52))
     """
+    from .pipeline import is_pipeline, sparsify_pipeline
+
+    if is_pipeline(model):  # a diffusers pipeline: every transformer, each with its recipe section
+        return sparsify_pipeline(model, recipe, mode=mode)
     _check_model(model)
     if not isinstance(mode, str) or mode not in MODES:
         raise SparsifyArgumentError("mode", mode, f"must be one of {', '.join(repr(m) for m in MODES)}")
     if getattr(model, "_sparsify", None) is not None:
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(model) first")
     adapter = _resolve_adapter(model, grid, video_start, adapter)
-    if adapter is None and example_inputs is not None:
-        raise SparsifyArgumentError(
-            "grid", None, f"no adapter knows {type(model).__name__}, so the token grid of its calls is unknown; pass "
-            "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     recipe = load_recipe(recipe)
     unplaced: list = []
-    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)
+    with serial_view(model):  # under context parallelism: discover the one-process sites (all heads)
+        infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
+    if adapter is None and example_inputs is not None:
+        raise SparsifyArgumentError(
+            "grid", None, f"no adapter knows {type(model).__name__} and its token grid could not be inferred from "
+            "the shapes (a 5-D video latent entering a Conv3d, per-frame Conv2d or Linear patch embedding); pass "
+            "grid=(T, H, W) (or a callable grid(args, kwargs)), or adapter=")
     outside = (f"{len(unplaced)} attention call(s) outside any submodule ({', '.join(sorted(set(unplaced))[:3])}), "
                "which sparsify cannot install on: it routes attention per submodule, so move such a call into an "
                "nn.Module of its own") if unplaced else ""
@@ -267,6 +280,11 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
                                         mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule,
                                         check=call_check(info, adapter, example_inputs, model, recipe, shared)))
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
+    try:
+        _attach_head_shards(model, model._sparsify)  # Ulysses sequence parallelism: heads per rank
+    except Exception:
+        unsparsify(model)
+        raise
     return model
 
 
@@ -320,6 +338,10 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     Example:
         >>> # model = unsparsify(model)
     """
+    from .pipeline import is_pipeline, unsparsify_pipeline
+
+    if is_pipeline(model):
+        return unsparsify_pipeline(model)
     inst = getattr(model, "_sparsify", None)
     if inst is None:
         raise RuntimeError("sparsify: this model is not sparsified")

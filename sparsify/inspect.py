@@ -58,13 +58,96 @@ def site_table(sites) -> str:
     return "\n".join(lines)
 
 
+def coverage_row(name: str) -> dict:
+    """Check one diffusers video transformer built from its tiny config (`sparsify.testing.dits.DIFFUSERS_VIDEO`):
+    sites and kinds, geometry inferred without `grid=` or a family adapter, output at density 1.0 equal to the
+    original (fp32, eager, 1e-5), output at density 0.25 finite and different.
+
+    Returns:
+        `{"class", "sites" ({kind: n}), "geometry" (source and grid), "status" ("ok" or the failure), "error"
+        (max abs difference at density 1.0), "changed" (at 0.25)}`.
+
+    Example:
+        >>> # coverage_row("WanTransformer3DModel")["status"]  -> 'ok'
+    """
+    from collections import Counter
+
+    from .adapters.infer import find_sites_inferred
+    from .api import sparsify, unsparsify
+    from .testing import dits
+
+    row = {"class": name, "sites": {}, "geometry": "", "status": "", "error": None, "changed": None}
+    torch.manual_seed(0)
+    m, kw = dits.DIFFUSERS_VIDEO[name]()
+    m = m.eval()
+    sites, adapter = find_sites_inferred(m, kw)
+    row["sites"] = dict(Counter(s.kind for s in sites))
+    if adapter is None:
+        row["status"] = "geometry not inferred"
+        return row
+    g = adapter.geometry(m, (), kw)
+    row["geometry"] = f"inferred from {adapter.embed} patch {adapter.patch}: grid {g.grid}, video_start {g.video_start}"
+    if not any(s.kind in ("self", "joint") for s in sites):
+        row["status"] = "no video site found"
+        return row
+
+    def out():
+        with torch.no_grad():
+            o = m(**kw)
+        return o[0] if isinstance(o, (tuple, list)) else getattr(o, "sample", o)
+
+    ref = out()
+    outs = {}
+    for density in (1.0, 0.25):
+        rec = {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": density}}}
+        sparsify(m, rec, example_inputs=kw, adapter=adapter)
+        try:
+            outs[density] = out()
+        finally:
+            unsparsify(m)
+    row["error"] = float((outs[1.0] - ref).abs().max())
+    row["changed"] = float((outs[0.25] - ref).abs().max())
+    ok = row["error"] <= 1e-5 and row["changed"] > 1e-4 and bool(torch.isfinite(outs[0.25]).all())
+    row["status"] = "ok" if ok else f"FAILED (density 1.0 error {row['error']:.2e}, 0.25 change {row['changed']:.2e})"
+    return row
+
+
+def coverage_table() -> str:
+    """The `--all-diffusers` table: every installed diffusers video transformer, checked or listed with the reason."""
+    from .testing import dits
+
+    lines = []
+    for name in dits.diffusers_video_classes():
+        if name in dits.DIFFUSERS_VIDEO:
+            try:
+                r = coverage_row(name)
+            except Exception as e:  # noqa: BLE001 - report the failure in the table
+                r = {"class": name, "sites": {}, "geometry": "", "status": f"error: {type(e).__name__}: {e}"}
+            sites = ", ".join(f"{k} {v}" for k, v in sorted(r["sites"].items())) or "-"
+            lines.append((name, sites, r["geometry"] or "-", r["status"]))
+        else:
+            lines.append((name, "-", "-", "not covered: " + dits.DIFFUSERS_VIDEO_UNSUPPORTED.get(name, "unknown class")))
+    head = ("class", "sites by kind", "geometry", "status")
+    widths = [max(len(r[i]) for r in [head] + lines) for i in range(3)]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3]  # noqa: E731
+    return "\n".join([fmt(head)] + [fmt(r) for r in lines])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sparsify.inspect",
         description="List every attention site of a model: module path, kind (self/joint/cross/text), heads, "
                     "head_dim, q and kv lengths at small example inputs, mask, and implementation.")
-    parser.add_argument("model", help="bundled name (" + ", ".join(BUNDLED_MODELS) + ") or import.path:factory")
+    parser.add_argument("model", nargs="?", help="bundled name (" + ", ".join(BUNDLED_MODELS) + ") or import.path:factory")
+    parser.add_argument("--all-diffusers", action="store_true",
+                        help="build every installed diffusers video transformer from a tiny config and print the "
+                             "coverage table (sites by kind, geometry source, status)")
     args = parser.parse_args(argv)
+    if args.all_diffusers:
+        print(coverage_table())
+        return 0
+    if args.model is None:
+        parser.error("give a model spec, or --all-diffusers")
     from .api import find_sites
 
     model = load_model(args.model)

@@ -105,3 +105,57 @@ def test_repeated_discovery_does_not_exhaust_dynamo_cache():
         sparsify(m, recipe)
         unsparsify(m)
     assert len(find_sites(m)[0]) == 4
+
+
+def test_einsum_roles():
+    from sparsify.passes.patterns import einsum_role
+
+    assert einsum_role("bhid,bhjd->bhij") == "qk" and einsum_role("...qd,...kd->...qk") == "qk"
+    assert einsum_role("bhij,bhjd->bhid") == "pv" and einsum_role("b h q k, b h k d -> b h q d") == "pv"
+    assert einsum_role("bhid,bhdj->bhij") == "pv"  # any matrix product is p·v by its shape
+    for eq in ("bhid,bhjd->bhji", "bid,bhjd->bhij", "ij,jk->ik", "bhid,bhid->bhi"):
+        assert einsum_role(eq) is None, eq
+
+
+class FoldedMaskedAttn(nn.Module):
+    """diffusers' AttnProcessor with an additive key-padding mask as baddbmm's input (beta=1)."""
+
+    heads = H
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, x, mask):
+        q, k, v = (t.flatten(0, 1) for t in _qkv(self.proj(x)))
+        scores = torch.baddbmm(mask, q, k.transpose(-1, -2), beta=1, alpha=D ** -0.5)
+        return torch.bmm(scores.softmax(dim=-1), v).unflatten(0, (-1, H))
+
+
+class MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.ModuleDict({"attn": FoldedMaskedAttn()})
+
+    def forward(self, x, mask):
+        return self.inner["attn"](x, mask)
+
+
+def test_baddbmm_with_additive_mask_is_found_and_exact():
+    torch.manual_seed(0)
+    wrapper = MaskedNet().eval()
+    x = torch.randn(2, H, S, D)
+    mask = torch.zeros(2 * H, 1, S)
+    mask[H:, :, 50:] = -10000.0  # the second sample's last keys are padding
+    sites, _ = find_sites(wrapper, (x, mask), grid=(1, 8, 8))
+    assert [(s.path, s.heads, s.has_mask, s.impl) for s in sites] == [("inner.attn", H, True, "manual")]
+    with torch.no_grad():
+        ref = wrapper(x, mask)
+    recipe = {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": 1.0}}}
+    sparsify(wrapper, recipe, example_inputs=(x, mask), grid=(1, 8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x, mask), ref, atol=1e-5, rtol=1e-5)
+    from sparsify import installed_sites
+
+    assert installed_sites(wrapper)[0].calls == 1
+    unsparsify(wrapper)

@@ -185,7 +185,6 @@ def test_sparsify_warns_once_per_unintended_setting(model):
     ({"grid": GRID, "example_inputs": {0: torch.zeros(1)}}, "example_inputs", "argument names"),
     ({"grid": GRID, "example_inputs": (torch.zeros(3),)}, "example_inputs", "failed with"),
     ({"grid": GRID, "example_inputs": None}, "example_inputs", "needs example inputs"),
-    ({}, "grid", "no adapter knows TinyDiT"),
 ])
 def test_invalid_arguments_are_named(model, kw, argument, words):
     kw = {"example_inputs": inputs(), **kw}

@@ -153,28 +153,51 @@ def _split_inputs(example_inputs):
 
 
 def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None,
-                   unplaced: list | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+                   unplaced: list | None = None, modules: dict | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
     """Attention sites of one captured graph, each with its FX match.
 
+    q may be `[B, H, S, D]`, or `[N, S, D]` with the heads folded into the batch (N = batch·heads, the
+    heads read from the site module's `heads`/`num_heads` attribute when it divides N, else N).
     Calls made outside every submodule (in the model's own forward) have no site path; their
     `file:line` is appended to `unplaced` when given.
     """
     out = []
     for m in find_attention(gm.graph):
         qv, kv = _val(m.q), _val(m.k)
-        if not isinstance(qv, torch.Tensor) or qv.dim() != 4 or not isinstance(kv, torch.Tensor):
-            continue  # not [B, H, S, D]: not a site we can serve
+        if not isinstance(qv, torch.Tensor) or qv.dim() not in (3, 4) or not isinstance(kv, torch.Tensor):
+            continue  # neither [B, H, S, D] nor [B*H, S, D]: not a site we can serve
         path = module_path(m.node, id_to_name)
         if path is None:
             if unplaced is not None:
                 unplaced.append(source_location(m.node) or "(unknown location)")
             continue
-        B, H, S, D = qv.shape
+        if qv.dim() == 3:
+            N, S, D = qv.shape
+            H = folded_heads((modules or {}).get(path), int(N))
+        else:
+            B, H, S, D = qv.shape
         has_mask = m.attn_mask is not None
         out.append((SiteInfo(path=path, kind=classify(int(S), int(kv.shape[-2]), video_len), heads=int(H),
                              head_dim=int(D), q_len=int(S), kv_len=int(kv.shape[-2]), has_mask=has_mask,
                              impl=m.impl, source=source_location(m.node)), m))
     return out
+
+
+HEAD_ATTRS = ("heads", "num_heads", "n_heads", "num_attention_heads", "nheads")
+
+
+def folded_heads(module, n: int) -> int:
+    """Heads of an attention call whose q is `[n, S, D]`: the module's head count when it divides n, else n.
+
+    Example:
+        >>> folded_heads(type("A", (), {"heads": 4})(), 8), folded_heads(None, 8)
+        (4, 8)
+    """
+    for attr in HEAD_ATTRS:
+        h = getattr(module, attr, None)
+        if isinstance(h, int) and h > 0 and n % h == 0:
+            return h
+    return n
 
 
 def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
@@ -199,14 +222,66 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         >>> from sparsify.passes import discover
         >>> # for s in discover(model, inputs): print(s.path, s.kind, s.heads)
     """
-    id_to_name = {str(id(m)): name for name, m in model.named_modules()}
+    return discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)[0]
+
+
+_CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def video_span(q: fx.Node, q_len: int, video_len: int, max_nodes: int = 2000) -> int | None:
+    """Where the video tokens sit in the sequence of an attention call whose query is `q`: the nearest
+    `torch.cat` above `q` (breadth first through its inputs) that builds a sequence of `q_len` tokens from
+    pieces of which exactly one holds `video_len` tokens gives the offset of that piece. Returns 0 (video
+    first), `VIDEO_LAST` (-1: video last, whatever the text length), another offset, or None if no such
+    concatenation is found.
+    """
+    from ..adapters.infer import VIDEO_LAST
+
+    if q_len == video_len:
+        return 0
+    seen, frontier = {q}, [q]
+    while frontier and len(seen) < max_nodes:
+        nxt = []
+        for n in frontier:
+            if n.op == "call_function" and n.target in _CAT_FNS and n.args and isinstance(n.args[0], (list, tuple)):
+                parts = [_val(a) for a in n.args[0]]
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                if all(isinstance(p, torch.Tensor) for p in parts) and isinstance(dim, int):
+                    lens = [int(p.shape[dim]) for p in parts]
+                    if sum(lens) == q_len and lens.count(video_len) == 1:
+                        off = sum(lens[:lens.index(video_len)])
+                        return VIDEO_LAST if off + video_len == q_len and off else off
+            for a in list(n.args) + list(n.kwargs.values()):
+                for x in (a if isinstance(a, (list, tuple)) else [a]):
+                    if isinstance(x, fx.Node) and x not in seen:
+                        seen.add(x)
+                        nxt.append(x)
+        frontier = nxt
+    return None
+
+
+def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
+                        unplaced: list | None = None):
+    """`discover`, and for each site the video offset found by `video_span` (None: none found).
+
+    Returns:
+        `(sites, spans)`: the SiteInfo list and `{path: offset or None}`.
+
+    Example:
+        >>> # sites, spans = discover_with_spans(model, inputs, video_len=4 * 8 * 8)
+    """
+    named = dict(model.named_modules())
+    id_to_name = {str(id(m)): name for name, m in named.items()}
     seen: dict[str, SiteInfo] = {}
+    spans: dict[str, int | None] = {}
     for gm in capture_graphs(model, example_inputs):
-        for info, _ in sites_in_graph(gm, id_to_name, video_len, unplaced):
+        for info, m in sites_in_graph(gm, id_to_name, video_len, unplaced, named):
             if info.path in seen:
                 continue
             seen[info.path] = info
-    return list(seen.values())
+            if video_len is not None and info.kind in ("self", "joint"):
+                spans[info.path] = video_span(m.q, info.q_len, video_len)
+    return list(seen.values()), spans
 
 
 def import_bound_modules(sites: list[SiteInfo]) -> list:

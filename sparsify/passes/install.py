@@ -11,7 +11,7 @@ from torch import fx
 
 from .. import runtime
 from ..runtime import STATE
-from .patterns import find_attention, materialize_scale
+from .patterns import find_attention, materialize_scale, trace_module
 
 _ORIG_SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -22,7 +22,7 @@ def sparsify_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fa
     Outside any site (text cross-attention, other modules, other models) it is exactly the original.
     """
     stack = STATE.stack
-    if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() == 4:
+    if stack and not is_causal and dropout_p == 0.0 and not enable_gqa and query.dim() in (3, 4):
         gate = _gate_for(query, GATES[-1]) if GATES and GATES[-1] is not None else None
         return torch.ops.sparsify.sparse_attention(query, key, value, stack[-1], runtime.current_geometry(), scale,
                                                    attn_mask, STATE.timestep, gate)
@@ -49,9 +49,9 @@ def _gate_for(query: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return gate.view(B, S, H, D).transpose(1, 2)
 
 
-def manual_site_attention(q, k, v, site, scale):
-    """Replacement for a hand-written `softmax(q @ kᵀ * scale) @ v` at an installed site."""
-    return torch.ops.sparsify.sparse_attention(q, k, v, site, runtime.current_geometry(), float(scale), None,
+def manual_site_attention(q, k, v, site, scale, attn_mask=None):
+    """Replacement for a hand-written `softmax(q @ kᵀ * scale [+ attn_mask]) @ v` at an installed site."""
+    return torch.ops.sparsify.sparse_attention(q, k, v, site, runtime.current_geometry(), float(scale), attn_mask,
                                                STATE.timestep)
 
 
@@ -138,25 +138,25 @@ def _manual_forward(module: torch.nn.Module, path: str):
     if cls in _MANUAL_FORWARDS:
         return _MANUAL_FORWARDS[cls]
     try:
-        gm = fx.symbolic_trace(module)
+        gm = trace_module(module)
     except Exception as e:  # noqa: BLE001 - report any tracing failure the same way
         raise RuntimeError(
             f"sparsify: module '{path}' ({cls.__name__}) computes attention by hand, and torch.fx could not "
             f"trace it to rewrite that attention: {type(e).__name__}: {e}. Call F.scaled_dot_product_attention "
             "in it instead, or disable this site in the recipe") from e
     matches = [m for m in find_attention(gm.graph) if m.impl == "manual"]
-    if len(matches) != 1:
+    if not matches:
         raise RuntimeError(
-            f"sparsify: expected one hand-written attention in '{path}' ({cls.__name__}) when traced with "
-            f"torch.fx, found {len(matches)}; disable this site in the recipe")
-    m = matches[0]
+            f"sparsify: found no hand-written attention in '{path}' ({cls.__name__}) when traced with "
+            "torch.fx; disable this site in the recipe")
     g = gm.graph
     gm.register_buffer("_sparsify_site", torch.zeros(1, dtype=torch.int64), persistent=False)  # the code reads self's
-    with g.inserting_before(m.node):
-        site = g.get_attr("_sparsify_site")
-        scale = materialize_scale(g, m.scale)
-        new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale))
-    m.node.replace_all_uses_with(new)
+    for m in matches:  # several: the same attention written once per batch element or chunk
+        with g.inserting_before(m.node):
+            site = g.get_attr("_sparsify_site")
+            scale = materialize_scale(g, m.scale)
+            new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale, m.attn_mask))
+        m.node.replace_all_uses_with(new)
     g.eliminate_dead_code()
     gm.recompile()
     fn = type(gm).forward  # generated code reads submodules and attributes from `self`

@@ -14,6 +14,8 @@ SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "sc
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
 
 _MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm}
+_EINSUM_FNS = {torch.einsum, torch.functional.einsum}
+_BADDBMM_FNS = {torch.baddbmm}
 _SOFTMAX_FNS = {torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax}
 _CAST_METHODS = {"to", "float", "half", "bfloat16", "type_as", "type", "contiguous"}
 
@@ -75,7 +77,7 @@ def _skip_casts(node):
 def _softmax_input(node):
     if not _is_call(node, _SOFTMAX_FNS, ("softmax",)):
         return None
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)  # a dtype= upcast is a cast
     ndim = _ndim(node.args[0])
     if dim == -1 or (ndim is not None and dim == ndim - 1):
         return node.args[0]
@@ -151,34 +153,118 @@ def _untranspose(node):
     return None
 
 
-def match_manual(node: fx.Node) -> AttentionMatch | None:
-    """Match `softmax(q @ kᵀ * s) @ v` ending at `node` (casts, scale placement and spellings vary)."""
-    if not _is_matmul(node):
+def einsum_role(equation: str) -> str | None:
+    """`qk` if `equation` is q·kᵀ over the last axis (`...id,...jd->...ij`), `pv` if it is p·v
+    (`...ij,...jd->...id`), else None. Batch letters (or `...`) must be the same prefix on every operand.
+
+    Example:
+        >>> einsum_role("bhqd,bhkd->bhqk"), einsum_role("b h i j, b h j d -> b h i d"), einsum_role("ij,jk->ik")
+        ('qk', 'pv', None)
+    """
+    eq = equation.replace(" ", "").replace("...", "*")
+    if eq.count("->") != 1 or eq.count(",") != 1:
         return None
-    p, v = node.args[:2]
+    lhs, out = eq.split("->")
+    a, b = lhs.split(",")
+    if not (len(a) == len(b) == len(out) >= 3) or len(set(out)) != len(out):
+        return None
+    pre = out[:-2]
+    if a[:-2] != pre or b[:-2] != pre:
+        return None
+    (a1, a2), (b1, b2), (o1, o2) = a[-2:], b[-2:], out[-2:]
+    if len({a1, a2, b1, b2, o1, o2} - set(pre)) != 3 or set(pre) & {a1, a2, b1, b2}:
+        return None
+    if a2 == b2 and (o1, o2) == (a1, b1) and len({a1, b1, a2}) == 3:
+        return "qk"
+    if a2 == b1 and (o1, o2) == (a1, b2) and len({a1, a2, b2}) == 3:
+        return "pv"
+    return None
+
+
+def _einsum(node, role):
+    if not (_is_call(node, _EINSUM_FNS) and len(node.args) == 3 and isinstance(node.args[0], str)):
+        return None
+    return node.args[1:] if einsum_role(node.args[0]) == role else None
+
+
+def _attention_product(node):
+    """`(p, v)` if `node` is p·v (matmul, bmm, `@` or einsum), else None."""
+    if _is_matmul(node):
+        return node.args[:2]
+    return _einsum(node, "pv")
+
+
+def _score_product(node):
+    """`(q, k, factor, mask, transposed_k_node)` if `node` is q·kᵀ (matmul/bmm/`@` with kᵀ, einsum, or
+    `baddbmm(mask_or_empty, q, kᵀ, beta=0|1, alpha=scale)`), else None."""
+    if _is_matmul(node):
+        q, kt = node.args[:2]
+        k = _untranspose(kt)
+        return None if k is None else (q, k, 1.0, None, kt)
+    qk = _einsum(node, "qk")
+    if qk is not None:
+        return qk[0], qk[1], 1.0, None, None
+    if _is_call(node, _BADDBMM_FNS) and len(node.args) == 3:
+        base, q, kt = node.args
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        k = _untranspose(kt)
+        if k is None or beta not in (0, 1) or not (_is_scalar(alpha) or isinstance(alpha, fx.Node)):  # alpha: a scalar
+            return None
+        return q, k, (float(alpha) if isinstance(alpha, (int, float)) else alpha), (None if beta == 0 else base), kt
+    return None
+
+
+def _peel_add_mask(node):
+    """`scores + mask` (a tensor, not a scalar): return (scores, mask, [add node]); else (node, None, [])."""
+    if _is_call(node, (operator.add, torch.add), ("add", "__add__")) and len(node.args) == 2 and "alpha" not in node.kwargs:
+        for a, b in (node.args, node.args[::-1]):
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node) and not _is_scalar(b):
+                if _score_product(_peel_scale(_skip_casts(a))[0]) is not None:
+                    return a, b, [node]
+    return node, None, []
+
+
+def match_manual(node: fx.Node) -> AttentionMatch | None:
+    """Match `softmax(q @ kᵀ * s [+ mask]) @ v` ending at `node`: `@`, matmul, bmm, einsum or baddbmm for the
+    products, the scale on q, k or the scores, casts (a float32 softmax) anywhere between."""
+    pv = _attention_product(node)
+    if pv is None:
+        return None
+    p, v = pv
     pc = _skip_casts(p)
     s = _softmax_input(pc)
     if s is None:
         return None
-    s_inner, f1, peeled1 = s, 1.0, []
-    while True:  # casts and scalings may interleave: (q @ kᵀ).float() / c, (q @ kᵀ / c).float(), ...
+    s_inner, f1, peeled1, mask = s, 1.0, [], None
+    while True:  # casts, scalings and one additive mask may interleave: (q @ kᵀ).float() / c + m, ...
         nxt, f, peeled = _peel_scale(_skip_casts(s_inner))
+        if f != 1.0:
+            f1 = _mul(f1, f)
+        if mask is None:
+            inner, m, added = _peel_add_mask(nxt)
+            if m is not None:
+                if f1 != 1.0:
+                    return None  # (scores + mask) * c scales the mask too: not SDPA's form
+                nxt, mask, peeled = inner, m, peeled + added
         if nxt is s_inner:
             break
-        s_inner, f1, peeled1 = nxt, _mul(f1, f), peeled1 + peeled
-    if not _is_matmul(s_inner):
+        s_inner, peeled1 = nxt, peeled1 + peeled
+    sp = _score_product(s_inner)
+    if sp is None:
         return None
-    q, kt = s_inner.args[:2]
+    q, k, f0, bmask, kt = sp
+    if bmask is not None:
+        if mask is not None:
+            return None
+        mask = bmask
     q, f2, peeled2 = _peel_scale(q)
-    k = _untranspose(kt)
-    if k is None:
-        return None
     k, f3, peeled3 = _peel_scale(k)
-    scale = _mul(_mul(f1, f2), f3)
-    if not isinstance(scale, (int, float)) and sum(1 for f in (f1, f2, f3) if not isinstance(f, float)) > 1:
+    factors = (f0, f1, f2, f3)
+    if sum(1 for f in factors if not isinstance(f, float)) > 1:
         return None  # several symbolic factors: leave it alone
-    nodes = [node, p, pc, s, s_inner, kt] + peeled1 + peeled2 + peeled3
-    return AttentionMatch(node=node, impl="manual", q=q, k=k, v=v, scale=scale, nodes=nodes)
+    scale = _mul(_mul(_mul(f0, f1), f2), f3)
+    nodes = [node, p, pc, s, s_inner] + ([kt] if kt is not None else []) + peeled1 + peeled2 + peeled3
+    return AttentionMatch(node=node, impl="manual", q=q, k=k, v=v, scale=scale, attn_mask=mask, nodes=nodes)
 
 
 def find_attention(graph: fx.Graph) -> list[AttentionMatch]:
@@ -205,3 +291,42 @@ def materialize_scale(graph: fx.Graph, scale):
     op, a, b = scale
     a, b = materialize_scale(graph, a), materialize_scale(graph, b)
     return graph.call_function(operator.mul if op == "mul" else operator.truediv, (a, b))
+
+
+_CONSTRUCTORS = ("empty", "zeros", "ones", "full", "arange", "tensor", "empty_like", "zeros_like", "ones_like")
+
+
+def trace_module(module: torch.nn.Module) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace(module)`, where tensor constructors may take traced sizes.
+
+    Code such as diffusers' `torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype)` (the unused
+    input of a `baddbmm` with `beta=0`) fails under plain symbolic tracing because `torch.empty` does not
+    accept proxies; here the constructors in `_CONSTRUCTORS` are wrapped while tracing so that they become
+    graph nodes.
+
+    Example:
+        >>> class A(torch.nn.Module):
+        ...     def forward(self, q):
+        ...         return torch.baddbmm(torch.empty(q.shape[0], q.shape[1], q.shape[1]), q, q.mT, beta=0)
+        >>> any(n.target is torch.empty for n in trace_module(A()).graph.nodes)
+        True
+    """
+    originals = {name: getattr(torch, name) for name in _CONSTRUCTORS}
+
+    def wrap(target):
+        def wrapper(*args, **kwargs):
+            proxies = []
+            fx.node.map_aggregate((args, kwargs), lambda x: proxies.append(x) if isinstance(x, fx.Proxy) else None)
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", target, args, kwargs)
+            return target(*args, **kwargs)
+
+        return wrapper
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, wrap(fn))
+        return fx.symbolic_trace(module)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)

@@ -9,6 +9,7 @@ import torch
 from ..geometry import Geometry, tile_layout
 from ..kernels._triton import device_ints, enabled, needs_grad
 from ..kernels.reference import block_sparse_attn_reference, scatter_rows
+from .masks import dense_rows, plan_mask
 from .reuse import select_tiles
 from .state import STATE, current_geometry, site_state, timestep_value, unpack_geometry
 from .tiled import tile_sequence, tiled_sparse_attention
@@ -113,6 +114,27 @@ def key_padding_mask(attn_mask, B: int, S: int):
     return m.expand(B, S)
 
 
+def _run_folded(q, k, v, site, heads, geometry, scale, attn_mask, timestep, gate):
+    """`run_site` for q `[N, S, D]` or `[1, N, S, D]` with N = batch·heads (heads folded into the batch,
+    batch-major as diffusers' `head_to_batch_dim`), or `[H, S, D]` (one batch element)."""
+    shape = q.shape
+    N, S, D = shape[-3:]
+    if N % heads:
+        st = site_state(site)
+        st.warn_once("fold", f"q of shape {tuple(shape)} does not fold into {heads} heads; this call runs dense")
+        return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
+    fold = (N // heads, heads)
+    q4, k4, v4 = (x.reshape(*fold, *x.shape[-2:]) for x in (q, k, v))
+    m = attn_mask
+    if m is not None:
+        m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape)) if m.dim() < 4 else m
+        m = m.reshape(*fold, *m.shape[-2:]) if m.shape[1] == N else m
+    g = None if gate is None else gate.reshape(*fold, *gate.shape[-2:])
+    out = run_site(q4, k4, v4, site, geometry, scale, m, timestep, g) if g is not None else \
+        run_site(q4, k4, v4, site, geometry, scale, m, timestep)
+    return out.reshape(shape)
+
+
 def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=None, timestep=None,
              gate=None) -> torch.Tensor:
     """Execute one attention call of an installed site: dense heads dense, sparse heads per tile group.
@@ -126,12 +148,16 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     k drift less than the threshold.
     """
     st = site_state(site)
+    if q.dim() == 3 or (q.dim() == 4 and q.shape[0] == 1 and q.shape[1] != st.heads and q.shape[1] % st.heads == 0):
+        return _run_folded(q, k, v, site, st.heads, geometry, scale, attn_mask, timestep, gate)
     st.calls += 1
     B, H, S, D = q.shape
-    if H != st.heads or D != st.head_dim:
+    if D != st.head_dim:
         raise RuntimeError(
             f"sparsify: site '{st.path}' was installed for {st.heads} heads of dim {st.head_dim} "
             f"but is called with q of shape {tuple(q.shape)} ([B, H, S, D])")
+    lo = st.head_offset(H)  # under Ulysses sequence parallelism the call holds heads [lo, lo + H)
+    configs = st.configs[lo:lo + H]
 
     def dense(reason=None):
         if reason:
@@ -140,15 +166,10 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         st.dense_work += B * H
         return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
 
-    if st.is_dense and STATE.observer is None:
+    if all(c.is_dense for c in configs) and STATE.observer is None:
         return dense()
     if k.shape != q.shape or v.shape != q.shape:
         return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    key_mask = None
-    if attn_mask is not None:
-        key_mask = key_padding_mask(attn_mask, B, S)
-        if key_mask is None:
-            return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask")
     geom = unpack_geometry(geometry)
     if geom is None and STATE.geometry is not None:  # graph mode: the hook ran outside the graph
         geom = unpack_geometry(current_geometry())
@@ -158,12 +179,27 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         raise RuntimeError(
             f"sparsify: site '{st.path}' needs the token grid (T, H, W) but none is known: the model "
             "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
+    if geom.video_start < 0:  # the video is the last video_len tokens (text first, of any length)
+        geom = Geometry(geom.grid, S - geom.video_len)
     geom.check(S, st.path)
     if st.check is not None:
         st.check(st, geom, S)
+    key_mask, plan = None, None
+    if attn_mask is not None:
+        key_mask = key_padding_mask(attn_mask, B, S)
+        if key_mask is None:
+            plan = plan_mask(attn_mask, B, H, S, (geom.video_start, geom.video_len))
+            if plan is None:
+                return dense(f"attention mask of shape {tuple(attn_mask.shape)} is not a key-padding mask nor the "
+                             "same for every video query")
+            key_mask = plan.key_mask
+            if plan.dense_rows is not None:
+                out = run_site(q, k, v, site, geometry, scale, key_mask, timestep, gate)
+                st.calls -= 1
+                return dense_rows(q, k, v, plan, out, scale, _dense_sdpa).contiguous()
     if STATE.observer is not None:
         STATE.observer(st, q, k, v, geom, scale, key_mask)
-        if st.is_dense:
+        if all(c.is_dense for c in configs):
             return dense()
     step = None
     if timestep is not None:
@@ -176,13 +212,22 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             return dense()
     st.dense_work += B * H
     groups: dict[tuple, list[int]] = {}
-    for h, c in enumerate(st.configs):
+    for h, c in enumerate(configs):
         groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
+    agree = None
+    if st.mask_reuse is not None and step is not None and H != st.heads:  # Ulysses: decide reuse across ranks
+        from ..parallel.consensus import reuse_agreement
+
+        groups, agree = reuse_agreement(st, groups, st.current_shard()[2], q.device)
     block_fn = block_fn_for(q)
     out = None
-    for key, heads in groups.items():
-        whole = len(heads) == H
-        hi = None if whole else device_ints(heads, q.device, torch.long)
+    for key, local in groups.items():
+        if not local:  # a group only other ranks hold: join its reuse decision
+            agree(key, False, None, 0, st.mask_reuse.threshold)
+            continue
+        whole = len(local) == H
+        hi = None if whole else device_ints(local, q.device, torch.long)
+        heads = [lo + h for h in local]  # global head ids: recipe entries, methods and caches
         qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)
@@ -202,7 +247,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             else:
                 lay = tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
-                idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B,
+                                        agree=agree)
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)
                 st.add_work(sparse_work(geom, lay, cnt, S))
@@ -216,7 +262,10 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                     oh = oh + gh.to(oh.dtype) * c.to(oh.dtype)
                     st.add_work(B * len(heads) * (lay.n_tiles / S) ** 2)  # tile-level scores and outputs
         if whole:
-            return oh.to(q.dtype).contiguous()
+            if agree is None:
+                return oh.to(q.dtype).contiguous()
+            out = oh.to(q.dtype).contiguous()  # the groups left are other ranks' (they still join their decisions)
+            continue
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         out.index_copy_(1, hi, oh.to(out.dtype))

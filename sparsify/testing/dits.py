@@ -1,4 +1,4 @@
-"""Tiny DiTs for the tests: diffusers families from small configs, and two hand-written DiTs."""
+"""Tiny DiTs for the tests: diffusers families from small configs, and hand-written DiTs in many attention spellings."""
 
 from __future__ import annotations
 
@@ -83,6 +83,165 @@ class NamedSDPAAttention(_QKV):
     def forward(self, x):
         q, k, v = self.split(x)
         return self.merge(scaled_dot_product_attention(q, k, v))
+
+
+class EinsumAttention(_QKV):
+    """softmax(q·kᵀ·scale)·v with `torch.einsum`, in the subscript style given (e.g. `bhid,bhjd->bhij`)."""
+
+    def __init__(self, dim, heads, qk="bhid,bhjd->bhij", pv="bhij,bhjd->bhid"):
+        super().__init__(dim, heads)
+        self.qk, self.pv = qk, pv
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        scores = torch.einsum(self.qk, q, k) * self.head_dim ** -0.5
+        return self.merge(torch.einsum(self.pv, scores.softmax(dim=-1), v))
+
+
+def einsum_attention(qk, pv):
+    """An `EinsumAttention` class for one subscript style."""
+    return lambda dim, heads: EinsumAttention(dim, heads, qk, pv)
+
+
+class BaddbmmAttention(_QKV):
+    """diffusers' classic `AttnProcessor`: heads folded into the batch, `baddbmm` scores with an unused
+    `torch.empty` input (beta=0), a float32 softmax, `bmm` with v."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        B, H, S, D = q.shape
+        q, k, v = (t.reshape(B * H, S, D) for t in (q, k, v))
+        empty = torch.empty(q.shape[0], q.shape[1], k.shape[1], dtype=q.dtype, device=q.device)
+        scores = torch.baddbmm(empty, q, k.transpose(-1, -2), beta=0, alpha=D ** -0.5)
+        probs = scores.float().softmax(dim=-1).to(q.dtype)
+        return self.merge(torch.bmm(probs, v).reshape(B, H, S, D))
+
+
+class ScaledQueryAttention(_QKV):
+    """`(q * scale) @ k.mT`, softmax, `@ v`."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        q = q * self.head_dim ** -0.5
+        return self.merge((q @ k.mT).softmax(-1) @ v)
+
+
+class PerSampleAttention(_QKV):
+    """Attention run once per batch element (`[H, S, D]` slices through SDPA), then stacked."""
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        return self.merge(torch.stack([F.scaled_dot_product_attention(q[i], k[i], v[i]) for i in range(q.shape[0])]))
+
+
+class MaskedJointAttention(_QKV):
+    """Joint attention over [text, video] with a dense `(S, S)` mask from `mask_fn(n_text, n_video)`."""
+
+    def __init__(self, dim, heads, mask_fn):
+        super().__init__(dim, heads)
+        self.mask_fn = mask_fn
+
+    def forward(self, x, n_text):
+        q, k, v = self.split(x)
+        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
+        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class JointDiT(nn.Module):
+    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask."""
+
+    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6):
+        super().__init__()
+        self.n_text = n_text
+        self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
+        self.text = nn.Parameter(torch.randn(n_text, dim))
+        self.attns = nn.ModuleList(MaskedJointAttention(dim, heads, mask_fn) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch)
+
+    def forward(self, x, ctx):
+        B, C, T, H, W = x.shape
+        text = self.text + self.ctx(ctx).mean(1, keepdim=True)
+        h = torch.cat([text, self.embed(x.flatten(2).transpose(1, 2))], 1)
+        for attn in self.attns:
+            h = h + attn(h, self.n_text)
+        return self.head(h[:, self.n_text:]).transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def padding_mask(valid_text):
+    """Bool `(S, S)` key-padding mask in disguise: every query sees the video and the first `valid_text` texts."""
+    def fn(n_text, n_video):
+        keys = torch.ones(n_text + n_video, dtype=torch.bool)
+        keys[valid_text:n_text] = False
+        return keys.expand(n_text + n_video, -1)
+    return fn
+
+
+def block_mask(valid_text):
+    """Additive `(S, S)` block mask: video sees video and the valid text; text sees only the valid text."""
+    def fn(n_text, n_video):
+        S = n_text + n_video
+        m = torch.zeros(S, S)
+        m[:, valid_text:n_text] = float("-inf")
+        m[:n_text, n_text:] = float("-inf")
+        return m
+    return fn
+
+
+def random_mask(size, seed=0):
+    """Bool `(size, size)` mask with no structure (each query keeps its own random half of the keys)."""
+    m = torch.rand(size, size, generator=torch.Generator().manual_seed(seed)) > 0.5
+    m[:, 0] = True
+
+    def fn(n_text, n_video):
+        assert n_text + n_video == size, (n_text, n_video, size)
+        return m
+    return fn
+
+
+class ConvDiT(nn.Module):
+    """A hand-written DiT with a Conv3d patch embedding (patch `(1, 2, 2)`) and joint [text, video] SDPA
+    attention, known to no adapter: its geometry must be inferred."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4, patch=(1, 2, 2)):
+        super().__init__()
+        self.patch_embed = nn.Conv3d(in_ch, dim, patch, stride=patch)
+        self.ctx = nn.Linear(8, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch * math.prod(patch))
+
+    def forward(self, hidden_states, encoder_hidden_states):
+        tokens = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        n_text = encoder_hidden_states.shape[1]
+        h = torch.cat([self.ctx(encoder_hidden_states), tokens], 1)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h[:, n_text:])
+
+
+def conv_dit():
+    torch.manual_seed(0)
+    return ConvDiT().eval()
+
+
+SPELLINGS = {
+    "einsum_bhid": einsum_attention("bhid,bhjd->bhij", "bhij,bhjd->bhid"),
+    "einsum_bhqk": einsum_attention("bhqd,bhkd->bhqk", "bhqk,bhkd->bhqd"),
+    "einsum_ellipsis": einsum_attention("...id,...jd->...ij", "...ij,...jd->...id"),
+    "baddbmm_folded": BaddbmmAttention,
+    "scaled_query_mT": ScaledQueryAttention,
+    "per_sample_loop": PerSampleAttention,
+}
+
+
+def spelling_dit(name):
+    """A `TinyDiT` whose self-attention is written in spelling `name` of `SPELLINGS`."""
+    torch.manual_seed(0)
+    return TinyDiT(SPELLINGS[name]).eval()
+
+
+def joint_dit(mask_fn):
+    torch.manual_seed(0)
+    return JointDiT(mask_fn).eval()
 
 
 class CrossAttention(_QKV):
@@ -200,3 +359,106 @@ def density_selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
     if p_empty:
         cnt = torch.where(torch.rand(B, H, n_qb, device=device) < p_empty, torch.zeros_like(cnt), cnt)
     return idx, cnt
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers video transformers from tiny configs (for the coverage test and `inspect --all-diffusers`)
+
+COVERAGE_GRID = (4, 8, 8)  # latent tokens after patching: four 1x8x8 tiles per frame stack
+
+
+def _video_latent(channels, patch=(1, 2, 2), grid=COVERAGE_GRID, frames_first=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    F_, H_, W_ = (n * p for n, p in zip(grid, patch))
+    shape = (1, F_, channels, H_, W_) if frames_first else (1, channels, F_, H_, W_)
+    return torch.randn(*shape, generator=g)
+
+
+def _text(n, dim, seed=1):
+    return torch.randn(1, n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _t():
+    return torch.tensor([500])
+
+
+def _tiny_skyreels():
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    m = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                     out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                     rope_max_seq_len=32)
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_wan_vace():
+    from diffusers import WanVACETransformer3DModel
+
+    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
+                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
+                                  rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "control_hidden_states": _video_latent(8, seed=3), "return_dict": False}
+
+
+def _tiny_wan_family():
+    m = tiny_wan()
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_hunyuan_family():
+    m = tiny_hunyuan()
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "encoder_attention_mask": mask, "pooled_projections": torch.randn(1, 8), "return_dict": False}
+
+
+def _tiny_cogvideox_family():
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                    time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+                                    sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
+                                    max_text_seq_length=8)
+    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
+               "timestep": _t(), "return_dict": False}
+
+
+#: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
+DIFFUSERS_VIDEO = {
+    "WanTransformer3DModel": _tiny_wan_family,
+    "WanVACETransformer3DModel": _tiny_wan_vace,
+    "SkyReelsV2Transformer3DModel": _tiny_skyreels,
+    "HunyuanVideoTransformer3DModel": _tiny_hunyuan_family,
+    "CogVideoXTransformer3DModel": _tiny_cogvideox_family,
+}
+
+_NO_TINY = "no tiny config in sparsify.testing.dits yet"
+
+#: diffusers video transformers this coverage does not serve, each with the reason (asserted by the test).
+DIFFUSERS_VIDEO_UNSUPPORTED = {
+    "MochiTransformer3DModel": "attention runs per batch element over the valid text tokens (torch.nonzero): Dynamo "
+                               "breaks the graph there and the resumed frames carry no module path, so no video "
+                               "site is discovered",
+    "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
+    **{name: _NO_TINY for name in (
+        "AllegroTransformer3DModel", "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel",
+        "ChronoEditTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
+        "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky5Transformer3DModel",
+        "Kandinsky6SRTransformer3DModel", "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel",
+        "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel",
+        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
+        "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel")},
+}
+
+
+def diffusers_video_classes() -> list[str]:
+    """Names of the installed diffusers' top-level `*Transformer3DModel` classes (video latents `[B, C, F, H, W]`)."""
+    import diffusers
+
+    return sorted(n for n in dir(diffusers) if n.endswith("Transformer3DModel"))

@@ -1,0 +1,35 @@
+"""Coverage of diffusers' video transformers: each is served from a tiny config, or listed with the reason."""
+
+import pytest
+import torch
+
+from sparsify.inspect import coverage_row
+from sparsify.testing import dits
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+EXPECTED_KINDS = {
+    "WanTransformer3DModel": {"self": 2, "cross": 2},
+    "WanVACETransformer3DModel": {"self": 3, "cross": 3},
+    "SkyReelsV2Transformer3DModel": {"self": 2, "cross": 2},
+    "HunyuanVideoTransformer3DModel": {"joint": 2, "text": 1},
+    "CogVideoXTransformer3DModel": {"joint": 2},
+}
+
+
+def test_every_video_transformer_is_covered_or_listed_with_a_reason():
+    installed = set(dits.diffusers_video_classes())
+    covered, listed = set(dits.DIFFUSERS_VIDEO), set(dits.DIFFUSERS_VIDEO_UNSUPPORTED)
+    assert not covered & listed
+    assert installed == covered | listed, (installed - covered - listed, (covered | listed) - installed)
+    assert all(reason for reason in dits.DIFFUSERS_VIDEO_UNSUPPORTED.values())
+
+
+@pytest.mark.parametrize("name", sorted(dits.DIFFUSERS_VIDEO))
+def test_video_transformer_is_served_without_grid(name):
+    row = coverage_row(name)
+    assert row["sites"] == EXPECTED_KINDS[name]
+    assert row["geometry"].startswith("inferred from") and f"grid {dits.COVERAGE_GRID}" in row["geometry"]
+    assert row["error"] <= 1e-5 and row["changed"] > 1e-4, row
+    assert row["status"] == "ok"
+    torch._dynamo.reset()
