@@ -3,7 +3,7 @@
     python -m benchmarks.op [--shapes 1.3b,14b] [--densities 0.02,0.05,0.1,0.2,0.5] [--tile 4x4x4]
                             [--methods vsa,veda,xattention,svg2] [--ablate] [--profile]
     python -m benchmarks.op --shapes 14b --densities 0.05 --ab scatter --rounds 5   # one kernel path on / off
-    python -m benchmarks.op --methods svg2 --no-dense       # SVG2's cost table (selection, kernel, attend)
+    python -m benchmarks.op --methods svg2 --no-dense       # SVG2's cost table at Wan-14B 5% (selection, kernel, attend)
     python -m benchmarks.op --tiny                          # CPU smoke run of every code path (Triton interpreter)
 
 Tile methods (vsa, veda, xattention; `veda:<peak>` = Veda's default estimator with that peak mode) print one
@@ -558,7 +558,7 @@ def select_row_factory(tile=(4, 4, 4), method="vsa"):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.op", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1.3b,14b", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (default 1.3b,14b; svg2 alone: 14b)")
     p.add_argument("--densities", default=None, help="comma list (default 0.02,0.05,0.1,0.2,0.5; svg2 alone: 0.05)")
     p.add_argument("--tile", default="4x4x4")
     p.add_argument("--methods", default="vsa", help="comma list of selection methods (vsa, veda, xattention, svg2; "
@@ -584,8 +584,9 @@ def main(argv=None) -> dict:
     from sparsify.kernels import PATHS
 
     a.methods = [m for m in a.methods.split(",") if m]
-    default_d = "0.05" if a.methods == ["svg2"] else "0.02,0.05,0.1,0.2,0.5"
-    a.densities = parse_list(a.densities or default_d, float, "--densities")
+    svg2_alone = a.methods == ["svg2"]  # SVG2's cost table: Wan-14B at 5% unless told
+    a.densities = parse_list(a.densities or ("0.05" if svg2_alone else "0.02,0.05,0.1,0.2,0.5"), float, "--densities")
+    a.shapes = a.shapes or ("14b" if svg2_alone else "1.3b,14b")
     if a.ab is not None and (a.ab not in PATHS or a.ab in NOT_IN_OP):
         p.error(f"--ab {a.ab!r}: choose a kernel path the op's forward runs, one of "
                 f"{', '.join(x for x in PATHS if x not in NOT_IN_OP)}"
