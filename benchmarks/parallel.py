@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import time
@@ -44,7 +43,7 @@ def densities(H: int, lo: float, hi: float, seed: int = 0) -> list[float]:
 
 def _timer(device):
     if device.type == "cuda":
-        from benchmarks import time_ms
+        from benchmarks._common import time_ms
 
         return time_ms
 
@@ -139,12 +138,12 @@ def main(argv=None):
     for label, r in res["rows"].items():
         print(f"{label:<14} {r['slowest_ms']:>11.2f} {r['mean_ms']:>9.2f} {r['measured_ratio']:>13.3f} "
               f"{r['predicted_ratio']:>11.3f}  " + " ".join(f"{t:.2f}" for t in r["per_rank_ms"]))
-    date = datetime.datetime.now()
-    out = Path(a.out or Path(__file__).parent / "results" /
-               f"parallel_{date.strftime('%Y%m%d_%H%M')}_p{res['ranks']}{'_tiny' if a.tiny else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**res, "date": date.isoformat(timespec="seconds")}, indent=1))
-    print(f"wrote {out}")
+    from benchmarks._common import run_header, write_result
+
+    date = datetime.datetime.now(datetime.timezone.utc)
+    out = a.out or Path(__file__).parent / "results" / (
+        f"parallel_{date.strftime('%Y%m%d_%H%M')}_p{res['ranks']}{'_tiny' if a.tiny else ''}.json")
+    write_result({**run_header("parallel", argv), **res}, out, "parallel")
     return res
 
 
