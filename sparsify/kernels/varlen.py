@@ -314,7 +314,7 @@ def default_block_size(q: torch.Tensor) -> tuple[int, int]:
 
 def _default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages); head_dim 128 takes 128-key chunks (faster on an H200:
-    `python -m benchmarks.svg2_cost --kernel-tiles 128x128`)."""
+    `python -m benchmarks.op --methods svg2 --kernel-tiles 128x128`)."""
     if q.device.type != "cuda":
         return 32, 16, 4, 1
     D = q.shape[-1]
