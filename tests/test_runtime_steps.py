@@ -97,8 +97,8 @@ def test_reused_selection_is_the_cached_one(monkeypatch):
     calls = []
     orig = vsa.VSA.select
 
-    def select(this, q, k, layout, budgets):
-        out = orig(this, q, k, layout, budgets)
+    def select(this, q, k, layout, budgets, stats=None):
+        out = orig(this, q, k, layout, budgets, stats)
         calls.append(out)
         return out
 
