@@ -225,7 +225,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             method, tile = key
             impl = st.method(key, heads)
             if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
-                gkey = ("attend", key, tuple(heads), geom.grid, B, st.calls_in_step)
+                gkey = ("attend", key, tuple(heads), geom.grid, B, st.slot)
                 cache = st.cache.get(gkey)
                 if cache is None or cache.get("_generation") != STATE.steps.generation:
                     cache = st.cache[gkey] = {"_generation": STATE.steps.generation}

@@ -26,7 +26,11 @@ def pooled_drift(a: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> float
 
 
 def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B):
-    """The group's selection: computed, or reused from an earlier step while q and k barely drifted."""
+    """The group's selection: computed, or reused from an earlier step while q and k barely drifted.
+
+    A selection is reused for at most `max_age` denoising steps after the step that computed it, counted in
+    the pipeline's steps (a step whose blocks a step cache skipped still counts), and only by the same call
+    slot (`SiteState.slot`: the guidance branch when a cache context names it)."""
     P = ts.n_video_slots
     budgets = st.budgets(heads, step)
     reuse = st.mask_reuse if step is not None else None
@@ -41,10 +45,10 @@ def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B):
         return select()
     pq = stats.q_means if stats.q_means is not None else pool_tiles(ts.q[:, :, :P], lay)
     pk = stats.k_means if stats.k_means is not None else pool_tiles(ts.k[:, :, :P], lay)
-    ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
+    ckey = (key, tuple(heads), geom.grid, B, st.slot)
     hit = st.cache.get(ckey) if reuse is not None else None
-    if (hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
-            and pooled_drift(pq, hit["q"], pk, hit["k"]) <= reuse.threshold):
+    if (hit is not None and hit["generation"] == gen and 0 < step - hit["step"] <= reuse.max_age
+            and hit["budgets"] == budgets and pooled_drift(pq, hit["q"], pk, hit["k"]) <= reuse.threshold):
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]
@@ -53,5 +57,6 @@ def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B):
     if log is not None:
         log(st, (gen, *ckey), step, pq, pk, idx, cnt)
     if reuse is not None:
-        st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen, "budgets": budgets}
+        st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "step": step, "generation": gen,
+                          "budgets": budgets}
     return idx, cnt
