@@ -55,6 +55,7 @@ def _step_hook(model, args, kwargs):
         return None
     ctx = cache_context(model)
     STATE.branch = getattr(ctx, "name", None)
+    STATE.merged = None  # no block runs merged tokens yet (a block that raised may have left its own)
     if STATE.geometry is None:
         return None
     grid = tuple(STATE.geometry[:3])

@@ -156,6 +156,7 @@ class _State:
         self.timestep_seen = None  # (tensor, version, value) of the last timestep read by `timestep_value`
         self.steps = StepTracker()
         self.branch = None  # the guidance branch of the current forward (a diffusers cache_context name), if named
+        self.merged = None  # MergedTokens of the block running with merged tokens (sparsify.generation.merge), if any
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
         self.selection_log = None  # callable(site_state, group_key, step, pooled_q, pooled_k, idx, cnt) per fresh selection
