@@ -259,6 +259,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     _check_geometry(model, infos, adapter, example_inputs)
     specs = [i.spec() for i in infos]
     recipe.check_against(type(model).__name__, specs)
+    if recipe.plan is not None:  # a generation plan is made for one model: refuse another before installing
+        blocks = getattr(model, "blocks", None)
+        recipe.plan.check_model(type(model).__name__, len(blocks) if isinstance(blocks, torch.nn.ModuleList) else 0,
+                                recipe.where)
     for key, message in recipe.unintended(specs):
         _warn(f"sparsify: {recipe.where}: key '{key}': {message}")
     shared: set = set()
@@ -278,6 +282,11 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
     if adapter is not None:
         attach_step_clock(model, model._sparsify.hooks)  # steps a step cache skips still count
+    if recipe.plan is not None:
+        from .generation.plan import PlanRunner
+
+        runner = PlanRunner(model, recipe.plan, recipe.defaults.tile, recipe.where)
+        model._sparsify.undo.append(runner.remove)
     return model
 
 
