@@ -342,26 +342,6 @@ def run_backward(args) -> dict:
     return record
 
 
-def _pick(record: dict, variants: dict, default: str, opts_key: str, max_err: float) -> tuple[str, dict]:
-    """The fastest of `default` and `variants` in a sweep record (sum of ms over its points), among accurate ones."""
-    total: dict[str, float] = {}
-    bad = set()
-    for r in record["sparse"]:
-        m = r["method"]
-        if m not in variants and m != default:
-            continue
-        if r["err_vs_flex"] is None or r["err_vs_flex"] > max_err:
-            bad.add(m)
-        total[m] = total.get(m, 0.0) + r["ms"]
-    name = min((m for m in total if m not in bad), key=total.__getitem__)
-    return name, (dict(record.get(opts_key) or {}) if name == default else dict(variants[name]))
-
-
-def pick_best_bwd(record: dict, max_err: float = 2e-2) -> tuple[str, dict]:
-    """The fastest backward launch variant of a --bwd-sweep record, among accurate ones."""
-    return _pick(record, BWD_VARIANTS, "ours_bwd", "bwd_opts", max_err)
-
-
 def table_bwd(record: dict) -> str:
     lines = [f"{record['device']}  torch {record['torch']}  triton {record['triton']}  {record['dtype']}  "
              f"block {record['block_size']}  {record['date']}  (backward)"]
@@ -389,11 +369,6 @@ def _sparse_rows(record: dict, shape: str, method_width: int, err_header: str) -
             f"{(r['ms'] / floor) if floor else float('nan'):>7.2f} "
             f"{r['err_vs_flex'] if r['err_vs_flex'] is not None else '':>{ew}}")
     return lines
-
-
-def pick_best(record: dict, max_err: float = 5e-3) -> tuple[str, dict]:
-    """The fastest kernel configuration of a --sweep record (sum of ms over its points), among accurate ones."""
-    return _pick(record, VARIANTS, "ours", "ours_opts", max_err)
 
 
 def table(record: dict) -> str:

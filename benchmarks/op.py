@@ -3,7 +3,7 @@
     python -m benchmarks.op [--shapes 1.3b,14b] [--densities 0.02,0.05,0.1,0.2,0.5] [--tile 4x4x4]
                             [--methods vsa,veda,xattention,svg2] [--ablate] [--profile]
     python -m benchmarks.op --shapes 14b --densities 0.05 --ab scatter --rounds 5   # one kernel path on / off
-    python -m benchmarks.op --methods svg2 --no-dense       # SVG2's cost table (selection, kernel, attend)
+    python -m benchmarks.op --methods svg2 --no-dense       # SVG2's cost table at Wan-14B 5% (selection, kernel, attend)
     python -m benchmarks.op --tiny                          # CPU smoke run of every code path (Triton interpreter)
 
 Tile methods (vsa, veda, xattention; `veda:<peak>` = Veda's default estimator with that peak mode) print one
@@ -18,7 +18,7 @@ kernel stays on).
 selection (`SVG2.cluster_select`: one k-means iteration for q and for k from the previous centroids, then
 centroid scores and selection), the same with the permutation by `torch.gather`, its parts (assignment,
 permutation, cluster sort, scores and selection also by the torch path), the variable-size block kernel on
-that selection (keys packed, its key table alone, and block by block), the whole `attend`, and the fixed-block
+that selection (keys packed, and its key table alone), the whole `attend`, and the fixed-block
 kernel with 128-token blocks at the same density (random selection). Its timings rotate over `--sets` fresh
 random input sets, each with its own warm k-means cache, so no call sees the inputs of the previous one; it
 runs with the default cluster counts and with 300 query / 1,000 key clusters.
@@ -207,9 +207,7 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
     from sparsify.geometry import Geometry
     from sparsify.kernels import kernel_backend
     from sparsify.kernels.block_sparse import block_sparse_attn
-    from sparsify.kernels import kernel_backend
     from sparsify.kernels.varlen import default_block_size, kv_key_table, varlen_block_attn, varlen_pairs
-    from sparsify.methods import svg2
     from sparsify.methods.svg2 import (SVG2, centroid_logits, cluster_blocks, cluster_sizes, kmeans_assign,
                                        permute_rows, segment_means, select_clusters)
     from sparsify.recipe import Budget
@@ -340,8 +338,7 @@ def svg2_rows(key, d, sets, t_cudnn, args, long_ms=800):
 
 def _svg2_extra(method, sets, budgets, args, row):
     """`--assign-configs` and `--profile` for SVG2's first config (its warm cache rebuilt from a cold start)."""
-    from sparsify.methods import svg2
-    from sparsify.methods.svg2 import kmeans_assign
+    from sparsify.kernels.kmeans import ASSIGN_LAUNCH, kmeans_assign
 
     if not (args.assign_configs or args.profile):
         return
@@ -351,10 +348,10 @@ def _svg2_extra(method, sets, budgets, args, row):
     cq, ck = cache["svg2"]["q"], cache["svg2"]["k"]
     want = (kmeans_assign(q, cq), kmeans_assign(k, ck))
     row["assign_configs_ms"] = {}
-    default = dict(svg2.ASSIGN_LAUNCH)
+    default = dict(ASSIGN_LAUNCH)
     for cfg in (c for c in args.assign_configs.split(",") if c):
         bs, bc, nw, ns = (int(x) for x in cfg.split("x"))
-        svg2.ASSIGN_LAUNCH.update(block_s=bs, block_c=bc, num_warps=nw, num_stages=ns)
+        ASSIGN_LAUNCH.update(block_s=bs, block_c=bc, num_warps=nw, num_stages=ns)
         try:
             got = (kmeans_assign(q, cq), kmeans_assign(k, ck))
             agree = min(float((g == w).float().mean()) for g, w in zip(got, want))
@@ -366,7 +363,7 @@ def _svg2_extra(method, sets, budgets, args, row):
             row["assign_configs_ms"][cfg] = {"error": str(e)[:300]}
             print(f"assign {cfg}: failed: {str(e)[:300]}", flush=True)
         finally:
-            svg2.ASSIGN_LAUNCH.update(default)
+            ASSIGN_LAUNCH.update(default)
     if args.profile and q.is_cuda:
         from torch.profiler import ProfilerActivity, profile
 
@@ -561,7 +558,7 @@ def select_row_factory(tile=(4, 4, 4), method="vsa"):
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.op", description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", default="1.3b,14b", help=f"comma list of {sorted(SHAPES)}")
+    p.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} (default 1.3b,14b; svg2 alone: 14b)")
     p.add_argument("--densities", default=None, help="comma list (default 0.02,0.05,0.1,0.2,0.5; svg2 alone: 0.05)")
     p.add_argument("--tile", default="4x4x4")
     p.add_argument("--methods", default="vsa", help="comma list of selection methods (vsa, veda, xattention, svg2; "
@@ -587,8 +584,9 @@ def main(argv=None) -> dict:
     from sparsify.kernels import PATHS
 
     a.methods = [m for m in a.methods.split(",") if m]
-    default_d = "0.05" if a.methods == ["svg2"] else "0.02,0.05,0.1,0.2,0.5"
-    a.densities = parse_list(a.densities or default_d, float, "--densities")
+    svg2_alone = a.methods == ["svg2"]  # SVG2's cost table: Wan-14B at 5% unless told
+    a.densities = parse_list(a.densities or ("0.05" if svg2_alone else "0.02,0.05,0.1,0.2,0.5"), float, "--densities")
+    a.shapes = a.shapes or ("14b" if svg2_alone else "1.3b,14b")
     if a.ab is not None and (a.ab not in PATHS or a.ab in NOT_IN_OP):
         p.error(f"--ab {a.ab!r}: choose a kernel path the op's forward runs, one of "
                 f"{', '.join(x for x in PATHS if x not in NOT_IN_OP)}"

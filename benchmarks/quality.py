@@ -60,7 +60,7 @@ from sparsify.testing.planted import oracle_selection, planted_heads, tile_recal
 from sparsify.recipe import Budget
 
 DENSITIES = (0.05, 0.10, 0.20)
-TILE_METHODS = ("oracle", "vsa", "veda-bound", "veda", "veda-exact", "veda-fit", "xattention")
+TILE_METHODS = ("oracle", "vsa", "veda", "veda-exact", "veda-fit", "xattention")
 SVG2_CONFIGS = {"svg2": {}, "svg2-fine": {"q_clusters": 64, "k_clusters": 256}}  # default cluster counts; finer
 METHODS = TILE_METHODS + tuple(SVG2_CONFIGS)
 SETS = ("planted", "planted444", "random", "testbed")
@@ -213,7 +213,7 @@ def evaluate_group(grid, tile, cal, ev, densities, timings: dict, checks: list, 
     t0 = time.perf_counter()
     estimator = fit_veda_estimator(qc, kc, lay, mass=tile_masses(qc, kc, lay))
     timings["veda-fit (fitting)"] = timings.get("veda-fit (fitting)", 0.0) + time.perf_counter() - t0
-    selectors = {"vsa": get_method("vsa"), "veda-bound": Veda(peak="stats"), "veda": Veda(),
+    selectors = {"vsa": get_method("vsa"), "veda": Veda(),
                  "veda-exact": Veda(peak="keys"), "veda-fit": Veda(estimator), "xattention": XAttention()}
     mass = tile_masses(q, k, lay)
     sels = {}

@@ -14,6 +14,7 @@ from .generation.steps import attach_step_clock, discovery_context
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
+from .parallel.shard import attach as _attach_head_shards, serial_view
 from .recipe import load_recipe
 
 SPARSE_KINDS = ("self", "joint")
@@ -195,9 +196,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     blocks with different configurations.
 
     Args:
-        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); a
-            pipeline's `pipe.transformer`, not the pipeline; the module, not a `torch.compile` wrapper.
-        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`.
+        model: a video DiT (diffusers Wan, HunyuanVideo, CogVideoX, or any module with `grid=`); the module,
+            not a `torch.compile` wrapper; or a diffusers pipeline (see `sparsify.pipeline.sparsify_pipeline`).
+        recipe: a Recipe, a dict, a YAML path, or a bundled recipe name such as `"wan14b.yaml"`; for a
+            pipeline also a PipelineRecipe (one section per transformer).
         example_inputs: arguments of one forward call (a tensor, a tuple of positional arguments or a dict
             of keyword arguments) used to discover sites; known families make small ones themselves.
         grid: for models without an adapter: the `(T, H, W)` token grid (three positive integers), or a
@@ -229,6 +231,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         >>> # model = sparsify(my_dit, {"version": 1, "defaults": {"budget": {"density": 0.1}}},
         >>> #                  example_inputs=(x,), grid=(16, 30, 52))
     """
+    from .pipeline import is_pipeline, sparsify_pipeline
+
+    if is_pipeline(model):  # a diffusers pipeline: every transformer, each with its recipe section
+        return sparsify_pipeline(model, recipe, mode=mode)
     _check_model(model)
     if not isinstance(mode, str) or mode not in MODES:
         raise SparsifyArgumentError("mode", mode, f"must be one of {', '.join(repr(m) for m in MODES)}")
@@ -237,7 +243,8 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     adapter = _resolve_adapter(model, grid, video_start, adapter)
     recipe = load_recipe(recipe)
     unplaced: list = []
-    infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
+    with serial_view(model):  # under context parallelism: discover the one-process sites (all heads)
+        infos, adapter = find_sites(model, example_inputs, adapter=adapter, unplaced=unplaced)  # None: infer it
     if adapter is None and example_inputs is not None:
         raise SparsifyArgumentError(
             "grid", None, f"no adapter knows {type(model).__name__} and its token grid could not be inferred from "
@@ -280,13 +287,18 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
                                         mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule,
                                         check=call_check(info, adapter, example_inputs, model, recipe, shared)))
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
-    if adapter is not None:
-        attach_step_clock(model, model._sparsify.hooks)  # steps a step cache skips still count
-    if recipe.plan is not None:
-        from .generation.plan import PlanRunner
+    try:
+        _attach_head_shards(model, model._sparsify)  # Ulysses sequence parallelism: heads per rank
+        if adapter is not None:
+            attach_step_clock(model, model._sparsify.hooks)  # steps a step cache skips still count
+        if recipe.plan is not None:
+            from .generation.plan import PlanRunner
 
-        runner = PlanRunner(model, recipe.plan, recipe.defaults.tile, recipe.where)
-        model._sparsify.undo.append(runner.remove)
+            runner = PlanRunner(model, recipe.plan, recipe.defaults.tile, recipe.where)
+            model._sparsify.undo.append(runner.remove)
+    except Exception:
+        unsparsify(model)
+        raise
     return model
 
 
@@ -340,6 +352,10 @@ def unsparsify(model: torch.nn.Module) -> torch.nn.Module:
     Example:
         >>> # model = unsparsify(model)
     """
+    from .pipeline import is_pipeline, unsparsify_pipeline
+
+    if is_pipeline(model):
+        return unsparsify_pipeline(model)
     inst = getattr(model, "_sparsify", None)
     if inst is None:
         raise RuntimeError("sparsify: this model is not sparsified")

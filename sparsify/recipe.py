@@ -624,6 +624,9 @@ def recipe_from_dict(data: Any, source: str | None = None) -> Recipe:
 
 
 def _parse(data: Any, source: str | None) -> Recipe:
+    if isinstance(data, dict) and "transformers" in data:
+        _fail("transformers", "this is a pipeline recipe (one section per transformer): apply it to the pipeline with "
+              "sparsify(pipe, recipe), or load it with sparsify.pipeline_recipe.load_pipeline_recipe")
     _expect_map(data, "", _TOP_KEYS, required=("version",))
     version = data["version"]
     if not isinstance(version, numbers.Integral) or isinstance(version, bool):

@@ -25,37 +25,22 @@ def _input_dim(module: torch.nn.Module, path: str) -> int:
         lin = getattr(module, name, None)
         if isinstance(lin, torch.nn.Linear):
             return lin.in_features
-    raise ValueError(
-        f"sparsify: cannot tell the input width of site '{path}' ({type(module).__name__}): it has no "
-        "to_q / q_proj / qkv Linear; pass in_dim= to add_vsa_gates")
+    raise ValueError(f"sparsify: cannot tell the input width of site '{path}' ({type(module).__name__}): it has no "
+                     "to_q / q_proj / qkv Linear; pass in_dim= to add_vsa_gates")
 
 
 def add_vsa_gates(model: torch.nn.Module, *, in_dim: int | None = None) -> torch.nn.Module:
     """Add VSA's learned gate to every sparse site of a sparsified model, for training (in place).
 
-    Each site module with at least one sparse (tiled) head gets a `to_gate_compress = Linear(dim, H*D)`
-    submodule, zero-initialised as FastVideo initialises VSA's gates when it adds them to a dense
-    checkpoint (a new gate starts as pure sparse attention). The site's forward computes
-    `gate = to_gate_compress(hidden_states)` from the module's input hidden states (the same input as
-    q, k and v) and the op returns, for sparse heads,
-
-        out = sparse_out + gate * coarse_out
-
-    VSA's formulation (FastVideo `video_sparse_attn`: `out_c * compress_attn_weight + out_s`, the gate a
-    plain linear map, no activation). `coarse_out` is attention among tile means (`mean(q_tile)`,
-    `mean(k_tile)`, `mean(v_tile)`, softmax over all tiles) broadcast to every token of its tile; the
-    layout follows each head group's tile shape. Dense heads ignore the gate.
-
-    The gates are ordinary parameters of the model: they are in `state_dict()`, trained by the
-    optimizer, and `unsparsify()` leaves them in place (a VSA-trained model needs them). Calling it
-    again (e.g. after `sparsify` on a model that already has gates) reuses existing gates.
+    Each site module with a sparse head gets `to_gate_compress = Linear(dim, H*D)`, zero-initialised as FastVideo
+    does (a new gate starts as pure sparse attention); sparse heads then return `sparse_out + gate * coarse_out`
+    with `gate = to_gate_compress(hidden_states)` and `coarse_out` the attention among tile means broadcast to
+    each tile (FastVideo `video_sparse_attn`). The gates are ordinary parameters, kept by `unsparsify()`;
+    existing gates are reused.
 
     Args:
         model: a model sparsified with `mode="install"` (the default) whose sites call SDPA.
         in_dim: the width of the site modules' input hidden states (default: from their `to_q` Linear).
-
-    Returns:
-        The same model.
 
     Raises:
         RuntimeError: the model is not sparsified, or a site cannot host a gate (graph mode, hand-written
@@ -77,13 +62,11 @@ def add_vsa_gates(model: torch.nn.Module, *, in_dim: int | None = None) -> torch
             continue
         info = by_path[st.path]
         if info.impl != "sdpa" or info.kind != "self":
-            raise RuntimeError(
-                f"sparsify: site '{st.path}' ({info.kind} attention, {info.impl}) cannot host a VSA gate: gates "
-                "need self-attention sites that call scaled_dot_product_attention")
+            raise RuntimeError(f"sparsify: site '{st.path}' ({info.kind} attention, {info.impl}) cannot host a VSA "
+                               "gate: gates need self-attention sites that call scaled_dot_product_attention")
         if st.dense_steps or st.mask_reuse is not None or getattr(st, "schedule", ()):
-            raise RuntimeError(
-                f"sparsify: site '{st.path}' uses inference-only step policies (dense_steps, mask_reuse or a "
-                "schedule); a training recipe must not: the backward would not match the forward")
+            raise RuntimeError(f"sparsify: site '{st.path}' uses inference-only step policies (dense_steps, mask_reuse "
+                               "or a schedule); a training recipe must not: the backward would not match the forward")
         module = model.get_submodule(st.path)
         existing = getattr(module, GATE_ATTR, None)
         if existing is not None:
@@ -92,9 +75,8 @@ def add_vsa_gates(model: torch.nn.Module, *, in_dim: int | None = None) -> torch
             continue
         dim = in_dim if in_dim is not None else _input_dim(module, st.path)
         ref = next(module.parameters(), None)
-        gate = torch.nn.Linear(dim, st.heads * st.head_dim, bias=True,
-                               device=ref.device if ref is not None else None,
-                               dtype=ref.dtype if ref is not None else None)
+        gate = torch.nn.Linear(dim, st.heads * st.head_dim, device=getattr(ref, "device", None),
+                               dtype=getattr(ref, "dtype", None))
         torch.nn.init.zeros_(gate.weight)
         torch.nn.init.zeros_(gate.bias)
         setattr(gate, _VSA_GATE_MARK, True)
@@ -116,13 +98,8 @@ def vsa_gates(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 def set_density(model: torch.nn.Module, density: float) -> None:
     """Set the top-k density (fraction of key tiles kept per query tile) of every sparse head, in place.
 
-    Takes effect at the next call, eager or compiled (configuration is read by the op at run time, so
-    no recompilation). Density 1.0 keeps every tile on the tiled path (with VSA gates, the coarse
-    branch still contributes), which is how VSA starts its sparsity ramp.
-
-    Args:
-        model: a sparsified model.
-        density: in (0, 1].
+    Takes effect at the next call, eager or compiled (no recompilation). Density 1.0 keeps every tile on the
+    tiled path (the coarse branch of VSA gates still contributes): how VSA starts its sparsity ramp.
 
     Example:
         >>> # set_density(model, 0.1)    # 90% sparsity
@@ -137,8 +114,7 @@ def set_density(model: torch.nn.Module, density: float) -> None:
 def attention_work(model: torch.nn.Module) -> tuple[float, float]:
     """`(work, dense_work)` summed over the sites: attention computed vs dense, in dense-call units.
 
-    The counters of `sparsify.runtime.SiteState` count forward calls (padding included); the op's
-    backward restores them, so a training step counts once. Difference two readings to get a step's.
+    Forward calls count, padding included (the backward does not count again): difference two readings.
 
     Example:
         >>> # w0, d0 = attention_work(model); loss.backward(); w1, d1 = attention_work(model)
@@ -156,10 +132,7 @@ class SparsityRamp:
     FastVideo's VSA training (`VSA_sparsity` s, `VSA_decay_rate` r, `VSA_decay_interval_steps` i) is
     `SparsityRamp(1 - s, ramp_steps=s / r * i, interval=i)`.
 
-    Attributes:
-        final_density: density reached at `ramp_steps` and kept after, in (0, 1].
-        ramp_steps: steps of the ramp (0: the final density from the first step).
-        interval: steps per stair (default: `ramp_steps / 30`, at least 1).
+    `interval` defaults to `ramp_steps / 30` (at least 1); `ramp_steps=0` gives the final density at once.
 
     Example:
         >>> ramp = SparsityRamp(final_density=0.1, ramp_steps=300, interval=30)
@@ -190,6 +163,5 @@ class SparsityRamp:
 
     def apply(self, model: torch.nn.Module, step: int) -> float:
         """`set_density(model, self.density(step))`; returns the density set."""
-        d = self.density(step)
-        set_density(model, d)
+        set_density(model, d := self.density(step))
         return d

@@ -42,10 +42,10 @@ def test_config_normalises_and_replaces():
 @pytest.mark.parametrize("name", sorted(BUNDLED_MODELS))
 def test_every_bundled_model_defaults_meet_the_default_budget(name):
     """The default candidates on each bundled model's calibration grid reach below the default budget."""
-    if name == "testbed":
+    if name.startswith("testbed"):  # the test-beds' grid is fixed by their config (no weights needed)
         from sparsify.testbed import grid
 
-        g = grid()
+        g = grid(name=name)
     else:
         model = load_model(name)
         g = default_grid(adapter_for(model), model)

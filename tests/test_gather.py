@@ -13,7 +13,8 @@ from sparsify.kernels import gather as G  # noqa: E402
 from sparsify.runtime.tiled import _sequence_index, _slot_source, tile_sequence  # noqa: E402
 from sparsify.kernels.tile_select import group_means, tile_peaks, topk_indices  # noqa: E402
 from sparsify.geometry import Geometry, pool_tiles, tile_layout, to_tiles  # noqa: E402
-from sparsify.methods.veda import FEATURES, _key_peak, veda_reference_features  # noqa: E402
+from sparsify.methods.veda import FEATURES, _key_peak  # noqa: E402
+from oracles import veda_reference_features  # noqa: E402
 from sparsify.methods.vsa import coarse_scores  # noqa: E402
 
 

@@ -12,11 +12,11 @@ from sparsify.adapters import adapter_for
 from sparsify.geometry import tile_layout, to_tiles
 from sparsify.methods import available_methods, budget_counts, get_method, veda, xattention
 from sparsify.methods.veda import (DEFAULT_PEAK, FEATURES, PEAKS, Veda, VedaEstimator, default_estimator,
-                                   fit_veda_estimator, tile_stats, veda_features, veda_reference_features,
-                                   veda_reference_stats)
-from sparsify.methods.xattention import XAttention, xattention_reference_scores, xattention_scores
+                                   fit_veda_estimator, tile_stats, veda_features)
+from sparsify.methods.xattention import XAttention, xattention_scores
 from sparsify.testing.planted import attention_tile_mass, planted_heads, tile_recall
 from sparsify.recipe import Budget
+from oracles import veda_reference_features, veda_reference_stats, xattention_reference_scores
 
 SPARSE = ("vsa", "veda", "xattention")
 IRREGULAR = ((3, 5, 7), (2, 4, 8))  # tile lengths 56, 14, 28, 7: partial tiles, partial strided rows

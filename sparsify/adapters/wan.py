@@ -129,6 +129,7 @@ def fuse_processor(module):
 
     def undo():
         if module.processor is fused:
+            proc._parallel_config = fused._parallel_config  # enable_parallelism may have run since
             module.processor = proc
 
     return undo

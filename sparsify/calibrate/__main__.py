@@ -36,9 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
                     "sparsify recipe. With no arguments it calibrates the bundled test-bed model on CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled model (testbed, tiny-wan) or import.path:factory returning a diffusers Wan, "
-                        "HunyuanVideo or CogVideoX transformer")
-    p.add_argument("--budget", type=float, default=0.1, help="target attention density over all sparsifiable heads")
+                   help="bundled model (testbed, tiny-wan; testbed-16k once its weights are trained and shipped) or "
+                        "import.path:factory returning a video transformer (any whose geometry sparsify finds)")
+    p.add_argument("--pipeline", default=None, metavar="PATH_OR_ID",
+                   help="a diffusers pipeline (folder or hub id, loaded with DiffusionPipeline.from_pretrained): calibrate "
+                        "each of its transformers on the pipeline's own sampling trajectory over --prompts")
+    p.add_argument("--prompts", default=None, metavar="FILE", help="with --pipeline: calibration prompts, one per line")
+    p.add_argument("--negative-prompt", default=None, help="with --pipeline: the negative prompt (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None, help="with --pipeline: video height (default: the pipeline's)")
+    p.add_argument("--width", type=int, default=None, help="with --pipeline: video width (default: the pipeline's)")
+    p.add_argument("--num-frames", type=int, default=None, help="with --pipeline: frames (default: the pipeline's)")
+    p.add_argument("--num-inference-steps", type=int, default=50, help="with --pipeline: denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=5.0, help="with --pipeline: classifier-free guidance scale")
+    p.add_argument("--image", default=None, help="with an image-to-video --pipeline: the conditioning image file")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="with --pipeline: text tokens per prompt (default: the pipeline's encode_prompt default)")
+    p.add_argument("--check-transfer", default=None, metavar="RECIPE",
+                   help="measure the resolution-transfer penalty instead of writing a recipe: the model-output error, "
+                        "at this run's resolution (--grid, or --height/--width/--num-frames with --pipeline), of RECIPE "
+                        "(calibrated at another resolution) against a recipe calibrated here with the same settings")
+    p.add_argument("--budget", type=float, default=None,
+                   help="target attention density over all sparsifiable heads (default 0.1; with --check-transfer: "
+                        "the budget RECIPE was calibrated at)")
     p.add_argument("--out", default="recipe.yaml", help="recipe path; the plots are written beside it")
     p.add_argument("--tiles", type=_parse_tiles, default=None,
                    help="candidate tile shapes, e.g. 4x4x4,1x8x8 (default: those of 4x4x4,1x8x8,2x4x8,8x2x4,16x2x2,"
@@ -50,10 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "of key tiles on the calibration grid)")
     p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds SEED..SEED+N-1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input")
-    p.add_argument("--steps", type=int, default=2, help="denoising steps sampled per input (timesteps evenly spaced)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps sampled per input (timesteps evenly spaced; default 2); with --pipeline: steps "
+                        "calibrated per transformer, spread over the steps it runs (default 4)")
     p.add_argument("--grid", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
-                   help="latent token grid TxHxW for adapter-made inputs (not the test-bed; default: the adapter's "
-                        f"example grid, doubled along its smallest side until it holds {MIN_GRID_TOKENS} tokens)")
+                   help="latent token grid TxHxW of the calibration inputs (default: the test-bed's own, or the "
+                        f"adapter's example grid doubled along its smallest side until it holds {MIN_GRID_TOKENS} tokens)")
     p.add_argument("--dense-layers", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
                    help="site indices kept dense, e.g. 0,1")
     p.add_argument("--dense-steps", type=int, default=0, help="first denoising steps kept dense (runtime policy)")
@@ -90,8 +111,16 @@ def resolve_model(spec: str, device, dtype):
         from ..testbed import build_testbed, example_inputs
 
         model = build_testbed(pretrained=True, device=device, dtype=dtype)
-        return model, (lambda seed, t: example_inputs(seed=seed, t=t, device=device, dtype=dtype)), None, \
-            "bundled test-bed (trained small Wan, 4,096 tokens)"
+
+        def testbed_inputs(seed, t, _grid=None):
+            shape = {}
+            if _grid:
+                from ..testbed.model import LATENT_SHAPE, TESTBED_CONFIG
+
+                shape = {"latent_shape": (LATENT_SHAPE[0], *(g * p for g, p in zip(_grid, TESTBED_CONFIG["patch_size"])))}
+            return example_inputs(seed=seed, t=t, device=device, dtype=dtype, **shape)
+
+        return model, testbed_inputs, None, "bundled test-bed (trained small Wan, 4,096 tokens)"
     from ..inspect import load_model
     from ..adapters import adapter_for
 
@@ -149,6 +178,21 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    transferred = None
+    if args.check_transfer:
+        from ..pipeline_recipe import load_pipeline_recipe
+        from ..recipe import RecipeError
+
+        try:
+            transferred = load_pipeline_recipe(args.check_transfer)
+        except RecipeError as e:
+            return _fail(str(e))
+        if args.budget is None:
+            args.budget = float((transferred.calibration or {}).get("budget", 0.1))
+    if args.budget is None:
+        args.budget = 0.1
+    if args.steps is None:
+        args.steps = 2 if args.pipeline is None else None
     out = Path(args.out)
     ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
     try:
@@ -162,6 +206,10 @@ def main(argv=None) -> int:
         return _fail(str(e))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.pipeline is not None:
+        return _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, transferred)
+    if args.prompts is not None:
+        return _fail("--prompts needs --pipeline (with --model the calibration inputs are made up; see --inputs)")
     model, make_inputs, adapter, desc = resolve_model(args.model, device, dtype)
     grid = None
     if adapter is not None:
@@ -171,10 +219,13 @@ def main(argv=None) -> int:
     times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
     schedule = [(seed, t) for seed in range(args.seed, args.seed + args.inputs) for t in times]
     inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), grid)).encode()).hexdigest()[:16]
-    if grid is None:  # the test-bed: its own grid
+    if grid is None:  # the test-bed: its own grid, or --grid
         from ..testbed import grid as testbed_grid
 
-        grid = testbed_grid()
+        grid = tuple(args.grid) if args.grid else testbed_grid()
+        if args.grid:
+            base = make_inputs
+            make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
     tiles, levels = config.candidates(grid)
     config = config.replace(tiles=tiles, levels=levels)
     lowest = _lowest_density(grid, tiles, levels)
@@ -198,6 +249,9 @@ def main(argv=None) -> int:
         return _dry_run(model, make_inputs, schedule, config, t_start)
     # discovery needs only small inputs of the same family (a full-size forward under Dynamo is slow)
     first = adapter.example_inputs(model) if adapter is not None else make_inputs(0, times[0])
+    if transferred is not None:
+        return _check_transfer_model(model, transferred, forward_loop, output_loop, config, first, schedule,
+                                     inputs_hash, grid, make_inputs, args)
     try:
         result = run_calibration(model, forward_loop, config, example_inputs=first, n_forwards=len(schedule),
                                  inputs_hash=inputs_hash, output_loop=output_loop)
@@ -225,6 +279,135 @@ def main(argv=None) -> int:
     if ckpt is not None:
         print(f"  {ckpt}/ (per-site measurements: a rerun with other --budget resumes from them)" if not args.quiet
               else f"{ckpt}/")
+    return 0
+
+
+def _check_transfer_model(model, transferred, forward_loop, output_loop, config, first, schedule, inputs_hash, grid,
+                          make_inputs, args) -> int:
+    """Calibrate at this grid, then compare the two recipes' model-output errors on the calibration inputs."""
+    import json
+
+    from .core import run_calibration
+    from .transfer import format_report, transfer_report
+
+    native = run_calibration(model, forward_loop, config, example_inputs=first, n_forwards=len(schedule),
+                             inputs_hash=inputs_hash, output_loop=output_loop).recipe
+
+    def run():
+        return [model(**make_inputs(seed, t))[0] for seed, t in schedule]
+
+    rep = transfer_report(model, transferred, native, run, example_inputs=first, grid=grid)
+    print(format_report(rep))
+    if args.out.endswith(".json"):
+        Path(args.out).write_text(json.dumps(rep, indent=1))
+        print(f"files written:\n  {args.out}")
+    return 0
+
+
+def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, transferred) -> int:
+    """`--pipeline`: load it, encode the prompts, calibrate each transformer on the trajectory, write the recipe."""
+    from ..pipeline_recipe import PipelineRecipe
+    from .config import CalibrationConfigError
+    from .pipeline import DEFAULT_STEPS, load_pipeline, plan_pipeline_calibration, run_pipeline_calibration
+    from .report import plots, summary
+    from .solve import InfeasibleBudgetError
+
+    if not args.prompts:
+        return _fail("--pipeline needs --prompts FILE (calibration prompts, one per line)")
+    try:
+        prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        return _fail(f"--prompts {args.prompts}: {e.strerror or e}")
+    if not prompts:
+        return _fail(f"--prompts {args.prompts} holds no prompt (one per line)")
+    if args.mask_reuse:
+        return _fail("--mask-reuse is not available with --pipeline; calibrate mask reuse with --model")
+    image = None
+    if args.image:
+        from PIL import Image
+
+        image = Image.open(args.image).convert("RGB")
+    pipe = load_pipeline(args.pipeline, dtype=dtype)
+    try:
+        plan = plan_pipeline_calibration(
+            pipe, prompts, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+            num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
+            guidance_scale=args.guidance_scale, steps=args.steps or DEFAULT_STEPS, dense_steps=config.dense_steps,
+            seed=args.seed, image=image, max_sequence_length=args.max_sequence_length, free_text_encoder=True,
+            device=device)
+    except ValueError as e:
+        return _fail(str(e).removeprefix("sparsify.calibrate: "))
+    grid = plan.grid
+    tiles, levels = config.candidates(grid)
+    config = config.replace(tiles=tiles, levels=levels)
+    lowest = _lowest_density(grid, tiles, levels)
+    if lowest > config.budget + 1e-9:
+        return _fail(f"budget {config.budget:g} is infeasible on the {'x'.join(map(str, grid))} token grid: the lowest "
+                     f"density the candidates reach is {lowest:.4g}. Use --budget {lowest:.3g} or more, or lower "
+                     "--levels, or a larger --height/--width/--num-frames")
+    say(f"sparsify.calibrate: {type(pipe).__name__} from {args.pipeline}; grid {'x'.join(map(str, grid))}; "
+        f"{len(prompts)} prompt(s) x {args.num_inference_steps} steps; transformers "
+        + ", ".join(f"{n} (steps {s[0]}..{s[-1]}, calibrated at {plan.sampled[n]})" for n, s in plan.steps.items())
+        + f"; budget {config.budget:g}; tiles {_names(tiles)}; levels {', '.join(f'{x:g}' for x in levels)}; "
+        f"device {device}")
+    if args.dry_run:
+        _, pargs, pkw = plan.first_call
+        for name, model in plan.transformers.items():
+            print(f"{name}:")
+            _dry_run(model, lambda: pkw, [()] * plan.forwards(name), config, t_start,
+                     extra_forwards=plan.trajectory_forwards(name) - plan.forwards(name))
+        return 0
+    try:
+        result = run_pipeline_calibration(plan, config)
+    except (InfeasibleBudgetError, CalibrationConfigError) as e:
+        return _fail(str(e).removeprefix("sparsify.calibrate: "))
+    except KeyboardInterrupt as e:
+        return _fail(str(e) or "interrupted", 130)
+    if transferred is not None:
+        return _check_transfer_pipeline(plan, transferred, result.recipe, args)
+    recipe = result.recipe
+    cal = recipe.calibration
+    cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.note:
+        cal["calibrated_on"] = args.note
+    written = [recipe.save(out)]
+    several = isinstance(recipe, PipelineRecipe)
+    for name, res in result.results.items():
+        if not args.quiet:
+            print((f"== {name} ==\n" if several else "") + summary(res, config.budget))
+        if not args.no_plots:
+            written += plots(res, config.budget, out.with_name(f"{out.stem}.{name}{out.suffix}") if several else out)
+    if not args.quiet:
+        print(f"\ntime: {time.perf_counter() - t_start:.1f}s (measurement "
+              f"{sum(r.capture_seconds for r in result.results.values()):.1f}s)")
+        print("files written:")
+    for f in written:
+        print(f"  {f}" if not args.quiet else f)
+    if ckpt is not None:
+        print(f"  {ckpt}/ (per-transformer, per-site measurements: a rerun with other --budget resumes from them)"
+              if not args.quiet else f"{ckpt}/")
+    return 0
+
+
+def _check_transfer_pipeline(plan, transferred, native, args) -> int:
+    """The final latents of every prompt's generation at this size: transferred recipe against native, both vs dense."""
+    import json
+
+    from .pipeline import _generator
+    from .transfer import format_report, transfer_report
+
+    pipe = plan.pipe
+
+    def run():
+        return [pipe(**call, **plan.common, generator=_generator(plan.seed + n)).frames
+                for n, call in enumerate(plan.calls)]
+
+    pipe.set_progress_bar_config(disable=True)
+    rep = transfer_report(pipe, transferred, native, run, grid=plan.grid)
+    print(format_report(rep))
+    if args.out.endswith(".json"):
+        Path(args.out).write_text(json.dumps(rep, indent=1))
+        print(f"files written:\n  {args.out}")
     return 0
 
 
@@ -285,8 +468,11 @@ CHECK_FORWARDS_PER_SITE = 1.4  # the final check (every site sparse, heads on mi
 REPORT_SECONDS = 15.0  # emitting the recipe, the summary's solves and the three plots
 
 
-def _dry_run(model, make_inputs, schedule, config, t_start) -> int:
-    """Time discovery, one dense forward and one site measurement; extrapolate to the whole run."""
+def _dry_run(model, make_inputs, schedule, config, t_start, extra_forwards: int = 0) -> int:
+    """Time discovery, one dense forward and one site measurement; extrapolate to the whole run.
+
+    `extra_forwards`: dense forwards the run makes besides the measured ones (a pipeline's unsampled steps).
+    """
     from ..api import find_sites
     from ..geometry import Geometry
     from .measure import measure_site
@@ -309,12 +495,13 @@ def _dry_run(model, make_inputs, schedule, config, t_start) -> int:
     measure_site(q, q, q, Geometry(geo.grid, geo.video_start), config.tiles, config.levels,
                  query_fraction=config.query_fraction, methods=config.methods)
     per_site = time.perf_counter() - t0
-    capture = len(schedule) * (fwd + per_site * len(video))
+    capture = len(schedule) * (fwd + per_site * len(video)) + extra_forwards * fwd
     output = fwd * (1 + len(video) * (OUTPUT_PASS_FORWARDS + CHECK_FORWARDS_PER_SITE)) if config.output_error else 0.0
     total = setup + discovery + capture + output + REPORT_SECONDS
     n_tiles = max(-(-s.q_len // 64), 1)
     mem = s.q_len * config.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
-    print(f"dry run: {len(video)} sites, {len(schedule)} forwards; one forward {fwd:.2f}s, one site measurement "
+    print(f"dry run: {len(video)} sites, {len(schedule)} measured forwards"
+          + (f" (+{extra_forwards} unmeasured trajectory forwards)" if extra_forwards else "") + "; one forward {fwd:.2f}s, one site measurement "
           f"{per_site:.2f}s\nestimated time {total:.0f}s: setup {setup:.0f}s, discovery {discovery:.0f}s, "
           f"measurement {capture:.0f}s, model-output error and final check {output:.0f}s, recipe and plots "
           f"~{REPORT_SECONDS:.0f}s; "

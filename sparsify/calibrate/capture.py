@@ -43,6 +43,7 @@ class Capture:
         self.progress = progress
         self.veda: dict[tuple, list] = {}  # (site path, tile) -> [sum of fitted estimator weights, calls]
         self.measured = 0
+        self.grids: dict[tuple, int] = {}  # token grid (T, H, W) -> site calls observed on it
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.dir is not None:
             self._open_checkpoints(hashlib.sha256(config_key.encode()).hexdigest()[:16])
@@ -83,6 +84,7 @@ class Capture:
     def __call__(self, st: runtime.SiteState, q, k, v, geom, scale, key_mask) -> None:
         call = self.calls.get(st.path, 0)
         self.calls[st.path] = call + 1
+        self.grids[tuple(geom.grid)] = self.grids.get(tuple(geom.grid), 0) + 1
         f = self._file(st.path, call) if self.dir is not None else None
         saved = self._load(f) if f is not None else None
         if saved is not None:

@@ -335,6 +335,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
         "config_version": config.version,
         "inputs_hash": inputs_hash,
         "calls_per_site": int(next(iter(cap.results.values())).calls),
+        **({"grid": list(next(iter(cap.grids)))} if len(cap.grids) == 1 else {"grids": [list(g) for g in cap.grids]}),
         "budget": float(config.budget),
         "achieved_density": round(float(alloc.density), 6),
         "predicted_error": float(alloc.total_error),  # in the units of error_metric

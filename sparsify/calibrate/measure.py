@@ -1,10 +1,4 @@
-"""Exact per-head error and cost of every (tile shape, density) candidate from one dense pass per tile shape.
-
-For a tile layout, full attention of query row r is `sum_j num[r, j] / sum_j den[r, j]` over key tiles
-j, where `num[r, j] = sum_{keys in j} exp(s - m) v` and `den[r, j] = sum_{keys in j} exp(s - m)`. A
-top-k selection keeps a prefix of each query tile's ranking, so cumulative sums along the ranking give
-the exact sparse output for every k at once.
-"""
+"""Exact per-head error and cost of every (tile shape, density) candidate from one dense pass per tile shape."""
 
 from __future__ import annotations
 
@@ -21,15 +15,9 @@ from ..recipe import Budget
 
 @dataclass
 class SiteMeasurement:
-    """Accumulated squared errors of one site, per head and candidate, over calibration calls.
-
-    Attributes:
-        sq_err: float64 `[H, n_candidates, n_levels]`: sum of ‖o_sparse − o_dense‖² over sampled rows,
-            candidates being (method, tile) pairs, method-major.
-        energy: float64 `[H, n_candidates]`: sum of ‖o_dense‖² over the same rows.
-        cost: float64 `[n_candidates, n_levels]`: attention work relative to dense, padding counted.
-        calls: number of calls accumulated.
-    """
+    """One site's sums over calibration calls: `sq_err` float64 `[H, n_candidates, n_levels]` of
+    ‖o_sparse − o_dense‖² and `energy` `[H, n_candidates]` of ‖o_dense‖² over sampled rows; `cost`
+    `[n_candidates, n_levels]` relative to dense, padding counted."""
 
     sq_err: torch.Tensor
     energy: torch.Tensor
@@ -62,46 +50,26 @@ def candidate_cost(geom: Geometry, tile, density: float, seq_len: int) -> float:
     return (video + text) / float(seq_len * seq_len)
 
 
-def _ranker(rankers, default, method, tile, head):
-    f = (rankers or {}).get((method, tuple(tile)))
-    return default if f is None else f(head)
-
-
-def _sample_query_tokens(n_tokens: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    m = max(1, min(n_tokens, math.ceil(fraction * n_tokens)))
-    return torch.randperm(n_tokens, generator=gen)[:m].sort().values
-
-
 @torch.no_grad()
 def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), scale=None, key_mask=None,
                  query_fraction: float = 0.25, seed: int = 0, chunk_elems: int | None = None,
                  rankers: dict | None = None) -> SiteMeasurement:
     """Measure one attention call: per head, the exact top-k error of each method, tile shape and density.
 
-    Candidates are `(method, tile)` pairs in method-major order (index `m * len(tiles) + t`); a
-    method's ranking of key tiles per query tile (its selection at density 1) makes every density a
-    prefix of that ranking.
-
-    Memory stays bounded: heads are processed one at a time and sampled query rows in chunks of at
-    most `chunk_elems` partial-sum elements.
+    Full attention of a query row is `sum_j num[r, j] / sum_j den[r, j]` over key tiles j; a method's ranking
+    of key tiles (its selection at density 1) makes every density a prefix of it, so cumulative sums along the
+    ranking give the exact sparse output for every level at once. Candidates are `(method, tile)` pairs,
+    method-major (index `m * len(tiles) + t`). Heads run one at a time, rows in chunks of `chunk_elems`.
 
     Args:
-        q, k, v: `[B, H, S, D]` of the call.
-        geom: where the video tokens are.
-        tiles: candidate tile shapes.
-        levels: candidate densities (fractions of key tiles kept per query tile).
+        q, k, v: `[B, H, S, D]` of the call; `geom`: where the video tokens are.
+        tiles, levels: candidate tile shapes and densities (fractions of key tiles kept per query tile).
         methods: registered selection methods to measure.
-        scale: softmax scale (default `1/sqrt(D)`).
         key_mask: optional bool `[B, S]`.
-        query_fraction: share of the video query tokens sampled (errors are exact on those rows). The same
-            tokens serve every tile shape and method, so candidates are compared on the same rows.
-        seed: sampling seed.
+        query_fraction: share of the video query tokens sampled (the same rows for every candidate).
         chunk_elems: bound on the partial sums held at once (default 2^25 on CPU, 2^27 on CUDA).
-        rankers: optional `{(method, tile): f}` where `f(head)` returns the method instance that ranks that
-            head's key tiles (e.g. Veda with the head's fitted estimator); others use `get_method(method)`.
-
-    Returns:
-        A SiteMeasurement for this call.
+        rankers: optional `{(method, tile): f}`, `f(head)` the method instance ranking that head's key tiles
+            (e.g. Veda with the head's fitted estimator); others use `get_method(method)`.
 
     Example:
         >>> q = k = v = torch.randn(1, 2, 256, 16)
@@ -125,7 +93,8 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
     default_rankers = [get_method(m) for m in methods]
     all_tiles = [Budget(density=1.0)]
     km_text = None if key_mask is None else key_mask.to(torch.bool).index_select(1, text)[:, None, :]
-    tokens = _sample_query_tokens(vl, query_fraction, gen).to(dev)
+    n_rows = max(1, min(vl, math.ceil(query_fraction * vl)))
+    tokens = torch.randperm(vl, generator=gen)[:n_rows].sort().values.to(dev)
     for ti, tile in enumerate(tiles):
         lay = tile_layout(geom.grid, tile, dev)
         n, vol = lay.n_tiles, lay.volume
@@ -139,8 +108,9 @@ def measure_site(q, k, v, geom: Geometry, tiles, levels, *, methods=("vsa",), sc
         for h in range(H):
             qv, kv, vv = (to_tiles(x[:, h:h + 1, vs:vs + vl], lay)[:, 0].float() for x in (q, k, v))  # [B, P, D]
             kt, vt = k[:, h, text].float(), v[:, h, text].float()
-            orders = [_ranker(rankers, default_rankers[mi], m, tile, h).select(qv[:, None], kv[:, None], lay, all_tiles)
-                      [0][:, 0].long() for mi, m in enumerate(methods)]
+            rank_by = [(rankers or {}).get((m, tuple(tile))) for m in methods]
+            orders = [(f(h) if f else default_rankers[mi]).select(qv[:, None], kv[:, None], lay, all_tiles)
+                      [0][:, 0].long() for mi, f in enumerate(rank_by)]
             for c0 in range(0, slots.numel(), per_chunk):
                 rows = slots[c0:c0 + per_chunk]
                 R = rows.numel()

@@ -93,12 +93,8 @@ def summary(result, budget) -> str:
 
 
 def plots(result, budget, out_prefix, budgets=None) -> list[Path]:
-    """Write the three PNG plots beside the recipe; returns their paths (empty without matplotlib).
-
-    `<out>.density.png`: each head's density, its colour scale spanning the chosen densities;
-    `<out>.tiles.png`: each head's tile shape; `<out>.error_vs_budget.png`: predicted error (relative L2)
-    against density for the ILP and the uniform allocation, the chosen budget marked.
-    """
+    """Write `<out>.density.png`, `<out>.tiles.png` (per head) and `<out>.error_vs_budget.png` (ILP and uniform
+    allocation) beside the recipe; returns their paths (empty without matplotlib)."""
     try:
         import matplotlib
 
@@ -115,22 +111,24 @@ def plots(result, budget, out_prefix, budgets=None) -> list[Path]:
     lo, hi = float(np.nanmin(grid)), float(np.nanmax(grid))
     if hi - lo < 1e-6:
         lo, hi = lo * 0.9, hi * 1.1 + 1e-6
-    fig, ax = plt.subplots(figsize=(2.2 + 0.6 * grid.shape[1], 1 + 0.35 * len(labels)))
-    im = ax.imshow(grid, cmap="viridis", vmin=lo, vmax=hi, aspect="auto")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("head")
-    ax.set_title(f"per-head density (budget {budget:g}, achieved {result.allocation.density:.3f})")
+    def head_map(grid, width, title, **kw):
+        fig, ax = plt.subplots(figsize=(width + 0.6 * grid.shape[1], 1 + 0.35 * len(labels)))
+        im = ax.imshow(grid, aspect="auto", **kw)
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.set_xlabel("head")
+        ax.set_title(title)
+        return fig, ax, im
+
+    fig, ax, im = head_map(grid, 2.2, f"per-head density (budget {budget:g}, achieved {result.allocation.density:.3f})",
+                           cmap="viridis", vmin=lo, vmax=hi)
     fig.colorbar(im, ax=ax, label="density (attention work / dense)")
     paths.append(_save(fig, out_prefix.with_name(out_prefix.name + ".density.png")))
 
     tile_names = sorted({"dense" if o[0] == "dense" else "x".join(map(str, o[0])) for o in result.options})
     codes = np.array([tile_names.index("dense" if o[0] == "dense" else "x".join(map(str, o[0]))) for o in opts], float)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.6 * head_grid(result, codes).shape[1], 1 + 0.35 * len(labels)))
     cmap = plt.get_cmap("tab10", len(tile_names))
-    ax.imshow(head_grid(result, codes), cmap=cmap, vmin=-0.5, vmax=len(tile_names) - 0.5, aspect="auto")
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("head")
-    ax.set_title("tile shape per head")
+    fig, ax, _ = head_map(head_grid(result, codes), 1.2, "tile shape per head", cmap=cmap, vmin=-0.5,
+                          vmax=len(tile_names) - 0.5)
     handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(len(tile_names))]
     ax.legend(handles, tile_names, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     paths.append(_save(fig, out_prefix.with_name(out_prefix.name + ".tiles.png")))

@@ -19,14 +19,11 @@ class ReuseCalibration:
 
     Attributes:
         threshold: the chosen drift threshold (cosine distance of pooled q and k; 0 disables reuse).
-        max_age: steps a selection may be reused.
-        reuse_share: share of selection calls skipped at `threshold`: measured on the trajectory when the
-            threshold was searched by output error, else simulated on the recording.
-        min_overlap: the least overlap of a reused selection with the fresh one it replaces, at the threshold
-            (simulated on the recording).
+        reuse_share, min_overlap: share of selection calls skipped at `threshold`, and the least overlap of a
+            reused selection with the fresh one it replaces.
         pairs: `(age, drift, overlap)` of every recorded (cached step, later step) pair within `max_age`.
-        output_error_fresh, output_error_reuse: relative L2 error of the trajectory's final output against
-            dense, with fresh selection at every step and with reuse at `threshold` (None without the search).
+        output_error_fresh, output_error_reuse: relative L2 error of the final output against dense, fresh
+            and with reuse at `threshold` (None without the search).
         tried: `(threshold, measured reuse share, error growth)` of each threshold tried, largest first.
     """
 
@@ -76,10 +73,8 @@ class _Recorder:
 
 
 def simulate(sequences: dict, threshold: float, max_age: int) -> tuple[float, float, int]:
-    """Replay the runtime's reuse policy on recorded sequences: (reuse share, least overlap reused, calls).
-
-    At each step the cached selection is reused while its drift is at most `threshold` and it is younger
-    than `max_age` steps; otherwise the fresh selection replaces it.
+    """Replay the runtime's reuse policy (reuse while drift <= `threshold` and age <= `max_age`) on recorded
+    sequences: (reuse share, least overlap reused, calls).
 
     Example:
         >>> seqs = {"s": [(0, {}), (1, {0: (0.01, 0.95)}), (2, {0: (0.03, 0.9), 1: (0.01, 0.97)})]}
@@ -128,28 +123,17 @@ def calibrate_mask_reuse(model, recipe: Recipe, trajectory: Callable, *, max_age
                          max_error_growth: float | None = 0.05, candidates: int = 6) -> ReuseCalibration:
     """Choose the temporal-mask-reuse threshold of `recipe` on a denoising trajectory of `model`.
 
-    The model runs `trajectory(model)` (a full sampling run, timesteps passed to the model, returning the
-    final sample) dense, then sparsified by `recipe` with fresh selection at every step while every head
-    group's fresh selection is compared with those of the previous `max_age` steps: the drift of pooled
-    q and k (the runtime's reuse test) and the overlap (share of the fresh selection's key tiles that the
-    earlier selection also holds, averaged over heads and query tiles).
-
-    With `max_error_growth` (default 5%), thresholds are then tried from the largest down: the
-    recorded drifts at a few quantiles (`candidates` of them) and the overlap rule's threshold below.
-    Each runs the trajectory with reuse, and the first whose final-output error against dense grows by
-    at most `max_error_growth` over fresh selection wins (the most reuse the output tolerates). With
-    `max_error_growth=None` no trajectory is rerun: the threshold is the overlap rule's, the drift that,
-    with the runtime's policy replayed on the recording, skips the most selections while every reused
-    selection keeps at least `min_overlap` of the fresh tiles (`choose_threshold`).
+    `trajectory(model)` (one sampling run from fixed noise, returning the final sample) runs dense, then
+    sparsified by `recipe` with fresh selection at every step, recording each head group's drift of pooled
+    q and k and tile overlap against the previous `max_age` steps. The overlap rule (`choose_threshold`) takes
+    the drift that skips the most selections while reused ones keep `min_overlap` of the fresh tiles. With
+    `max_error_growth`, `candidates` drift quantiles (and the overlap rule's) are tried from the largest down,
+    rerunning the trajectory: the first whose final-output error grows by at most that much wins.
 
     Args:
         model: the dense model (not sparsified); it is sparsified and restored here.
         recipe: the recipe to calibrate (its own `mask_reuse` is ignored).
-        trajectory: `trajectory(model) -> tensor`, one sampling run from fixed noise.
-        max_age: the most steps a selection may be reused.
-        min_overlap: least share of a fresh selection a reused one must hold (the overlap rule).
         max_error_growth: tolerated relative growth of the final-output error; None: overlap rule only.
-        candidates: drift quantiles tried with `max_error_growth`.
 
     Returns:
         A ReuseCalibration; `.mask_reuse()` is the recipe setting.

@@ -16,10 +16,8 @@ import numpy as np
 
 from .config import SOLVERS
 
-__all__ = [
-    "Allocation", "InfeasibleBudgetError", "ParetoCurve", "available_solvers", "pareto_curve",
-    "solve_allocation", "uniform_allocation"
-]
+__all__ = ["Allocation", "InfeasibleBudgetError", "ParetoCurve", "available_solvers", "pareto_curve",
+           "solve_allocation", "uniform_allocation"]
 
 Forced = Mapping[int, int] | Sequence[int] | np.ndarray  # {group: option}, or (G,) with -1 = free
 LayerIds = Sequence[Any] | np.ndarray  # (G,) layer id of each group
@@ -29,12 +27,7 @@ MILP_MAX_VARIABLES = 250_000  # "auto" solves larger problems with the Lagrangia
 
 
 class InfeasibleBudgetError(ValueError):
-    """No allocation meets the budget (or the per-layer minimum densities). A ``ValueError``.
-
-    Attributes:
-        min_density: the lowest density any allocation reaches (every head on its cheapest allowed
-            option), or None when the budget itself is not the obstacle.
-    """
+    """No allocation meets the budget or the layer minimums; ``min_density``: the lowest reachable density (or None)."""
 
     def __init__(self, message: str, min_density: float | None = None):
         super().__init__(message)
@@ -50,13 +43,10 @@ class Allocation:
         total_error: sum of the chosen options' errors.
         density: achieved weighted density ``sum_g w_g c[g, choice_g] / sum_g w_g``.
         budget: the requested density budget.
-        status: ``"optimal"`` (proven optimal within ``gap_rel``), ``"feasible (stopped ...)"``,
-            ``"feasible (gap 3.1e-03)"`` (a heuristic with its known gap), or ``"feasible"`` (no bound:
-            the uniform baseline).
+        status: ``"optimal"`` (within ``gap_rel``), ``"feasible (...)"`` saying why not proven, or ``"feasible"``.
         solver: ``"highs"``, ``"cbc"``, ``"lagrangian"`` or ``"uniform"``.
-        bound: a proven lower bound on the optimal total error, or ``None`` if none is known.
-        gap: ``(total_error - bound) / total_error`` (0 when both are 0), or ``None``.
-        solve_seconds: wall time of the call (validation, model build and solve).
+        bound, gap: a proven lower bound on the optimal total error and ``(total_error - bound) / total_error``.
+        solve_seconds: wall time of the call.
         info: solver details (Lagrange multiplier, options kept after pruning, uniform level, ...).
     """
 
@@ -79,14 +69,8 @@ class Allocation:
 
 @dataclass
 class ParetoCurve:
-    """Total error versus budget for the solver and for the uniform baseline (NaN where infeasible).
-
-    Attributes:
-        budget: ``(B,)`` the requested budgets.
-        ilp_density, ilp_error: ``(B,)`` achieved density and total error of :func:`solve_allocation`.
-        uniform_density, uniform_error: ``(B,)`` the same for :func:`uniform_allocation`.
-        ilp_status: the solver status at each budget (``"infeasible"`` where no allocation exists).
-    """
+    """Per budget, achieved density and total error of :func:`solve_allocation` (``ilp_*``) and of
+    :func:`uniform_allocation` (``uniform_*``), NaN where infeasible; ``ilp_status``: the solver status."""
 
     budget: np.ndarray
     ilp_density: np.ndarray
@@ -100,9 +84,6 @@ class ParetoCurve:
         keys = ("budget", "ilp_density", "ilp_error", "uniform_density", "uniform_error")
         cols = zip(self.budget, self.ilp_density, self.ilp_error, self.uniform_density, self.uniform_error)
         return [{**{k: float(x) for k, x in zip(keys, row)}, "ilp_status": s} for row, s in zip(cols, self.ilp_status)]
-
-
-# --------------------------------------------------------------------------------------------- inputs
 
 
 @dataclass
@@ -145,15 +126,6 @@ class _Problem:
             and self.density(choice) <= self.budget + DENSITY_TOL
             and not self.layer_shortfall(choice)
         )
-
-
-def _group_names(names: Sequence[str] | None, n: int) -> list[str]:
-    if names is None:
-        return [f"group {g}" for g in range(n)]
-    names = [str(s) for s in names]
-    if len(names) != n:
-        raise ValueError(f"names has {len(names)} entries, expected one per group ({n})")
-    return names
 
 
 def _forced_array(forced: Forced | None, G: int, O: int) -> np.ndarray:
@@ -209,7 +181,9 @@ def _prepare(cost, error, budget, weight, layer, forced, min_layer_density, erro
     budget = float(budget)
     if not np.isfinite(budget) or budget < 0:
         raise ValueError(f"budget must be a finite density >= 0, got {budget}")
-    names = _group_names(names, G)
+    names = [f"group {g}" for g in range(G)] if names is None else [str(n) for n in names]
+    if len(names) != G:
+        raise ValueError(f"names has {len(names)} entries, expected one per group ({G})")
     ok = np.isfinite(cost) & np.isfinite(error)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
@@ -266,9 +240,6 @@ def _check_budget(p: _Problem) -> None:
             "cheapest allowed option, after forced options, masks and error_cap)", min_density=lo)
 
 
-# -------------------------------------------------------------------------------------- compact form
-
-
 @dataclass
 class _Compact:
     """Per group, the allowed options sorted by cost (then error), padded with error=inf."""
@@ -292,12 +263,7 @@ class _Compact:
 
 
 def _compact(p: _Problem, pareto: bool) -> _Compact:
-    """Sort each group's allowed options by cost and drop those that can never be chosen.
-
-    Without layer minimums an option that is no cheaper and no better than another is never needed
-    (Pareto pruning). With layer minimums a dearer option can be needed, so only options of equal cost
-    and higher error are dropped.
-    """
+    """Sort each group's allowed options by cost; drop dominated ones (with layer minimums, only equal-cost ones)."""
     G, _ = p.cost.shape
     ckey = np.where(p.ok, p.cost, np.inf)
     order = np.lexsort((p.error, ckey), axis=1)
@@ -326,16 +292,9 @@ def _compact(p: _Problem, pareto: bool) -> _Compact:
     return _Compact(opt, cost, err, p.w[:, None] * cost / G, count, lay, lo)
 
 
-# -------------------------------------------------------------------------------------- lagrangian
-
-
 def _lagrangian(cp: _Compact, budget: float, iters: int = 100) -> tuple[np.ndarray, float, float]:
-    """Lagrangian relaxation of the budget row (layer rows dropped), bisection on the multiplier.
-
-    Returns (compact choice, dual lower bound, multiplier): the minimiser at the smallest multiplier
-    found whose choice meets the budget, and the best dual value seen (a lower bound on the optimum,
-    with or without layer minimums).
-    """
+    """Relax the budget row (layer rows dropped), bisect the multiplier: (choice meeting the budget at the smallest
+    multiplier found, best dual value = a lower bound on the optimum, that multiplier)."""
     G = cp.a.shape[0]
     rows = np.arange(G)
 
@@ -382,11 +341,7 @@ def _switch_deltas(cp: _Compact, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _repair_layers(cp: _Compact, k: np.ndarray, budget: float) -> np.ndarray | None:
-    """Make a budget-feasible choice meet the layer minimums (a heuristic; None if it fails).
-
-    Raise each short layer by its cheapest switches (least error change per density added), then
-    win back any budget excess in groups whose layer has room (least error added per density saved).
-    """
+    """Raise short layers by their cheapest switches, then win back budget where layers have room (None: failed)."""
     k = k.copy()
     for _ in range(4 * len(k)):
         short = (cp.lay >= 0) & (cp.layer_room(k) < 0)
@@ -430,15 +385,10 @@ def _greedy_fill(cp: _Compact, k: np.ndarray, budget: float) -> np.ndarray:
     return k
 
 
-# ------------------------------------------------------------------------------------------- pulp
-
-
 @functools.lru_cache(maxsize=1)
 def available_solvers() -> tuple[str, ...]:
-    """The solver names usable here, best first (``"lagrangian"`` needs only numpy and is always last).
-
-    ``"highs"`` is pulp's HiGHS interface (``highspy``), ``"cbc"`` pulp's bundled CBC; both come with
-    ``pip install "sparsify[calibrate]"``.
+    """The solver names usable here, best first: ``"highs"`` and ``"cbc"`` (through pulp, from
+    ``pip install "sparsify[calibrate]"``), then ``"lagrangian"`` (numpy only, always available).
 
     Example:
         >>> available_solvers()[-1]
@@ -471,15 +421,14 @@ def _silenced(on: bool):
         return
     for f in (sys.stdout, sys.stderr):
         f.flush()
-    saved = [os.dup(1), os.dup(2)]
-    null = os.open(os.devnull, os.O_WRONLY)
+    saved, null = [os.dup(1), os.dup(2)], os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(null, 1)
-        os.dup2(null, 2)
+        for fd in (1, 2):
+            os.dup2(null, fd)
         yield
     finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
+        for fd, old in zip((1, 2), saved):
+            os.dup2(old, fd)
         for fd in (*saved, null):
             os.close(fd)
 
@@ -487,15 +436,7 @@ def _silenced(on: bool):
 def _solve_milp(
     p: _Problem, cp: _Compact, backend: str, gap_rel: float, time_limit: float, msg: bool
 ) -> tuple[np.ndarray | None, str, dict[str, Any]]:
-    """The multiple-choice knapsack as a pulp MILP. Returns (compact choice or None, status, info).
-
-    One binary ``x[g][j]`` per kept option ``j`` of each group ``g`` with more than one option::
-
-        minimise    lpSum(error[g, j] * x[g][j])
-        subject to  lpSum(x[g]) == 1                                      for every group
-                    lpSum(w[g] * cost[g, j] * x[g][j]) <= budget * G        (budget row)
-                    lpSum over a layer's groups >= its minimum density * its weight
-    """
+    """The knapsack as a pulp MILP, one binary per kept option of each group with several: (choice, status, info)."""
     import pulp
 
     G = p.n_groups
@@ -539,15 +480,8 @@ def _solve_milp(
     return choice, "feasible (stopped before proving optimality: time limit)", info
 
 
-# ------------------------------------------------------------------------------------------- API
-
-
 def _gap(total: float, bound: float | None) -> float | None:
-    if bound is None:
-        return None
-    if total <= 0:
-        return 0.0
-    return max(0.0, (total - bound) / total)
+    return None if bound is None else 0.0 if total <= 0 else max(0.0, (total - bound) / total)
 
 
 def _resolve_solver(solver: str, n_variables: int) -> str:
@@ -575,35 +509,25 @@ def solve_allocation(
         subject to  sum_g weight[g] * cost[g, o_g] <= budget * sum_g weight[g]
                     sum_{g in L} weight[g] * cost[g, o_g] >= min_layer_density[L] * sum_{g in L} weight[g]
 
-    A group is one attention head of one layer; an option is one candidate (method x tile shape x
-    budget level). Options whose cost or error is NaN/inf, that ``mask`` hides, or whose error exceeds
-    ``error_cap`` are never chosen. Options dominated in both cost and error are pruned before the
-    solve (only equal-cost duplicates when layer minimums are set). The Lagrangian heuristic always
-    runs first: its dual bound, its answer where a MILP solver returns none, and its answer where it
-    beats the MILP's (which stops within ``gap_rel``). Every returned solution is re-checked here,
-    whatever the solver says.
+    A group is one head of one layer, an option one candidate (method x tile x budget level). Options with a
+    NaN/inf cost or error, hidden by ``mask`` or above ``error_cap`` are never chosen. The Lagrangian heuristic
+    always runs: its dual bound, and its answer where the MILP returns none or a worse one. Every returned
+    solution is re-checked here, whatever the solver says.
 
     Args:
-        cost: ``(G, O)`` attention cost of each option as a fraction of the head's dense cost
-            (padding included, so it may exceed 1).
+        cost: ``(G, O)`` cost of each option as a fraction of the head's dense cost (padding included).
         error: ``(G, O)`` measured error of each option, >= 0, additive over groups.
         budget: the global weighted density to meet (e.g. 0.1 for 90 % sparsity).
         weight: ``(G,)`` each group's share of the dense attention cost (default: uniform).
         layer: ``(G,)`` layer id of each group (needed by ``min_layer_density``).
-        forced: ``{group: option}`` or a ``(G,)`` int array with -1 for free groups; a forced group
-            takes exactly that option (e.g. dense first layers), even above ``error_cap``.
-        min_layer_density: minimum weighted density per layer: one float for every layer or
-            ``{layer id: density}``.
+        forced: ``{group: option}`` or a ``(G,)`` int array, -1 for free groups; kept even above ``error_cap``.
+        min_layer_density: minimum weighted density per layer: one float, or ``{layer id: density}``.
         error_cap: a float or ``(G,)`` array; options with a larger error are excluded.
         mask: ``(G, O)`` bool, True where the option may be used.
-        solver: ``"highs"`` (the MILP through ``pulp.HiGHS``), ``"cbc"`` (the MILP through
-            ``pulp.PULP_CBC_CMD``), ``"lagrangian"`` (numpy only: Lagrangian relaxation of the budget
-            row, bisection on its multiplier, a repair for layer minimums and a greedy fill; gives a
-            dual bound) or ``"auto"`` (the first available of these three; the Lagrangian for
-            problems of more than ``MILP_MAX_VARIABLES`` binaries after pruning).
-        gap_rel: relative optimality gap at which the ILP may stop (0 to prove exact optimality).
-        time_limit: seconds the ILP solver may run; on expiry its best solution is returned with
-            status ``"feasible (stopped before proving optimality: time limit)"``.
+        solver: ``"highs"`` or ``"cbc"`` (the MILP through pulp), ``"lagrangian"`` (numpy only, with a dual
+            bound) or ``"auto"`` (the first available; the Lagrangian above ``MILP_MAX_VARIABLES`` binaries).
+        gap_rel: relative optimality gap at which the MILP may stop (0 to prove exact optimality).
+        time_limit: seconds the MILP may run; on expiry its best solution is returned as ``"feasible (...)"``.
         names: ``(G,)`` group names used in error messages (e.g. ``"blocks.3.attn1 head 5"``).
         msg: let the MILP solver print its log (otherwise nothing, not even HiGHS' banner, is printed).
 
@@ -611,11 +535,10 @@ def solve_allocation(
         An :class:`Allocation`; ``choice[g]`` indexes ``cost``'s columns.
 
     Raises:
-        InfeasibleBudgetError: (a ``ValueError``) the budget is below the minimum achievable density
-            (the message gives both), or no allocation meets the budget and the layer minimums.
+        InfeasibleBudgetError: (a ``ValueError``) no allocation meets the budget and the layer minimums.
         ValueError: malformed inputs, or a group left with no option (the message names it).
-        RuntimeError: no allocation could be produced although none was proven impossible (an ILP
-            time limit with no solution, or the Lagrangian heuristic failing the layer minimums).
+        RuntimeError: no allocation found although none was proven impossible (MILP time limit, or the
+            Lagrangian heuristic failing the layer minimums).
 
     Example:
         >>> import numpy as np
@@ -680,13 +603,9 @@ def uniform_allocation(
 ) -> Allocation:
     """The baseline without per-head allocation: every free head runs at one shared level.
 
-    ``level[o]`` is the budget level of option ``o``, shared by all groups (e.g. the top-k density a
-    candidate targets). For one level, each free group takes its option of least error among the
-    options at that level (so several methods or tile shapes at one level still compete per head;
-    with the default ``level=arange(O)`` every head takes the same option index). Forced groups keep
-    their forced option. A level is eligible when every free group has an allowed option at it and
-    the resulting density meets ``budget`` (and the layer minimums); the eligible level with the least
-    total error is returned (normally the densest that fits).
+    ``level[o]`` is the budget level of option ``o`` (e.g. the density a candidate targets). At a level each free
+    group takes its least-error option of that level; forced groups keep theirs. Of the levels meeting the budget
+    (and the layer minimums) the one of least total error is returned.
 
     Args:
         cost, error, budget, weight, layer, forced, min_layer_density, error_cap, mask, names: as in
@@ -694,12 +613,10 @@ def uniform_allocation(
         level: ``(O,)`` level of each option (default: each option is its own level).
 
     Returns:
-        An :class:`Allocation` with ``solver="uniform"``, ``status="feasible"`` and
-        ``info["level"]`` the chosen level.
+        An :class:`Allocation` with ``solver="uniform"`` and ``info["level"]`` the chosen level.
 
     Raises:
-        InfeasibleBudgetError: no level meets the budget; the message gives the lowest density a
-            shared level reaches and the requested budget.
+        InfeasibleBudgetError: no level meets the budget.
 
     Example:
         >>> import numpy as np
@@ -752,15 +669,8 @@ def pareto_curve(
 ) -> ParetoCurve:
     """Total error versus budget for :func:`solve_allocation` and :func:`uniform_allocation`.
 
-    Args:
-        cost, error: as in :func:`solve_allocation`.
-        budgets: the budgets to evaluate.
-        level: passed to :func:`uniform_allocation`.
-        **kwargs: passed to both (solver-only keywords such as ``solver``, ``gap_rel``,
-            ``time_limit`` and ``msg`` go to :func:`solve_allocation` only).
-
-    Returns:
-        A :class:`ParetoCurve`; budgets that a method cannot meet give NaN density and error.
+    ``level`` goes to :func:`uniform_allocation`, ``kwargs`` to both (``solver``, ``gap_rel``, ``time_limit``,
+    ``msg`` to :func:`solve_allocation` only). Budgets a method cannot meet give NaN.
 
     Example:
         >>> import numpy as np

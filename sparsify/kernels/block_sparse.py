@@ -34,10 +34,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-# --------------------------------------------------------------------------------------------------
-# kernel (a plain function, wrapped by `_triton.jit` lazily: once for CUDA, once under the interpreter)
-# --------------------------------------------------------------------------------------------------
-def _fwd_kernel(
+def _fwd_kernel(  # a plain function, wrapped by `_triton.jit` lazily: once for CUDA, once under the interpreter
     Q, K, V, O,  # pointers (pointer path) or tensor descriptors (TMA path)
     IDX, CNT, LENS, LSE,  # LSE: float32 [B, H, S] row log-sum-exp (natural log), written when STORE_LSE
     DST,  # int32 [S] (HAS_DST): output row of each query row (< 0: not written); O is then a plain pointer
@@ -201,9 +198,6 @@ def _fwd_kernel(
         tl.store(LSE + pid_bh.to(tl.int64) * S + offs_m, lse, mask=offs_m < S)
 
 
-# --------------------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------------------
 _TMA_BROKEN: set = set()  # (device index, config) keys whose TMA compile failed once
 
 
@@ -218,14 +212,8 @@ def _norm_block_size(block_size) -> tuple[int, int]:
 
 
 def supports(q: torch.Tensor, block_size=(128, 128)) -> tuple[bool, str]:
-    """Whether `block_sparse_attn` can run on a query like `q` with this block size, cheaply (no launch).
-
-    Args:
-        q: the query, `[B, H, S, D]`.
-        block_size: `(BLOCK_M, BLOCK_N)`.
-
-    Returns:
-        `(True, "")`, or `(False, reason)`; the caller is expected to fall back to dense attention.
+    """`(True, "")` if `block_sparse_attn` can run on a query like `q [B, H, S, D]` with this block size, else
+    `(False, reason)` (the caller then falls back to dense attention). Cheap: no launch.
 
     Example:
         >>> ok, why = supports(torch.empty(1, 2, 100, 96), (128, 128))
@@ -255,15 +243,15 @@ def supports(q: torch.Tensor, block_size=(128, 128)) -> tuple[bool, str]:
     return False, f"device {q.device} not supported (CUDA, or CPU under the Triton interpreter)"
 
 
-def _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens):
+def _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens, scale):
+    """Raise on a malformed call; return `(block_size, scale)` with their defaults resolved."""
+    block_size = _norm_block_size(block_size) if triton is not None else block_size
     ok, why = supports(q, block_size)
     if not ok:
         raise ValueError(f"block_sparse_attn: {why}")
     if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(
-            f"block_sparse_attn: q, k, v must have equal shapes [B, H, S, D]; got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
-        )
+        raise ValueError(f"block_sparse_attn: q, k, v must have equal shapes [B, H, S, D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"block_sparse_attn: q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -279,18 +267,15 @@ def _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens):
         if t.device != q.device:
             raise ValueError(f"block_sparse_attn: {name} is on {t.device}, q on {q.device}")
     if tuple(kv_counts.shape) != (B, H, n_qb):
-        raise ValueError(
-            f"block_sparse_attn: kv_counts must be [B, H, ceil(S/BLOCK_M)] = {(B, H, n_qb)}; got {tuple(kv_counts.shape)}"
-        )
+        raise ValueError(f"block_sparse_attn: kv_counts must be [B, H, ceil(S/BLOCK_M)] = {(B, H, n_qb)}; got "
+                         f"{tuple(kv_counts.shape)}")
     if kv_indices.dim() != 4 or tuple(kv_indices.shape[:3]) != (B, H, n_qb) or kv_indices.shape[3] < 1:
-        raise ValueError(
-            f"block_sparse_attn: kv_indices must be [B, H, ceil(S/BLOCK_M), max_kv >= 1] with leading dims "
-            f"{(B, H, n_qb)}; got {tuple(kv_indices.shape)}"
-        )
+        raise ValueError(f"block_sparse_attn: kv_indices must be [B, H, ceil(S/BLOCK_M), max_kv >= 1] with leading "
+                         f"dims {(B, H, n_qb)}; got {tuple(kv_indices.shape)}")
     if kv_block_lens is not None and tuple(kv_block_lens.shape) != (n_kb,):
-        raise ValueError(
-            f"block_sparse_attn: kv_block_lens must be [ceil(S/BLOCK_N)] = [{n_kb}]; got {tuple(kv_block_lens.shape)}"
-        )
+        raise ValueError(f"block_sparse_attn: kv_block_lens must be [ceil(S/BLOCK_N)] = [{n_kb}]; got "
+                         f"{tuple(kv_block_lens.shape)}")
+    return block_size, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -310,34 +295,18 @@ _OPTION_KEYS = ("num_warps", "num_stages", "use_tma", "tail_last", "tile_n", "ma
 
 
 def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
-    """Launch options on CUDA (measured on an H100, triton 3.6: docs/kernel-notes.md).
-
-    D=128, 16-bit, Hopper, 128-row blocks: 64-key steps, 2 stages and a 128-register cap, so that two
-    8-warp programs share an SM (one's softmax overlaps the other's tensor-core work and their
-    prologues hide each other); the partial tail key block is deferred to a masked second phase
-    (tail_last); the accumulator is rescaled only when a row max grows by more than 2**8 (lazy).
-    64x64 blocks test the tail in the loop. Elsewhere: one program per query block, 8 warps (4 for 64-row
-    blocks), 3-4 stages, TMA loads.
-    """
+    """Launch options on CUDA, as measured on H100/H200 (docs/kernel-notes.md)."""
     D = q.shape[-1]
     cap = torch.cuda.get_device_capability(q.device)
     hopper = cap[0] >= 9 and _TensorDescriptor is not None
-    opts = dict(
-        num_warps=8 if bm == 128 else 4,
-        num_stages=3 if (bm * bn >= 128 * 128 and D == 128) else 4 if D == 64 else 3,
-        use_tma=hopper,
-        tail_last=False,
-        lazy_rescale=False,
-        tile_n=bn,
-        maxnreg=None,
-    )
+    opts = dict(num_warps=8 if bm == 128 else 4, num_stages=4 if D == 64 else 3,
+                use_tma=hopper, tail_last=False, lazy_rescale=False, tile_n=bn, maxnreg=None)
     if hopper and D == 128 and q.dtype != torch.float32:
-        if bm == 128:
+        if bm == 128:  # two 8-warp programs per SM (128 registers); tail deferred; rescale when a max grows > 2**8
             opts.update(tile_n=64, num_stages=2, maxnreg=128, tail_last=True, lazy_rescale=True)
         elif bn == 128:  # (64, 128): the (64, 64) kernel's steps, two programs per SM by shared memory
             opts.update(tile_n=64, tail_last=True)
-        # (64, 64): the tail tested in the loop: 5-6% faster than tail_last at Wan-14B 5% and 10% on an H200
-        # (docs/kernel-notes.md)
+        # (64, 64): the tail tested in the loop, 5-6% faster than tail_last on an H200
     if cap[0] < 9:  # Ampere and older: less shared memory
         opts["num_stages"] = 2
     if q.dtype == torch.float32:  # exact (ieee) fp32 products: correct, not fast; small tiles to fit
@@ -347,15 +316,11 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
 
 def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *, out=None, fallback=True,
             lse=None, out_rows=None, out_len=None, **options):
-    """Launch the kernel; `options` override `_default_launch` (the benchmark sweeps them). Inputs are checked.
+    """Launch the kernel on checked inputs; `options` override `_default_launch` (the benchmark sweeps them).
 
-    `out` (contiguous `[B, H, S, D]`, q's dtype) is written in place when given (tests poison it first).
-    `lse` (contiguous float32 `[B, H, S]`), when given, receives the row log-sum-exp of the scaled scores
-    (natural log; -inf for rows that see no key); without it the kernel is compiled without that store.
-    `out_rows` (int `[S]`), when given, scatters query row `r` to output row `out_rows[r]` of a
-    `[B, H, out_len, D]` output (rows with `out_rows[r] < 0` are dropped, output rows nobody names are left
-    as they were): the inverse of a gather into tile order, fused into the store. Not with `lse`.
-    With `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
+    `out` is written in place when given; `lse` (float32 `[B, H, S]`) receives the row log-sum-exp;
+    `out_rows`/`out_len` scatter the rows as `block_sparse_attn_scattered` does (not with `lse`). With
+    `fallback`, a TMA variant that fails to compile is remembered and pointer loads are used instead.
     """
     B, H, S, D = q.shape
     bm, bn = block_size
@@ -418,10 +383,7 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
             args = (qq, kk, vv, out)
         jit(_fwd_kernel, interpret)[(n_qb, B * H)](
             *args, idx, cnt, lens, lse if lse is not None else cnt, out_rows if out_rows is not None else cnt,
-            qq.stride(0), qq.stride(1), qq.stride(2),
-            kk.stride(0), kk.stride(1), kk.stride(2),
-            vv.stride(0), vv.stride(1), vv.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            *qq.stride()[:3], *kk.stride()[:3], *vv.stride()[:3], *out.stride()[:3],
             H, S, n_qb, idx.shape[-1], tail_blk, qk_scale,
             BLOCK_M=bm, BLOCK_N=bn, TILE_N=tn, HEAD_DIM=D,
             USE_TMA=bool(use_tma), DESC_RANK=rank, HAS_LENS=kv_block_lens is not None,
@@ -433,32 +395,21 @@ def _launch(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, *,
     if interpret:
         with interpreter(True):
             run(opts["use_tma"])
-        return out
-    if opts["use_tma"] and fallback:
+    elif opts["use_tma"] and fallback:
         try:
             run(True)
-            return out
         except Exception as e:  # compile or launch failure of the TMA variant: remember, use pointer loads
             _TMA_BROKEN.add(cfg_key)
             warnings.warn(f"block_sparse_attn: TMA path failed ({type(e).__name__}: {e}); using pointer loads", RuntimeWarning)
             run(False)
-            return out
-    run(opts["use_tma"])
+    else:
+        run(opts["use_tma"])
     return out
 
 
-def block_sparse_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_counts: torch.Tensor,
-    *,
-    block_size: tuple[int, int] = (128, 128),
-    scale: float | None = None,
-    kv_block_lens: torch.Tensor | None = None,
-    return_lse: bool = False,
-):
+def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor,
+                      kv_counts: torch.Tensor, *, block_size: tuple[int, int] = (128, 128), scale: float | None = None,
+                      kv_block_lens: torch.Tensor | None = None, return_lse: bool = False):
     """Block-sparse attention with a Triton kernel, differentiable (Triton backward) in q, k and v.
 
     Query block `i` (rows `i*BLOCK_M .. (i+1)*BLOCK_M`, clipped to `S`) attends to the key blocks
@@ -468,19 +419,10 @@ def block_sparse_attn(
     mask_mod, and of `block_sparse_attn_reference`. A query row that sees no key at all (count 0, or
     every selected key masked by `kv_block_lens`) returns zeros, not NaN.
 
-    On an sm_90 GPU (H100/H200), forward calls with 128x128 or 64x64 blocks, 16-bit q, k, v of head_dim 128
-    (contiguous, or slot prefixes of contiguous tensors) and no `kv_block_lens` run the warp-specialized Gluon
-    kernels of `sparsify.kernels.hopper` and `hopper64` (a TMA producer warp and two consumer warpgroups in
-    ping-pong); the `hopper` kernel path off (`SPARSIFY_KERNELS=-hopper`) turns them off. Every other call runs the plain
-    Triton kernel.
-
-    Runs on CUDA (TMA tensor-descriptor loads on Hopper and newer, pointer loads otherwise) and on CPU
-    tensors under the Triton interpreter (`TRITON_INTERPRET=1` in the environment at call time; slow,
-    for tests). Use `supports(q, block_size)` to decide cheaply whether to call it or fall back to dense.
-
-    When grad mode is on and q, k or v requires grad, the call goes through `BlockSparseAttnFunction`:
-    the forward also stores the row log-sum-exp and the backward runs the Triton kernels of
-    `block_sparse_bwd` (dq, dk, dv). Otherwise only the forward kernel runs, without the LSE store.
+    Forward calls that `hopper.supports` accepts (sm_90, 128x128 or 64x64 blocks, 16-bit, head_dim 128) run the
+    Gluon kernels of `hopper`/`hopper64` unless the `hopper` kernel path is off (`SPARSIFY_KERNELS=-hopper`);
+    the rest run the plain Triton kernel, on CUDA or on CPU under `TRITON_INTERPRET=1` (slow, for tests). With
+    grad, the call goes through `block_sparse_bwd.BlockSparseAttnFunction` (Triton backward).
 
     Args:
         q, k, v: `[B, H, S, D]`, one dtype: float16 or bfloat16 (float32 is accepted: exact fp32
@@ -513,9 +455,7 @@ def block_sparse_attn(
         >>> out.shape
         torch.Size([1, 2, 300, 64])
     """
-    block_size = _norm_block_size(block_size) if triton is not None else block_size
-    _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    block_size, scale = _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens, scale)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         from .block_sparse_bwd import BlockSparseAttnFunction
 
@@ -535,14 +475,8 @@ _HOPPER_OFF: set = set()  # (device, dtype, block size) keys whose Gluon kernel 
 
 
 def _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows=None, out_len=None):
-    """The warp-specialized Gluon kernels' output (`sparsify.kernels.hopper` for 128x128 blocks, `hopper64` for
-    64x64) when one serves the call, else None.
-
-    They serve forward calls on sm_90 with 16-bit q, k, v of head_dim 128 and no `kv_block_lens`
-    (`hopper.supports`), unless the `hopper` kernel path is off. If they cannot be imported (a triton without
-    Gluon) or one fails once for a (device, dtype, block size), one warning is given and the plain kernel is used.
-    `out_rows`/`out_len`: the fused inverse layout of `block_sparse_attn_scattered`.
-    """
+    """The Gluon kernel's output when one serves the call, else None (after one warning if it fails to import or
+    to run for a (device, dtype, block size): the plain kernel is used from then on)."""
     from ._triton import enabled
 
     if not (enabled("hopper") and q.is_cuda and "import" not in _HOPPER_OFF
@@ -572,11 +506,9 @@ def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_le
                                 scale=None, kv_block_lens=None):
     """`block_sparse_attn` whose output rows go straight to `out_rows` (no gradient): the op's inverse layout.
 
-    Query row `r` of the result is written to row `out_rows[r]` of a `[B, H, out_len, D]` tensor by the
-    kernel's own store, which saves a separate pass that would read and write the whole output again. Rows
-    with `out_rows[r] < 0` (padding slots) are dropped; output rows that no query row names are left
-    uninitialized, so `out_rows` must name every output row (the op's slot-to-token map does). Forward
-    only: autograd is not recorded. The Gluon kernels serve it where they serve `block_sparse_attn`.
+    Query row `r` is written to row `out_rows[r]` of a `[B, H, out_len, D]` tensor by the kernel's own store (no
+    separate pass over the output); rows with `out_rows[r] < 0` are dropped, output rows nobody names are left
+    uninitialized. Forward only.
 
     Args:
         q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens: as for `block_sparse_attn`.
@@ -594,9 +526,7 @@ def block_sparse_attn_scattered(q, k, v, kv_indices, kv_counts, out_rows, out_le
         >>> block_sparse_attn_scattered(q, q, q, idx, cnt, rows, 200).shape
         torch.Size([1, 1, 200, 64])
     """
-    block_size = _norm_block_size(block_size) if triton is not None else block_size
-    _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    block_size, scale = _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens, scale)
     with torch.no_grad():
         out = _hopper(q, k, v, kv_indices, kv_counts, block_size, scale, kv_block_lens, out_rows, out_len)
         if out is not None:

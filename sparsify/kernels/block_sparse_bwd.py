@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import contextlib
 import warnings
 
 import torch
 
 from ._triton import _SUM, interpreter, interpreting, jit
-from .block_sparse import _LOG2E, _TensorDescriptor, _check, _launch, _norm_block_size, _tma_ok, tl, triton
+from .block_sparse import _LOG2E, _TensorDescriptor, _check, _launch, _tma_ok, tl, triton
 
 __all__ = ["block_sparse_attn_backward", "transpose_selection", "BlockSparseAttnFunction"]
 
 
-# --------------------------------------------------------------------------------------------------
-# kernels (plain functions, wrapped by `_triton.jit` lazily, as in block_sparse.py)
-# --------------------------------------------------------------------------------------------------
+# The kernels are plain functions, wrapped by `_triton.jit` lazily, as in block_sparse.py.
 def _bwd_preprocess_kernel(
     O, DO, LSE, DELTA, LSE2,
     sob, soh, sos, sdob, sdoh, sdos,
@@ -223,21 +221,17 @@ def _sel_compact_kernel(SEL, Q_IDX, Q_CNT, N_QB, N_KB, BLOCK_Q: tl.constexpr):
     tl.store(Q_CNT + bh.to(tl.int64) * N_KB + j, total)
 
 
-# --------------------------------------------------------------------------------------------------
-# host side
-# --------------------------------------------------------------------------------------------------
 _TMA_BROKEN: set = set()  # launch configurations whose TMA variant failed once
 
 
 def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_blocks: int):
     """The query blocks that selected each key block: the transposed selection, built on the device (no sync).
 
-    Two small Triton kernels (a scatter into a `[B, H, n_kv_blocks, n_q_blocks]` byte map, then one compaction
-    per key block) on CUDA or under the Triton interpreter; plain torch otherwise.
+    Triton kernels (a scatter into a `[B, H, n_kv_blocks, n_q_blocks]` byte map, then one compaction per key block)
+    on CUDA or under the interpreter; plain torch otherwise.
 
     Args:
-        kv_indices: int `[B, H, n_q_blocks, max_kv]`; entries past `kv_counts` are ignored.
-        kv_counts: int `[B, H, n_q_blocks]` (clamped to max_kv).
+        kv_indices, kv_counts: the selection, as for `block_sparse_attn`.
         n_kv_blocks: number of key blocks.
 
     Returns:
@@ -264,15 +258,9 @@ def transpose_selection(kv_indices: torch.Tensor, kv_counts: torch.Tensor, n_kv_
         scatter, compact = jit(_sel_scatter_kernel, interpret), jit(_sel_compact_kernel, interpret)
         block_q = min(1024, triton.next_power_of_2(max(n_qb, 16)))
 
-        def launch():
+        with interpreter(True) if interpret else contextlib.nullcontext():
             scatter[(n_qb, B * H)](idx, cnt, sel, n_qb, n_kv_blocks, max_kv, BLOCK_E=64, num_warps=2)
             compact[(n_kv_blocks, B * H)](sel, q_idx, q_cnt, n_qb, n_kv_blocks, BLOCK_Q=block_q, num_warps=4)
-
-        if interpret:
-            with interpreter(True):
-                launch()
-        else:
-            launch()
         return q_idx, q_cnt
     live = torch.arange(max_kv, device=dev) < kv_counts.to(torch.int32).unsqueeze(-1)
     rows = torch.where(live, kv_indices.to(torch.int64), n_kv_blocks)  # dead entries go to a spare row
@@ -309,29 +297,17 @@ def _default_bwd_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
 
 
 def block_sparse_attn_backward(
-    grad_out: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kv_indices: torch.Tensor,
-    kv_counts: torch.Tensor,
-    *,
-    block_size: tuple[int, int] = (128, 128),
-    scale: float | None = None,
-    kv_block_lens: torch.Tensor | None = None,
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_indices: torch.Tensor, kv_counts: torch.Tensor, *, block_size: tuple[int, int] = (128, 128),
+    scale: float | None = None, kv_block_lens: torch.Tensor | None = None,
     transposed: tuple[torch.Tensor, torch.Tensor] | None = None,
-    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-    **options,
+    grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, **options
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of `block_sparse_attn` with respect to q, k and v, by Triton kernels.
 
-    Three steps: the transposed selection (`transpose_selection`, the query blocks that selected each key
-    block), a launch of dq programs (one per query block slice, over its key blocks; they also compute
-    `delta = rowsum(dO * O)`, or with `dq_pre=False` a preprocess launch does), then a launch of dk/dv programs
-    (one per key block slice, over the query blocks that selected it).
-    Assumes what the forward assumes: ids in a row distinct and in range (not checked).
+    dq programs loop over a query block's key blocks (and compute `delta = rowsum(dO * O)` unless `dq_pre=False`
+    asks for a preprocess launch), then dk/dv programs over the query blocks that selected a key block
+    (`transpose_selection`). Assumes what the forward assumes: ids in a row distinct and in range.
 
     Args:
         grad_out: `[B, H, S, D]`, the gradient of the forward's output.
@@ -339,10 +315,8 @@ def block_sparse_attn_backward(
         out: the forward's output.
         lse: float32 `[B, H, S]`, the forward's row log-sum-exp (`block_sparse_attn(..., return_lse=True)`).
         transposed: `transpose_selection(kv_indices, kv_counts, n_kv_blocks)` if already built.
-        grads: optional contiguous `[B, H, S, D]` buffers of q's dtype for `(dq, dk, dv)`, written in place
-            (every element; tests poison them first).
-        **options: launch options (`kv_tile`, `m_step`, `q_tile`, `n_step`, `num_warps`, `num_stages`,
-            `dq_warps`, `dq_stages`, `use_tma`, `dq_pre`) overriding the defaults (the benchmark sweeps them).
+        grads: optional contiguous `[B, H, S, D]` buffers of q's dtype for `(dq, dk, dv)`, written in place.
+        **options: launch options (`_BWD_KEYS`) overriding the defaults (the benchmark sweeps them).
 
     Returns:
         `(dq, dk, dv)`, contiguous `[B, H, S, D]` in q's dtype. Rows that see no key get zero dq; keys no
@@ -355,8 +329,7 @@ def block_sparse_attn_backward(
         >>> out, lse = block_sparse_attn(q, k, v, idx, cnt, return_lse=True)
         >>> dq, dk, dv = block_sparse_attn_backward(torch.randn_like(out), q, k, v, out, lse, idx, cnt)
     """
-    block_size = _norm_block_size(block_size)
-    _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens)
+    block_size, scale = _check(q, k, v, kv_indices, kv_counts, block_size, kv_block_lens, scale)
     B, H, S, D = q.shape
     for name, t in (("grad_out", grad_out), ("out", out)):
         if tuple(t.shape) != (B, H, S, D):
@@ -366,7 +339,6 @@ def block_sparse_attn_backward(
     bad = set(options) - set(_BWD_KEYS)
     if bad:
         raise TypeError(f"unknown backward launch options {sorted(bad)}; valid: {_BWD_KEYS}")
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     bm, bn = block_size
     n_qb, n_kb = -(-S // bm), -(-S // bn)
     interpret = q.device.type == "cpu" or interpreting()
@@ -424,24 +396,15 @@ def block_sparse_attn_backward(
         else:
             descs = (q, grad_out, k, v)
         if not dq_pre:
-            pre[(-(-S // 64), B * H)](
-                out, grad_out, lse, delta, lse2,
-                out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                H, S, BLOCK=64, HEAD_DIM=D, num_warps=4,
-            )
-        common = (
-            q, k, v, grad_out, dq, dk, dv, lse2, delta, *descs, out, out.stride(0), out.stride(1), out.stride(2), lse,
-            idx, cnt, q_idx, q_cnt, lens,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            H, S, n_qb, n_kb, idx.shape[-1], q_idx.shape[-1],
-        )
-        meta = dict(
-            BLOCK_M=bm, BLOCK_N=bn, KV_TILE=int(opts["kv_tile"]), M_STEP=int(opts["m_step"]),
-            Q_TILE=int(opts["q_tile"]), N_STEP=int(opts["n_step"]), HEAD_DIM=D, HAS_LENS=kv_block_lens is not None,
-            DOT_FP32=interpret, INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32",
-            USE_TMA=use_tma,
-        )
+            pre[(-(-S // 64), B * H)](out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3],
+                                      H, S, BLOCK=64, HEAD_DIM=D, num_warps=4)
+        common = (q, k, v, grad_out, dq, dk, dv, lse2, delta, *descs, out, *out.stride()[:3], lse,
+                  idx, cnt, q_idx, q_cnt, lens, *(st for t in (q, k, v, grad_out) for st in t.stride()[:3]),
+                  H, S, n_qb, n_kb, idx.shape[-1], q_idx.shape[-1])
+        meta = dict(BLOCK_M=bm, BLOCK_N=bn, KV_TILE=int(opts["kv_tile"]), M_STEP=int(opts["m_step"]),
+                    Q_TILE=int(opts["q_tile"]), N_STEP=int(opts["n_step"]), HEAD_DIM=D,
+                    HAS_LENS=kv_block_lens is not None, DOT_FP32=interpret,
+                    INPUT_PRECISION="ieee" if (q.dtype == torch.float32 or interpret) else "tf32", USE_TMA=use_tma)
         # dq first: with dq_pre its programs also write delta and lse2, which the dk/dv programs read
         main[(n_q_progs, B * H)](*common, scale, scale * _LOG2E, COMPUTE_DQ=True, DQ_PRE=dq_pre, **meta,
                                  num_warps=opts["dq_warps"], num_stages=opts["dq_stages"])

@@ -120,11 +120,8 @@ def _pool_kernel(x_ptr, lens_ptr, mean_ptr, max_ptr, min_ptr, n_tiles, H, sxb, s
 
 def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.Tensor | None = None,
                 volume: int = 0, block: int = 64, group: int = 0, write: bool = True):
-    """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]`
-    (or `x[b, h, src[b, h, s]]` with a per-head `src`).
-
-    Slots with `src < 0` are written as zeros. Not differentiable: callers use `index_select` when a
-    gradient is needed (`needs_grad`).
+    """Gather rows of up to three `[B, H, S, D]` tensors in one launch: `y[b, h, s] = x[b, h, src[s]]` (zeros
+    where `src < 0`), or `x[b, h, src[b, h, s]]` with a per-head `src`. Not differentiable.
 
     Args:
         xs: 1 to 3 tensors of equal shape and dtype (any strides with a unit last stride).
@@ -136,11 +133,8 @@ def gather_rows(xs, src: torch.Tensor, *, pool_tiles: int = 0, tile_lens: torch.
         tile_lens: int `[>= pool_tiles]`, needed with `pool_tiles`.
         volume: slots per tile (with `pool_tiles`; a power of two).
         block: slots per program (a power of two).
-        group: with `pool_tiles`, also the means of `xs[1]` over each group of `group` consecutive slots of
-            those tiles (valid slots only; `[B, H, pool_tiles*volume/group, D]` in x's dtype), a power of two
-            dividing the volume: Veda's `keys/G` rows (`sparsify.kernels.tile_select.group_means`).
-        write: False: only the means (with `pool_tiles`), no gathered tensors: `ys` is empty and q and k are
-            read once, nothing written but the means.
+        group: with `pool_tiles`, also `tile_select.group_means` of `xs[1]` (Veda's `keys/G` rows).
+        write: False: only the means (with `pool_tiles`); `ys` is empty.
 
     Returns:
         `(ys, means)`: the gathered contiguous `[B, H, n_out, D]` tensors and the list of means (empty

@@ -1,45 +1,12 @@
-"""Block-sparse attention forward for Hopper in Gluon: a TMA producer warp and two consumer warpgroups in ping-pong.
+"""Block-sparse attention forward for sm_90 in Gluon, 128x128 blocks: a TMA producer warp, two consumer warpgroups in ping-pong.
 
-Written with `triton.experimental.gluon` (Triton >= 3.6), which exposes what plain Triton cannot: warp
-specialization with per-partition register budgets, mbarriers, TMA and asynchronous wgmma. `block_sparse_attn`
-uses it for 128x128 blocks (and `hopper64`, its 64x64 form, for 64x64 blocks) on sm_90 (H100/H200) when `supports`
-says yes, else the plain Triton kernel. Measurements, and the persistent and cooperative forms that lost:
-docs/kernel-notes.md.
-
-Semantics: as `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(128, 128))`:
-query block i of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`; keys >= S are masked;
-a query row with no key outputs 0.
-
-Layout (FA3-style ping-pong; one program = one "tile" = one 128-row query block of one (b, h)): 3 partitions.
-    - default partition, 4 warps  = consumer warpgroup 0: query rows   0..63 of the block
-    - worker 0,           4 warps = consumer warpgroup 1: query rows 64..127 of the block
-    - worker 1,           1 warp  = producer: TMA loads of Q (2 halves) and of the K / V tiles of the block's
-                                    selection into a ring of NUM_STAGES shared-memory stages.
-Both consumers read the SAME K/V stage (same query block => same key-block list), so K/V are loaded once per
-query block. The two consumers take turns issuing their wgmma's (two "turn" mbarriers), so that the softmax of
-one warpgroup runs while the tensor cores work for the other (FA3's inter-warpgroup ping-pong). Inside a warpgroup,
-QK^T of step t+1 is issued together with PV of step t (FA3's intra-warpgroup overlap), P is fed from registers
-(wgmma RS form).
-
-Why 64 rows per consumer warpgroup and not "each warpgroup owns its own 128-row query block" (Blackwell example
-layout): on Hopper the accumulators live in registers; a 128 x 128 fp32 S tile plus a 128 x 128 fp32 O accumulator
-per warpgroup is 256 registers/thread before P, m, l, addresses -> cannot fit the 255 (in practice 240 with
-setmaxnreg) budget without spills. Also two different query blocks have different key-block lists, so they could not
-share a K/V stage (2x K/V shared-memory and L2 traffic). FA3 itself (hdim 128) uses 2 x 64 rows of one 128-row tile.
-
-Barriers (all count 1 unless said):
-    q_bar[w]      Q half w landed            (producer expect+TMA -> consumer w)
-    k_ready[s]    K stage s landed           (producer -> both consumers)
-    v_ready[s]    V stage s landed
-    k_empty[s]    K stage s free, count 2 (each consumer arrives after its QK^T wgmma completed)
-    v_empty[s]    V stage s free, count 2 (each consumer arrives after its PV wgmma completed)
-    turn[w]       consumer w may issue its next wgmma's; w arrives on turn[1-w] after issuing.
-
-Shared memory: Q 128x128 16-bit (32 KiB, reused for the O tile of the TMA store) + NUM_STAGES x (K 32 KiB + V 32 KiB).
-NUM_STAGES=2: 160 KiB, 3: 224 KiB (the sm_90 limit is 227 KiB). One CTA per SM.
-
-Registers (setmaxnreg): consumers 240 each, producer 24 (its warpgroup is padded to 4 warps): 12 warps,
-maxnreg 168 -> 168 * 384 = 64512 <= 65536; the default partition gets what is left, 240.
+Semantics of `reference.block_sparse_attn_reference(..., block_size=(128, 128))`. One program = one 128-row query
+block of one (b, h): consumer warpgroup w (4 warps; the default partition is w = 0) takes rows 64w .. 64w+63, the
+producer (1 warp) TMA-loads Q and the block's K/V tiles into a ring of NUM_STAGES stages that both consumers read.
+The consumers alternate their wgmma issues (one's softmax runs under the other's tensor-core work), and issue QK^T
+of step t with PV of step t-1 (P from registers). Barriers: q_bar[w] (Q half landed), k_ready/v_ready[s] (stage
+landed), k_empty/v_empty[s] (count 2: both consumers done with it), turn[w] (consumer w may issue). Shared memory:
+Q 32 KiB (reused for O) + NUM_STAGES x 64 KiB. Design and measurements: docs/kernel-notes.md.
 """
 
 from __future__ import annotations
@@ -71,9 +38,6 @@ ROWS = 64  # query rows per consumer warpgroup (the q/o descriptors' block)
 LAUNCH = dict(num_warps=4, maxnreg=168, consumer_regs=240, producer_regs=24)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# partitions
-# ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
               IDX, CNT, N_QB, MAX_KV, NUM_STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -244,9 +208,6 @@ def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, 
               IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN, 1, NUM_STAGES, BLOCK_N, HEAD_DIM, HAS_DST)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# kernel
-# ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_KV, qk_scale, O, DST, OUT_LEN,
                         NUM_STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
@@ -286,9 +247,6 @@ def block_sparse_fwd_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, MAX_K
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# host
-# ------------------------------------------------------------------------------------------------------------------
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
@@ -328,6 +286,18 @@ def _output(q, out, out_rows, out_len):
     if rows.numel() < S:
         raise ValueError(f"out_rows has {rows.numel()} entries for {S} query rows")
     return o, rows, shape[2]
+
+
+def _launch(kernel, q, k, v, idx, cnt, scale, launch_out, out_rows, num_stages, rows, block, n_prog, *sizes):
+    """Launch a ping-pong kernel, `n_prog` programs per head; `launch_out` is `_output`'s, `sizes` follow S."""
+    B, H, S, _ = q.shape
+    o, dst, out_len = launch_out
+    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, rows, block)
+    kernel[(n_prog * B * H, )](
+        qd, kd, vd, od, idx, cnt, S, *sizes, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
+        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
+        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
+    return o
 
 
 def supports(q, k, v, block_size, kv_block_lens=None) -> tuple[bool, str]:
@@ -396,14 +366,7 @@ def block_sparse_attn_hopper(q, k, v, kv_indices, kv_counts, scale, *, out=None,
         >>> block_sparse_attn_hopper(q, q, q, idx, cnt, 128 ** -0.5).shape
         torch.Size([1, 2, 300, 128])
     """
-    B, H, S, D = q.shape
-    n_qb = triton.cdiv(S, BLOCK)
-    idx = kv_indices.to(torch.int32).contiguous()
-    cnt = kv_counts.to(torch.int32).contiguous()
-    o, dst, out_len = _output(q, out, out_rows, out_len)
-    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, ROWS, BLOCK)
-    block_sparse_fwd_ws[(n_qb * B * H, )](
-        qd, kd, vd, od, idx, cnt, S, n_qb, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
-        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
-    return o
+    n_qb = triton.cdiv(q.shape[2], BLOCK)
+    idx, cnt = kv_indices.to(torch.int32).contiguous(), kv_counts.to(torch.int32).contiguous()
+    return _launch(block_sparse_fwd_ws, q, k, v, idx, cnt, scale, _output(q, out, out_rows, out_len), out_rows,
+                   num_stages, ROWS, BLOCK, n_qb, n_qb)

@@ -1,57 +1,11 @@
-"""Gluon block-sparse attention forward for Hopper, 64x64 blocks: one CTA = two query blocks, ping-pong.
+"""Block-sparse attention forward for sm_90 in Gluon, 64x64 blocks: one CTA = two query blocks, ping-pong.
 
-`block_sparse_attn` uses it for 64x64 blocks on sm_90 when `hopper.supports` says yes. Checked on an H200 with
-`python -m benchmarks.hopper64_check` and `tests/gpu/test_hopper_gpu.py`; speed in docs/kernel-notes.md.
-Compiled ahead of time for sm_90 on every CI run (`tests/test_hopper.py`).
-
-Semantics: `sparsify.kernels.reference.block_sparse_attn_reference(q, k, v, idx, cnt, block_size=(64, 64))`:
-query block i (rows i*64 .. i*64+63) of (b, h) attends to the key blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`
-(64 keys each; counts clamped to [0, max_kv]); keys >= S are masked; a query block with no key outputs 0.
-D = 128, q/k/v bf16 or fp16, fp32 accumulation, online softmax in exp2 form.
-
-Layout (template: `sparsify.kernels.hopper`): a CTA ("tile") serves the query blocks 2t and
-2t+1 of one (b, h) (the second may not exist when n_qb is odd). 3 partitions:
-
-    default partition, 4 warps = consumer warpgroup 0: query block 2t   (64 rows), its own key-block list
-    worker 0,           4 warps = consumer warpgroup 1: query block 2t+1 (64 rows), its own key-block list
-    worker 1,           1 warp  = producer: TMA loads of Q (both blocks) and of the K / V tiles of BOTH lists
-
-K/V rings: one ring of NUM_STAGES (K, V) stages PER CONSUMER (the two lists differ, so a stage is read by one
-consumer only; empty barriers have count 1). The producer walks step t = 0 .. max(c0, c1) - 1 and, at each step,
-loads K0_t, V0_t (if t < c0) then K1_t, V1_t (if t < c1) -- the order in which the lock-stepped consumers need them.
-
-Consumer pipeline (per warpgroup, `cnt` key blocks; = the template's):
-    prologue  [turn] S_0 = Q K_0^T [pass] ; wait ; release K_0 ; softmax -> P_0 (registers, RS operand)
-    t=1..c-1  [turn] S_t = Q K_t^T ; O += P_{t-1} V_{t-1} [pass] ; wait(1) -> S_t, release K_t ; softmax(S_t)
-              (overlaps this WG's PV and the other WG's wgmma's) ; wait(0) -> release V_{t-1} ; O *= alpha
-    tail      [turn] O += P_last V_last [pass] ; wait ; release V_last
-    epilogue  O / l (0 where l = 0) -> the WG's Q buffer -> TMA store through the [B*H, S, D] descriptor (clips S)
-So a consumer with c > 0 key blocks has n = c + 1 wgmma issue slots (slot 0 = prologue, c = tail); c = 0: n = 0.
-
-Turn protocol with UNEQUAL slot counts n0, n1 (both consumers load both counts, so each knows the other's n):
-strict alternation WG0 s0, WG1 s0, WG0 s1, WG1 s1, ... while both sides have slots left, then the side with more
-slots runs free. Two count-1 mbarriers: WG1 arrives on turn[0], WG0 arrives on turn[1].
-    WG0, slot k: waits for the k-th arrival on turn[0]   (parity (k-1)&1)  iff 1 <= k <= n1
-                 then arrives on turn[1]                                    iff k < n1
-    WG1, slot k: waits for the (k+1)-th arrival on turn[1] (parity k&1)    iff k < n0
-                 then arrives on turn[0]                                    iff k + 1 < n0
-Every arrival made is awaited by exactly one wait and every wait has its arrival (WG0's (k+1)-th arrival after its
-slot k < n1 is awaited by WG1's slot k < n0, WG1's (k+1)-th arrival after its slot k with k + 1 < n0 by WG0's slot
-k+1 <= n1), the waiter is never two phases behind (strict alternation), so no deadlock and no stale phase;
-n = 0 (count 0 or missing second block) means no waits and no arrivals at all.
-
-Barriers (count 1):
-    q_bar[w]              Q of consumer w landed (only loaded when c_w > 0)
-    k_ready[w*NS + s]     K stage s of consumer w's ring landed       (producer expect + TMA -> consumer w)
-    v_ready[w*NS + s]     V stage s landed
-    k_empty[w*NS + s]     consumer w's QK^T on stage s finished       (consumer w -> producer)
-    v_empty[w*NS + s]     consumer w's PV on stage s finished
-    turn[0], turn[1]      ping-pong (above)
-
-Shared memory: Q 2 x 64 x 128 16-bit (32 KiB, reused for O) + 2 rings x NUM_STAGES x (K 16 KiB + V 16 KiB):
-NUM_STAGES = 2: 160 KiB, 3: 224 KiB (<= 227 KiB); the row stores of the fused inverse layout (HAS_DST) take 16 KiB
-more (layout conversion), so HAS_DST needs NUM_STAGES = 2. One CTA per SM.
-Registers: as the template: maxnreg 168 on the launch (12 warps), setmaxnreg 240 (consumers) / 24 (producer).
+Semantics of `reference.block_sparse_attn_reference(..., block_size=(64, 64))`; the structure of `hopper`, except
+that consumer warpgroup w serves query block 2t+w with its own key-block list and its own K/V ring (barriers
+indexed w*NUM_STAGES + s, all count 1), and the producer loads, at each step t, K0_t, V0_t (t < c0) then K1_t, V1_t
+(t < c1). A consumer with c > 0 key blocks has c + 1 wgmma issue slots (prologue, c - 1 steady, tail); the turn
+protocol of `_take_turn`/`_pass_turn` alternates the two while both have slots left. Shared memory: Q 32 KiB +
+2 x NUM_STAGES x 32 KiB; HAS_DST takes 16 KiB more, so it needs NUM_STAGES = 2. Notes: docs/kernel-notes.md.
 """
 
 from __future__ import annotations
@@ -68,7 +22,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from .hopper import _GL_DTYPES, LAUNCH, LOG2E, _descs, _output, _softmax_step, _store_rows, _tma_load, _tma_store
+from .hopper import _GL_DTYPES, LAUNCH, _launch, _output, _softmax_step, _store_rows, _tma_load, _tma_store
 
 __all__ = ["block_sparse_attn_hopper64", "LAUNCH"]
 
@@ -76,9 +30,6 @@ BLOCK = 64  # query block = key block = 64 (semantic)
 HEAD_DIM = 128
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# partitions
-# ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def _block_row(CNT, pid_bh, qb, N_QB, MAX_KV):
     """(clamped key-block count, row of the selection) of query block qb of (b, h); count 0 if qb >= N_QB (the
@@ -149,8 +100,9 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
 
 @gluon.jit
 def _take_turn(turn, k, n_other, WG: gl.constexpr):
-    """Before wgmma issue slot k: wait until the other consumer has issued the slot that precedes it (see the
-    module docstring; no wait once the other side has no slot left)."""
+    """Before issue slot k: WG0 waits for the k-th arrival on turn[0] iff 1 <= k <= n_other, WG1 for the (k+1)-th on
+    turn[1] iff k < n_other. So WG0 s0, WG1 s0, WG0 s1, ... alternate while both have slots, then the longer side runs
+    free; each arrival of `_pass_turn` has exactly one wait, and no waiter falls two phases behind."""
     if WG == 0:
         if (k >= 1) & (k <= n_other):
             mbarrier.wait(turn.index(0), (k - 1) & 1)
@@ -287,9 +239,6 @@ def _consumer1(q_desc, o_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, 
               HEAD_DIM, HAS_DST)
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# kernel
-# ------------------------------------------------------------------------------------------------------------------
 @gluon.jit
 def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_PAIRS, MAX_KV, qk_scale,
                           O, DST, OUT_LEN,
@@ -333,24 +282,12 @@ def block_sparse_fwd64_ws(q_desc, k_desc, v_desc, o_desc, IDX, CNT, S, N_QB, N_P
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# host
-# ------------------------------------------------------------------------------------------------------------------
 def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=None, num_stages=2, out_rows=None,
                                out_len=None):
     """Block-sparse attention forward, 64x64 blocks, with the warp-specialized Gluon kernel (sm_90).
 
-    Args:
-        q, k, v: `[B, H, S, 128]`, bfloat16 or float16, on an sm_90 GPU, as `hopper.inputs_ok` asks.
-        kv_indices: int `[B, H, ceil(S/64), max_kv]`; kv_counts: int `[B, H, ceil(S/64)]` (clamped to [0, max_kv]).
-        scale: softmax scale.
-        out: optional contiguous output (of the result's shape and q's dtype), written in place.
-        num_stages: K/V stages per consumer ring (2: 160 KiB of shared memory, 3: 224 KiB).
-        out_rows, out_len: the fused inverse layout of `block_sparse_attn_scattered`: query row r goes to row
-            `out_rows[r]` (< 0: dropped) of a `[B, H, out_len, 128]` result; rows nobody names stay unwritten.
-
-    Returns:
-        `[B, H, S, 128]` (or `[B, H, out_len, 128]`) in q's dtype; rows of key-less query blocks are 0.
+    Arguments and result as `hopper.block_sparse_attn_hopper`, with 64-row query and key blocks (`kv_indices`
+    `[B, H, ceil(S/64), max_kv]`) and `num_stages` K/V stages per consumer ring.
 
     Example:
         >>> q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
@@ -362,19 +299,14 @@ def block_sparse_attn_hopper64(q, k, v, kv_indices, kv_counts, scale, *, out=Non
     B, H, S, D = q.shape
     assert D == HEAD_DIM and q.dtype in _GL_DTYPES, (q.shape, q.dtype)  # the rest: `hopper.supports` (caller)
     n_qb = triton.cdiv(S, BLOCK)
-    idx = kv_indices.to(torch.int32).contiguous()
-    cnt = kv_counts.to(torch.int32).contiguous()
+    idx, cnt = kv_indices.to(torch.int32).contiguous(), kv_counts.to(torch.int32).contiguous()
     assert tuple(idx.shape[:3]) == (B, H, n_qb) and tuple(cnt.shape) == (B, H, n_qb), (idx.shape, cnt.shape)
-    o, dst, out_len = _output(q, out, out_rows, out_len)
+    launch_out = _output(q, out, out_rows, out_len)
     if idx.shape[-1] == 0:  # no key anywhere
         if out_rows is None:
-            return o.zero_()
+            return launch_out[0].zero_()
         idx = torch.zeros(B, H, n_qb, 1, dtype=torch.int32, device=q.device)  # the kernel writes the zero rows
         cnt = torch.zeros(B, H, n_qb, dtype=torch.int32, device=q.device)
-    qd, kd, vd, od = _descs(q, k, v, q if out_rows is not None else o, BLOCK, BLOCK)
     n_pairs = triton.cdiv(n_qb, 2)
-    block_sparse_fwd64_ws[(n_pairs * B * H, )](
-        qd, kd, vd, od, idx, cnt, S, n_qb, n_pairs, idx.shape[-1], float(scale) * LOG2E, o, dst, out_len,
-        NUM_STAGES=num_stages, CONSUMER_REGS=LAUNCH["consumer_regs"], PRODUCER_REGS=LAUNCH["producer_regs"],
-        num_warps=LAUNCH["num_warps"], maxnreg=LAUNCH["maxnreg"], HAS_DST=out_rows is not None)
-    return o
+    return _launch(block_sparse_fwd64_ws, q, k, v, idx, cnt, scale, launch_out, out_rows, num_stages, BLOCK, BLOCK,
+                   n_pairs, n_qb, n_pairs)

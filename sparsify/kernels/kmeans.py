@@ -76,7 +76,7 @@ def uses_triton(x: torch.Tensor) -> bool:
                                        and x.device.type == "cpu")
 
 
-#: The assignment kernel's launch on CUDA (`benchmarks.svg2_cost --assign-configs` times others).
+#: The assignment kernel's launch on CUDA (`python -m benchmarks.op --methods svg2 --assign-configs ...` times others).
 ASSIGN_LAUNCH = {"block_s": 128, "block_c": 64, "num_warps": 8, "num_stages": 3}
 
 

@@ -81,7 +81,7 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
 
     At Wan-14B 720p (q `[1, 75600, 5120]` bf16) it takes 0.50 ms on an H200 (3.1 TB/s), against 4.1 ms for
     diffusers' eager RMSNorm + RoPE and 1.35 ms for the same code compiled by Inductor
-    (`python -m benchmarks.rope_bench`).
+    (`python -m benchmarks.e2e`, row "dense, fused q/k").
 
     Args:
         x: `[B, S, heads*D]` (last dim contiguous), e.g. the output of `to_q`.

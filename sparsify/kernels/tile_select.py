@@ -111,14 +111,9 @@ _TOPK_MAX_CAND = 256
 def topk_indices(scores: torch.Tensor, ks: list[int]) -> torch.Tensor:
     """The `ks[h]` largest key tiles of every row of `scores` `[B, H, n_q, n_k]`, sorted by score.
 
-    Same result as `torch.topk(scores[:, h], ks[h], sorted=True)` up to tied scores, which the kernel
-    takes and orders by lower index first (a stable descending sort). One Triton program (one warp) per
-    row: the row is read as two power-of-two pieces; a bisection over its order-preserving float bits
-    (the first midpoints in float space) stops as soon as the count of entries at or above the threshold
-    is within [k, CAND] (CAND = the next power of two >= max(ks), at least 16), ties at the k-th score
-    cut by index when they overflow CAND; the <= 256 candidates are then ranked by pairwise comparison
-    through an int64 scratch. Where the kernel does not serve (n_k < 32 or max(ks) > 256), the result is
-    `torch.topk(sorted=True)`'s, zero-padded the same way.
+    `torch.topk(scores[:, h], ks[h], sorted=True)` with ties taken lower index first, by one warp per row
+    (bisection for a threshold, then ranking of the <= 256 candidates; see `_topk_kernel`); `torch.topk`
+    where the kernel does not serve (n_k < 32 or max(ks) > 256).
 
     Returns:
         int32 `[B, H, n_q, max(ks)]`; past `ks[h]` the entries are index 0 (valid, ignored by a count).
@@ -234,27 +229,17 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
                group: int = 1, outputs=("peak",), config: tuple[int, ...] | None = None) -> list[torch.Tensor]:
     """Tile-level logits of per-tile query means against the key rows of every key tile, in one fused kernel.
 
-    Key tile j has `rows` rows in `keys`; row r stands for `cnt = clamp(tile_lens[j] - r*group, 0, group)`
-    key slots (a tile's valid slots are its leading ones): the keys themselves with `group=1` and
-    `rows=volume` (Veda's exact peak), the means of consecutive groups of `group` slots (`group_means`;
-    Veda's `keys/4` peak), or the tile mean with `rows=1, group=volume` (then `peak` equals VSA's coarse
-    score; VSA itself keeps cuBLAS, which was as fast: docs/kernel-notes.md).
+    Key tile j has `rows` rows in `keys`, row r standing for `clamp(tile_lens[j] - r*group, 0, group)` key
+    slots: the keys (`group=1`, Veda's exact peak) or the means of groups of `group` slots (`group_means`).
 
     Args:
-        qm: `[B, H, n, D]` per-tile query means; cast to `keys`' dtype for the GEMM (float32 keys use
-            3-pass TF32 on the GPU, close to float32).
-        keys: `[B, H, n*rows, D]`.
+        qm: `[B, H, n, D]` per-tile query means (cast to `keys`' dtype; float32 uses 3-pass TF32 on the GPU).
+        keys: `[B, H, n*rows, D]`; rows and D powers of two, D >= 16.
         tile_lens: int `[n]` valid key slots per tile.
-        rows: key rows per tile (a power of two); D a power of two >= 16.
         scale: the logit scale (1/sqrt(D)).
-        group: key slots per row.
-        outputs: any of `PEAK_OUTPUTS`, in the order wanted: `peak` = max over rows with cnt > 0 of
-            `qm[i] . row * scale`; `mean` = the count-weighted mean logit (= q̄_i . k̄_j * scale);
-            `mix` = `log((L - c)/L exp(mean) + c/L exp(peak))` with `c = min(group, L)`: c keys at the
-            peak, the rest at the mean; `mass` = `mix + log L` (the tile's estimated log attention mass).
+        outputs: any of `PEAK_OUTPUTS`, in the order wanted, as defined in `_peak_kernel`.
         config: `(query tiles per program, key tiles per step, warps[, stages])`; default `(64, 64, 4, 4)`
-            (among the fastest of the configs timed at Wan-14B 720p 4x4x4 on an H200 with group 1 and 4:
-            docs/kernel-notes.md).
+            (among the fastest on an H200: docs/kernel-notes.md).
 
     Returns:
         One float32 `[B, H, n, n]` tensor per output.
@@ -291,9 +276,8 @@ def tile_peaks(qm: torch.Tensor, keys: torch.Tensor, tile_lens: torch.Tensor, ro
 def group_means(x: torch.Tensor, tile_lens: torch.Tensor, volume: int, group: int, out_dtype=None) -> torch.Tensor:
     """Means of consecutive groups of `group` slots of tiled `x` `[B, H, n*volume, D]` over their valid slots.
 
-    A tile's valid slots are its leading `tile_lens[t]`; a group with none is zero. The result,
-    `[B, H, n*volume/group, D]` in `out_dtype` (default: x's), is what `tile_peaks` takes as `keys` with
-    `rows = volume // group`.
+    A tile's valid slots are its leading `tile_lens[t]`; a group with none is zero. Returns
+    `[B, H, n*volume/group, D]` in `out_dtype` (default: x's), `tile_peaks`' `keys` with `rows = volume // group`.
 
     Example:
         >>> x = torch.arange(8.0).view(1, 1, 8, 1)

@@ -23,10 +23,6 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
-# --------------------------------------------------------------------------------------------------
-# semantics
-
-
 def _check(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, kv_counts, key_mask):
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
         raise ValueError(f"q must be [B, H, Sq, D] and k, v [B, H, Sk, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
@@ -64,20 +60,17 @@ def varlen_block_attn_reference(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_
                                 scale: float | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Variable-size block-sparse attention, computed densely with a token mask (float32, float64 for float64).
 
-    Query block `i` of head `(b, h)` holds rows `q_starts[b, h, i] .. + q_lens[b, h, i]`; it attends to
-    the keys of the blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]`, key block `j` holding keys
-    `k_starts[b, h, j] .. + k_lens[b, h, j]`. Blocks are disjoint and inside the sequence (blocks of
-    length 0 are allowed). Rows outside every query block, and rows that see no key, are zeros.
+    Query block `i` of `(b, h)` (rows `q_starts[b, h, i] .. + q_lens[b, h, i]`) attends to the keys of the
+    blocks `kv_indices[b, h, i, :kv_counts[b, h, i]]` (key block `j`: keys `k_starts[b, h, j] .. + k_lens`).
+    Blocks are disjoint, inside the sequence, possibly empty. Rows outside every query block, and rows that
+    see no key, are zeros.
 
     Args:
         q: `[B, H, Sq, D]`; k, v: `[B, H, Sk, D]`.
         q_starts, q_lens: int `[B, H, NQ]`; k_starts, k_lens: int `[B, H, NK]`.
-        kv_indices: int `[B, H, NQ, max_kv]` (entries past the count ignored); kv_counts: int `[B, H, NQ]`.
+        kv_indices: int `[B, H, NQ, max_kv]`; kv_counts: int `[B, H, NQ]`.
         scale: softmax scale, default `1/sqrt(D)`.
-        key_mask: optional bool `[B, Sk]` (or `[B, H, Sk]`, per head): False keys are never attended.
-
-    Returns:
-        `[B, H, Sq, D]` in q's dtype.
+        key_mask: optional bool `[B, Sk]` or `[B, H, Sk]`: False keys are never attended.
 
     Example:
         >>> q = k = v = torch.randn(1, 1, 5, 16)
@@ -116,9 +109,8 @@ def varlen_block_attn_reference(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_
 def varlen_pairs(q_lens, k_lens, kv_indices, kv_counts, block_size: tuple[int, int] | None = None) -> torch.Tensor:
     """(query, key) pairs a selection computes, per `(b, h)` (float64 `[B, H]`).
 
-    With `block_size=(BLOCK_M, BLOCK_N)`, the work the Triton kernel actually does: every query block
-    rounded up to whole `BLOCK_M`-row tiles, and all its selected keys together (packed one block after
-    another) rounded up to whole `BLOCK_N`-key chunks. Without `block_size`, the exact pairs.
+    With `block_size=(BLOCK_M, BLOCK_N)`, the kernel's work: query blocks rounded up to `BLOCK_M` rows, each
+    block's selected keys (packed) rounded up to `BLOCK_N`. Without it, the exact pairs.
 
     Example:
         >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32).view(1, 1, -1)
@@ -138,13 +130,8 @@ def varlen_pairs(q_lens, k_lens, kv_indices, kv_counts, block_size: tuple[int, i
     return (ql * keys).sum(-1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Triton kernel: one program per query tile (BLOCK_M rows of one query block), looping over its query
-# block's selected keys in BLOCK_N-key chunks, packed (the keys of all selected blocks one after another,
-# read through a key table; only the last chunk is short); chunk and tile edges masked. Reading every
-# selected block in chunks of its own was slower (docs/kernel-notes.md, "Measured dead ends").
-
-
+# One program per query tile (BLOCK_M rows of one query block), looping over the block's selected keys packed
+# into BLOCK_N-key chunks through a key table; chunking each block on its own was slower (docs/kernel-notes.md).
 def _varlen_kernel(
     Q, K, V, O, KM,
     T_BLK, T_ROW, T_LEN,  # [BH, MT]: query block, first row and rows (0: no tile) of every query tile
@@ -241,11 +228,9 @@ def _key_table_kernel(KEYS, FIRST, COUNT, IDX, CNT, K_START, K_LEN, NQ, NK, W, W
 def kv_key_table(k_starts, k_lens, kv_indices, kv_counts):
     """Every query block's selected keys, packed one block after another (one device sync: the table's size).
 
-    Returns `(keys, first, count)`: int32 `[N]` key positions, the selected blocks of query block `i` of
-    `(b, h)` at `keys[first[b * H + h, i] : + count[b * H + h, i]]` in selection order; int64 `[B*H, NQ]`
-    first entries and int32 `[B*H, NQ]` key counts. The table takes 4 bytes per (query block, selected key).
-    Two small Triton kernels (the counts, then the keys) around one sync; CUDA, or the Triton interpreter
-    for CPU tensors.
+    Returns `(keys, first, count)`: int32 `[N]` key positions, those of query block `i` of `(b, h)` at
+    `keys[first[b * H + h, i] : + count[b * H + h, i]]` in selection order; int64 `[B*H, NQ]` first entries and
+    int32 `[B*H, NQ]` counts. Two Triton kernels (the counts, then the keys), on CUDA or the interpreter.
 
     Example:
         >>> i32 = lambda *x: torch.tensor(x, dtype=torch.int32).view(1, 1, -1)
@@ -328,11 +313,8 @@ def default_block_size(q: torch.Tensor) -> tuple[int, int]:
 
 
 def _default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q's device and head dim.
-
-    Head_dim 128 takes 128-key chunks: 27.8 against 32.9 ms for 64 (SVG2 at Wan-14B, 5%, H200;
-    `python -m benchmarks.svg2_cost --kernel-tiles 128x128`).
-    """
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); head_dim 128 takes 128-key chunks (faster on an H200:
+    `python -m benchmarks.op --methods svg2 --kernel-tiles 128x128`)."""
     if q.device.type != "cuda":
         return 32, 16, 4, 1
     D = q.shape[-1]
@@ -349,17 +331,10 @@ def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, k
                       num_stages: int | None = None) -> torch.Tensor:
     """Variable-size block-sparse attention (forward) with a Triton kernel.
 
-    The semantics of `varlen_block_attn_reference` (see there for the arguments): query blocks and key
-    blocks of arbitrary length, e.g. the clusters of SVG2 after its token permutation. Each query block
-    is cut into `BLOCK_M`-row tiles, one program each. A program walks its query block's selected keys in
-    `BLOCK_N`-key chunks: the keys of all selected blocks one after another, read through a key table
-    (`kv_key_table`, one device sync), so only the last chunk is short. The table takes 4 bytes per
-    (query block, selected key): at Wan-14B 720p with SVG2's 296 query clusters, about 180 MB at 5%
-    density and 1.8 GB at 50%.
-
-    The work done is `varlen_pairs(..., block_size)`. Rows outside every query
-    block, and rows that see no key, are zeros. Runs on CUDA (float16/bfloat16; float32 exact and slow)
-    and on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1`; test sizes only).
+    The semantics of `varlen_block_attn_reference` (e.g. SVG2's clusters after its permutation). One program
+    per `BLOCK_M`-row tile of a query block walks the block's selected keys in `BLOCK_N`-key chunks through
+    `kv_key_table` (one device sync; 4 bytes per (query block, selected key): about 180 MB at Wan-14B 720p,
+    5%). The work done is `varlen_pairs(..., block_size)`. CUDA, or CPU under `TRITON_INTERPRET=1`.
 
     Args:
         q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, kv_counts, scale, key_mask: as in
@@ -399,8 +374,7 @@ def varlen_block_attn(q, k, v, q_starts, q_lens, k_starts, k_lens, kv_indices, k
     mt = blk.shape[1]
     jit(_varlen_kernel, interpret)[(mt, B * H)](
         q, k, v, out, km, blk, row, ln, keys, first, n_keys,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         km.stride(0) if key_mask is not None else 0,
         km.stride(1) if key_mask is not None and key_mask.dim() == 3 else 0,
         H, nq, mt, float(1.0 / math.sqrt(D) if scale is None else scale) * _LOG2E,

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from ..kernels._triton import device_ints
+from ..kernels._triton import device_ints, use_triton
 from ..recipe import Budget
 
 
@@ -21,26 +21,12 @@ def budget_counts(budget: Budget, n_tiles: int) -> int:
     return max(1, min(n_tiles, math.ceil(budget.density * n_tiles - 1e-9)))
 
 
-def _fast_topk(scores: torch.Tensor) -> bool:
-    try:
-        from ..kernels._triton import use_triton
-    except ImportError:  # pragma: no cover
-        return False
-    return scores.shape[-1] <= 4096 and use_triton("topk", scores)
-
-
 def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs: torch.Tensor | None = None):
     """Per-head top-k or top-p selection of key tiles from tile scores.
 
-    Args:
-        scores: float `[B, H, n_q, n_k]`; higher means more important.
-        budgets: one Budget per head.
-        probs: optional `[B, H, n_q, n_k]` tile probabilities for top-p budgets (default: softmax of
-            `scores` over key tiles).
-
-    Returns:
-        `(kv_indices int32 [B, H, n_q, max_kv], kv_counts int32 [B, H, n_q])`; indices are sorted by
-        score, entries past the count are valid indices but ignored.
+    `scores` `[B, H, n_q, n_k]` (higher: more important) and one Budget per head give `(kv_indices int32
+    [B, H, n_q, max_kv], kv_counts int32 [B, H, n_q])`, indices sorted by score. `probs`: tile probabilities
+    for top-p budgets (default: softmax of `scores`).
 
     Example:
         >>> s = torch.tensor([[[[0.1, 0.9, 0.5]]]])
@@ -53,7 +39,7 @@ def select_from_scores(scores: torch.Tensor, budgets: Sequence[Budget], *, probs
         raise ValueError(f"need one budget per head: {H} heads, {len(budgets)} budgets")
     if all(b.density is not None for b in budgets):  # top-k only: no full sort needed
         ks = [budget_counts(b, nk) for b in budgets]
-        if _fast_topk(scores):  # Triton bisection top-k (one warp per row): same selection, sorted by score
+        if scores.shape[-1] <= 4096 and use_triton("topk", scores):  # Triton bisection top-k (one warp per row): same selection, sorted by score
             from ..kernels.tile_select import topk_indices
 
             idx = topk_indices(scores, ks)

@@ -17,10 +17,6 @@ from .base import SelectionMethod
 from .registry import register_method
 
 
-# ----------------------------------------------------------------------------------------------
-# k-means (the assignment and segment-means kernels: `sparsify.kernels.kmeans`)
-
-
 def cluster_sizes(labels: torch.Tensor, n: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Tokens per cluster, float32 `[B, H, n]` (`weights` `[B, H, S]` counts each token by its weight)."""
     w = torch.ones_like(labels, dtype=torch.float32) if weights is None else weights.float()
@@ -28,8 +24,7 @@ def cluster_sizes(labels: torch.Tensor, n: int, weights: torch.Tensor | None = N
 
 
 def permute_rows(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """`x[b, h, perm[b, h, p]]` for every position p: one Triton row gather on CUDA without autograd, else
-    `torch.gather`.
+    """`x[b, h, perm[b, h, p]]` for every position p (a Triton row gather where it serves).
 
     Example:
         >>> permute_rows(torch.arange(3.0).view(1, 1, 3, 1), torch.tensor([[[2, 0, 1]]])).flatten().tolist()
@@ -77,16 +72,10 @@ def kmeans(x: torch.Tensor, n: int, *, init: torch.Tensor | None = None, iters: 
     """Lloyd's k-means per head (squared L2), batched over `[B, H]`.
 
     Args:
-        x: `[B, H, S, D]`.
-        n: clusters per head.
+        x: `[B, H, S, D]`; n: clusters per head.
         init: float `[B, H, n, D]` initial centroids (a warm start); default `init_centroids(x, n, seed)`.
         iters: at most this many (assign, update) iterations.
-        tol: stop once at most this share of the labels changed in an iteration (costs a device sync per
-            iteration); None runs exactly `iters`.
-        seed: seed of the random initialization.
-
-    Returns:
-        A `KMeansResult`.
+        tol: stop once at most this share of the labels changed (a device sync per iteration); None: `iters`.
 
     Example:
         >>> x = torch.cat([torch.randn(1, 1, 50, 4) - 5, torch.randn(1, 1, 50, 4) + 5], 2)
@@ -111,36 +100,9 @@ def kmeans(x: torch.Tensor, n: int, *, init: torch.Tensor | None = None, iters: 
     return KMeansResult(c, labels, done)
 
 
-def kmeans_reference(x: torch.Tensor, init: torch.Tensor, iters: int) -> KMeansResult:
-    """Exact, slow k-means: per head and per token loops in float64 (the oracle of `kmeans`)."""
-    B, H, S, D = x.shape
-    n = init.shape[2]
-    c = init.double().clone()
-    labels = torch.zeros(B, H, S, dtype=torch.int32)
-    xd = x.double().cpu()
-    c = c.cpu()
-    for _ in range(iters):
-        for b in range(B):
-            for h in range(H):
-                for s in range(S):
-                    labels[b, h, s] = int(((xd[b, h, s] - c[b, h]) ** 2).sum(-1).argmin())
-                for j in range(n):
-                    members = xd[b, h][labels[b, h] == j]
-                    if len(members):
-                        c[b, h, j] = members.mean(0)
-    return KMeansResult(c.float(), labels, iters)
-
-
-# ----------------------------------------------------------------------------------------------
-# centroid scores and selection (the top-p selection kernel: `sparsify.kernels.cluster_select`)
-
-
 def cluster_blocks(labels: torch.Tensor, n: int):
-    """Token order that makes every cluster contiguous, and each cluster's span in it.
-
-    Returns:
-        `(perm long [B, H, S], starts int32 [B, H, n], lens int32 [B, H, n])`: position `p` of the
-        permuted sequence holds token `perm[..., p]`; cluster `j` occupies `starts[j] .. + lens[j]`.
+    """`(perm long [B, H, S], starts, lens int32 [B, H, n])`: position `p` of the permuted sequence holds token
+    `perm[..., p]`, and cluster `j` occupies `starts[j] .. + lens[j]`.
 
     Example:
         >>> perm, starts, lens = cluster_blocks(torch.tensor([[[2, 0, 2, 1]]]), 3)
@@ -159,60 +121,11 @@ def centroid_logits(cq: torch.Tensor, ck: torch.Tensor, scale: float) -> torch.T
     return torch.matmul(cq.float(), ck.float().transpose(-1, -2)) * scale
 
 
-def select_clusters_reference(cq, ck, k_sizes, budgets, scale):
-    """Exact, slow `select_clusters(centroid_logits(cq, ck, scale), ...)`: loops, float64, sorted Python lists.
-
-    Returns a list (per b, h, query cluster) of the kept key clusters as a set.
-    """
-    B, H, nq, _ = cq.shape
-    nk = ck.shape[2]
-    out = []
-    for b in range(B):
-        for h in range(H):
-            bud = budgets[h]
-            sizes = [float(k_sizes[b, h, j]) for j in range(nk)]
-            total = sum(sizes)
-            for i in range(nq):
-                lg = [float((cq[b, h, i].double() * ck[b, h, j].double()).sum()) * scale for j in range(nk)]
-                live = [j for j in range(nk) if sizes[j] > 0]
-                mx = max(lg[j] for j in live)
-                w = {j: sizes[j] * math.exp(lg[j] - mx) for j in live}
-                z = sum(w.values())
-                if bud.density is not None:
-                    ranked = sorted(live, key=lambda j: -lg[j])
-                    need, floor = 0, bud.density
-                else:
-                    ranked = sorted(live, key=lambda j: -w[j])
-                    acc, need = 0.0, 0
-                    for j in ranked:
-                        need += 1
-                        acc += w[j] / z
-                        if acc >= bud.top_p - 1e-6:
-                            break
-                    floor = bud.min_density
-                held, n_floor = 0.0, 0
-                for j in ranked:
-                    if held >= floor * total - 1e-6:
-                        break
-                    n_floor += 1
-                    held += sizes[j]
-                out.append(set(ranked[:max(1, need, n_floor)]))
-    return out
-
-
 @dataclass
 class ClusterSelection:
-    """SVG2's selection for the video tokens of one call (see `SVG2.cluster_select`).
-
-    Attributes:
-        q_labels, k_labels: int32 `[B, H, S_video]` cluster of every video query / key.
-        q_perm, k_perm: long `[B, H, S_video]` token order making the clusters contiguous.
-        q_starts, q_lens, k_starts, k_lens: int32 `[B, H, n]` cluster spans in that order.
-        kv_indices, kv_counts: the kept key clusters of every query cluster (`select_clusters`).
-        q_centroids, k_centroids: float32 `[B, H, n, D]` (cached for the next call's warm start).
-        k_sizes: float32 `[B, H, NK]` valid keys per key cluster.
-        iters: k-means iterations run for q and for k.
-    """
+    """SVG2's selection for the video tokens of one call: cluster labels, `cluster_blocks` permutations and spans
+    of q and k, the kept key clusters of every query cluster, the centroids, valid keys per key cluster
+    (`k_sizes`) and the k-means iterations run for q and k."""
 
     q_labels: torch.Tensor
     k_labels: torch.Tensor
@@ -244,20 +157,16 @@ class ClusterSelection:
 class SVG2(SelectionMethod):
     """Sparse VideoGen 2: semantic-aware permutation by k-means and centroid-based top-p selection.
 
-    Per head, q and k of the video tokens are clustered by k-means (`init_iters` iterations, stopping
-    early at `tol`, on the first call of a generation; then `warm_iters` iterations warm-started from the
-    previous call's centroids, kept in the runtime's per-site cache across denoising steps). Tokens are
-    permuted so every cluster is contiguous; query cluster i keeps key clusters by the centroid scores
-    (`select_clusters`), and the variable-size block kernel computes attention on the permuted tokens.
-    Text tokens outside the video span stay dense in both directions.
+    Per head, the video tokens' q and k are clustered by k-means (`init_iters` iterations on a generation's first
+    call, then `warm_iters` from the cached centroids), permuted so every cluster is contiguous; query clusters
+    keep key clusters by centroid scores (`select_clusters`) and the variable-size block kernel attends. Text
+    tokens stay dense in both directions.
 
     Args:
         q_clusters, k_clusters: clusters per head; default `ceil(S_video / q_cluster_size)` and
             `ceil(S_video / k_cluster_size)` (SVG2 uses 300 and 1,000 at 75,600 tokens).
         q_cluster_size, k_cluster_size: average tokens per cluster for the defaults.
-        init_iters, warm_iters: k-means iterations on a cold and on a warm start.
-        tol: early stop of the cold start (share of labels changed).
-        seed: seed of the cold start's random initialization.
+        tol, seed: early stop (share of labels changed) and random seed of the cold start.
 
     Example:
         >>> from sparsify.geometry import Geometry
@@ -328,15 +237,8 @@ class SVG2(SelectionMethod):
                        key_mask: torch.Tensor | None = None) -> ClusterSelection:
         """SVG2's clustering and selection for video-only q, k `[B, H, S, D]` (the plain `select` entry).
 
-        Args:
-            q, k: `[B, H, S, D]`, video tokens only.
-            budgets: one `Budget` per head (see `select_clusters`).
-            scale: softmax scale, default `1/sqrt(D)`.
-            cache: dict kept across calls for warm starts (the centroids); None: always a cold start.
-            key_mask: optional bool `[B, S]`: masked keys do not count in the cluster sizes.
-
-        Returns:
-            A `ClusterSelection`.
+        `cache` keeps the centroids across calls (warm starts); `key_mask` (bool `[B, S]`) drops keys from the
+        cluster sizes.
 
         Example:
             >>> q, k = torch.randn(2, 1, 1, 64, 8).unbind(0)
@@ -351,10 +253,8 @@ class SVG2(SelectionMethod):
     def attend(self, q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn):
         """Sparse attention of one head group in the original token order (the runtime's `attend` protocol).
 
-        Returns `(out [B, h, S, D], work)`, `work` the (query, key) pairs computed relative to one dense
-        head, summed over `B x h`: text rows dense; with the Triton kernel every cluster rounded up to its
-        tiles (`varlen_pairs` with the kernel's block size), on the reference path the exact pairs.
-        """
+        Returns `(out [B, h, S, D], work)`, `work` the (query, key) pairs computed (`varlen_pairs`, text rows
+        dense) relative to one dense head."""
         from ..runtime import dense_attention
 
         B, H, S, D = q.shape
@@ -367,9 +267,7 @@ class SVG2(SelectionMethod):
         vp = permute_rows(vv, sel.k_perm)
         text = torch.cat([torch.arange(0, vs), torch.arange(vs + nv, S)]).to(q.device)
         nt, nk = text.numel(), sel.k_lens.shape[-1]
-        idx, cnt = sel.kv_indices, sel.kv_counts
-        ks, kl = sel.k_starts, sel.k_lens
-        km = None
+        idx, cnt, ks, kl, km = sel.kv_indices, sel.kv_counts, sel.k_starts, sel.k_lens, None
         if nt:  # the text keys: one more key block, kept by every query cluster
             kp = torch.cat([kp, k.index_select(2, text)], 2)
             vp = torch.cat([vp, v.index_select(2, text)], 2)

@@ -20,18 +20,21 @@ from .select import select_from_scores
 #: of the per-dim tile maxima and minima, `max_max` qmax_i·kmax_j, `min_min`, `max_min`, `min_max`.
 FEATURES: tuple[str, ...] = ("mean", "peak", "mix", "max_max", "min_min", "max_min", "min_max")
 
-#: How `peak` is computed. `keys`: exactly, from the mean query against every key token of the tile
-#: (one `[n_tiles, S]` GEMM per head: 1/volume of the attention FLOPs). `keys/4`: the same against the
-#: means of consecutive groups of 4 key slots (in tile order; a 1x1x4 row of a 4x4x4 tile), so 1/4 of that
-#: GEMM; `mix` then puts 4 keys, not one, at the peak. Other group sizes and a bound from tile statistics
-#: lost recall or time (docs/kernel-notes.md, "Measured dead ends").
+#: How `peak` is computed: `keys`, from the mean query against every key of the tile (one `[n_tiles, S]` GEMM
+#: per head); `keys/4`, against the means of consecutive groups of 4 key slots (a quarter of that GEMM; `mix`
+#: then puts 4 keys at the peak). Other choices lost recall or time (docs/kernel-notes.md).
 PEAKS: tuple[str, ...] = ("keys", "keys/4")
 
-#: The default peak: `keys/4` keeps most of the exact peak's recall gain over mean pooling at a quarter of its
-#: GEMM (RESULTS.md, "Selection fidelity"; docs/kernel-notes.md).
+#: `keys/4` keeps most of the exact peak's recall gain at a quarter of its GEMM (RESULTS.md, "Selection fidelity").
 DEFAULT_PEAK = "keys/4"
 
 _MAX_ELEMS = 1 << 24  # logits held at once by the exact peak
+
+
+def _check_features(features: Sequence[str]) -> None:
+    bad = [f for f in features if f not in FEATURES]
+    if bad:
+        raise ValueError(f"veda: unknown feature(s) {bad}; features: {', '.join(FEATURES)}")
 
 
 def peak_group(peak: str) -> int:
@@ -48,11 +51,7 @@ def peak_group(peak: str) -> int:
 
 @dataclass(frozen=True)
 class ExtremaStats:
-    """Per-tile statistics of tiled tokens over their valid slots, float32 `[B, H, n_tiles, D]` each.
-
-    Attributes:
-        mean, max, min: per-dimension mean, maximum and minimum over the tile's valid tokens.
-    """
+    """Per-dimension mean, max and min over each tile's valid tokens, float32 `[B, H, n_tiles, D]` each."""
 
     mean: torch.Tensor
     max: torch.Tensor
@@ -75,25 +74,6 @@ def tile_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
 
         return ExtremaStats(*pool_stats(x, layout.tile_lens, layout.volume, ("mean", "max", "min")))
     return ExtremaStats(pool_tiles(x, layout), pool_tiles(x, layout, "max"), pool_tiles(x, layout, "min"))
-
-
-def veda_reference_stats(x: torch.Tensor, layout: TileLayout) -> ExtremaStats:
-    """Slow, explicit reference of `tile_stats`: a loop over tiles and their valid tokens (float64).
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(veda_reference_stats(x, lay).max.float(), tile_stats(x, lay).max))
-        True
-    """
-    B, H, _, D = x.shape
-    vol = layout.volume
-    out = [torch.empty(B, H, layout.n_tiles, D, dtype=torch.float64) for _ in range(3)]
-    for t in range(layout.n_tiles):
-        slots = [t * vol + s for s in range(vol) if int(layout.gather[t * vol + s]) >= 0]
-        xt = x[:, :, slots].double()
-        out[0][:, :, t], out[1][:, :, t], out[2][:, :, t] = xt.mean(2), xt.amax(2), xt.amin(2)
-    return ExtremaStats(*out)
 
 
 def _key_peak(k: torch.Tensor, qm: torch.Tensor, layout: TileLayout, scale: float, group: int = 1,
@@ -177,12 +157,8 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
                   features: Sequence[str] = FEATURES, max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """The tile-pair features an estimator weighs, float32 `[B, H, n_tiles, n_tiles, len(features)]`.
 
-    Args:
-        q, k: `[B, H, n_tiles*volume, D]` in tile order (as a method's `select` receives them).
-        layout: their TileLayout; padded slots are ignored.
-        peak: `keys` (exact peak) or `keys/4` (peak over groups of 4 keys), see `PEAKS`.
-        features: which of `FEATURES`, in this order.
-        max_elems: logits held at once by the exact peak.
+    `q, k` are `[B, H, n_tiles*volume, D]` in tile order (padded slots ignored); `features` are from `FEATURES`,
+    in the order wanted; `max_elems` bounds the logits the exact peak holds at once.
 
     Example:
         >>> from sparsify.geometry import tile_layout, to_tiles
@@ -190,10 +166,7 @@ def veda_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, peak:
         >>> veda_features(x, x, lay).shape
         torch.Size([1, 2, 2, 2, 7])
     """
-    bad = [f for f in features if f not in FEATURES]
-    if bad or peak not in PEAKS:
-        raise ValueError(f"veda: unknown feature(s) {bad} or peak '{peak}'; features: {', '.join(FEATURES)}; "
-                         f"peaks: {', '.join(PEAKS)}")
+    _check_features(features)
     scale = 1.0 / math.sqrt(q.shape[-1])
     group = peak_group(peak)
     cache: dict[str, torch.Tensor] = {}
@@ -235,57 +208,15 @@ def _fused(q, k, layout: TileLayout, group: int, outputs, stats: TileStats | Non
     from ..kernels.tile_select import tile_peaks
 
     return tile_peaks(_q_means(q, layout, stats), _key_rows(k, layout, group, stats), layout.tile_lens,
-                      layout.volume // group,
-                      1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
-
-
-def veda_reference_features(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *,
-                            peak: str = DEFAULT_PEAK) -> torch.Tensor:
-    """Slow, explicit reference of `veda_features` (all of `FEATURES`): loops over tile pairs, float64.
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(veda_reference_features(x, x, lay).float(), veda_features(x, x, lay), atol=1e-5))
-        True
-    """
-    B, H, _, D = q.shape
-    scale = 1.0 / math.sqrt(D)
-    group = peak_group(peak)
-    sq, sk = veda_reference_stats(q, layout), veda_reference_stats(k, layout)
-    n, vol = layout.n_tiles, layout.volume
-    out = torch.empty(B, H, n, n, len(FEATURES), dtype=torch.float64)
-    for i in range(n):
-        for j in range(n):
-            keys = [j * vol + s for s in range(vol) if int(layout.gather[j * vol + s]) >= 0]
-            qm = sq.mean[:, :, i]
-            mean = (qm * sk.mean[:, :, j]).sum(-1) * scale
-            # groups of `group` consecutive slots with a valid key; their means
-            groups = [[y for y in keys if (y - j * vol) // group == g] for g in range(vol // group)]
-            rows = [k[:, :, ys].double().mean(2) for ys in groups if ys]
-            pk = torch.stack([(qm * r).sum(-1) for r in rows], -1).amax(-1) * scale
-            L = len(keys)
-            c = min(group, L)
-            mix = torch.log(((L - c) * torch.exp(mean) + c * torch.exp(pk)) / L)
-            corners = [(getattr(sq, a)[:, :, i] * getattr(sk, b)[:, :, j]).sum(-1) * scale
-                       for a, b in (("max", "max"), ("min", "min"), ("max", "min"), ("min", "max"))]
-            out[:, :, i, j] = torch.stack([mean, pk, mix, *corners], -1)
-    return out
+                      layout.volume // group, 1.0 / math.sqrt(q.shape[-1]), group=group, outputs=outputs)
 
 
 @dataclass
 class VedaEstimator:
     """Per-head weights over tile-pair features: `score = sum_f w[h, f] * feature_f + log L_j`.
 
-    The score estimates the log of the true attention mass of a (query tile, key tile) pair up to a
-    per-query-tile constant, so `softmax` over key tiles estimates the tile-level attention
-    distribution. The default (`default_estimator`) puts weight 1 on `mix`; `fit_veda_estimator`
-    distills the weights from full attention.
-
-    Attributes:
-        features: names from `FEATURES`.
-        weights: float32 `[H, len(features)]`.
-        peak: how the `peak` feature is computed (`PEAKS`).
+    The score estimates a tile pair's log attention mass up to a per-query-tile constant. `weights`: float32
+    `[H, len(features)]`; `default_estimator` puts 1 on `mix`, `fit_veda_estimator` distills them.
 
     Example:
         >>> est = default_estimator(2)
@@ -303,10 +234,8 @@ class VedaEstimator:
         if self.weights.dim() != 2 or self.weights.shape[1] != len(self.features):
             raise ValueError(f"VedaEstimator: weights must be [heads, {len(self.features)}] for features "
                              f"{self.features}; got {tuple(self.weights.shape)}")
-        bad = [f for f in self.features if f not in FEATURES]
-        if bad or self.peak not in PEAKS:
-            raise ValueError(f"VedaEstimator: unknown feature(s) {bad} or peak '{self.peak}'; features: "
-                             f"{', '.join(FEATURES)}; peaks: {', '.join(PEAKS)}")
+        _check_features(self.features)
+        peak_group(self.peak)
 
     @property
     def heads(self) -> int:
@@ -349,8 +278,7 @@ class VedaEstimator:
 
 
 def default_estimator(heads: int, peak: str = DEFAULT_PEAK) -> VedaEstimator:
-    """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - c) exp(mean) + c exp(peak))` with
-    `c = min(G, L_j)` keys at the peak (G = the peak mode's group: 1 or 4, see `PEAKS`).
+    """The unfitted estimator: weight 1 on `mix`, i.e. `score = log((L_j - c) exp(mean) + c exp(peak))`.
 
     Example:
         >>> default_estimator(1).weights.tolist()
@@ -366,24 +294,15 @@ def fit_veda_estimator(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *, 
                        l2: float = 1e-3) -> VedaEstimator:
     """Distill per-head feature weights from full attention on calibration q, k.
 
-    Minimizes, per head, the KL divergence from the true tile-level attention distribution of every
-    query tile (its row of true tile masses, normalized) to `softmax` over key tiles of the estimated
-    score, with rows weighted by their mass and summed over the batch (the calibration samples). The
-    problem is convex in the weights; L-BFGS starts at the default estimator, on standardized
-    features, with an L2 pull of strength `l2` towards it.
+    Minimizes, per head, the mass-weighted KL divergence from each query tile's true tile-level attention
+    distribution to `softmax` of the estimated scores over key tiles (convex in the weights): L-BFGS (`iters`)
+    on standardized features from the default estimator, with an L2 pull `l2` towards it.
 
     Args:
         q, k: calibration `[B, H, n_tiles*volume, D]` in tile order; B indexes samples.
         layout: their TileLayout.
-        peak: see `PEAKS`.
-        features: the features to weigh (must include `mix` for the default start).
-        mass: optional true tile masses `[B, H, n, n]` (default: computed from q, k with
-            `sparsify.testing.planted.attention_tile_mass`).
-        iters: L-BFGS iterations.
-        l2: regularization towards the default weights.
-
-    Returns:
-        A VedaEstimator with one weight row per head.
+        features: the features to weigh (must include `mix`, the default start).
+        mass: true tile masses `[B, H, n, n]` (default: `testing.planted.attention_tile_mass` of q, k).
 
     Example:
         >>> from sparsify.geometry import tile_layout, to_tiles
@@ -433,8 +352,7 @@ class Veda(SelectionMethod):
     """Veda's selection: top-k (or top-p) of estimated tile masses per query tile.
 
     Args:
-        estimator: fitted per-head weights (`fit_veda_estimator`); default: `default_estimator`, i.e.
-            extrema-aware statistics with no distillation.
+        estimator: fitted per-head weights (`fit_veda_estimator`); default: `default_estimator`.
         peak: how the default estimator computes tile peaks (`PEAKS`); ignored with an estimator.
 
     Example:
@@ -447,8 +365,7 @@ class Veda(SelectionMethod):
     """
 
     def __init__(self, estimator: VedaEstimator | None = None, peak: str = DEFAULT_PEAK):
-        if peak not in PEAKS:
-            raise ValueError(f"veda: unknown peak '{peak}'; choose one of {', '.join(PEAKS)}")
+        peak_group(peak)
         self.estimator, self.peak = estimator, peak
 
     @property

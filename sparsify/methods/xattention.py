@@ -34,21 +34,13 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stri
                       max_elems: int = _MAX_ELEMS) -> torch.Tensor:
     """XAttention's tile masses: the share of each query tile's estimated attention on each key tile.
 
-    Inside every `stride x stride` sub-block of the attention matrix, the q·k logits on its
-    antidiagonal (query slot `a*S + S-1-i`, key slot `b*S + i`) are averaged, which for all sub-blocks
-    at once is ONE GEMM of strided-subsampled rows (`[N/S, S*D] @ [S*D, N/S]`), scaled by 1/sqrt(D).
-    A softmax over the strided keys of every strided query row follows, then the probabilities are
-    summed per (query tile, key tile) and normalized per query tile. Padded slots (`layout.gather <
-    0`) never contribute: the average runs over valid (query, key) pairs only, sub-blocks without
-    one are excluded, and a strided key (query) row stands for its number of valid key (query) slots
-    (its logit gets `+log(count)`, its probabilities are weighted by the count), so a partial tile
-    gets the mass of its valid tokens only. With no padding this is exactly XAttention's estimate
-    (logits / sqrt(D) / stride).
+    The mean q·k logit on the antidiagonal of every `stride x stride` sub-block (ONE GEMM of strided rows,
+    `[N/S, S*D] @ [S*D, N/S]`, scaled by 1/sqrt(D)), a softmax per strided query row, then sums per tile pair,
+    normalized per query tile. Padded slots never contribute: means run over valid pairs and a strided row
+    stands for its valid slots (`+log(count)` on its logit), so with no padding this is exactly XAttention's.
 
     Args:
-        q, k: `[B, H, n_tiles*volume, D]` in tile order.
-        layout: their TileLayout; `stride` must divide its volume.
-        stride: S (8 in XAttention's video setup).
+        q, k: `[B, H, n_tiles*volume, D]` in tile order; `stride` (8 for video) must divide the volume.
         max_elems: strided logits held at once (query tiles are processed in chunks).
 
     Returns:
@@ -85,54 +77,13 @@ def xattention_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stri
     return out / out.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def xattention_reference_scores(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, stride: int = 8) -> torch.Tensor:
-    """Slow, explicit reference of `xattention_scores` (float64): loops over sub-blocks and antidiagonal entries.
-
-    Example:
-        >>> from sparsify.geometry import tile_layout, to_tiles
-        >>> lay = tile_layout((5, 4, 4), (4, 4, 4)); x = to_tiles(torch.randn(1, 1, 80, 8), lay)
-        >>> bool(torch.allclose(xattention_reference_scores(x, x, lay).float(), xattention_scores(x, x, lay), atol=1e-6))
-        True
-    """
-    _check_stride(layout, stride)
-    B, H, N, D = q.shape
-    S, n, per = stride, layout.n_tiles, layout.volume // stride
-    valid = [int(g) >= 0 for g in layout.gather]
-    qd, kd = q.double(), k.double()
-    m = N // S
-    logits = torch.full((B, H, m, m), float("-inf"), dtype=torch.float64)
-    for a in range(m):
-        for b in range(m):
-            pairs = [(a * S + S - 1 - i, b * S + i) for i in range(S)]  # the sub-block's antidiagonal
-            pairs = [(r, c) for r, c in pairs if valid[r] and valid[c]]
-            n_keys = sum(valid[b * S:(b + 1) * S])
-            if pairs:
-                mean = sum((qd[:, :, r] * kd[:, :, c]).sum(-1) for r, c in pairs) / len(pairs)
-                logits[:, :, a, b] = mean / math.sqrt(D) + math.log(n_keys)
-    out = torch.zeros(B, H, n, n, dtype=torch.float64)
-    for a in range(m):
-        if not torch.isfinite(logits[0, 0, a]).any():
-            continue
-        p = torch.softmax(logits[:, :, a], -1) * sum(valid[a * S:(a + 1) * S])
-        for j in range(n):
-            out[:, :, a // per, j] += p[:, :, j * per:(j + 1) * per].sum(-1)
-    return out / out.sum(-1, keepdim=True)
-
-
 @register_method("xattention")
 class XAttention(SelectionMethod):
     """XAttention's selection on the layout's tiles: antidiagonal scores, then a cumulative-mass threshold.
 
-    Per query tile, top-p budgets keep the smallest prefix of key tiles (sorted by estimated mass)
-    whose mass reaches `top_p` (at least `min_density` of the tiles); top-k budgets keep the
-    `density` share of largest mass. Forced tiles (the own/diagonal tile, the first/sink tile) are
-    kept first and their mass counts towards `top_p`, as in XAttention; under a top-k budget they
-    take the first places of the k.
-
-    Args:
-        stride: antidiagonal stride S (must divide the tile volume).
-        diagonal: always keep each query tile's own tile.
-        sink: always keep key tile 0.
+    Per query tile, top-p budgets keep the smallest prefix of key tiles by estimated mass reaching `top_p`, top-k
+    budgets the `density` share. Forced tiles (`diagonal`: the own tile, `sink`: key tile 0) come first; their
+    mass counts towards `top_p`, and under top-k they take the first places.
 
     Example:
         >>> from sparsify.geometry import tile_layout, to_tiles

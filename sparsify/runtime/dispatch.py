@@ -152,10 +152,12 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         return _run_folded(q, k, v, site, st.heads, geometry, scale, attn_mask, timestep, gate)
     st.calls += 1
     B, H, S, D = q.shape
-    if H != st.heads or D != st.head_dim:
+    if D != st.head_dim:
         raise RuntimeError(
             f"sparsify: site '{st.path}' was installed for {st.heads} heads of dim {st.head_dim} "
             f"but is called with q of shape {tuple(q.shape)} ([B, H, S, D])")
+    lo = st.head_offset(H)  # under Ulysses sequence parallelism the call holds heads [lo, lo + H)
+    configs = st.configs[lo:lo + H]
 
     def dense(reason=None):
         if reason:
@@ -164,7 +166,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         st.dense_work += B * H
         return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
 
-    if st.is_dense and STATE.observer is None:
+    if all(c.is_dense for c in configs) and STATE.observer is None:
         return dense()
     if k.shape != q.shape or v.shape != q.shape:
         return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -202,7 +204,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 return dense_rows(q, k, v, plan, out, scale, _dense_sdpa).contiguous()
     if STATE.observer is not None:
         STATE.observer(st, q, k, v, geom, scale, key_mask)
-        if st.is_dense:
+        if all(c.is_dense for c in configs):
             return dense()
     step = None
     if timestep is not None:
@@ -215,13 +217,22 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             return dense()
     st.dense_work += B * H
     groups: dict[tuple, list[int]] = {}
-    for h, c in enumerate(st.configs):
+    for h, c in enumerate(configs):
         groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
+    agree = None
+    if st.mask_reuse is not None and step is not None and H != st.heads:  # Ulysses: decide reuse across ranks
+        from ..parallel.consensus import reuse_agreement
+
+        groups, agree = reuse_agreement(st, groups, st.current_shard()[2], q.device)
     block_fn = block_fn_for(q)
     out = None
-    for key, heads in groups.items():
-        whole = len(heads) == H
-        hi = None if whole else device_ints(heads, q.device, torch.long)
+    for key, local in groups.items():
+        if not local:  # a group only other ranks hold: join its reuse decision
+            agree(key, False, None, 0, st.mask_reuse.threshold)
+            continue
+        whole = len(local) == H
+        hi = None if whole else device_ints(local, q.device, torch.long)
+        heads = [lo + h for h in local]  # global head ids: recipe entries, methods and caches
         qh, kh, vh = (q, k, v) if whole else (x.index_select(1, hi) for x in (q, k, v))
         if key == ("dense",):
             oh = dense_attention(qh, kh, vh, scale, key_mask)
@@ -242,7 +253,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 lay = merged.layout.to(q.device) if merged is not None and merged.layout.tile == tile else \
                     tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
-                idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B)
+                idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B,
+                                        agree=agree)
                 oh = tiled_sparse_attention(qh, kh, vh, geom, lay, idx, cnt, scale=scale, key_mask=key_mask,
                                             block_fn=block_fn, tiled=ts)
                 st.add_work(sparse_work(geom, lay, cnt, S))
@@ -256,7 +268,10 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                     oh = oh + gh.to(oh.dtype) * c.to(oh.dtype)
                     st.add_work(B * len(heads) * (lay.n_tiles / S) ** 2)  # tile-level scores and outputs
         if whole:
-            return oh.to(q.dtype).contiguous()
+            if agree is None:
+                return oh.to(q.dtype).contiguous()
+            out = oh.to(q.dtype).contiguous()  # the groups left are other ranks' (they still join their decisions)
+            continue
         if out is None:
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
         out.index_copy_(1, hi, oh.to(out.dtype))

@@ -25,12 +25,15 @@ def pooled_drift(a: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> float
     return float(torch.stack(d).max()) if len(d) > 1 else float(d[0])
 
 
-def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B):
+def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B, agree=None):
     """The group's selection: computed, or reused from an earlier step while q and k barely drifted.
 
     A selection is reused for at most `max_age` denoising steps after the step that computed it, counted in
     the pipeline's steps (a step whose blocks a step cache skipped still counts), and only by the same call
-    slot (`SiteState.slot`: the guidance branch when a cache context names it)."""
+    slot (`SiteState.slot`: the guidance branch when a cache context names it).
+    `agree(key, ok, (drift_q, drift_k), n_heads, threshold) -> bool`, given under sequence parallelism, makes
+    the reuse decision together with the ranks that hold the group's other heads (`sparsify.parallel`).
+    """
     P = ts.n_video_slots
     budgets = st.budgets(heads, step)
     reuse = st.mask_reuse if step is not None else None
@@ -47,8 +50,14 @@ def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B):
     pk = stats.k_means if stats.k_means is not None else pool_tiles(ts.k[:, :, :P], lay)
     ckey = (key, tuple(heads), geom.grid, B, st.slot)
     hit = st.cache.get(ckey) if reuse is not None else None
-    if (hit is not None and hit["generation"] == gen and 0 < step - hit["step"] <= reuse.max_age
-            and hit["budgets"] == budgets and pooled_drift(pq, hit["q"], pk, hit["k"]) <= reuse.threshold):
+    ok = (hit is not None and hit["generation"] == gen and 0 < step - hit["step"] <= reuse.max_age
+          and hit["budgets"] == budgets)
+    if agree is not None and reuse is not None:
+        drifts = (pooled_drift(pq, hit["q"]), pooled_drift(pk, hit["k"])) if ok else None
+        ok = agree(key, ok, drifts, len(heads), reuse.threshold)
+    else:
+        ok = ok and pooled_drift(pq, hit["q"], pk, hit["k"]) <= reuse.threshold
+    if ok:
         hit["age"] += 1
         st.reused += 1
         return hit["idx"], hit["cnt"]

@@ -34,6 +34,7 @@ class SiteState:
     step_seen: int = -1
     gen_seen: int = -1
     calls_in_step: int = 0  # calls of this site at the current step (CFG as two calls: 0 and 1)
+    shard: object = None  # callable() -> (rank, degree, group) or None: the head shard of sequence-parallel calls
     dense_work: float = 0.0  # attention FLOPs the same calls would take dense
     warned: set = field(default_factory=set)
     check: object = None  # check(state, geometry, seq_len) before each call runs: sparsify()'s argument checks
@@ -68,6 +69,32 @@ class SiteState:
     @property
     def is_dense(self) -> bool:
         return all(c.is_dense for c in self.configs)
+
+    def current_shard(self):
+        """`(rank, degree, group)` of the call being run (the site's resolver, else `sparsify.parallel.head_shard`),
+        or None outside sequence parallelism."""
+        if self.shard is not None:
+            return self.shard()
+        from ..parallel.shard import manual_shard
+
+        return manual_shard()
+
+    def head_offset(self, H: int) -> int:
+        """The first global head of a call with `H` heads: 0 for a whole call, `rank * H` under a head shard
+        (Ulysses sequence parallelism: `sparsify.parallel`)."""
+        shard = self.current_shard()
+        if shard is not None and shard[1] > 1:
+            rank, degree = shard[0], shard[1]
+            if H * degree != self.heads:
+                raise RuntimeError(
+                    f"sparsify: site '{self.path}' has {self.heads} heads and runs with Ulysses degree {degree}, "
+                    f"so each rank should see {self.heads // degree} heads, but the call has {H}")
+            return rank * H
+        if H != self.heads:
+            raise RuntimeError(
+                f"sparsify: site '{self.path}' was installed for {self.heads} heads but is called with {H}; "
+                "a sequence-parallel engine that shards heads must be known to sparsify (sparsify.parallel)")
+        return 0
 
     def budgets(self, heads, step: int | None) -> list:
         """The budgets of `heads` at denoising step `step` (None: no step known) under the schedule."""

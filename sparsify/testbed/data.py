@@ -1,16 +1,9 @@
 """Procedural "latent" videos for the test-bed: textured shapes that move, spin and bounce over panning textures.
 
-Every video is drawn from a seed: the random scene parameters are drawn on the CPU with a
-`torch.Generator`, then rendered (vectorized) on any device, so one seed gives the same video on CPU and GPU
-up to float rounding. The data is built so that a denoiser needs different attention patterns:
-
-- local spatial structure: fine object and background textures (periods of 2.5-10 latent pixels, i.e. 1-5 tokens);
-- temporal tracking: objects keep shape, colours and texture across frames while they translate, orbit and spin;
-- global motion: in the "pan" classes the camera moves over the whole scene at a constant velocity.
-
-Classes (8) = motion (4) x texture (2); label = 2 * motion + texture. Each class maps to an 8-token text-like
-sequence ("<bos> a video of striped shapes bouncing <eos>") of fixed pseudo-word embeddings, like a frozen text
-encoder's output; the null (unconditional) condition is all zeros, as padded Wan text embeddings are.
+Scene parameters are drawn on the CPU from a seed, then rendered on any device (the same video on CPU and GPU
+up to rounding). Fine textures, objects tracked across frames and camera pans call for local, temporal and
+global attention. 8 classes = motion (4) x texture (2), label = 2 * motion + texture, each with a fixed 8-token
+text-like embedding ("<bos> a video of striped shapes bouncing <eos>"); the null condition is zeros.
 """
 
 from __future__ import annotations
@@ -69,12 +62,8 @@ def null_embedding(batch: int, device: str | torch.device = "cpu") -> torch.Tens
     return torch.zeros(batch, TEXT_LEN, TEXT_DIM, device=device)
 
 
-def sample_params(
-    batch: int,
-    seed: int,
-    labels: torch.Tensor | None = None,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
-) -> dict[str, torch.Tensor]:
+def sample_params(batch: int, seed: int, labels: torch.Tensor | None = None,
+                  latent_shape: tuple[int, int, int, int] = LATENT_SHAPE) -> dict[str, torch.Tensor]:
     """Draw the random scene parameters of `batch` videos on the CPU (deterministic for `seed`)."""
     C, F, H, W = latent_shape
     g = torch.Generator().manual_seed(int(seed))
@@ -127,12 +116,8 @@ def _bounce(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor
     return lo + span - (u - span).abs()
 
 
-def render(
-    params: dict[str, torch.Tensor],
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
-) -> torch.Tensor:
+def render(params: dict[str, torch.Tensor], device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+           latent_shape: tuple[int, int, int, int] = LATENT_SHAPE) -> torch.Tensor:
     """Render scene parameters to videos `[B, C, F, H, W]` with values in [-1, 1]."""
     C, F, H, W = latent_shape
     p = {k: v.to(device=device, dtype=torch.float32 if v.is_floating_point() else v.dtype) for k, v in params.items()}
@@ -181,14 +166,11 @@ def render(
     lu, lv = c * dx + s * dy, -s * dx + c * dy  # object-local coordinates [B, J, F, H, W]
     rr = r[:, :, None, None, None]
     au, av = lu.abs(), lv.abs()
-    sdf = torch.stack(
-        [
-            torch.sqrt(lu**2 + lv**2) - rr,  # disc
-            torch.maximum(au, av) - 0.85 * rr,  # square
-            torch.maximum(au * 0.866 + lv * 0.5, -lv) - 0.5 * rr,  # triangle
-            torch.minimum(torch.maximum(au - rr, av - rr / 3), torch.maximum(au - rr / 3, av - rr)),  # plus
-        ]
-    )  # [4, B, J, F, H, W]
+    sdf = torch.stack([  # [4, B, J, F, H, W]
+        torch.sqrt(lu**2 + lv**2) - rr,  # disc
+        torch.maximum(au, av) - 0.85 * rr,  # square
+        torch.maximum(au * 0.866 + lv * 0.5, -lv) - 0.5 * rr,  # triangle
+        torch.minimum(torch.maximum(au - rr, av - rr / 3), torch.maximum(au - rr / 3, av - rr))])  # plus
     idx = p["shape"][None, :, :, None, None, None].expand(1, B, -1, F, H, W)
     sdf = sdf.gather(0, idx)[0]
     alpha = torch.sigmoid(-sdf / 0.4) * p["active"][:, :, None, None, None].float()
@@ -205,14 +187,9 @@ def render(
     return img.clamp(-1, 1).to(dtype)
 
 
-def make_batch(
-    batch: int,
-    seed: int,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    labels: torch.Tensor | None = None,
-    latent_shape: tuple[int, int, int, int] = LATENT_SHAPE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_batch(batch: int, seed: int, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               labels: torch.Tensor | None = None, latent_shape: tuple[int, int, int, int] = LATENT_SHAPE
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch of clean videos, their labels and their text-like conditions, deterministic for `seed`.
 
     Returns:

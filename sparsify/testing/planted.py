@@ -23,23 +23,19 @@ CANDIDATE_TILES: tuple[tuple[int, int, int], ...] = (
 #: Token grid `(T, H, W)` of the planted heads and of `PlantedDiT`: 2,048 frame-major tokens.
 PLANTED_GRID: tuple[int, int, int] = (8, 16, 16)
 
-#: The density the best tiles are verified at: 1/16 of the full attention cost (93.75% sparsity). On
-#: `PLANTED_GRID` it keeps exactly 2 key tiles of 64 tokens or 1 of 128 per query tile, so every
-#: candidate spends the same attention compute.
+#: The density the best tiles are verified at (93.75% sparsity): on `PLANTED_GRID`, 2 key tiles of 64 tokens
+#: or 1 of 128 per query tile, the same compute for every candidate.
 REFERENCE_DENSITY: float = 1 / 16
 
 #: Two candidates whose oracle recalls differ by no more than this are tied (see `good_tiles`).
 TIE_TOLERANCE: float = 0.01
 
-#: Per-kind geometry. `sigma` = `(sigma_t, sigma_h, sigma_w)` in grid units of the local kernel
-#: `logit = -sum_axis min(d^2 / (2 sigma^2), LOGIT_FLOOR)`, sigma 0 meaning "the same index only".
-#: The shapes are chosen so that one candidate tile wins clearly on `PLANTED_GRID`: spatial and
-#: local3d heads are twice as tall as wide (isotropic ones tie an 8x8 tile with a full-width 4x16
-#: strip on a 16-wide frame, and a 4x4x4 cube with an 8x2x4 column on 8 frames); temporal heads spread
-#: over every frame, stay in their row and reach about one column sideways, which an 8x2x4 column
-#: covers best. `sink_mass`: share of an average query's attention on the `N_SINK` first tokens.
-#: `content`: std of the random content logit (default: the `noise` argument). `band_sigma`: width
-#: in tokens of the 1-D band in flattened token order.
+#: Per-kind geometry. `sigma`: `(sigma_t, sigma_h, sigma_w)` in grid units of the local kernel
+#: `logit = -sum_axis min(d^2 / (2 sigma^2), LOGIT_FLOOR)` (0: the same index only), shaped so that one
+#: candidate wins clearly on `PLANTED_GRID` (spatial and local3d heads twice as tall as wide, else an 8x8
+#: tile ties a 4x16 strip). `sink_mass`: share of an average query's attention on the `N_SINK` first
+#: tokens. `content`: std of the random content logit (default: `noise`). `band_sigma`: width in tokens
+#: of the 1-D band in token order.
 KIND_SPECS: dict[str, dict] = {
     "spatial": {"sigma": (0.0, 2.0, 1.0)},
     "temporal": {"sigma": (6.0, 0.3, 0.7)},
@@ -62,12 +58,9 @@ BEST_TILE: dict[str, tuple[int, int, int]] = {
     "mixed": (1, 8, 8),
 }
 
-#: Every candidate within `TIE_TOLERANCE` of the best recall at `REFERENCE_DENSITY` on `PLANTED_GRID`:
-#: the tile choices a calibrator may make for the kind. Ties: `global` and `sink` heads have no
-#: geometric preference; on 8 frames a (16, 2, 2) tile is two 8x2x2 edge boxes merged side by side,
-#: i.e. the same 8x2x4 column as (8, 2, 4) (see `sparsify.geometry.TileLayout`); a `band` head ties
-#: (1, 8, 8) with (1, 4, 16), since on a 16-wide frame two 8x8 tiles side by side are the same 8 full
-#: rows as two 4x16 strips (at density 1/8, (1, 4, 16) wins by 0.03).
+#: Every candidate within `TIE_TOLERANCE` of the best recall: the tile choices a calibrator may make. On
+#: 8 frames a (16, 2, 2) tile is the same 8x2x4 column as (8, 2, 4); on a 16-wide frame two 8x8 tiles
+#: are the same 8 full rows as two 4x16 strips; global and sink heads have no preference.
 GOOD_TILES: dict[str, tuple[tuple[int, int, int], ...]] = {
     "spatial": ((1, 8, 8),),
     "temporal": ((8, 2, 4), (16, 2, 2)),
@@ -84,9 +77,7 @@ _BAND_FREQS = 12
 _MIN_CONTENT_DIMS = 8
 
 
-# ----------------------------------------------------------------------------------------------
 # positional features: q_i . k_j equals the planted logit exactly
-
 
 def _axis_kernel(n: int, sigma: float) -> torch.Tensor:
     """`[n, n]` logits `-min(d^2 / (2 sigma^2), LOGIT_FLOOR)` of index distance d (sigma 0: 0 on the diagonal only)."""
@@ -105,12 +96,8 @@ def _token_coords(grid) -> torch.Tensor:
 
 
 def _local_features(grid, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel-row features of a separable local kernel: `(fq, fk [S, T+H+W], log_z [S])`.
-
-    `fq[i] . fk[j]` is the sum over axes of the axis-kernel entry of `(x_i, x_j)`: fq holds the kernel
-    rows, fk one-hot coordinates, so the logits are exact and bounded (bf16 keeps the best tiles);
-    it takes T + H + W dimensions. `log_z[i]` is the log partition function of query i over the video tokens.
-    """
+    """`(fq, fk [S, T+H+W], log_z [S])`: kernel rows and one-hot coordinates, so that `fq[i] . fk[j]` is the
+    separable local logit exactly; `log_z[i]`: the log partition function of query i."""
     xyz = _token_coords(grid)
     fq, fk, log_z = [], [], 0.0
     for axis, (n, s) in enumerate(zip(grid, sigma)):
@@ -122,12 +109,8 @@ def _local_features(grid, sigma) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 
 def _band_features(S: int, sigma: float, freqs: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sinusoidal features whose dot product is a 1-D band in token order: `(fq, fk [S, 2*freqs + 1])`.
-
-    `fq[i] . fk[j] = beta * (sum_f cos(w_f (i - j)) - freqs)` with `w_f = 2 pi f / (2S)`: 0 on the
-    diagonal, about `-(i - j)^2 / (2 sigma^2)` near it, and far below everywhere else (period 2S, so
-    no wrap-around inside the sequence).
-    """
+    """`(fq, fk [S, 2*freqs + 1])` with `fq[i] . fk[j] = beta * (sum_f cos(w_f (i - j)) - freqs)`, `w_f = pi f / S`:
+    about `-(i - j)^2 / (2 sigma^2)` near the diagonal, far below elsewhere (period 2S: no wrap-around)."""
     w = 2 * math.pi * torch.arange(1, freqs + 1, dtype=torch.float64) / (2 * S)
     beta = 1.0 / (sigma * sigma * (w * w).sum().item())  # curvature at 0 matches the Gaussian
     ang = torch.arange(S, dtype=torch.float64)[:, None] * w
@@ -151,19 +134,9 @@ def planted_logit_features(kind: str, grid, head_dim: int, *, noise: float = 0.1
                            random_content: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of one planted head with `fq @ fk.T` = its attention logits (before softmax).
 
-    Positional dimensions come first; the remaining (content) dimensions hold random unit-variance
-    vectors scaled so that they add a random logit of std `content_std(kind, noise)`.
-
-    Args:
-        kind: one of `KINDS`.
-        grid: `(T, H, W)`; the local kinds need `T + H + W + 1 + 8 <= head_dim`.
-        head_dim: feature dimension D.
-        noise: std of the content logit of the geometric kinds.
-        generator: random source of the content vectors.
-        random_content: False leaves the content dimensions zero (`PlantedDiT` fills them from tokens).
-
-    Returns:
-        `(fq, fk, content_mask)`: float64 `[S, D]` each, and bool `[D]` marking the content dims.
+    Positional dimensions come first (the local kinds need `T + H + W + 1 + 8 <= head_dim`); the content
+    dimensions add a random logit of std `content_std(kind, noise)`, or stay zero without `random_content`
+    (`PlantedDiT` fills them from tokens). Returns float64 `fq, fk [S, D]` and the bool content mask `[D]`.
 
     Example:
         >>> fq, fk, cm = planted_logit_features("spatial", (2, 4, 4), 32, noise=0.0)
@@ -208,21 +181,12 @@ def planted_logit_features(kind: str, grid, head_dim: int, *, noise: float = 0.1
     return torch.cat(parts_q + [cq], 1), torch.cat(parts_k + [ck], 1), mask
 
 
-# ----------------------------------------------------------------------------------------------
 # the synthetic head set
-
 
 @dataclass
 class PlantedHeads:
-    """A set of attention heads with planted geometry, one kind per head.
-
-    Attributes:
-        q, k, v: float32 `[1, n_heads, S, head_dim]`, frame-major tokens; SDPA's default scale
-            `1/sqrt(head_dim)` turns `q . k` into the planted logits.
-        kinds: the kind of every head.
-        best_tile: the best candidate tile of every head (`BEST_TILE` of its kind).
-        grid: `(T, H, W)`.
-    """
+    """Heads with planted geometry: float32 `q, k, v [1, n_heads, S, head_dim]` (SDPA's default scale gives the
+    planted logits), the `kinds` and `best_tile` of every head, and the token `grid`."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -240,12 +204,7 @@ def planted_heads(grid=PLANTED_GRID, head_dim: int = 64, kinds: Sequence[str] = 
     `local3d` (3-D neighbourhood), `global` (random content logits, no geometry), `sink` (most mass
     on the first 4 tokens), `band` (|i - j| small in token order), `mixed` (spatial + sink).
 
-    Args:
-        grid: `(T, H, W)` token grid.
-        head_dim: D.
-        kinds: one kind per head.
-        seed: seed of the content noise and of v.
-        noise: std of the random content logit of the geometric kinds.
+    `seed` draws the content noise and v; `noise` is the std of the geometric kinds' content logit.
 
     Example:
         >>> ph = planted_heads(kinds=("spatial", "temporal"))
@@ -266,9 +225,7 @@ def planted_heads(grid=PLANTED_GRID, head_dim: int = 64, kinds: Sequence[str] = 
                         best_tile=[BEST_TILE[k] for k in kinds], grid=grid)
 
 
-# ----------------------------------------------------------------------------------------------
 # the selection-fidelity harness: true tile mass and recall
-
 
 def _membership(layout: TileLayout, device) -> torch.Tensor:
     """float `[T*H*W, n_tiles]`: one-hot tile of every video token."""
@@ -279,9 +236,6 @@ def _membership(layout: TileLayout, device) -> torch.Tensor:
 def attention_tile_masses(q: torch.Tensor, k: torch.Tensor, layouts: Sequence[TileLayout], *, scale: float | None = None,
                           video_start: int = 0, max_elems: int = 1 << 24) -> list[torch.Tensor]:
     """`attention_tile_mass` for several layouts of one grid, sharing one pass over the attention matrix.
-
-    Returns:
-        One float64 `[B, H, n_tiles, n_tiles]` per layout.
 
     Example:
         >>> ph = planted_heads((4, 8, 8), kinds=("temporal",))
@@ -315,17 +269,15 @@ def attention_tile_mass(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *,
                         video_start: int = 0, max_elems: int = 1 << 24) -> torch.Tensor:
     """True full-attention probability mass of every (query tile, key tile) pair.
 
-    `mass[b, h, i, j]` sums the softmax probabilities `p[b, h, x, y]` over the video queries x of tile
-    i and the video keys y of tile j, so a row sums to the tile's valid token count (less the share
-    of any text keys). Computed in query chunks of at most `max_elems` probabilities, so memory stays
-    bounded (a few times 64 MiB by default) whatever the sequence length.
+    `mass[b, h, i, j]` sums the softmax probabilities over the video queries of tile i and the video keys of
+    tile j (a row sums to the tile's valid token count, less any text keys' share), in query chunks of at most
+    `max_elems` probabilities.
 
     Args:
-        q, k: `[B, H, S, D]`, frame-major video tokens at `[video_start, video_start + T*H*W)`.
+        q, k: `[B, H, S, D]`, frame-major video tokens at `[video_start, video_start + T*H*W)`; other tokens
+            are keys in the softmax only.
         layout: the TileLayout of the video grid.
         scale: softmax scale; default `1/sqrt(D)`.
-        video_start: index of the first video token; other tokens are keys in the softmax only.
-        max_elems: probabilities held at once.
 
     Returns:
         float64 `[B, H, n_tiles, n_tiles]`.
@@ -342,12 +294,7 @@ def attention_tile_mass(q: torch.Tensor, k: torch.Tensor, layout: TileLayout, *,
 def tile_recall(mass: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
     """Share of the true attention mass that a tile selection keeps.
 
-    Args:
-        mass: `[B, H, n, n]` from `attention_tile_mass`.
-        kv_indices, kv_counts: a selection, as returned by a method's `select`.
-
-    Returns:
-        float64 `[B, H]`: selected mass over total mass, i.e. the recall averaged over query tokens.
+    Returns float64 `[B, H]`: the selected share of `mass` (`attention_tile_mass`) for a method's selection.
 
     Example:
         >>> mass = torch.tensor([[[[3.0, 1.0], [0.0, 4.0]]]])
@@ -360,10 +307,8 @@ def tile_recall(mass: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.T
 
 
 def equal_cost_count(layout: TileLayout, density: float) -> int:
-    """Key tiles per query tile that spend `density` of full attention's compute, padding included.
-
-    A query tile keeping k key tiles costs `n_tiles * k * volume^2` slot pairs against `S^2` for
-    dense attention; for unpadded layouts this is `ceil(density * n_tiles)`, as `budget_counts`.
+    """Key tiles per query tile that spend `density` of full attention's compute (`n_tiles * k * volume^2`
+    slot pairs against `S^2`), padding included; `budget_counts` for unpadded layouts.
 
     Example:
         >>> [equal_cost_count(tile_layout((8, 16, 16), t), 1 / 16) for t in [(4, 4, 4), (8, 4, 4), (16, 2, 2)]]
@@ -384,11 +329,8 @@ def tile_recall_table(q: torch.Tensor, k: torch.Tensor, grid, tiles: Sequence = 
                       density: float = REFERENCE_DENSITY, **kw) -> dict[tuple[int, int, int], torch.Tensor]:
     """Oracle tile recall of every head for every candidate tile at equal compute.
 
-    For each tile the oracle keeps, per query tile, the `equal_cost_count(layout, density)` key tiles
-    of largest true mass; the value is the share of the attention mass kept, averaged over the batch.
-
-    Returns:
-        `{tile: float64 [H]}`.
+    Per query tile the oracle keeps the `equal_cost_count(layout, density)` key tiles of largest true mass;
+    returns `{tile: float64 [H]}`, the share of the attention mass kept, averaged over the batch.
 
     Example:
         >>> ph = planted_heads(kinds=("temporal",))
@@ -414,9 +356,7 @@ def good_tiles(recalls: dict, head: int, tol: float = TIE_TOLERANCE) -> list[tup
     return [t for t, r in recalls.items() if float(r[head]) >= best - tol]
 
 
-# ----------------------------------------------------------------------------------------------
 # the planted-geometry DiT
-
 #: Kinds of `build_planted_dit`'s 4 layers x 4 heads: every layer mixes geometries.
 PLANTED_LAYERS: tuple[tuple[str, ...], ...] = (
     ("spatial", "temporal", "local3d", "band"),
@@ -428,14 +368,8 @@ PLANTED_LAYERS: tuple[tuple[str, ...], ...] = (
 
 @dataclass(frozen=True)
 class PlantedKind:
-    """What one head of a `PlantedDiT` was built to be.
-
-    Attributes:
-        layer, head: its position; the attention module is `blocks.{layer}.attn`.
-        kind: one of `KINDS`.
-        best_tile: `BEST_TILE[kind]`.
-        good_tiles: `GOOD_TILES[kind]`, the tile choices within `TIE_TOLERANCE` of the best.
-    """
+    """What head `head` of `blocks.{layer}.attn` of a `PlantedDiT` was built to be: its kind and its
+    `BEST_TILE` and `GOOD_TILES`."""
 
     layer: int
     head: int
@@ -445,12 +379,8 @@ class PlantedKind:
 
 
 class PlantedAttention(nn.Module):
-    """Self-attention whose q and k are fixed positional features of each head's kind plus a content projection.
-
-    `q = pos_q + content_scale * to_q(x)` (the content projection only reaches the content
-    dimensions), likewise k; v and the output are ordinary projections. Attention is
-    `F.scaled_dot_product_attention(q, k, v)` on `[B, heads, S, head_dim]`.
-    """
+    """SDPA self-attention with `q = pos_q + content_scale * to_q(x)` (likewise k): fixed positional features of
+    each head's kind plus a content projection into the content dimensions."""
 
     def __init__(self, dim: int, kinds: Sequence[str], grid, head_dim: int, noise: float):
         super().__init__()
@@ -512,20 +442,16 @@ class PlantedBlock(nn.Module):
 class PlantedDiT(nn.Module):
     """A small video DiT whose self-attention heads have planted geometries (see `planted_heads`).
 
-    `x [B, C, T, H, W]` is flattened to frame-major tokens, embedded by a linear layer, run through
-    pre-norm blocks (planted self-attention, MLP) and projected back to `[B, C, T, H, W]`. Each
-    head's attention pattern is its kind's, whatever the input: the positional part of its logits is
-    fixed, the content part has std `noise` (1 for global and sink heads).
+    `x [B, C, T, H, W]` becomes frame-major tokens, runs through pre-norm blocks (planted self-attention, MLP)
+    and goes back to `[B, C, T, H, W]`. Each head's pattern is its kind's whatever the input: the positional
+    logits are fixed, the content part has std `noise` (1 for global and sink heads).
 
     Args:
         grid: `(T, H, W)` token grid (the input's last three dims).
         heads_per_layer: heads of every layer (checked against `kinds_per_layer`).
         kinds_per_layer: one tuple of kinds per layer; default `PLANTED_LAYERS`.
-        dim: model width.
-        head_dim: per-head q/k/v width.
-        in_channels: C.
+        dim, head_dim, in_channels, mlp_ratio: model width, per-head width, C, MLP hidden width over `dim`.
         noise: std of the content logit of geometric heads.
-        mlp_ratio: MLP hidden width over `dim`.
 
     Attributes:
         planted_kinds: `[layer][head]` PlantedKind (kind, best tile, good tiles).
@@ -586,9 +512,7 @@ class PlantedDiT(nn.Module):
 
 
 def build_planted_dit(seed: int = 0, **kwargs) -> PlantedDiT:
-    """A deterministic `PlantedDiT` (default: `PLANTED_GRID`, 4 layers x 4 heads, dim 128, head_dim 64), in eval mode.
-
-    Weights are drawn from `seed` without touching the global random state; `kwargs` go to `PlantedDiT`.
+    """A `PlantedDiT(**kwargs)` in eval mode, its weights drawn from `seed` (the global random state untouched).
 
     Example:
         >>> a, b = build_planted_dit(), build_planted_dit()
@@ -619,12 +543,8 @@ def planted_recipe(model: PlantedDiT, density: float = REFERENCE_DENSITY, method
                    tile_for=None, layers: Sequence[int] | None = None) -> dict:
     """A recipe dict giving every head of `model` its own tile: the planted best tile by default.
 
-    Args:
-        model: a PlantedDiT.
-        density: every head's top-k budget.
-        method: the selection method.
-        tile_for: optional `PlantedKind -> (t, h, w)` to choose other tiles (e.g. mismatched ones).
-        layers: only these layers run sparse (default: all); the others stay dense.
+    `density` is every head's budget; `tile_for` (`PlantedKind -> (t, h, w)`) picks other tiles; only `layers`
+    (default: all) run sparse.
 
     Example:
         >>> r = planted_recipe(build_planted_dit(), layers=[0])

@@ -1,0 +1,426 @@
+"""Calibrate a diffusers pipeline on its own sampling trajectory: each transformer at steps sampled from those it runs."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import gc
+import hashlib
+import inspect
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import runtime
+from ..adapters import adapter_for
+from ..pipeline import pipeline_transformers
+from ..pipeline_recipe import PipelineRecipe
+from ..recipe import Recipe
+from .config import CalibrationConfig
+from .core import CalibrationResult, run_calibration
+
+DEFAULT_STEPS = 4  # denoising steps calibrated per transformer
+
+
+def load_pipeline(path_or_id, *, dtype: torch.dtype | None = None):
+    """`DiffusionPipeline.from_pretrained(path_or_id, torch_dtype=dtype)`, also where `accelerate` is missing.
+
+    Without `accelerate`, diffusers refuses to load models that keep some modules in float32 (Wan's time
+    embedder and norms); they are then loaded whole in `dtype` and those modules cast back to float32.
+
+    Example:
+        >>> # pipe = load_pipeline("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", dtype=torch.bfloat16)
+    """
+    import diffusers
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import is_accelerate_available
+
+    kw = {"torch_dtype": dtype} if dtype is not None else {}
+    if is_accelerate_available():
+        return DiffusionPipeline.from_pretrained(path_or_id, **kw)
+    keep = {}
+    for spec in DiffusionPipeline.load_config(path_or_id).values():
+        cls = getattr(diffusers, spec[1], None) if isinstance(spec, (list, tuple)) and len(spec) == 2 and spec[1] else None
+        if isinstance(cls, type) and getattr(cls, "_keep_in_fp32_modules", None):
+            keep[cls] = ("_keep_in_fp32_modules" in cls.__dict__, cls._keep_in_fp32_modules)
+    for cls in keep:
+        cls._keep_in_fp32_modules = None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(path_or_id, **kw)
+    finally:
+        for cls, (own, value) in keep.items():
+            if own:
+                cls._keep_in_fp32_modules = value
+            else:
+                del cls._keep_in_fp32_modules
+    for comp in pipe.components.values():
+        names = keep.get(type(comp), (False, None))[1]
+        if names and dtype not in (None, torch.float32):
+            for pname, p in comp.named_parameters():
+                if any(n in pname for n in names):
+                    p.data = p.data.float()
+    return pipe
+
+
+def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequence_length=None,
+                   guidance: bool = True) -> list[dict]:
+    """Per prompt, the pipeline call arguments that carry its text: embeddings from `pipe.encode_prompt`.
+
+    Pipelines whose `encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, ...)` returns
+    `(prompt_embeds, negative_prompt_embeds)` (Wan, CogVideoX) are encoded once here, so the text encoder
+    is not needed afterwards; other pipelines get the prompt strings and encode them in every call.
+
+    Example:
+        >>> # encode_prompts(pipe, ["a cat"])[0].keys()  -> dict_keys(['prompt_embeds', 'negative_prompt_embeds'])
+    """
+    enc = getattr(pipe, "encode_prompt", None)
+    params = set(inspect.signature(enc).parameters) if enc is not None else set()
+    if not {"prompt", "negative_prompt", "do_classifier_free_guidance"} <= params or \
+            getattr(pipe, "text_encoder", None) is None:
+        return [{"prompt": p, "negative_prompt": negative_prompt} for p in prompts]
+    kw = {"max_sequence_length": max_sequence_length} if max_sequence_length and "max_sequence_length" in params else {}
+    _ftfy_fallback(pipe)
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            res = enc(prompt=[p], negative_prompt=negative_prompt, do_classifier_free_guidance=guidance,
+                      device=device or pipe._execution_device, **kw)
+            if not (isinstance(res, tuple) and len(res) == 2):
+                return [{"prompt": q, "negative_prompt": negative_prompt} for q in prompts]
+            out.append({"prompt_embeds": res[0], "negative_prompt_embeds": res[1]})
+    return out
+
+
+def _ftfy_fallback(pipe) -> None:
+    """Without the optional `ftfy`, WanPipeline skips its text fix-up but diffusers 0.42's WanImageToVideoPipeline
+    calls `ftfy.fix_text` regardless (NameError); give that module the same no-op fix-up WanPipeline uses then."""
+    import importlib.util
+    import types
+
+    module = sys.modules.get(type(pipe).__module__)
+    if module is not None and "ftfy" not in vars(module) and importlib.util.find_spec("ftfy") is None:
+        module.ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+
+
+def free_text_encoders(pipe) -> list[str]:
+    """Drop the pipeline's text encoders (after `encode_prompts`) and return their component names."""
+    names = [n for n, c in pipe.components.items() if n.startswith("text_encoder") and c is not None]
+    for n in names:
+        setattr(pipe, n, None)
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return names
+
+
+def transformer_steps(pipe, num_inference_steps: int) -> dict[str, list[int]]:
+    """The denoising steps each transformer of the pipeline runs (Wan 2.2: split at `boundary_ratio`).
+
+    Example:
+        >>> # transformer_steps(wan22_pipe, 4)  -> {'transformer': [0, 1], 'transformer_2': [2, 3]}
+    """
+    found = list(pipeline_transformers(pipe))
+    boundary = pipe.config.get("boundary_ratio") if hasattr(pipe.config, "get") else None
+    every = list(range(num_inference_steps))
+    if boundary is None or "transformer_2" not in found or "transformer" not in found:
+        return {found[0]: every}
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(num_inference_steps, device="cpu")
+    t_b = boundary * sched.config.num_train_timesteps
+    ts = [float(t) for t in sched.timesteps]
+    steps = {"transformer": [i for i, t in enumerate(ts) if t >= t_b],
+             "transformer_2": [i for i, t in enumerate(ts) if t < t_b]}
+    return {k: v for k, v in steps.items() if v}
+
+
+def sample_steps(steps, k: int) -> list[int]:
+    """`k` of `steps`, spread evenly over them (the middle of each of k equal spans); all of them if k >= len.
+
+    Example:
+        >>> sample_steps(range(50), 4)
+        [6, 18, 31, 43]
+        >>> sample_steps([10, 11, 12], 5)
+        [10, 11, 12]
+    """
+    steps = list(steps)
+    if k >= len(steps):
+        return steps
+    return [steps[min(len(steps) - 1, round((i + 0.5) * len(steps) / k - 0.5))] for i in range(k)]
+
+
+class _Probe(Exception):
+    def __init__(self, name, args, kwargs):
+        super().__init__(name)
+        self.name, self.args, self.kwargs = name, args, kwargs
+
+
+@dataclass
+class PipelinePlan:
+    """What a pipeline calibration runs: the prompts' call arguments, the steps, and the token grid.
+
+    Attributes:
+        pipe: the pipeline.
+        calls: per prompt, the call arguments carrying its text (embeddings or prompt strings).
+        common: the call arguments shared by every prompt (size, steps, guidance, image, ...).
+        seed: the first prompt's generator seed (prompt i uses seed + i).
+        transformers: `{component name: module}` of the transformers that run at least one step.
+        steps: `{name: steps it runs}`; `sampled`: `{name: steps calibrated}`.
+        grid: the latent token grid `(T, H, W)` of the generation.
+        first_call: `{name: (args, kwargs)}` of a full-size transformer call (the first transformer's real one).
+        branches: transformer calls per step (2 with classifier-free guidance as two calls).
+        settings: the generation settings recorded in the recipe's provenance.
+    """
+
+    pipe: object
+    calls: list[dict]
+    common: dict
+    seed: int
+    transformers: dict
+    steps: dict[str, list[int]]
+    sampled: dict[str, list[int]]
+    grid: tuple[int, int, int]
+    first_call: tuple
+    branches: int
+    settings: dict = field(default_factory=dict)
+
+    def forwards(self, name: str) -> int:
+        """Transformer forwards of `name` that the calibration measures."""
+        return len(self.sampled[name]) * len(self.calls) * self.branches
+
+    def trajectory_forwards(self, name: str) -> int:
+        """Transformer forwards of `name` in the whole trajectory (measured or not)."""
+        return len(self.steps[name]) * len(self.calls) * self.branches
+
+
+@dataclass
+class PipelineCalibration:
+    """The recipe of a pipeline calibration and each transformer's `CalibrationResult`."""
+
+    recipe: Recipe | PipelineRecipe
+    results: dict[str, CalibrationResult]
+    plan: PipelinePlan
+
+
+def _generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _call_defaults(pipe) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: params[k].default for k in ("height", "width", "num_frames") if k in params}
+
+
+def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=None, width=None, num_frames=None,
+                              num_inference_steps: int = 50, guidance_scale: float = 5.0, steps: int = DEFAULT_STEPS,
+                              dense_steps: int = 0, seed: int = 0, image=None, max_sequence_length=None,
+                              free_text_encoder: bool = False, pipeline_kwargs: dict | None = None,
+                              device=None) -> PipelinePlan:
+    """Encode the prompts, find which steps each transformer runs and sample them, and probe the token grid.
+
+    The probe starts one generation and stops it at the first transformer call (no denoising step runs).
+    Steps below `dense_steps` (dense at run time) are not sampled. With a `device`, the text encoder goes
+    there first and alone, and the rest of the pipeline follows once the prompts are encoded (and the
+    text encoder dropped, with `free_text_encoder`): the two never share the device's memory.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"sparsify.calibrate: prompts must be a non-empty list of strings; got {prompts!r}")
+    found = pipeline_transformers(pipe)
+    if not found:
+        raise ValueError(f"sparsify.calibrate: {type(pipe).__name__} has no transformer that sparsify knows (components: "
+                         f"{', '.join(k for k, v in pipe.components.items() if v is not None)})")
+    if device is not None:
+        for n, comp in pipe.components.items():
+            if n.startswith("text_encoder") and isinstance(comp, torch.nn.Module):
+                comp.to(device)
+    calls = encode_prompts(pipe, prompts, negative_prompt, max_sequence_length=max_sequence_length,
+                           guidance=guidance_scale > 1.0, device=device)
+    if free_text_encoder and "prompt_embeds" in calls[0]:
+        free_text_encoders(pipe)
+    if device is not None:
+        pipe.to(device)
+    common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "output_type": "latent",
+              **{k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None},
+              **({"image": image} if image is not None else {}), **(pipeline_kwargs or {})}
+    runs = transformer_steps(pipe, num_inference_steps)
+    sampled = {n: sample_steps([s for s in st if s >= dense_steps] or st, steps) for n, st in runs.items()}
+    hooks = [m.register_forward_pre_hook(functools.partial(_raise_probe, name), with_kwargs=True)
+             for name, m in found.items()]
+    try:
+        with torch.no_grad():
+            pipe(**calls[0], **common, generator=_generator(seed))
+        raise RuntimeError(f"sparsify.calibrate: {type(pipe).__name__} never called its transformer")
+    except _Probe as p:
+        probe = p
+    finally:
+        for h in hooks:
+            h.remove()
+    model = found[probe.name]
+    grid = tuple(adapter_for(model).geometry(model, probe.args, probe.kwargs).grid)
+    sizes = {**_call_defaults(pipe), **{k: common[k] for k in ("height", "width", "num_frames") if k in common}}
+    settings = {"pipeline": type(pipe).__name__, "prompts": len(prompts),
+                **{k: v for k, v in sizes.items() if isinstance(v, int)},
+                "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                "negative_prompt": negative_prompt, "seed": seed,
+                "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]}
+    if pipe.config.get("boundary_ratio") is not None:
+        settings["boundary_ratio"] = pipe.config.get("boundary_ratio")
+    return PipelinePlan(pipe=pipe, calls=calls, common=common, seed=seed,
+                        transformers={n: found[n] for n in runs}, steps=runs, sampled=sampled, grid=grid,
+                        first_call=(probe.name, probe.args, probe.kwargs), branches=2 if guidance_scale > 1.0 else 1,
+                        settings=settings)
+
+
+def _raise_probe(name, module, args, kwargs):
+    raise _Probe(name, args, kwargs)
+
+
+def _detached(kwargs: dict) -> dict:
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+def _discovery_inputs(model, probe_kwargs: dict) -> dict:
+    """Small inputs of the model's family for site discovery, plus the probe's arguments the adapter does not make
+    (e.g. Wan 2.1 I2V image embeddings, whose size does not depend on the grid)."""
+    small = adapter_for(model).example_inputs(model)
+    extra = {k: v for k, v in probe_kwargs.items() if k not in small and k != "return_dict"}
+    return {**extra, **small}
+
+
+def run_pipeline_calibration(plan: PipelinePlan, config: CalibrationConfig | None = None,
+                             **overrides) -> PipelineCalibration:
+    """Calibrate each transformer of `plan.pipe` on the real trajectory, at its sampled steps, and build the recipe.
+
+    For each transformer the pipeline generates every prompt; the calibrator observes that transformer's
+    attention calls (both guidance branches) only during its sampled steps, counted with the pipeline's
+    `callback_on_step_end`. Its transformer calls at the middle sampled step of the first prompt are kept and
+    replayed for the per-site model-output error. Checkpoints go to `<checkpoint_dir>/<component>/`.
+    """
+    config = (config or CalibrationConfig()).replace(**overrides)
+    pipe = plan.pipe
+    results = {}
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for name, model in plan.transformers.items():
+            results[name] = _calibrate_one(plan, name, model, config)
+    finally:
+        pipe._progress_bar_config = bar_config
+    recipes = {}
+    for name, res in results.items():
+        cal = res.recipe.calibration
+        cal.update({**plan.settings, "component": name, "grid": list(plan.grid), "steps_run": plan.steps[name],
+                    "calibrated_steps": plan.sampled[name]})
+        recipes[name] = res.recipe
+    if len(pipeline_transformers(pipe)) == 1:
+        recipe = next(iter(recipes.values()))
+    else:
+        recipe = PipelineRecipe(recipes, calibration={**plan.settings, "grid": list(plan.grid),
+                                                      "budget": float(config.budget)})
+    return PipelineCalibration(recipe=recipe, results=results, plan=plan)
+
+
+def _calibrate_one(plan: PipelinePlan, name: str, model, config: CalibrationConfig) -> CalibrationResult:
+    sampled = set(plan.sampled[name])
+    record_step = plan.sampled[name][len(plan.sampled[name]) // 2]
+    state = {"step": 0, "prompt": 0}
+    records: list[dict] = []
+    ran: set[int] = set()
+
+    def record(module, args, kwargs):
+        ran.add(state["step"])
+        if state["step"] == record_step and state["prompt"] == 0:
+            records.append((args, _detached(kwargs)))
+
+    def forward_loop(m):
+        cap = runtime.STATE.observer
+
+        def gate():  # the calibrator observes only the sampled steps
+            runtime.STATE.observer = cap if state["step"] in sampled else None
+
+        def on_step_end(pipe, i, t, kwargs):
+            state["step"] = i + 1
+            gate()
+            return {}
+
+        hook = m.register_forward_pre_hook(record, with_kwargs=True)
+        records.clear()
+        try:
+            for n, call in enumerate(plan.calls):
+                state.update(step=0, prompt=n)
+                gate()
+                plan.pipe(**call, **plan.common, generator=_generator(plan.seed + n), callback_on_step_end=on_step_end)
+        finally:
+            runtime.STATE.observer = cap
+            hook.remove()
+        missing = sorted(sampled - ran)
+        if missing:
+            raise RuntimeError(f"sparsify.calibrate: {name} was expected to run denoising steps {sorted(sampled)} but "
+                               f"did not run {missing} (it ran {sorted(ran)})")
+
+    def output_loop(m):
+        for args, kwargs in records:
+            m(*args, **kwargs)
+
+    ckpt = config.checkpoint_dir
+    cfg = config.replace(checkpoint_dir=None if ckpt is None else f"{ckpt}/{name}")
+    if cfg.tiles is None or cfg.levels is None:
+        tiles, levels = cfg.candidates(plan.grid)
+        cfg = cfg.replace(tiles=tiles, levels=levels)
+    inputs_hash = hashlib.sha256(repr((plan.settings, plan.grid, name, sorted(sampled),
+                                       [sorted(c) for c in plan.calls])).encode()).hexdigest()[:16]
+    if cfg.verbose:
+        print(f"sparsify.calibrate: {name}: steps {sorted(sampled)} of {len(plan.steps[name])} it runs "
+              f"({plan.steps[name][0]}..{plan.steps[name][-1]}), {len(plan.calls)} prompt(s) x {plan.branches} "
+              f"guidance branch(es)", file=sys.stderr)
+    return run_calibration(model, forward_loop, cfg, example_inputs=_discovery_inputs(model, plan.first_call[2]),
+                           n_forwards=plan.forwards(name), inputs_hash=inputs_hash, output_loop=output_loop)
+
+
+def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=None, height=None, width=None,
+                       num_frames=None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                       steps: int = DEFAULT_STEPS, seed: int = 0, image=None, max_sequence_length=None,
+                       free_text_encoder: bool = False, pipeline_kwargs: dict | None = None, device=None,
+                       config: CalibrationConfig | None = None, **overrides) -> Recipe | PipelineRecipe:
+    """Calibrate every transformer of a diffusers pipeline on its own sampling trajectory; return the recipe.
+
+    The prompts are encoded once with the pipeline's text encoder, the pipeline samples each of them
+    (classifier-free guidance included, latents only: the VAE does not decode), and each transformer is
+    calibrated on the attention calls of the `steps` denoising steps sampled across those it runs. Wan 2.2
+    A14B's `transformer` (high noise) and `transformer_2` (low noise) are calibrated on their own steps.
+
+    Args:
+        pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V, CogVideoX, ...), placed
+            on its device.
+        prompts: calibration prompts (a list of strings).
+        budget: target attention density over all sparsifiable heads of each transformer.
+        negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, image: as for
+            the pipeline's `__call__` (None: the pipeline's default); `image` for image-to-video.
+        steps: denoising steps calibrated per transformer, spread evenly over the steps it runs.
+        seed: the first prompt's generator seed (prompt i uses seed + i).
+        max_sequence_length: text length for `encode_prompt` (None: its default).
+        free_text_encoder: drop the text encoder(s) from `pipe` once the prompts are encoded (saves memory).
+        pipeline_kwargs: further `__call__` arguments.
+        device: where to run the pipeline (None: where it is); the text encoder runs there before the rest.
+        config: a `CalibrationConfig`; `**overrides` are its fields (e.g. `tiles=[(1, 8, 8)]`).
+
+    Returns:
+        A `Recipe` for a single-transformer pipeline, a `PipelineRecipe` (one section per transformer)
+        otherwise; each records in `calibration` the grid, size, steps and settings it was calibrated at.
+        Apply it with `sparsify_pipeline(pipe, recipe)` or `sparsify(pipe, recipe)`.
+
+    Example:
+        >>> # pipe = DiffusionPipeline.from_pretrained("Wan-AI/Wan2.2-T2V-A14B-Diffusers", torch_dtype=torch.bfloat16)
+        >>> # recipe = calibrate_pipeline(pipe.to("cuda"), ["a cat surfing"], budget=0.1, num_inference_steps=40)
+        >>> # recipe.save("wan22.yaml"); sparsify(pipe, recipe)
+    """
+    overrides = {"budget": budget, **overrides}
+    cfg = (config or CalibrationConfig()).replace(**overrides)
+    plan = plan_pipeline_calibration(pipe, prompts, negative_prompt=negative_prompt, height=height, width=width,
+                                     num_frames=num_frames, num_inference_steps=num_inference_steps,
+                                     guidance_scale=guidance_scale, steps=steps, dense_steps=cfg.dense_steps, seed=seed,
+                                     image=image, max_sequence_length=max_sequence_length,
+                                     free_text_encoder=free_text_encoder, pipeline_kwargs=pipeline_kwargs,
+                                     device=device)
+    return run_pipeline_calibration(plan, cfg).recipe

@@ -1,0 +1,8 @@
+"""Sequence parallelism: sparse attention under Ulysses (diffusers context parallelism, xDiT) and head balancing."""
+
+from .balance import BalancePlan, assign_heads, balance_heads, balance_ratio, head_costs, unbalance_heads
+from .shard import RingAttentionError, attach, diffusers_shard, head_shard, serial_view
+
+__all__ = ["BalancePlan", "RingAttentionError", "assign_heads", "attach", "balance_heads", "balance_ratio",
+           "diffusers_shard", "head_costs", "head_shard", "serial_view",
+           "unbalance_heads"]

@@ -1,0 +1,98 @@
+"""Sparsify every transformer of a diffusers pipeline with its own section of a (pipeline) recipe."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from .pipeline_recipe import PipelineRecipe, load_pipeline_recipe
+from .recipe import RecipeError
+
+
+def is_pipeline(obj) -> bool:
+    """True for a diffusers pipeline (an object with `components`, not itself a module)."""
+    return not isinstance(obj, torch.nn.Module) and isinstance(getattr(obj, "components", None), dict)
+
+
+def pipeline_transformers(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's denoiser components that a geometry adapter knows, in component order.
+
+    Wan 2.2 A14B gives `{"transformer": ..., "transformer_2": ...}`; components that are None are skipped.
+
+    Example:
+        >>> # list(pipeline_transformers(wan22_pipe))  -> ['transformer', 'transformer_2']
+    """
+    from .adapters import adapter_for
+
+    out = {}
+    for name, comp in pipe.components.items():
+        if isinstance(comp, torch.nn.Module) and adapter_for(comp) is not None:
+            out[name] = comp
+    return out
+
+
+def sparsify_pipeline(pipe, recipe, *, transformers=None, mode: str = "install"):
+    """Sparsify the transformers of a diffusers pipeline, in place, each with its recipe section.
+
+    A pipeline recipe (top-level `transformers:`) gives each named component its own section; a plain
+    single-transformer recipe applies to the components named in `transformers` (default: `transformer`).
+    Transformers without a recipe stay dense (with a warning).
+
+    Args:
+        pipe: a diffusers pipeline (WanPipeline, WanImageToVideoPipeline, CogVideoXPipeline, ...).
+        recipe: a PipelineRecipe or Recipe, a dict, a YAML path or a bundled recipe name.
+        transformers: with a plain recipe: the component names it applies to.
+        mode: as for `sparsify()`.
+
+    Returns:
+        The same pipeline; `unsparsify_pipeline(pipe)` restores it.
+
+    Example:
+        >>> # recipe = calibrate_pipeline(pipe, ["a cat on a beach"], budget=0.1)
+        >>> # pipe = sparsify_pipeline(pipe, recipe)      # or sparsify(pipe, recipe)
+    """
+    from .api import sparsify
+
+    recipe = load_pipeline_recipe(recipe)
+    found = pipeline_transformers(pipe)
+    if not found:
+        raise ValueError(f"sparsify: {type(pipe).__name__} has no transformer that sparsify knows (components: "
+                         f"{', '.join(k for k, v in pipe.components.items() if v is not None)})")
+    if isinstance(recipe, PipelineRecipe):
+        sections = dict(recipe.transformers)
+    else:
+        names = list(transformers) if transformers is not None else [next(iter(found))]
+        sections = {n: recipe for n in names}
+    for name in sections:
+        if name not in found:
+            raise RecipeError(f"the pipeline has no transformer '{name}'; its transformers are: {', '.join(found)}",
+                              source=getattr(recipe, "source", None),
+                              key=f"transformers.{name}" if isinstance(recipe, PipelineRecipe) else None)
+    dense = [n for n in found if n not in sections]
+    if dense:
+        warnings.warn(f"sparsify: the recipe has no section for {', '.join(dense)}; it stays dense", stacklevel=2)
+    done = []
+    try:
+        for name, section in sections.items():
+            sparsify(found[name], section, mode=mode)
+            done.append(name)
+    except Exception:
+        for name in done:
+            from .api import unsparsify
+
+            unsparsify(found[name])
+        raise
+    return pipe
+
+
+def unsparsify_pipeline(pipe):
+    """Undo `sparsify_pipeline(pipe, ...)` on every sparsified transformer of the pipeline."""
+    from .api import unsparsify
+
+    models = [m for m in pipeline_transformers(pipe).values() if getattr(m, "_sparsify", None) is not None]
+    if not models:
+        raise RuntimeError("sparsify: no transformer of this pipeline is sparsified")
+    for m in models:
+        unsparsify(m)
+    return pipe

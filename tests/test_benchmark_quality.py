@@ -1,0 +1,49 @@
+"""`python -m benchmarks.quality selection|video --tiny`: the quality benchmarks' code paths on the CPU."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(*args, out):
+    """Run `python -m benchmarks.<args>` from the repository root; return its JSON."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-W", "ignore", "-m", *args, "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.slow
+def test_selection_tiny_no_tile_method_beats_the_oracle(tmp_path):
+    rec = run_benchmark("benchmarks.quality", "selection", "--tiny", out=tmp_path / "sel.json")
+    assert rec["benchmark"] == "quality selection" and rec["densities"] == [0.1]
+    assert rec["reference_check_max_abs"] < 1e-4  # the one-pass outputs agree with tiled_sparse_attention
+    methods = rec["sets"]["random"]["methods"]
+    assert {"oracle", "vsa", "veda", "veda-fit", "xattention", "svg2", "svg2-fine"} <= set(methods)
+    oracle = methods["oracle"]["0.1"]["recall_per_head"]
+    for m in ("vsa", "veda", "veda-exact", "veda-fit", "xattention"):  # same tile count as the oracle
+        rec_m = methods[m]["0.1"]["recall_per_head"]
+        assert all(r <= o + 1e-9 for r, o in zip(rec_m, oracle)), m
+        assert 0.0 < methods[m]["0.1"]["err"] and math.isfinite(methods[m]["0.1"]["err"])
+
+
+@pytest.mark.slow
+def test_video_tiny_reports_psnr_ssim_and_reuse(tmp_path):
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("diffusers")
+    rec = run_benchmark("benchmarks.quality", "video", "--tiny", out=tmp_path / "vid.json")
+    assert rec["benchmark"] == "quality video" and rec["steps"] == 2
+    labels = [r["recipe"] for r in rec["rows"]]
+    assert labels == ["uniform 4x4x4", "calibrated", "calibrated + mask reuse"]
+    for r in rec["rows"]:
+        assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] < 1.0  # sparse sampling differs from dense
+    reuse = rec["rows"][-1]
+    assert reuse["selections"] + reuse["reused"] > 0 and len(reuse["step_error_fresh"]) == 3  # 2 steps + output

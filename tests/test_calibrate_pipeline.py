@@ -1,0 +1,162 @@
+"""Calibrating real diffusers pipelines: tiny Wan T2V, Wan 2.2 two-transformer and I2V pipelines saved to disk and
+loaded back through `python -m sparsify.calibrate --pipeline`, pipeline recipes, resolution transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from sparsify import installed_sites, load_recipe, sparsify, unsparsify  # noqa: E402
+from sparsify.calibrate.__main__ import main  # noqa: E402
+from sparsify.calibrate.pipeline import load_pipeline, sample_steps, transformer_steps  # noqa: E402
+from sparsify.pipeline_recipe import PipelineRecipe, load_pipeline_recipe  # noqa: E402
+from sparsify.recipe import Recipe, RecipeError  # noqa: E402
+from tools.make_random_pipeline import build_pipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["a cat walks on the beach", "a red car drives at night"]
+# 5 frames at 64x64 with the tiny VAE (4x spatial, 4x temporal) and patch (1, 2, 2) -> grid (2, 8, 8)
+GEN = ["--height", "64", "--width", "64", "--num-frames", "5", "--num-inference-steps", "4", "--max-sequence-length", "12"]
+FAST = ["--tiles", "1x8x8", "--levels", "0.5", "--budget", "0.5", "--no-plots", "--quiet", "--no-output-error"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """`saved(config)`: the folder of a tiny random pipeline saved with `save_pretrained` (built once per module)."""
+    root, done = tmp_path_factory.mktemp("pipelines"), {}
+
+    def get(config):
+        if config not in done:
+            build_pipeline(config).save_pretrained(root / config)
+            done[config] = root / config
+        return str(done[config])
+
+    return get
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n\n")
+    return str(f)
+
+
+def _generate(pipe, image=None, seed=1):
+    pe, ne = pipe.encode_prompt(PROMPTS[:1], device="cpu", max_sequence_length=12)
+    kw = {"image": image} if image is not None else {}
+    with torch.no_grad():
+        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64, num_frames=5,
+                    num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(seed),
+                    **kw).frames
+
+
+def test_sample_steps_spread_over_each_transformers_steps():
+    assert sample_steps(range(50), 4) == [6, 18, 31, 43]
+    assert sample_steps(range(10, 20), 2) == [12, 17]
+    pipe = build_pipeline("tiny-t2v-a14b")  # boundary 0.8: timesteps 999, 900 >= 800 > 750, 500
+    assert transformer_steps(pipe, 4) == {"transformer": [0, 1], "transformer_2": [2, 3]}
+    assert transformer_steps(build_pipeline("tiny-t2v"), 3) == {"transformer": [0, 1, 2]}
+
+
+def test_cli_wan_t2v_calibrates_on_its_trajectory_and_sparsifies_the_pipeline(saved, prompts, tmp_path):
+    path = saved("tiny-t2v")
+    out = tmp_path / "wan.yaml"
+    assert main(["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "2", *FAST, "--out", str(out)]) == 0
+    recipe = load_recipe(out)  # a single-transformer pipeline gives a plain version-1 recipe
+    cal = recipe.calibration
+    assert (cal["pipeline"], cal["grid"], cal["height"], cal["width"], cal["num_frames"]) == ("WanPipeline", [2, 8, 8],
+                                                                                              64, 64, 5)
+    assert cal["steps_run"] == [0, 1, 2, 3] and cal["calibrated_steps"] == [0, 2]
+    # the observer saw only the sampled steps: 2 steps x 2 prompts x 2 guidance branches per site (of 16 calls)
+    assert cal["calls_per_site"] == 2 * 2 * 2
+    assert "--pipeline" in cal["command"]
+
+    pipe = load_pipeline(path)
+    dense = _generate(pipe)
+    sparsify(pipe, recipe)  # dispatches to sparsify_pipeline
+    try:
+        out_sparse = _generate(pipe)
+        sites = installed_sites(pipe.transformer)
+        assert len(sites) == 2 and all(s.density == pytest.approx(0.5) for s in sites)
+    finally:
+        unsparsify(pipe)
+    assert (out_sparse - dense).abs().max() > 1e-4
+    assert torch.equal(_generate(pipe), dense)
+
+
+def test_cli_wan22_two_transformers_each_on_its_own_steps(saved, prompts, tmp_path):
+    path = saved("tiny-t2v-a14b")
+    out = tmp_path / "wan22.yaml"
+    assert main(["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "1", *FAST, "--out", str(out)]) == 0
+    data = yaml.safe_load(out.read_text())
+    assert set(data) == {"version", "transformers", "calibration"} and data["calibration"]["boundary_ratio"] == 0.8
+    recipe = load_pipeline_recipe(out)
+    assert isinstance(recipe, PipelineRecipe) and list(recipe.transformers) == ["transformer", "transformer_2"]
+    high, low = (recipe.transformers[n].calibration for n in ("transformer", "transformer_2"))
+    assert (high["steps_run"], low["steps_run"]) == ([0, 1], [2, 3])
+    assert high["calibrated_steps"][0] in (0, 1) and low["calibrated_steps"][0] in (2, 3)
+    assert high["calls_per_site"] == low["calls_per_site"] == 1 * 2 * 2
+    with pytest.raises(RecipeError, match="pipeline recipe"):
+        load_recipe(out)  # a single model cannot take it
+
+    pipe = load_pipeline(path)
+    dense = _generate(pipe)
+    sparsify(pipe, str(out))
+    try:
+        assert all(len(installed_sites(m)) == 2 for m in (pipe.transformer, pipe.transformer_2))
+        sparse = _generate(pipe)
+        assert all(s.calls == 4 for m in (pipe.transformer, pipe.transformer_2) for s in installed_sites(m))
+    finally:
+        unsparsify(pipe)
+    assert (sparse - dense).abs().max() > 1e-4
+
+
+def test_cli_wan_i2v_with_an_image_and_dry_run(saved, prompts, tmp_path, capsys):
+    from PIL import Image
+
+    path = saved("tiny-ti2v")
+    img = tmp_path / "first.png"
+    Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()).save(img)
+    args = ["--pipeline", path, "--prompts", prompts, "--image", str(img), *GEN, "--steps", "2", *FAST]
+    assert main([*args, "--dry-run"]) == 0
+    assert "+8 unmeasured trajectory forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 2, 2 steps measured
+    out = tmp_path / "i2v.yaml"
+    assert main([*args, "--out", str(out)]) == 0
+    cal = load_recipe(out).calibration
+    assert cal["pipeline"] == "WanImageToVideoPipeline" and cal["grid"] == [2, 8, 8] and cal["calls_per_site"] == 8
+
+
+def test_pipeline_recipe_errors_name_the_section_and_key():
+    good = {"version": 1, "transformers": {"transformer": {"version": 1}, "transformer_2": {"version": 1}}}
+    assert isinstance(load_pipeline_recipe(good), PipelineRecipe)
+    assert isinstance(load_pipeline_recipe({"version": 1, "defaults": {"budget": {"density": 0.2}}}), Recipe)
+    bad = {"version": 1, "transformers": {"transformer_2": {"version": 1, "defaults": {"tile": [4, 4, 3]}}}}
+    with pytest.raises(RecipeError, match=r"transformers\.transformer_2\.defaults\.tile"):
+        load_pipeline_recipe(bad)
+    with pytest.raises(RecipeError, match="no transformer 'transformer_3'"):
+        sparsify(build_pipeline("tiny-t2v"), {"version": 1, "transformers": {"transformer_3": {"version": 1}}})
+
+
+def test_check_transfer_on_the_testbed_at_two_resolution_pairs(tmp_path, capsys):
+    """Recipes calibrated at one grid apply at another (geometry per call); the penalty is measured, not assumed."""
+    common = ["--inputs", "1", "--steps", "1", "--tiles", "4x4x4", "--levels", "0.25,0.5", "--budget", "0.4",
+              "--no-output-error", "--no-plots", "--quiet", "--checkpoint-dir", "none"]
+    rec = tmp_path / "a.yaml"
+    assert main([*common, "--grid", "8x16x16", "--out", str(rec)]) == 0
+    assert load_recipe(rec).calibration["grid"] == [8, 16, 16]
+    capsys.readouterr()
+    for target in ("16x8x16", "8x8x8"):
+        rep = tmp_path / f"{target}.json"
+        assert main([*common, "--grid", target, "--check-transfer", str(rec), "--out", str(rep)]) == 0
+        text = capsys.readouterr().out
+        assert f"8x16x16 -> {target}" in text
+        r = yaml.safe_load(rep.read_text())
+        assert r["to_grid"] == [int(x) for x in target.split("x")]
+        for k in ("transferred", "native"):
+            assert 0 < r[k]["output_error"] < 1 and 0 < r[k]["density"] < 1
+        assert r["penalty"] == pytest.approx(r["transferred"]["output_error"] / r["native"]["output_error"])

@@ -1,0 +1,139 @@
+"""Build a diffusers Wan pipeline with random weights and a small local text encoder, and save it (no network).
+
+    python -m tools.make_random_pipeline OUT [--config wan2.1-t2v-1.3b] [--dtype bfloat16] [--prompts prompts.txt]
+
+The transformer(s) have a real Wan configuration (or a tiny one), the VAE is `AutoencoderKLWan` with its
+default (real) configuration or a tiny one, and the text encoder is a one-layer `UMT5EncoderModel` of the
+transformer's text width with a word-level tokenizer built from the prompts' words. The result loads with
+`DiffusionPipeline.from_pretrained(OUT)` and runs `python -m sparsify.calibrate --pipeline OUT ...` on a machine
+without network access: attention timings are those of the real configuration, attention patterns are not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+WORDS = ("a cat walks on the beach at sunset while waves roll in slowly camera pans left over a city street at night "
+         "with neon lights and rain red car drives through forest snow falls on mountains bird flies above river")
+
+# name -> (pipeline class, transformer config(s), tiny VAE?, pipeline config)
+_WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+                text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_WAN_14B = dict(_WAN_13B, num_attention_heads=40, ffn_dim=13824, num_layers=40)
+_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+             text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32)
+CONFIGS = {
+    "wan2.1-t2v-1.3b": ("WanPipeline", [_WAN_13B], False, {}),
+    "wan2.1-t2v-14b": ("WanPipeline", [_WAN_14B], False, {}),
+    "wan2.2-t2v-a14b": ("WanPipeline", [_WAN_14B, _WAN_14B], False, {"boundary_ratio": 0.875}),
+    "tiny-t2v": ("WanPipeline", [_TINY], True, {}),
+    "tiny-t2v-a14b": ("WanPipeline", [_TINY, _TINY], True, {"boundary_ratio": 0.8}),
+    # Wan 2.2 TI2V style: the image enters as the first latent frame, at timestep 0 (`expand_timesteps`)
+    "tiny-ti2v": ("WanImageToVideoPipeline", [_TINY], True, {"expand_timesteps": True}),
+    # Wan 2.1 / 2.2 A14B I2V style: the image latents and a frame mask concatenated to the channels (4 + 4 + 4)
+    "tiny-i2v-a14b": ("WanImageToVideoPipeline", [dict(_TINY, in_channels=12)] * 2, True, {"boundary_ratio": 0.8}),
+}
+
+
+def word_tokenizer(words=WORDS):
+    """A `PreTrainedTokenizerFast` over a word-level vocabulary (lower-cased words; unknown words map to `<unk>`).
+
+    Example:
+        >>> tok = word_tokenizer("a cat")
+        >>> tok(["a cat", "a dog"]).input_ids
+        [[3, 4, 2], [3, 1, 2]]
+    """
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2}
+    for w in re.findall(r"\w+", words.lower()):
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+
+
+def small_text_encoder(d_model: int, vocab_size: int, seed: int = 0):
+    """A one-layer `UMT5EncoderModel` whose output width `d_model` is the transformer's `text_dim`."""
+    from transformers import T5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=min(64, d_model // 2), num_heads=2, num_layers=1,
+                   d_ff=min(256, 4 * d_model), relative_attention_num_buckets=8, dropout_rate=0.0)
+    return UMT5EncoderModel(cfg).eval()
+
+
+def tiny_vae(seed: int = 0):
+    """A random `AutoencoderKLWan` with 4 latent channels and 4x spatial and temporal compression."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
+                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4, scale_factor_spatial=4,
+                            scale_factor_temporal=4).eval()
+
+
+def build_pipeline(config: str = "tiny-t2v", *, dtype=torch.float32, words: str = WORDS, flow_shift: float = 3.0,
+                   seed: int = 0):
+    """A Wan pipeline of configuration `config` (see `CONFIGS`) with random weights.
+
+    Example:
+        >>> pipe = build_pipeline("tiny-t2v-a14b")
+        >>> type(pipe).__name__, pipe.transformer_2 is not None, pipe.config.boundary_ratio
+        ('WanPipeline', True, 0.8)
+    """
+    import diffusers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    if config not in CONFIGS:
+        raise ValueError(f"unknown pipeline config {config!r}; valid: {', '.join(CONFIGS)}")
+    cls_name, transformer_cfgs, tiny, extra = CONFIGS[config]
+    transformers = []
+    for i, cfg in enumerate(transformer_cfgs):
+        torch.manual_seed(seed + i)
+        model = WanTransformer3DModel(**cfg).eval()
+        transformers.append(model if dtype == torch.float32 else model.to(dtype))
+    torch.manual_seed(seed)
+    vae = tiny_vae(seed) if tiny else AutoencoderKLWan().eval()
+    tok = word_tokenizer(words)
+    text_encoder = small_text_encoder(transformer_cfgs[0]["text_dim"], len(tok), seed)
+    text_encoder = text_encoder if dtype == torch.float32 else text_encoder.to(dtype)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
+                                        num_train_timesteps=1000)
+    kw = dict(tokenizer=tok, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformers[0])
+    if len(transformers) > 1:
+        kw["transformer_2"] = transformers[1]
+    if cls_name == "WanImageToVideoPipeline":
+        kw.update(image_encoder=None, image_processor=None)
+    return getattr(diffusers, cls_name)(**kw, **extra)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.make_random_pipeline", description=__doc__.split("\n")[0])
+    p.add_argument("out", help="folder to save the pipeline in (save_pretrained)")
+    p.add_argument("--config", default="wan2.1-t2v-1.3b", choices=sorted(CONFIGS))
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--prompts", default=None, help="file of prompts (one per line) whose words join the vocabulary")
+    p.add_argument("--flow-shift", type=float, default=3.0, help="UniPC flow shift (Wan: 3.0 at 480p, 5.0 at 720p)")
+    args = p.parse_args(argv)
+    words = WORDS + (" " + Path(args.prompts).read_text() if args.prompts else "")
+    pipe = build_pipeline(args.config, dtype=getattr(torch, args.dtype), words=words, flow_shift=args.flow_shift)
+    pipe.save_pretrained(args.out)
+    n = sum(p.numel() for name in ("transformer", "transformer_2") if getattr(pipe, name, None) is not None
+            for p in getattr(pipe, name).parameters())
+    print(f"saved {type(pipe).__name__} ({args.config}, {n / 1e9:.2f}B transformer parameters, {args.dtype}) to "
+          f"{args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
