@@ -10,6 +10,7 @@ from . import runtime
 from .adapters import Adapter, GridAdapter, adapter_for
 from .adapters.base import check_count, check_grid
 from .errors import SparsifyArgumentError, SparsifyWarning
+from .generation.steps import attach_step_clock, discovery_context
 from .passes.discover import _split_inputs, discover, import_bound_modules
 from .passes import rewrite as _rewrite  # noqa: F401  (registers the 'sparsify' backend)
 from .passes.install import install, uninstall
@@ -115,7 +116,8 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
         from .adapters.infer import find_sites_inferred
 
         _check_example_inputs(example_inputs)
-        return find_sites_inferred(model, example_inputs, unplaced=unplaced)
+        with discovery_context(model):
+            return find_sites_inferred(model, example_inputs, unplaced=unplaced)
     if example_inputs is None:
         if adapter is None or isinstance(adapter, GridAdapter):
             hint = "" if adapter is not None else " and grid=(T, H, W) (no adapter knows this model)"
@@ -140,7 +142,8 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
                 "example_inputs", example_inputs, f"the {adapter.name} adapter cannot read the token grid from them "
                 f"({type(e).__name__}: {e}); pass the arguments of one forward call of {type(model).__name__}") from e
     try:
-        infos = discover(model, example_inputs, video_len=video_len, unplaced=unplaced)
+        with discovery_context(model):  # a step cache enabled before sparsify() needs a cache context
+            infos = discover(model, example_inputs, video_len=video_len, unplaced=unplaced)
     except Exception as e:  # noqa: BLE001 - the forward failed on the inputs
         if not given:
             raise
@@ -263,6 +266,10 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     _check_geometry(model, infos, adapter, example_inputs)
     specs = [i.spec() for i in infos]
     recipe.check_against(type(model).__name__, specs)
+    if recipe.plan is not None:  # a generation plan is made for one model: refuse another before installing
+        blocks = getattr(model, "blocks", None)
+        recipe.plan.check_model(type(model).__name__, len(blocks) if isinstance(blocks, torch.nn.ModuleList) else 0,
+                                recipe.where)
     for key, message in recipe.unintended(specs):
         _warn(f"sparsify: {recipe.where}: key '{key}': {message}")
     shared: set = set()
@@ -282,6 +289,13 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
     model._sparsify = install(model, infos, states, recipe, adapter, import_bound_modules(infos), mode)
     try:
         _attach_head_shards(model, model._sparsify)  # Ulysses sequence parallelism: heads per rank
+        if adapter is not None:
+            attach_step_clock(model, model._sparsify.hooks)  # steps a step cache skips still count
+        if recipe.plan is not None:
+            from .generation.plan import PlanRunner
+
+            runner = PlanRunner(model, recipe.plan, recipe.defaults.tile, recipe.where)
+            model._sparsify.undo.append(runner.remove)
     except Exception:
         unsparsify(model)
         raise

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_VERSION, Recipe, RecipeError, _resolve_path, read_recipe_file, recipe_from_dict
+from .recipe import (RECIPE_VERSION, RECIPE_VERSIONS, Recipe, RecipeError, _resolve_path, read_recipe_file,
+                     recipe_from_dict)
 
 _TOP_KEYS = {"version", "transformers", "calibration"}
 
@@ -61,9 +62,9 @@ def pipeline_recipe_from_dict(data, source: str | None = None) -> PipelineRecipe
         if k not in _TOP_KEYS:
             raise RecipeError(f"unknown key in a pipeline recipe; valid keys here: {', '.join(sorted(_TOP_KEYS))}",
                               source=source, key=str(k))
-    if data.get("version") != RECIPE_VERSION:
-        raise RecipeError(f"unsupported recipe version {data.get('version')!r}; this sparsify reads version "
-                          f"{RECIPE_VERSION}", source=source, key="version")
+    if data.get("version") not in RECIPE_VERSIONS or isinstance(data.get("version"), bool):
+        raise RecipeError(f"unsupported recipe version {data.get('version')!r}; this sparsify reads versions "
+                          f"{' and '.join(map(str, RECIPE_VERSIONS))}", source=source, key="version")
     sections = data["transformers"]
     if not isinstance(sections, dict) or not sections:
         raise RecipeError("must be a non-empty mapping from pipeline component name (e.g. transformer, transformer_2) "

@@ -1,4 +1,4 @@
-"""Recipe schema v1: typed dataclasses, strict YAML load/dump, validation and rule matching."""
+"""Recipe schema (v2; v1 still read): typed dataclasses, strict YAML load/dump, validation and rule matching."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import yaml
 
 from .errors import RecipeError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+RECIPE_VERSIONS = (1, 2)  # versions this sparsify reads; 2 adds `plan` (sparsify.generation.plan)
 SITE_KINDS = ("self", "joint", "cross", "text")
 TILE_VOLUMES = (64, 128)
 
@@ -281,6 +282,7 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     sites: dict[str, SiteEntry] = field(default_factory=dict)
     calibration: dict | None = None
+    plan: Any = None  # StepPlan (version 2): per step compute or reuse, per block and step range a merge ratio
     source: str | None = field(default=None, compare=False)
 
     # -- resolution -----------------------------------------------------------------------------
@@ -439,6 +441,8 @@ class Recipe:
             out["sites"] = {p: _entry_dict(e) for p, e in self.sites.items()}
         if self.calibration is not None:
             out["calibration"] = dict(self.calibration)
+        if self.plan is not None:
+            out["plan"] = self.plan.to_dict()
         return out
 
     def to_yaml(self) -> str:
@@ -498,7 +502,7 @@ def _entry_dict(e: SiteEntry) -> dict:
 # parsing with key paths
 
 
-_TOP_KEYS = {"version", "model", "defaults", "rules", "sites", "calibration"}
+_TOP_KEYS = {"version", "model", "defaults", "rules", "sites", "calibration", "plan"}
 _BUDGET_KEYS = {"density", "top_p", "min_density"}
 _OVERRIDE_KEYS = {"enable", "method", "tile"} | _BUDGET_KEYS
 
@@ -626,10 +630,17 @@ def _parse(data: Any, source: str | None) -> Recipe:
     _expect_map(data, "", _TOP_KEYS, required=("version",))
     version = data["version"]
     if not isinstance(version, numbers.Integral) or isinstance(version, bool):
-        _fail("version", f"must be the integer {RECIPE_VERSION}; got {version!r}")
-    if version != RECIPE_VERSION:
-        _fail("version", f"unsupported recipe version {version!r}; this sparsify reads version {RECIPE_VERSION}")
+        _fail("version", f"must be the integer 1 or 2; got {version!r}")
+    if version not in RECIPE_VERSIONS:
+        _fail("version", f"unsupported recipe version {version!r}; this sparsify reads versions 1 and 2")
     version = int(version)
+    plan = None
+    if "plan" in data:
+        if version < 2:
+            _fail("plan", "a generation plan needs 'version: 2' (version 1 recipes hold attention settings only)")
+        from .generation.plan import plan_from_dict
+
+        plan = plan_from_dict(data["plan"])
 
     model = None
     if "model" in data:
@@ -735,7 +746,7 @@ def _parse(data: Any, source: str | None) -> Recipe:
             _fail("calibration.grid", f"must be the calibration token grid [T, H, W] (positive integers); got {g!r}")
 
     recipe = Recipe(version=version, model=model, defaults=defaults, rules=tuple(rules), sites=sites,
-                    calibration=calibration, source=source)
+                    calibration=calibration, plan=plan, source=source)
     if model is not None:  # a recipe that carries a signature must be self-consistent
         recipe.check_against(model.cls, list(model.sites))
     return recipe

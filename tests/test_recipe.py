@@ -71,7 +71,7 @@ def _bad(mutate):
 BAD = [
     # (id, mutation, key path expected in the message, words expected)
     ("unknown_top_key", lambda d: d.update(defualts={}), "defualts", "did you mean 'defaults'"),
-    ("wrong_version", lambda d: d.update(version=2), "version", "unsupported"),
+    ("wrong_version", lambda d: d.update(version=3), "version", "unsupported"),
     ("missing_version", lambda d: d.pop("version"), "version", "required"),
     ("density_out_of_range", lambda d: d["defaults"]["budget"].update(density=1.5), "defaults.budget.density", "(0, 1]"),
     ("density_and_top_p", lambda d: d["defaults"]["budget"].update(top_p=0.9), "defaults.budget", "exactly one"),

@@ -181,8 +181,13 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             "has no geometry adapter; pass grid=(T, H, W) (or a callable) to sparsify()")
     if geom.video_start < 0:  # the video is the last video_len tokens (text first, of any length)
         geom = Geometry(geom.grid, S - geom.video_len)
+    step_grid, merged = geom.grid, STATE.merged
+    if merged is not None and merged.applies(S):  # a block with merged tokens: its tiles, the model's steps
+        geom = merged.geometry
+    else:
+        merged = None
     geom.check(S, st.path)
-    if st.check is not None:
+    if st.check is not None and merged is None:
         st.check(st, geom, S)
     key_mask, plan = None, None
     if attn_mask is not None:
@@ -203,7 +208,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             return dense()
     step = None
     if timestep is not None:
-        step = STATE.steps.observe(timestep_value(timestep), geom.grid)
+        step = STATE.steps.observe(timestep_value(timestep), step_grid)
         if (st.step_seen, st.gen_seen) != (step, STATE.steps.generation):
             st.step_seen, st.gen_seen, st.calls_in_step = step, STATE.steps.generation, 0
         else:
@@ -236,7 +241,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             method, tile = key
             impl = st.method(key, heads)
             if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
-                gkey = ("attend", key, tuple(heads), geom.grid, B, st.calls_in_step)
+                gkey = ("attend", key, tuple(heads), geom.grid, B, st.slot)
                 cache = st.cache.get(gkey)
                 if cache is None or cache.get("_generation") != STATE.steps.generation:
                     cache = st.cache[gkey] = {"_generation": STATE.steps.generation}
@@ -245,7 +250,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 st.selections += 1
                 st.add_work(work)
             else:
-                lay = tile_layout(geom.grid, tile, q.device)
+                lay = merged.layout.to(q.device) if merged is not None and merged.layout.tile == tile else \
+                    tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
                 idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B,
                                         agree=agree)

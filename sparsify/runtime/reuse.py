@@ -28,6 +28,9 @@ def pooled_drift(a: torch.Tensor, b: torch.Tensor, *more: torch.Tensor) -> float
 def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B, agree=None):
     """The group's selection: computed, or reused from an earlier step while q and k barely drifted.
 
+    A selection is reused for at most `max_age` denoising steps after the step that computed it, counted in
+    the pipeline's steps (a step whose blocks a step cache skipped still counts), and only by the same call
+    slot (`SiteState.slot`: the guidance branch when a cache context names it).
     `agree(key, ok, (drift_q, drift_k), n_heads, threshold) -> bool`, given under sequence parallelism, makes
     the reuse decision together with the ranks that hold the group's other heads (`sparsify.parallel`).
     """
@@ -45,9 +48,10 @@ def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B, agree=None):
         return select()
     pq = stats.q_means if stats.q_means is not None else pool_tiles(ts.q[:, :, :P], lay)
     pk = stats.k_means if stats.k_means is not None else pool_tiles(ts.k[:, :, :P], lay)
-    ckey = (key, tuple(heads), geom.grid, B, st.calls_in_step)
+    ckey = (key, tuple(heads), geom.grid, B, st.slot)
     hit = st.cache.get(ckey) if reuse is not None else None
-    ok = hit is not None and hit["generation"] == gen and hit["age"] < reuse.max_age and hit["budgets"] == budgets
+    ok = (hit is not None and hit["generation"] == gen and 0 < step - hit["step"] <= reuse.max_age
+          and hit["budgets"] == budgets)
     if agree is not None and reuse is not None:
         drifts = (pooled_drift(pq, hit["q"]), pooled_drift(pk, hit["k"])) if ok else None
         ok = agree(key, ok, drifts, len(heads), reuse.threshold)
@@ -62,5 +66,6 @@ def select_tiles(st, impl, key, heads, ts, lay, geom, gen, step, B, agree=None):
     if log is not None:
         log(st, (gen, *ckey), step, pq, pk, idx, cnt)
     if reuse is not None:
-        st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "generation": gen, "budgets": budgets}
+        st.cache[ckey] = {"q": pq, "k": pk, "idx": idx, "cnt": cnt, "age": 0, "step": step, "generation": gen,
+                          "budgets": budgets}
     return idx, cnt

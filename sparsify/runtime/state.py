@@ -108,6 +108,13 @@ class SiteState:
             impl = self.cache[ckey] = get_method(key[0], [self.configs[h].params for h in heads])
         return impl
 
+    @property
+    def slot(self):
+        """Which call of the current step this is, for per-call caches (mask reuse): the guidance branch named
+        by a diffusers `cache_context` ("cond", "uncond") when one is set, else the call's position in the step.
+        A step cache may run one branch and skip the other, so only the name keeps the branches apart."""
+        return ("branch", STATE.branch) if STATE.branch is not None else self.calls_in_step
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
             self.warned.add(key)
@@ -119,6 +126,8 @@ class StepTracker:
 
     A new generation starts when the timestep rises (samplers count down) or the grid changes; calls
     at an unchanged timestep (several sites, or classifier-free guidance as two calls) share a step.
+    A pipeline that knows its step index (a diffusers `cache_context(step_index=i)`) states it with
+    `tell`: steps whose blocks a step cache skipped then still count.
 
     Example:
         >>> t = StepTracker()
@@ -143,6 +152,23 @@ class StepTracker:
         self.last, self.grid = timestep, grid
         return self.step
 
+    def tell(self, step: int, timestep: float | None, grid) -> int:
+        """Set the step to the pipeline's own index `step`; a lower index, or the same index at a higher
+        timestep, or a new grid starts a new generation.
+
+        Example:
+            >>> t = StepTracker()
+            >>> [t.tell(i, x, (1, 2, 2)) for i, x in ((0, 999), (3, 600), (0, 999))], t.observe(600, (1, 2, 2))
+            ([0, 3, 0], 1)
+        """
+        last = self.last
+        if (last is None or grid != self.grid or step < self.step
+                or (step == self.step and timestep is not None and timestep > last + 1e-6)):
+            self.generation += 1
+        self.step, self.grid = int(step), grid
+        self.last = timestep if timestep is not None else last
+        return self.step
+
     def reset(self) -> None:
         self.last = None
 
@@ -156,6 +182,8 @@ class _State:
         self.timestep = None  # the current forward's timestep tensor (set by the geometry hook)
         self.timestep_seen = None  # (tensor, version, value) of the last timestep read by `timestep_value`
         self.steps = StepTracker()
+        self.branch = None  # the guidance branch of the current forward (a diffusers cache_context name), if named
+        self.merged = None  # MergedTokens of the block running with merged tokens (sparsify.generation.merge), if any
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
         self.selection_log = None  # callable(site_state, group_key, step, pooled_q, pooled_k, idx, cnt) per fresh selection

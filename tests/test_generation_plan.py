@@ -1,0 +1,144 @@
+"""The generation plan in the recipe (schema v2): step reuse and token merging per step, on real pipelines."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from sparsify import RecipeError, SparsifyWarning, installed_sites, load_recipe, sparsify, unsparsify  # noqa: E402
+from sparsify.recipe import bundled_recipes  # noqa: E402
+from test_pipelines import StepLog, wan_generate, wan_pipe  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V1 = {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": 0.5}, "dense_steps": 1,
+                                 "mask_reuse": {"threshold": 2.0, "max_age": 2}}}
+
+
+def v2(steps=4, compute=None, merge=(), cls="WanTransformer3DModel", blocks=2):
+    d = copy.deepcopy(V1)
+    d["version"] = 2
+    d["plan"] = {"model": {"class": cls, "blocks": blocks}, "steps": steps,
+                 "compute": list(compute) if compute is not None else [True] * steps, "merge": list(merge)}
+    return d
+
+
+def test_version_1_recipes_load_unchanged():
+    r = load_recipe(V1)
+    assert r.version == 1 and r.plan is None and r.to_dict()["version"] == 1 and "plan" not in r.to_dict()
+    assert load_recipe(r.to_dict()) == r
+    for name in bundled_recipes():
+        b = load_recipe(name)
+        assert b.plan is None and load_recipe(b.to_dict()) == b
+
+
+def test_version_2_plan_round_trips_through_yaml():
+    r = load_recipe(v2(compute=[True, True, False, True],
+                       merge=[{"blocks": [1], "from_step": 1, "to_step": 3, "ratio": 0.25}]))
+    assert r.version == 2 and r.plan.compute == (True, True, False, True)
+    assert load_recipe(r.to_dict()) == r
+    from sparsify.recipe import parse_yaml, recipe_from_dict
+
+    assert recipe_from_dict(parse_yaml(r.to_yaml())) == r
+
+
+@pytest.mark.parametrize("mutate,key,words", [
+    (lambda d: d.update(version=1), "plan", "needs 'version: 2'"),
+    (lambda d: d["plan"].update(compute=[True, False]), "plan.compute", "list of 4 booleans"),
+    (lambda d: d["plan"].update(compute=[False, True, True, True]), "plan.compute[0]", "step 0 must compute"),
+    (lambda d: d["plan"].update(merge=[{"blocks": [2], "ratio": 0.25}]), "plan.merge[0].blocks[0]", "has 2 blocks"),
+    (lambda d: d["plan"].update(merge=[{"blocks": [0], "ratio": 0.75}]), "plan.merge[0].ratio", "[0, 0.5]"),
+    (lambda d: d["plan"].update(merge=[{"blocks": [0], "to_step": 9, "ratio": 0.1}]), "plan.merge[0].to_step",
+     "at most the plan's 4 steps"),
+    (lambda d: d["plan"].update(stpes=4), "plan.stpes", "did you mean 'steps'"),
+])
+def test_plan_errors_name_the_key(mutate, key, words):
+    d = v2()
+    mutate(d)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(d)
+    assert e.value.key == key and words in str(e.value)
+
+
+@pytest.mark.parametrize("cls,blocks,key,words", [
+    ("HunyuanVideoTransformer3DModel", 2, "plan.model.class", "'HunyuanVideoTransformer3DModel' but the model is "
+                                                              "'WanTransformer3DModel'"),
+    ("WanTransformer3DModel", 40, "plan.model.blocks", "with 40 blocks but this one has 2"),
+])
+def test_a_plan_for_another_model_is_refused(cls, blocks, key, words):
+    pipe = wan_pipe()
+    with pytest.raises(RecipeError) as e:
+        sparsify(pipe.transformer, v2(cls=cls, blocks=blocks))
+    assert e.value.key == key and words in str(e.value)
+    assert getattr(pipe.transformer, "_sparsify", None) is None  # nothing was installed
+
+
+def test_all_compute_no_merge_plan_equals_the_attention_only_recipe():
+    pipe = wan_pipe()
+    sparsify(pipe.transformer, V1)
+    ref = wan_generate(pipe, steps=4)
+    unsparsify(pipe.transformer)
+    sparsify(pipe.transformer, v2(merge=[{"blocks": [0, 1], "ratio": 0.0}]))
+    out = wan_generate(pipe, steps=4)
+    unsparsify(pipe.transformer)
+    assert torch.equal(out, ref)
+
+
+def _tail_ran(log):
+    calls = [row["sites"][1]["calls"] for row in log.rows]
+    return [c > (calls[i - 1] if i else 0) for i, c in enumerate(calls)]
+
+
+def test_step_plan_mapped_by_fraction_with_one_warning():
+    """A 4-step plan on an 8-step schedule: plan step floor(i * 4 / 8) decides step i, with one warning."""
+    pipe = wan_pipe()
+    plan = [True, True, False, True]
+    sparsify(pipe.transformer, v2(compute=plan))
+    log = StepLog(pipe.transformer)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = wan_generate(pipe, steps=8, log=log)
+    mine = [x for x in w if issubclass(x.category, SparsifyWarning) and "plan.steps" in str(x.message)]
+    assert len(mine) == 1 and "made for 4 steps and this schedule has 8" in str(mine[0].message)
+    assert _tail_ran(log) == [plan[i * 4 // 8] for i in range(8)]
+    assert [row["sites"][1]["step"] for row in log.rows] == [0, 1, 2, 3, 3, 3, 6, 7]  # last step the site ran
+    assert torch.isfinite(out).all()
+    unsparsify(pipe.transformer)
+
+
+def test_reused_steps_change_the_output_and_unsparsify_restores():
+    pipe = wan_pipe()
+    sparsify(pipe.transformer, V1)
+    ref = wan_generate(pipe, steps=4)
+    unsparsify(pipe.transformer)
+    sparsify(pipe.transformer, v2(compute=[True, True, False, True]))
+    log = StepLog(pipe.transformer)
+    out = wan_generate(pipe, steps=4, log=log)
+    assert _tail_ran(log) == [True, True, False, True]
+    assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-5
+    unsparsify(pipe.transformer)
+    sparsify(pipe.transformer, V1)
+    assert torch.equal(wan_generate(pipe, steps=4), ref)  # the plan's hooks are gone
+    unsparsify(pipe.transformer)
+    t = pipe.transformer
+    # (the pipeline's own cache_context() gives the transformer an empty hook registry; the plan's hooks are gone)
+    assert all("forward" not in vars(m) for m in (t, *t.blocks))
+    assert all(not m._diffusers_hook.hooks for m in (t, *t.blocks) if hasattr(m, "_diffusers_hook"))
+
+
+def test_plan_merges_tokens_in_its_step_range():
+    pipe = wan_pipe()
+    sparsify(pipe.transformer, v2(merge=[{"blocks": [1], "from_step": 1, "to_step": 3, "ratio": 0.25}]))
+    lens = []
+    h = pipe.transformer.blocks[1].attn1.register_forward_pre_hook(lambda mod, args: lens.append(args[0].shape[1]))
+    out = wan_generate(pipe, steps=4)
+    h.remove()
+    # two calls per step (CFG); grid (2, 8, 8) in (1, 8, 8) tiles: 2 tiles lose 16 tokens each at steps 1 and 2
+    assert lens == [128, 128, 96, 96, 96, 96, 128, 128]
+    assert torch.isfinite(out).all() and all(s.calls == 8 for s in installed_sites(pipe.transformer))
+    unsparsify(pipe.transformer)
