@@ -111,7 +111,7 @@ def test_reused_selection_is_the_cached_one(monkeypatch):
     unsparsify(m)
     # the same step computed with the step-0 selections replayed gives the same output
     replay = iter(calls)
-    monkeypatch.setattr(vsa.VSA, "select", lambda this, q, k, layout, budgets: next(replay))
+    monkeypatch.setattr(vsa.VSA, "select", lambda this, q, k, layout, budgets, stats=None: next(replay))
     runtime.new_generation()
     sparsify(m, recipe())
     torch.testing.assert_close(_call(m, kw, 800), reused, atol=1e-6, rtol=0)
