@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from .recipe import (RECIPE_VERSION, RECIPE_VERSIONS, Recipe, RecipeError, _resolve_path, read_recipe_file,
-                     recipe_from_dict)
+from .recipe import (RECIPE_VERSION, RECIPE_VERSIONS, Recipe, RecipeError, YamlDocument, _resolve_path,
+                     read_recipe_file, recipe_from_dict)
 
 _TOP_KEYS = {"version", "transformers", "calibration"}
 
 
 @dataclass(frozen=True)
-class PipelineRecipe:
+class PipelineRecipe(YamlDocument):
     """Recipes for the transformers of one pipeline, keyed by component name (`transformer`, `transformer_2`).
 
     In YAML a top-level `transformers:` mapping holds one complete version-1 recipe per component; a file
@@ -38,15 +35,6 @@ class PipelineRecipe:
             out["calibration"] = dict(self.calibration)
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the recipe to `path` as YAML (creating its folder) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
 
 
 def is_pipeline_recipe_data(data) -> bool:

@@ -260,8 +260,23 @@ class SiteEntry:
     heads: tuple[HeadEntry, ...] = ()
 
 
+class YamlDocument:
+    """`to_yaml` and `save` for a recipe document with a `to_dict`."""
+
+    def to_yaml(self) -> str:
+        """The document as YAML text (loading it gives back an equal document)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the document to `path` as YAML (creating its folder) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(YamlDocument):
     """A sparsify recipe: which sites run sparse attention, with which method, tile and budget.
 
     Precedence, lowest to highest: `defaults`; the FIRST rule whose `match` fits the module path
@@ -445,16 +460,6 @@ class Recipe:
             out["plan"] = self.plan.to_dict()
         return out
 
-    def to_yaml(self) -> str:
-        """The recipe as YAML text (`load_recipe` of it gives back an equal Recipe)."""
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
-
-    def save(self, path: str | Path) -> Path:
-        """Write the recipe to `path` as YAML (creating its folder) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
-        return path
 
 
 def _short_list(items, n: int = 6) -> str:
