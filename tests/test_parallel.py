@@ -85,6 +85,7 @@ def references():
     m = sparsify(model(), recipe(True))
     refs[True] = generate(m)
     refs[True, "reused"] = sum(st.reused for st in m._sparsify.sites)
+    unsparsify(m)  # nothing installed leaks into later test modules
     refs["dense"] = generate(model())
     return refs
 
