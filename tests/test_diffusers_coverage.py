@@ -17,6 +17,10 @@ EXPECTED_KINDS = {
     "AllegroTransformer3DModel": {"self": 2, "cross": 2},
     "EasyAnimateTransformer3DModel": {"joint": 2},
     "Kandinsky5Transformer3DModel": {"text": 1, "self": 2, "cross": 2},
+    "ChronoEditTransformer3DModel": {"self": 2, "cross": 2},
+    "HeliosTransformer3DModel": {"self": 2, "cross": 2},
+    "ConsisIDTransformer3DModel": {"joint": 2},
+    "MotifVideoTransformer3DModel": {"joint": 2},
 }
 
 

@@ -465,6 +465,48 @@ def _tiny_kandinsky5():
                "visual_rope_pos": [torch.arange(T), torch.arange(H), torch.arange(W)], "return_dict": False}
 
 
+_WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2)
+
+
+def _wan_like_inputs():
+    return {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+            "return_dict": False}
+
+
+def _tiny_chronoedit():
+    from diffusers import ChronoEditTransformer3DModel
+
+    return ChronoEditTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), _wan_like_inputs()
+
+
+def _tiny_helios():
+    from diffusers import HeliosTransformer3DModel
+
+    return HeliosTransformer3DModel(**_WAN_LIKE, rope_dim=(12, 10, 10)), _wan_like_inputs()
+
+
+def _tiny_consisid():
+    from diffusers import ConsisIDTransformer3DModel
+
+    m = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                   time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+                                   sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
+                                   max_text_seq_length=8)
+    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
+               "timestep": _t(), "return_dict": False}
+
+
+def _tiny_motif():
+    from diffusers import MotifVideoTransformer3DModel
+
+    m = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                     num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1,
+                                     text_embed_dim=16, rope_axes_dim=(4, 6, 6))
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -475,6 +517,10 @@ DIFFUSERS_VIDEO = {
     "AllegroTransformer3DModel": _tiny_allegro,
     "EasyAnimateTransformer3DModel": _tiny_easyanimate,
     "Kandinsky5Transformer3DModel": _tiny_kandinsky5,
+    "ChronoEditTransformer3DModel": _tiny_chronoedit,
+    "HeliosTransformer3DModel": _tiny_helios,
+    "ConsisIDTransformer3DModel": _tiny_consisid,
+    "MotifVideoTransformer3DModel": _tiny_motif,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -492,13 +538,14 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
     "HunyuanVideo15Transformer3DModel": "a data-dependent branch (`if torch.all(image_embeds == 0)`) and boolean-mask "
                                         "text reordering break the Dynamo graph before the transformer blocks; in the "
                                         "resumed frames only the first block's attention is captured",
+    "SanaVideoTransformer3DModel": "its self-attention is linear (ReLU feature maps, no softmax); only the text "
+                                   "cross-attention is a softmax site",
     **{name: _NO_TINY for name in (
-        "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel", "ChronoEditTransformer3DModel",
-        "ConsisIDTransformer3DModel", "HeliosTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
         "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky6SRTransformer3DModel",
         "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
-        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
-        "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel")},
+        "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel",
+        "WanAnimateTransformer3DModel")},
 }
 
 
