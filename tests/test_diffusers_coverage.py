@@ -21,6 +21,7 @@ EXPECTED_KINDS = {
     "HeliosTransformer3DModel": {"self": 2, "cross": 2},
     "ConsisIDTransformer3DModel": {"joint": 2},
     "MotifVideoTransformer3DModel": {"joint": 2},
+    "AnyFlowTransformer3DModel": {"self": 2, "cross": 2},
 }
 
 

@@ -486,6 +486,14 @@ def _tiny_helios():
     return HeliosTransformer3DModel(**_WAN_LIKE, rope_dim=(12, 10, 10)), _wan_like_inputs()
 
 
+def _tiny_anyflow():
+    from diffusers import AnyFlowTransformer3DModel
+
+    frames = _video_latent(4).shape[2]  # its timesteps are per frame: [B, F]
+    return AnyFlowTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), {
+        **_wan_like_inputs(), "timestep": torch.full((1, frames), 500), "r_timestep": torch.full((1, frames), 400)}
+
+
 def _tiny_consisid():
     from diffusers import ConsisIDTransformer3DModel
 
@@ -521,6 +529,7 @@ DIFFUSERS_VIDEO = {
     "HeliosTransformer3DModel": _tiny_helios,
     "ConsisIDTransformer3DModel": _tiny_consisid,
     "MotifVideoTransformer3DModel": _tiny_motif,
+    "AnyFlowTransformer3DModel": _tiny_anyflow,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -541,7 +550,7 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
     "SanaVideoTransformer3DModel": "its self-attention is linear (ReLU feature maps, no softmax); only the text "
                                    "cross-attention is a softmax site",
     **{name: _NO_TINY for name in (
-        "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "AnyFlowFARTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
         "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky6SRTransformer3DModel",
         "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
         "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel",
