@@ -126,7 +126,8 @@ def probe_patch_embedding(model, args, kwargs, x):
 def _patch_sizes(x_shape, out_shape, mod, batch):
     """Candidate `(dims, patch)` pairs consistent with the embedding's output, best first."""
     B = batch
-    layouts = {(2, 3, 4): 1, (1, 3, 4): 2, (1, 2, 3): 4}  # (F, H, W) dims: channel dim ([B, C, F, H, W], [B, F, C, H, W], [B, F, H, W, C])
+    # (F, H, W) dims -> channel dim, for [B, C, F, H, W], [B, F, C, H, W] and channels-last [B, F, H, W, C]
+    layouts = {(2, 3, 4): 1, (1, 3, 4): 2, (1, 2, 3): 4}
     cands = []
     if isinstance(mod, torch.nn.Conv3d) and len(out_shape) == 5:
         grids = [tuple(out_shape[2:])]
