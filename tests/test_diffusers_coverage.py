@@ -14,6 +14,14 @@ EXPECTED_KINDS = {
     "SkyReelsV2Transformer3DModel": {"self": 2, "cross": 2},
     "HunyuanVideoTransformer3DModel": {"joint": 2, "text": 1},
     "CogVideoXTransformer3DModel": {"joint": 2},
+    "AllegroTransformer3DModel": {"self": 2, "cross": 2},
+    "EasyAnimateTransformer3DModel": {"joint": 2},
+    "Kandinsky5Transformer3DModel": {"text": 1, "self": 2, "cross": 2},
+    "ChronoEditTransformer3DModel": {"self": 2, "cross": 2},
+    "HeliosTransformer3DModel": {"self": 2, "cross": 2},
+    "ConsisIDTransformer3DModel": {"joint": 2},
+    "MotifVideoTransformer3DModel": {"joint": 2},
+    "AnyFlowTransformer3DModel": {"self": 2, "cross": 2},
 }
 
 

@@ -126,7 +126,8 @@ def probe_patch_embedding(model, args, kwargs, x):
 def _patch_sizes(x_shape, out_shape, mod, batch):
     """Candidate `(dims, patch)` pairs consistent with the embedding's output, best first."""
     B = batch
-    layouts = [(2, 3, 4), (1, 3, 4)]  # [B, C, F, H, W] or [B, F, C, H, W]
+    # (F, H, W) dims -> channel dim, for [B, C, F, H, W], [B, F, C, H, W] and channels-last [B, F, H, W, C]
+    layouts = {(2, 3, 4): 1, (1, 3, 4): 2, (1, 2, 3): 4}
     cands = []
     if isinstance(mod, torch.nn.Conv3d) and len(out_shape) == 5:
         grids = [tuple(out_shape[2:])]
@@ -138,8 +139,8 @@ def _patch_sizes(x_shape, out_shape, mod, batch):
         grids = None  # tokens only: solve below
     else:
         return []
-    for dims in layouts:
-        chans = x_shape[1] if dims[0] == 2 else x_shape[2]
+    for dims, channel_dim in layouts.items():
+        chans = x_shape[channel_dim]
         F, H, W = (x_shape[d] for d in dims)
         if grids is not None:
             for g in grids:

@@ -428,6 +428,93 @@ def _tiny_cogvideox_family():
                "timestep": _t(), "return_dict": False}
 
 
+def _tiny_allegro():
+    from diffusers import AllegroTransformer3DModel
+
+    m = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
+                                  in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
+                                  sample_height=16, sample_width=16, sample_frames=4, caption_channels=16)
+    return m, {"hidden_states": _video_latent(4), "encoder_hidden_states": _text(8, 16), "timestep": _t(),
+               "return_dict": False}
+
+
+def _tiny_easyanimate():
+    from diffusers import EasyAnimateTransformer3DModel
+
+    m = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                      patch_size=2, sample_width=16, sample_height=16, num_layers=2, mmdit_layers=2,
+                                      time_embed_dim=16, text_embed_dim=16)
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_kandinsky5():
+    from diffusers import Kandinsky5Transformer3DModel
+
+    m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                                     patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+                                     num_visual_blocks=2, axes_dims=(4, 6, 6))
+    with torch.no_grad():  # its modulations start at zero (adaLN-zero): the output would not depend on attention
+        for p in m.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    T, H, W = COVERAGE_GRID
+    x = torch.randn(1, T, 2 * H, 2 * W, 4, generator=torch.Generator().manual_seed(0))  # channels last
+    return m, {"hidden_states": x, "encoder_hidden_states": _text(8, 16), "timestep": _t().float(),
+               "pooled_projections": torch.randn(1, 8), "text_rope_pos": torch.arange(8),
+               "visual_rope_pos": [torch.arange(T), torch.arange(H), torch.arange(W)], "return_dict": False}
+
+
+_WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2)
+
+
+def _wan_like_inputs():
+    return {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+            "return_dict": False}
+
+
+def _tiny_chronoedit():
+    from diffusers import ChronoEditTransformer3DModel
+
+    return ChronoEditTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), _wan_like_inputs()
+
+
+def _tiny_helios():
+    from diffusers import HeliosTransformer3DModel
+
+    return HeliosTransformer3DModel(**_WAN_LIKE, rope_dim=(12, 10, 10)), _wan_like_inputs()
+
+
+def _tiny_anyflow():
+    from diffusers import AnyFlowTransformer3DModel
+
+    frames = _video_latent(4).shape[2]  # its timesteps are per frame: [B, F]
+    return AnyFlowTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), {
+        **_wan_like_inputs(), "timestep": torch.full((1, frames), 500), "r_timestep": torch.full((1, frames), 400)}
+
+
+def _tiny_consisid():
+    from diffusers import ConsisIDTransformer3DModel
+
+    m = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                   time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
+                                   sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
+                                   max_text_seq_length=8)
+    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
+               "timestep": _t(), "return_dict": False}
+
+
+def _tiny_motif():
+    from diffusers import MotifVideoTransformer3DModel
+
+    m = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                     num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1,
+                                     text_embed_dim=16, rope_axes_dim=(4, 6, 6))
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -435,6 +522,14 @@ DIFFUSERS_VIDEO = {
     "SkyReelsV2Transformer3DModel": _tiny_skyreels,
     "HunyuanVideoTransformer3DModel": _tiny_hunyuan_family,
     "CogVideoXTransformer3DModel": _tiny_cogvideox_family,
+    "AllegroTransformer3DModel": _tiny_allegro,
+    "EasyAnimateTransformer3DModel": _tiny_easyanimate,
+    "Kandinsky5Transformer3DModel": _tiny_kandinsky5,
+    "ChronoEditTransformer3DModel": _tiny_chronoedit,
+    "HeliosTransformer3DModel": _tiny_helios,
+    "ConsisIDTransformer3DModel": _tiny_consisid,
+    "MotifVideoTransformer3DModel": _tiny_motif,
+    "AnyFlowTransformer3DModel": _tiny_anyflow,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -445,15 +540,21 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
                                "breaks the graph there and the resumed frames carry no module path, so no video "
                                "site is discovered",
     "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
+    "LTXVideoTransformer3DModel": "its input is an already-patchified token sequence [B, F*H*W, C] with the frame count "
+                                  "and size as int arguments: no 5-D video latent to infer the grid from",
+    "LatteTransformer3DModel": "spatial and temporal attention are factorised (per-frame H*W sequences and per-pixel "
+                               "F sequences, folded into the batch): no site attends over the video grid",
+    "HunyuanVideo15Transformer3DModel": "a data-dependent branch (`if torch.all(image_embeds == 0)`) and boolean-mask "
+                                        "text reordering break the Dynamo graph before the transformer blocks; in the "
+                                        "resumed frames only the first block's attention is captured",
+    "SanaVideoTransformer3DModel": "its self-attention is linear (ReLU feature maps, no softmax); only the text "
+                                   "cross-attention is a softmax site",
     **{name: _NO_TINY for name in (
-        "AllegroTransformer3DModel", "AnyFlowFARTransformer3DModel", "AnyFlowTransformer3DModel",
-        "ChronoEditTransformer3DModel", "ConsisIDTransformer3DModel", "EasyAnimateTransformer3DModel",
-        "HeliosTransformer3DModel", "HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
-        "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky5Transformer3DModel",
-        "Kandinsky6SRTransformer3DModel", "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel",
-        "LTXVideoTransformer3DModel", "LatteTransformer3DModel", "MiniMaxH3Transformer3DModel",
-        "MotifVideoTransformer3DModel", "SanaVideoTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel",
-        "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel", "WanAnimateTransformer3DModel")},
+        "AnyFlowFARTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
+        "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky6SRTransformer3DModel",
+        "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
+        "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel",
+        "WanAnimateTransformer3DModel")},
 }
 
 
