@@ -226,16 +226,11 @@ def main(argv=None) -> int:
         if args.grid:
             base = make_inputs
             make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
-    tiles, levels = config.candidates(grid)
-    config = config.replace(tiles=tiles, levels=levels)
-    lowest = _lowest_density(grid, tiles, levels)
-    if lowest > config.budget + 1e-9:
-        return _fail(f"budget {config.budget:g} is infeasible on the {'x'.join(map(str, grid))} token grid: the lowest "
-                     f"density the candidates reach is {lowest:.4g} (tiles {_names(tiles)}, levels "
-                     f"{', '.join(f'{x:g}' for x in levels)}). Use --budget {lowest:.3g} or more, or lower --levels, "
-                     "or a larger --grid (one key tile is then a smaller share)")
+    config, infeasible = _fitted(config, grid, "--grid")
+    if infeasible:
+        return _fail(infeasible)
     say(f"sparsify.calibrate: {desc}; grid {'x'.join(map(str, grid))}; {args.inputs} inputs x {args.steps} steps; "
-        f"budget {config.budget:g}; tiles {_names(tiles)}; levels {', '.join(f'{x:g}' for x in levels)}; "
+        f"budget {config.budget:g}; tiles {_names(config.tiles)}; levels {', '.join(f'{x:g}' for x in config.levels)}; "
         f"device {device}")
 
     def forward_loop(m, schedule=schedule):
@@ -338,17 +333,13 @@ def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, t
     except ValueError as e:
         return _fail(str(e).removeprefix("sparsify.calibrate: "))
     grid = plan.grid
-    tiles, levels = config.candidates(grid)
-    config = config.replace(tiles=tiles, levels=levels)
-    lowest = _lowest_density(grid, tiles, levels)
-    if lowest > config.budget + 1e-9:
-        return _fail(f"budget {config.budget:g} is infeasible on the {'x'.join(map(str, grid))} token grid: the lowest "
-                     f"density the candidates reach is {lowest:.4g}. Use --budget {lowest:.3g} or more, or lower "
-                     "--levels, or a larger --height/--width/--num-frames")
+    config, infeasible = _fitted(config, grid, "--height/--width/--num-frames")
+    if infeasible:
+        return _fail(infeasible)
     say(f"sparsify.calibrate: {type(pipe).__name__} from {args.pipeline}; grid {'x'.join(map(str, grid))}; "
         f"{len(prompts)} prompt(s) x {args.num_inference_steps} steps; transformers "
         + ", ".join(f"{n} (steps {s[0]}..{s[-1]}, calibrated at {plan.sampled[n]})" for n, s in plan.steps.items())
-        + f"; budget {config.budget:g}; tiles {_names(tiles)}; levels {', '.join(f'{x:g}' for x in levels)}; "
+        + f"; budget {config.budget:g}; tiles {_names(config.tiles)}; levels {', '.join(f'{x:g}' for x in config.levels)}; "
         f"device {device}")
     if args.dry_run:
         _, pargs, pkw = plan.first_call
@@ -413,6 +404,19 @@ def _check_transfer_pipeline(plan, transferred, native, args) -> int:
 
 def _names(tiles) -> str:
     return ", ".join("x".join(map(str, t)) for t in tiles)
+
+
+def _fitted(config, grid, larger: str):
+    """`config` with the candidates fitted to `grid`, and an infeasible-budget message (None when feasible)."""
+    tiles, levels = config.candidates(grid)
+    config = config.replace(tiles=tiles, levels=levels)
+    lowest = _lowest_density(grid, tiles, levels)
+    if lowest <= config.budget + 1e-9:
+        return config, None
+    return config, (f"budget {config.budget:g} is infeasible on the {'x'.join(map(str, grid))} token grid: the lowest "
+                    f"density the candidates reach is {lowest:.4g} (tiles {_names(tiles)}, levels "
+                    f"{', '.join(f'{x:g}' for x in levels)}). Use --budget {lowest:.3g} or more, or lower --levels, "
+                    f"or a larger {larger} (one key tile is then a smaller share)")
 
 
 def _lowest_density(grid, tiles, levels) -> float:

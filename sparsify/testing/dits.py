@@ -416,16 +416,20 @@ def _tiny_hunyuan_family():
                "encoder_attention_mask": mask, "pooled_projections": torch.randn(1, 8), "return_dict": False}
 
 
+def _cogvideox_like(cls):
+    """A tiny model of the CogVideoX architecture (CogVideoX, ConsisID) and its inputs."""
+    m = cls(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=13, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=8)
+    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
+               "timestep": _t(), "return_dict": False}
+
+
 def _tiny_cogvideox_family():
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
-    m = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                    time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
-                                    sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
-                                    max_text_seq_length=8)
-    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
-               "timestep": _t(), "return_dict": False}
+    return _cogvideox_like(CogVideoXTransformer3DModel)
 
 
 def _tiny_allegro():
@@ -497,12 +501,7 @@ def _tiny_anyflow():
 def _tiny_consisid():
     from diffusers import ConsisIDTransformer3DModel
 
-    m = ConsisIDTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
-                                   time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
-                                   sample_height=16, sample_frames=13, patch_size=2, temporal_compression_ratio=4,
-                                   max_text_seq_length=8)
-    return m, {"hidden_states": _video_latent(4, frames_first=True), "encoder_hidden_states": _text(8, 16),
-               "timestep": _t(), "return_dict": False}
+    return _cogvideox_like(ConsisIDTransformer3DModel)
 
 
 def _tiny_motif():
