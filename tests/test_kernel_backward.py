@@ -41,6 +41,7 @@ CASES = [
     (1, 2, 140, 64, torch.float32, (128, 64), False, dict(kv_tile=32, m_step=64, q_tile=64, n_step=32, dq_pre=False)),
     (2, 1, 256, 64, torch.float16, (64, 64), False, dict(use_tma=True)),  # S a multiple of the block; TMA loads
     (1, 1, 170, 128, torch.float32, (64, 64), True, dict(use_tma=True, dq_pre=False, m_step=32, n_step=32)),
+    (2, 2, 210, 32, torch.float32, (64, 64), True, {}),  # head_dim 32
 ]
 
 

@@ -30,7 +30,7 @@ def _inputs(B, H, S, D, dtype, gen):
 
 _TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
-# (B, H, S, D, dtype, block_size, launch options): odd S (and one exact multiple), B > 1, both head dims, all block
+# (B, H, S, D, dtype, block_size, launch options): odd S (and one exact multiple), B > 1, all head dims, all block
 # sizes, TMA descriptors (also run by the interpreter), the tail block last (the interpreter's default) or masked
 # where needed, lazy rescaling, sub-tiles
 CASES = [
@@ -41,6 +41,8 @@ CASES = [
     (1, 2, 200, 128, torch.float32, (128, 64), dict(tile_n=32, lazy_rescale=True)),
     (2, 1, 130, 64, torch.bfloat16, (64, 64), dict(use_tma=True)),
     (1, 2, 256, 64, torch.float32, (64, 64), {}),  # S a multiple of BLOCK_N, no lens: the last block is kept
+    (2, 2, 301, 32, torch.float16, (64, 128), dict(use_tma=True)),  # head_dim 32 (the 16k test-bed)
+    (1, 1, 450, 32, torch.float32, (64, 64), dict(tail_last=False)),
 ]
 
 

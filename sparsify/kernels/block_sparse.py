@@ -28,7 +28,7 @@ __all__ = ["block_sparse_attn", "block_sparse_attn_scattered", "supports", "SUPP
            "SUPPORTED_HEAD_DIMS", "SUPPORTED_DTYPES"]
 
 SUPPORTED_BLOCK_SIZES = (64, 128)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (32, 64, 128)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LOG2E = 1.4426950408889634
@@ -218,7 +218,7 @@ def supports(q: torch.Tensor, block_size=(128, 128)) -> tuple[bool, str]:
     Example:
         >>> ok, why = supports(torch.empty(1, 2, 100, 96), (128, 128))
         >>> ok, why
-        (False, 'head_dim 96 not supported (one of (64, 128))')
+        (False, 'head_dim 96 not supported (one of (32, 64, 128))')
     """
     if triton is None:
         return False, "triton is not installed"
@@ -299,7 +299,7 @@ def _default_launch(q: torch.Tensor, bm: int, bn: int) -> dict:
     D = q.shape[-1]
     cap = torch.cuda.get_device_capability(q.device)
     hopper = cap[0] >= 9 and _TensorDescriptor is not None
-    opts = dict(num_warps=8 if bm == 128 else 4, num_stages=4 if D == 64 else 3,
+    opts = dict(num_warps=8 if bm == 128 else 4, num_stages=4 if D <= 64 else 3,
                 use_tma=hopper, tail_last=False, lazy_rescale=False, tile_n=bn, maxnreg=None)
     if hopper and D == 128 and q.dtype != torch.float32:
         if bm == 128:  # two 8-warp programs per SM (128 registers); tail deferred; rescale when a max grows > 2**8
@@ -427,7 +427,7 @@ def block_sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indi
     Args:
         q, k, v: `[B, H, S, D]`, one dtype: float16 or bfloat16 (float32 is accepted: exact fp32
             products, for tests, slow on CUDA); any strides (a copy is made only if the last dim is not
-            contiguous or, for TMA, a stride is not 16-byte aligned). D must be 64 or 128.
+            contiguous or, for TMA, a stride is not 16-byte aligned). D must be 32, 64 or 128.
         kv_indices: int32 `[B, H, ceil(S/BLOCK_M), max_kv]`, key-block ids in `[0, ceil(S/BLOCK_N))`;
             entries past `kv_counts` are ignored. Ids within a row must be distinct and in range (not
             checked: that would cost a device sync; repeated or out-of-range ids give undefined results).

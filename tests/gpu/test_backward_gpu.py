@@ -52,6 +52,7 @@ CASES = [  # B, H, S, D, dtype, block_size, density, layout, lens
     (1, 5, 3001, 64, torch.float16, (64, 128), 0.3, "bshd", False),
     (2, 2, 2050, 128, torch.bfloat16, (128, 64), 0.25, "bhsd", True),
     (1, 4, 1999, 128, torch.float16, (64, 64), 0.5, "bhsd", True),
+    (2, 8, 4100, 32, torch.bfloat16, (64, 64), 0.2, "bshd", False),  # head_dim 32
 ]
 
 

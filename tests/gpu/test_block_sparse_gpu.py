@@ -36,6 +36,8 @@ CASES = [  # B, H, S, D, dtype, block_size, density, layout
     (1, 5, 3001, 64, torch.float16, (64, 128), 0.3, "bshd"),
     (2, 2, 2050, 128, torch.bfloat16, (128, 64), 0.25, "bhsd"),
     (1, 4, 1999, 128, torch.float16, (64, 64), 0.5, "bhsd"),
+    (2, 8, 16384, 32, torch.bfloat16, (64, 64), 0.1, "bshd"),  # the 16k test-bed
+    (1, 3, 2001, 32, torch.float16, (128, 128), 0.3, "bhsd"),
 ]
 
 
