@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import STATE, site_state
+from ..runtime import STATE, set_timestep, site_state
 from .shard import _ring_error, manual_shard
 
 #: How xfuser 0.7 lays out each family's attention sequence over P Ulysses ranks (by sparsify adapter name):
@@ -285,8 +285,6 @@ def enable(transformer) -> None:
             g = inst.adapter.geometry(inner, args, kwargs)
             rows = get_sp_group().ulysses_world_size if split == "rows" else 1
             STATE.geometry = (g.grid[0], g.grid[1] * rows, g.grid[2], g.video_start)
-            from ..runtime import set_timestep
-
             set_timestep(inst.adapter.timestep(inner, args, kwargs))
 
         hooks.append(transformer.register_forward_pre_hook(grid_hook, with_kwargs=True))
