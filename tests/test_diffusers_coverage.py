@@ -22,6 +22,10 @@ EXPECTED_KINDS = {
     "ConsisIDTransformer3DModel": {"joint": 2},
     "MotifVideoTransformer3DModel": {"joint": 2},
     "AnyFlowTransformer3DModel": {"self": 2, "cross": 2},
+    "WanAnimateTransformer3DModel": {"self": 2, "cross": 3},  # text x2, face adapter
+    "JoyImageEditTransformer3DModel": {"joint": 2},
+    "Kandinsky6Transformer3DModel": {"text": 4, "self": 2, "cross": 8},  # text encoders, audio self-attention
+    "SanaWMTransformer3DModel": {"self": 1, "cross": 2},  # block 0: gated-delta-net linear attention
 }
 
 

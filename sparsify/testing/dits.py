@@ -452,16 +452,22 @@ def _tiny_easyanimate():
                "return_dict": False}
 
 
+def _unzero(m):
+    """Draw the all-zero parameters of `m` from N(0, 0.1): adaLN-zero modulations would make the output of a freshly
+    built model independent of its attention."""
+    with torch.no_grad():
+        for p in m.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+
+
 def _tiny_kandinsky5():
     from diffusers import Kandinsky5Transformer3DModel
 
     m = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
                                      patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
                                      num_visual_blocks=2, axes_dims=(4, 6, 6))
-    with torch.no_grad():  # its modulations start at zero (adaLN-zero): the output would not depend on attention
-        for p in m.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    _unzero(m)
     T, H, W = COVERAGE_GRID
     x = torch.randn(1, T, 2 * H, 2 * W, 4, generator=torch.Generator().manual_seed(0))  # channels last
     return m, {"hidden_states": x, "encoder_hidden_states": _text(8, 16), "timestep": _t().float(),
@@ -514,6 +520,60 @@ def _tiny_motif():
                "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
 
 
+def _tiny_wan_animate():
+    from diffusers import WanAnimateTransformer3DModel
+
+    m = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2, image_dim=None, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"8": 8, "4": 8}, motion_encoder_size=8, motion_style_dim=8, motion_dim=4,
+        motion_encoder_dim=8, face_encoder_hidden_dim=8, face_encoder_num_heads=2, inject_face_latents_blocks=2)
+    x = _video_latent(12)  # [noisy latent, reference latent, mask] channels
+    face = torch.randn(1, 3, 9, 8, 8, generator=torch.Generator().manual_seed(4))  # 9 face frames -> 3 motion frames
+    return m, {"hidden_states": x, "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "pose_hidden_states": _video_latent(4, grid=(COVERAGE_GRID[0] - 1, *COVERAGE_GRID[1:]), seed=5),
+               "face_pixel_values": face, "return_dict": False}
+
+
+def _tiny_joyimage_edit():
+    from diffusers import JoyImageEditTransformer3DModel
+
+    m = JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2,
+                                       text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6])
+    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_kandinsky6():
+    from diffusers import Kandinsky6Transformer3DModel
+
+    m = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16,
+                                     patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+                                     num_visual_blocks=2, axes_dims=(4, 6, 6), in_audio_dim=4, out_audio_dim=4)
+    _unzero(m)
+    T, H, W = COVERAGE_GRID
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, T, 2 * H, 2 * W, 2 * 4 + 1, generator=g)  # channels last: [latent, condition, mask]
+    return m, {"hidden_states": x, "encoder_hidden_states": _text(8, 16), "pooled_projections": torch.randn(1, 8),
+               "timestep": _t().float(), "audio_hidden_states": torch.randn(1, 12, 4, generator=g),
+               "return_dict": False}
+
+
+def _tiny_sana_wm():
+    from diffusers import SanaWMTransformer3DModel
+
+    m = SanaWMTransformer3DModel(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2,
+                                 patch_size=(1, 2, 2), softmax_every_n=2, linear_head_dim=16, caption_channels=16,
+                                 chunk_plucker_channels=8, chunk_plucker_post_attn_blocks=2, image_size=16)
+    _unzero(m)
+    frames = COVERAGE_GRID[0]  # its timesteps are per frame: [B, 1, F]
+    # float64: in float32 its softmax layers cast q, k, v to bfloat16 before SDPA, so a density-1.0 comparison would
+    # measure bf16 rounding (the float32 model itself is 1e-4 off its float64 output), not sparsify
+    return m.double(), {"hidden_states": _video_latent(4).double(), "timestep": torch.full((1, 1, frames), 500),
+                        "encoder_hidden_states": _text(8, 16).unsqueeze(1).double(),
+                        "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -529,6 +589,10 @@ DIFFUSERS_VIDEO = {
     "ConsisIDTransformer3DModel": _tiny_consisid,
     "MotifVideoTransformer3DModel": _tiny_motif,
     "AnyFlowTransformer3DModel": _tiny_anyflow,
+    "WanAnimateTransformer3DModel": _tiny_wan_animate,
+    "JoyImageEditTransformer3DModel": _tiny_joyimage_edit,
+    "Kandinsky6Transformer3DModel": _tiny_kandinsky6,
+    "SanaWMTransformer3DModel": _tiny_sana_wm,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -548,12 +612,31 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
                                         "resumed frames only the first block's attention is captured",
     "SanaVideoTransformer3DModel": "its self-attention is linear (ReLU feature maps, no softmax); only the text "
                                    "cross-attention is a softmax site",
-    **{name: _NO_TINY for name in (
-        "AnyFlowFARTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
-        "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky6SRTransformer3DModel",
-        "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
-        "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel",
-        "WanAnimateTransformer3DModel")},
+    "AnyFlowFARTransformer3DModel": "its self-attention runs through flex_attention with a frame-causal BlockMask "
+                                    "(AnyFlowCausalAttnProcessor accepts only the flex backend): a tiny config yields "
+                                    "only the 2 text cross-attention sites, no video site",
+    "HunyuanVideoFramepackTransformer3DModel": "the clean, 2x and 4x history latents are patch-embedded by their own "
+                                               "Conv3d layers and concatenated before the video tokens, and the batch-1 "
+                                               "text trimming (`.item()` on the mask length) breaks the Dynamo graph "
+                                               "between that concatenation and the blocks: the video offset at the "
+                                               "joint sites (148 in a tiny config) is not found and would default to 0",
+    "JoyImageEditPlusTransformer3DModel": "its input is pre-patchified patches [B, N, C, pt, ph, pw] packing the target "
+                                          "and reference images, with each one's (t, h, w) in a Python list "
+                                          "(shape_list): no 5-D latent to infer the grid from",
+    "Kandinsky6SRTransformer3DModel": "its attention is already block sparse (NABLA: flex_attention with a "
+                                      "sliding-tile BlockMask over tokens regrouped into 8x8 blocks) and dispatches "
+                                      "only on the flex backend: a tiny config yields no attention site",
+    "MiniMaxH3Transformer3DModel": "its input is already-patchified video tokens [B, N, C*pt*ph*pw], scattered with "
+                                   "index_copy at video_indices into one sequence with text and audio; the grid exists "
+                                   "only as per-token (t, h, w) in position_ids: no 5-D latent to infer it from",
+    "SanaWMLTX2RefinerTransformer3DModel": "its input is an already-patchified token sequence [B, N, C] with "
+                                           "precomputed rotary embeddings (video_rotary_emb) and no frame or size "
+                                           "arguments: no 5-D latent to infer the grid from",
+    "WanAnimate2Transformer3DModel": "its input is a list of per-sample 4-D latents [C, F, H, W], and the denoising "
+                                     "pass (kv_cache_mode='cached') attends through flex_attention with a BlockMask "
+                                     "over a 128-aligned [generation | reference] buffer: a tiny config yields one "
+                                     "cross-attention site and no video self-attention site in either pass",
+    "LTX2VideoTransformer3DModel": _NO_TINY,
 }
 
 
