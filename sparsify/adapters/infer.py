@@ -213,8 +213,8 @@ def find_sites_inferred(model, example_inputs, unplaced: list | None = None):
     if adapter is None:
         return discover(model, example_inputs, unplaced=unplaced), None
     args, kwargs = _split_inputs(example_inputs)
-    video_len = math.prod(adapter.geometry(model, args, kwargs).grid)
-    sites, spans = discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)
+    grid = adapter.geometry(model, args, kwargs).grid
+    sites, spans = discover_with_spans(model, example_inputs, grid=grid, unplaced=unplaced)
     found = Counter(v for v in spans.values() if v is not None)
     adapter.spans = spans
     adapter.video_start = found.most_common(1)[0][0] if found else 0

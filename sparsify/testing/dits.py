@@ -147,15 +147,35 @@ class MaskedJointAttention(_QKV):
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
+class MaskedFillJointAttention(MaskedJointAttention):
+    """Joint attention written by hand with the mask applied by `masked_fill` before the softmax, in `style`:
+    `masked_fill` (-inf), `masked_fill_` (in place, -inf) or `finite` (-1e9)."""
+
+    def __init__(self, dim, heads, mask_fn, style="masked_fill"):
+        super().__init__(dim, heads, mask_fn)
+        self.style = style
+
+    def forward(self, x, n_text):
+        q, k, v = self.split(x)
+        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
+        blocked = ~mask if mask.dtype == torch.bool else mask != 0
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        if self.style == "masked_fill_":
+            scores.masked_fill_(blocked, float("-inf"))
+        else:
+            scores = scores.masked_fill(blocked, -1e9 if self.style == "finite" else float("-inf"))
+        return self.merge(scores.softmax(dim=-1) @ v)
+
+
 class JointDiT(nn.Module):
     """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask."""
 
-    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6):
+    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6, attn_cls=MaskedJointAttention):
         super().__init__()
         self.n_text = n_text
         self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
         self.text = nn.Parameter(torch.randn(n_text, dim))
-        self.attns = nn.ModuleList(MaskedJointAttention(dim, heads, mask_fn) for _ in range(layers))
+        self.attns = nn.ModuleList(attn_cls(dim, heads, mask_fn) for _ in range(layers))
         self.head = nn.Linear(dim, in_ch)
 
     def forward(self, x, ctx):
@@ -242,6 +262,39 @@ def spelling_dit(name):
 def joint_dit(mask_fn):
     torch.manual_seed(0)
     return JointDiT(mask_fn).eval()
+
+
+def masked_fill_dit(mask_fn, style="masked_fill"):
+    """A `JointDiT` whose attention applies its mask with `masked_fill` (see `MaskedFillJointAttention`)."""
+    torch.manual_seed(0)
+    return JointDiT(mask_fn, attn_cls=lambda dim, heads, fn: MaskedFillJointAttention(dim, heads, fn, style)).eval()
+
+
+class FactorizedDiT(nn.Module):
+    """A hand-written Latte-style DiT with factorized attention: each layer attends within every frame
+    (batch B·T, sequence H·W), then along every pixel's frames (batch B·H·W, sequence T)."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4):
+        super().__init__()
+        self.embed = nn.Linear(in_ch, dim)
+        self.spatial = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.temporal = nn.ModuleList(_Block(dim, heads, ManualAttention) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.embed(x.flatten(2).transpose(1, 2))  # [B, T*H*W, dim], frame-major
+        for spatial, temporal in zip(self.spatial, self.temporal):
+            h = spatial(h.reshape(B * T, H * W, -1))
+            h = h.reshape(B, T, H * W, -1).transpose(1, 2).reshape(B * H * W, T, -1)
+            h = temporal(h)
+            h = h.reshape(B, H * W, T, -1).transpose(1, 2).reshape(B, T * H * W, -1)
+        return self.head(h).transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def factorized_dit():
+    torch.manual_seed(0)
+    return FactorizedDiT().eval()
 
 
 class CrossAttention(_QKV):
@@ -365,6 +418,9 @@ def density_selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
 # diffusers video transformers from tiny configs (for the coverage test and `inspect --all-diffusers`)
 
 COVERAGE_GRID = (4, 8, 8)  # latent tokens after patching: four 1x8x8 tiles per frame stack
+
+#: Classes checked at another grid: factorized spatial sites tile one frame, which needs four 1x8x8 tiles itself.
+COVERAGE_GRIDS = {"LatteTransformer3DModel": (4, 16, 16)}
 
 
 def _video_latent(channels, patch=(1, 2, 2), grid=COVERAGE_GRID, frames_first=False, seed=0):
@@ -514,6 +570,19 @@ def _tiny_motif():
                "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
 
 
+def _tiny_latte():
+    from diffusers import LatteTransformer3DModel
+
+    grid = COVERAGE_GRIDS["LatteTransformer3DModel"]  # spatial attention over H*W per frame, temporal over T
+    m = LatteTransformer3DModel(sample_size=2 * grid[1], num_layers=2, patch_size=2, attention_head_dim=16,
+                                num_attention_heads=2, caption_channels=16, in_channels=4, out_channels=4,
+                                cross_attention_dim=32, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                video_length=grid[0])
+    return m, {"hidden_states": _video_latent(4, grid=grid), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -529,6 +598,7 @@ DIFFUSERS_VIDEO = {
     "ConsisIDTransformer3DModel": _tiny_consisid,
     "MotifVideoTransformer3DModel": _tiny_motif,
     "AnyFlowTransformer3DModel": _tiny_anyflow,
+    "LatteTransformer3DModel": _tiny_latte,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -541,8 +611,6 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
     "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
     "LTXVideoTransformer3DModel": "its input is an already-patchified token sequence [B, F*H*W, C] with the frame count "
                                   "and size as int arguments: no 5-D video latent to infer the grid from",
-    "LatteTransformer3DModel": "spatial and temporal attention are factorised (per-frame H*W sequences and per-pixel "
-                               "F sequences, folded into the batch): no site attends over the video grid",
     "HunyuanVideo15Transformer3DModel": "a data-dependent branch (`if torch.all(image_embeds == 0)`) and boolean-mask "
                                         "text reordering break the Dynamo graph before the transformer blocks; in the "
                                         "resumed frames only the first block's attention is captured",
