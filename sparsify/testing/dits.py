@@ -135,30 +135,24 @@ class PerSampleAttention(_QKV):
 
 
 class MaskedJointAttention(_QKV):
-    """Joint attention over [text, video] with a dense `(S, S)` mask from `mask_fn(n_text, n_video)`."""
+    """Joint attention over [text, video] with a dense `(S, S)` SDPA mask (bool, or additive)."""
 
-    def __init__(self, dim, heads, mask_fn):
-        super().__init__(dim, heads)
-        self.mask_fn = mask_fn
-
-    def forward(self, x, n_text):
+    def forward(self, x, mask):
         q, k, v = self.split(x)
-        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-class MaskedFillJointAttention(MaskedJointAttention):
-    """Joint attention written by hand with the mask applied by `masked_fill` before the softmax, in `style`:
-    `masked_fill` (-inf), `masked_fill_` (in place, -inf) or `finite` (-1e9)."""
+class MaskedFillJointAttention(_QKV):
+    """Joint attention written by hand, the bool mask `blocked` (True: the key is masked out) applied by
+    `masked_fill` before the softmax, in `style`: `masked_fill` (-inf), `masked_fill_` (in place, -inf) or
+    `finite` (-1e9)."""
 
-    def __init__(self, dim, heads, mask_fn, style="masked_fill"):
-        super().__init__(dim, heads, mask_fn)
+    def __init__(self, dim, heads, style="masked_fill"):
+        super().__init__(dim, heads)
         self.style = style
 
-    def forward(self, x, n_text):
+    def forward(self, x, blocked):
         q, k, v = self.split(x)
-        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
-        blocked = ~mask if mask.dtype == torch.bool else mask != 0
         scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
         if self.style == "masked_fill_":
             scores.masked_fill_(blocked, float("-inf"))
@@ -168,22 +162,24 @@ class MaskedFillJointAttention(MaskedJointAttention):
 
 
 class JointDiT(nn.Module):
-    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask."""
+    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask from
+    `mask_fn(n_text, n_video)`."""
 
     def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6, attn_cls=MaskedJointAttention):
         super().__init__()
-        self.n_text = n_text
+        self.n_text, self.mask_fn = n_text, mask_fn
         self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
         self.text = nn.Parameter(torch.randn(n_text, dim))
-        self.attns = nn.ModuleList(attn_cls(dim, heads, mask_fn) for _ in range(layers))
+        self.attns = nn.ModuleList(attn_cls(dim, heads) for _ in range(layers))
         self.head = nn.Linear(dim, in_ch)
 
     def forward(self, x, ctx):
         B, C, T, H, W = x.shape
         text = self.text + self.ctx(ctx).mean(1, keepdim=True)
         h = torch.cat([text, self.embed(x.flatten(2).transpose(1, 2))], 1)
+        mask = self.mask_fn(self.n_text, T * H * W).to(x.device)
         for attn in self.attns:
-            h = h + attn(h, self.n_text)
+            h = h + attn(h, mask)
         return self.head(h[:, self.n_text:]).transpose(1, 2).reshape(B, C, T, H, W)
 
 
@@ -266,8 +262,12 @@ def joint_dit(mask_fn):
 
 def masked_fill_dit(mask_fn, style="masked_fill"):
     """A `JointDiT` whose attention applies its mask with `masked_fill` (see `MaskedFillJointAttention`)."""
+    def blocked(n_text, n_video):
+        m = mask_fn(n_text, n_video)
+        return m != 0 if m.is_floating_point() else ~m
+
     torch.manual_seed(0)
-    return JointDiT(mask_fn, attn_cls=lambda dim, heads, fn: MaskedFillJointAttention(dim, heads, fn, style)).eval()
+    return JointDiT(blocked, attn_cls=lambda dim, heads: MaskedFillJointAttention(dim, heads, style)).eval()
 
 
 class FactorizedDiT(nn.Module):
