@@ -87,7 +87,7 @@ def coverage_row(name: str) -> dict:
         row["status"] = "geometry not inferred"
         return row
     g = adapter.geometry(m, (), kw)
-    row["geometry"] = f"inferred from {adapter.embed} patch {adapter.patch}: grid {g.grid}, video_start {g.video_start}"
+    row["geometry"] = f"inferred from {adapter.source}: grid {g.grid}, video_start {g.video_start}"
     if not any(s.kind in ("self", "joint") for s in sites):
         row["status"] = "no video site found"
         return row

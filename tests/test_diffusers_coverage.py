@@ -23,6 +23,8 @@ EXPECTED_KINDS = {
     "MotifVideoTransformer3DModel": {"joint": 2},
     "AnyFlowTransformer3DModel": {"self": 2, "cross": 2},
     "LatteTransformer3DModel": {"self/spatial": 2, "self/temporal": 2, "cross": 2},
+    "LTXVideoTransformer3DModel": {"self": 2, "cross": 2},
+    "LTX2VideoTransformer3DModel": {"self": 2, "text": 2, "cross": 8},  # audio self-attention: "text" (not video)
 }
 
 

@@ -583,6 +583,34 @@ def _tiny_latte():
                "return_dict": False}
 
 
+def _tiny_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    T, H, W = COVERAGE_GRID  # patchified tokens [B, T*H*W, C]; the grid comes from num_frames, height, width
+    m = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                   cross_attention_dim=32, num_layers=2, caption_channels=16)
+    x = torch.randn(1, T * H * W, 4, generator=torch.Generator().manual_seed(0))
+    return m, {"hidden_states": x, "encoder_hidden_states": _text(8, 16), "timestep": _t(),
+               "encoder_attention_mask": torch.ones(1, 8), "num_frames": T, "height": H, "width": W,
+               "return_dict": False}
+
+
+def _tiny_ltx2():
+    from diffusers import LTX2VideoTransformer3DModel
+
+    T, H, W = COVERAGE_GRID  # video and audio streams; the video grid comes from num_frames, height, width
+    m = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                    cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+                                    audio_num_attention_heads=2, audio_attention_head_dim=16,
+                                    audio_cross_attention_dim=32, num_layers=2, caption_channels=16)
+    g = torch.Generator().manual_seed(0)
+    audio = 10
+    return m, {"hidden_states": torch.randn(1, T * H * W, 4, generator=g),
+               "audio_hidden_states": torch.randn(1, audio, 4, generator=g), "encoder_hidden_states": _text(8, 16),
+               "audio_encoder_hidden_states": _text(8, 16, seed=2), "timestep": _t(), "num_frames": T, "height": H,
+               "width": W, "audio_num_frames": audio, "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -599,6 +627,8 @@ DIFFUSERS_VIDEO = {
     "MotifVideoTransformer3DModel": _tiny_motif,
     "AnyFlowTransformer3DModel": _tiny_anyflow,
     "LatteTransformer3DModel": _tiny_latte,
+    "LTXVideoTransformer3DModel": _tiny_ltx,
+    "LTX2VideoTransformer3DModel": _tiny_ltx2,
 }
 
 _NO_TINY = "no tiny config in sparsify.testing.dits yet"
@@ -609,8 +639,6 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
                                "breaks the graph there and the resumed frames carry no module path, so no video "
                                "site is discovered",
     "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
-    "LTXVideoTransformer3DModel": "its input is an already-patchified token sequence [B, F*H*W, C] with the frame count "
-                                  "and size as int arguments: no 5-D video latent to infer the grid from",
     "HunyuanVideo15Transformer3DModel": "a data-dependent branch (`if torch.all(image_embeds == 0)`) and boolean-mask "
                                         "text reordering break the Dynamo graph before the transformer blocks; in the "
                                         "resumed frames only the first block's attention is captured",
@@ -619,7 +647,7 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
     **{name: _NO_TINY for name in (
         "AnyFlowFARTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel",
         "JoyImageEditPlusTransformer3DModel", "JoyImageEditTransformer3DModel", "Kandinsky6SRTransformer3DModel",
-        "Kandinsky6Transformer3DModel", "LTX2VideoTransformer3DModel", "MiniMaxH3Transformer3DModel",
+        "Kandinsky6Transformer3DModel", "MiniMaxH3Transformer3DModel",
         "SanaWMLTX2RefinerTransformer3DModel", "SanaWMTransformer3DModel", "WanAnimate2Transformer3DModel",
         "WanAnimateTransformer3DModel")},
 }
