@@ -234,6 +234,27 @@ class ConvDiT(nn.Module):
         return self.head(h[:, n_text:])
 
 
+class TokensDiT(nn.Module):
+    """A hand-written DiT fed patchified tokens `[B, F*H*W, C]`, its grid given as int arguments (as LTX-Video)."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4):
+        super().__init__()
+        self.proj_in = nn.Linear(in_ch, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.proj_out = nn.Linear(dim, in_ch)
+
+    def forward(self, hidden_states, num_frames, height, width):
+        h = self.proj_in(hidden_states)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.proj_out(h)
+
+
+def tokens_dit():
+    torch.manual_seed(0)
+    return TokensDiT().eval()
+
+
 def conv_dit():
     torch.manual_seed(0)
     return ConvDiT().eval()
