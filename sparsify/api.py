@@ -129,12 +129,12 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
         _check_example_inputs(example_inputs)
     args, kwargs = _split_inputs(example_inputs)
     if adapter is None:
-        video_len = None
+        grid = None
     elif isinstance(adapter, GridAdapter) or not given:
-        video_len = adapter.geometry(model, args, kwargs).video_len
+        grid = adapter.geometry(model, args, kwargs).grid
     else:
         try:
-            video_len = adapter.geometry(model, args, kwargs).video_len
+            grid = adapter.geometry(model, args, kwargs).grid
         except SparsifyArgumentError:
             raise
         except Exception as e:  # noqa: BLE001 - the adapter cannot read these inputs
@@ -143,7 +143,7 @@ def find_sites(model: torch.nn.Module, example_inputs=None, *, grid=None, video_
                 f"({type(e).__name__}: {e}); pass the arguments of one forward call of {type(model).__name__}") from e
     try:
         with discovery_context(model):  # a step cache enabled before sparsify() needs a cache context
-            infos = discover(model, example_inputs, video_len=video_len, unplaced=unplaced)
+            infos = discover(model, example_inputs, grid=grid, unplaced=unplaced)
     except Exception as e:  # noqa: BLE001 - the forward failed on the inputs
         if not given:
             raise
@@ -168,7 +168,7 @@ def _check_geometry(model, infos, adapter, example_inputs) -> None:
     geo = adapter.geometry(model, args, kwargs)
     by_len: dict[int, list[str]] = {}
     for i in infos:
-        if i.kind not in SPARSE_KINDS:
+        if i.kind not in SPARSE_KINDS or i.axis != "full":  # factorized sequences hold one frame or one pixel
             continue
         if geo.video_start + geo.video_len > i.q_len:
             raise SparsifyArgumentError(
@@ -282,7 +282,8 @@ def sparsify(model: torch.nn.Module, recipe, *, example_inputs=None, grid=None, 
         if not any(c.enable for c in configs):
             continue
         states.append(runtime.SiteState(site_id=runtime.STATE.new_id(), path=info.path, kind=info.kind,
-                                        heads=info.heads, head_dim=info.head_dim, configs=configs, index=index - 1,
+                                        heads=info.heads, head_dim=info.head_dim, axis=info.axis, configs=configs,
+                                        index=index - 1,
                                         dense_steps=recipe.defaults.dense_steps,
                                         mask_reuse=recipe.defaults.mask_reuse, schedule=recipe.defaults.schedule,
                                         check=call_check(info, adapter, example_inputs, model, recipe, shared)))
@@ -310,7 +311,7 @@ def call_check(info, adapter, example_inputs, model, recipe, shared: set):
         `check(state, geometry, seq_len)`, or None when there is nothing to check.
     """
     extra0 = None
-    if isinstance(adapter, GridAdapter):
+    if isinstance(adapter, GridAdapter) and info.axis == "full":
         args, kwargs = _split_inputs(example_inputs if example_inputs is not None else ())
         extra0 = info.q_len - adapter.geometry(model, args, kwargs).video_len
     cal = recipe.calibration_grid

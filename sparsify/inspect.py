@@ -48,10 +48,11 @@ def load_model(spec: str) -> torch.nn.Module:
 
 
 def site_table(sites) -> str:
-    """Format SiteInfo rows as a fixed-width table."""
-    head = ("path", "kind", "heads", "head_dim", "q_len", "kv_len", "mask", "impl")
-    rows = [head] + [(s.path, s.kind, str(s.heads), str(s.head_dim), str(s.q_len), str(s.kv_len),
-                      "yes" if s.has_mask else "no", s.impl) for s in sites]
+    """Format SiteInfo rows as a fixed-width table; `axis` tells how a self site covers the video grid (`full`,
+    or factorized: `spatial` within one frame, `temporal` along one pixel's frames)."""
+    head = ("path", "kind", "axis", "heads", "head_dim", "q_len", "kv_len", "mask", "impl")
+    rows = [head] + [(s.path, s.kind, s.axis if s.kind == "self" else "-", str(s.heads), str(s.head_dim),
+                      str(s.q_len), str(s.kv_len), "yes" if s.has_mask else "no", s.impl) for s in sites]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -64,7 +65,7 @@ def coverage_row(name: str) -> dict:
     original (fp32, eager, 1e-5), output at density 0.25 finite and different.
 
     Returns:
-        `{"class", "sites" ({kind: n}), "geometry" (source and grid), "status" ("ok" or the failure), "error"
+        `{"class", "sites" ({kind: n}, factorized self sites as `self/spatial`, `self/temporal`), "geometry" (source and grid), "status" ("ok" or the failure), "error"
         (max abs difference at density 1.0), "changed" (at 0.25)}`.
 
     Example:
@@ -81,12 +82,12 @@ def coverage_row(name: str) -> dict:
     m, kw = dits.DIFFUSERS_VIDEO[name]()
     m = m.eval()
     sites, adapter = find_sites_inferred(m, kw)
-    row["sites"] = dict(Counter(s.kind for s in sites))
+    row["sites"] = dict(Counter(s.kind if s.axis == "full" else f"{s.kind}/{s.axis}" for s in sites))
     if adapter is None:
         row["status"] = "geometry not inferred"
         return row
     g = adapter.geometry(m, (), kw)
-    row["geometry"] = f"inferred from {adapter.embed} patch {adapter.patch}: grid {g.grid}, video_start {g.video_start}"
+    row["geometry"] = f"inferred from {adapter.source}: grid {g.grid}, video_start {g.video_start}"
     if not any(s.kind in ("self", "joint") for s in sites):
         row["status"] = "no video site found"
         return row

@@ -26,6 +26,9 @@ EXPECTED_KINDS = {
     "JoyImageEditTransformer3DModel": {"joint": 2},
     "Kandinsky6Transformer3DModel": {"text": 4, "self": 2, "cross": 8},  # text encoders, audio self-attention
     "SanaWMTransformer3DModel": {"self": 1, "cross": 2},  # block 0: gated-delta-net linear attention
+    "LatteTransformer3DModel": {"self/spatial": 2, "self/temporal": 2, "cross": 2},
+    "LTXVideoTransformer3DModel": {"self": 2, "cross": 2},
+    "LTX2VideoTransformer3DModel": {"self": 2, "text": 2, "cross": 8},  # audio self-attention: "text" (not video)
 }
 
 
@@ -41,7 +44,8 @@ def test_every_video_transformer_is_covered_or_listed_with_a_reason():
 def test_video_transformer_is_served_without_grid(name):
     row = coverage_row(name)
     assert row["sites"] == EXPECTED_KINDS[name]
-    assert row["geometry"].startswith("inferred from") and f"grid {dits.COVERAGE_GRID}" in row["geometry"]
+    grid = dits.COVERAGE_GRIDS.get(name, dits.COVERAGE_GRID)
+    assert row["geometry"].startswith("inferred from") and f"grid {grid}" in row["geometry"]
     assert row["error"] <= 1e-5 and row["changed"] > 1e-4, row
     assert row["status"] == "ok"
     torch._dynamo.reset()

@@ -66,7 +66,7 @@ def test_inspect_prints_the_tiny_wan_table(capsys):
     assert inspect_main(["tiny-wan"]) == 0
     out = capsys.readouterr().out
     assert "4 attention sites" in out
-    assert "blocks.0.attn1  self   2      32" in out and "blocks.1.attn2  cross" in out
+    assert "blocks.0.attn1  self   full  2      32" in out and "blocks.1.attn2  cross  -" in out
 
 
 def test_bundled_recipe_by_bare_name():

@@ -22,7 +22,8 @@ class _Stop(Exception):
 
 class InferredAdapter(Adapter):
     """The generic adapter: the token grid from the 5-D video input of the top-level forward and the patch
-    sizes found at discovery, the video span from the attention graph (see `sparsify.passes.discover.video_spans`).
+    sizes found at discovery (or from the forward's frame count, height and width arguments, see `sizes`),
+    the video span from the attention graph (see `sparsify.passes.discover.video_spans`).
 
     Attributes:
         where: the video input: a positional index or a keyword name.
@@ -30,21 +31,34 @@ class InferredAdapter(Adapter):
         patch: `(pt, ph, pw)`; the grid of a call is `(F // pt, H // ph, W // pw)`.
         video_start: first video token in every sparse site's sequence (`VIDEO_LAST`: the last tokens).
         embed: module path of the patch embedding it was inferred from.
+        sizes: for a model fed patchified tokens: the `(name, position)` of the forward's integer arguments
+            giving F, H and W (e.g. LTX-Video's `num_frames`, `height`, `width`); None reads the 5-D latent.
 
     Example:
         >>> a = InferredAdapter(where="hidden_states", dims=(2, 3, 4), patch=(1, 2, 2))
         >>> a.geometry(None, (), {"hidden_states": torch.zeros(1, 16, 5, 8, 8)}).grid
         (5, 4, 4)
+        >>> s = InferredAdapter(None, (), (1, 1, 1), sizes=(("num_frames", 4), ("height", 5), ("width", 6)))
+        >>> s.geometry(None, (), {"num_frames": 3, "height": 8, "width": 8}).grid, s.source
+        ((3, 8, 8), 'forward arguments num_frames, height, width')
     """
 
     name = "inferred"
 
-    def __init__(self, where, dims, patch, video_start: int = 0, embed: str = ""):
+    def __init__(self, where, dims, patch, video_start: int = 0, embed: str = "", sizes=None):
         self.where, self.dims, self.patch, self.video_start, self.embed = where, tuple(dims), tuple(patch), video_start, embed
+        self.sizes = tuple(sizes) if sizes is not None else None
 
     def __repr__(self):
         return (f"InferredAdapter(where={self.where!r}, dims={self.dims}, patch={self.patch}, "
-                f"video_start={self.video_start}, embed={self.embed!r})")
+                f"video_start={self.video_start}, embed={self.embed!r}, sizes={self.sizes!r})")
+
+    @property
+    def source(self) -> str:
+        """Where the grid is read: the forward's size arguments, or the patch embedding and its patch."""
+        if self.sizes is not None:
+            return "forward arguments " + ", ".join(name for name, _ in self.sizes)
+        return f"{self.embed} patch {self.patch}"
 
     def _video(self, args, kwargs):
         if isinstance(self.where, int):
@@ -52,6 +66,14 @@ class InferredAdapter(Adapter):
         return kwargs.get(self.where)
 
     def geometry(self, model, args, kwargs) -> Geometry:
+        if self.sizes is not None:
+            vals = [_size_value(args, kwargs, name, pos) for name, pos in self.sizes]
+            if any(v is None for v in vals):
+                raise ValueError(
+                    f"sparsify: the inferred geometry reads the grid from forward arguments "
+                    f"{', '.join(n for n, _ in self.sizes)}, but this call passes {vals} (positive integers expected); "
+                    "pass them, or grid=(T, H, W) to sparsify()")
+            return Geometry(tuple(v // p for v, p in zip(vals, self.patch)), self.video_start)
         x = self._video(args, kwargs)
         if not isinstance(x, torch.Tensor) or x.dim() != 5:
             raise ValueError(
@@ -165,13 +187,61 @@ def _patch_sizes(x_shape, out_shape, mod, batch):
     return sorted(cands, key=score)
 
 
+#: Names of the forward arguments that give a patchified model's latent frame count, height and width.
+SIZE_ARGUMENTS = (("num_frames", "latent_num_frames", "num_latent_frames"), ("height", "latent_height"),
+                  ("width", "latent_width"))
+
+
+def _size_value(args, kwargs, name, pos):
+    v = kwargs.get(name, args[pos] if pos is not None and len(args) > pos else None)
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+        v = int(v)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def size_arguments_adapter(model, args, kwargs) -> InferredAdapter | None:
+    """An `InferredAdapter` that reads the grid from the forward's frame count, height and width arguments
+    (`SIZE_ARGUMENTS`), for a model fed patchified tokens `[B, S, C]` (`hidden_states`, else the first 3-D floating
+    tensor): the grid is `(F, H, W)` when `F·H·W == S`, else `(F // pt, H // p, W // p)` with the model config's
+    `patch_size_t` and `patch_size` when that product is S. None when the arguments or the tokens are missing.
+
+    Example:
+        >>> # LTX-Video: forward(hidden_states=[1, 256, C], ..., num_frames=4, height=8, width=8) -> grid (4, 8, 8)
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return None
+    sizes = []
+    for names in SIZE_ARGUMENTS:
+        name = next((n for n in names if n in params), None)
+        if name is None:
+            return None
+        sizes.append((name, params.index(name)))
+    vals = [_size_value(args, kwargs, n, p) for n, p in sizes]
+    x = kwargs.get("hidden_states")
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3):
+        x = next((a for a in list(args) + list(kwargs.values())
+                  if isinstance(a, torch.Tensor) and a.dim() == 3 and a.is_floating_point()), None)
+    if x is None or None in vals:
+        return None
+    config = getattr(model, "config", None)
+    p, pt = getattr(config, "patch_size", 1), getattr(config, "patch_size_t", 1)
+    for patch in ((1, 1, 1), (pt, p, p)):
+        if all(isinstance(n, int) and n > 0 for n in patch) and \
+                math.prod(v // n for v, n in zip(vals, patch)) == x.shape[1]:
+            return InferredAdapter(None, (), patch, sizes=sizes)
+    return None
+
+
 def infer_adapter(model, example_inputs) -> InferredAdapter | None:
     """An `InferredAdapter` for `model` at `example_inputs`, or None when the shapes do not tell the grid
-    (no 5-D video input, or no patch embedding found).
+    (no 5-D video input nor size arguments, or no patch embedding found).
 
     The patch embedding is the first Conv3d (kernel = stride = patch), Conv2d applied frame by frame, or
     Linear on patchified tokens whose input holds the whole latent. Its output shape gives the token grid;
-    the grid per call is then `(F // pt, H // ph, W // pw)` of the latent.
+    the grid per call is then `(F // pt, H // ph, W // pw)` of the latent. A model fed patchified tokens
+    instead has its grid read from its frame count, height and width arguments (`size_arguments_adapter`).
 
     Example:
         >>> # adapter = infer_adapter(model, {"hidden_states": x, "timestep": t, ...})
@@ -182,7 +252,7 @@ def infer_adapter(model, example_inputs) -> InferredAdapter | None:
     args, kwargs = _split_inputs(example_inputs)
     where, x = _video_input(args, kwargs)
     if x is None:
-        return None
+        return size_arguments_adapter(model, args, kwargs)
     probe = probe_patch_embedding(model, args, kwargs, x)
     if probe is None:
         return None
@@ -213,8 +283,8 @@ def find_sites_inferred(model, example_inputs, unplaced: list | None = None):
     if adapter is None:
         return discover(model, example_inputs, unplaced=unplaced), None
     args, kwargs = _split_inputs(example_inputs)
-    video_len = math.prod(adapter.geometry(model, args, kwargs).grid)
-    sites, spans = discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)
+    grid = adapter.geometry(model, args, kwargs).grid
+    sites, spans = discover_with_spans(model, example_inputs, grid=grid, unplaced=unplaced)
     found = Counter(v for v in spans.values() if v is not None)
     adapter.spans = spans
     adapter.video_start = found.most_common(1)[0][0] if found else 0

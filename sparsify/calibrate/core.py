@@ -126,7 +126,8 @@ def model_output_error(model, all_infos, adapter, configs: dict, output_loop, de
     """Relative squared error of the model's outputs with `configs` ({site path: [HeadConfig]}) against `dense`."""
     infos = {i.path: i for i in all_infos}
     states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=p, kind=infos[p].kind, heads=infos[p].heads,
-                                head_dim=infos[p].head_dim, configs=list(c)) for p, c in configs.items()]
+                                head_dim=infos[p].head_dim, configs=list(c), axis=infos[p].axis)
+              for p, c in configs.items()]
     inst = install(model, all_infos, states, None, adapter, import_bound_modules(all_infos))
     try:
         outs = _run_outputs(model, output_loop)
@@ -284,7 +285,8 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
     cands = [(m, t) for m in methods for t in tiles]
     # every site installed as dense: the model computes exactly its dense output while we observe
     states = [runtime.SiteState(site_id=runtime.STATE.new_id(), path=i.path, kind=i.kind, heads=i.heads,
-                                head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n)
+                                head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n,
+                                axis=i.axis)
               for n, i in enumerate(infos)]
     config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, methods,
                        config.query_fraction, inputs_hash))

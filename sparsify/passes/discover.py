@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from ..factorized import site_axis
 from .patterns import AttentionMatch, find_attention
 
 
@@ -25,6 +28,8 @@ class SiteInfo:
         has_mask: whether an attention mask is passed.
         impl: `sdpa` or `manual`.
         source: `file:line` of the call.
+        axis: how a `self` site covers the video grid (`sparsify.factorized.AXES`): `full`, or factorized
+            `spatial` (one frame per sequence) or `temporal` (one pixel's frames per sequence).
     """
 
     path: str
@@ -36,6 +41,7 @@ class SiteInfo:
     has_mask: bool
     impl: str
     source: str = ""
+    axis: str = "full"
 
     def spec(self):
         from ..recipe import SiteSpec
@@ -153,13 +159,15 @@ def _split_inputs(example_inputs):
 
 
 def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: int | None = None,
-                   unplaced: list | None = None, modules: dict | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
+                   unplaced: list | None = None, modules: dict | None = None,
+                   grid: tuple[int, int, int] | None = None) -> list[tuple[SiteInfo, AttentionMatch]]:
     """Attention sites of one captured graph, each with its FX match.
 
     q may be `[B, H, S, D]`, or `[N, S, D]` with the heads folded into the batch (N = batch·heads, the
     heads read from the site module's `heads`/`num_heads` attribute when it divides N, else N).
     Calls made outside every submodule (in the model's own forward) have no site path; their
-    `file:line` is appended to `unplaced` when given.
+    `file:line` is appended to `unplaced` when given. With the token `grid`, factorized self-attention
+    (per frame or per pixel, see `sparsify.factorized.site_axis`) is a `self` site with its axis.
     """
     out = []
     for m in find_attention(gm.graph):
@@ -174,12 +182,20 @@ def sites_in_graph(gm: fx.GraphModule, id_to_name: dict[str, str], video_len: in
         if qv.dim() == 3:
             N, S, D = qv.shape
             H = folded_heads((modules or {}).get(path), int(N))
+            B = int(N) // int(H)
         else:
             B, H, S, D = qv.shape
-        has_mask = m.attn_mask is not None
-        out.append((SiteInfo(path=path, kind=classify(int(S), int(kv.shape[-2]), video_len), heads=int(H),
-                             head_dim=int(D), q_len=int(S), kv_len=int(kv.shape[-2]), has_mask=has_mask,
-                             impl=m.impl, source=source_location(m.node)), m))
+        kind, axis = classify(int(S), int(kv.shape[-2]), video_len), "full"
+        factor = site_axis(int(S), int(kv.shape[-2]), int(B), grid) if grid is not None else None
+        if factor is not None:
+            kind, axis = "self", factor
+            if grid[0] == grid[1] * grid[2]:
+                warnings.warn(f"sparsify: site '{path}' attends over {int(S)} tokens, which is both one frame "
+                              f"(H·W) and one pixel's frames (T) of the grid {tuple(grid)}: it is read as temporal "
+                              "(dense unless long); discover at example inputs where T != H·W to tell", stacklevel=3)
+        out.append((SiteInfo(path=path, kind=kind, heads=int(H), head_dim=int(D), q_len=int(S),
+                             kv_len=int(kv.shape[-2]), has_mask=m.attn_mask is not None, impl=m.impl,
+                             source=source_location(m.node), axis=axis), m))
     return out
 
 
@@ -201,7 +217,7 @@ def folded_heads(module, n: int) -> int:
 
 
 def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
-             unplaced: list | None = None) -> list[SiteInfo]:
+             unplaced: list | None = None, grid: tuple[int, int, int] | None = None) -> list[SiteInfo]:
     """List every attention site of `model`, found on its Dynamo graph(s) at `example_inputs`.
 
     Finds `F.scaled_dot_product_attention` however it is called (positionally, by keyword, through
@@ -212,6 +228,7 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         model: the DiT.
         example_inputs: a kwargs dict, an args tuple, or a single tensor for `model(...)`.
         video_len: video tokens per sample at these inputs, to tell `joint` from `self` sites.
+        grid: the token grid `(T, H, W)` at these inputs (sets `video_len`), to find factorized sites too.
         unplaced: if given, receives the `file:line` of every attention call made outside any submodule
             (such calls cannot be sites: sparsify installs per submodule).
 
@@ -222,7 +239,7 @@ def discover(model: torch.nn.Module, example_inputs, *, video_len: int | None = 
         >>> from sparsify.passes import discover
         >>> # for s in discover(model, inputs): print(s.path, s.kind, s.heads)
     """
-    return discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced)[0]
+    return discover_with_spans(model, example_inputs, video_len=video_len, unplaced=unplaced, grid=grid)[0]
 
 
 _CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
@@ -261,7 +278,7 @@ def video_span(q: fx.Node, q_len: int, video_len: int, max_nodes: int = 2000) ->
 
 
 def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: int | None = None,
-                        unplaced: list | None = None):
+                        unplaced: list | None = None, grid: tuple[int, int, int] | None = None):
     """`discover`, and for each site the video offset found by `video_span` (None: none found).
 
     Returns:
@@ -270,16 +287,18 @@ def discover_with_spans(model: torch.nn.Module, example_inputs, *, video_len: in
     Example:
         >>> # sites, spans = discover_with_spans(model, inputs, video_len=4 * 8 * 8)
     """
+    if grid is not None:
+        video_len = math.prod(grid)
     named = dict(model.named_modules())
     id_to_name = {str(id(m)): name for name, m in named.items()}
     seen: dict[str, SiteInfo] = {}
     spans: dict[str, int | None] = {}
     for gm in capture_graphs(model, example_inputs):
-        for info, m in sites_in_graph(gm, id_to_name, video_len, unplaced, named):
+        for info, m in sites_in_graph(gm, id_to_name, video_len, unplaced, named, grid):
             if info.path in seen:
                 continue
             seen[info.path] = info
-            if video_len is not None and info.kind in ("self", "joint"):
+            if video_len is not None and info.kind in ("self", "joint") and info.axis == "full":
                 spans[info.path] = video_span(m.q, info.q_len, video_len)
     return list(seen.values()), spans
 

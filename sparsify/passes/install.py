@@ -11,7 +11,7 @@ from torch import fx
 
 from .. import runtime
 from ..runtime import STATE
-from .patterns import find_attention, materialize_scale, trace_module
+from .patterns import find_attention, materialize_mask, materialize_scale, trace_module
 
 _ORIG_SDPA = torch._C._nn.scaled_dot_product_attention
 
@@ -155,7 +155,7 @@ def _manual_forward(module: torch.nn.Module, path: str):
         with g.inserting_before(m.node):
             site = g.get_attr("_sparsify_site")
             scale = materialize_scale(g, m.scale)
-            new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale, m.attn_mask))
+            new = g.call_function(manual_site_attention, (m.q, m.k, m.v, site, scale, materialize_mask(g, m.attn_mask)))
         m.node.replace_all_uses_with(new)
     g.eliminate_dead_code()
     gm.recompile()

@@ -29,7 +29,8 @@ class AttentionMatch:
         impl: `sdpa` or `manual`.
         q, k, v: the nodes feeding query, key and value (`[B, H, S, D]`).
         scale: the softmax scale: a float, a Node, or None for the default `1/sqrt(D)`.
-        attn_mask: the mask node (SDPA only), or None.
+        attn_mask: the mask: a node (SDPA's `attn_mask`, or an added mask), `("not", node)` for the mask of a
+            `masked_fill` (see `materialize_mask`), or None.
         kwargs: the normalized SDPA arguments (SDPA only).
         nodes: the nodes of a manual pattern that become dead after a rewrite.
     """
@@ -224,9 +225,66 @@ def _peel_add_mask(node):
     return node, None, []
 
 
+_MASKED_FILL_FNS = {torch.masked_fill, torch.Tensor.masked_fill}
+
+
+def _fill_value(node):
+    """The fill value of a masked_fill call as a float, or None when it is not a constant."""
+    val = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return float(val) if isinstance(val, (int, float)) and not isinstance(val, bool) else None
+
+
+def _masks_out(value, factor) -> bool:
+    """Whether filling scores with `value`, then scaling them by `factor`, removes those keys from the softmax:
+    -inf under any positive factor, another value at most `MASKED_BELOW` only unscaled."""
+    from ..runtime.masks import MASKED_BELOW
+
+    if value is None:
+        return False
+    if value == float("-inf"):
+        return not isinstance(factor, float) or factor > 0
+    return value <= MASKED_BELOW and factor == 1.0
+
+
+def _peel_masked_fill(node, factor):
+    """`scores.masked_fill(mask, value)` (a value that removes keys, see `_masks_out`): return (scores,
+    ("not", mask), [node]): SDPA's bool mask keeps the keys masked_fill did not fill. Else (node, None, [])."""
+    if _is_call(node, _MASKED_FILL_FNS, ("masked_fill", "masked_fill_")) and len(node.args) >= 2 \
+            and isinstance(node.args[1], fx.Node):
+        if _masks_out(_fill_value(node), factor):
+            return node.args[0], ("not", node.args[1]), [node]
+    return node, None, []
+
+
+def _mutations(nodes) -> list:
+    """The in-place users (`x.masked_fill_(...)`, `x += ...`, `x[i] = ...`, `x.mul_(...)`) of `nodes`."""
+    out = []
+    for n in nodes:
+        for u in n.users:
+            t = u.target
+            name = t if u.op == "call_method" else getattr(t, "__name__", "")
+            if isinstance(name, str) and ((name.endswith("_") and not name.endswith("__")) or name in _INPLACE_OPS):
+                out.append(u)
+    return out
+
+
+def _precedes(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node `a` comes before node `b` in their graph."""
+    n = a.next
+    while n is not b and n.op != "root":
+        n = n.next
+    return n is b
+
+
+_INPLACE_OPS = {"iadd", "isub", "imul", "itruediv", "setitem", "__iadd__", "__isub__", "__imul__", "__itruediv__",
+                "__setitem__"}
+
+
 def match_manual(node: fx.Node) -> AttentionMatch | None:
     """Match `softmax(q @ kᵀ * s [+ mask]) @ v` ending at `node`: `@`, matmul, bmm, einsum or baddbmm for the
-    products, the scale on q, k or the scores, casts (a float32 softmax) anywhere between."""
+    products, the scale on q, k or the scores, casts (a float32 softmax) anywhere between. The mask may be
+    added (`+ mask`) or written as `scores.masked_fill(mask, -inf)` (or in place, `masked_fill_`, on the
+    softmax's input); any other in-place change of the scores is not matched."""
     pv = _attention_product(node)
     if pv is None:
         return None
@@ -236,7 +294,12 @@ def match_manual(node: fx.Node) -> AttentionMatch | None:
     if s is None:
         return None
     s_inner, f1, peeled1, mask = s, 1.0, [], None
-    while True:  # casts, scalings and one additive mask may interleave: (q @ kᵀ).float() / c + m, ...
+    fill_ = _mutations([s])
+    if len(fill_) == 1 and fill_[0].target == "masked_fill_" and _precedes(fill_[0], pc):  # s.masked_fill_(m, -inf)
+        _, mask, _ = _peel_masked_fill(fill_[0], 1.0)
+    if fill_ and mask is None:
+        return None
+    while True:  # casts, scalings and one mask may interleave: (q @ kᵀ).float() / c + m, ....masked_fill(m, -inf)
         nxt, f, peeled = _peel_scale(_skip_casts(s_inner))
         if f != 1.0:
             f1 = _mul(f1, f)
@@ -246,11 +309,15 @@ def match_manual(node: fx.Node) -> AttentionMatch | None:
                 if f1 != 1.0:
                     return None  # (scores + mask) * c scales the mask too: not SDPA's form
                 nxt, mask, peeled = inner, m, peeled + added
+            else:
+                inner, m, added = _peel_masked_fill(nxt, f1)
+                if m is not None:
+                    nxt, mask, peeled = inner, m, peeled + added
         if nxt is s_inner:
             break
         s_inner, peeled1 = nxt, peeled1 + peeled
     sp = _score_product(s_inner)
-    if sp is None:
+    if sp is None or set(_mutations([s_inner] + peeled1)) - set(fill_) - set(peeled1):
         return None
     q, k, f0, bmask, kt = sp
     if bmask is not None:
@@ -280,6 +347,14 @@ def find_attention(graph: fx.Graph) -> list[AttentionMatch]:
         if m is not None:
             found.append(m)
     return found
+
+
+def materialize_mask(graph: fx.Graph, mask):
+    """The mask of a match as an op argument: None, a Node, or a new `logical_not` node inserted in `graph` for a
+    masked_fill mask (`("not", node)`: the keys it fills are the ones SDPA's bool mask removes)."""
+    if isinstance(mask, tuple):
+        return graph.call_function(torch.logical_not, (mask[1],))
+    return mask
 
 
 def materialize_scale(graph: fx.Graph, scale):

@@ -17,7 +17,7 @@ import inspect
 import torch
 from torch import fx
 
-from .patterns import find_attention, materialize_scale
+from .patterns import find_attention, materialize_mask, materialize_scale
 
 # id(module) -> site id, for modules installed in graph mode
 GRAPH_SITES: dict[int, int] = {}
@@ -54,7 +54,8 @@ def rewrite_graph(graph: fx.Graph) -> int:
         with graph.inserting_before(m.node):
             site = graph.call_function(torch.full, ((1,), sid), {"dtype": torch.int64})
             new = graph.call_function(torch.ops.sparsify.sparse_attention.default,
-                                      (m.q, m.k, m.v, site, [], materialize_scale(graph, m.scale), m.attn_mask))
+                                      (m.q, m.k, m.v, site, [], materialize_scale(graph, m.scale),
+                                       materialize_mask(graph, m.attn_mask)))
         new.meta.update({k: v for k, v in m.node.meta.items() if k in ("nn_module_stack", "stack_trace", "example_value", "val")})
         m.node.replace_all_uses_with(new)
         n += 1

@@ -6,6 +6,7 @@ import warnings
 
 import torch
 
+from ..factorized import axis_geometry, axis_tile, temporal_is_long
 from ..geometry import Geometry, tile_layout
 from ..kernels._triton import device_ints, enabled, needs_grad
 from ..kernels.reference import block_sparse_attn_reference, scatter_rows
@@ -182,13 +183,15 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     if geom.video_start < 0:  # the video is the last video_len tokens (text first, of any length)
         geom = Geometry(geom.grid, S - geom.video_len)
     step_grid, merged = geom.grid, STATE.merged
-    if merged is not None and merged.applies(S):  # a block with merged tokens: its tiles, the model's steps
+    if st.check is not None and (merged is None or not merged.applies(S)):
+        st.check(st, geom, S)
+    if st.axis != "full":  # factorized: each of the B sequences is one frame (spatial) or one pixel (temporal)
+        geom, merged = axis_geometry(geom, st.axis), None
+    elif merged is not None and merged.applies(S):  # a block with merged tokens: its tiles, the model's steps
         geom = merged.geometry
     else:
         merged = None
     geom.check(S, st.path)
-    if st.check is not None and merged is None:
-        st.check(st, geom, S)
     key_mask, plan = None, None
     if attn_mask is not None:
         key_mask = key_padding_mask(attn_mask, B, S)
@@ -218,7 +221,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
     st.dense_work += B * H
     groups: dict[tuple, list[int]] = {}
     for h, c in enumerate(configs):
-        groups.setdefault(("dense",) if c.is_dense else (c.method, c.tile), []).append(h)
+        short = st.axis == "temporal" and not c.is_dense and not temporal_is_long(S, c.tile)  # dense unless long
+        groups.setdefault(("dense",) if c.is_dense or short else (c.method, c.tile), []).append(h)
     agree = None
     if st.mask_reuse is not None and step is not None and H != st.heads:  # Ulysses: decide reuse across ranks
         from ..parallel.consensus import reuse_agreement
@@ -238,7 +242,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
             oh = dense_attention(qh, kh, vh, scale, key_mask)
             st.add_work(B * len(heads))
         else:
-            method, tile = key
+            method, tile = key[0], axis_tile(key[1], st.axis)
             impl = st.method(key, heads)
             if hasattr(impl, "attend"):  # a method with its own token order (e.g. SVG2's clusters)
                 gkey = ("attend", key, tuple(heads), geom.grid, B, st.slot)

@@ -23,6 +23,7 @@ class SiteState:
     heads: int
     head_dim: int
     configs: list[HeadConfig]
+    axis: str = "full"  # how each call's sequences cover the video grid (sparsify.factorized.AXES)
     index: int = 0
     calls: int = 0
     dense_steps: int = 0  # first denoising steps of each generation run dense

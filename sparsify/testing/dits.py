@@ -135,35 +135,51 @@ class PerSampleAttention(_QKV):
 
 
 class MaskedJointAttention(_QKV):
-    """Joint attention over [text, video] with a dense `(S, S)` mask from `mask_fn(n_text, n_video)`."""
+    """Joint attention over [text, video] with a dense `(S, S)` SDPA mask (bool, or additive)."""
 
-    def __init__(self, dim, heads, mask_fn):
-        super().__init__(dim, heads)
-        self.mask_fn = mask_fn
-
-    def forward(self, x, n_text):
+    def forward(self, x, mask):
         q, k, v = self.split(x)
-        mask = self.mask_fn(n_text, x.shape[1] - n_text).to(x.device)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
 
 
-class JointDiT(nn.Module):
-    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask."""
+class MaskedFillJointAttention(_QKV):
+    """Joint attention written by hand, the bool mask `blocked` (True: the key is masked out) applied by
+    `masked_fill` before the softmax, in `style`: `masked_fill` (-inf), `masked_fill_` (in place, -inf) or
+    `finite` (-1e9)."""
 
-    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6):
+    def __init__(self, dim, heads, style="masked_fill"):
+        super().__init__(dim, heads)
+        self.style = style
+
+    def forward(self, x, blocked):
+        q, k, v = self.split(x)
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        if self.style == "masked_fill_":
+            scores.masked_fill_(blocked, float("-inf"))
+        else:
+            scores = scores.masked_fill(blocked, -1e9 if self.style == "finite" else float("-inf"))
+        return self.merge(scores.softmax(dim=-1) @ v)
+
+
+class JointDiT(nn.Module):
+    """A hand-written DiT whose attention runs over [text, video] (text first) with a dense mask from
+    `mask_fn(n_text, n_video)`."""
+
+    def __init__(self, mask_fn, dim=32, heads=2, layers=2, in_ch=4, n_text=6, attn_cls=MaskedJointAttention):
         super().__init__()
-        self.n_text = n_text
+        self.n_text, self.mask_fn = n_text, mask_fn
         self.embed, self.ctx = nn.Linear(in_ch, dim), nn.Linear(8, dim)
         self.text = nn.Parameter(torch.randn(n_text, dim))
-        self.attns = nn.ModuleList(MaskedJointAttention(dim, heads, mask_fn) for _ in range(layers))
+        self.attns = nn.ModuleList(attn_cls(dim, heads) for _ in range(layers))
         self.head = nn.Linear(dim, in_ch)
 
     def forward(self, x, ctx):
         B, C, T, H, W = x.shape
         text = self.text + self.ctx(ctx).mean(1, keepdim=True)
         h = torch.cat([text, self.embed(x.flatten(2).transpose(1, 2))], 1)
+        mask = self.mask_fn(self.n_text, T * H * W).to(x.device)
         for attn in self.attns:
-            h = h + attn(h, self.n_text)
+            h = h + attn(h, mask)
         return self.head(h[:, self.n_text:]).transpose(1, 2).reshape(B, C, T, H, W)
 
 
@@ -218,6 +234,27 @@ class ConvDiT(nn.Module):
         return self.head(h[:, n_text:])
 
 
+class TokensDiT(nn.Module):
+    """A hand-written DiT fed patchified tokens `[B, F*H*W, C]`, its grid given as int arguments (as LTX-Video)."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4):
+        super().__init__()
+        self.proj_in = nn.Linear(in_ch, dim)
+        self.blocks = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.proj_out = nn.Linear(dim, in_ch)
+
+    def forward(self, hidden_states, num_frames, height, width):
+        h = self.proj_in(hidden_states)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.proj_out(h)
+
+
+def tokens_dit():
+    torch.manual_seed(0)
+    return TokensDiT().eval()
+
+
 def conv_dit():
     torch.manual_seed(0)
     return ConvDiT().eval()
@@ -242,6 +279,43 @@ def spelling_dit(name):
 def joint_dit(mask_fn):
     torch.manual_seed(0)
     return JointDiT(mask_fn).eval()
+
+
+def masked_fill_dit(mask_fn, style="masked_fill"):
+    """A `JointDiT` whose attention applies its mask with `masked_fill` (see `MaskedFillJointAttention`)."""
+    def blocked(n_text, n_video):
+        m = mask_fn(n_text, n_video)
+        return m != 0 if m.is_floating_point() else ~m
+
+    torch.manual_seed(0)
+    return JointDiT(blocked, attn_cls=lambda dim, heads: MaskedFillJointAttention(dim, heads, style)).eval()
+
+
+class FactorizedDiT(nn.Module):
+    """A hand-written Latte-style DiT with factorized attention: each layer attends within every frame
+    (batch B·T, sequence H·W), then along every pixel's frames (batch B·H·W, sequence T)."""
+
+    def __init__(self, dim=32, heads=2, layers=2, in_ch=4):
+        super().__init__()
+        self.embed = nn.Linear(in_ch, dim)
+        self.spatial = nn.ModuleList(_Block(dim, heads, NamedSDPAAttention) for _ in range(layers))
+        self.temporal = nn.ModuleList(_Block(dim, heads, ManualAttention) for _ in range(layers))
+        self.head = nn.Linear(dim, in_ch)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.embed(x.flatten(2).transpose(1, 2))  # [B, T*H*W, dim], frame-major
+        for spatial, temporal in zip(self.spatial, self.temporal):
+            h = spatial(h.reshape(B * T, H * W, -1))
+            h = h.reshape(B, T, H * W, -1).transpose(1, 2).reshape(B * H * W, T, -1)
+            h = temporal(h)
+            h = h.reshape(B, H * W, T, -1).transpose(1, 2).reshape(B, T * H * W, -1)
+        return self.head(h).transpose(1, 2).reshape(B, C, T, H, W)
+
+
+def factorized_dit():
+    torch.manual_seed(0)
+    return FactorizedDiT().eval()
 
 
 class CrossAttention(_QKV):
@@ -365,6 +439,9 @@ def density_selection(B, H, S, bm, bn, density, *, p_empty=0.0, device="cuda"):
 # diffusers video transformers from tiny configs (for the coverage test and `inspect --all-diffusers`)
 
 COVERAGE_GRID = (4, 8, 8)  # latent tokens after patching: four 1x8x8 tiles per frame stack
+
+#: Classes checked at another grid: factorized spatial sites tile one frame, which needs four 1x8x8 tiles itself.
+COVERAGE_GRIDS = {"LatteTransformer3DModel": (4, 16, 16)}
 
 
 def _video_latent(channels, patch=(1, 2, 2), grid=COVERAGE_GRID, frames_first=False, seed=0):
@@ -574,6 +651,47 @@ def _tiny_sana_wm():
                         "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
 
 
+def _tiny_latte():
+    from diffusers import LatteTransformer3DModel
+
+    grid = COVERAGE_GRIDS["LatteTransformer3DModel"]  # spatial attention over H*W per frame, temporal over T
+    m = LatteTransformer3DModel(sample_size=2 * grid[1], num_layers=2, patch_size=2, attention_head_dim=16,
+                                num_attention_heads=2, caption_channels=16, in_channels=4, out_channels=4,
+                                cross_attention_dim=32, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+                                norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+                                video_length=grid[0])
+    return m, {"hidden_states": _video_latent(4, grid=grid), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+               "return_dict": False}
+
+
+def _tiny_ltx():
+    from diffusers import LTXVideoTransformer3DModel
+
+    T, H, W = COVERAGE_GRID  # patchified tokens [B, T*H*W, C]; the grid comes from num_frames, height, width
+    m = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                   cross_attention_dim=32, num_layers=2, caption_channels=16)
+    x = torch.randn(1, T * H * W, 4, generator=torch.Generator().manual_seed(0))
+    return m, {"hidden_states": x, "encoder_hidden_states": _text(8, 16), "timestep": _t(),
+               "encoder_attention_mask": torch.ones(1, 8), "num_frames": T, "height": H, "width": W,
+               "return_dict": False}
+
+
+def _tiny_ltx2():
+    from diffusers import LTX2VideoTransformer3DModel
+
+    T, H, W = COVERAGE_GRID  # video and audio streams; the video grid comes from num_frames, height, width
+    m = LTX2VideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                    cross_attention_dim=32, audio_in_channels=4, audio_out_channels=4,
+                                    audio_num_attention_heads=2, audio_attention_head_dim=16,
+                                    audio_cross_attention_dim=32, num_layers=2, caption_channels=16)
+    g = torch.Generator().manual_seed(0)
+    audio = 10
+    return m, {"hidden_states": torch.randn(1, T * H * W, 4, generator=g),
+               "audio_hidden_states": torch.randn(1, audio, 4, generator=g), "encoder_hidden_states": _text(8, 16),
+               "audio_encoder_hidden_states": _text(8, 16, seed=2), "timestep": _t(), "num_frames": T, "height": H,
+               "width": W, "audio_num_frames": audio, "return_dict": False}
+
+
 #: Builders `() -> (model, forward kwargs)` of diffusers' video transformers from tiny configs.
 DIFFUSERS_VIDEO = {
     "WanTransformer3DModel": _tiny_wan_family,
@@ -593,9 +711,10 @@ DIFFUSERS_VIDEO = {
     "JoyImageEditTransformer3DModel": _tiny_joyimage_edit,
     "Kandinsky6Transformer3DModel": _tiny_kandinsky6,
     "SanaWMTransformer3DModel": _tiny_sana_wm,
+    "LatteTransformer3DModel": _tiny_latte,
+    "LTXVideoTransformer3DModel": _tiny_ltx,
+    "LTX2VideoTransformer3DModel": _tiny_ltx2,
 }
-
-_NO_TINY = "no tiny config in sparsify.testing.dits yet"
 
 #: diffusers video transformers this coverage does not serve, each with the reason (asserted by the test).
 DIFFUSERS_VIDEO_UNSUPPORTED = {
@@ -603,10 +722,6 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
                                "breaks the graph there and the resumed frames carry no module path, so no video "
                                "site is discovered",
     "CosmosTransformer3DModel": "its padding-mask resize needs torchvision, which is not installed",
-    "LTXVideoTransformer3DModel": "its input is an already-patchified token sequence [B, F*H*W, C] with the frame count "
-                                  "and size as int arguments: no 5-D video latent to infer the grid from",
-    "LatteTransformer3DModel": "spatial and temporal attention are factorised (per-frame H*W sequences and per-pixel "
-                               "F sequences, folded into the batch): no site attends over the video grid",
     "HunyuanVideo15Transformer3DModel": "a data-dependent branch (`if torch.all(image_embeds == 0)`) and boolean-mask "
                                         "text reordering break the Dynamo graph before the transformer blocks; in the "
                                         "resumed frames only the first block's attention is captured",
@@ -636,7 +751,6 @@ DIFFUSERS_VIDEO_UNSUPPORTED = {
                                      "pass (kv_cache_mode='cached') attends through flex_attention with a BlockMask "
                                      "over a 128-aligned [generation | reference] buffer: a tiny config yields one "
                                      "cross-attention site and no video self-attention site in either pass",
-    "LTX2VideoTransformer3DModel": _NO_TINY,
 }
 
 
