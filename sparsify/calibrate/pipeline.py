@@ -477,12 +477,14 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
     A14B's `transformer` (high noise) and `transformer_2` (low noise) are calibrated on their own steps.
 
     Args:
-        pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V, CogVideoX, ...), placed
-            on its device.
+        pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V and Wan 2.2, CogVideoX T2V/I2V,
+            HunyuanVideo, ...), placed on its device.
         prompts: calibration prompts (a list of strings).
         budget: target attention density over all sparsifiable heads of each transformer.
         negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, image: as for
-            the pipeline's `__call__` (None: the pipeline's default); `image` for image-to-video.
+            the pipeline's `__call__` (None: the pipeline's default); `image` for image-to-video. HunyuanVideo
+            embeds `guidance_scale` (one call per step); its two-branch guidance needs a negative prompt and
+            `pipeline_kwargs={"true_cfg_scale": ...}`.
         steps: denoising steps calibrated per transformer, spread evenly over the steps it runs.
         seed: the first prompt's generator seed (prompt i uses seed + i).
         max_sequence_length: text length for `encode_prompt` (None: its default).
