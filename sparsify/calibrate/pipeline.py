@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
@@ -167,6 +168,17 @@ def sample_steps(steps, k: int) -> list[int]:
     return [steps[min(len(steps) - 1, round((i + 0.5) * len(steps) / k - 0.5))] for i in range(k)]
 
 
+@contextlib.contextmanager
+def _no_progress_bar(pipe):
+    """The pipeline's progress bar off inside the block, as it was after."""
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = bar_config
+
+
 class _StepEnd(Exception):
     pass
 
@@ -184,16 +196,13 @@ def _first_step_calls(pipe, transformers: dict, kwargs: dict, seed: int) -> list
 
     hooks = [m.register_forward_pre_hook(functools.partial(_record_call, seen, name), with_kwargs=True)
              for name, m in transformers.items()]
-    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _no_progress_bar(pipe):
             pipe(**kwargs, generator=_generator(seed), callback_on_step_end=stop)
         raise RuntimeError(f"sparsify.calibrate: {type(pipe).__name__} ended without calling `callback_on_step_end`")
     except _StepEnd:
         pass
     finally:
-        pipe._progress_bar_config = bar_config
         for h in hooks:
             h.remove()
     if not seen:
@@ -305,8 +314,7 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
     sampled = {n: sample_steps([s for s in st if s >= dense_steps] or st, steps) for n, st in runs.items()}
     step_calls = _first_step_calls(pipe, found, {**calls[0], **common}, seed)
     name, args, kwargs = step_calls[0]
-    geo = adapter_for(found[name]).geometry(found[name], args, kwargs)
-    grid = tuple(geo.grid)
+    grid = tuple(adapter_for(found[name]).geometry(found[name], args, kwargs).grid)
     latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     sizes = {**_call_defaults(pipe), **{k: common[k] for k in ("height", "width", "num_frames") if k in common}}
     settings = {"pipeline": type(pipe).__name__, "prompts": len(prompts),
@@ -346,13 +354,9 @@ def run_pipeline_calibration(plan: PipelinePlan, config: CalibrationConfig | Non
     config = (config or CalibrationConfig()).replace(**overrides)
     pipe = plan.pipe
     results = {}
-    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
+    with _no_progress_bar(pipe):
         for name, model in plan.transformers.items():
             results[name] = _calibrate_one(plan, name, model, config)
-    finally:
-        pipe._progress_bar_config = bar_config
     recipes = {}
     for name, res in results.items():
         cal = res.recipe.calibration
@@ -449,15 +453,11 @@ def calibrate_pipeline_mask_reuse(plan: PipelinePlan, recipe, *, max_age: int = 
 
     sections = dict(recipe.transformers) if isinstance(recipe, PipelineRecipe) else {next(iter(plan.transformers)): recipe}
     found, done = {}, {}
-    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
+    with _no_progress_bar(pipe):
         for name, section in sections.items():
             found[name] = calibrate_mask_reuse(plan.transformers[name], section, trajectory, max_age=max_age,
                                                max_error_growth=max_error_growth)
             done[name] = with_mask_reuse(section, found[name])
-    finally:
-        pipe._progress_bar_config = bar_config
     if isinstance(recipe, PipelineRecipe):
         return replace(recipe, transformers=done), found
     return next(iter(done.values())), found
