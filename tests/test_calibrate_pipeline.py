@@ -194,7 +194,6 @@ def test_hunyuan_prompts_encoded_once_and_guidance_as_an_embedding(saved, prompt
     _sparse_generation_differs(load_pipeline(path), recipe, n_sites=2, calls=4, density=JOINT_DENSITY)
 
 
-@pytest.mark.slow
 def test_cli_mask_reuse_on_the_pipeline_trajectory_per_transformer(saved, prompts, tmp_path):
     """Each transformer of Wan 2.2 gets its own threshold, and the runtime reuses selections in a generation."""
     path = saved("tiny-t2v-a14b")
