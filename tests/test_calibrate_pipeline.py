@@ -1,5 +1,6 @@
-"""Calibrating real diffusers pipelines: tiny Wan T2V, Wan 2.2 two-transformer and I2V pipelines saved to disk and
-loaded back through `python -m sparsify.calibrate --pipeline`, pipeline recipes, resolution transfer."""
+"""Calibrating real diffusers pipelines: tiny Wan T2V, Wan 2.2 two-transformer and I2V, CogVideoX T2V and I2V and
+HunyuanVideo pipelines saved to disk and loaded back through `python -m sparsify.calibrate --pipeline`, pipeline
+recipes, mask reuse on the pipeline's trajectory, resolution transfer."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ pytest.importorskip("transformers")
 
 from sparsify import installed_sites, load_recipe, sparsify, unsparsify  # noqa: E402
 from sparsify.calibrate.__main__ import main  # noqa: E402
-from sparsify.calibrate.pipeline import load_pipeline, sample_steps, transformer_steps  # noqa: E402
+from sparsify.calibrate.pipeline import (encode_prompts, load_pipeline, plan_pipeline_calibration,  # noqa: E402
+                                        sample_steps, transformer_steps)
 from sparsify.pipeline_recipe import PipelineRecipe, load_pipeline_recipe  # noqa: E402
 from sparsify.recipe import Recipe, RecipeError  # noqa: E402
 from tools.make_random_pipeline import build_pipeline  # noqa: E402
@@ -23,6 +25,8 @@ PROMPTS = ["a cat walks on the beach", "a red car drives at night"]
 # 5 frames at 64x64 with the tiny VAE (4x spatial, 4x temporal) and patch (1, 2, 2) -> grid (2, 8, 8)
 GEN = ["--height", "64", "--width", "64", "--num-frames", "5", "--num-inference-steps", "4", "--max-sequence-length", "12"]
 FAST = ["--tiles", "1x8x8", "--levels", "0.5", "--budget", "0.5", "--no-plots", "--quiet", "--no-output-error"]
+# joint attention with 12 text tokens: the text rows and columns stay dense, so 1x8x8 tiles at 0.5 cost 0.582
+JOINT_DENSITY = (2 * 1 * 64 * 64 + 12 * (128 + 12) + 128 * 12) / 140 ** 2
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +51,27 @@ def prompts(tmp_path):
 
 
 def _generate(pipe, image=None, seed=1):
-    pe, ne = pipe.encode_prompt(PROMPTS[:1], device="cpu", max_sequence_length=12)
+    call = encode_prompts(pipe, PROMPTS[:1], max_sequence_length=12)[0]
     kw = {"image": image} if image is not None else {}
     with torch.no_grad():
-        return pipe(prompt_embeds=pe, negative_prompt_embeds=ne, height=64, width=64, num_frames=5,
-                    num_inference_steps=4, output_type="latent", generator=torch.Generator().manual_seed(seed),
-                    **kw).frames
+        return pipe(**call, height=64, width=64, num_frames=5, num_inference_steps=4, output_type="latent",
+                    generator=torch.Generator().manual_seed(seed), **kw).frames
+
+
+def _sparse_generation_differs(pipe, recipe, n_sites, calls, density=None):
+    """Sparsify the pipeline's transformer with `recipe`, generate, check its sites, and restore it exactly."""
+    dense = _generate(pipe)
+    sparsify(pipe, recipe)
+    try:
+        sparse = _generate(pipe)
+        sites = installed_sites(pipe.transformer)
+        assert len(sites) == n_sites and all(s.calls == calls for s in sites)
+        if density is not None:
+            assert all(s.density == pytest.approx(density) for s in sites)
+    finally:
+        unsparsify(pipe)
+    assert (sparse - dense).abs().max() > 1e-4
+    assert torch.equal(_generate(pipe), dense)
 
 
 def test_sample_steps_spread_over_each_transformers_steps():
@@ -76,17 +95,8 @@ def test_cli_wan_t2v_calibrates_on_its_trajectory_and_sparsifies_the_pipeline(sa
     assert cal["calls_per_site"] == 2 * 2 * 2
     assert "--pipeline" in cal["command"]
 
-    pipe = load_pipeline(path)
-    dense = _generate(pipe)
-    sparsify(pipe, recipe)  # dispatches to sparsify_pipeline
-    try:
-        out_sparse = _generate(pipe)
-        sites = installed_sites(pipe.transformer)
-        assert len(sites) == 2 and all(s.density == pytest.approx(0.5) for s in sites)
-    finally:
-        unsparsify(pipe)
-    assert (out_sparse - dense).abs().max() > 1e-4
-    assert torch.equal(_generate(pipe), dense)
+    # sparsify(pipe, ...) dispatches to sparsify_pipeline; 4 steps x 2 guidance calls per site
+    _sparse_generation_differs(load_pipeline(path), recipe, n_sites=2, calls=8, density=0.5)
 
 
 def test_cli_wan22_two_transformers_each_on_its_own_steps(saved, prompts, tmp_path):
@@ -129,6 +139,88 @@ def test_cli_wan_i2v_with_an_image_and_dry_run(saved, prompts, tmp_path, capsys)
     assert main([*args, "--out", str(out)]) == 0
     cal = load_recipe(out).calibration
     assert cal["pipeline"] == "WanImageToVideoPipeline" and cal["grid"] == [2, 8, 8] and cal["calls_per_site"] == 8
+
+
+def test_cli_cogvideox_one_batched_call_per_step_with_text_first(saved, prompts, tmp_path, capsys):
+    """CogVideoX runs both guidance branches as one batch of 2, text tokens first, rotary positions."""
+    path = saved("tiny-cogvideox")
+    args = ["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "2", *FAST, "--budget", "0.6"]
+    assert main([*args, "--dry-run"]) == 0
+    assert "+4 unmeasured trajectory forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 1 call, 4 measured
+    out = tmp_path / "cog.yaml"
+    assert main([*args, "--out", str(out)]) == 0
+    recipe = load_recipe(out)
+    cal = recipe.calibration
+    assert (cal["pipeline"], cal["grid"], cal["calls_per_site"]) == ("CogVideoXPipeline", [2, 8, 8], 2 * 2 * 1)
+    assert list(recipe.sites) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    _sparse_generation_differs(load_pipeline(path), recipe, n_sites=2, calls=4, density=JOINT_DENSITY)
+
+
+def test_cli_cogvideox_image_to_video(saved, prompts, tmp_path):
+    from PIL import Image
+
+    path = saved("tiny-cogvideox-i2v")
+    img = tmp_path / "first.png"
+    Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()).save(img)
+    out = tmp_path / "cog-i2v.yaml"
+    assert main(["--pipeline", path, "--prompts", prompts, "--image", str(img), *GEN, "--steps", "2", *FAST,
+                 "--budget", "0.6", "--out", str(out)]) == 0
+    cal = load_recipe(out).calibration
+    assert (cal["pipeline"], cal["grid"], cal["calls_per_site"]) == ("CogVideoXImageToVideoPipeline", [2, 8, 8], 4)
+
+
+def test_hunyuan_prompts_encoded_once_and_guidance_as_an_embedding(saved, prompts, tmp_path):
+    path = saved("tiny-hunyuan")
+    pipe = load_pipeline(path)
+    size = dict(height=64, width=64, num_frames=5, num_inference_steps=2, max_sequence_length=12)
+    plan = plan_pipeline_calibration(pipe, PROMPTS, **size, free_text_encoder=True)
+    assert list(plan.calls[0]) == ["prompt_embeds", "pooled_prompt_embeds", "prompt_attention_mask"]
+    assert plan.calls[0]["prompt_embeds"].shape[1] == 12
+    assert pipe.text_encoder is None and pipe.text_encoder_2 is None
+    assert (plan.branches, plan.batch, plan.grid) == (1, 1, (2, 8, 8))  # guidance_scale is embedded: one call a step
+    # true classifier-free guidance (a negative prompt and true_cfg_scale > 1): the negative prompt is encoded too,
+    # and each step makes two calls
+    plan = plan_pipeline_calibration(load_pipeline(path), PROMPTS[:1], negative_prompt="rain", **size,
+                                     pipeline_kwargs={"true_cfg_scale": 4.0})
+    assert {"negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"} <= \
+        set(plan.calls[0]) and plan.branches == 2
+
+    out = tmp_path / "hunyuan.yaml"
+    assert main(["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "2", *FAST, "--budget", "0.6",
+                 "--out", str(out)]) == 0
+    recipe = load_recipe(out)
+    assert (recipe.calibration["pipeline"], recipe.calibration["calls_per_site"]) == ("HunyuanVideoPipeline", 4)
+    assert list(recipe.sites) == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    _sparse_generation_differs(load_pipeline(path), recipe, n_sites=2, calls=4, density=JOINT_DENSITY)
+
+
+def test_cli_mask_reuse_on_the_pipeline_trajectory_per_transformer(saved, prompts, tmp_path):
+    """Each transformer of Wan 2.2 gets its own threshold, and the runtime reuses selections in a generation."""
+    path = saved("tiny-t2v-a14b")
+    out = tmp_path / "reuse.yaml"
+    gen = [*GEN[:GEN.index("--num-inference-steps")], "--num-inference-steps", "8", "--max-sequence-length", "12"]
+    assert main(["--pipeline", path, "--prompts", prompts, *gen, "--steps", "1", *FAST, "--mask-reuse",
+                 "--reuse-max-age", "2", "--out", str(out)]) == 0
+    recipe = load_pipeline_recipe(out)
+    pipe = load_pipeline(path)
+    steps = transformer_steps(pipe, 8)
+    call = encode_prompts(pipe, PROMPTS[:1], max_sequence_length=12)[0]
+    sparsify(pipe, recipe)
+    try:
+        with torch.no_grad():
+            pipe(**call, height=64, width=64, num_frames=5, num_inference_steps=8, output_type="latent",
+                 generator=torch.Generator().manual_seed(1))
+        for name, section in recipe.transformers.items():
+            found = section.calibration["mask_reuse"]
+            assert section.defaults.mask_reuse is not None and found["threshold"] > 0
+            assert found["error_growth"] <= 0.05 and 0 < found["reuse_share"] < 1
+            sites = installed_sites(getattr(pipe, name))
+            reused = sum(s.reused for s in sites)
+            # the first step of each transformer selects fresh; no selection is older than max_age 2
+            assert 0 < reused <= sum(s.reused + s.selections for s in sites) * (len(steps[name]) - 1) / len(steps[name])
+            assert sum(s.selections for s in sites) >= len(sites) * 2 * -(-len(steps[name]) // 3)
+    finally:
+        unsparsify(pipe)
 
 
 def test_pipeline_recipe_errors_name_the_section_and_key():

@@ -1,10 +1,14 @@
-"""Build a diffusers Wan pipeline with random weights and a small local text encoder, and save it (no network).
+"""Build a diffusers video pipeline with random weights and small local text encoders, and save it (no network).
 
     python -m tools.make_random_pipeline OUT [--config wan2.1-t2v-1.3b] [--dtype bfloat16] [--prompts prompts.txt]
 
-The transformer(s) have a real Wan configuration (or a tiny one), the VAE is `AutoencoderKLWan` with its
-default (real) configuration or a tiny one, and the text encoder is a one-layer `UMT5EncoderModel` of the
-transformer's text width with a word-level tokenizer built from the prompts' words. The result loads with
+Wan configurations: the transformer(s) have a real Wan configuration (or a tiny one), the VAE is `AutoencoderKLWan`
+with its default (real) configuration or a tiny one, and the text encoder is a one-layer `UMT5EncoderModel` of the
+transformer's text width with a word-level tokenizer built from the prompts' words. The `tiny-cogvideox`,
+`tiny-cogvideox-i2v` and `tiny-hunyuan` configurations build `CogVideoXPipeline`, `CogVideoXImageToVideoPipeline` and
+`HunyuanVideoPipeline` the same way (tiny transformer and VAE; a one-layer T5, or a two-layer Llama and a one-layer
+CLIP text model, over the same word-level tokenizer); with a 4x spatial and 4x temporal VAE and patch 2, 64x64 pixels
+and 5 frames make a 2x8x8 token grid, as for the tiny Wan configurations. The result loads with
 `DiffusionPipeline.from_pretrained(OUT)` and runs `python -m sparsify.calibrate --pipeline OUT ...` on a machine
 without network access: attention timings are those of the real configuration, attention patterns are not.
 """
@@ -62,14 +66,16 @@ def word_tokenizer(words=WORDS):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
 
 
-def small_text_encoder(d_model: int, vocab_size: int, seed: int = 0):
-    """A one-layer `UMT5EncoderModel` whose output width `d_model` is the transformer's `text_dim`."""
-    from transformers import T5Config, UMT5EncoderModel
+def small_text_encoder(d_model: int, vocab_size: int, seed: int = 0, cls: str = "UMT5EncoderModel"):
+    """A one-layer `UMT5EncoderModel` (or `cls`, e.g. `T5EncoderModel`) whose output width `d_model` is the
+    transformer's text width."""
+    import transformers
+    from transformers import T5Config
 
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=min(64, d_model // 2), num_heads=2, num_layers=1,
                    d_ff=min(256, 4 * d_model), relative_attention_num_buckets=8, dropout_rate=0.0)
-    return UMT5EncoderModel(cfg).eval()
+    return getattr(transformers, cls)(cfg).eval()
 
 
 def tiny_vae(seed: int = 0):
@@ -82,20 +88,88 @@ def tiny_vae(seed: int = 0):
                             scale_factor_temporal=4).eval()
 
 
+def _cast(module, dtype):
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
+def _tiny_cogvideox(dtype, words, seed, image_to_video=False):
+    """CogVideoX-5B style (rotary positions, text first): `CogVideoXPipeline` or `CogVideoXImageToVideoPipeline`
+    (the image latents concatenated to the channels: 4 + 4)."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXPipeline, CogVideoXTransformer3DModel)
+
+    torch.manual_seed(seed)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=8 if image_to_video else 4, out_channels=4,
+        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16, sample_height=16, sample_frames=5,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+        use_learned_positional_embeddings=False).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLCogVideoX(down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+                                 block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
+                                 temporal_compression_ratio=4).eval()
+    tok = word_tokenizer(words)
+    text_encoder = small_text_encoder(16, len(tok), seed, cls="T5EncoderModel")
+    cls = CogVideoXImageToVideoPipeline if image_to_video else CogVideoXPipeline
+    return cls(tokenizer=tok, text_encoder=_cast(text_encoder, dtype), vae=_cast(vae, dtype),
+               transformer=_cast(transformer, dtype), scheduler=CogVideoXDDIMScheduler(timestep_spacing="trailing"))
+
+
+def _tiny_hunyuan(dtype, words, seed):
+    """HunyuanVideo style: joint [video, text] attention, guidance as an embedding (one transformer call per step),
+    a Llama text encoder (hidden states) and a CLIP one (pooled projection)."""
+    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
+                           HunyuanVideoTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1, num_single_layers=1,
+        num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 3,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 3, block_out_channels=(8, 8, 8),
+                                    layers_per_block=1, norm_num_groups=4, spatial_compression_ratio=4,
+                                    temporal_compression_ratio=4).eval()
+    tok = word_tokenizer(words)
+    text_encoder = LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                          num_attention_heads=2, max_position_embeddings=512, pad_token_id=0,
+                                          eos_token_id=2)).eval()
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=8, intermediate_size=16,
+                                                  num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77,
+                                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    return HunyuanVideoPipeline(tokenizer=tok, text_encoder=_cast(text_encoder, dtype), tokenizer_2=tok,
+                                text_encoder_2=_cast(text_encoder_2, dtype), vae=_cast(vae, dtype),
+                                transformer=_cast(transformer, dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+
+
+#: name -> builder `(dtype, words, seed) -> pipeline` of the other families' tiny pipelines.
+FAMILIES = {
+    "tiny-cogvideox": _tiny_cogvideox,
+    "tiny-cogvideox-i2v": lambda dtype, words, seed: _tiny_cogvideox(dtype, words, seed, image_to_video=True),
+    "tiny-hunyuan": _tiny_hunyuan,
+}
+
+
 def build_pipeline(config: str = "tiny-t2v", *, dtype=torch.float32, words: str = WORDS, flow_shift: float = 3.0,
                    seed: int = 0):
-    """A Wan pipeline of configuration `config` (see `CONFIGS`) with random weights.
+    """A pipeline of configuration `config` (see `CONFIGS` and `FAMILIES`) with random weights.
 
     Example:
         >>> pipe = build_pipeline("tiny-t2v-a14b")
         >>> type(pipe).__name__, pipe.transformer_2 is not None, pipe.config.boundary_ratio
         ('WanPipeline', True, 0.8)
+        >>> type(build_pipeline("tiny-hunyuan")).__name__
+        'HunyuanVideoPipeline'
     """
     import diffusers
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
+    if config in FAMILIES:
+        return FAMILIES[config](dtype, words, seed)
     if config not in CONFIGS:
-        raise ValueError(f"unknown pipeline config {config!r}; valid: {', '.join(CONFIGS)}")
+        raise ValueError(f"unknown pipeline config {config!r}; valid: {', '.join([*CONFIGS, *FAMILIES])}")
     cls_name, transformer_cfgs, tiny, extra = CONFIGS[config]
     transformers = []
     for i, cfg in enumerate(transformer_cfgs):
@@ -120,10 +194,11 @@ def build_pipeline(config: str = "tiny-t2v", *, dtype=torch.float32, words: str 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.make_random_pipeline", description=__doc__.split("\n")[0])
     p.add_argument("out", help="folder to save the pipeline in (save_pretrained)")
-    p.add_argument("--config", default="wan2.1-t2v-1.3b", choices=sorted(CONFIGS))
+    p.add_argument("--config", default="wan2.1-t2v-1.3b", choices=sorted([*CONFIGS, *FAMILIES]))
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--prompts", default=None, help="file of prompts (one per line) whose words join the vocabulary")
-    p.add_argument("--flow-shift", type=float, default=3.0, help="UniPC flow shift (Wan: 3.0 at 480p, 5.0 at 720p)")
+    p.add_argument("--flow-shift", type=float, default=3.0,
+                   help="Wan's UniPC flow shift (3.0 at 480p, 5.0 at 720p); the other families keep their schedulers'")
     args = p.parse_args(argv)
     words = WORDS + (" " + Path(args.prompts).read_text() if args.prompts else "")
     pipe = build_pipeline(args.config, dtype=getattr(torch, args.dtype), words=words, flow_shift=args.flow_shift)

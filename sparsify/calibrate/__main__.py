@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mask-reuse", action="store_true",
                    help="also calibrate temporal mask reuse on a sampling trajectory (dense, fresh selection, then "
                         "reuse at candidate thresholds, largest first, until the output error grows at most "
-                        "--reuse-max-growth) and write its threshold into the recipe")
-    p.add_argument("--reuse-steps", type=int, default=10, help="sampling steps of the mask-reuse trajectory")
+                        "--reuse-max-growth) and write its threshold into the recipe; with --pipeline the trajectory "
+                        "is the pipeline's own (first prompt, --num-inference-steps), per transformer")
+    p.add_argument("--reuse-steps", type=int, default=10,
+                   help="sampling steps of the mask-reuse trajectory (with --model; --pipeline uses its own steps)")
     p.add_argument("--reuse-max-age", type=int, default=4, help="most steps a selection may be reused")
     p.add_argument("--reuse-max-growth", type=float, default=0.05,
                    help="tolerated growth of the trajectory's final-output error with reuse (0.05 = 5%%)")
@@ -315,8 +317,6 @@ def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, t
         return _fail(f"--prompts {args.prompts}: {e.strerror or e}")
     if not prompts:
         return _fail(f"--prompts {args.prompts} holds no prompt (one per line)")
-    if args.mask_reuse:
-        return _fail("--mask-reuse is not available with --pipeline; calibrate mask reuse with --model")
     image = None
     if args.image:
         from PIL import Image
@@ -357,6 +357,15 @@ def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, t
     if transferred is not None:
         return _check_transfer_pipeline(plan, transferred, result.recipe, args)
     recipe = result.recipe
+    if args.mask_reuse:
+        from .pipeline import calibrate_pipeline_mask_reuse
+
+        print(f"sparsify.calibrate: mask reuse on the pipeline's {args.num_inference_steps}-step trajectory (dense, "
+              "fresh, reuse candidates)", file=sys.stderr)
+        recipe, found = calibrate_pipeline_mask_reuse(plan, recipe, max_age=args.reuse_max_age,
+                                                      max_error_growth=args.reuse_max_growth)
+        for name, rc in found.items():
+            _print_reuse(rc, f"{name}: " if len(found) > 1 else "")
     cal = recipe.calibration
     cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.note:
@@ -458,12 +467,16 @@ def _calibrate_reuse(model, recipe, make_inputs, args):
     print(f"sparsify.calibrate: mask reuse on a {steps}-step trajectory (dense, fresh, reuse candidates)", file=sys.stderr)
     rc = calibrate_mask_reuse(model, recipe, trajectory, max_age=args.reuse_max_age,
                               max_error_growth=args.reuse_max_growth)
+    _print_reuse(rc)
+    return with_mask_reuse(recipe, rc)
+
+
+def _print_reuse(rc, label: str = "") -> None:
     growth = "n/a" if rc.error_growth is None else f"{rc.error_growth:+.1%}"
-    print(f"mask reuse: threshold {rc.threshold:.4g}, max_age {rc.max_age}: skips {rc.reuse_share:.0%} of selections "
-          f"on the trajectory (least overlap kept {rc.min_overlap:.2f}); final-output error vs dense "
+    print(f"{label}mask reuse: threshold {rc.threshold:.4g}, max_age {rc.max_age}: skips {rc.reuse_share:.0%} of "
+          f"selections on the trajectory (least overlap kept {rc.min_overlap:.2f}); final-output error vs dense "
           f"{rc.output_error_fresh:.4f} fresh -> {rc.output_error_reuse:.4f} with reuse ({growth}); tried "
           + ", ".join(f"{t:.3g} ({s:.0%} reused, {g:+.1%})" for t, s, g in rc.tried))
-    return with_mask_reuse(recipe, rc)
 
 
 # CPU costs relative to one dense forward, measured on the test-bed (2 inputs x 2 steps, 8 sites, 4,096 tokens):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import gc
 import hashlib
 import inspect
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -65,30 +66,48 @@ def load_pipeline(path_or_id, *, dtype: torch.dtype | None = None):
 
 def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequence_length=None,
                    guidance: bool = True) -> list[dict]:
-    """Per prompt, the pipeline call arguments that carry its text: embeddings from `pipe.encode_prompt`.
+    """Per prompt, the pipeline call arguments that carry its text: the outputs of `pipe.encode_prompt`.
 
-    Pipelines whose `encode_prompt(prompt, negative_prompt, do_classifier_free_guidance, ...)` returns
-    `(prompt_embeds, negative_prompt_embeds)` (Wan, CogVideoX) are encoded once here, so the text encoder
-    is not needed afterwards; other pipelines get the prompt strings and encode them in every call.
+    `encode_prompt` returns its embedding parameters (those named `*_embeds` or `*_mask`), in their order:
+    `(prompt_embeds, negative_prompt_embeds)` for Wan and CogVideoX, which encode the negative prompt in the
+    same call, `(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)` for HunyuanVideo, whose negative
+    prompt (used with `true_cfg_scale > 1`) is encoded by a second call into the `negative_*` arguments. The
+    prompts are encoded once here, so the text encoders are not needed afterwards; a pipeline whose
+    `encode_prompt` does not follow this gets the prompt strings and encodes them in every call.
 
     Example:
-        >>> # encode_prompts(pipe, ["a cat"])[0].keys()  -> dict_keys(['prompt_embeds', 'negative_prompt_embeds'])
+        >>> # encode_prompts(wan_pipe, ["a cat"])[0].keys()  -> dict_keys(['prompt_embeds', 'negative_prompt_embeds'])
+        >>> # encode_prompts(hunyuan_pipe, ["a cat"])[0].keys()
+        >>> #   -> dict_keys(['prompt_embeds', 'pooled_prompt_embeds', 'prompt_attention_mask'])
     """
+    strings = [{"prompt": p, "negative_prompt": negative_prompt} for p in prompts]
     enc = getattr(pipe, "encode_prompt", None)
-    params = set(inspect.signature(enc).parameters) if enc is not None else set()
-    if not {"prompt", "negative_prompt", "do_classifier_free_guidance"} <= params or \
-            getattr(pipe, "text_encoder", None) is None:
-        return [{"prompt": p, "negative_prompt": negative_prompt} for p in prompts]
+    if enc is None or getattr(pipe, "text_encoder", None) is None:
+        return strings
+    params = inspect.signature(enc).parameters
+    accepted = set(inspect.signature(pipe.__call__).parameters)
+    names = [n for n in params if n.endswith(("_embeds", "_mask"))]
+    if "prompt" not in params or not names or not set(names) <= accepted:
+        return strings
+    joint = {"negative_prompt", "do_classifier_free_guidance"} <= set(params)
+    negatives = [f"negative_{n}" for n in names]
+    if not joint and negative_prompt is not None and not set(negatives) <= accepted:
+        return strings
     kw = {"max_sequence_length": max_sequence_length} if max_sequence_length and "max_sequence_length" in params else {}
+    if "device" in params:
+        kw["device"] = device or pipe._execution_device
     _ftfy_fallback(pipe)
     out = []
     with torch.no_grad():
         for p in prompts:
-            res = enc(prompt=[p], negative_prompt=negative_prompt, do_classifier_free_guidance=guidance,
-                      device=device or pipe._execution_device, **kw)
-            if not (isinstance(res, tuple) and len(res) == 2):
-                return [{"prompt": q, "negative_prompt": negative_prompt} for q in prompts]
-            out.append({"prompt_embeds": res[0], "negative_prompt_embeds": res[1]})
+            extra = {"negative_prompt": negative_prompt, "do_classifier_free_guidance": guidance} if joint else {}
+            res = enc(prompt=[p], **extra, **kw)
+            if not (isinstance(res, tuple) and len(res) == len(names)):
+                return strings
+            call = dict(zip(names, res))
+            if not joint and negative_prompt is not None:
+                call.update(zip(negatives, enc(prompt=[negative_prompt], **kw)))
+            out.append(call)
     return out
 
 
@@ -149,10 +168,50 @@ def sample_steps(steps, k: int) -> list[int]:
     return [steps[min(len(steps) - 1, round((i + 0.5) * len(steps) / k - 0.5))] for i in range(k)]
 
 
-class _Probe(Exception):
-    def __init__(self, name, args, kwargs):
-        super().__init__(name)
-        self.name, self.args, self.kwargs = name, args, kwargs
+@contextlib.contextmanager
+def _no_progress_bar(pipe):
+    """The pipeline's progress bar off inside the block, as it was after."""
+    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        yield
+    finally:
+        pipe._progress_bar_config = bar_config
+
+
+class _StepEnd(Exception):
+    pass
+
+
+def _first_step_calls(pipe, transformers: dict, kwargs: dict, seed: int) -> list[tuple]:
+    """Run the pipeline's first denoising step and return its transformer calls `[(name, args, kwargs)]`.
+
+    Their number is the calls per step: 2 where classifier-free guidance runs its branches as two calls (Wan),
+    1 where they share one batch (CogVideoX) or guidance is an embedding (HunyuanVideo).
+    """
+    seen = []
+
+    def stop(pipe, i, t, callback_kwargs):
+        raise _StepEnd
+
+    hooks = [m.register_forward_pre_hook(functools.partial(_record_call, seen, name), with_kwargs=True)
+             for name, m in transformers.items()]
+    try:
+        with torch.no_grad(), _no_progress_bar(pipe):
+            pipe(**kwargs, generator=_generator(seed), callback_on_step_end=stop)
+        raise RuntimeError(f"sparsify.calibrate: {type(pipe).__name__} ended without calling `callback_on_step_end`")
+    except _StepEnd:
+        pass
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        raise RuntimeError(f"sparsify.calibrate: {type(pipe).__name__} never called its transformer")
+    return seen
+
+
+def _record_call(seen, name, module, args, kwargs):
+    seen.append((name, args, kwargs))
 
 
 @dataclass
@@ -167,8 +226,11 @@ class PipelinePlan:
         transformers: `{component name: module}` of the transformers that run at least one step.
         steps: `{name: steps it runs}`; `sampled`: `{name: steps calibrated}`.
         grid: the latent token grid `(T, H, W)` of the generation.
-        first_call: `{name: (args, kwargs)}` of a full-size transformer call (the first transformer's real one).
-        branches: transformer calls per step (2 with classifier-free guidance as two calls).
+        first_call: `(name, args, kwargs)` of the first transformer call of the generation (full size).
+        branches: transformer calls per denoising step, counted on the first step: 2 where classifier-free
+            guidance runs its branches as two calls (Wan), 1 where they share one batch (CogVideoX) or
+            guidance is an embedding (HunyuanVideo).
+        batch: the batch of those calls (2 for CogVideoX's batched guidance branches).
         settings: the generation settings recorded in the recipe's provenance.
     """
 
@@ -182,6 +244,7 @@ class PipelinePlan:
     grid: tuple[int, int, int]
     first_call: tuple
     branches: int
+    batch: int = 1
     settings: dict = field(default_factory=dict)
 
     def forwards(self, name: str) -> int:
@@ -218,7 +281,8 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
                               device=None) -> PipelinePlan:
     """Encode the prompts, find which steps each transformer runs and sample them, and probe the token grid.
 
-    The probe starts one generation and stops it at the first transformer call (no denoising step runs).
+    The probe runs the first denoising step of one generation: its transformer calls give the token grid and
+    the calls per step (guidance as separate calls, as one batch or as an embedding).
     Steps below `dense_steps` (dense at run time) are not sampled. With a `device`, the text encoder goes
     there first and alone, and the rest of the pipeline follows once the prompts are encoded (and the
     text encoder dropped, with `free_text_encoder`): the two never share the device's memory.
@@ -243,21 +307,15 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
     common = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "output_type": "latent",
               **{k: v for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is not None},
               **({"image": image} if image is not None else {}), **(pipeline_kwargs or {})}
+    if "prompt" in calls[0] and max_sequence_length and \
+            "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        common.setdefault("max_sequence_length", max_sequence_length)  # the pipeline encodes the strings itself
     runs = transformer_steps(pipe, num_inference_steps)
     sampled = {n: sample_steps([s for s in st if s >= dense_steps] or st, steps) for n, st in runs.items()}
-    hooks = [m.register_forward_pre_hook(functools.partial(_raise_probe, name), with_kwargs=True)
-             for name, m in found.items()]
-    try:
-        with torch.no_grad():
-            pipe(**calls[0], **common, generator=_generator(seed))
-        raise RuntimeError(f"sparsify.calibrate: {type(pipe).__name__} never called its transformer")
-    except _Probe as p:
-        probe = p
-    finally:
-        for h in hooks:
-            h.remove()
-    model = found[probe.name]
-    grid = tuple(adapter_for(model).geometry(model, probe.args, probe.kwargs).grid)
+    step_calls = _first_step_calls(pipe, found, {**calls[0], **common}, seed)
+    name, args, kwargs = step_calls[0]
+    grid = tuple(adapter_for(found[name]).geometry(found[name], args, kwargs).grid)
+    latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     sizes = {**_call_defaults(pipe), **{k: common[k] for k in ("height", "width", "num_frames") if k in common}}
     settings = {"pipeline": type(pipe).__name__, "prompts": len(prompts),
                 **{k: v for k, v in sizes.items() if isinstance(v, int)},
@@ -268,12 +326,8 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
         settings["boundary_ratio"] = pipe.config.get("boundary_ratio")
     return PipelinePlan(pipe=pipe, calls=calls, common=common, seed=seed,
                         transformers={n: found[n] for n in runs}, steps=runs, sampled=sampled, grid=grid,
-                        first_call=(probe.name, probe.args, probe.kwargs), branches=2 if guidance_scale > 1.0 else 1,
+                        first_call=step_calls[0], branches=len(step_calls), batch=int(latents.shape[0]),
                         settings=settings)
-
-
-def _raise_probe(name, module, args, kwargs):
-    raise _Probe(name, args, kwargs)
 
 
 def _detached(kwargs: dict) -> dict:
@@ -300,13 +354,9 @@ def run_pipeline_calibration(plan: PipelinePlan, config: CalibrationConfig | Non
     config = (config or CalibrationConfig()).replace(**overrides)
     pipe = plan.pipe
     results = {}
-    bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
+    with _no_progress_bar(pipe):
         for name, model in plan.transformers.items():
             results[name] = _calibrate_one(plan, name, model, config)
-    finally:
-        pipe._progress_bar_config = bar_config
     recipes = {}
     for name, res in results.items():
         cal = res.recipe.calibration
@@ -373,15 +423,51 @@ def _calibrate_one(plan: PipelinePlan, name: str, model, config: CalibrationConf
     if cfg.verbose:
         print(f"sparsify.calibrate: {name}: steps {sorted(sampled)} of {len(plan.steps[name])} it runs "
               f"({plan.steps[name][0]}..{plan.steps[name][-1]}), {len(plan.calls)} prompt(s) x {plan.branches} "
-              f"guidance branch(es)", file=sys.stderr)
+              f"transformer call(s) per step of batch {plan.batch}", file=sys.stderr)
     return run_calibration(model, forward_loop, cfg, example_inputs=_discovery_inputs(model, plan.first_call[2]),
                            n_forwards=plan.forwards(name), inputs_hash=inputs_hash, output_loop=output_loop)
+
+
+def calibrate_pipeline_mask_reuse(plan: PipelinePlan, recipe, *, max_age: int = 4,
+                                  max_error_growth: float | None = 0.05):
+    """Calibrate temporal mask reuse of each transformer of `recipe` on the pipeline's own sampling trajectory.
+
+    The trajectory is one generation of the first prompt at the plan's settings from other noise (seed + 1000),
+    returning the final latents; `calibrate_mask_reuse` runs it dense, with fresh selection, then with reuse at
+    candidate thresholds. With several transformers (Wan 2.2) each is calibrated in turn on the whole
+    trajectory, the others dense, and its section gets its own threshold.
+
+    Returns:
+        `(recipe with mask_reuse set, {component: ReuseCalibration})`.
+
+    Example:
+        >>> # plan = plan_pipeline_calibration(pipe, ["a cat"]); cal = run_pipeline_calibration(plan, budget=0.1)
+        >>> # recipe, found = calibrate_pipeline_mask_reuse(plan, cal.recipe)
+    """
+    from .reuse import calibrate_mask_reuse, with_mask_reuse
+
+    pipe = plan.pipe
+
+    def trajectory(model):
+        return pipe(**plan.calls[0], **plan.common, generator=_generator(plan.seed + 1000)).frames
+
+    sections = dict(recipe.transformers) if isinstance(recipe, PipelineRecipe) else {next(iter(plan.transformers)): recipe}
+    found, done = {}, {}
+    with _no_progress_bar(pipe):
+        for name, section in sections.items():
+            found[name] = calibrate_mask_reuse(plan.transformers[name], section, trajectory, max_age=max_age,
+                                               max_error_growth=max_error_growth)
+            done[name] = with_mask_reuse(section, found[name])
+    if isinstance(recipe, PipelineRecipe):
+        return replace(recipe, transformers=done), found
+    return next(iter(done.values())), found
 
 
 def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=None, height=None, width=None,
                        num_frames=None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                        steps: int = DEFAULT_STEPS, seed: int = 0, image=None, max_sequence_length=None,
                        free_text_encoder: bool = False, pipeline_kwargs: dict | None = None, device=None,
+                       mask_reuse: bool = False, reuse_max_age: int = 4, reuse_max_growth: float = 0.05,
                        config: CalibrationConfig | None = None, **overrides) -> Recipe | PipelineRecipe:
     """Calibrate every transformer of a diffusers pipeline on its own sampling trajectory; return the recipe.
 
@@ -391,18 +477,23 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
     A14B's `transformer` (high noise) and `transformer_2` (low noise) are calibrated on their own steps.
 
     Args:
-        pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V, CogVideoX, ...), placed
-            on its device.
+        pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V and Wan 2.2, CogVideoX T2V/I2V,
+            HunyuanVideo, ...), placed on its device.
         prompts: calibration prompts (a list of strings).
         budget: target attention density over all sparsifiable heads of each transformer.
         negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, image: as for
-            the pipeline's `__call__` (None: the pipeline's default); `image` for image-to-video.
+            the pipeline's `__call__` (None: the pipeline's default); `image` for image-to-video. HunyuanVideo
+            embeds `guidance_scale` (one call per step); its two-branch guidance needs a negative prompt and
+            `pipeline_kwargs={"true_cfg_scale": ...}`.
         steps: denoising steps calibrated per transformer, spread evenly over the steps it runs.
         seed: the first prompt's generator seed (prompt i uses seed + i).
         max_sequence_length: text length for `encode_prompt` (None: its default).
         free_text_encoder: drop the text encoder(s) from `pipe` once the prompts are encoded (saves memory).
         pipeline_kwargs: further `__call__` arguments.
         device: where to run the pipeline (None: where it is); the text encoder runs there before the rest.
+        mask_reuse: also calibrate temporal mask reuse on the pipeline's trajectory (see
+            `calibrate_pipeline_mask_reuse`): the largest drift threshold, with selections reused for at most
+            `reuse_max_age` steps, whose final-latent error grows at most `reuse_max_growth` (0.05 = 5%).
         config: a `CalibrationConfig`; `**overrides` are its fields (e.g. `tiles=[(1, 8, 8)]`).
 
     Returns:
@@ -423,4 +514,7 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
                                      image=image, max_sequence_length=max_sequence_length,
                                      free_text_encoder=free_text_encoder, pipeline_kwargs=pipeline_kwargs,
                                      device=device)
-    return run_pipeline_calibration(plan, cfg).recipe
+    recipe = run_pipeline_calibration(plan, cfg).recipe
+    if mask_reuse:
+        recipe, _ = calibrate_pipeline_mask_reuse(plan, recipe, max_age=reuse_max_age, max_error_growth=reuse_max_growth)
+    return recipe
