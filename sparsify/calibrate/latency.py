@@ -300,6 +300,43 @@ def _median_ms(fn, warmup: int, reps: int, device: torch.device) -> float:
     return float(np.median(times))
 
 
+def _forward_and_stack_ms(model, inputs: dict, warmup: int, reps: int, device: torch.device) -> tuple[float, float]:
+    """Median ms of the whole forward and of its block stack (first block's start to last block's end), timed
+    in the same runs so that their difference, the time outside the blocks, is not the difference of noises."""
+    cuda = device.type == "cuda"
+    marks: list = []
+
+    def mark(*_):
+        if cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append(ev)
+        else:
+            marks.append(time.perf_counter())
+
+    hooks = [model.blocks[0].register_forward_pre_hook(mark), model.blocks[-1].register_forward_hook(mark)]
+    try:
+        for _ in range(warmup):
+            model(**inputs)
+        fwd, stack = [], []
+        for _ in range(reps):
+            marks.clear()
+            mark()
+            model(**inputs)
+            mark()
+            if cuda:
+                marks[-1].synchronize()
+                t = [marks[0].elapsed_time(e) for e in marks]
+            else:
+                t = [(x - marks[0]) * 1e3 for x in marks]
+            fwd.append(t[-1])
+            stack.append(t[2] - t[1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return float(np.median(fwd)), float(np.median(stack))
+
+
 class _Inputs:
     """The arguments of the latest call of a module (a forward pre-hook)."""
 
@@ -342,8 +379,10 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
                           method: str = "vsa", warmup: int | None = None, reps: int | None = None) -> LatencyTable:
     """Measure a latency table for `model` on `example_inputs` on the model's device.
 
-    The whole dense forward is timed as is; one block (the first) and its self-attention are timed on the
-    arguments they received in that forward: the block at every merge ratio (token merging in `merge_tile`),
+    The whole dense forward is timed as is, with its block stack inside the same runs (a block's time is the
+    stack's over the number of blocks). One block (the first) and its self-attention are timed on the arguments
+    they received in that forward: the block at every merge ratio (token merging in `merge_tile`; the in-forward
+    block time is scaled by the ratio of these),
     the dense attention inside each merged block, and the attention with every head at each (tile, density)
     through sparsify's op (`method` selection). Each time is the median of `reps` runs after `warmup` runs
     (CUDA events on a GPU; `time.perf_counter` on the CPU, where the numbers do not represent a GPU).
@@ -390,21 +429,23 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
     block_in, attn_in = _Inputs(blocks[0]), _Inputs(attn)
     try:
         model(**example_inputs)  # warm-up, and the block's and attention's arguments
-        forward = time_it(lambda: model(**example_inputs))
-        block_ms = {0.0: time_it(lambda: block_in.call(blocks[0]))}
+        forward, stack = _forward_and_stack_ms(model, example_inputs, warmup, reps, device)
+        alone = {0.0: time_it(lambda: block_in.call(blocks[0]))}
         dense_attention = {0.0: time_it(lambda: attn_in.call(attn))}
         for r in sorted({float(r) for r in ratios} - {0.0}):
             merging = merge_blocks(model, {0: r}, tile=merge_tile)
             try:
                 with merged_geometry(model, example_inputs):
                     block_in.call(blocks[0])  # the attention's arguments at the merged length
-                    block_ms[r] = time_it(lambda: block_in.call(blocks[0]))
+                    alone[r] = time_it(lambda: block_in.call(blocks[0]))
                     dense_attention[r] = time_it(lambda: attn_in.call(attn))
             finally:
                 merging.remove()
     finally:
         block_in.remove()
         attn_in.remove()
+    # a block's time inside the forward (the stack's share), scaled per ratio by the block timed alone
+    block_ms = {r: stack / len(blocks) * t / alone[0.0] for r, t in alone.items()}
     attention: dict = {}
     sparsify(model, {"version": 1, "defaults": {"method": "dense"}})
     attn_in = _Inputs(attn)
@@ -420,7 +461,7 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         attn_in.remove()
         unsparsify(model)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
+            "torch": str(torch.__version__), "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
             "warmup": warmup, "reps": reps, "statistic": "median", "method": method}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return LatencyTable(shape, name, forward, block_ms, attention, dense_attention, tuple(merge_tile), meta)
