@@ -53,7 +53,8 @@ class PlanProblem:
         head_error: `[Gh, O]` output error of each head option at one step (option 0 dense, error 0).
         head_saving: `[Gh, O]` ms one call saves against dense attention with that option (option 0: 0).
         head_block: `[Gh]` the block of each head.
-        reuse_error: `[S, A]` error of step s reusing the residual of step s - a - 1 (NaN where impossible).
+        reuse_error: `[S, A]`: column a - 1 is the error of step s reusing the residual of step s - a (NaN where
+            impossible or not measured).
         merge_error: `[Gm, S, R]` error of merging group g at step s at `ratios[r]` (0 for ratio 0).
         groups: the blocks of each merge group.
         ratios: merge ratios, 0 first.

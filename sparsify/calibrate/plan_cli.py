@@ -89,7 +89,7 @@ def main_plan(args, argv, config, device, dtype, say, out: Path) -> int:
     else:
         if cpu:
             warnings.warn("sparsify.calibrate: measuring the latency table on the CPU: CPU timings are not "
-                          "representative of a GPU (sparse attention is slower than dense there), so the plan "
+                          "representative of a GPU (sparse attention can be slower than dense there), so the plan "
                           "trades differently; measure the table on the GPU (--measure-latency OUT) and pass it "
                           "with --latency-table", SparsifyWarning, stacklevel=2)
         say(f"sparsify.calibrate: measuring the latency table of {desc} at grid {'x'.join(map(str, grid))} on {device}")
