@@ -192,6 +192,18 @@ def test_a_tight_budget_plans_reuse_and_the_recipe_runs(tiny):
     assert torch.isfinite(out).all()
 
 
+def test_an_unreachable_budget_is_refused_before_measuring(tiny, monkeypatch):
+    import sparsify.calibrate.generation as gen
+
+    def never(*a, **k):
+        raise AssertionError("the trajectory was sampled for a budget no plan meets")
+
+    monkeypatch.setattr(gen, "record_trajectory", never)
+    with pytest.raises(InfeasibleTimeBudgetError, match="fastest plan is") as e:
+        _plan(tiny, 0.05)
+    assert 0.05 < e.value.fastest < 1.0
+
+
 def test_usv_entropy_policy_is_an_option_of_the_same_tool(tiny):
     pc = _plan(tiny, 0.95, policy="usv-entropy")
     assert pc.policy == "usv-entropy" and all(pc.recipe.plan.compute)

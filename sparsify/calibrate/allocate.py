@@ -216,37 +216,39 @@ def _model(p: PlanProblem, objective: str, time_limit_ms: float | None):
                 prob += y[g][s][r] <= mm
                 prob += y[g][s][r] >= u[s] + mm - 1
     # z[b][s] = u_s * kappa(r_bs) * A_b, A_b the block's attention saving (linearized with big-M)
-    block_save = [pulp.lpSum(float(p.head_saving[h, o]) * v for h in np.flatnonzero(p.head_block == b)
-                             for o, v in x[h].items()) for b in range(p.blocks)]
     big = [float(p.kappa.max()) * sum(float(np.abs(p.head_saving[h]).max()) for h in np.flatnonzero(p.head_block == b))
            + 1e-9 for b in range(p.blocks)]
+    block_save = [var(f"a_{b}", -big[b], big[b]) for b in range(p.blocks)]  # one variable: short z rows
+    for b in range(p.blocks):
+        prob += block_save[b] == pulp.lpSum(float(p.head_saving[h, o]) * v for h in np.flatnonzero(p.head_block == b)
+                                            for o, v in x[h].items()), f"saving_{b}"
+    amax = [max(0.0, sum(float(p.head_saving[h].max()) for h in np.flatnonzero(p.head_block == b)))
+            for b in range(p.blocks)]  # the most a block's heads can save: a tighter bound on z than big-M alone
     block_time = []
     for b in range(p.blocks):
         for s in range(S):
             z = var(f"z_{b}_{s}", -big[b], big[b])
             if grp[b] < 0:
                 prob += z <= float(p.kappa[0]) * block_save[b] + big[b] * (1 - u[s])
-                prob += z <= big[b] * u[s]
+                prob += z <= float(p.kappa[0]) * amax[b] * u[s]
                 block_time.append(float(p.block_ms[0]) * u[s] - z)
                 continue
             ys = y[grp[b]][s]
             for r in range(R):
                 prob += z <= float(p.kappa[r]) * block_save[b] + 2 * big[b] * (1 - ys[r])
-            prob += z <= big[b] * pulp.lpSum(ys)
+            prob += z <= pulp.lpSum(float(p.kappa[r]) * amax[b] * ys[r] for r in range(R))
             block_time.append(pulp.lpSum(float(p.block_ms[r]) * ys[r] for r in range(R)) - z)
     total_time = p.calls * (S * p.outside_ms + pulp.lpSum(block_time))
-    # reuse ages: q[s][a] = 1 when step s reuses the residual of step s - a; no run longer than A steps
+    # reuse runs as paths: q[s, a] = 1 when step s reuses the residual of step s - a. Step s reuses at exactly one
+    # age or computes; age 1 needs step s - 1 computed, age a > 1 needs step s - 1 reused at age a - 1. Ages
+    # above A, or with no measured error, have no variable, so runs stay within them.
     q = {}
     for s in range(1, S):
         for a in range(1, min(A, s) + 1):
-            if np.isfinite(p.reuse_error[s, a - 1]):
+            if np.isfinite(p.reuse_error[s, a - 1]) and (a == 1 or (s - 1, a - 1) in q):
                 q[s, a] = var(f"q_{s}_{a}", 0, 1)
-                prob += q[s, a] >= u[s - a] - pulp.lpSum(u[s - a + 1:s + 1])
-        prob += pulp.lpSum(u[max(0, s - A):s + 1]) >= 1, f"age_{s}"
-        usable = [a for a in range(1, min(A, s) + 1) if (s, a) in q]
-        if len(usable) < min(A, s):  # an age with no measured error may not be used
-            for a in set(range(1, min(A, s) + 1)) - set(usable):
-                prob += pulp.lpSum(u[s - a + 1:s + 1]) + (1 - u[s - a]) >= 1
+                prob += q[s, a] <= (u[s - 1] if a == 1 else q[s - 1, a - 1])
+        prob += pulp.lpSum(q[s, a] for a in range(1, A + 1) if (s, a) in q) == 1 - u[s], f"reuse_{s}"
     head_err = p.steps * pulp.lpSum(float(p.head_error[h, o]) * v for h in range(len(x)) for o, v in x[h].items())
     merge_err = pulp.lpSum(float(p.merge_error[g, rng == k, r].sum()) * m[g][k][r]
                            for g in range(len(p.groups)) for k in range(len(p.ranges)) for r in range(R))
@@ -271,15 +273,20 @@ def _model(p: PlanProblem, objective: str, time_limit_ms: float | None):
 
 
 def _solve(prob, solver: str, gap_rel: float, time_limit: float, msg: bool) -> int:
+    """Solve with HiGHS (else CBC) through pulp: the solution status, 0 when there is no solution."""
     import pulp
 
-    name = available_solvers()[0] if solver == "auto" else solver
+    name = _solver_name(solver)
     if name not in ("highs", "cbc") or name not in available_solvers():
         raise RuntimeError(f"the plan's allocation needs the MILP solvers of pulp (highs or cbc); available here: "
                            f"{', '.join(available_solvers())} (pip install \"sparsify[calibrate]\")")
     with _silenced(not msg):
         prob.solve(_pulp_solver(name, msg=msg, gap_rel=gap_rel, time_limit=time_limit))
     return prob.sol_status if prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible) else 0
+
+
+def _solver_name(solver: str) -> str:
+    return available_solvers()[0] if solver == "auto" else solver
 
 
 def fastest_plan(p: PlanProblem, *, solver: str = "auto", time_limit: float = 60.0) -> PlanChoice:
@@ -338,7 +345,9 @@ def solve_plan(p: PlanProblem, time_budget: float, *, solver: str = "auto", gap_
         raise _infeasible(p, time_budget, fastest_plan(p, solver=solver, time_limit=time_limit), "plan")
     import pulp
 
-    choice.info = {"solver": f"{solver} ({'optimal' if status == pulp.LpSolutionOptimal else 'feasible'})",
+    how = f"optimal within gap {gap_rel:g}" if status == pulp.LpSolutionOptimal else \
+        f"feasible: stopped at the {time_limit:g} s time limit before proving the gap"
+    choice.info = {"solver": f"{_solver_name(solver)} ({how})",
                    "solve_seconds": round(time.perf_counter() - t0, 3), "variables": len(prob.variables())}
     return choice
 

@@ -137,6 +137,35 @@ def build_problem(result, table: LatencyTable, reuse: np.ndarray, merge: np.ndar
         outside_ms=table.outside_ms, blocks=table.shape.blocks, calls=calls)
 
 
+def _check_reachable(table, candidates, method, time_budget, *, steps, max_age, groups, ranges, ratios, calls, policy,
+                     solver) -> None:
+    """Refuse an unreachable budget before measuring anything: the fastest plan depends on the times alone."""
+    from types import SimpleNamespace
+
+    from .allocate import fastest_plan
+
+    tiles, levels = candidates
+    heads, blocks = table.shape.heads, table.shape.blocks
+    options = [("dense", None, None)] + [(tuple(t), float(d), method) for t in tiles for d in levels]
+    sites = [SimpleNamespace(path=f"blocks.{b}", heads=heads) for b in range(blocks)]
+    stub = SimpleNamespace(sites=sites, options=options, layer=np.repeat(np.arange(blocks), heads),
+                           error=np.zeros((blocks * heads, len(options))))
+    reuse = np.zeros((steps, max_age))
+    for a in range(1, max_age + 1):
+        reuse[:a, a - 1] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SparsifyWarning)  # a missing tile warns once, when the real problem is built
+        p = build_problem(stub, table, reuse, np.zeros((len(groups), steps, len(ratios))), groups=groups,
+                          ratios=ratios, ranges=ranges, calls=calls)
+    if policy == "usv-entropy":  # no reuse: every step computes
+        p.reuse_error[:] = np.nan
+    fastest = fastest_plan(p, solver="auto" if solver == "lagrangian" else solver)
+    if predict_time(p, fastest) > time_budget * p.dense_ms * (1 + 1e-6):
+        from .allocate import _infeasible
+
+        raise _infeasible(p, time_budget, fastest, "plan" if policy == "unified" else "usv-entropy plan")
+
+
 def _inputs_hash(*parts) -> str:
     """Identifies the trajectory the per-head errors are measured on (checkpoints of another are set aside)."""
     h = hashlib.sha256()
@@ -161,6 +190,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
                    policy: str = "unified", steps: int = 50, measure: int = 6, attention_steps: int = 2,
                    guidance_scale: float = 5.0, shift: float = 1.0, null_cond=None, max_age: int = 3,
                    merge_groups: int = 4, step_ranges: int = 4, merge_ratios=(0.25, 0.5), gamma: float = 1.0,
+                   gap_rel: float = 1e-3,
                    example_inputs=None, say=lambda msg: None) -> PlanCalibration:
     """Calibrate a generation plan of `model` for one time budget and return its version-2 recipe.
 
@@ -184,6 +214,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
         merge_groups, step_ranges: blocks and steps are cut into this many consecutive groups and ranges; each
             (group, range) takes one merge ratio from `(0, *merge_ratios)`.
         gamma: the exponent of USV's entropy weight.
+        gap_rel: the plan MILP's relative optimality gap (its time limit is `config.solver_time_limit`).
         example_inputs: small inputs for site discovery (default: the adapter's).
         say: a progress printer.
 
@@ -212,7 +243,11 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
     keep = {s - a for s in measured for a in range(1, max_age + 1) if s - a >= 0}
     first = {"hidden_states": noise, "timestep": torch.zeros(noise.shape[0], device=noise.device),
              "encoder_hidden_states": cond, "return_dict": False}
-    table.check_shape(model_shape(model, first))
+    shape = model_shape(model, first)
+    table.check_shape(shape)
+    calls = 2 if guidance_scale != 1.0 else 1
+    _check_reachable(table, config.candidates(shape.grid), config.methods[0], time_budget, steps=steps, max_age=max_age,
+                     groups=groups, ranges=ranges, ratios=merge_ratios, calls=calls, policy=policy, solver=config.solver)
     say(f"dense trajectory: {steps} steps x {2 if guidance_scale != 1.0 else 1} calls")
     traj: Trajectory = record_trajectory(model, noise, cond, steps=steps, guidance_scale=guidance_scale, shift=shift,
                                          null_cond=null_cond, keep_residuals=keep)
@@ -238,7 +273,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
                       calls=traj.calls_per_step)
     if policy == "unified":
         choice = solve_plan(p, time_budget, solver=config.solver if config.solver != "lagrangian" else "auto",
-                            gap_rel=config.solver_gap, time_limit=config.solver_time_limit)
+                            gap_rel=gap_rel, time_limit=config.solver_time_limit)
     else:
         say("attention entropy per block and step")
         ent = interpolate(measured, attention_entropy(model, traj, measured).T, steps).T
