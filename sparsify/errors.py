@@ -59,3 +59,14 @@ class SparsifyWarning(UserWarning):
     Each cause warns once. Silence them with
     `warnings.filterwarnings("ignore", category=sparsify.SparsifyWarning)`.
     """
+
+
+class LatencyTableError(RecipeError):
+    """A latency table (`sparsify.calibrate.latency`) is malformed or was measured for another model or shape.
+
+    The message names the table's file, the key path and what would be valid, like a `RecipeError`.
+
+    Example:
+        >>> str(LatencyTableError("grid: table [16, 16, 16], model [16, 32, 32]", source="t.json", key="model"))
+        "t.json: key 'model': grid: table [16, 16, 16], model [16, 32, 32]"
+    """

@@ -4,7 +4,11 @@ from .config import DEFAULT_LEVELS, DEFAULT_TILES, CalibrationConfig, Calibratio
 from .core import CalibrationResult, calibrate, run_calibration
 from .reuse import ReuseCalibration, calibrate_mask_reuse, with_mask_reuse
 from .solve import InfeasibleBudgetError
+from .allocate import InfeasibleTimeBudgetError
+from .generation import PlanCalibration, calibrate_plan
+from .latency import LatencyTable, load_latency_table, measure_latency_table
 
 __all__ = ["calibrate", "run_calibration", "CalibrationConfig", "CalibrationConfigError", "CalibrationResult",
            "InfeasibleBudgetError", "DEFAULT_TILES", "DEFAULT_LEVELS", "calibrate_mask_reuse", "with_mask_reuse",
-           "ReuseCalibration"]
+           "ReuseCalibration", "InfeasibleTimeBudgetError", "PlanCalibration", "calibrate_plan", "LatencyTable",
+           "load_latency_table", "measure_latency_table"]

@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-max-growth", type=float, default=0.05,
                    help="tolerated growth of the trajectory's final-output error with reuse (0.05 = 5%%)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    from .plan_cli import add_arguments
+
+    add_arguments(p)
     p.add_argument("--quiet", action="store_true",
                    help="print only the files written (and warnings): no progress, no solver output, no summary")
     return p
@@ -208,6 +211,10 @@ def main(argv=None) -> int:
         return _fail(str(e))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.time_budget is not None or args.measure_latency:
+        from .plan_cli import main_plan
+
+        return main_plan(args, argv, config, device, dtype, say, out)
     if args.pipeline is not None:
         return _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, transferred)
     if args.prompts is not None:

@@ -189,9 +189,8 @@ def _output_scales(model, all_infos, infos, adapter, results, cands, levels, out
     return np.array(alphas), np.array(measured), levels[li], dense
 
 
-def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance,
-          veda=None):
-    """Recipe with explicit per-head entries for every calibrated site (Veda heads carry their fitted estimator)."""
+def site_entries(infos, options, choice, veda=None) -> dict:
+    """`{site path: SiteEntry}` with one entry per head for the option `choice[g]` of every head g (in site order)."""
     sites = {}
     g = 0
     for info in infos:
@@ -205,6 +204,13 @@ def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, de
                 heads.append(HeadEntry(head=h, method=opt[2], tile=opt[0], budget=Budget(density=opt[1]),
                                        params=_veda_params(veda, info.path, opt[0], opt[2], h)))
         sites[info.path] = SiteEntry(heads=tuple(heads))
+    return sites
+
+
+def _emit(model, all_infos, infos, options, choice, *, budget, defaults_tile, default_method, dense_steps, provenance,
+          veda=None):
+    """Recipe with explicit per-head entries for every calibrated site (Veda heads carry their fitted estimator)."""
+    sites = site_entries(infos, options, choice, veda)
     sig = ModelSignature(type(model).__name__, tuple(i.spec() for i in all_infos))
     defaults = Defaults(method=default_method, tile=defaults_tile, budget=Budget(density=budget), dense_steps=dense_steps)
     return Recipe(version=RECIPE_VERSION, model=sig, defaults=defaults, sites=sites, calibration=provenance)
