@@ -14,7 +14,7 @@ from ..errors import LatencyTableError, SparsifyWarning
 from .allocate import PlanChoice, PlanProblem, predict_error, predict_time, solve_plan, usv_entropy_plan
 from .config import CalibrationConfig
 from .latency import LatencyTable, model_shape
-from .trajectory import (Trajectory, attention_entropy, interpolate, measured_steps, merge_errors, record_trajectory,
+from .plan_errors import (Trajectory, attention_entropy, interpolate, measured_steps, merge_errors, record_trajectory,
                          reuse_errors)
 
 POLICIES = ("unified", "usv-entropy")

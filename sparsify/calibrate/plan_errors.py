@@ -1,4 +1,4 @@
-"""The model's own sampling trajectory, and the output errors of step reuse and token merging measured on it."""
+"""Plan options measured on the model's own dense sampling trajectory: step-reuse and token-merging errors, attention entropy."""
 
 from __future__ import annotations
 
