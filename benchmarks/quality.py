@@ -6,6 +6,8 @@
     python -m benchmarks.quality video --steps 50 --videos 4 --densities 0.2,0.1,0.05   # GPU: test-bed sampling
     python -m benchmarks.quality selection --tiny                # CPU smoke runs
     python -m benchmarks.quality video --tiny
+    python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
+    python -m benchmarks.quality inputs --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -40,6 +42,14 @@ threshold from `sparsify.calibrate.calibrate_mask_reuse` (on a trajectory from o
 L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output error
 growth is the last step's ratio). Needs `torchmetrics` (`pip install torchmetrics`). Writes
 `benchmarks/results/fidelity_<date>.json`.
+
+`inputs`: what calibrating the test-bed on its own dense sampling trajectory changes. It runs
+`python -m sparsify.calibrate --budget B --inputs-from S` for each source S (`trajectory`, `random`; or evaluates
+`--recipes`), then evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's
+output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
+branches), the same on random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents
+sampled with the recipe against dense sampling from the same noise. Writes
+`benchmarks/results/calibration_inputs_<date>.json`.
 """
 
 from __future__ import annotations
@@ -568,7 +578,10 @@ def calibration_inputs(a, argv) -> dict:
     out_dir = Path(a.workdir)
     recipes = {}
     t0 = time.perf_counter()
-    for source in a.sources.split(","):
+    given = dict(x.split("=", 1) for x in a.recipes.split(",") if x) if a.recipes else {}
+    for source, path in given.items():
+        recipes[source] = (Path(path), None, (load_recipe(path).calibration or {}).get("command"))
+    for source in [] if given else a.sources.split(","):
         path = out_dir / f"inputs_{source}.yaml"
         cmd = ["--budget", f"{a.budget:g}", "--inputs-from", source, "--out", str(path), "--checkpoint-dir", "none",
                "--no-plots", "--quiet", "--device", a.device, *extra]
@@ -605,10 +618,10 @@ def calibration_inputs(a, argv) -> dict:
     for source, (path, secs, cmd) in recipes.items():
         recipe = load_recipe(path)
         sparsify(model, recipe)
-        sites = installed_sites(model)
-        density = sum(s.work for s in sites) / sum(s.dense_work for s in sites)
         err_traj, err_made = rel_l2(outputs(traj), dense["trajectory"]), rel_l2(outputs(made), dense["random"])
         xs = videos()
+        sites = installed_sites(model)
+        density = sum(s.work for s in sites) / sum(s.dense_work for s in sites)
         unsparsify(model)
         rows.append({"calibrated_on": source, "command": cmd, "calibration_seconds": secs,
                      "density_achieved": round(density, 4),
@@ -667,6 +680,8 @@ def main(argv=None) -> dict:
     c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the evaluation runs")
     c.add_argument("--videos", type=int, default=2, help="evaluation runs also sampled to the end for PSNR and SSIM")
     c.add_argument("--workdir", default=".", help="folder of the calibrated recipes inputs_<source>.yaml")
+    c.add_argument("--recipes", default=None, metavar="NAME=PATH,...",
+                   help="evaluate these recipes instead of calibrating (e.g. trajectory=a.yaml,random=b.yaml)")
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     c.add_argument("--tiny", action="store_true", help="CPU smoke run: 256 tokens, 4 steps, one seed, budget 0.5")
     c.add_argument("--no-save", action="store_true", help="do not write the JSON")
