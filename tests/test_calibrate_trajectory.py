@@ -10,6 +10,7 @@ from sparsify.recipe import load_recipe
 from sparsify.testbed import build_testbed, example_inputs, sample
 from sparsify.testbed.data import NUM_CLASSES, class_embeddings
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 LATENT = (4, 4, 16, 16)  # a 4x8x8 token grid
 SMALL = ["--grid", "4x8x8", "--tiles", "1x8x8", "--levels", "0.25,0.5", "--budget", "0.5", "--no-output-error",
          "--no-plots", "--quiet", "--checkpoint-dir", "none"]

@@ -7,7 +7,8 @@ import pytest
 
 MODULES = ["sparsify.recipe", "sparsify.geometry", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
            "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base",
-           "sparsify.kernels.rope", "sparsify.kernels.tile_select", "sparsify.kernels.gather"]
+           "sparsify.kernels.rope", "sparsify.kernels.tile_select", "sparsify.kernels.gather",
+           "sparsify.calibrate.trajectory"]
 
 
 @pytest.mark.parametrize("name", MODULES)

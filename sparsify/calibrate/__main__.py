@@ -291,9 +291,9 @@ def main(argv=None) -> int:
     config, infeasible = _fitted(config, grid, "--grid")
     if infeasible:
         return _fail(infeasible)
-    what = (f"{args.inputs} sampling run(s) of {inputs_info.get('num_inference_steps')} steps (guidance "
-            f"{args.guidance_scale:g}) at steps {inputs_info.get('sampled_steps')} x {len(inputs_info.get('branches', ()))} "
-            "branch(es)" if source == "trajectory" else f"{args.inputs} random inputs x {args.steps} noise levels")
+    what = (f"{args.inputs} sampling run(s) of {n_steps} steps (guidance {args.guidance_scale:g}), steps {sampled} "
+            f"x {len(branches)} branch(es)" if source == "trajectory" else
+            f"{args.inputs} random inputs x {args.steps} noise levels")
     say(f"sparsify.calibrate: {desc}; grid {'x'.join(map(str, grid))}; {what}; "
         f"budget {config.budget:g}; tiles {_names(config.tiles)}; levels {', '.join(f'{x:g}' for x in config.levels)}; "
         f"device {device}")

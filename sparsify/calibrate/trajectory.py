@@ -142,7 +142,8 @@ def testbed_trajectory(model: torch.nn.Module, seeds, *, num_steps: int, sampled
     p = next(model.parameters())
     sampled = sorted(set(int(s) for s in sampled))
     if not sampled or sampled[0] < 0 or sampled[-1] >= num_steps:
-        raise ValueError(f"sampled steps {sampled} must be non-empty and within 0..{num_steps - 1} (num_steps={num_steps})")
+        raise ValueError(f"sampled steps {sampled} must be non-empty and within 0..{num_steps - 1} "
+                         f"(num_steps={num_steps})")
     sigmas = shifted_sigmas(num_steps, shift)
     branches = BRANCHES if guidance_scale != 1.0 else BRANCHES[:1]
     out: list[TrajectoryCall] = []
