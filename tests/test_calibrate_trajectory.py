@@ -5,7 +5,8 @@ import torch
 
 import sparsify.calibrate.core as core
 from sparsify.calibrate.__main__ import main
-from sparsify.calibrate.trajectory import record_calls, testbed_trajectory
+from sparsify.calibrate.trajectory import record_calls
+from sparsify.calibrate.trajectory import testbed_trajectory as trajectory_of  # not collected as a test
 from sparsify.recipe import load_recipe
 from sparsify.testbed import build_testbed, example_inputs, sample
 from sparsify.testbed.data import NUM_CLASSES, class_embeddings
@@ -29,7 +30,7 @@ def test_trajectory_calls_are_the_samplers_inputs_at_the_sampled_steps():
     model = build_testbed(pretrained=False, overrides={"num_layers": 1})
     forwards = []
     model.register_forward_pre_hook(lambda m, a, kw: forwards.append(1), with_kwargs=True)
-    calls = testbed_trajectory(model, [3], num_steps=10, sampled=[1, 4], guidance_scale=4.0, latent_shape=LATENT)
+    calls = trajectory_of(model, [3], num_steps=10, sampled=[1, 4], guidance_scale=4.0, latent_shape=LATENT)
     assert len(forwards) == 5 * 2  # stopped after step 4: steps 0..4, two guidance branches each
     xs, cond = _sampler_latents(model, 3, 10, 4.0)
     assert [(c.step, c.branch) for c in calls] == [(1, "cond"), (1, "uncond"), (4, "cond"), (4, "uncond")]
@@ -38,10 +39,10 @@ def test_trajectory_calls_are_the_samplers_inputs_at_the_sampled_steps():
         assert torch.equal(kw["hidden_states"], xs[c.step])
         assert kw["timestep"].tolist() == [pytest.approx((1 - c.step / 10) * 1000)] and c.t == pytest.approx(1 - c.step / 10)
         assert torch.equal(kw["encoder_hidden_states"], cond if c.branch == "cond" else torch.zeros_like(cond))
-    one = testbed_trajectory(model, [3], num_steps=10, sampled=[4], guidance_scale=1.0, latent_shape=LATENT)
+    one = trajectory_of(model, [3], num_steps=10, sampled=[4], guidance_scale=1.0, latent_shape=LATENT)
     assert [c.branch for c in one] == ["cond"]  # no guidance: one call per step (another trajectory than above)
     with pytest.raises(ValueError, match=r"within 0\.\.9"):
-        testbed_trajectory(model, [3], num_steps=10, sampled=[10])
+        trajectory_of(model, [3], num_steps=10, sampled=[10])
 
 
 def test_record_calls_names_a_step_the_model_never_ran():
