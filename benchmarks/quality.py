@@ -6,6 +6,8 @@
     python -m benchmarks.quality video --steps 50 --videos 4 --densities 0.2,0.1,0.05   # GPU: test-bed sampling
     python -m benchmarks.quality selection --tiny                # CPU smoke runs
     python -m benchmarks.quality video --tiny
+    python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
+    python -m benchmarks.quality inputs --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -40,6 +42,14 @@ threshold from `sparsify.calibrate.calibrate_mask_reuse` (on a trajectory from o
 L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output error
 growth is the last step's ratio). Needs `torchmetrics` (`pip install torchmetrics`). Writes
 `benchmarks/results/fidelity_<date>.json`.
+
+`inputs`: what calibrating the test-bed on its own dense sampling trajectory changes. It runs
+`python -m sparsify.calibrate --budget B --inputs-from S` for each source S (`trajectory`, `random`; or evaluates
+`--recipes`), then evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's
+output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
+branches), the same on random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents
+sampled with the recipe against dense sampling from the same noise. Writes
+`benchmarks/results/calibration_inputs_<date>.json`.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ import argparse
 import math
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -543,6 +554,99 @@ def video(a, argv) -> dict:
     return meta
 
 
+# ----------------------------------------------------------------------------------------------
+# calibration inputs on the test-bed: its sampling trajectory against made-up inputs
+
+
+def calibration_inputs(a, argv) -> dict:
+    """The `inputs` subcommand: calibrate the test-bed on each input source, evaluate every recipe the same way."""
+    from benchmarks._common import run_header, write_result
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify.calibrate.__main__ import main as calibrate_main
+    from sparsify.calibrate.trajectory import sample_steps, testbed_trajectory
+    from sparsify.recipe import load_recipe
+    from sparsify.testbed import build_testbed, example_inputs, sample
+    from sparsify.testbed.data import NUM_CLASSES, class_embeddings
+
+    psnr, ssim = video_metrics()
+    latent, extra = (4, 16, 32, 32), []  # the test-bed's training shape: 4,096 tokens
+    if a.tiny:
+        a.eval_seeds, a.eval_steps, a.eval_sampled, a.videos, a.budget = "100", 4, 2, 1, 0.5
+        latent = (4, 4, 16, 16)
+        extra = ["--grid", "4x8x8", "--tiles", "1x8x8", "--levels", "0.25,0.5", "--no-output-error"]
+    seeds = [int(x) for x in a.eval_seeds.split(",") if x]
+    out_dir = Path(a.workdir)
+    recipes = {}
+    t0 = time.perf_counter()
+    given = dict(x.split("=", 1) for x in a.recipes.split(",") if x) if a.recipes else {}
+    for source, path in given.items():
+        recipes[source] = (Path(path), None, (load_recipe(path).calibration or {}).get("command"))
+    for source in [] if given else a.sources.split(","):
+        path = out_dir / f"inputs_{source}.yaml"
+        cmd = ["--budget", f"{a.budget:g}", "--inputs-from", source, "--out", str(path), "--checkpoint-dir", "none",
+               "--no-plots", "--quiet", "--device", a.device, *extra]
+        t1 = time.perf_counter()
+        if calibrate_main(cmd) != 0:
+            raise SystemExit(f"calibration with --inputs-from {source} failed")
+        recipes[source] = (path, round(time.perf_counter() - t1, 1), "python -m sparsify.calibrate " + " ".join(cmd))
+    model = build_testbed(device=a.device)
+    sampled = sample_steps(range(a.eval_steps), a.eval_sampled)
+    traj = [c.kwargs for c in testbed_trajectory(model, seeds, num_steps=a.eval_steps, sampled=sampled,
+                                                 guidance_scale=a.guidance, latent_shape=latent)]
+    made = [example_inputs(seed=s, t=1.0 - i / a.eval_steps, latent_shape=latent, device=a.device)
+            for s in seeds for i in sampled]
+    gens = [(torch.randn(1, *latent, generator=torch.Generator().manual_seed(s)).to(a.device),
+             class_embeddings(torch.tensor([s % NUM_CLASSES])).to(a.device)) for s in seeds[:a.videos]]
+
+    def outputs(calls):
+        with torch.no_grad():
+            return [model(**kw)[0].float() for kw in calls]
+
+    def videos():
+        xs = []
+        for noise, cond in gens:
+            runtime.new_generation()
+            xs.append(sample(model, noise, cond, steps=a.eval_steps, guidance_scale=a.guidance))
+        return xs
+
+    def rel_l2(outs, refs):
+        return math.sqrt(sum(float((o - r).square().sum()) for o, r in zip(outs, refs))
+                         / sum(float(r.square().sum()) for r in refs))
+
+    dense = {"trajectory": outputs(traj), "random": outputs(made), "videos": videos()}
+    rows = []
+    for source, (path, secs, cmd) in recipes.items():
+        recipe = load_recipe(path)
+        sparsify(model, recipe)
+        err_traj, err_made = rel_l2(outputs(traj), dense["trajectory"]), rel_l2(outputs(made), dense["random"])
+        xs = videos()
+        sites = installed_sites(model)
+        density = sum(s.work for s in sites) / sum(s.dense_work for s in sites)
+        unsparsify(model)
+        rows.append({"calibrated_on": source, "command": cmd, "calibration_seconds": secs,
+                     "density_achieved": round(density, 4),
+                     "predicted_output_error": recipe.calibration.get("predicted_error"),
+                     "calibration_measured_output_error": recipe.calibration.get("measured_output_error"),
+                     "output_rel_l2_on_trajectory": round(err_traj, 5), "output_rel_l2_on_random": round(err_made, 5),
+                     "psnr_db": [round(psnr(x, d), 2) for x, d in zip(xs, dense["videos"])],
+                     "ssim": [round(ssim(x, d), 4) for x, d in zip(xs, dense["videos"])]})
+        print(rows[-1], flush=True)
+    lines = [f"| calibrated on | density | output rel. L2, trajectory inputs | output rel. L2, random inputs | "
+             f"PSNR dB ({a.eval_steps} steps, CFG {a.guidance:g}) | SSIM |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['calibrated_on']} | {r['density_achieved']:.4f} | {r['output_rel_l2_on_trajectory']:.4f} | "
+                     f"{r['output_rel_l2_on_random']:.4f} | {', '.join(f'{x:.2f}' for x in r['psnr_db'])} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['ssim'])} |")
+    table = "\n".join(lines)
+    print(table)
+    meta = {"benchmark": "quality inputs", **run_header("quality", argv), "budget": a.budget, "eval_seeds": seeds,
+            "eval_steps": a.eval_steps, "eval_sampled_steps": sampled, "guidance_scale": a.guidance,
+            "videos": len(gens), "wall_s": round(time.perf_counter() - t0, 1), "table": table, "rows": rows}
+    if not a.no_save:
+        write_result(meta, a.out, "calibration_inputs")
+    return meta
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -567,8 +671,25 @@ def main(argv=None) -> dict:
     v.add_argument("--tiny", action="store_true", help="CPU smoke run: 1 video of 512 tokens, 2 steps, density 0.2, "
                    "a one-tile calibration on one input")
     v.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
+    c = sub.add_parser("inputs", help="test-bed calibration on its sampling trajectory vs on random inputs (CPU)")
+    c.add_argument("--budget", type=float, default=0.1)
+    c.add_argument("--sources", default="trajectory,random", help="the --inputs-from values calibrated and compared")
+    c.add_argument("--eval-seeds", default="100,101", help="seeds of the evaluation runs (disjoint from calibration's)")
+    c.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation sampling runs")
+    c.add_argument("--eval-sampled", type=int, default=4, help="steps of each evaluation run whose outputs are compared")
+    c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the evaluation runs")
+    c.add_argument("--videos", type=int, default=2, help="evaluation runs also sampled to the end for PSNR and SSIM")
+    c.add_argument("--workdir", default=".", help="folder of the calibrated recipes inputs_<source>.yaml")
+    c.add_argument("--recipes", default=None, metavar="NAME=PATH,...",
+                   help="evaluate these recipes instead of calibrating (e.g. trajectory=a.yaml,random=b.yaml)")
+    c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    c.add_argument("--tiny", action="store_true", help="CPU smoke run: 256 tokens, 4 steps, one seed, budget 0.5")
+    c.add_argument("--no-save", action="store_true", help="do not write the JSON")
+    c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if args.command == "inputs":
+        return calibration_inputs(args, argv)
     return selection(args, argv) if args.command == "selection" else video(args, argv)
 
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality selection|video --tiny`: the quality benchmarks' code paths on the CPU."""
+"""`python -m benchmarks.quality selection|video|inputs --tiny`: the quality benchmarks' code paths on the CPU."""
 
 import json
 import math
@@ -47,3 +47,16 @@ def test_video_tiny_reports_psnr_ssim_and_reuse(tmp_path):
         assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] < 1.0  # sparse sampling differs from dense
     reuse = rec["rows"][-1]
     assert reuse["selections"] + reuse["reused"] > 0 and len(reuse["step_error_fresh"]) == 3  # 2 steps + output
+
+
+@pytest.mark.slow
+def test_inputs_tiny_compares_trajectory_and_random_calibration(tmp_path):
+    pytest.importorskip("torchmetrics")
+    rec = run_benchmark("benchmarks.quality", "inputs", "--tiny", "--workdir", str(tmp_path), out=tmp_path / "in.json")
+    assert rec["benchmark"] == "quality inputs" and [r["calibrated_on"] for r in rec["rows"]] == ["trajectory", "random"]
+    for r in rec["rows"]:
+        assert "--inputs-from " + r["calibrated_on"] in r["command"]
+        assert 0 < r["output_rel_l2_on_trajectory"] and 0 < r["output_rel_l2_on_random"]
+        assert len(r["psnr_db"]) == 1 and math.isfinite(r["psnr_db"][0])
+    for source in ("trajectory", "random"):
+        assert (tmp_path / f"inputs_{source}.yaml").exists()

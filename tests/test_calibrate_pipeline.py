@@ -236,7 +236,7 @@ def test_pipeline_recipe_errors_name_the_section_and_key():
 
 def test_check_transfer_on_the_testbed_at_two_resolution_pairs(tmp_path, capsys):
     """Recipes calibrated at one grid apply at another (geometry per call); the penalty is measured, not assumed."""
-    common = ["--inputs", "1", "--steps", "1", "--tiles", "4x4x4", "--levels", "0.25,0.5", "--budget", "0.4",
+    common = ["--inputs-from", "random", "--inputs", "1", "--steps", "1", "--tiles", "4x4x4", "--levels", "0.25,0.5", "--budget", "0.4",
               "--no-output-error", "--no-plots", "--quiet", "--checkpoint-dir", "none"]
     rec = tmp_path / "a.yaml"
     assert main([*common, "--grid", "8x16x16", "--out", str(rec)]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 
 DEFAULT_MODEL = "testbed"
 MIN_GRID_TOKENS = 1024  # adapter-made inputs are enlarged to at least this many tokens unless --grid is given
+INPUT_SOURCES = ("trajectory", "random")
+# Euler steps of a test-bed's calibration trajectory: few enough for a quick CPU run; with the default 2 sampled
+# steps (2 and 6) its noise levels are 0.75 and 0.25, those of the random inputs
+TESTBED_TRAJECTORY_STEPS = 8
 
 
 def _parse_tiles(text: str):
@@ -46,8 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="with --pipeline: video height (default: the pipeline's)")
     p.add_argument("--width", type=int, default=None, help="with --pipeline: video width (default: the pipeline's)")
     p.add_argument("--num-frames", type=int, default=None, help="with --pipeline: frames (default: the pipeline's)")
-    p.add_argument("--num-inference-steps", type=int, default=50, help="with --pipeline: denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=5.0, help="with --pipeline: classifier-free guidance scale")
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="denoising steps of the sampling trajectory: with --pipeline (default 50), or a test-bed with "
+                        f"--inputs-from trajectory (default {TESTBED_TRAJECTORY_STEPS})")
+    p.add_argument("--guidance-scale", type=float, default=5.0,
+                   help="classifier-free guidance scale of the sampling trajectory (--pipeline, or a test-bed)")
     p.add_argument("--image", default=None, help="with an image-to-video --pipeline: the conditioning image file")
     p.add_argument("--max-sequence-length", type=int, default=None,
                    help="with --pipeline: text tokens per prompt (default: the pipeline's encode_prompt default)")
@@ -67,10 +75,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--levels", type=_parse_floats, default=None,
                    help="candidate densities, e.g. 0.03,0.05,0.1,0.2 (default: 0.02,...,0.5, one per distinct number "
                         "of key tiles on the calibration grid)")
-    p.add_argument("--inputs", type=int, default=2, help="number of calibration inputs (seeds SEED..SEED+N-1)")
+    p.add_argument("--inputs-from", choices=INPUT_SOURCES, default=None,
+                   help="where a --model's calibration inputs come from: 'trajectory' (the test-beds' default): the "
+                        "model's own calls (both guidance branches) at the sampled steps of dense Euler sampling from "
+                        "seeded noise; 'random' (the default of other models): inputs made up at evenly spaced noise "
+                        "levels (a test-bed's procedural videos noised to that level; Gaussian latents otherwise)")
+    p.add_argument("--inputs", type=int, default=None,
+                   help="number of calibration inputs, seeds SEED..SEED+N-1 (default: 1 sampling run with "
+                        "--inputs-from trajectory, whose two guidance branches make 2 calls per step; else 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first calibration input")
     p.add_argument("--steps", type=int, default=None,
-                   help="denoising steps sampled per input (timesteps evenly spaced; default 2); with --pipeline: steps "
+                   help="denoising steps sampled per input (evenly spaced; default 2); with --pipeline: steps "
                         "calibrated per transformer, spread over the steps it runs (default 4)")
     p.add_argument("--grid", type=lambda s: tuple(int(x) for x in s.split("x")), default=None,
                    help="latent token grid TxHxW of the calibration inputs (default: the test-bed's own, or the "
@@ -112,20 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_model(spec: str, device, dtype):
     """Return (model, make_inputs(seed, t) -> forward kwargs, grid or None, description)."""
-    if spec == "testbed":
+    from ..testbed import VARIANTS
+
+    if spec in VARIANTS:
         from ..testbed import build_testbed, example_inputs
 
-        model = build_testbed(pretrained=True, device=device, dtype=dtype)
+        model = build_testbed(pretrained=True, device=device, dtype=dtype, name=spec)
 
         def testbed_inputs(seed, t, _grid=None):
-            shape = {}
-            if _grid:
-                from ..testbed.model import LATENT_SHAPE, TESTBED_CONFIG
+            shape = {"latent_shape": testbed_latent_shape(spec, _grid)} if _grid else {}
+            return example_inputs(seed=seed, t=t, device=device, dtype=dtype, name=spec, **shape)
 
-                shape = {"latent_shape": (LATENT_SHAPE[0], *(g * p for g, p in zip(_grid, TESTBED_CONFIG["patch_size"])))}
-            return example_inputs(seed=seed, t=t, device=device, dtype=dtype, **shape)
-
-        return model, testbed_inputs, None, "bundled test-bed (trained small Wan, 4,096 tokens)"
+        tokens = math.prod(VARIANTS[spec].latent_shape[1:]) // math.prod(VARIANTS[spec].config["patch_size"])
+        return model, testbed_inputs, None, f"bundled test-bed {spec} (trained small Wan, {tokens:,} tokens)"
     from ..inspect import load_model
     from ..adapters import adapter_for
 
@@ -148,6 +162,19 @@ def resolve_model(spec: str, device, dtype):
         return kw
 
     return model, make_inputs, adapter, f"{type(model).__name__} from {spec}"
+
+
+def testbed_latent_shape(name: str, grid) -> tuple[int, int, int, int]:
+    """The latent shape [C, F, H, W] of a test-bed's inputs on a token grid `(T, H, W)`.
+
+    Example:
+        >>> testbed_latent_shape("testbed", (4, 8, 8))
+        (4, 4, 16, 16)
+    """
+    from ..testbed import VARIANTS
+
+    v = VARIANTS[name]
+    return (v.latent_shape[0], *(g * p for g, p in zip(grid, v.config["patch_size"])))
 
 
 def default_grid(adapter, model) -> tuple[int, int, int]:
@@ -198,6 +225,8 @@ def main(argv=None) -> int:
         args.budget = 0.1
     if args.steps is None:
         args.steps = 2 if args.pipeline is None else None
+    if args.pipeline is not None and args.num_inference_steps is None:
+        args.num_inference_steps = 50
     out = Path(args.out)
     ckpt = None if (args.checkpoint_dir or "").lower() == "none" else Path(args.checkpoint_dir or f"{out}.calib")
     try:
@@ -225,34 +254,81 @@ def main(argv=None) -> int:
         grid = tuple(args.grid) if args.grid else default_grid(adapter, model)
         base = make_inputs
         make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
-    times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
-    schedule = [(seed, t) for seed in range(args.seed, args.seed + args.inputs) for t in times]
-    inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), grid)).encode()).hexdigest()[:16]
-    if grid is None:  # the test-bed: its own grid, or --grid
+    if grid is None:  # a test-bed: its own grid, or --grid
         from ..testbed import grid as testbed_grid
 
-        grid = tuple(args.grid) if args.grid else testbed_grid()
+        grid = tuple(args.grid) if args.grid else testbed_grid(name=args.model)
         if args.grid:
             base = make_inputs
             make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
+    source = args.inputs_from or ("trajectory" if adapter is None else "random")
+    if source == "trajectory" and adapter is not None:
+        from ..testbed import VARIANTS
+
+        return _fail(f"--inputs-from trajectory needs a test-bed --model ({', '.join(VARIANTS)}), whose sampler "
+                     f"makes the trajectory, or a --pipeline; for {args.model} use --inputs-from random")
+    if args.inputs is None:
+        args.inputs = 1 if source == "trajectory" else 2
+    if args.inputs < 1 or args.steps < 1:
+        return _fail(f"--inputs and --steps must be >= 1; got --inputs {args.inputs}, --steps {args.steps}")
+    seeds = list(range(args.seed, args.seed + args.inputs))
+    random_inputs = make_inputs
+    if source == "random":
+        times = [1.0 - (i + 0.5) / args.steps for i in range(args.steps)]  # noise levels, high to low
+        schedule = [(seed, t) for seed in seeds for t in times]
+        output_key = (args.seed, times[len(times) // 2])
+        inputs_hash = hashlib.sha256(repr((args.model, schedule, str(dtype), grid)).encode()).hexdigest()[:16]
+        inputs_info = {"source": "random", "seeds": seeds, "noise_levels": times,
+                       "latents": "procedural videos noised to each level (sparsify.testbed.example_inputs)"
+                       if adapter is None else "Gaussian (the adapter's example inputs)"}
+    else:
+        from .trajectory import BRANCHES, sample_steps
+
+        n_steps = args.num_inference_steps or TESTBED_TRAJECTORY_STEPS
+        if n_steps < 1:
+            return _fail(f"--num-inference-steps must be >= 1; got {n_steps}")
+        sampled = sample_steps(range(n_steps), args.steps)
+        branches = list(BRANCHES if args.guidance_scale != 1.0 else BRANCHES[:1])
+        schedule = [(seed, step, b) for seed in seeds for step in sampled for b in branches]
+        output_key = (args.seed, sampled[len(sampled) // 2], branches[0])
+        inputs_hash = hashlib.sha256(repr((args.model, "trajectory", seeds, n_steps, sampled, args.guidance_scale,
+                                           str(dtype), grid)).encode()).hexdigest()[:16]
+        inputs_info = {"source": "trajectory", "sampler": "Euler flow matching (sparsify.testbed.sample), shift 1",
+                       "seeds": seeds, "num_inference_steps": n_steps, "guidance_scale": args.guidance_scale,
+                       "sampled_steps": sampled, "noise_levels": [round(1.0 - s / n_steps, 6) for s in sampled],
+                       "branches": branches}
     config, infeasible = _fitted(config, grid, "--grid")
     if infeasible:
         return _fail(infeasible)
-    say(f"sparsify.calibrate: {desc}; grid {'x'.join(map(str, grid))}; {args.inputs} inputs x {args.steps} steps; "
+    what = (f"{args.inputs} sampling run(s) of {n_steps} steps (guidance {args.guidance_scale:g}), steps {sampled} "
+            f"x {len(branches)} branch(es)" if source == "trajectory" else
+            f"{args.inputs} random inputs x {args.steps} noise levels")
+    say(f"sparsify.calibrate: {desc}; grid {'x'.join(map(str, grid))}; {what}; "
         f"budget {config.budget:g}; tiles {_names(config.tiles)}; levels {', '.join(f'{x:g}' for x in config.levels)}; "
         f"device {device}")
 
     def forward_loop(m, schedule=schedule):
-        for seed, t in schedule:
-            m(**make_inputs(seed, t))
+        for key in schedule:
+            m(**make_inputs(*key))
 
     def output_loop(m):  # one mid-schedule forward for the per-site model-output error
-        m(**make_inputs(args.seed, times[len(times) // 2]))
+        m(**make_inputs(*output_key))
 
     if args.dry_run:
-        return _dry_run(model, make_inputs, schedule, config, t_start)
+        extra = 0
+        if source == "trajectory":
+            extra = len(seeds) * (max(sampled) + 1) * len(branches) - len(schedule)
+        return _dry_run(model, random_inputs, [(args.seed, 0.5)] * len(schedule), config, t_start, extra_forwards=extra)
     # discovery needs only small inputs of the same family (a full-size forward under Dynamo is slow)
-    first = adapter.example_inputs(model) if adapter is not None else make_inputs(0, times[0])
+    first = adapter.example_inputs(model) if adapter is not None else random_inputs(0, 0.5)
+    if source == "trajectory":
+        from .trajectory import testbed_trajectory
+
+        say(f"sparsify.calibrate: sampling {len(seeds)} dense trajectory(ies) up to step {max(sampled)}")
+        recorded = {(c.seed, c.step, c.branch): c.kwargs for c in testbed_trajectory(
+            model, seeds, num_steps=n_steps, sampled=sampled, guidance_scale=args.guidance_scale,
+            latent_shape=testbed_latent_shape(args.model, grid), name=args.model)}
+        make_inputs = lambda *key: recorded[key]  # noqa: E731
     if transferred is not None:
         return _check_transfer_model(model, transferred, forward_loop, output_loop, config, first, schedule,
                                      inputs_hash, grid, make_inputs, args)
@@ -263,8 +339,9 @@ def main(argv=None) -> int:
         return _fail(str(e).removeprefix("sparsify.calibrate: "))
     except KeyboardInterrupt as e:
         return _fail(str(e) or "interrupted", 130)
+    result.recipe.calibration["inputs"] = inputs_info
     if args.mask_reuse:
-        result.recipe = _calibrate_reuse(model, result.recipe, make_inputs, args)
+        result.recipe = _calibrate_reuse(model, result.recipe, random_inputs, args)
     cal = result.recipe.calibration
     cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.note:
@@ -298,7 +375,7 @@ def _check_transfer_model(model, transferred, forward_loop, output_loop, config,
                              inputs_hash=inputs_hash, output_loop=output_loop).recipe
 
     def run():
-        return [model(**make_inputs(seed, t))[0] for seed, t in schedule]
+        return [model(**make_inputs(*key))[0] for key in schedule]
 
     rep = transfer_report(model, transferred, native, run, example_inputs=first, grid=grid)
     print(format_report(rep))

@@ -20,6 +20,7 @@ from ..pipeline_recipe import PipelineRecipe
 from ..recipe import Recipe
 from .config import CalibrationConfig
 from .core import CalibrationResult, run_calibration
+from .trajectory import detached, sample_steps
 
 DEFAULT_STEPS = 4  # denoising steps calibrated per transformer
 
@@ -151,21 +152,6 @@ def transformer_steps(pipe, num_inference_steps: int) -> dict[str, list[int]]:
     steps = {"transformer": [i for i, t in enumerate(ts) if t >= t_b],
              "transformer_2": [i for i, t in enumerate(ts) if t < t_b]}
     return {k: v for k, v in steps.items() if v}
-
-
-def sample_steps(steps, k: int) -> list[int]:
-    """`k` of `steps`, spread evenly over them (the middle of each of k equal spans); all of them if k >= len.
-
-    Example:
-        >>> sample_steps(range(50), 4)
-        [6, 18, 31, 43]
-        >>> sample_steps([10, 11, 12], 5)
-        [10, 11, 12]
-    """
-    steps = list(steps)
-    if k >= len(steps):
-        return steps
-    return [steps[min(len(steps) - 1, round((i + 0.5) * len(steps) / k - 0.5))] for i in range(k)]
 
 
 @contextlib.contextmanager
@@ -330,8 +316,6 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
                         settings=settings)
 
 
-def _detached(kwargs: dict) -> dict:
-    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
 def _discovery_inputs(model, probe_kwargs: dict) -> dict:
@@ -381,7 +365,7 @@ def _calibrate_one(plan: PipelinePlan, name: str, model, config: CalibrationConf
     def record(module, args, kwargs):
         ran.add(state["step"])
         if state["step"] == record_step and state["prompt"] == 0:
-            records.append((args, _detached(kwargs)))
+            records.append((args, detached(kwargs)))
 
     def forward_loop(m):
         cap = runtime.STATE.observer
