@@ -3,9 +3,11 @@
     python -m benchmarks.quality selection                       # every set and method, 5/10/20% (CPU, ~70 s)
     python -m benchmarks.quality selection --sets planted,random --no-save
     python -m benchmarks.quality selection --head-aware          # head-aware tiles vs 4x4x4 on the planted heads
-    python -m benchmarks.quality video --steps 50 --videos 4 --densities 0.2,0.1,0.05   # GPU: test-bed sampling
+    python -m benchmarks.quality video                           # GPU: testbed-16k, every method at 80/90/95%
+    python -m benchmarks.quality reuse --steps 50 --videos 4 --densities 0.2,0.1,0.05   # GPU: mask reuse, 4k test-bed
     python -m benchmarks.quality selection --tiny                # CPU smoke runs
     python -m benchmarks.quality video --tiny
+    python -m benchmarks.quality reuse --tiny
     python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
     python -m benchmarks.quality inputs --tiny
 
@@ -33,15 +35,24 @@ Outputs are computed in one pass over the dense attention matrix per input (the 
 the reference kernel would take minutes on CPU. Writes `benchmarks/results/selection_<date>.json`
 (`selection_head_aware_<date>.json`).
 
-`video`: on the learned test-bed, for each density a uniform recipe (VSA, 4x4x4, one density for all heads) and
-a calibrated recipe (`sparsify.calibrate` at that budget, on inputs disjoint from the sampled ones) sample from
-the same noise as dense sampling; PSNR and SSIM (per frame, `torchmetrics`) are against the dense sample (same
-noise, same steps, CFG off). Then the calibrated recipe at the middle density gets its temporal-mask-reuse
-threshold from `sparsify.calibrate.calibrate_mask_reuse` (on a trajectory from other noise, or
-`--reuse-threshold`) and samples again with reuse: the share of selection calls saved, the PSNR, and the relative
-L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output error
-growth is the last step's ratio). Needs `torchmetrics` (`pip install torchmetrics`). Writes
-`benchmarks/results/fidelity_<date>.json`.
+`video`: on a learned test-bed (`--model`, default `testbed-16k`), 50 Euler steps with classifier-free guidance
+(scale 5) from the same noise and conditions for every recipe: dense, each uniform method (`vsa`, `veda`,
+`svg2` with 4x4x4 tiles and one top-k density for all heads; `xattention` with one top-p, its p bisected on the
+calibration inputs until its achieved density is within 10% of the target) and the calibrated recipe
+(`sparsify.calibrate` at that budget, on the dense sampling trajectories of other seeds), at each sparsity.
+Per row: the achieved density (attention work over dense, whole sampling run), PSNR and SSIM of the sample
+against the dense sample (`torchmetrics`), the relative L2 error of x_t against the dense trajectory at every
+step, and the kernel time at that density at the Wan-14B 720p shape (`kernel_speedups`: our kernel with 64x64
+blocks on a random selection of that density against SDPA cuDNN, bf16, measured in the same run; CUDA only).
+Writes `benchmarks/results/quality_video_<date>.json` with a Pareto plot (PSNR against attention speedup,
+`.pareto.png`) and the per-step error plot (`.steps.png`).
+
+`reuse`: on the 4k test-bed, for each density a uniform recipe (VSA, 4x4x4) and a calibrated recipe sample from
+the same noise as dense sampling (CFG off); then the calibrated recipe at the middle density gets its
+temporal-mask-reuse threshold from `sparsify.calibrate.calibrate_mask_reuse` (on a trajectory from other noise,
+or `--reuse-threshold`) and samples again with reuse: the share of selection calls saved, the PSNR, and the
+relative L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output
+error growth is the last step's ratio). Writes `benchmarks/results/fidelity_<date>.json`.
 
 `inputs`: what calibrating the test-bed on its own dense sampling trajectory changes. It runs
 `python -m sparsify.calibrate --budget B --inputs-from S` for each source S (`trajectory`, `random`; or evaluates
@@ -444,8 +455,216 @@ def video_metrics():
     return psnr, ssim
 
 
+#: Uniform recipes of `video`: one method and one budget for every head (XAttention's top-p is matched to the density).
+UNIFORM_METHODS = ("vsa", "veda", "xattention", "svg2")
+WAN14B_ATTENTION = (1, 40, 75600, 128)  # [B, H, S, D] of one Wan2.1-14B 720p, 81-frame self-attention call
+
+
+def kernel_speedups(densities, device) -> dict:
+    """`{density: (sparse ms, dense ms)}` of one self-attention call at the Wan-14B 720p shape, bf16: our
+    block-sparse kernel (64x64 blocks, the 4x4x4 tiles, a random selection of that density) against SDPA cuDNN, in
+    one process on fresh random inputs. Empty without CUDA.
+
+    Example:
+        >>> kernel_speedups([0.1], "cpu")
+        {}
+    """
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return {}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from benchmarks._common import time_ms
+    from benchmarks.kernel import random_selection
+    from sparsify.kernels import block_sparse_attn
+
+    B, H, S, D = WAN14B_ATTENTION
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        dense = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    n = -(-S // 64)
+    out = {}
+    for d in sorted(set(round(float(x), 4) for x in densities)):
+        idx, cnt = random_selection(B, H, n, n, max(1, round(d * n)), device=device)
+        out[d] = (time_ms(lambda: block_sparse_attn(q, k, v, idx, cnt, block_size=(64, 64))), dense)
+    return out
+
+
+def match_top_p(model, recipe_of, target: float, probe, tol: float = 0.1, iters: int = 8) -> tuple[float, float]:
+    """`(p, density)`: the top-p of `recipe_of(p)` whose achieved density on `probe(model)` is closest to `target`
+    (bisection; stops within `tol` relative). Top-p budgets adapt per query tile, so a uniform top-p recipe is
+    compared at the density it achieves on the sampled inputs.
+    """
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
+
+    lo, hi, best = 0.0, 1.0, (1.0, 1.0)
+    for _ in range(iters):
+        p = (lo + hi) / 2
+        sparsify(model, recipe_of(p))
+        runtime.new_generation()
+        probe(model)
+        sites = installed_sites(model)
+        density = sum(s.work for s in sites) / sum(s.dense_work for s in sites)
+        unsparsify(model)
+        if abs(density - target) < abs(best[1] - target):
+            best = (p, density)
+        if abs(density - target) <= tol * target:
+            break
+        lo, hi = (p, hi) if density < target else (lo, p)
+    return best
+
+
+def _plots(rows, path_pareto, path_steps):
+    """The Pareto plot (PSNR against attention speedup at the Wan-14B shape) and the per-step latent error plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        pts = sorted((r["attention_speedup"], r["psnr_db"]) for r in rows
+                     if r["method"] == method and r["attention_speedup"] is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    ax.set_xlabel("attention speedup over cuDNN at the Wan-14B 720p shape (kernel)")
+    ax.set_ylabel("PSNR against dense sampling (dB)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # no speedups without CUDA
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path_pareto, dpi=120)
+    plt.close(fig)
+    sparsities = sorted({r["sparsity"] for r in rows})
+    fig, axes = plt.subplots(1, len(sparsities), figsize=(4.2 * len(sparsities), 3.4), squeeze=False)
+    for ax, s in zip(axes[0], sparsities):
+        for r in rows:
+            if r["sparsity"] == s:
+                ax.semilogy(range(len(r["step_error"])), r["step_error"], label=r["method"])
+        ax.set_title(f"{round(100 * s)}% sparsity")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("rel. L2 error of x_t vs dense")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path_steps, dpi=120)
+    plt.close(fig)
+
+
 def video(a, argv) -> dict:
     """The `video` subcommand (see the module docstring)."""
+    from benchmarks._common import run_header, write_result
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify.calibrate import run_calibration
+    from sparsify.calibrate.trajectory import sample_steps, testbed_trajectory
+    from sparsify.testbed import build_testbed, get_variant, sample
+
+    psnr, ssim = video_metrics()
+    if a.tiny:
+        a.model, a.steps, a.videos, a.sparsities, a.device = "testbed", 2, 1, "0.5", "cpu"
+    variant = get_variant(a.model)
+    data = variant.data_module()
+    latent = variant.latent_shape
+    cal_opts = {}
+    if a.tiny:
+        latent = (4, 8, 16, 16)  # 512 tokens, 8 tiles of 4x4x4
+        cal_opts = dict(tiles=[(4, 4, 4)], levels=(0.25, 0.5, 1.0), output_error=False, query_fraction=0.05)
+    methods = [m for m in a.methods.split(",") if m]
+    unknown = sorted(set(methods) - set(UNIFORM_METHODS))
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; valid: {', '.join(UNIFORM_METHODS)}")
+    sparsities = [float(x) for x in a.sparsities.split(",") if x]
+    if any(not 0.0 < s < 1.0 for s in sparsities):
+        raise SystemExit(f"--sparsities: each must be in (0, 1); got {a.sparsities}")
+    dev = torch.device(a.device)
+    model = build_testbed(device=dev, name=variant.name, weights=a.weights)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn(a.videos, *latent, generator=g).to(dev)
+    cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev)
+    t_start = time.perf_counter()
+    traj: dict = {}
+
+    def run(label, m=None):
+        runtime.new_generation()
+        xs = traj[label] = []
+        with torch.no_grad():
+            x = sample(m or model, noise, cond, steps=a.steps, guidance_scale=a.guidance, shift=a.shift,
+                       callback=lambda i, t, x: xs.append(x.float().cpu()))
+        xs.append(x.float().cpu())
+        return x
+
+    def achieved():
+        sites = installed_sites(model)
+        return sum(s.work for s in sites) / sum(s.dense_work for s in sites)
+
+    dense = run("dense")
+    # calibration inputs: the dense trajectory of other noise and conditions (seeds 100..), at sampled steps
+    sampled = sample_steps(range(a.steps), 2 if a.tiny else a.calibration_steps)
+    calls = [c.kwargs for c in testbed_trajectory(model, range(100, 100 + a.calibration_videos), num_steps=a.steps,
+                                                  sampled=sampled, guidance_scale=a.guidance, shift=a.shift,
+                                                  latent_shape=latent, name=variant.name)]
+
+    def loop(m):
+        for kw in calls:
+            m(**kw)
+
+    def probe(m):  # a short pass over the calibration inputs, for XAttention's top-p matching
+        with torch.no_grad():
+            loop(m)
+
+    rows = []
+    for s in sparsities:
+        d = round(1.0 - s, 6)
+        recipes = {}
+        for m in methods:
+            if m == "xattention":
+                p, _ = match_top_p(model, lambda p: {"version": 1, "defaults": {
+                    "method": "xattention", "tile": [4, 4, 4], "budget": {"top_p": p}}}, d, probe)
+                recipes[m] = ({"version": 1, "defaults": {"method": m, "tile": [4, 4, 4], "budget": {"top_p": p}}},
+                              {"top_p": round(p, 5)})
+            else:
+                recipes[m] = ({"version": 1, "defaults": {"method": m, "tile": [4, 4, 4], "budget": {"density": d}}},
+                              {})
+        t0 = time.perf_counter()
+        res = run_calibration(model, loop, budget=d, example_inputs=calls[0], progress=False, **cal_opts)
+        recipes["calibrated"] = (res.recipe, {"calibration_seconds": round(time.perf_counter() - t0, 1)})
+        for name, (recipe, extra) in recipes.items():
+            sparsify(model, recipe)
+            x = run(f"{name} {s:g}")
+            density = achieved()
+            unsparsify(model)
+            err = [float((xi - di).norm() / di.norm()) for xi, di in zip(traj[f"{name} {s:g}"], traj["dense"])]
+            rows.append({"method": name, "sparsity": s, "density_target": d, "density_achieved": round(density, 4),
+                         "psnr_db": round(psnr(x, dense), 2), "ssim": round(ssim(x, dense), 4),
+                         "step_error": err, **extra})
+            print({k: v for k, v in rows[-1].items() if k != "step_error"}, flush=True)
+    kernel = kernel_speedups([r["density_achieved"] for r in rows], dev)
+    for r in rows:
+        t = kernel.get(round(r["density_achieved"], 4))
+        r["kernel_ms"], r["dense_ms"] = (round(t[0], 3), round(t[1], 3)) if t else (None, None)
+        r["attention_speedup"] = round(t[1] / t[0], 2) if t else None
+    lines = [f"| sparsity | recipe | achieved density | PSNR dB | SSIM | x_t error at step {a.steps // 2} | "
+             "kernel ms (Wan-14B) | speedup vs cuDNN |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = "- | -" if r["attention_speedup"] is None else f"{r['kernel_ms']:.2f} | {r['attention_speedup']:.1f}x"
+        lines.append(f"| {round(100 * r['sparsity'])}% | {r['method']} | {r['density_achieved']:.3f} | "
+                     f"{r['psnr_db']:.2f} | {r['ssim']:.3f} | {r['step_error'][a.steps // 2]:.4f} | {speed} |")
+    table = "\n".join(lines)
+    print(table)
+    meta = {"benchmark": "quality video", **run_header("quality", argv), "model": variant.name,
+            "latent_shape": list(latent), "steps": a.steps, "videos": a.videos, "guidance_scale": a.guidance,
+            "shift": a.shift, "calibration": {"videos": a.calibration_videos, "sampled_steps": sampled,
+                                              "inputs": "dense sampling trajectory, seeds 100.."},
+            "wan14b_attention_shape": list(WAN14B_ATTENTION), "wall_s": round(time.perf_counter() - t_start, 1),
+            "table": table, "rows": rows}
+    path = write_result(meta, a.out, "quality_video")
+    if not a.no_plots:
+        _plots(rows, path.with_suffix(".pareto.png"), path.with_suffix(".steps.png"))
+        print(f"plots: {path.with_suffix('.pareto.png')}, {path.with_suffix('.steps.png')}")
+    return meta
+
+
+def reuse(a, argv) -> dict:
+    """The `reuse` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
     from sparsify import installed_sites, runtime, sparsify, unsparsify
     from sparsify.calibrate import run_calibration
@@ -548,7 +767,7 @@ def video(a, argv) -> dict:
     print("step  error fresh  error reuse  (relative L2 of x_t vs the dense trajectory)")
     for i in sorted(set(range(0, len(err_fresh), max(1, len(err_fresh) // 10))) | {len(err_fresh) - 1}):
         print(f"{i:4d}  {err_fresh[i]:11.5f}  {err_reuse[i]:11.5f}")
-    meta = {"benchmark": "quality video", **run_header("quality", argv), "steps": a.steps, "videos": a.videos,
+    meta = {"benchmark": "quality reuse", **run_header("quality", argv), "steps": a.steps, "videos": a.videos,
             "dense_seconds": round(t_dense, 2), "rows": rows}
     write_result(meta, a.out, "fidelity")
     return meta
@@ -660,17 +879,35 @@ def main(argv=None) -> dict:
                    help="instead: head-aware tiles vs 4x4x4 on the planted heads (selection_head_aware_<date>.json)")
     s.add_argument("--tiny", action="store_true", help="smoke run: the random set at 10%%, a quarter of the query tiles")
     s.add_argument("--out", default=None, help="JSON path (default benchmarks/results/selection_<date>.json)")
-    v = sub.add_parser("video", help="sampled-video PSNR / SSIM against dense sampling on the test-bed, mask reuse")
-    v.add_argument("--steps", type=int, default=50)
-    v.add_argument("--videos", type=int, default=4)
-    v.add_argument("--densities", default="0.2,0.1,0.05")
-    v.add_argument("--reuse-threshold", type=float, default=None, help="fixed threshold (default: calibrated)")
-    v.add_argument("--reuse-steps", type=int, default=20, help="steps of the reuse-calibration trajectory")
-    v.add_argument("--reuse-max-age", type=int, default=4)
+    v = sub.add_parser("video", help="sampled-video PSNR / SSIM of every method and the calibrated recipe against "
+                       "dense sampling on a test-bed, with the kernel speedup at the Wan-14B shape (GPU)")
+    v.add_argument("--model", default="testbed-16k", help="test-bed variant: testbed-16k (default) or testbed")
+    v.add_argument("--weights", default=None, help="a safetensors file of the variant (default: the shipped one)")
+    v.add_argument("--steps", type=int, default=50, help="Euler steps of every sampling run")
+    v.add_argument("--videos", type=int, default=2, help="videos sampled per recipe (same noise and conditions)")
+    v.add_argument("--sparsities", default="0.8,0.9,0.95")
+    v.add_argument("--methods", default=",".join(UNIFORM_METHODS), help="uniform recipes (4x4x4 tiles)")
+    v.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    v.add_argument("--shift", type=float, default=1.0, help="time shift of the schedule")
+    v.add_argument("--calibration-videos", type=int, default=2,
+                   help="dense sampling runs (other seeds) whose trajectories the calibrated recipes are fitted on")
+    v.add_argument("--calibration-steps", type=int, default=4, help="steps of each such run fed to the calibrator")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    v.add_argument("--tiny", action="store_true", help="CPU smoke run: 1 video of 512 tokens, 2 steps, density 0.2, "
+    v.add_argument("--no-plots", action="store_true", help="skip the Pareto and per-step error plots")
+    v.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 512 tokens, 2 steps, 50%% "
+                   "sparsity, a one-tile calibration")
+    v.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality_video_<date>.json)")
+    r = sub.add_parser("reuse", help="temporal mask reuse on the 4k test-bed: PSNR / SSIM and x_t error against dense")
+    r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--videos", type=int, default=4)
+    r.add_argument("--densities", default="0.2,0.1,0.05")
+    r.add_argument("--reuse-threshold", type=float, default=None, help="fixed threshold (default: calibrated)")
+    r.add_argument("--reuse-steps", type=int, default=20, help="steps of the reuse-calibration trajectory")
+    r.add_argument("--reuse-max-age", type=int, default=4)
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.add_argument("--tiny", action="store_true", help="CPU smoke run: 1 video of 512 tokens, 2 steps, density 0.2, "
                    "a one-tile calibration on one input")
-    v.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
+    r.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
     c = sub.add_parser("inputs", help="test-bed calibration on its sampling trajectory vs on random inputs (CPU)")
     c.add_argument("--budget", type=float, default=0.1)
     c.add_argument("--sources", default="trajectory,random", help="the --inputs-from values calibrated and compared")
@@ -688,9 +925,8 @@ def main(argv=None) -> dict:
     c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command == "inputs":
-        return calibration_inputs(args, argv)
-    return selection(args, argv) if args.command == "selection" else video(args, argv)
+    commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs}
+    return commands[args.command](args, argv)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,29 @@ def test_selection_tiny_no_tile_method_beats_the_oracle(tmp_path):
 
 
 @pytest.mark.slow
-def test_video_tiny_reports_psnr_ssim_and_reuse(tmp_path):
+def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path):
     pytest.importorskip("torchmetrics")
     pytest.importorskip("diffusers")
     rec = run_benchmark("benchmarks.quality", "video", "--tiny", out=tmp_path / "vid.json")
-    assert rec["benchmark"] == "quality video" and rec["steps"] == 2
+    assert rec["benchmark"] == "quality video" and rec["steps"] == 2 and rec["guidance_scale"] == 5.0
+    assert [r["method"] for r in rec["rows"]] == ["vsa", "veda", "xattention", "svg2", "calibrated"]
+    for r in rec["rows"]:
+        assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] < 1.0  # sparse sampling differs from dense
+        assert len(r["step_error"]) == 3 and r["step_error"][0] == 0.0 < r["step_error"][-1]  # same noise at step 0
+        assert r["attention_speedup"] is None  # no CUDA: no kernel times
+    tk = {r["method"]: r for r in rec["rows"]}
+    assert tk["vsa"]["density_achieved"] == tk["calibrated"]["density_target"] == 0.5
+    assert 0.0 < tk["xattention"]["top_p"] < 1.0
+    assert rec["calibration"]["inputs"].startswith("dense sampling trajectory")
+    assert (tmp_path / "vid.pareto.png").exists() and (tmp_path / "vid.steps.png").exists()
+
+
+@pytest.mark.slow
+def test_reuse_tiny_reports_psnr_ssim_and_reuse(tmp_path):
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("diffusers")
+    rec = run_benchmark("benchmarks.quality", "reuse", "--tiny", out=tmp_path / "reuse.json")
+    assert rec["benchmark"] == "quality reuse" and rec["steps"] == 2
     labels = [r["recipe"] for r in rec["rows"]]
     assert labels == ["uniform 4x4x4", "calibrated", "calibrated + mask reuse"]
     for r in rec["rows"]:
