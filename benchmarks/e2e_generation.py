@@ -17,7 +17,8 @@ rows are COMPOSED, not run end to end:
    plan mapped onto the cut model and those steps and run by `sparsify()`'s `PlanRunner`) for dense,
    attention only and the plan. Their DiT time (the transformer calls, timed in the run) is compared with the
    composition of the same cut model and steps: `measured / composed` is reported per row. Peak GPU memory
-   (`torch.cuda.max_memory_allocated`) of each generation is reported too (None on the CPU).
+   (`torch.cuda.max_memory_allocated`) of each generation is reported too (None on the CPU), with the plan's
+   over dense's, measured, and at full depth (both peaks plus the weights of the blocks the cut leaves out).
 
 diffusers' cache hooks (`enable_cache`: First Block Cache, MagCache, TaylorSeer) are stacked on the same
 attention recipe (sparsify first, then the cache) and run for real on the cut model for `--validate-steps`
@@ -38,7 +39,6 @@ call); the recipe's per-step budget `schedule`.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import statistics
@@ -60,7 +60,7 @@ def block_densities(recipe, blocks: int) -> list[float]:
     Example:
         >>> from sparsify import load_recipe
         >>> r = load_recipe({"version": 1, "defaults": {"budget": {"density": 0.1}},
-        ...                  "sites": {"blocks.1.attn1": {"budget": {"density": 0.3}}}})
+        ...                  "sites": {"blocks.1.attn1": {"density": 0.3}}})
         >>> block_densities(r, 2)
         [0.1, 0.3]
     """
@@ -128,7 +128,7 @@ def compose(plan, density, comp: Components, calls: int = CALLS) -> float:
         >>> from sparsify.generation import StepPlan
         >>> c = Components(2.0, 3.0, {(1.0, 0.0): 10.0, (0.1, 0.0): 4.0}, reuse_ms=1.0)
         >>> compose(StepPlan("M", 2, 3, (True, False, True)), lambda b, s: 0.1, c)
-        24.0
+        46.0
     """
     total = 0.0
     for s in range(plan.steps):
@@ -139,17 +139,6 @@ def compose(plan, density, comp: Components, calls: int = CALLS) -> float:
         outside = comp.outside_dense_ms if all(x >= 1.0 for x in d) else comp.outside_sparse_ms
         total += calls * (outside + sum(comp.block_ms[(d[b], plan.ratio(b, s))] for b in range(plan.blocks)))
     return total
-
-
-def evenly_computed(steps: int, k: int) -> tuple[bool, ...]:
-    """`k` computed steps of `steps`, evenly spaced, step 0 first.
-
-    Example:
-        >>> evenly_computed(6, 3)
-        (True, False, True, False, True, False)
-    """
-    on = {(i * steps) // k for i in range(k)}
-    return tuple(s in on for s in range(steps))
 
 
 class CallTimer:
@@ -210,7 +199,7 @@ def call_at_depth(call: dict, blocks: int) -> float:
 
     Example:
         >>> call_at_depth({"total_ms": 10.0, "blocks_ms": [3.0, 1.0, 2.0]}, 40)
-        46.0
+        47.0
     """
     b = call["blocks_ms"]
     outside = call["total_ms"] - sum(b)
@@ -466,7 +455,12 @@ def per_generation_plan(cfg, grid, plan_recipe, *, steps: int, blocks: int, vali
     for r in rows + hook_rows:
         r["speedup"] = dense_ms / r["composed_ms"] if r.get("composed_ms") else None
     peaks = {v["label"]: v["peak_gib"] for v in validation}
-    mem = (peaks["unified plan"] / peaks["dense (cuDNN)"]) if peaks["dense (cuDNN)"] else None
+    mem = mem40 = None
+    if peaks["dense (cuDNN)"]:
+        # the full model holds (model_blocks - n) more blocks' weights in both runs; activations are per block
+        extra = (model_blocks - n) * sum(x.numel() * x.element_size() for x in model.blocks[0].parameters()) / 2**30
+        mem = peaks["unified plan"] / peaks["dense (cuDNN)"]
+        mem40 = (peaks["unified plan"] + extra) / (peaks["dense (cuDNN)"] + extra)
     model = None
     return dict(tokens=T * H * W, grid=list(grid), steps=steps, blocks_composed=model_blocks, blocks_measured=n,
                 validate_steps=validate_steps, cfg_calls_per_step=CALLS, source_plan=plan.to_dict(),
@@ -474,7 +468,8 @@ def per_generation_plan(cfg, grid, plan_recipe, *, steps: int, blocks: int, vali
                 components=dict(outside_dense_ms=comp.outside_dense_ms, outside_sparse_ms=comp.outside_sparse_ms,
                                 reuse_ms=comp.reuse_ms,
                                 block_ms=[dict(density=d, ratio=r, ms=v) for (d, r), v in sorted(comp.block_ms.items())]),
-                rows=rows, hooks=hook_rows, validation=validation, peak_plan_over_dense=mem)
+                rows=rows, hooks=hook_rows, validation=validation, peak_plan_over_dense=mem,
+                peak_plan_over_dense_full_depth=mem40)
 
 
 def tiny_plan_recipe():
@@ -510,7 +505,9 @@ def print_generation_plan(part: dict) -> None:
         print(f"{v['label']:<26}{v['measured_ms']:>13.1f}{v['composed_ms']:>13.1f}{v['measured_over_composed']:>8.3f}"
               f"{peak:>10}")
     mem = part["peak_plan_over_dense"]
-    print(f"peak memory, unified plan / dense: {'-' if mem is None else f'{mem:.3f}'}")
+    mem40 = part["peak_plan_over_dense_full_depth"]
+    print(f"peak memory, unified plan / dense: {'-' if mem is None else f'{mem:.3f}'} measured, "
+          f"{'-' if mem40 is None else f'{mem40:.3f}'} with the full depth's weights")
 
 
 def load_plan_recipe(path):
@@ -521,4 +518,4 @@ def load_plan_recipe(path):
     if r.plan is None:
         raise SystemExit(f"--plan: {path} has no generation plan (a version-2 recipe from "
                          "python -m sparsify.calibrate --time-budget ...)")
-    return copy.copy(r)
+    return r
