@@ -3,6 +3,9 @@
     python -m benchmarks.e2e [--frames 81,161] [--blocks 2] [--densities 0.1,0.05] [--tile 4x4x4]
                              [--compile] [--pipeline-steps 4] [--out FILE]
     python -m benchmarks.e2e --tiny        # CPU smoke run of every code path at toy sizes
+    python -m benchmarks.e2e --generation --plan PLAN.yaml [--steps 50] [--blocks 2] [--validate-steps 6]
+                             [--hooks fbc,mag,taylorseer]      # per generation, composed (benchmarks/e2e_generation.py)
+    python -m benchmarks.e2e --generation --tiny                # its CPU smoke run, with a plan built in code
 
 Part 1, per forward: the diffusers `WanTransformer3DModel` with the Wan2.1-14B config (random bf16 weights)
 cut to `--blocks` blocks, at 720p (81 frames: 75,600 tokens; 161 frames: 147,600). For each density it
@@ -38,7 +41,7 @@ import time
 
 import torch
 
-from benchmarks._common import WAN_1_3B, WAN_14B, build_wan, run_header, write_result
+from benchmarks._common import GRID_720P, WAN_1_3B, WAN_14B, build_wan, run_header, write_result
 
 TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=64, text_dim=32, freq_dim=32, ffn_dim=64,
             num_layers=2, in_channels=4, out_channels=4, rope_max_seq_len=64)
@@ -256,6 +259,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also time the sparsified model under compile_repeated_blocks")
     ap.add_argument("--pipeline-steps", type=int, default=4, help="sampling steps of the 1.3B pipeline (0: skip)")
+    ap.add_argument("--generation", action="store_true",
+                    help="only the per-generation rows of a plan: the Wan-14B shape, composed from measured parts")
+    ap.add_argument("--plan", default=None, help="with --generation: a version-2 recipe with a plan (the test-bed's)")
+    ap.add_argument("--steps", type=int, default=50, help="with --generation: sampling steps of the composed rows")
+    ap.add_argument("--validate-steps", type=int, default=6, help="with --generation: steps of the real generations")
+    ap.add_argument("--hooks", default="fbc,mag,taylorseer", help="with --generation: diffusers cache hooks stacked")
     ap.add_argument("--tiny", action="store_true", help="toy sizes on the CPU: a smoke run of every code path")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -271,6 +280,20 @@ def main(argv=None) -> int:
         result["diffusers"] = diffusers.__version__
     except ImportError:
         pass
+    if args.generation:
+        from benchmarks import e2e_generation as eg
+
+        if args.plan is None and not args.tiny:
+            raise SystemExit("--generation: give --plan PLAN.yaml (a version-2 recipe; --tiny builds one in code)")
+        recipe = eg.load_plan_recipe(args.plan) if args.plan else eg.tiny_plan_recipe()
+        cfg, grid = (TINY, (4, 4, 8)) if args.tiny else (WAN_14B, GRID_720P)
+        part = eg.per_generation_plan(cfg, grid, recipe, steps=args.steps, blocks=args.blocks,
+                                      validate_steps=args.validate_steps, hooks=[h for h in args.hooks.split(",") if h],
+                                      device=device, dtype=dtype, reps=args.reps, tiny=args.tiny)
+        result["generation_plan"] = part
+        eg.print_generation_plan(part)
+        write_result(result, args.out, "e2e_generation")
+        return 0
     forward = []
     for f in [int(x) for x in args.frames.split(",") if x]:
         lat = (f - 1) // 4 + 1

@@ -142,3 +142,18 @@ def test_plan_merges_tokens_in_its_step_range():
     assert lens == [128, 128, 96, 96, 96, 96, 128, 128]
     assert torch.isfinite(out).all() and all(s.calls == 8 for s in installed_sites(pipe.transformer))
     unsparsify(pipe.transformer)
+
+
+@pytest.mark.parametrize("blocks,steps", [(40, 50), (2, 6), (8, 8), (3, 2)])
+def test_a_plan_mapped_by_block_and_step_fraction(blocks, steps):
+    from sparsify.generation import MergeRange, StepPlan
+
+    p = StepPlan("WanTransformer3DModel", 8, 8, (True, True, False, True, False, False, True, True),
+                 (MergeRange((2, 3), 1, 5, 0.25), MergeRange((3, 4, 5), 0, 8, 0.5), MergeRange((7,), 6, 7, 0.125)))
+    q = p.mapped(blocks, steps)
+    assert (q.blocks, q.steps, q.model, q.tile) == (blocks, steps, p.model, p.tile)
+    for s in range(steps):
+        assert q.computes(s) == p.computes(s, steps)
+        for b in range(blocks):
+            assert q.ratio(b, s) == p.ratio(b * 8 // blocks, s, steps), (b, s)
+    assert load_recipe(v2(steps=steps, blocks=blocks, compute=q.compute, merge=q.to_dict().get("merge", []))).plan == q

@@ -70,6 +70,32 @@ class StepPlan:
         """Every step computed, nothing merged: the recipe runs exactly as its attention-only part."""
         return all(self.compute) and all(m.ratio == 0 for m in self.merge)
 
+    def mapped(self, blocks: int, steps: int) -> "StepPlan":
+        """This plan for a deeper or shallower model of the same family and another schedule length.
+
+        Step `i` of `steps` takes plan step `floor(i * self.steps / steps)` (as `plan_step` does at run time) and
+        block `b` of `blocks` takes plan block `floor(b * self.blocks / blocks)`: same fraction of the schedule and
+        of the depth. Merge ranges keep their order (the first range covering a block and step still wins); a
+        range no block or step maps to is dropped.
+
+        Example:
+            >>> p = StepPlan("WanTransformer3DModel", 4, 4, (True, True, False, True),
+            ...              (MergeRange((2, 3), 1, 3, 0.25),))
+            >>> q = p.mapped(blocks=8, steps=8)
+            >>> q.compute, q.merge
+            ((True, True, True, True, False, False, True, True), (MergeRange(blocks=(4, 5, 6, 7), from_step=2, to_step=6, ratio=0.25),))
+        """
+        if blocks < 1 or steps < 1:
+            raise ValueError(f"StepPlan.mapped: blocks and steps must be >= 1; got blocks={blocks}, steps={steps}")
+        compute = tuple(self.compute[self.plan_step(i, steps)] for i in range(steps))
+        merge = []
+        for m in self.merge:
+            bl = tuple(b for b in range(blocks) if (b * self.blocks) // blocks in m.blocks)
+            lo, hi = -(-m.from_step * steps // self.steps), -(-m.to_step * steps // self.steps)  # ceil
+            if bl and lo < hi:
+                merge.append(MergeRange(bl, lo, hi, m.ratio))
+        return StepPlan(self.model, blocks, steps, compute, tuple(merge), self.tile)
+
     def check_model(self, model_cls: str, blocks: int, where: str) -> None:
         """Raise RecipeError unless the plan was made for a model of class `model_cls` with `blocks` blocks."""
         if self.model != model_cls:
