@@ -32,7 +32,8 @@ def _leaks(before: dict, after: dict) -> list[str]:
     out = []
     new_sites = sorted(path for sid, path in after["sites"].items() if sid not in before["sites"])
     if new_sites:
-        out.append(f"{len(new_sites)} installed sites ({', '.join(new_sites[:4])}{', ...' if len(new_sites) > 4 else ''})")
+        shown = ", ".join(new_sites[:4]) + (", ..." if len(new_sites) > 4 else "")
+        out.append(f"{len(new_sites)} installed sites ({shown})")
     if after["sdpa"] > before["sdpa"]:
         out.append(f"F.scaled_dot_product_attention patched ({after['sdpa'] - before['sdpa']} more users)")
     if set(after["graph"]) - set(before["graph"]):
