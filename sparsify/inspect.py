@@ -61,12 +61,14 @@ def site_table(sites) -> str:
 
 def coverage_row(name: str) -> dict:
     """Check one diffusers video transformer built from its tiny config (`sparsify.testing.dits.DIFFUSERS_VIDEO`):
-    sites and kinds, geometry inferred without `grid=` or a family adapter, output at density 1.0 equal to the
-    original (fp32, eager, 1e-5), output at density 0.25 finite and different.
+    sites and kinds, geometry inferred without `grid=` or a family adapter, the video span the runtime will use at
+    every full self or joint site equal to the family's (`sparsify.testing.dits.coverage_video_span`), output at
+    density 1.0 equal to the original (fp32, eager, 1e-5), output at density 0.25 finite and different.
 
     Returns:
-        `{"class", "sites" ({kind: n}, factorized self sites as `self/spatial`, `self/temporal`), "geometry" (source and grid), "status" ("ok" or the failure), "error"
-        (max abs difference at density 1.0), "changed" (at 0.25)}`.
+        `{"class", "sites" ({kind: n}, factorized self sites as `self/spatial`, `self/temporal`), "geometry" (source
+        and grid), "video_spans" ({path: (start, length)} at the full self and joint sites), "expected_span",
+        "status" ("ok" or the failure), "error" (max abs difference at density 1.0), "changed" (at 0.25)}`.
 
     Example:
         >>> # coverage_row("WanTransformer3DModel")["status"]  -> 'ok'
@@ -77,7 +79,8 @@ def coverage_row(name: str) -> dict:
     from .api import sparsify, unsparsify
     from .testing import dits
 
-    row = {"class": name, "sites": {}, "geometry": "", "status": "", "error": None, "changed": None}
+    row = {"class": name, "sites": {}, "geometry": "", "video_spans": {}, "expected_span": None, "status": "",
+           "error": None, "changed": None}
     torch.manual_seed(0)
     m, kw = dits.DIFFUSERS_VIDEO[name]()
     m = m.eval()
@@ -91,6 +94,10 @@ def coverage_row(name: str) -> dict:
     if not any(s.kind in ("self", "joint") for s in sites):
         row["status"] = "no video site found"
         return row
+    row["video_spans"] = {s.path: (s.q_len - g.video_len if g.video_start < 0 else g.video_start, g.video_len)
+                          for s in sites if s.kind in ("self", "joint") and s.axis == "full"}
+    row["expected_span"] = dits.coverage_video_span(name, kw)
+    wrong = {p: span for p, span in row["video_spans"].items() if span != row["expected_span"]}
 
     def out():
         with torch.no_grad():
@@ -110,6 +117,10 @@ def coverage_row(name: str) -> dict:
     row["changed"] = float((outs[0.25] - ref).abs().max())
     ok = row["error"] <= 1e-5 and row["changed"] > 1e-4 and bool(torch.isfinite(outs[0.25]).all())
     row["status"] = "ok" if ok else f"FAILED (density 1.0 error {row['error']:.2e}, 0.25 change {row['changed']:.2e})"
+    if wrong:
+        path, span = next(iter(wrong.items()))
+        row["status"] = (f"FAILED (video span (start, length) {span} at '{path}' and {len(wrong) - 1} other sites, "
+                         f"expected {row['expected_span']})")
     return row
 
 

@@ -47,5 +47,25 @@ def test_video_transformer_is_served_without_grid(name):
     grid = dits.COVERAGE_GRIDS.get(name, dits.COVERAGE_GRID)
     assert row["geometry"].startswith("inferred from") and f"grid {grid}" in row["geometry"]
     assert row["error"] <= 1e-5 and row["changed"] > 1e-4, row
+    full = row["sites"].get("self", 0) + row["sites"].get("joint", 0)
+    assert len(row["video_spans"]) == full
+    assert all(span == row["expected_span"] for span in row["video_spans"].values()), row
     assert row["status"] == "ok"
+    torch._dynamo.reset()
+
+
+def test_a_wrongly_inferred_video_offset_fails_the_row(monkeypatch):
+    from sparsify.adapters import infer
+
+    real = infer.find_sites_inferred
+
+    def video_first(model, inputs, unplaced=None):  # CogVideoX puts its 8 text tokens first: offset 0 is wrong
+        sites, adapter = real(model, inputs, unplaced)
+        adapter.video_start = 0
+        return sites, adapter
+
+    monkeypatch.setattr(infer, "find_sites_inferred", video_first)
+    row = coverage_row("CogVideoXTransformer3DModel")
+    assert row["expected_span"] == (8, 256) and set(row["video_spans"].values()) == {(0, 256)}
+    assert row["status"].startswith("FAILED (video span"), row["status"]
     torch._dynamo.reset()

@@ -167,3 +167,19 @@ def test_merge_blocks_argument_errors():
         merge_blocks(m, 0.75, tile=TILE)
     with pytest.raises(SparsifyArgumentError, match=r"block index 5 does not exist: the model has 2 blocks"):
         merge_blocks(m, {5: 0.25}, tile=TILE)
+
+
+def test_merging_reads_its_own_models_grid_not_the_one_another_model_left():
+    a, b = dits.tiny_wan(), dits.tiny_wan()
+    sparsify(a, {"version": 1, "defaults": {"method": "dense"}})
+    try:
+        with torch.no_grad():
+            a(**adapter_for(a).example_inputs(a, grid=(1, 8, 8)))  # the runtime's geometry is now a's (1, 8, 8)
+            merging = merge_blocks(b, {0: 0.25}, tile=TILE)
+            b(**_wan_inputs(b))
+        merging.remove()
+        assert merging.mergers[0].tokens_in == [128 - 2 * 16]  # both 1x8x8 tiles of b's (2, 8, 8) grid merged
+        assert runtime.STATE.geometry == (1, 8, 8, 0)
+    finally:
+        unsparsify(a)
+    assert runtime.STATE.geometry is None and runtime.STATE.timestep is None  # unsparsify forgot a's last forward

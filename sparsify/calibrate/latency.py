@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
@@ -354,25 +353,6 @@ class _Inputs:
         self._h.remove()
 
 
-@contextlib.contextmanager
-def merged_geometry(model: torch.nn.Module, example_inputs: dict):
-    """Let token merging see `example_inputs`' grid while blocks run outside a sparsified forward (restored after).
-
-    Example:
-        >>> # with merged_geometry(model, inputs): model(**inputs)
-    """
-    from ..adapters import adapter_for
-    from ..runtime.state import STATE
-
-    g = adapter_for(model).geometry(model, (), example_inputs)
-    saved = STATE.geometry
-    STATE.geometry = (*g.grid, g.video_start)
-    try:
-        yield
-    finally:
-        STATE.geometry = saved
-
-
 @torch.no_grad()
 def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles=((4, 4, 4),),
                           densities=(0.05, 0.1, 0.2, 0.5), ratios=DEFAULT_RATIOS, merge_tile=(4, 4, 4),
@@ -408,6 +388,7 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         >>> sorted(t.block_ms), sorted(t.attention_ms[(4, 4, 4)])
         ([0.0, 0.25], [0.5])
     """
+    from ..adapters import adapter_for
     from ..api import SPARSE_KINDS, find_sites, installed_sites, sparsify, unsparsify
     from ..generation.merge import merge_blocks
     from ..recipe import Budget, HeadConfig
@@ -434,11 +415,11 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         dense_attention = {0.0: time_it(lambda: attn_in.call(attn))}
         for r in sorted({float(r) for r in ratios} - {0.0}):
             merging = merge_blocks(model, {0: r}, tile=merge_tile)
+            merging.set_geometry(adapter_for(model).geometry(model, (), example_inputs))  # the block runs alone
             try:
-                with merged_geometry(model, example_inputs):
-                    block_in.call(blocks[0])  # the attention's arguments at the merged length
-                    alone[r] = time_it(lambda: block_in.call(blocks[0]))
-                    dense_attention[r] = time_it(lambda: attn_in.call(attn))
+                block_in.call(blocks[0])  # the attention's arguments at the merged length
+                alone[r] = time_it(lambda: block_in.call(blocks[0]))
+                dense_attention[r] = time_it(lambda: attn_in.call(attn))
             finally:
                 merging.remove()
     finally:

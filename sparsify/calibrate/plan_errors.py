@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .latency import merged_geometry
-
 
 @dataclass
 class Trajectory:
@@ -182,8 +180,7 @@ def merge_errors(model, traj: Trajectory, steps: list[int], groups, ratios, tile
             merging = merge_blocks(model, {b: float(r) for b in group}, tile=tile)
             try:
                 for si, s in enumerate(steps):
-                    with merged_geometry(model, traj.calls[s][0]):
-                        out[gi, si, ri] = traj.error(traj.run(model, s), s)
+                    out[gi, si, ri] = traj.error(traj.run(model, s), s)
             finally:
                 merging.remove()
     return out

@@ -13,6 +13,21 @@ from ..recipe import check_tile
 from ..runtime.state import STATE
 
 
+def forward_geometry(model: torch.nn.Module, args, kwargs, fallback=None) -> Geometry | None:
+    """The token grid of one forward of `model` (its top-level arguments): from the adapter `sparsify()` installed
+    on it, else from `fallback` (the model's family adapter); None when neither is known. Read from the model's own
+    arguments, never from the runtime's process-wide geometry, which another model's forward may have left.
+
+    Example:
+        >>> from sparsify.adapters import GridAdapter
+        >>> forward_geometry(torch.nn.Identity(), (), {}, GridAdapter((4, 8, 8))).grid
+        (4, 8, 8)
+    """
+    inst = getattr(model, "_sparsify", None)
+    adapter = getattr(inst, "adapter", None) or fallback
+    return adapter.geometry(model, args, kwargs) if adapter is not None else None
+
+
 @dataclass
 class TileMerge:
     """Which tokens of a tiled video span a merge keeps, and where each merged one went (one call).
@@ -199,13 +214,16 @@ class BlockMerger:
         ratio: fraction of each tile's tokens merged, in [0, 0.5]; `r = floor(ratio * volume)`.
         tile: the 3-D tile `(t, h, w)` merging happens in; the recipe's tile keeps merged tiles aligned with
             the block-sparse kernel's.
+
+    Its owner (`TokenMerging`, `PlanRunner`) sets `geometry` at every forward of the model from that model's own
+    arguments (`forward_geometry`); the block runs unmerged while it is None.
     """
 
     def __init__(self, block: torch.nn.Module, ratio: float, tile=(4, 4, 4)):
         self.block, self.ratio, self.tile = block, float(ratio), check_tile(tile, "tile")
         self.r = int(self.ratio * self.tile[0] * self.tile[1] * self.tile[2])
         self.tokens_in: list[int] = []  # sequence length through the block per call (for tests and reports)
-        self.geometry: Geometry | None = None  # the current forward's token grid (set by merge_blocks' model hook)
+        self.geometry: Geometry | None = None  # the model's current token grid (set by the owner's model hook)
         self._ctx: list = []
         self._handles = [block.register_forward_pre_hook(self._pre, with_kwargs=True),
                          block.register_forward_hook(self._post, with_kwargs=True)]
@@ -219,13 +237,12 @@ class BlockMerger:
         names = ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb")
         bound = dict(zip(names, args), **kwargs)
         x = bound["hidden_states"]
-        geo = STATE.geometry if STATE.geometry is not None else (
-            None if self.geometry is None else (*self.geometry.grid, self.geometry.video_start))
+        geo = self.geometry
         if self.r == 0 or geo is None:
             self._ctx.append(None)
             self.tokens_in.append(x.shape[1])
             return None
-        grid, vs = tuple(geo[:3]), geo[3]
+        grid, vs = geo.grid, geo.video_start
         if vs < 0:
             vs = x.shape[1] - grid[0] * grid[1] * grid[2]
         if any(g % t for g, t in zip(grid, self.tile)):
@@ -274,21 +291,29 @@ class BlockMerger:
 
 
 class TokenMerging:
-    """The block mergers `merge_blocks` installed on a model, and the model hook that gives them the grid."""
+    """The block mergers `merge_blocks` installed on a model, and the model hook that gives them the grid of each
+    forward (`forward_geometry`: sparsify's adapter on the model, else its family adapter)."""
 
     def __init__(self, model: torch.nn.Module, mergers: list[BlockMerger]):
         from ..adapters import adapter_for
 
         self.mergers = mergers
-        adapter = adapter_for(model)
-        self._hook = None
-        if adapter is not None:
-            def grid_hook(mod, args, kwargs):
-                g = adapter.geometry(mod, args, kwargs)
-                for mg in self.mergers:
-                    mg.geometry = g
+        family = adapter_for(model)
 
-            self._hook = model.register_forward_pre_hook(grid_hook, with_kwargs=True)
+        def grid_hook(mod, args, kwargs):
+            self.set_geometry(forward_geometry(mod, args, kwargs, family))
+
+        self._hook = model.register_forward_pre_hook(grid_hook, with_kwargs=True)
+
+    def set_geometry(self, geometry: Geometry | None) -> None:
+        """Give every merger the token grid; for blocks called on their own, outside a forward of the model (whose
+        hook sets the grid of each forward).
+
+        Example:
+            >>> # merging.set_geometry(adapter_for(model).geometry(model, (), inputs)); model.blocks[0](*block_args)
+        """
+        for mg in self.mergers:
+            mg.geometry = geometry
 
     def remove(self) -> None:
         """Undo the merging: every block computes exactly what it computed before."""
@@ -302,7 +327,8 @@ class TokenMerging:
 def merge_blocks(model: torch.nn.Module, ratios, tile=(4, 4, 4)) -> TokenMerging:
     """Merge tokens around blocks of a diffusers Wan transformer (`model.blocks`).
 
-    The token grid comes from sparsify's geometry hook on a sparsified model, else from the model's adapter.
+    The token grid of each forward comes from the model's own arguments: through the adapter `sparsify()` installed
+    on it when sparsified, else through its family adapter (`TokenMerging.set_geometry` for blocks called alone).
 
     Args:
         model: the transformer (sparsified or not).

@@ -264,6 +264,7 @@ class PlanRunner:
 
     def _before(self, model, args, kwargs):
         """Per forward (after sparsify's step hook): this step's compute flag, call slot and merge ratios."""
+        from .merge import forward_geometry
         from .steps import cache_context
 
         ctx = cache_context(model)
@@ -285,9 +286,11 @@ class PlanRunner:
         if step == 0:
             self.residual.pop(self.slot, None)
         self.compute_now = self.plan.computes(step, num) or self.slot not in self.residual
+        geometry = forward_geometry(model, args, kwargs) if self.mergers else None
         for b, mg in self.mergers.items():  # a reused step runs no block: nothing to merge
             ratio = self.plan.ratio(b, step, num) if self.compute_now else 0.0
             mg.r = int(ratio * mg.tile[0] * mg.tile[1] * mg.tile[2])
+            mg.geometry = geometry
         return None
 
     def remove(self) -> None:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..runtime import STATE, set_timestep, site_state
+from ..geometry import Geometry
+from ..runtime import STATE, set_geometry, set_timestep, site_state
 from .shard import _ring_error, manual_shard
 
 #: How xfuser 0.7 lays out each family's attention sequence over P Ulysses ranks (by sparsify adapter name):
@@ -284,7 +285,7 @@ def enable(transformer) -> None:
         def grid_hook(mod, args, kwargs):
             g = inst.adapter.geometry(inner, args, kwargs)
             rows = get_sp_group().ulysses_world_size if split == "rows" else 1
-            STATE.geometry = (g.grid[0], g.grid[1] * rows, g.grid[2], g.video_start)
+            set_geometry(Geometry((g.grid[0], g.grid[1] * rows, g.grid[2]), g.video_start), inst)
             set_timestep(inst.adapter.timestep(inner, args, kwargs))
 
         hooks.append(transformer.register_forward_pre_hook(grid_hook, with_kwargs=True))

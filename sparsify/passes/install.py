@@ -233,7 +233,7 @@ def install(model, infos, states, recipe, adapter, import_modules, mode: str = "
         if adapter is not None:
             def geometry_hook(mod, args, kwargs, _adapter=adapter):
                 g = _adapter.geometry(mod, args, kwargs)
-                STATE.geometry = (g.grid[0], g.grid[1], g.grid[2], g.video_start)
+                runtime.set_geometry(g, inst)
                 runtime.set_timestep(_adapter.timestep(mod, args, kwargs))
 
             if mode == "graph":  # run eagerly, before the compiled graph that reads it
@@ -277,3 +277,4 @@ def uninstall(model, inst: Installation) -> None:
         if module.__dict__.get("_compiled_call_impl") is not before:
             module._compiled_call_impl = before
     inst.compiled.clear()
+    runtime.forget_geometry(inst)

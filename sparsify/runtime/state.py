@@ -180,6 +180,7 @@ class _State:
     def __init__(self):
         self.sites: dict[int, SiteState] = {}
         self.geometry: tuple[int, int, int, int] | None = None  # (T, H, W, video_start) of the current forward
+        self.geometry_owner = None  # the installation whose forward set `geometry` and `timestep` (see forget_geometry)
         self.timestep = None  # the current forward's timestep tensor (set by the geometry hook)
         self.timestep_seen = None  # (tensor, version, value) of the last timestep read by `timestep_value`
         self.steps = StepTracker()
@@ -202,6 +203,27 @@ def new_generation() -> None:
     STATE.steps.reset()
     for st in STATE.sites.values():
         st.cache.clear()
+
+
+def set_geometry(geometry: Geometry, owner) -> None:
+    """Record the current forward's geometry, set by the installation `owner` (a model's geometry hook).
+
+    Example:
+        >>> set_geometry(Geometry((4, 8, 8), 0), owner="demo"); current_geometry()
+        [4, 8, 8, 0]
+        >>> forget_geometry("demo"); current_geometry()
+        []
+    """
+    STATE.geometry = (geometry.grid[0], geometry.grid[1], geometry.grid[2], geometry.video_start)
+    STATE.geometry_owner = owner
+
+
+def forget_geometry(owner) -> None:
+    """Drop the geometry and timestep of the last forward if `owner` set them (its model is being unsparsified), so
+    that no later call (token merging, another model, a block called alone) reads a grid left by that model."""
+    if STATE.geometry_owner is owner:
+        STATE.geometry = STATE.geometry_owner = None
+        set_timestep(None)
 
 
 def current_geometry() -> list[int]:

@@ -716,6 +716,28 @@ DIFFUSERS_VIDEO = {
     "LTX2VideoTransformer3DModel": _tiny_ltx2,
 }
 
+#: Joint-attention classes whose text tokens come before the video in the attention sequence (read from diffusers'
+#: source: CogVideoX, ConsisID and EasyAnimate concatenate `[text, video]`; HunyuanVideo, Motif and JoyImage-Edit
+#: concatenate `[video, text]`). Every other covered class attends over the video alone at its full self sites.
+COVERAGE_TEXT_FIRST = frozenset({"CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel",
+                                 "EasyAnimateTransformer3DModel"})
+
+
+def coverage_video_span(name: str, inputs: dict) -> tuple[int, int]:
+    """The `(start, length)` of the video tokens at every full self or joint site of the tiny `name` built by
+    `DIFFUSERS_VIDEO`, from the family's token order (`COVERAGE_TEXT_FIRST`), the text tokens its builder passes
+    (`encoder_hidden_states`) and its coverage grid: the oracle for the inferred span, independent of discovery.
+
+    Example:
+        >>> coverage_video_span("CogVideoXTransformer3DModel", {"encoder_hidden_states": torch.zeros(1, 8, 16)})
+        (8, 256)
+        >>> coverage_video_span("WanTransformer3DModel", {})
+        (0, 256)
+    """
+    length = math.prod(COVERAGE_GRIDS.get(name, COVERAGE_GRID))
+    return (int(inputs["encoder_hidden_states"].shape[1]) if name in COVERAGE_TEXT_FIRST else 0), length
+
+
 #: diffusers video transformers this coverage does not serve, each with the reason (asserted by the test).
 DIFFUSERS_VIDEO_UNSUPPORTED = {
     "MochiTransformer3DModel": "attention runs per batch element over the valid text tokens (torch.nonzero): Dynamo "
