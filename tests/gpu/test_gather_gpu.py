@@ -138,14 +138,14 @@ def test_gather_key_groups_match_group_means_on_real_shape():
     """The fused gather's k group means (Veda's `keys/4` rows) against the separate `group_means` pass."""
     from sparsify.runtime.tiled import tile_sequence
     from sparsify.kernels.tile_select import group_means
-    from sparsify.geometry import Geometry, remembered, tile_layout
+    from sparsify.geometry import Geometry, tile_layout
 
     grid = (21, 45, 80)
     lay, geo = tile_layout(grid, (4, 4, 4), "cuda"), Geometry(grid)
     q, k, v = (torch.randn(1, 4, geo.video_len, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     ts = tile_sequence(q, k, v, geo, lay, key_group=4)
     kt = ts.k[:, :, :lay.padded_len]
-    got = remembered(kt, lay, "group4")
+    got = ts.k_group_means
     want = group_means(kt, lay.tile_lens, 64, 4)
     assert got is not None and got.shape == want.shape
     assert (got.float() - want.float()).abs().max() < 2e-2  # both float32 sums rounded to bf16
