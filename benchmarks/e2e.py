@@ -205,13 +205,11 @@ def per_forward(cfg, grid, n_blocks, densities, tile, device, dtype, reps, compi
     return dict(tokens=S, grid=list(grid), blocks=n_blocks, rows=rows)
 
 
-def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False):
-    """Part 2: a WanPipeline generation (latents out, prompt embeddings in), dense and sparsified."""
+def wan_generation(model, cfg, grid, steps, device, dtype, tiny=False):
+    """`generate(callback=None)`: one `WanPipeline` generation around `model` (latents out, random prompt
+    embeddings in, CFG 5, cuDNN attention), at the video size of the latent `grid`."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    from sparsify import installed_sites, sparsify, unsparsify
-
-    model = build_wan(cfg, device=device).to(dtype)
     pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
     pipe.set_progress_bar_config(disable=True)
@@ -220,12 +218,23 @@ def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False)
     text_len = 8 if tiny else 512
     frames, height, width = (T - 1) * 4 + 1, H * p[1] * 8, W * p[2] * 8
 
-    def generate():
+    def generate(callback=None):
         emb = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
         with torch.no_grad(), _cudnn(device):
             return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.randn_like(emb), height=height, width=width,
                         num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
-                        generator=torch.Generator(device).manual_seed(0)).frames
+                        generator=torch.Generator(device).manual_seed(0), callback_on_step_end=callback).frames
+
+    return generate
+
+
+def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False):
+    """Part 2: a WanPipeline generation (latents out, prompt embeddings in), dense and sparsified."""
+    from sparsify import installed_sites, sparsify, unsparsify
+
+    model = build_wan(cfg, device=device).to(dtype)
+    generate = wan_generation(model, cfg, grid, steps, device, dtype, tiny)
+    T, H, W = grid
 
     rows = []
     variants = [("dense (cuDNN)", None, {})] + [(f"vsa {d:g}", d, {}) for d in densities]
@@ -246,7 +255,7 @@ def per_generation(cfg, grid, steps, densities, tile, device, dtype, tiny=False)
             unsparsify(model)
     for r in rows:
         r["speedup"] = rows[0]["generation_ms"] / r["generation_ms"]
-    pipe = model = None  # free them (the closures above still name them)
+    generate = model = None  # free them
     return dict(tokens=T * H * W, grid=list(grid), steps=steps, cfg_calls_per_step=2, rows=rows)
 
 

@@ -232,7 +232,7 @@ def measure_components(model, make_inputs, needed: set, recipe, tile, device, re
     """Time the cut model's parts for every (density, ratio) in `needed` (see the module docstring)."""
     from benchmarks.e2e import _block_inputs, _cudnn, timed
     from sparsify import sparsify, unsparsify
-    from sparsify.calibrate.latency import merged_geometry
+    from sparsify.adapters import adapter_for
     from sparsify.generation import StepPlan, merge_blocks
 
     n = len(model.blocks)
@@ -252,9 +252,10 @@ def measure_components(model, make_inputs, needed: set, recipe, tile, device, re
                 bargs, bkw = _block_inputs(model, inputs)
                 for r in sorted({r for x, r in needed if x == d} | {0.0}):
                     merging = merge_blocks(model, {0: r}, tile=tile) if r > 0 else None
+                    if merging is not None:  # the block runs alone, outside a forward of the model
+                        merging.set_geometry(adapter_for(model).geometry(model, (), inputs))
                     try:
-                        with merged_geometry(model, inputs):
-                            block_ms[(d, r)] = timed(lambda: model.blocks[0](*bargs, **bkw), tuple, device, reps)
+                        block_ms[(d, r)] = timed(lambda: model.blocks[0](*bargs, **bkw), tuple, device, reps)
                     finally:
                         if merging is not None:
                             merging.remove()
@@ -327,29 +328,6 @@ def _fbc_script(model):
     return cb
 
 
-def _pipeline(model, cfg, grid, steps, device, dtype, tiny):
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    from benchmarks.e2e import _cudnn
-
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=model,
-                       scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0))
-    pipe.set_progress_bar_config(disable=True)
-    T, H, W = grid
-    p = cfg["patch_size"]
-    text_len = 8 if tiny else 512
-    frames, height, width = (T - 1) * 4 + 1, H * p[1] * 8, W * p[2] * 8
-
-    def generate(callback=None):
-        emb = torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype)
-        with torch.no_grad(), _cudnn(device):
-            return pipe(prompt_embeds=emb, negative_prompt_embeds=torch.randn_like(emb), height=height, width=width,
-                        num_frames=frames, num_inference_steps=steps, guidance_scale=5.0, output_type="latent",
-                        generator=torch.Generator(device).manual_seed(0), callback_on_step_end=callback).frames
-
-    return generate
-
-
 def _timed_generation(model, generate, device, callback=None) -> tuple[list, float | None]:
     """One warm-up generation, then one timed: per-call records (CallTimer) and peak GPU memory (GiB)."""
     generate(callback)
@@ -412,7 +390,9 @@ def per_generation_plan(cfg, grid, plan_recipe, *, steps: int, blocks: int, vali
     dense_ms = rows[0]["composed_ms"]
     plan_ms = rows[2]["composed_ms"]
 
-    generate = _pipeline(model, cfg, grid, validate_steps, device, dtype, tiny)
+    from benchmarks.e2e import wan_generation
+
+    generate = wan_generation(model, cfg, grid, validate_steps, device, dtype, tiny)
     validation = []
     for label, (pl, d) in rows_cut.items():
         recipe = None if label.startswith("dense") else _cut_recipe(
