@@ -11,13 +11,18 @@ from pathlib import Path
 import torch
 
 from .. import runtime
+from ..factorized import axis_tile, temporal_is_long
 from .measure import SiteMeasurement, measure_site
 
 
 class Capture:
     """Observer installed on the runtime while the dense model runs the calibration forwards.
 
-    Each site call is measured (see `measure_site`) and accumulated per site. With a checkpoint
+    Each site call is measured (see `measure_site`) and accumulated per site. A factorized site is measured as
+    the runtime runs it: on its per-sequence geometry (the observer receives it) with the tile `axis_tile` maps
+    each candidate to; a temporal site's candidate that the runtime keeps dense (`temporal_is_long` is False)
+    is recorded at cost 1 with no error, and a site whose every candidate is such is listed in `dense_only`.
+    `work` holds each site's dense attention work per call, sequences times squared length. With a checkpoint
     directory every (call, site) result is written as it is produced; a rerun with the same settings
     loads those instead of measuring again, so an interrupted run loses nothing already measured.
 
@@ -44,6 +49,8 @@ class Capture:
         self.veda: dict[tuple, list] = {}  # (site path, tile) -> [sum of fitted estimator weights, calls]
         self.measured = 0
         self.grids: dict[tuple, int] = {}  # token grid (T, H, W) -> site calls observed on it
+        self.work: dict[str, float] = {}  # site path -> dense attention work of its last call (B·S²)
+        self.dense_only: set[str] = set()  # temporal sites the runtime runs dense for every candidate tile
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         if self.dir is not None:
             self._open_checkpoints(hashlib.sha256(config_key.encode()).hexdigest()[:16])
@@ -85,6 +92,11 @@ class Capture:
         call = self.calls.get(st.path, 0)
         self.calls[st.path] = call + 1
         self.grids[tuple(geom.grid)] = self.grids.get(tuple(geom.grid), 0) + 1
+        B, _, S, _ = q.shape
+        self.work[st.path] = float(B) * S * S
+        runs_dense = [st.axis == "temporal" and not temporal_is_long(S, t) for t in self.tiles]
+        if all(runs_dense):
+            self.dense_only.add(st.path)
         f = self._file(st.path, call) if self.dir is not None else None
         saved = self._load(f) if f is not None else None
         if saved is not None:
@@ -95,9 +107,9 @@ class Capture:
         else:
             self.measured += 1
             t0 = time.perf_counter()
-            fitted = self._fit_veda(st.path, q, k, geom) if "veda" in self.methods else {}
-            m = measure_site(q, k, v, geom, self.tiles, self.levels, methods=self.methods, scale=scale, key_mask=key_mask,
-                             query_fraction=self.query_fraction, seed=call, rankers=self._veda_rankers(st.path))
+            fitted = self._fit_veda(st.path, st.axis, q, k, geom, [t for t, d in zip(self.tiles, runs_dense) if not d]) \
+                if "veda" in self.methods else {}
+            m = self._measure(st, q, k, v, geom, scale, key_mask, call, runs_dense)
             self.seconds += time.perf_counter() - t0
             if f is not None:
                 tmp = f.with_suffix(".tmp")
@@ -110,21 +122,42 @@ class Capture:
         if self.progress is not None:
             self.progress.update(st.path)
 
+    def _measure(self, st, q, k, v, geom, scale, key_mask, call, runs_dense) -> SiteMeasurement:
+        """Measure the candidate tiles the runtime runs sparse on this site's axis; the others are dense."""
+        sparse = [i for i, d in enumerate(runs_dense) if not d]
+        n_m, n_t, H = len(self.methods), len(self.tiles), q.shape[1]
+        idx = [mi * n_t + i for mi in range(n_m) for i in sparse]
+        sq_err = torch.zeros(H, n_m * n_t, len(self.levels), dtype=torch.float64)
+        cost = torch.ones(n_m * n_t, len(self.levels), dtype=torch.float64)
+        energy = torch.zeros(H, n_m * n_t, dtype=torch.float64)
+        if sparse:
+            rankers = self._veda_rankers(st.path)
+            rankers = rankers and {(m, axis_tile(t, st.axis)): f for (m, t), f in rankers.items()}
+            m = measure_site(q, k, v, geom, [axis_tile(self.tiles[i], st.axis) for i in sparse], self.levels,
+                             methods=self.methods, scale=scale, key_mask=key_mask, query_fraction=self.query_fraction,
+                             seed=call, rankers=rankers)
+            sq_err[:, idx], cost[idx], energy[:, idx] = m.sq_err, m.cost, m.energy
+        dense_rows = [c for c in range(n_m * n_t) if c not in idx]
+        if dense_rows:  # the same per-head energy as a measured candidate: a head's share must not depend on it
+            energy[:, dense_rows] = energy[:, idx].mean(1, keepdim=True) if idx else 1.0
+        return SiteMeasurement(sq_err=sq_err, energy=energy, cost=cost, calls=1)
+
     def _add_veda(self, path, tile, weights):
         acc = self.veda.setdefault((path, tuple(tile)), [torch.zeros_like(weights), 0])
         acc[0] += weights
         acc[1] += 1
 
-    def _fit_veda(self, path, q, k, geom) -> dict:
-        """Distill Veda's per-head estimator for every candidate tile from this call's full attention."""
+    def _fit_veda(self, path, axis, q, k, geom, tiles) -> dict:
+        """Distill Veda's per-head estimator for every candidate tile (on the layout of the site's axis) from this
+        call's full attention."""
         from ..runtime.op import _autograd_dispatch
         from ..geometry import tile_layout, to_tiles
         from ..methods.veda import FEATURES, fit_veda_estimator
 
         vs, vl = geom.video_start, geom.video_len
         out = {}
-        for tile in self.tiles:
-            lay = tile_layout(geom.grid, tile, q.device)
+        for tile in tiles:
+            lay = tile_layout(geom.grid, axis_tile(tile, axis), q.device)
             qt, kt = (to_tiles(x[:, :, vs:vs + vl].float(), lay) for x in (q, k))
             # the fit is an L-BFGS solve: calibration forwards run under no_grad and inside the custom op
             with torch.enable_grad(), _autograd_dispatch():

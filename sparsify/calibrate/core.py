@@ -88,8 +88,10 @@ class CalibrationResult:
         return self.allocation.choice
 
 
-def _problem(infos, results, cands, levels):
-    """Build the [G, O] cost and error matrices: option 0 is dense, then every (method, tile) x level."""
+def _problem(infos, results, cands, levels, work=None):
+    """Build the [G, O] cost and error matrices: option 0 is dense, then every (method, tile) x level. A head's
+    weight is its site's dense attention work per call, `work[path]` (sequences times squared length, which
+    counts a factorized site's folded frames or pixels), else the squared sequence length."""
     options = [("dense", None, None)] + [(tuple(t), float(d), m) for m, t in cands for d in levels]
     costs, errors, weights, layers, names = [], [], [], [], []
     for si, info in enumerate(infos):
@@ -99,7 +101,7 @@ def _problem(infos, results, cands, levels):
         for h in range(info.heads):
             costs.append(np.concatenate([[1.0], m.cost.numpy().reshape(-1)]))
             errors.append(np.concatenate([[0.0], (rel[h] * share[h]).reshape(-1)]))
-            weights.append(float(info.q_len) ** 2)
+            weights.append(float((work or {}).get(info.path, float(info.q_len) ** 2)))
             layers.append(si)
             names.append(f"{info.path}.heads[{h}]")
     return options, np.array(costs), np.array(errors), np.array(weights), np.array(layers), names
@@ -294,7 +296,8 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
                                 head_dim=i.head_dim, configs=[HeadConfig(method="dense")] * i.heads, index=n,
                                 axis=i.axis)
               for n, i in enumerate(infos)]
-    config_key = repr((type(model).__name__, [(i.path, i.heads) for i in infos], tiles, levels, methods,
+    config_key = repr((type(model).__name__, [(i.path, i.heads) + ((i.axis,) if i.axis != "full" else ()) for i in infos],
+                       tiles, levels, methods,
                        config.query_fraction, inputs_hash))
     ckpt = config.checkpoint_dir
     bar = Progress(len(infos) * n_forwards if n_forwards else None, enabled=config.progress)
@@ -317,7 +320,7 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
     missing = [i.path for i in infos if i.path not in cap.results]
     if missing:
         raise RuntimeError(f"sparsify.calibrate: the forward loop never reached these sites: {', '.join(missing)}")
-    options, cost, error, weight, layer, names = _problem(infos, cap.results, cands, levels)
+    options, cost, error, weight, layer, names = _problem(infos, cap.results, cands, levels, cap.work)
     attention_error = error.copy()
     alphas = measured = None
     if config.output_error:
@@ -328,7 +331,8 @@ def run_calibration(model, forward_loop, config: CalibrationConfig | None = None
         bar.close()
         error = error * alphas[layer][:, None]
     clock["output error"] = time.perf_counter()
-    forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in set(config.dense_layers)}
+    dense_sites = set(config.dense_layers) | {n for n, i in enumerate(infos) if i.path in cap.dense_only}
+    forced = {g: 0 for g in range(len(layer)) if int(layer[g]) in dense_sites}
     try:
         alloc = solve_allocation(cost, error, config.budget, weight=weight, layer=layer, forced=forced or None,
                                  min_layer_density=config.min_layer_density, error_cap=config.error_cap,
