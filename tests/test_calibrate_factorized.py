@@ -56,6 +56,7 @@ def test_predicted_density_is_what_the_runtime_achieves_and_short_temporal_sites
 
 
 def test_measured_head_error_of_a_spatial_site_is_the_runtimes_error():
+    """Each spatial head's error the capture measures at (TILE, 0.25) is the error of the runtime's output."""
     m, x = dits.factorized_dit(), latent()
     path, levels, li = "spatial.0.attn", [0.25, 0.5], 0
     sparsify(m, recipe(1.0), example_inputs=(x,))
