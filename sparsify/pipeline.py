@@ -54,9 +54,17 @@ def _sparsify_at_first_call(model, recipe, mode: str):
         raise RuntimeError("sparsify: this model is already sparsified; call unsparsify(pipe) first")
 
     def hook(module, args, kwargs):
-        module._sparsify_pending.remove()
+        handle = module._sparsify_pending
+        handle.remove()
         del module._sparsify_pending
         sparsify(module, recipe, example_inputs=call_inputs(module, args, kwargs), mode=mode)
+        # the hooks sparsify() registered (geometry, step clock) run from the next call on: run them for this one
+        for hid, fn in [(i, f) for i, f in module._forward_pre_hooks.items() if i > handle.id]:
+            out = fn(module, args, kwargs) if hid in module._forward_pre_hooks_with_kwargs else fn(module, args)
+            if out is not None:
+                args, kwargs = out if hid in module._forward_pre_hooks_with_kwargs else (out, kwargs)
+                args = args if isinstance(args, tuple) else (args,)
+        return args, kwargs
 
     model._sparsify_pending = model.register_forward_pre_hook(hook, with_kwargs=True)
 
