@@ -1,5 +1,5 @@
-"""Calibrating real diffusers pipelines: tiny Wan T2V, Wan 2.2 two-transformer and I2V, CogVideoX T2V and I2V and
-HunyuanVideo pipelines saved to disk and loaded back through `python -m sparsify.calibrate --pipeline`, pipeline
+"""Calibrating real diffusers pipelines: tiny Wan T2V, Wan 2.2 two-transformer and I2V, CogVideoX T2V and I2V,
+HunyuanVideo and LTX-Video pipelines saved to disk and loaded back through `python -m sparsify.calibrate --pipeline`, pipeline
 recipes, mask reuse on the pipeline's trajectory, resolution transfer."""
 
 from __future__ import annotations
@@ -192,6 +192,29 @@ def test_hunyuan_prompts_encoded_once_and_guidance_as_an_embedding(saved, prompt
     assert (recipe.calibration["pipeline"], recipe.calibration["calls_per_site"]) == ("HunyuanVideoPipeline", 4)
     assert list(recipe.sites) == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     _sparse_generation_differs(load_pipeline(path), recipe, n_sites=2, calls=4, density=JOINT_DENSITY)
+
+
+def test_cli_ltx_geometry_inferred_from_its_call_and_masks_named_by_encode_prompt(saved, prompts, tmp_path):
+    """LTX-Video: no family adapter (the grid comes from the call's num_frames/height/width), patchified latents,
+    both guidance branches in one batch of 2, and `encode_prompt` returning the masks between the embeddings."""
+    path = saved("tiny-ltx")
+    pipe = load_pipeline(path)
+    call = encode_prompts(pipe, PROMPTS[:1], max_sequence_length=12)[0]
+    assert list(call) == ["prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                          "negative_prompt_attention_mask"]
+    assert call["prompt_embeds"].shape == (1, 12, 16) and call["prompt_attention_mask"].shape == (1, 12)
+    out = tmp_path / "ltx.yaml"
+    assert main(["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "2", *FAST, "--budget", "0.6",
+                 "--out", str(out)]) == 0
+    recipe = load_recipe(out)
+    cal = recipe.calibration
+    assert (cal["pipeline"], cal["grid"], cal["calls_per_site"]) == ("LTXPipeline", [2, 8, 8], 2 * 2 * 1)
+    assert list(recipe.sites) == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    pipe = load_pipeline(path)
+    sparsify(pipe, recipe)  # sparsified at its next call, whose arguments give the geometry
+    assert installed_sites(pipe.transformer) == []
+    unsparsify(pipe)
+    _sparse_generation_differs(pipe, recipe, n_sites=2, calls=4, density=0.5)
 
 
 def test_cli_mask_reuse_on_the_pipeline_trajectory_per_transformer(saved, prompts, tmp_path):

@@ -144,11 +144,37 @@ def _tiny_hunyuan(dtype, words, seed):
                                 transformer=_cast(transformer, dtype), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
+def _tiny_ltx(dtype, words, seed):
+    """LTX-Video style: patchified tokens `[B, F*H*W, C]` with the grid given as forward arguments, both guidance
+    branches in one batch of 2, a one-layer T5 text encoder with its attention mask; the VAE compresses 8x
+    spatially (patch 2 and two 2x stages) and 4x temporally, the transformer's patch is 1."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = LTXVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                             cross_attention_dim=32, num_layers=2, caption_channels=16).eval()
+    torch.manual_seed(seed)
+    vae = AutoencoderKLLTXVideo(latent_channels=4, block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                down_block_types=("LTXVideoDownBlock3D",) * 3, layers_per_block=(1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1), spatio_temporal_scaling=(True, True, False),
+                                decoder_spatio_temporal_scaling=(True, True, False),
+                                decoder_inject_noise=(False,) * 4, upsample_residual=(False,) * 3,
+                                upsample_factor=(1,) * 3, downsample_type=("conv",) * 3, patch_size=2,
+                                patch_size_t=1).eval()
+    tok = word_tokenizer(words)
+    text_encoder = small_text_encoder(16, len(tok), seed, cls="T5EncoderModel")
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    return LTXPipeline(tokenizer=tok, text_encoder=_cast(text_encoder, dtype), vae=_cast(vae, dtype),
+                       transformer=_cast(transformer, dtype), scheduler=scheduler)
+
+
 #: name -> builder `(dtype, words, seed) -> pipeline` of the other families' tiny pipelines.
 FAMILIES = {
     "tiny-cogvideox": _tiny_cogvideox,
     "tiny-cogvideox-i2v": lambda dtype, words, seed: _tiny_cogvideox(dtype, words, seed, image_to_video=True),
     "tiny-hunyuan": _tiny_hunyuan,
+    "tiny-ltx": _tiny_ltx,
 }
 
 

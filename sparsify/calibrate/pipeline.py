@@ -15,7 +15,7 @@ import torch
 
 from .. import runtime
 from ..adapters import adapter_for
-from ..pipeline import pipeline_transformers
+from ..pipeline import call_inputs, pipeline_transformers
 from ..pipeline_recipe import PipelineRecipe
 from ..recipe import Recipe
 from .config import CalibrationConfig
@@ -69,9 +69,10 @@ def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequ
                    guidance: bool = True) -> list[dict]:
     """Per prompt, the pipeline call arguments that carry its text: the outputs of `pipe.encode_prompt`.
 
-    `encode_prompt` returns its embedding parameters (those named `*_embeds` or `*_mask`), in their order:
-    `(prompt_embeds, negative_prompt_embeds)` for Wan and CogVideoX, which encode the negative prompt in the
-    same call, `(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)` for HunyuanVideo, whose negative
+    `encode_prompt` returns its embedding parameters (those named `*_embeds` or `*_mask`), in the order of its
+    `return` tuple (`_returned_embeddings`): `(prompt_embeds, negative_prompt_embeds)` for Wan and CogVideoX, which
+    encode the negative prompt in the same call, as LTX-Video does with both prompts' attention masks,
+    `(prompt_embeds, pooled_prompt_embeds, prompt_attention_mask)` for HunyuanVideo, whose negative
     prompt (used with `true_cfg_scale > 1`) is encoded by a second call into the `negative_*` arguments. The
     prompts are encoded once here, so the text encoders are not needed afterwards; a pipeline whose
     `encode_prompt` does not follow this gets the prompt strings and encodes them in every call.
@@ -87,7 +88,7 @@ def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequ
         return strings
     params = inspect.signature(enc).parameters
     accepted = set(inspect.signature(pipe.__call__).parameters)
-    names = [n for n in params if n.endswith(("_embeds", "_mask"))]
+    names = _returned_embeddings(enc, [n for n in params if n.endswith(("_embeds", "_mask"))])
     if "prompt" not in params or not names or not set(names) <= accepted:
         return strings
     joint = {"negative_prompt", "do_classifier_free_guidance"} <= set(params)
@@ -110,6 +111,30 @@ def encode_prompts(pipe, prompts, negative_prompt=None, *, device=None, max_sequ
                 call.update(zip(negatives, enc(prompt=[negative_prompt], **kw)))
             out.append(call)
     return out
+
+
+def _returned_embeddings(enc, names: list[str]) -> list[str]:
+    """The order in which `enc` returns its embedding parameters `names`: that of its `return` tuple where it
+    returns exactly those variables (LTX-Video: `(prompt_embeds, prompt_attention_mask, negative_prompt_embeds,
+    negative_prompt_attention_mask)`, unlike its parameters' order), else the parameters' order.
+
+    Example:
+        >>> def enc(prompt, prompt_embeds=None, negative_prompt_embeds=None, prompt_attention_mask=None):
+        ...     return prompt_embeds, prompt_attention_mask, negative_prompt_embeds
+        >>> _returned_embeddings(enc, ["prompt_embeds", "negative_prompt_embeds", "prompt_attention_mask"])
+        ['prompt_embeds', 'prompt_attention_mask', 'negative_prompt_embeds']
+    """
+    import ast
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(enc)))
+    except (OSError, TypeError, SyntaxError):
+        return names
+    returned = [[e.id for e in r.value.elts if isinstance(e, ast.Name)] for r in ast.walk(tree)
+                if isinstance(r, ast.Return) and isinstance(r.value, ast.Tuple)]
+    orders = {tuple(r) for r in returned if sorted(r) == sorted(names)}
+    return list(orders.pop()) if len(orders) == 1 else names
 
 
 def _ftfy_fallback(pipe) -> None:
@@ -300,7 +325,7 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
     sampled = {n: sample_steps([s for s in st if s >= dense_steps] or st, steps) for n, st in runs.items()}
     step_calls = _first_step_calls(pipe, found, {**calls[0], **common}, seed)
     name, args, kwargs = step_calls[0]
-    grid = tuple(adapter_for(found[name]).geometry(found[name], args, kwargs).grid)
+    grid = tuple(_call_adapter(found[name], args, kwargs).geometry(found[name], args, kwargs).grid)
     latents = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     sizes = {**_call_defaults(pipe), **{k: common[k] for k in ("height", "width", "num_frames") if k in common}}
     settings = {"pipeline": type(pipe).__name__, "prompts": len(prompts),
@@ -318,12 +343,26 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
 
 
 
-def _discovery_inputs(model, probe_kwargs: dict) -> dict:
+def _call_adapter(model, args, kwargs):
+    """The model's family adapter, else the geometry inferred from the arguments of its call (LTX-Video)."""
+    from ..adapters.infer import infer_adapter
+
+    adapter = adapter_for(model) or infer_adapter(model, call_inputs(model, args, kwargs))
+    if adapter is None:
+        raise ValueError(f"sparsify.calibrate: no adapter knows {type(model).__name__} and its token grid could not "
+                         "be inferred from the arguments of its call in the pipeline")
+    return adapter
+
+
+def _discovery_inputs(model, probe_args: tuple, probe_kwargs: dict) -> dict:
     """Small inputs of the model's family for site discovery, plus the probe's arguments the adapter does not make
-    (e.g. Wan 2.1 I2V image embeddings, whose size does not depend on the grid)."""
+    (e.g. Wan 2.1 I2V image embeddings, whose size does not depend on the grid); a model without a family adapter
+    is discovered on the probe's own call (its geometry inferred from it)."""
+    probe = call_inputs(model, probe_args, probe_kwargs)
+    if adapter_for(model) is None:
+        return probe
     small = adapter_for(model).example_inputs(model)
-    extra = {k: v for k, v in probe_kwargs.items() if k not in small and k != "return_dict"}
-    return {**extra, **small}
+    return {**{k: v for k, v in probe.items() if k not in small}, **small}
 
 
 def run_pipeline_calibration(plan: PipelinePlan, config: CalibrationConfig | None = None,
@@ -408,7 +447,7 @@ def _calibrate_one(plan: PipelinePlan, name: str, model, config: CalibrationConf
         print(f"sparsify.calibrate: {name}: steps {sorted(sampled)} of {len(plan.steps[name])} it runs "
               f"({plan.steps[name][0]}..{plan.steps[name][-1]}), {len(plan.calls)} prompt(s) x {plan.branches} "
               f"transformer call(s) per step of batch {plan.batch}", file=sys.stderr)
-    return run_calibration(model, forward_loop, cfg, example_inputs=_discovery_inputs(model, plan.first_call[2]),
+    return run_calibration(model, forward_loop, cfg, example_inputs=_discovery_inputs(model, *plan.first_call[1:]),
                            n_forwards=plan.forwards(name), inputs_hash=inputs_hash, output_loop=output_loop)
 
 
