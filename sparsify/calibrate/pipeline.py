@@ -501,7 +501,7 @@ def calibrate_pipeline(pipe, prompts, budget: float = 0.1, *, negative_prompt=No
 
     Args:
         pipe: a diffusers pipeline whose transformer sparsify knows (Wan T2V/I2V and Wan 2.2, CogVideoX T2V/I2V,
-            HunyuanVideo, ...), placed on its device.
+            HunyuanVideo, LTX-Video, or any transformer whose grid is inferred from its calls), placed on its device.
         prompts: calibration prompts (a list of strings).
         budget: target attention density over all sparsifiable heads of each transformer.
         negative_prompt, height, width, num_frames, num_inference_steps, guidance_scale, image: as for
