@@ -61,13 +61,18 @@ def test_spelling_under_full_graph_compile(name):
 MASKS = {"padding": dits.padding_mask(4), "block": dits.block_mask(4), "random": dits.random_mask(6 + 4 * 8 * 8)}
 
 
+@pytest.mark.parametrize("style", ["sdpa", "masked_fill", "masked_fill_", "finite"])
 @pytest.mark.parametrize("name", list(MASKS))
-def test_dense_mask_stays_sparse_when_it_is_padding_or_blocks(name):
-    m = dits.joint_dit(MASKS[name])
+def test_dense_mask_stays_sparse_when_it_is_padding_or_blocks(name, style):
+    """An (S, S) mask given to SDPA, or written as `scores.masked_fill(mask, -inf)` (or in place, or a finite
+    fill) before a hand-written softmax, is served alike."""
+    m = dits.joint_dit(MASKS[name]) if style == "sdpa" else dits.masked_fill_dit(MASKS[name], style)
     inputs = dits.dit_inputs(GRID, batch=2)
     kw = {"example_inputs": inputs, "grid": GRID, "video_start": m.n_text}
     sites, _ = find_sites(m, inputs, grid=GRID, video_start=m.n_text)
     assert {s.path: (s.kind, s.has_mask) for s in sites} == {"attns.0": ("joint", True), "attns.1": ("joint", True)}
+    if style != "sdpa":
+        assert all(s.impl == "manual" for s in sites)
     ref = run(m, inputs)
     sparsify(m, recipe(1.0), **kw)
     torch.testing.assert_close(run(m, inputs), ref, atol=1e-5, rtol=0)
@@ -83,10 +88,11 @@ def test_dense_mask_stays_sparse_when_it_is_padding_or_blocks(name):
     if name == "random":  # no structure: dense, exactly the original, one warning per site
         assert len(dense_warnings) == 2 and density == [1.0, 1.0]
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    else:
+    else:  # key padding in disguise, or text/video blocks: sparse
         assert not dense_warnings and all(d < 0.6 for d in density), density
         assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
         torch.testing.assert_close(out2, out, atol=0, rtol=0)
+    torch.testing.assert_close(run(m, inputs), ref, atol=0, rtol=0)
 
 
 def test_block_mask_equals_masked_reference_rows():

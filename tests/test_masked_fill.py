@@ -1,56 +1,10 @@
-"""Masks written as `scores.masked_fill(mask, -inf)` before the softmax: found, served like SDPA masks."""
-
-import warnings
+"""Score edits before a hand-written softmax: only those that are masks match (serving: tests/test_any_dit.py)."""
 
 import pytest
 import torch
 
-from sparsify import find_sites, installed_sites, sparsify, unsparsify
 from sparsify.passes.discover import capture_graphs
 from sparsify.passes.patterns import find_attention
-from sparsify.testing import dits
-
-GRID = (4, 8, 8)
-pytestmark = pytest.mark.usefixtures("one_thread")
-MASKS = {"padding": dits.padding_mask(4), "block": dits.block_mask(4), "random": dits.random_mask(6 + 4 * 8 * 8)}
-
-
-def recipe(density):
-    return {"version": 1, "defaults": {"method": "vsa", "tile": [1, 8, 8], "budget": {"density": density}}}
-
-
-def run(m, inputs):
-    with torch.no_grad():
-        return m(*inputs)
-
-
-@pytest.mark.parametrize("style", ["masked_fill", "masked_fill_", "finite"])
-@pytest.mark.parametrize("name", list(MASKS))
-def test_masked_fill_mask_is_served_like_an_sdpa_mask(name, style):
-    m = dits.masked_fill_dit(MASKS[name], style)
-    inputs = dits.dit_inputs(GRID, batch=2)
-    kw = {"example_inputs": inputs, "grid": GRID, "video_start": m.n_text}
-    sites, _ = find_sites(m, inputs, grid=GRID, video_start=m.n_text)
-    assert {s.path: (s.kind, s.has_mask, s.impl) for s in sites} == {
-        "attns.0": ("joint", True, "manual"), "attns.1": ("joint", True, "manual")}
-    ref = run(m, inputs)
-    sparsify(m, recipe(1.0), **kw)
-    torch.testing.assert_close(run(m, inputs), ref, atol=1e-5, rtol=0)
-    unsparsify(m)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        sparsify(m, recipe(0.25), **kw)
-        out = run(m, inputs)
-        density = [s.density for s in installed_sites(m)]
-        unsparsify(m)
-    dense_warnings = [x for x in w if "not a key-padding mask" in str(x.message)]
-    if name == "random":  # no structure: dense, exactly the original, one warning per site
-        assert len(dense_warnings) == 2 and density == [1.0, 1.0]
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
-    else:  # key padding in disguise, or text/video blocks: sparse
-        assert not dense_warnings and all(d < 0.6 for d in density), density
-        assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-3
-    torch.testing.assert_close(run(m, inputs), ref, atol=0, rtol=0)
 
 
 class _Scores(torch.nn.Module):
