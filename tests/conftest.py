@@ -87,6 +87,16 @@ def _no_leak_per_test(request):
     _check_no_leak(before, f"test {request.node.nodeid}")
 
 
+@pytest.fixture
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for the rendezvous of spawned gloo process groups."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a module of tiny-tensor tests: threads add nothing there, and on a busy CPU

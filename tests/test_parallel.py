@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import types
 
 import pytest
@@ -73,12 +72,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def references():
     refs = {}
@@ -91,11 +84,11 @@ def references():
 
 
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
-def test_ulysses_equals_one_process(world, references, tmp_path):
+def test_ulysses_equals_one_process(world, references, tmp_path, free_port):
     """Every rank's output equals the one-process sparse run: exactly without head balancing; with it within
     1e-6 (the permuted output projection sums its inputs in another order, as does the reference kernel over
     differently composed head groups)."""
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     assert (references[True] - references["dense"]).abs().max() > 1e-2  # sparsity changes the output
     assert references[True, "reused"] > 0  # mask reuse acts in the one-process run
     ref = references[True]

@@ -9,7 +9,6 @@ CogVideoX pipeline give each rank, and the head-scatter / sequence-gather all-to
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -182,17 +181,11 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_xdit_ulysses_equals_one_process(tmp_path):
+def test_xdit_ulysses_equals_one_process(tmp_path, free_port):
     """2 gloo ranks, xfuser's shards and all-to-all, the routed attention function: every token's output equals
     the one-process sparse run (text interleaved or joined; a dense first step; mask reuse decided by all ranks)."""
     world = 2
-    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    torch.multiprocessing.spawn(_worker, args=(world, free_port, str(tmp_path)), nprocs=world, join=True)
     for family, text_len in CASES:
         ref, (selections, reused) = one_process(family, text_len)
         assert reused > 0 and selections > 0  # mask reuse acts in the one-process run
