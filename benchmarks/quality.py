@@ -54,9 +54,10 @@ or `--reuse-threshold`) and samples again with reuse: the share of selection cal
 relative L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output
 error growth is the last step's ratio). Writes `benchmarks/results/fidelity_<date>.json`.
 
-`inputs`: what calibrating the test-bed on its own dense sampling trajectory changes. It runs
-`python -m sparsify.calibrate --budget B --inputs-from S` for each source S (`trajectory`, `random`; or evaluates
-`--recipes`), then evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's
+`inputs`: what calibrating the test-bed (`--model`, default testbed-16k) on its own dense sampling trajectory
+changes. It runs `python -m sparsify.calibrate --budget B --inputs-from S --inputs N` for each source S
+(`trajectory`, `random`; or evaluates `--recipes`), both on seeds 0..N-1, and records the classes each source
+covers (a trajectory run's class is its seed mod 8; a random input's class is drawn from its seed), then evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's
 output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
 branches), the same on random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents
 sampled with the recipe against dense sampling from the same noise. Writes
@@ -785,15 +786,23 @@ def calibration_inputs(a, argv) -> dict:
     from sparsify.calibrate.trajectory import sample_steps, testbed_trajectory
     from sparsify.recipe import load_recipe
     from sparsify.testbed import build_testbed, example_inputs, sample
-    from sparsify.testbed.data import NUM_CLASSES, class_embeddings
+    from sparsify.testbed.variants import get_variant
 
     psnr, ssim = video_metrics()
-    latent, extra = (4, 16, 32, 32), []  # the test-bed's training shape: 4,096 tokens
+    variant = get_variant("testbed" if a.tiny else a.model)
+    data = variant.data_module()
+    latent, extra = variant.latent_shape, []
     if a.tiny:
-        a.eval_seeds, a.eval_steps, a.eval_sampled, a.videos, a.budget = "100", 4, 2, 1, 0.5
+        a.eval_seeds, a.eval_steps, a.eval_sampled, a.videos, a.budget, a.inputs = "100", 4, 2, 1, 0.5, 2
         latent = (4, 4, 16, 16)
         extra = ["--grid", "4x8x8", "--tiles", "1x8x8", "--levels", "0.25,0.5", "--no-output-error"]
     seeds = [int(x) for x in a.eval_seeds.split(",") if x]
+    calib_seeds = list(range(a.inputs))
+    if set(seeds) & set(calib_seeds):
+        raise SystemExit(f"--eval-seeds {a.eval_seeds} overlap the calibration seeds 0..{a.inputs - 1} (--inputs)")
+    classes = {"trajectory": sorted({s % data.NUM_CLASSES for s in calib_seeds}),
+               "random": sorted({int(data.make_batch(1, seed=s, latent_shape=latent)[1][0]) for s in calib_seeds}),
+               "evaluation": sorted({s % data.NUM_CLASSES for s in seeds})}
     out_dir = Path(a.workdir)
     recipes = {}
     t0 = time.perf_counter()
@@ -802,20 +811,21 @@ def calibration_inputs(a, argv) -> dict:
         recipes[source] = (Path(path), None, (load_recipe(path).calibration or {}).get("command"))
     for source in [] if given else a.sources.split(","):
         path = out_dir / f"inputs_{source}.yaml"
-        cmd = ["--budget", f"{a.budget:g}", "--inputs-from", source, "--out", str(path), "--checkpoint-dir", "none",
-               "--no-plots", "--quiet", "--device", a.device, *extra]
+        cmd = ["--model", variant.name, "--budget", f"{a.budget:g}", "--inputs-from", source, "--inputs",
+               str(a.inputs), "--out", str(path), "--checkpoint-dir", "none", "--no-plots", "--quiet", "--device",
+               a.device, *extra]
         t1 = time.perf_counter()
         if calibrate_main(cmd) != 0:
             raise SystemExit(f"calibration with --inputs-from {source} failed")
         recipes[source] = (path, round(time.perf_counter() - t1, 1), "python -m sparsify.calibrate " + " ".join(cmd))
-    model = build_testbed(device=a.device)
+    model = build_testbed(device=a.device, name=variant.name)
     sampled = sample_steps(range(a.eval_steps), a.eval_sampled)
     traj = [c.kwargs for c in testbed_trajectory(model, seeds, num_steps=a.eval_steps, sampled=sampled,
-                                                 guidance_scale=a.guidance, latent_shape=latent)]
-    made = [example_inputs(seed=s, t=1.0 - i / a.eval_steps, latent_shape=latent, device=a.device)
+                                                 guidance_scale=a.guidance, latent_shape=latent, name=variant.name)]
+    made = [example_inputs(seed=s, t=1.0 - i / a.eval_steps, latent_shape=latent, device=a.device, name=variant.name)
             for s in seeds for i in sampled]
     gens = [(torch.randn(1, *latent, generator=torch.Generator().manual_seed(s)).to(a.device),
-             class_embeddings(torch.tensor([s % NUM_CLASSES])).to(a.device)) for s in seeds[:a.videos]]
+             data.class_embeddings(torch.tensor([s % data.NUM_CLASSES])).to(a.device)) for s in seeds[:a.videos]]
 
     def outputs(calls):
         with torch.no_grad():
@@ -858,7 +868,9 @@ def calibration_inputs(a, argv) -> dict:
                      f"{', '.join(f'{x:.3f}' for x in r['ssim'])} |")
     table = "\n".join(lines)
     print(table)
-    meta = {"benchmark": "quality inputs", **run_header("quality", argv), "budget": a.budget, "eval_seeds": seeds,
+    meta = {"benchmark": "quality inputs", **run_header("quality", argv), "model": variant.name,
+            "latent_shape": list(latent), "budget": a.budget, "calibration_seeds": calib_seeds,
+            "classes": classes, "eval_seeds": seeds,
             "eval_steps": a.eval_steps, "eval_sampled_steps": sampled, "guidance_scale": a.guidance,
             "videos": len(gens), "wall_s": round(time.perf_counter() - t0, 1), "table": table, "rows": rows}
     if not a.no_save:
@@ -909,9 +921,13 @@ def main(argv=None) -> dict:
                    "a one-tile calibration on one input")
     r.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
     c = sub.add_parser("inputs", help="test-bed calibration on its sampling trajectory vs on random inputs (CPU)")
+    c.add_argument("--model", default="testbed-16k", help="test-bed variant: testbed-16k (default) or testbed")
     c.add_argument("--budget", type=float, default=0.1)
+    c.add_argument("--inputs", type=int, default=8,
+                   help="calibration inputs of every source (seeds 0..N-1): sampling runs for the trajectory, "
+                        "videos for random inputs; a trajectory run's class is its seed mod 8")
     c.add_argument("--sources", default="trajectory,random", help="the --inputs-from values calibrated and compared")
-    c.add_argument("--eval-seeds", default="100,101", help="seeds of the evaluation runs (disjoint from calibration's)")
+    c.add_argument("--eval-seeds", default="100,101,102,103", help="seeds of the evaluation runs (disjoint from calibration's)")
     c.add_argument("--eval-steps", type=int, default=20, help="Euler steps of the evaluation sampling runs")
     c.add_argument("--eval-sampled", type=int, default=4, help="steps of each evaluation run whose outputs are compared")
     c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale of the evaluation runs")
@@ -920,7 +936,8 @@ def main(argv=None) -> dict:
     c.add_argument("--recipes", default=None, metavar="NAME=PATH,...",
                    help="evaluate these recipes instead of calibrating (e.g. trajectory=a.yaml,random=b.yaml)")
     c.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    c.add_argument("--tiny", action="store_true", help="CPU smoke run: 256 tokens, 4 steps, one seed, budget 0.5")
+    c.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 256 tokens, 4 steps, one "
+                   "evaluation seed, 2 calibration inputs, budget 0.5")
     c.add_argument("--no-save", action="store_true", help="do not write the JSON")
     c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
     args = ap.parse_args(argv)

@@ -73,8 +73,10 @@ def test_inputs_tiny_compares_trajectory_and_random_calibration(tmp_path):
     rec = run_benchmark("benchmarks.quality", "inputs", "--tiny", "--workdir", str(tmp_path), out=tmp_path / "in.json")
     assert rec["benchmark"] == "quality inputs" and [r["calibrated_on"] for r in rec["rows"]] == ["trajectory", "random"]
     for r in rec["rows"]:
-        assert "--inputs-from " + r["calibrated_on"] in r["command"]
+        assert "--inputs-from " + r["calibrated_on"] in r["command"] and "--inputs 2" in r["command"]
         assert 0 < r["output_rel_l2_on_trajectory"] and 0 < r["output_rel_l2_on_random"]
         assert len(r["psnr_db"]) == 1 and math.isfinite(r["psnr_db"][0])
     for source in ("trajectory", "random"):
         assert (tmp_path / f"inputs_{source}.yaml").exists()
+    assert rec["calibration_seeds"] == [0, 1] and rec["classes"]["trajectory"] == [0, 1]  # seed % 8
+    assert rec["classes"]["evaluation"] == [100 % 8] and 1 <= len(rec["classes"]["random"]) <= 2
