@@ -891,6 +891,8 @@ def calibration_inputs(a, argv) -> dict:
 
 
 def main(argv=None) -> dict:
+    from benchmarks.quality_plan import add_arguments as plan_arguments, plan_quality
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("selection", help="selection fidelity, tile recall, head-aware tiles (CPU)")
@@ -947,9 +949,11 @@ def main(argv=None) -> dict:
     c.add_argument("--tiny", action="store_true", help="CPU smoke run: 256 tokens, 4 steps, one seed, budget 0.5")
     c.add_argument("--no-save", action="store_true", help="do not write the JSON")
     c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
+    plan_arguments(sub)
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs}
+    commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs,
+                "plan": plan_quality}
     return commands[args.command](args, argv)
 
 
