@@ -10,6 +10,8 @@
     python -m benchmarks.quality reuse --tiny
     python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
     python -m benchmarks.quality inputs --tiny
+    python -m benchmarks.quality plan --weights W.safetensors   # GPU: unified plan vs USV and cache hooks, testbed-16k
+    python -m benchmarks.quality plan --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -53,6 +55,10 @@ temporal-mask-reuse threshold from `sparsify.calibrate.calibrate_mask_reuse` (on
 or `--reuse-threshold`) and samples again with reuse: the share of selection calls saved, the PSNR, and the
 relative L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output
 error growth is the last step's ratio). Writes `benchmarks/results/fidelity_<date>.json`.
+
+`plan`: the unified generation plan against USV's entropy plan and the attention recipe stacked with diffusers'
+cache hooks, each tuned to the plan's predicted DiT time (`benchmarks.quality_plan` describes it). Writes
+`benchmarks/results/quality_plan_<date>.json`.
 
 `inputs`: what calibrating the test-bed on its own dense sampling trajectory changes. It runs
 `python -m sparsify.calibrate --budget B --inputs-from S` for each source S (`trajectory`, `random`; or evaluates
