@@ -10,6 +10,8 @@
     python -m benchmarks.quality reuse --tiny
     python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
     python -m benchmarks.quality inputs --tiny
+    python -m benchmarks.quality plan --weights W.safetensors   # GPU: unified plan vs USV and cache hooks, testbed-16k
+    python -m benchmarks.quality plan --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -54,11 +56,15 @@ or `--reuse-threshold`) and samples again with reuse: the share of selection cal
 relative L2 error of x_t against the dense trajectory at every step, fresh selection vs reuse (the final-output
 error growth is the last step's ratio). Writes `benchmarks/results/fidelity_<date>.json`.
 
+`plan`: the unified generation plan against USV's entropy plan and the attention recipe stacked with diffusers'
+cache hooks, each tuned to the plan's predicted DiT time (`benchmarks.quality_plan` describes it). Writes
+`benchmarks/results/quality_plan_<date>.json`.
+
 `inputs`: what calibrating the test-bed (`--model`, default testbed-16k) on its own dense sampling trajectory
 changes. It runs `python -m sparsify.calibrate --budget B --inputs-from S --inputs N` for each source S
 (`trajectory`, `random`; or evaluates `--recipes`), both on seeds 0..N-1, and records the classes each source
-covers (a trajectory run's class is its seed mod 8; a random input's class is drawn from its seed), then evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's
-output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
+covers (a trajectory run's class is its seed mod 8; a random input's class is drawn from its seed), then
+evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
 branches), the same on random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents
 sampled with the recipe against dense sampling from the same noise. Writes
 `benchmarks/results/calibration_inputs_<date>.json`.
@@ -456,6 +462,39 @@ def video_metrics():
     return psnr, ssim
 
 
+def sample_trajectory(model, noise, cond, *, steps: int, guidance: float = 1.0, shift: float = 1.0):
+    """`(sample, [x_t per step, then the sample])` of one test-bed generation from `noise` (a new generation for
+    sparsify's runtime; the trajectory float32 on the CPU).
+
+    Example:
+        >>> from sparsify.testbed import build_testbed, class_embeddings
+        >>> x, xs = sample_trajectory(build_testbed(), torch.randn(1, 4, 2, 8, 8), class_embeddings(torch.tensor([0])),
+        ...                           steps=2)
+        >>> len(xs), bool((xs[-1] == x).all())
+        (3, True)
+    """
+    from sparsify import runtime
+    from sparsify.testbed import sample
+
+    runtime.new_generation()
+    xs = []
+    with torch.no_grad():
+        x = sample(model, noise, cond, steps=steps, guidance_scale=guidance, shift=shift,
+                   callback=lambda i, t, x: xs.append(x.float().cpu()))
+    xs.append(x.float().cpu())
+    return x, xs
+
+
+def step_errors(traj, ref) -> list[float]:
+    """Relative L2 error of each x_t of `traj` against `ref` (same steps; the last is the sample).
+
+    Example:
+        >>> step_errors([torch.ones(2), torch.ones(2)], [torch.ones(2), 2 * torch.ones(2)])
+        [0.0, 0.5]
+    """
+    return [float((x - d).norm() / d.norm()) for x, d in zip(traj, ref)]
+
+
 #: Uniform recipes of `video`: one method and one budget for every head (XAttention's top-p is matched to the density).
 UNIFORM_METHODS = ("vsa", "veda", "xattention", "svg2")
 WAN14B_ATTENTION = (1, 40, 75600, 128)  # [B, H, S, D] of one Wan2.1-14B 720p, 81-frame self-attention call
@@ -554,10 +593,10 @@ def _plots(rows, path_pareto, path_steps):
 def video(a, argv) -> dict:
     """The `video` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
-    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify import installed_sites, sparsify, unsparsify
     from sparsify.calibrate import run_calibration
     from sparsify.calibrate.trajectory import sample_steps, testbed_trajectory
-    from sparsify.testbed import build_testbed, get_variant, sample
+    from sparsify.testbed import build_testbed, get_variant
 
     psnr, ssim = video_metrics()
     if a.tiny:
@@ -584,13 +623,8 @@ def video(a, argv) -> dict:
     t_start = time.perf_counter()
     traj: dict = {}
 
-    def run(label, m=None):
-        runtime.new_generation()
-        xs = traj[label] = []
-        with torch.no_grad():
-            x = sample(m or model, noise, cond, steps=a.steps, guidance_scale=a.guidance, shift=a.shift,
-                       callback=lambda i, t, x: xs.append(x.float().cpu()))
-        xs.append(x.float().cpu())
+    def run(label):
+        x, traj[label] = sample_trajectory(model, noise, cond, steps=a.steps, guidance=a.guidance, shift=a.shift)
         return x
 
     def achieved():
@@ -633,7 +667,7 @@ def video(a, argv) -> dict:
             x = run(f"{name} {s:g}")
             density = achieved()
             unsparsify(model)
-            err = [float((xi - di).norm() / di.norm()) for xi, di in zip(traj[f"{name} {s:g}"], traj["dense"])]
+            err = step_errors(traj[f"{name} {s:g}"], traj["dense"])
             rows.append({"method": name, "sparsity": s, "density_target": d, "density_achieved": round(density, 4),
                          "psnr_db": round(psnr(x, dense), 2), "ssim": round(ssim(x, dense), 4),
                          "step_error": err, **extra})
@@ -667,7 +701,7 @@ def video(a, argv) -> dict:
 def reuse(a, argv) -> dict:
     """The `reuse` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
-    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify import installed_sites, sparsify, unsparsify
     from sparsify.calibrate import run_calibration
     from sparsify.testbed import build_testbed, example_inputs, sample
     from sparsify.testbed.data import class_embeddings
@@ -686,16 +720,12 @@ def reuse(a, argv) -> dict:
     traj: dict = {}
 
     def run(label):
-        runtime.new_generation()
-        xs = traj[label] = []
         t0 = time.perf_counter()
-        with torch.no_grad():
-            x = sample(model, noise, cond, steps=a.steps, callback=lambda i, t, x: xs.append(x.float().cpu()))
-        xs.append(x.float().cpu())
+        x, traj[label] = sample_trajectory(model, noise, cond, steps=a.steps)
         return x, time.perf_counter() - t0
 
-    def step_errors(label):  # relative L2 error of x_t against the dense trajectory, per step (last = output)
-        return [float((x - d).norm() / d.norm()) for x, d in zip(traj[label], traj["dense"])]
+    def errors(label):  # relative L2 error of x_t against the dense trajectory, per step (last = output)
+        return step_errors(traj[label], traj["dense"])
 
     dense, t_dense = run("dense")
     rows = []
@@ -754,7 +784,7 @@ def reuse(a, argv) -> dict:
     sel, reused = sum(s.selections for s in sites), sum(s.reused for s in sites)
     unsparsify(model)
     fresh = next(r for r in rows if r["recipe"] == "calibrated" and r["density_target"] == d_mid)
-    err_fresh, err_reuse = step_errors("fresh"), step_errors("reuse")
+    err_fresh, err_reuse = errors("fresh"), errors("reuse")
     reuse_row = {"recipe": "calibrated + mask reuse", "density_target": d_mid, "psnr_db": round(psnr(x_reuse, dense), 2),
                  "ssim": round(ssim(x_reuse, dense), 4), "threshold": threshold, "max_age": a.reuse_max_age,
                  "calibration": reuse_cal, "selections": sel, "reused": reused,
@@ -879,6 +909,8 @@ def calibration_inputs(a, argv) -> dict:
 
 
 def main(argv=None) -> dict:
+    from benchmarks.quality_plan import add_arguments as plan_arguments, plan_quality
+
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     s = sub.add_parser("selection", help="selection fidelity, tile recall, head-aware tiles (CPU)")
@@ -940,9 +972,11 @@ def main(argv=None) -> dict:
                    "evaluation seed, 2 calibration inputs, budget 0.5")
     c.add_argument("--no-save", action="store_true", help="do not write the JSON")
     c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
+    plan_arguments(sub)
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs}
+    commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs,
+                "plan": plan_quality}
     return commands[args.command](args, argv)
 
 

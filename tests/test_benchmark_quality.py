@@ -80,3 +80,46 @@ def test_inputs_tiny_compares_trajectory_and_random_calibration(tmp_path):
         assert (tmp_path / f"inputs_{source}.yaml").exists()
     assert rec["calibration_seeds"] == [0, 1] and rec["classes"]["trajectory"] == [0, 1]  # seed % 8
     assert rec["classes"]["evaluation"] == [100 % 8] and 1 <= len(rec["classes"]["random"]) <= 2
+
+
+@pytest.mark.slow
+def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("diffusers")
+    pytest.importorskip("pulp")
+    rec = run_benchmark("benchmarks.quality", "plan", "--tiny", "--workdir", str(tmp_path), out=tmp_path / "plan.json")
+    rows = {r["label"]: r for r in rec["rows"]}
+    assert list(rows) == ["dense", "unified plan", "USV entropy plan", "attention recipe", "attention + FirstBlockCache",
+                          "attention + MagCache", "attention + TaylorSeer"]
+    plan, usv, dense = rows["unified plan"], rows["USV entropy plan"], rows["dense"]
+    # the per-call ledger counts what the plan computed as the calibration's time model predicts it
+    assert plan["predicted_ms"] == pytest.approx(plan["predicted_calibration"]["predicted_ms"], rel=1e-6)
+    assert dense["predicted_ms"] == pytest.approx(plan["predicted_calibration"]["dense_ms"], rel=1e-6)
+    for r in (plan, usv):
+        assert r["predicted_fraction"] <= r["predicted_calibration"]["time_budget"] * (1 + 1e-6)
+    assert plan["predicted_calibration"]["time_budget"] == rec["time_budget"] and plan["full_calls"] < plan["calls"]
+    for r in rows.values():
+        assert len(r["step_error"]) == rec["steps"] + 1 and r["step_error"][0] == 0.0  # same noise
+        assert r["final_error"] == r["step_error"][-1] and 0 < r["full_calls"] <= r["calls"]
+        assert (r["final_error"] > 0) == math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] <= 1.0
+        assert r["measured_ms"] > 0 and len(r["predicted_ms_per_video"]) == rec["videos"]
+    hooks = [r for r in rows.values() if r["kind"] == "hook"]
+    for r in hooks:
+        t = r["tuning"]
+        assert t["value"] in dict(t["tried"])
+        matched = abs(t["calibration_predicted_ms"] / plan["predicted_ms"] - 1) <= rec["time_tolerance"]
+        assert t["matched"] == matched
+    matched = [r for r in hooks if r["tuning"]["matched"]]
+    m = rec["margins"]
+    if matched:
+        best = max(matched, key=lambda r: r["psnr_db"])
+        assert m["best_hook"] == best["label"]
+        assert m["plan_minus_best_hook_db"] == pytest.approx(plan["psnr_db"] - best["psnr_db"])
+    assert m["plan_minus_usv_db"] == plan["psnr_db"] - usv["psnr_db"]
+    assert (tmp_path / "plan_unified.yaml").exists() and (tmp_path / "latency_table.json").exists()
+    # the written plans load back: a second run evaluates them without calibrating
+    again = run_benchmark("benchmarks.quality", "plan", "--tiny", "--hooks", "mag", "--workdir", str(tmp_path),
+                          "--plans", f"unified={tmp_path / 'plan_unified.yaml'},usv={tmp_path / 'plan_usv.yaml'}",
+                          "--latency-table", str(tmp_path / "latency_table.json"), out=tmp_path / "again.json")
+    assert again["plans"] == {"unified": "given", "usv": "given", "attention": "attention part of unified"}
+    assert again["rows"][1]["predicted_ms"] == pytest.approx(plan["predicted_ms"])
