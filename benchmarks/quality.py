@@ -64,9 +64,10 @@ cache hooks, each tuned to the plan's predicted DiT time (`benchmarks.quality_pl
 changes. It runs `python -m sparsify.calibrate --budget B --inputs-from S --inputs N` for each source S
 (`trajectory`, `random`; or evaluates `--recipes`), both on seeds 0..N-1, and records the classes each source
 covers (a trajectory run's class is its seed mod 8; a random input's class is drawn from its seed), then
-evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's output against dense at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both
-branches), the same on random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents
-sampled with the recipe against dense sampling from the same noise. Writes
+evaluates every recipe the same way on held-out seeds: the relative L2 error of the model's output against dense
+at `--eval-sampled` steps of `--eval-steps`-step dense trajectories with guidance (both branches), the same on
+random inputs at those noise levels, and PSNR and SSIM (`torchmetrics`) of the latents sampled with the recipe
+against dense sampling from the same noise. Writes
 `benchmarks/results/calibration_inputs_<date>.json`.
 """
 
