@@ -56,6 +56,8 @@ class TileLayout:
         gather: long `[n_tiles * volume]`: video-token index of each slot, or -1 for padding.
         scatter: long `[T*H*W]`: slot of each video token (the inverse permutation).
         tile_lens: int32 `[n_tiles]`: valid tokens in each tile.
+        kept: 0 for a grid's own tiles; for a merged video span (`merged_layout`), the tokens left in each
+            tile (the grid is then `(n_tiles, 1, kept)`).
 
     Example:
         >>> lay = tile_layout((5, 4, 4), (4, 4, 4))
@@ -70,6 +72,7 @@ class TileLayout:
     gather: torch.Tensor
     scatter: torch.Tensor
     tile_lens: torch.Tensor
+    kept: int = 0
 
     @property
     def volume(self) -> int:
@@ -90,7 +93,8 @@ class TileLayout:
         return self.padded_len / n - 1.0
 
     def to(self, device) -> "TileLayout":
-        return TileLayout(self.grid, self.tile, self.gather.to(device), self.scatter.to(device), self.tile_lens.to(device))
+        return TileLayout(self.grid, self.tile, self.gather.to(device), self.scatter.to(device), self.tile_lens.to(device),
+                          self.kept)
 
 
 def tiles_per_dim(grid, tile) -> tuple[int, int, int]:
@@ -169,6 +173,29 @@ def tile_layout(grid, tile, device=None) -> TileLayout:
     if key not in _DEVICE_CACHE:
         _DEVICE_CACHE[key] = lay.to(device)
     return _DEVICE_CACHE[key]
+
+
+@functools.lru_cache(maxsize=64)
+def merged_layout(n_tiles: int, tile, kept: int) -> TileLayout:
+    """The (cached) tile layout of a merged video span: tile-major, `kept` valid tokens per tile, the rest padding.
+
+    The block-sparse kernel then sees the same tiles as the unmerged span, each `volume - kept` tokens short:
+    tile `i` of the merged sequence holds exactly the surviving tokens of tile `i` of the unmerged layout
+    (`sparsify.generation.merge`).
+
+    Example:
+        >>> lay = merged_layout(1, (1, 8, 8), 48)
+        >>> lay.tile_lens.tolist(), lay.gather[46:50].tolist(), lay.grid
+        ([48], [46, 47, -1, -1], (1, 1, 48))
+    """
+    tile = tuple(int(x) for x in tile)
+    n, vol = int(n_tiles), tile[0] * tile[1] * tile[2]
+    if not 0 < kept <= vol:
+        raise ValueError(f"merged_layout: kept must be in 1..{vol} (the tile's volume); got {kept}")
+    slots = torch.arange(n * vol).view(n, vol)
+    gather = torch.where(slots % vol < kept, (slots // vol) * kept + slots % vol, -1).reshape(-1)
+    scatter = (torch.arange(n).view(n, 1) * vol + torch.arange(kept).view(1, kept)).reshape(-1)
+    return TileLayout((n, 1, kept), tile, gather, scatter, torch.full((n,), kept, dtype=torch.int32), kept)
 
 
 def _fast(name: str, x: torch.Tensor) -> bool:

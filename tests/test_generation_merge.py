@@ -9,8 +9,8 @@ pytest.importorskip("diffusers")
 
 from sparsify import SparsifyArgumentError, installed_sites, runtime, sparsify, unsparsify  # noqa: E402
 from sparsify.adapters import adapter_for  # noqa: E402
-from sparsify.generation.merge import merge, merge_blocks, merged_layout, plan_merge, unmerge  # noqa: E402
-from sparsify.geometry import tile_layout  # noqa: E402
+from sparsify.generation.merge import merge, merge_blocks, plan_merge, unmerge  # noqa: E402
+from sparsify.geometry import Geometry, merged_layout, tile_layout  # noqa: E402
 from sparsify.testing import dits  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,7 +46,7 @@ def test_merge_shrinks_every_tile_uniformly_and_keeps_text(r):
     # kept tokens of tile i are exactly the merged sequence's tile i (kernel tile alignment)
     kept = vol - r
     assert torch.equal(m.keep // vol, torch.arange(n_tiles).repeat_interleave(kept).expand_as(m.keep))
-    lay = merged_layout(tile_layout(GRID, TILE), kept)
+    lay = merged_layout(tile_layout(GRID, TILE).n_tiles, TILE, kept)
     assert lay.tile_lens.tolist() == [kept] * n_tiles and lay.padded_len == n_tiles * vol
     assert torch.equal(xm[:, :3], x[:, :3]) and torch.equal(xm[:, -4:], x[:, -4:])  # text never merged
     assert float(m.size.sum()) == n_tiles * vol * x.shape[0]  # every video token is counted once
@@ -183,3 +183,19 @@ def test_merging_reads_its_own_models_grid_not_the_one_another_model_left():
     finally:
         unsparsify(a)
     assert runtime.STATE.geometry is None and runtime.STATE.timestep is None  # unsparsify forgot a's last forward
+
+
+@pytest.mark.parametrize("grid,tile", [((2, 8, 8), (1, 8, 8)), ((4, 8, 8), (4, 4, 4))])
+def test_sparse_attention_on_a_merged_span_follows_the_merged_tiles(grid, tile):
+    """Merged tile i of the sequence is kernel tile i: a selection of tile 0 only attends to its `kept` tokens."""
+    from sparsify.runtime.tiled import tiled_sparse_attention
+
+    n = tile_layout(grid, tile).n_tiles
+    kept = tile[0] * tile[1] * tile[2] * 3 // 4
+    lay = merged_layout(n, tile, kept)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n * kept, 8, generator=g) for _ in range(3))
+    idx = torch.zeros(1, 2, n, 1, dtype=torch.long)
+    out = tiled_sparse_attention(q, k, v, Geometry((n, 1, kept), 0), lay, idx, torch.ones(1, 2, n, dtype=torch.long))
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :kept], v[:, :, :kept])
+    torch.testing.assert_close(out, want)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SparsifyArgumentError, SparsifyWarning
-from ..geometry import Geometry, TileLayout, tile_layout
+from ..geometry import Geometry, TileLayout, merged_layout, tile_layout
 from ..recipe import check_tile
 from ..runtime.state import STATE
 
@@ -61,25 +61,6 @@ class TileMerge:
     @property
     def merged_len(self) -> int:
         return self.n_tiles * self.kept
-
-
-def merged_layout(layout: TileLayout, kept: int) -> TileLayout:
-    """The tile layout of a merged video span: tile-major, `kept` valid tokens per tile, the rest padding.
-
-    The block-sparse kernel then sees the same tiles as the unmerged span, each `volume - kept` tokens short:
-    tile `i` of the merged sequence holds exactly the surviving tokens of tile `i` of `layout`.
-
-    Example:
-        >>> from sparsify.geometry import tile_layout
-        >>> lay = merged_layout(tile_layout((1, 8, 8), (1, 8, 8)), 48)
-        >>> lay.tile_lens.tolist(), lay.gather[46:50].tolist()
-        ([48], [46, 47, -1, -1])
-    """
-    n, vol = layout.n_tiles, layout.volume
-    slots = torch.arange(n * vol).view(n, vol)
-    gather = torch.where(slots % vol < kept, (slots // vol) * kept + slots % vol, -1).reshape(-1)
-    scatter = (torch.arange(n).view(n, 1) * vol + torch.arange(kept).view(1, kept)).reshape(-1)
-    return TileLayout((n, 1, kept), layout.tile, gather, scatter, torch.full((n,), kept, dtype=torch.int32))
 
 
 def plan_merge(video: torch.Tensor, layout: TileLayout, r: int) -> TileMerge:
@@ -265,7 +246,7 @@ class BlockMerger:
             bound["temb"] = _rows(temb, keep_seq)
         bound["hidden_states"] = xm
         self._ctx.append((x, xm, m, vs, STATE.merged))
-        STATE.merged = MergedTokens(Geometry((m.n_tiles, 1, m.kept), vs), merged_layout(lay.to("cpu"), m.kept),
+        STATE.merged = MergedTokens(Geometry((m.n_tiles, 1, m.kept), vs), merged_layout(m.n_tiles, lay.tile, m.kept),
                                     xm.shape[1])
         self.tokens_in.append(xm.shape[1])
         return (), bound
