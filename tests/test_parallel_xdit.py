@@ -1,9 +1,10 @@
-"""xDiT Ulysses: xfuser 0.7's sequence layouts, routing of its attention function, and gloo runs against one process.
+"""xDiT: xfuser 0.7's layouts, its routed attention function, gloo runs (Ulysses, balanced heads, CFG) vs one process.
 
 xfuser itself does not import on a CPU-only torch (its `envs.get_device_version` raises "No Accelerators" at
 import), so the ranks here reproduce its data movement: the shards its HunyuanVideo transformer forward and
 CogVideoX pipeline give each rank, and the head-scatter / sequence-gather all-to-all of its `USP`
-(`_ft_c_input_all_to_all` / `_ft_c_output_all_to_all`), run with torch.distributed on gloo.
+(`_ft_c_input_all_to_all` / `_ft_c_output_all_to_all`) within its Ulysses groups, and the CFG batch split (rank 0 the
+negative half), run with torch.distributed on gloo.
 """
 
 from __future__ import annotations
