@@ -1,7 +1,7 @@
 """Ulysses benchmark: each rank's attention (dense and sparse, without and with head balancing) at the Wan-14B shape.
 
     torchrun --nproc_per_node=P -m benchmarks.parallel [--tiny] [--densities 0.025,0.2] [--tile 4x4x4]
-    python -m benchmarks.parallel            # one process = 1 rank (one GPU, or CPU with --tiny)
+    python -m benchmarks.parallel [--ranks P] # one process (one GPU, or CPU with --tiny): the P ranks' calls in turn
 
 After the Ulysses all-to-all each rank attends over the whole sequence for H/P heads. Per rank this times that
 call: dense SDPA, and `torch.ops.sparsify.sparse_attention` under a head shard with a recipe whose per-head
@@ -59,12 +59,14 @@ def _timer(device):
     return cpu_ms
 
 
-def run(shape: str, lo: float, hi: float, tile) -> dict:
+def run(shape: str, lo: float, hi: float, tile, ranks: int = 1) -> dict:
+    """Time each Ulysses rank's attention call: this process's rank under torchrun, else `ranks` ranks one after
+    another in this one process (one GPU)."""
     from sparsify import runtime
     from sparsify.parallel import assign_heads, balance_ratio, head_costs, head_shard
     from sparsify.recipe import Budget, HeadConfig
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, ranks)
     name, H, D, grid = SHAPES[shape]
     if H % world:
         raise SystemExit(f"benchmarks.parallel: {H} heads do not split over {world} ranks")
@@ -80,25 +82,29 @@ def run(shape: str, lo: float, hi: float, tile) -> dict:
     balanced = [h for b in assign_heads(costs, world) for h in b]
     orders = {"recipe order": list(range(H)), "balanced": balanced}
     Hl = H // world
-    g = torch.Generator(device=device).manual_seed(1234 + rank)
-    q, k, v = (torch.randn(1, Hl, S, D, device=device, dtype=dtype, generator=g) for _ in range(3))
     ms = _timer(device)
-    times = {"dense": ms(lambda: runtime.dense_attention(q, k, v))}
-    for label, order in orders.items():
-        st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.parallel.{label}", kind="self", heads=H,
-                               head_dim=D, configs=[configs[h] for h in order])
-        runtime.STATE.sites[st.site_id] = st
-        site = torch.tensor([st.site_id])
-        try:
-            with head_shard(rank, world):
-                times[label] = ms(lambda: torch.ops.sparsify.sparse_attention(q, k, v, site, [*grid, 0], None))
-        finally:
-            runtime.STATE.sites.pop(st.site_id, None)
-    every = [None] * world
-    if world > 1:
-        dist.all_gather_object(every, times)
+
+    def rank_times(r: int) -> dict:
+        g = torch.Generator(device=device).manual_seed(1234 + r)
+        q, k, v = (torch.randn(1, Hl, S, D, device=device, dtype=dtype, generator=g) for _ in range(3))
+        times = {"dense": ms(lambda: runtime.dense_attention(q, k, v))}
+        for label, order in orders.items():
+            st = runtime.SiteState(site_id=runtime.STATE.new_id(), path=f"bench.parallel.{label}", kind="self",
+                                   heads=H, head_dim=D, configs=[configs[h] for h in order])
+            runtime.STATE.sites[st.site_id] = st
+            site = torch.tensor([st.site_id])
+            try:
+                with head_shard(r, world):
+                    times[label] = ms(lambda: torch.ops.sparsify.sparse_attention(q, k, v, site, [*grid, 0], None))
+            finally:
+                runtime.STATE.sites.pop(st.site_id, None)
+        return times
+
+    if dist.is_initialized():
+        every = [None] * world
+        dist.all_gather_object(every, rank_times(rank))
     else:
-        every = [times]
+        every = [rank_times(r) for r in range(world)]
     rows = {}
     for label in ["dense", *orders]:
         per_rank = [t[label] for t in every]
@@ -107,6 +113,7 @@ def run(shape: str, lo: float, hi: float, tile) -> dict:
         rows[label] = {"per_rank_ms": per_rank, "slowest_ms": max(per_rank), "mean_ms": mean,
                        "measured_ratio": max(per_rank) / mean, "predicted_ratio": predicted}
     return {"shape": name, "S": S, "heads": H, "head_dim": D, "grid": list(grid), "ranks": world,
+            "processes": world if dist.is_initialized() else 1,
             "device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype).split(".")[-1],
             "tile": list(tile), "densities": dens, "balanced_order": balanced, "rows": rows,
             "versions": {"torch": torch.__version__}}
@@ -117,16 +124,20 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="CPU shape (8 heads, 8x16x16 tokens, fp32)")
     p.add_argument("--densities", default="0.025,0.2", help="lowest,highest per-head density (log-uniform between)")
     p.add_argument("--tile", default="4x4x4")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="without torchrun: time each of this many Ulysses ranks' calls one after another here")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     lo, hi = (float(x) for x in a.densities.split(","))
     tile = tuple(int(x) for x in a.tile.split("x"))
     distributed = "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+    if distributed and a.ranks != 1:
+        raise SystemExit("benchmarks.parallel: --ranks is for one process; under torchrun the ranks are its processes")
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() and not a.tiny else "gloo")
     rank = dist.get_rank() if distributed else 0
     try:
-        res = run("tiny" if a.tiny else "14b", lo, hi, tile)
+        res = run("tiny" if a.tiny else "14b", lo, hi, tile, a.ranks)
     finally:
         if distributed:
             dist.destroy_process_group()

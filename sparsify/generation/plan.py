@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import RecipeError, SparsifyWarning
-from ..runtime.state import STATE
+from ..runtime.state import STATE, call_slot
 
 
 @dataclass(frozen=True)
@@ -276,13 +276,10 @@ class PlanRunner:
                           f"and this schedule has {num}: its steps are mapped by fraction of the schedule",
                           SparsifyWarning, stacklevel=2)
         gen = STATE.steps.generation
-        if STATE.branch is not None:
-            self.slot = ("branch", STATE.branch)
-        else:
-            g, s, c = self._calls
-            c = c + 1 if (g, s) == (gen, step) else 0
-            self._calls = (gen, step, c)
-            self.slot = c
+        g, s, c = self._calls
+        c = c + 1 if (g, s) == (gen, step) else 0
+        self._calls = (gen, step, c)
+        self.slot = call_slot(c)
         if step == 0:
             self.residual.pop(self.slot, None)
         self.compute_now = self.plan.computes(step, num) or self.slot not in self.residual

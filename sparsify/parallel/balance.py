@@ -144,13 +144,35 @@ def _check_module(module, path: str) -> None:
         raise ValueError(
             f"balance_heads: site '{path}' has fused q/k/v projections (fuse_projections()); balance heads "
             "before fusing, or call unfuse_projections() first")
-    if not all(hasattr(module, n) for n in ("to_q", "to_k", "to_v", "to_out")):
+    if not all(hasattr(module, n) for n in ("to_q", "to_k", "to_v")):
         raise ValueError(
             f"balance_heads: site '{path}' ({type(module).__name__}) is not a diffusers attention module with "
-            "to_q/to_k/to_v/to_out projections; head balancing permutes those projections' heads")
+            "to_q/to_k/to_v projections; head balancing permutes those projections' heads")
 
 
-def _permute_module(module, path: str, heads: int, head_dim: int, perm: torch.Tensor) -> None:
+def _out_columns(model, path: str, module, HD: int) -> list:
+    """The linear layers whose input columns `[0, HD)` are the site's heads: `to_out.0` and `to_add_out`; for a
+    pre-only module (no output projection of its own) its block's `proj_out`, whose input is the attention output
+    followed by the block's MLP hidden state (HunyuanVideo's and Flux's single-stream blocks).
+
+    Raises:
+        ValueError: the site has no output projection of its own and its block is not of that form.
+    """
+    own = [sub for sub in (_get(module, n) for n in _COL_PROJ) if sub is not None and sub.weight.shape[1] == HD]
+    if own or not getattr(module, "pre_only", False):
+        return own
+    block = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else None
+    proj, mlp = getattr(block, "proj_out", None), getattr(block, "proj_mlp", None)
+    if not (isinstance(proj, torch.nn.Linear) and isinstance(mlp, torch.nn.Linear)
+            and proj.in_features == HD + mlp.out_features):
+        raise ValueError(
+            f"balance_heads: site '{path}' has no output projection of its own (pre_only) and its block has no "
+            f"proj_out over [attention output ({HD}) | proj_mlp output]; its heads' output columns are unknown")
+    return [proj]
+
+
+def _permute_module(model, path: str, heads: int, head_dim: int, perm: torch.Tensor) -> None:
+    module = model.get_submodule(path)
     _check_module(module, path)
     HD = heads * head_dim
     with torch.no_grad():
@@ -162,12 +184,9 @@ def _permute_module(module, path: str, heads: int, head_dim: int, perm: torch.Te
                 if p is None or p.shape[0] != HD or (name in _NORMS and p.dim() != 1):
                     continue
                 p.copy_(p.view(heads, head_dim, *p.shape[1:]).index_select(0, perm.to(p.device)).view_as(p))
-        for name in _COL_PROJ:
-            sub = _get(module, name)
-            if sub is None or sub.weight.shape[1] != HD:
-                continue
-            w = sub.weight
-            w.copy_(w.view(w.shape[0], heads, head_dim).index_select(1, perm.to(w.device)).view_as(w))
+        for sub in _out_columns(model, path, module, HD):
+            w = sub.weight[:, :HD]
+            w.copy_(w.reshape(w.shape[0], heads, head_dim).index_select(1, perm.to(w.device)).view_as(w))
 
 
 def _get(module, name):
@@ -182,11 +201,11 @@ def balance_heads(model: torch.nn.Module, degree: int, grid, *, video_start: int
     """Permute the heads of every sparsified site so that each Ulysses rank gets about the same attention work.
 
     Ulysses gives rank `r` the heads `[r·H/P, (r+1)·H/P)`. Per site the heads are reordered (q/k/v rows,
-    per-head-across norms, output-projection columns, and the site's recipe entries with them) so that each
-    rank's slice has about equal cost (`head_costs`, or measured `costs`); the model's output is unchanged up
-    to the reduction order of the output projection. Call it after `sparsify()`, before or after
-    `enable_parallelism`, with the same arguments on every rank; `unsparsify()` (or `unbalance_heads`) undoes it
-    exactly.
+    per-head-across norms, output-projection columns (a pre-only site's: its block's `proj_out`), and the site's
+    recipe entries with them) so that each rank's slice has about equal cost (`head_costs`, or measured
+    `costs`); the model's output is unchanged up to the reduction order of the output projection. Call it after
+    `sparsify()`, before or after `enable_parallelism` (or xDiT's takeover), with the same arguments on every
+    rank; `unsparsify()` (or `unbalance_heads`) undoes it exactly.
 
     Args:
         model: a model sparsified with `sparsify()` whose sites are diffusers attention modules.
@@ -233,7 +252,9 @@ def balance_heads(model: torch.nn.Module, degree: int, grid, *, video_start: int
     plan.ratio_before = worst_before / mean_total if mean_total else 1.0
     plan.ratio_after = worst_after / mean_total if mean_total else 1.0
     for st, _ in moved:
-        _check_module(model.get_submodule(st.path), st.path)
+        module = model.get_submodule(st.path)
+        _check_module(module, st.path)
+        _out_columns(model, st.path, module, st.heads * st.head_dim)
     for st, perm in moved:
         _apply(model, st, perm)
 
@@ -252,7 +273,7 @@ def balance_heads(model: torch.nn.Module, degree: int, grid, *, video_start: int
 
 
 def _apply(model, st, perm: list[int]) -> None:
-    _permute_module(model.get_submodule(st.path), st.path, st.heads, st.head_dim, torch.tensor(perm))
+    _permute_module(model, st.path, st.heads, st.head_dim, torch.tensor(perm))
     st.configs = [st.configs[h] for h in perm]
     st.cache.clear()
 

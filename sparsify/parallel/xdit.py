@@ -1,4 +1,4 @@
-"""xDiT (xfuser) Ulysses: sparse attention after its all-to-all, with its sequence order mapped to the one-process order."""
+"""xDiT (xfuser) Ulysses and CFG parallel: sparse attention after its all-to-all, in the one-process token order."""
 
 from __future__ import annotations
 
@@ -234,13 +234,29 @@ def _shard_or_manual(shard):
     return manual_shard() or shard()
 
 
+def cfg_branch(cfg_rank: int, cfg_degree: int) -> int:
+    """The one-process call index of the guidance branch that xDiT's CFG rank `cfg_rank` runs (see
+    `sparsify.parallel.guidance_shard`): xfuser gives CFG rank 0 the negative (unconditional) half of the batch and
+    rank 1 the positive half; a pipeline running the branches as two calls calls cond first (0), then uncond (1).
+
+    Example:
+        >>> [cfg_branch(r, 2) for r in (0, 1)], cfg_branch(0, 1)
+        ([1, 0], 0)
+    """
+    if cfg_degree not in (1, 2) or not 0 <= cfg_rank < cfg_degree:
+        raise ValueError(f"cfg_branch: xDiT's CFG parallel has cfg_degree 1 or 2 and 0 <= cfg_rank < cfg_degree; "
+                         f"got cfg_rank={cfg_rank}, cfg_degree={cfg_degree}")
+    return cfg_degree - 1 - cfg_rank
+
+
 def _xfuser():
     try:
-        from xfuser.core.distributed import attention_backend, get_sp_group
+        from xfuser.core.distributed import (attention_backend, get_classifier_free_guidance_rank,
+                                             get_classifier_free_guidance_world_size, get_sp_group)
     except (ImportError, NotImplementedError) as e:  # xfuser 0.7 raises NotImplementedError without a GPU
         raise ImportError("sparsify.parallel.xdit needs xDiT: pip install xfuser (0.7, with yunchang); "
                           f"importing it failed: {e}") from e
-    return get_sp_group, attention_backend
+    return get_sp_group, attention_backend, (get_classifier_free_guidance_rank, get_classifier_free_guidance_world_size)
 
 
 def _xfuser_shard():
@@ -257,7 +273,9 @@ def enable(transformer) -> None:
     sparsify the diffusers transformer first (one-process discovery), then let xDiT install its processors or
     wrap it, then call `enable` with the model xDiT runs (the diffusers model itself, or xDiT's wrapper whose
     `.module` it is). Every attention function xfuser can pick is routed (`route`); each site's head range comes
-    from xfuser's Ulysses rank. Ring degree > 1 is refused when a site runs (`RingAttentionError`).
+    from xfuser's Ulysses rank, and the reuse of masks is agreed within its Ulysses group. Under CFG parallel
+    (`cfg_degree=2`) each forward runs as its guidance branch's call of the one-process run (`cfg_branch`,
+    `sparsify.parallel.guidance_shard`). Ring degree > 1 is refused when a site runs (`RingAttentionError`).
     `unsparsify()` undoes it.
 
     Raises:
@@ -269,7 +287,7 @@ def enable(transformer) -> None:
         >>> # transformer.install_xdit_attention_processors()
         >>> # sparsify.parallel.xdit.enable(transformer)
     """
-    get_sp_group, backend = _xfuser()
+    get_sp_group, backend, (cfg_rank, cfg_degree) = _xfuser()
     inner = transformer if hasattr(transformer, "_sparsify") else getattr(transformer, "module", transformer)
     inst = getattr(inner, "_sparsify", None)
     family = getattr(inst.adapter, "name", None) if inst is not None else None
@@ -289,6 +307,17 @@ def enable(transformer) -> None:
             set_timestep(inst.adapter.timestep(inner, args, kwargs))
 
         hooks.append(transformer.register_forward_pre_hook(grid_hook, with_kwargs=True))
+    if cfg_degree() > 1:
+        guidance = (cfg_branch(cfg_rank(), cfg_degree()), cfg_degree())
+
+        def enter_branch(mod, args):
+            STATE.guidance = guidance
+
+        def leave_branch(mod, args, output):
+            STATE.guidance = None
+
+        hooks.append(transformer.register_forward_pre_hook(enter_branch))
+        hooks.append(transformer.register_forward_hook(leave_branch, always_call=True))
 
     def undo():
         for h in hooks:

@@ -167,7 +167,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         st.dense_work += B * H
         return _dense_sdpa(q, k, v, attn_mask, 0.0, False, scale=scale).contiguous()
 
-    if all(c.is_dense for c in configs) and STATE.observer is None:
+    consensus = st.mask_reuse is not None and timestep is not None and H != st.heads  # Ulysses: ranks agree on reuse
+    if all(c.is_dense for c in configs) and STATE.observer is None and not consensus:
         return dense()
     if k.shape != q.shape or v.shape != q.shape:
         return dense(f"q {tuple(q.shape)}, k {tuple(k.shape)} and v {tuple(v.shape)} differ")
@@ -224,7 +225,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
         short = st.axis == "temporal" and not c.is_dense and not temporal_is_long(S, c.tile)  # dense unless long
         groups.setdefault(("dense",) if c.is_dense or short else (c.method, c.tile), []).append(h)
     agree = None
-    if st.mask_reuse is not None and step is not None and H != st.heads:  # Ulysses: decide reuse across ranks
+    if consensus:  # a rank whose heads are all dense still joins the reuse decisions of the others' groups
         from ..parallel.consensus import reuse_agreement
 
         groups, agree = reuse_agreement(st, groups, st.current_shard()[2], q.device)

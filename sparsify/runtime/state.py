@@ -111,10 +111,8 @@ class SiteState:
 
     @property
     def slot(self):
-        """Which call of the current step this is, for per-call caches (mask reuse): the guidance branch named
-        by a diffusers `cache_context` ("cond", "uncond") when one is set, else the call's position in the step.
-        A step cache may run one branch and skip the other, so only the name keeps the branches apart."""
-        return ("branch", STATE.branch) if STATE.branch is not None else self.calls_in_step
+        """Which call of the current step this is, for per-call caches (mask reuse): `call_slot(calls_in_step)`."""
+        return call_slot(self.calls_in_step)
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -185,6 +183,7 @@ class _State:
         self.timestep_seen = None  # (tensor, version, value) of the last timestep read by `timestep_value`
         self.steps = StepTracker()
         self.branch = None  # the guidance branch of the current forward (a diffusers cache_context name), if named
+        self.guidance = None  # (branch, branches) under CFG parallel: this process runs only that branch's calls
         self.merged = None  # MergedTokens of the block running with merged tokens (sparsify.generation.merge), if any
         self.stack: list = []  # site tensors of the attention modules being executed
         self.observer = None  # callable(site_state, q, k, v, geometry, scale, key_mask), e.g. the calibrator
@@ -196,6 +195,25 @@ class _State:
 
 
 STATE = _State()
+
+
+def call_slot(calls: int):
+    """Which call of the current step the `calls`-th call (from 0) of a site or model is, as one process running
+    every guidance branch would number it: the branch named by a diffusers `cache_context` ("cond", "uncond") when
+    one is set (a step cache may run one branch and skip the other, so only the name keeps them apart); under CFG
+    parallel (`STATE.guidance = (b, n)`: this process runs only branch `b` of `n`) `calls * n + b`; else `calls`.
+
+    Example:
+        >>> call_slot(0), call_slot(1)
+        (0, 1)
+        >>> STATE.guidance = (1, 2); call_slot(0); STATE.guidance = None  # the unconditional branch's process
+        1
+    """
+    if STATE.branch is not None:
+        return ("branch", STATE.branch)
+    if STATE.guidance is not None:
+        return calls * STATE.guidance[1] + STATE.guidance[0]
+    return calls
 
 
 def new_generation() -> None:

@@ -19,21 +19,21 @@ def tiny_wan(layers=2, heads=2, head_dim=32):
                                  num_layers=layers, rope_max_seq_len=32).eval()
 
 
-def tiny_hunyuan():
+def tiny_hunyuan(heads: int = 2):
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+    return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=16,
                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=2,
                                           patch_size_t=1, guidance_embeds=False, text_embed_dim=16,
                                           pooled_projection_dim=8, rope_axes_dim=(4, 6, 6)).eval()
 
 
-def tiny_cogvideox():
+def tiny_cogvideox(heads: int = 2):
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(0)
-    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+    return CogVideoXTransformer3DModel(num_attention_heads=heads, attention_head_dim=16, in_channels=4, out_channels=4,
                                        time_embed_dim=8, text_embed_dim=16, num_layers=2, sample_width=16,
                                        sample_height=16, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
                                        max_text_seq_length=8).eval()
