@@ -46,12 +46,6 @@ def _in_range(v, lo: float, hi: float, lo_open: bool) -> bool:
     return (lo < v if lo_open else lo <= v) and v <= hi
 
 
-def _method_names() -> tuple[str, ...]:
-    from .methods import available_methods
-
-    return available_methods()
-
-
 # ----------------------------------------------------------------------------------------------
 # typed pieces
 
@@ -451,7 +445,7 @@ class Recipe(YamlDocument):
         if d.schedule:
             out["defaults"]["schedule"] = [{"from_step": e.from_step, "scale": e.scale} for e in d.schedule]
         if self.rules:
-            out["rules"] = [_rule_dict(r) for r in self.rules]
+            out["rules"] = [{"match": r.match, **_fields_dict(r)} for r in self.rules]
         if self.sites:
             out["sites"] = {p: _entry_dict(e) for p, e in self.sites.items()}
         if self.calibration is not None:
@@ -459,7 +453,6 @@ class Recipe(YamlDocument):
         if self.plan is not None:
             out["plan"] = self.plan.to_dict()
         return out
-
 
 
 def _short_list(items, n: int = 6) -> str:
@@ -478,20 +471,14 @@ def _override(base: HeadConfig, enable, method, tile, budget, params=None) -> He
     )
 
 
-def _fields_dict(obj, skip=()) -> dict:
+def _fields_dict(obj) -> dict:
     out = {}
     for name in ("enable", "method", "tile"):
         val = getattr(obj, name, None)
-        if val is not None and name not in skip:
+        if val is not None:
             out[name] = list(val) if name == "tile" else val
     if getattr(obj, "budget", None) is not None:
         out.update(obj.budget.to_dict())
-    return out
-
-
-def _rule_dict(r: Rule) -> dict:
-    out = {"match": r.match}
-    out.update(_fields_dict(r))
     return out
 
 
@@ -584,7 +571,9 @@ def _params(entry: dict, method: str | None, key: str) -> dict:
 
 
 def _method(v, key):
-    names = _method_names()
+    from .methods import available_methods
+
+    names = available_methods()
     if not isinstance(v, str) or v not in names:
         _fail(key, f"unknown method {v!r}; registered methods: {', '.join(names)}")
     return v

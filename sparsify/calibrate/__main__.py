@@ -205,7 +205,6 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .config import CalibrationConfig, CalibrationConfigError
     from .core import run_calibration
-    from .report import plots, summary
     from .solve import InfeasibleBudgetError
 
     t_start = time.perf_counter()
@@ -249,18 +248,13 @@ def main(argv=None) -> int:
     if args.prompts is not None:
         return _fail("--prompts needs --pipeline (with --model the calibration inputs are made up; see --inputs)")
     model, make_inputs, adapter, desc = resolve_model(args.model, device, dtype)
-    grid = None
-    if adapter is not None:
-        grid = tuple(args.grid) if args.grid else default_grid(adapter, model)
+    from ..testbed import grid as testbed_grid
+
+    grid = tuple(args.grid) if args.grid else (testbed_grid(name=args.model) if adapter is None
+                                               else default_grid(adapter, model))
+    if adapter is not None or args.grid:  # a test-bed's inputs are at its own grid unless --grid is given
         base = make_inputs
         make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
-    if grid is None:  # a test-bed: its own grid, or --grid
-        from ..testbed import grid as testbed_grid
-
-        grid = tuple(args.grid) if args.grid else testbed_grid(name=args.model)
-        if args.grid:
-            base = make_inputs
-            make_inputs = lambda seed, t: base(seed, t, grid)  # noqa: E731
     source = args.inputs_from or ("trajectory" if adapter is None else "random")
     if source == "trajectory" and adapter is not None:
         from ..testbed import VARIANTS
@@ -342,34 +336,14 @@ def main(argv=None) -> int:
     result.recipe.calibration["inputs"] = inputs_info
     if args.mask_reuse:
         result.recipe = _calibrate_reuse(model, result.recipe, random_inputs, args)
-    cal = result.recipe.calibration
-    cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.note:
-        cal["calibrated_on"] = args.note
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written = [result.recipe.save(out)]
-    if not args.quiet:
-        print(summary(result, config.budget))
-    if not args.no_plots:
-        written += plots(result, config.budget, out)
-    if not args.quiet:
-        print(f"\ntime: {time.perf_counter() - t_start:.1f}s (measurement {result.capture_seconds:.1f}s)")
-        print("files written:")
-    for f in written:
-        print(f"  {f}" if not args.quiet else f)
-    if ckpt is not None:
-        print(f"  {ckpt}/ (per-site measurements: a rerun with other --budget resumes from them)" if not args.quiet
-              else f"{ckpt}/")
-    return 0
+    return _write(result.recipe, {None: result}, args, argv, config, out, ckpt, t_start)
 
 
 def _check_transfer_model(model, transferred, forward_loop, output_loop, config, first, schedule, inputs_hash, grid,
                           make_inputs, args) -> int:
     """Calibrate at this grid, then compare the two recipes' model-output errors on the calibration inputs."""
-    import json
-
     from .core import run_calibration
-    from .transfer import format_report, transfer_report
+    from .transfer import transfer_report
 
     native = run_calibration(model, forward_loop, config, example_inputs=first, n_forwards=len(schedule),
                              inputs_hash=inputs_hash, output_loop=output_loop).recipe
@@ -377,12 +351,7 @@ def _check_transfer_model(model, transferred, forward_loop, output_loop, config,
     def run():
         return [model(**make_inputs(*key))[0] for key in schedule]
 
-    rep = transfer_report(model, transferred, native, run, example_inputs=first, grid=grid)
-    print(format_report(rep))
-    if args.out.endswith(".json"):
-        Path(args.out).write_text(json.dumps(rep, indent=1))
-        print(f"files written:\n  {args.out}")
-    return 0
+    return _print_transfer(transfer_report(model, transferred, native, run, example_inputs=first, grid=grid), args)
 
 
 def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, transferred) -> int:
@@ -390,7 +359,6 @@ def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, t
     from ..pipeline_recipe import PipelineRecipe
     from .config import CalibrationConfigError
     from .pipeline import DEFAULT_STEPS, load_pipeline, plan_pipeline_calibration, run_pipeline_calibration
-    from .report import plots, summary
     from .solve import InfeasibleBudgetError
 
     if not args.prompts:
@@ -450,35 +418,44 @@ def _main_pipeline(args, argv, config, device, dtype, t_start, say, out, ckpt, t
                                                       max_error_growth=args.reuse_max_growth)
         for name, rc in found.items():
             _print_reuse(rc, f"{name}: " if len(found) > 1 else "")
+    several = isinstance(recipe, PipelineRecipe)
+    return _write(recipe, result.results if several else {None: next(iter(result.results.values()))}, args, argv,
+                  config, out, ckpt, t_start)
+
+
+def _write(recipe, results, args, argv, config, out, ckpt, t_start) -> int:
+    """Record the command in the recipe, write it and its plots, print the summaries and the files written.
+
+    `results`: the calibration result of each transformer by name (one under None for a single model).
+    """
+    from .report import plots, summary
+
     cal = recipe.calibration
     cal["command"] = "python -m sparsify.calibrate " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.note:
         cal["calibrated_on"] = args.note
     written = [recipe.save(out)]
-    several = isinstance(recipe, PipelineRecipe)
-    for name, res in result.results.items():
+    for name, res in results.items():
         if not args.quiet:
-            print((f"== {name} ==\n" if several else "") + summary(res, config.budget))
+            print((f"== {name} ==\n" if name is not None else "") + summary(res, config.budget))
         if not args.no_plots:
-            written += plots(res, config.budget, out.with_name(f"{out.stem}.{name}{out.suffix}") if several else out)
+            written += plots(res, config.budget, out if name is None else out.with_name(f"{out.stem}.{name}{out.suffix}"))
     if not args.quiet:
         print(f"\ntime: {time.perf_counter() - t_start:.1f}s (measurement "
-              f"{sum(r.capture_seconds for r in result.results.values()):.1f}s)")
+              f"{sum(r.capture_seconds for r in results.values()):.1f}s)")
         print("files written:")
     for f in written:
         print(f"  {f}" if not args.quiet else f)
     if ckpt is not None:
-        print(f"  {ckpt}/ (per-transformer, per-site measurements: a rerun with other --budget resumes from them)"
-              if not args.quiet else f"{ckpt}/")
+        print(f"  {ckpt}/ (per-site measurements, per transformer with --pipeline: a rerun with other --budget resumes "
+              "from them)" if not args.quiet else f"{ckpt}/")
     return 0
 
 
 def _check_transfer_pipeline(plan, transferred, native, args) -> int:
     """The final latents of every prompt's generation at this size: transferred recipe against native, both vs dense."""
-    import json
-
     from .pipeline import _generator
-    from .transfer import format_report, transfer_report
+    from .transfer import transfer_report
 
     pipe = plan.pipe
 
@@ -487,7 +464,15 @@ def _check_transfer_pipeline(plan, transferred, native, args) -> int:
                 for n, call in enumerate(plan.calls)]
 
     pipe.set_progress_bar_config(disable=True)
-    rep = transfer_report(pipe, transferred, native, run, grid=plan.grid)
+    return _print_transfer(transfer_report(pipe, transferred, native, run, grid=plan.grid), args)
+
+
+def _print_transfer(rep: dict, args) -> int:
+    """Print the resolution-transfer report, and write it as JSON when `--out` ends in `.json`."""
+    import json
+
+    from .transfer import format_report
+
     print(format_report(rep))
     if args.out.endswith(".json"):
         Path(args.out).write_text(json.dumps(rep, indent=1))

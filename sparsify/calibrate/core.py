@@ -149,18 +149,8 @@ def _veda_params(veda, path, tile, method, head):
 
 def choice_configs(result: "CalibrationResult", choice) -> dict:
     """Per-site head configs `{path: [HeadConfig]}` of an option choice (e.g. a solver's `Allocation.choice`)."""
-    configs, g = {}, 0
-    veda = result.extras.get("veda")
-    for info in result.sites:
-        heads = []
-        for h in range(info.heads):
-            opt = result.options[int(choice[g])]
-            g += 1
-            heads.append(HeadConfig(method="dense") if opt[0] == "dense" else
-                         HeadConfig(method=opt[2], tile=opt[0], budget=Budget(density=opt[1]),
-                                    params=_veda_params(veda, info.path, opt[0], opt[2], h)))
-        configs[info.path] = heads
-    return configs
+    recipe = Recipe(sites=site_entries(result.sites, result.options, choice, result.extras.get("veda")))
+    return {info.path: recipe.head_configs(info.path, info.heads) for info in result.sites}
 
 
 def _output_scales(model, all_infos, infos, adapter, results, cands, levels, output_loop, ref_density, progress,

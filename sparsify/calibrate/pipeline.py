@@ -195,11 +195,7 @@ class _StepEnd(Exception):
 
 
 def _first_step_calls(pipe, transformers: dict, kwargs: dict, seed: int) -> list[tuple]:
-    """Run the pipeline's first denoising step and return its transformer calls `[(name, args, kwargs)]`.
-
-    Their number is the calls per step: 2 where classifier-free guidance runs its branches as two calls (Wan),
-    1 where they share one batch (CogVideoX) or guidance is an embedding (HunyuanVideo).
-    """
+    """Run the pipeline's first denoising step and return its transformer calls `[(name, args, kwargs)]`."""
     seen = []
 
     def stop(pipe, i, t, callback_kwargs):
@@ -339,8 +335,6 @@ def plan_pipeline_calibration(pipe, prompts, *, negative_prompt=None, height=Non
                         transformers={n: found[n] for n in runs}, steps=runs, sampled=sampled, grid=grid,
                         first_call=step_calls[0], branches=len(step_calls), batch=int(latents.shape[0]),
                         settings=settings)
-
-
 
 
 def _call_adapter(model, args, kwargs):

@@ -1,4 +1,4 @@
-"""The selection-method interface: what `select` returns, the optional `attend`, and versioned per-head params."""
+"""The selection-method interface: what `select` returns, the optional `attend`, and per-head params."""
 
 from __future__ import annotations
 
@@ -28,8 +28,7 @@ class SelectionMethod:
     A method implements `select`, or, when it needs its own token order (SVG2's clusters), `attend`
     (the runtime calls `attend` when the class defines it). Per-head parameters come from recipes as
     dicts: `check_params` validates one, `from_head_params` builds the method for a group of heads,
-    `head_params` writes one back. `PARAMS_VERSION` is the version of that dict's schema: a recipe
-    entry may carry `version: N`, and an entry of another version is refused.
+    `head_params` writes one back.
 
     Example:
         >>> from sparsify.methods import register_method
@@ -42,7 +41,6 @@ class SelectionMethod:
     """
 
     name: ClassVar[str] = ""
-    PARAMS_VERSION: ClassVar[int] = 1
     #: slots per key group whose means the op's gather should compute for `stats.k_group_means` (0: none)
     key_group: int = 0
 
@@ -68,14 +66,6 @@ class SelectionMethod:
         params = {k: v for k, v in params.items() if k != "version"}
         if params:
             raise ValueError(f"method '{cls.name}' takes no parameters; got {sorted(params)}")
-
-    @classmethod
-    def check_version(cls, params: dict) -> None:
-        """Refuse params written for another schema version of this method."""
-        v = params.get("version", cls.PARAMS_VERSION)
-        if v != cls.PARAMS_VERSION or isinstance(v, bool):
-            raise ValueError(f"params version {v!r} of method '{cls.name}' is not supported; "
-                             f"this sparsify reads version {cls.PARAMS_VERSION}")
 
     @classmethod
     def from_head_params(cls, head_params: Sequence[dict | None]) -> "SelectionMethod":

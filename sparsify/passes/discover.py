@@ -108,11 +108,8 @@ def _drop_capture_cache_entries(seen_before: set) -> None:
     """
     import weakref
 
-    try:
-        from torch._dynamo import convert_frame
-        from torch._dynamo import reset_code
-    except ImportError:  # pragma: no cover - older torch
-        return
+    from torch._dynamo import convert_frame, reset_code
+
     for ref in list(convert_frame.input_codes.seen):
         code = ref()
         if code is not None and id(code) not in seen_before and not any(r() is code for r in _CAPTURE_CODES):
@@ -134,12 +131,9 @@ def capture_graphs(model: torch.nn.Module, example_inputs) -> list[fx.GraphModul
         graphs.append(gm)
         return gm.forward
 
-    try:
-        from torch._dynamo import convert_frame
+    from torch._dynamo import convert_frame
 
-        seen_before = {id(r()) for r in convert_frame.input_codes.seen if r() is not None}
-    except ImportError:  # pragma: no cover
-        seen_before = set()
+    seen_before = {id(r()) for r in convert_frame.input_codes.seen if r() is not None}
     args, kwargs = _split_inputs(example_inputs)
     compiled = torch.compile(model, backend=record, dynamic=False)
     try:

@@ -16,6 +16,7 @@ import inspect
 
 import torch
 from torch import fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .patterns import find_attention, materialize_mask, materialize_scale
 
@@ -87,13 +88,7 @@ def _pass_code_hash() -> str:
     return hashlib.sha256(src.encode()).hexdigest()
 
 
-try:
-    from torch._inductor.custom_graph_pass import CustomGraphPass as _Base
-except ImportError:  # pragma: no cover - very old torch
-    _Base = object
-
-
-class SparsifyPass(_Base):
+class SparsifyPass(CustomGraphPass):
     """The inductor pre-grad pass. Its `uuid()` hashes the pass code and the installed sites' configs,
     so inductor's FX cache is neither bypassed nor stale."""
 
@@ -132,7 +127,7 @@ def install_inductor_pass() -> SparsifyPass:
     return p
 
 
-class _Chained(_Base):
+class _Chained(CustomGraphPass):
     def __init__(self, first, second):
         self.first, self.second = first, second
 

@@ -42,8 +42,6 @@ def sparse_attention(
         >>> # installed by sparsify(); called as
         >>> # torch.ops.sparsify.sparse_attention(q, k, v, module._sparsify_site, [T, H, W, 0])
     """
-    if gate is None:  # exactly the gate-less call of before
-        return run_site(q, k, v, site, geometry, scale, attn_mask, timestep)
     return run_site(q, k, v, site, geometry, scale, attn_mask, timestep, gate=gate)
 
 

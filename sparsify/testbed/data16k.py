@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from .data import _bounce
 from .model import TEXT_DIM
 from .variants import LATENT_SHAPE_16K
 
@@ -167,13 +168,6 @@ def sample_params(
     p["cross_t0"] = U(-0.25, 0.15, B, S, J) * F  # frame at which the object is at the entry point
     p["cross_dur"] = U(0.8, 1.2, B, S, J) * F  # frames from entry to exit
     return p
-
-
-def _bounce(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Reflect a free trajectory into [lo, hi] (a triangle wave): elastic bounces off both walls."""
-    span = (hi - lo).clamp_min(1e-3)
-    u = torch.remainder(x - lo, 2 * span)
-    return lo + span - (u - span).abs()
 
 
 def _logo(C: int, H: int, W: int, device) -> tuple[torch.Tensor, torch.Tensor]:

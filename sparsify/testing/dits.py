@@ -459,38 +459,37 @@ def _t():
     return torch.tensor([500])
 
 
+_WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+                 text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2)
+
+
+def _default_inputs():
+    return {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
+            "return_dict": False}
+
+
 def _tiny_skyreels():
     from diffusers import SkyReelsV2Transformer3DModel
 
-    m = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
-                                     out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
-                                     rope_max_seq_len=32)
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "return_dict": False}
+    return SkyReelsV2Transformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), _default_inputs()
 
 
 def _tiny_wan_vace():
     from diffusers import WanVACETransformer3DModel
 
-    m = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4,
-                                  out_channels=4, text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2,
-                                  rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "control_hidden_states": _video_latent(8, seed=3), "return_dict": False}
+    m = WanVACETransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
+    return m, {**_default_inputs(), "control_hidden_states": _video_latent(8, seed=3)}
 
 
 def _tiny_wan_family():
-    m = tiny_wan()
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "return_dict": False}
+    return tiny_wan(), _default_inputs()
 
 
 def _tiny_hunyuan_family():
     m = tiny_hunyuan()
     mask = torch.ones(1, 8, dtype=torch.bool)
     mask[:, 6:] = False
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "encoder_attention_mask": mask, "pooled_projections": torch.randn(1, 8), "return_dict": False}
+    return m, {**_default_inputs(), "encoder_attention_mask": mask, "pooled_projections": torch.randn(1, 8)}
 
 
 def _cogvideox_like(cls):
@@ -515,8 +514,7 @@ def _tiny_allegro():
     m = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=16,
                                   in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=32,
                                   sample_height=16, sample_width=16, sample_frames=4, caption_channels=16)
-    return m, {"hidden_states": _video_latent(4), "encoder_hidden_states": _text(8, 16), "timestep": _t(),
-               "return_dict": False}
+    return m, _default_inputs()
 
 
 def _tiny_easyanimate():
@@ -525,8 +523,7 @@ def _tiny_easyanimate():
     m = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                                       patch_size=2, sample_width=16, sample_height=16, num_layers=2, mmdit_layers=2,
                                       time_embed_dim=16, text_embed_dim=16)
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "return_dict": False}
+    return m, _default_inputs()
 
 
 def _unzero(m):
@@ -552,25 +549,16 @@ def _tiny_kandinsky5():
                "visual_rope_pos": [torch.arange(T), torch.arange(H), torch.arange(W)], "return_dict": False}
 
 
-_WAN_LIKE = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-                 text_dim=16, freq_dim=32, ffn_dim=64, num_layers=2)
-
-
-def _wan_like_inputs():
-    return {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-            "return_dict": False}
-
-
 def _tiny_chronoedit():
     from diffusers import ChronoEditTransformer3DModel
 
-    return ChronoEditTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), _wan_like_inputs()
+    return ChronoEditTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), _default_inputs()
 
 
 def _tiny_helios():
     from diffusers import HeliosTransformer3DModel
 
-    return HeliosTransformer3DModel(**_WAN_LIKE, rope_dim=(12, 10, 10)), _wan_like_inputs()
+    return HeliosTransformer3DModel(**_WAN_LIKE, rope_dim=(12, 10, 10)), _default_inputs()
 
 
 def _tiny_anyflow():
@@ -578,7 +566,7 @@ def _tiny_anyflow():
 
     frames = _video_latent(4).shape[2]  # its timesteps are per frame: [B, F]
     return AnyFlowTransformer3DModel(**_WAN_LIKE, rope_max_seq_len=32), {
-        **_wan_like_inputs(), "timestep": torch.full((1, frames), 500), "r_timestep": torch.full((1, frames), 400)}
+        **_default_inputs(), "timestep": torch.full((1, frames), 500), "r_timestep": torch.full((1, frames), 400)}
 
 
 def _tiny_consisid():
@@ -593,8 +581,7 @@ def _tiny_motif():
     m = MotifVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
                                      num_layers=1, num_single_layers=1, patch_size=2, patch_size_t=1,
                                      text_embed_dim=16, rope_axes_dim=(4, 6, 6))
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "encoder_attention_mask": torch.ones(1, 8), "return_dict": False}
+    return m, {**_default_inputs(), "encoder_attention_mask": torch.ones(1, 8)}
 
 
 def _tiny_wan_animate():
@@ -617,8 +604,7 @@ def _tiny_joyimage_edit():
 
     m = JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, hidden_size=32, num_attention_heads=2,
                                        text_dim=16, num_layers=2, rope_dim_list=[4, 6, 6])
-    return m, {"hidden_states": _video_latent(4), "timestep": _t(), "encoder_hidden_states": _text(8, 16),
-               "return_dict": False}
+    return m, _default_inputs()
 
 
 def _tiny_kandinsky6():
