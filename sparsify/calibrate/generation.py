@@ -163,7 +163,8 @@ def _check_reachable(table, candidates, method, time_budget, *, steps, max_age, 
     if predict_time(p, fastest) > time_budget * p.dense_ms * (1 + 1e-6):
         from .allocate import _infeasible
 
-        raise _infeasible(p, time_budget, fastest, "plan" if policy == "unified" else "usv-entropy plan")
+        raise _infeasible(p, time_budget, fastest, "plan" if policy == "unified" else
+                          "plan of any policy (usv-entropy's own sparsest plan may be slower)")
 
 
 def _inputs_hash(*parts) -> str:
