@@ -560,11 +560,14 @@ def _params(entry: dict, method: str | None, key: str) -> dict:
         _fail(f"{key}.params", "needs 'method' in the same entry (parameters belong to one method)")
     if not isinstance(params, dict):
         _fail(f"{key}.params", f"must be a mapping; got {type(params).__name__}")
-    check = getattr(method_class(method), "check_params", None)
+    cls = method_class(method)
+    check = getattr(cls, "check_params", None)
     if check is None:
         _fail(f"{key}.params", f"method '{method}' takes no parameters")
     try:
-        check(params)
+        if hasattr(cls, "check_version"):
+            cls.check_version(params)
+        check({k: v for k, v in params.items() if k != "version"})
     except ValueError as e:
         _fail(f"{key}.params", str(e))
     return params

@@ -61,12 +61,19 @@ def test_calibrated_veda_heads_carry_their_estimator(tmp_path):
     ({"weights": {"mix": "x"}}, "finite number"),
     ({"peak": "middle", "weights": {"mix": 1.0}}, "peak must be one of"),
     ({"weights": {"mix": 1.0}, "extra": 1}, "unknown Veda parameter"),
+    ({"version": 2, "weights": {"mix": 1.0}}, "params version 2 of method 'veda' is not supported"),
 ])
 def test_bad_veda_params_name_the_key(params, words):
     data = {"version": 1, "sites": {"blocks.0.attn1": {"heads": [{"head": 0, "method": "veda", "params": params}]}}}
     with pytest.raises(RecipeError) as e:
         load_recipe(data)
     assert "sites.blocks.0.attn1.heads[0].params" in str(e.value) and words in str(e.value)
+
+
+def test_veda_params_of_this_version_load():
+    params = {"version": 1, "weights": {"mix": 1.0}}
+    data = {"version": 1, "sites": {"blocks.0.attn1": {"heads": [{"head": 0, "method": "veda", "params": params}]}}}
+    assert load_recipe(data).sites["blocks.0.attn1"].heads[0].params == params
 
 
 def test_params_need_a_method_that_takes_them():

@@ -1,4 +1,4 @@
-"""The selection-method interface: what `select` returns, the optional `attend`, and per-head params."""
+"""The selection-method interface: what `select` returns, the optional `attend`, and versioned per-head params."""
 
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ class SelectionMethod:
     A method implements `select`, or, when it needs its own token order (SVG2's clusters), `attend`
     (the runtime calls `attend` when the class defines it). Per-head parameters come from recipes as
     dicts: `check_params` validates one, `from_head_params` builds the method for a group of heads,
-    `head_params` writes one back.
+    `head_params` writes one back. `PARAMS_VERSION` is the version of that dict's schema: a recipe
+    entry may carry `version: N`, and a recipe whose entry has another version is refused at load.
 
     Example:
         >>> from sparsify.methods import register_method
@@ -41,6 +42,7 @@ class SelectionMethod:
     """
 
     name: ClassVar[str] = ""
+    PARAMS_VERSION: ClassVar[int] = 1
     #: slots per key group whose means the op's gather should compute for `stats.k_group_means` (0: none)
     key_group: int = 0
 
@@ -62,10 +64,18 @@ class SelectionMethod:
 
     @classmethod
     def check_params(cls, params: dict) -> None:
-        """Validate one head's recipe `params`, raising ValueError with what is valid (default: none allowed)."""
-        params = {k: v for k, v in params.items() if k != "version"}
+        """Validate one head's recipe `params` (without `version`), raising ValueError with what is valid (default:
+        none allowed)."""
         if params:
             raise ValueError(f"method '{cls.name}' takes no parameters; got {sorted(params)}")
+
+    @classmethod
+    def check_version(cls, params: dict) -> None:
+        """Refuse params written for another schema version of this method (no `version` key: this one)."""
+        v = params.get("version", cls.PARAMS_VERSION)
+        if v != cls.PARAMS_VERSION or isinstance(v, bool):
+            raise ValueError(f"params version {v!r} of method '{cls.name}' is not supported; "
+                             f"this sparsify reads version {cls.PARAMS_VERSION}")
 
     @classmethod
     def from_head_params(cls, head_params: Sequence[dict | None]) -> "SelectionMethod":
