@@ -15,7 +15,7 @@ from ..methods.base import TileStats
 
 
 @functools.lru_cache(maxsize=128)
-def _sequence_index(grid, tile, kept: int, video_start: int, seq_len: int, device: str):
+def _sequence_index(grid, tile, video_start: int, seq_len: int, device: str, kept: int = 0):
     """Index tensors of the padded tile sequence [video tiles | text blocks] (cached per layout and device)."""
     lay = merged_layout(grid[0], tile, kept) if kept else tile_layout(grid, tile)
     vol, n = lay.volume, lay.n_tiles
@@ -95,8 +95,8 @@ def tile_sequence(q, k, v, geometry, layout, key_group: int = 0) -> TiledSequenc
     """
     S = q.shape[2]
     geometry.check(S)
-    src, valid, inverse, lens, n_tb, prefix = _sequence_index(layout.grid, layout.tile, layout.kept,
-                                                              geometry.video_start, S, str(q.device))
+    src, valid, inverse, lens, n_tb, prefix = _sequence_index(layout.grid, layout.tile, geometry.video_start, S,
+                                                              str(q.device), layout.kept)
     means = []
     if _fast_gather(q, k, v):  # one Triton launch for q, k, v; tile means of q and k on the fly
         vol = layout.volume
