@@ -126,6 +126,28 @@ def test_cli_wan22_two_transformers_each_on_its_own_steps(saved, prompts, tmp_pa
     assert (sparse - dense).abs().max() > 1e-4
 
 
+def test_python_entry_calibrates_every_transformer_of_the_pipeline_object():
+    """`calibrate_pipeline(pipe, prompts, budget=...)` on a pipeline object (Wan 2.2: two transformers), no CLI."""
+    from sparsify.calibrate import calibrate_pipeline
+
+    pipe = build_pipeline("tiny-t2v-a14b")
+    dense = _generate(pipe)
+    recipe = calibrate_pipeline(pipe, PROMPTS, budget=0.5, height=64, width=64, num_frames=5, num_inference_steps=4,
+                                steps=1, max_sequence_length=12, tiles=[(1, 8, 8)], levels=(0.5,), output_error=False,
+                                progress=False, verbose=False)
+    assert isinstance(recipe, PipelineRecipe) and list(recipe.transformers) == ["transformer", "transformer_2"]
+    high, low = (recipe.transformers[n].calibration for n in ("transformer", "transformer_2"))
+    assert (high["steps_run"], low["steps_run"]) == ([0, 1], [2, 3]) and high["grid"] == [2, 8, 8]
+    sparsify(pipe, recipe)
+    try:
+        sparse = _generate(pipe)
+        assert all(s.density == pytest.approx(0.5) for m in (pipe.transformer, pipe.transformer_2)
+                   for s in installed_sites(m))
+    finally:
+        unsparsify(pipe)
+    assert (sparse - dense).abs().max() > 1e-4 and torch.equal(_generate(pipe), dense)
+
+
 def test_cli_wan_i2v_with_an_image_and_dry_run(saved, prompts, tmp_path, capsys):
     from PIL import Image
 

@@ -7,8 +7,9 @@ from .solve import InfeasibleBudgetError
 from .allocate import InfeasibleTimeBudgetError
 from .generation import PlanCalibration, calibrate_plan
 from .latency import LatencyTable, load_latency_table, measure_latency_table
+from .pipeline import calibrate_pipeline
 
 __all__ = ["calibrate", "run_calibration", "CalibrationConfig", "CalibrationConfigError", "CalibrationResult",
            "InfeasibleBudgetError", "DEFAULT_TILES", "DEFAULT_LEVELS", "calibrate_mask_reuse", "with_mask_reuse",
            "ReuseCalibration", "InfeasibleTimeBudgetError", "PlanCalibration", "calibrate_plan", "LatencyTable",
-           "load_latency_table", "measure_latency_table"]
+           "load_latency_table", "measure_latency_table", "calibrate_pipeline"]
