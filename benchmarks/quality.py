@@ -617,10 +617,11 @@ def video(a, argv) -> dict:
     if any(not 0.0 < s < 1.0 for s in sparsities):
         raise SystemExit(f"--sparsities: each must be in (0, 1); got {a.sparsities}")
     dev = torch.device(a.device)
-    model = build_testbed(device=dev, name=variant.name, weights=a.weights)
+    dtype = getattr(torch, a.dtype)
+    model = build_testbed(device=dev, name=variant.name, weights=a.weights, dtype=dtype)
     g = torch.Generator().manual_seed(1234)
-    noise = torch.randn(a.videos, *latent, generator=g).to(dev)
-    cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev)
+    noise = torch.randn(a.videos, *latent, generator=g).to(dev, dtype)
+    cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev, dtype)
     t_start = time.perf_counter()
     traj: dict = {}
 
@@ -687,9 +688,10 @@ def video(a, argv) -> dict:
     table = "\n".join(lines)
     print(table)
     meta = {"benchmark": "quality video", **run_header("quality", argv), "model": variant.name,
-            "latent_shape": list(latent), "steps": a.steps, "videos": a.videos, "guidance_scale": a.guidance,
-            "shift": a.shift, "calibration": {"videos": a.calibration_videos, "sampled_steps": sampled,
-                                              "inputs": "dense sampling trajectory, seeds 100.."},
+            "latent_shape": list(latent), "dtype": a.dtype, "steps": a.steps, "videos": a.videos,
+            "guidance_scale": a.guidance, "shift": a.shift,
+            "calibration": {"videos": a.calibration_videos, "sampled_steps": sampled,
+                            "inputs": "dense sampling trajectory, seeds 100.."},
             "wan14b_attention_shape": list(WAN14B_ATTENTION), "wall_s": round(time.perf_counter() - t_start, 1),
             "table": table, "rows": rows}
     path = write_result(meta, a.out, "quality_video")
@@ -938,6 +940,9 @@ def main(argv=None) -> dict:
                    help="dense sampling runs (other seeds) whose trajectories the calibrated recipes are fitted on")
     v.add_argument("--calibration-steps", type=int, default=4, help="steps of each such run fed to the calibrator")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the model and of every sampling run (bfloat16: the deployed precision, several "
+                        "times faster on a GPU; its noise floor against float32 is in RESULTS.md)")
     v.add_argument("--no-plots", action="store_true", help="skip the Pareto and per-step error plots")
     v.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 512 tokens, 2 steps, 50%% "
                    "sparsity, a one-tile calibration")

@@ -36,11 +36,13 @@ def test_selection_tiny_no_tile_method_beats_the_oracle(tmp_path):
 
 
 @pytest.mark.slow
-def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path, dtype):
     pytest.importorskip("torchmetrics")
     pytest.importorskip("diffusers")
-    rec = run_benchmark("benchmarks.quality", "video", "--tiny", out=tmp_path / "vid.json")
+    rec = run_benchmark("benchmarks.quality", "video", "--tiny", "--dtype", dtype, out=tmp_path / "vid.json")
     assert rec["benchmark"] == "quality video" and rec["steps"] == 2 and rec["guidance_scale"] == 5.0
+    assert rec["dtype"] == dtype
     assert [r["method"] for r in rec["rows"]] == ["vsa", "veda", "xattention", "svg2", "calibrated"]
     for r in rec["rows"]:
         assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] < 1.0  # sparse sampling differs from dense
