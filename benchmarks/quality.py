@@ -941,8 +941,8 @@ def main(argv=None) -> dict:
     v.add_argument("--calibration-steps", type=int, default=4, help="steps of each such run fed to the calibrator")
     v.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     v.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="dtype of the model and of every sampling run (bfloat16: the deployed precision, several "
-                        "times faster on a GPU; its noise floor against float32 is in RESULTS.md)")
+                   help="dtype of the model and of every sampling run (bfloat16: the deployed precision; the "
+                        "test-beds' bfloat16 noise floor against float32 is in RESULTS.md)")
     v.add_argument("--no-plots", action="store_true", help="skip the Pareto and per-step error plots")
     v.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 512 tokens, 2 steps, 50%% "
                    "sparsity, a one-tile calibration")
