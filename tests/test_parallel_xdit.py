@@ -10,6 +10,7 @@ negative half), run with torch.distributed on gloo.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -414,3 +415,89 @@ def test_balance_refuses_a_pre_only_site_of_unknown_output():
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     finally:
         unsparsify(m)
+
+
+class _SpGroup:
+    """The fields of xfuser's sequence-parallel group that `enable` reads (one process: Ulysses degree 1)."""
+
+    ulysses_rank, ulysses_world_size, ulysses_group = 0, 1, None
+
+    def __init__(self, ring: int = 1):
+        self.ring_world_size = ring
+
+
+def _stand_in_xfuser(monkeypatch, cfg_rank: int, cfg_degree: int, ring: int = 1) -> dict:
+    """Put a stand-in of the `xfuser.core.distributed` names `enable` imports into `sys.modules`; return its
+    attention function registry. Only our side of the integration runs: xfuser itself needs CUDA."""
+    import types
+
+    dist = types.ModuleType("xfuser.core.distributed")
+    registry = {"sdpa": sdpa, "other": lambda q, k, v, **kw: (q, None)}
+    dist.attention_backend = types.SimpleNamespace(ATTENTION_FUNCTION_REGISTRY=registry)
+    dist.get_sp_group = lambda: _SpGroup(ring)
+    dist.get_classifier_free_guidance_rank = lambda: cfg_rank
+    dist.get_classifier_free_guidance_world_size = lambda: cfg_degree
+    for name, mod in (("xfuser", types.ModuleType("xfuser")), ("xfuser.core", types.ModuleType("xfuser.core")),
+                      ("xfuser.core.distributed", dist)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    return registry
+
+
+class _Wrapper(torch.nn.Module):
+    """xDiT's takeover of a transformer: a wrapper whose `.module` is the diffusers model and runs its forward."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+
+def test_enable_routes_xfusers_attention_sets_the_cfg_branch_and_unsparsify_restores(monkeypatch):
+    """`enable` against a stand-in of xfuser's parallel-state API: every registered attention function is routed
+    (a sparsified site's call runs sparsify's op, other calls the function itself), each forward of the wrapper
+    runs as the guidance branch of its CFG rank (rank 0: the unconditional half, call 1), a ring degree > 1 is
+    refused when a site runs, and `unsparsify` puts the registry and the model back."""
+    from sparsify.parallel import RingAttentionError
+    from sparsify.parallel.xdit import enable
+    from sparsify.runtime import call_slot, site_state
+
+    registry = _stand_in_xfuser(monkeypatch, cfg_rank=0, cfg_degree=2)
+    saved = dict(registry)
+    m = sparsify(tiny_cogvideox(HEADS), recipe("cogvideox"))
+    wrapped = _Wrapper(m)
+    enable(wrapped)
+    try:
+        assert all(registry[n]._sparsify_routed is saved[n] for n in saved)
+        seen = []
+        hook = m.register_forward_pre_hook(lambda mod, args: seen.append((STATE.guidance, call_slot(0))))
+        with torch.no_grad():
+            wrapped(**_forward_kwargs("cogvideox"))
+        hook.remove()
+        assert seen == [((1, 2), 1)] and STATE.guidance is None
+        site = m.get_submodule(SITES["cogvideox"][0])._sparsify_site
+        q, k, v = inputs(8, 1)
+        new_generation()
+        outs = []
+        for t in TIMESTEPS[:2]:  # the recipe's first step is dense
+            STATE.geometry = (*GRID, 0)
+            set_timestep(torch.tensor([float(t)]))
+            STATE.stack.append(site)
+            try:
+                outs.append(registry["sdpa"](q, k, v)[0])
+            finally:
+                STATE.stack.pop()
+        torch.testing.assert_close(outs[0], sdpa(q, k, v)[0], rtol=0, atol=1e-6)
+        assert site_state(site).selections > 0 and (outs[1] - sdpa(q, k, v)[0]).abs().max() > 1e-2  # sparse
+        assert registry["other"](q, k, v)[0] is q  # outside a site: the function itself
+        monkeypatch.setattr(sys.modules["xfuser.core.distributed"], "get_sp_group", lambda: _SpGroup(ring=2))
+        STATE.stack.append(site)
+        try:
+            with pytest.raises(RingAttentionError):
+                registry["sdpa"](q, k, v)
+        finally:
+            STATE.stack.pop()
+    finally:
+        unsparsify(m)
+    assert registry == saved
