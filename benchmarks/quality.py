@@ -10,7 +10,7 @@
     python -m benchmarks.quality reuse --tiny
     python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
     python -m benchmarks.quality inputs --tiny
-    python -m benchmarks.quality plan --weights W.safetensors   # GPU: unified plan vs USV and cache hooks, testbed-16k
+    python -m benchmarks.quality plan --time-budget 0.2        # GPU: unified plan vs USV and cache hooks, testbed-16k
     python -m benchmarks.quality plan --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
