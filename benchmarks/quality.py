@@ -8,9 +8,9 @@
     python -m benchmarks.quality selection --tiny                # CPU smoke runs
     python -m benchmarks.quality video --tiny
     python -m benchmarks.quality reuse --tiny
-    python -m benchmarks.quality inputs                          # CPU: calibration on the trajectory vs random inputs
+    python -m benchmarks.quality inputs                          # GPU: testbed-16k calibrated on its trajectory vs random
     python -m benchmarks.quality inputs --tiny
-    python -m benchmarks.quality plan --time-budget 0.2        # GPU: unified plan vs USV and cache hooks, testbed-16k
+    python -m benchmarks.quality plan --time-budget 0.2          # GPU: unified plan vs USV and cache hooks, testbed-16k
     python -m benchmarks.quality plan --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
@@ -958,7 +958,7 @@ def main(argv=None) -> dict:
     r.add_argument("--tiny", action="store_true", help="CPU smoke run: 1 video of 512 tokens, 2 steps, density 0.2, "
                    "a one-tile calibration on one input")
     r.add_argument("--out", default=None, help="JSON path (default benchmarks/results/fidelity_<date>.json)")
-    c = sub.add_parser("inputs", help="test-bed calibration on its sampling trajectory vs on random inputs (CPU)")
+    c = sub.add_parser("inputs", help="test-bed calibration on its sampling trajectory vs on random inputs")
     c.add_argument("--model", default="testbed-16k", help="test-bed variant: testbed-16k (default) or testbed")
     c.add_argument("--budget", type=float, default=0.1)
     c.add_argument("--inputs", type=int, default=8,
