@@ -166,17 +166,20 @@ def tile_layout(grid, tile, device=None) -> TileLayout:
         [0, 1, 2, 3, 4, 5, 6, 7]
     """
     grid, tile = tuple(int(x) for x in grid), tuple(int(x) for x in tile)
-    lay = _layout_cpu(grid, tile)
+    return _on_device(_layout_cpu(grid, tile), (grid, tile), device)
+
+
+def _on_device(lay: TileLayout, key: tuple, device) -> TileLayout:
+    """`lay` (on the CPU) on `device`, copied once per key and device."""
     if device is None or torch.device(device).type == "cpu":
         return lay
-    key = (grid, tile, str(torch.device(device)))
+    key = (*key, str(torch.device(device)))
     if key not in _DEVICE_CACHE:
         _DEVICE_CACHE[key] = lay.to(device)
     return _DEVICE_CACHE[key]
 
 
-@functools.lru_cache(maxsize=64)
-def merged_layout(n_tiles: int, tile, kept: int) -> TileLayout:
+def merged_layout(n_tiles: int, tile, kept: int, device=None) -> TileLayout:
     """The (cached) tile layout of a merged video span: tile-major, `kept` valid tokens per tile, the rest padding.
 
     The block-sparse kernel then sees the same tiles as the unmerged span, each `volume - kept` tokens short:
@@ -188,8 +191,13 @@ def merged_layout(n_tiles: int, tile, kept: int) -> TileLayout:
         >>> lay.tile_lens.tolist(), lay.gather[46:50].tolist(), lay.grid
         ([48], [46, 47, -1, -1], (1, 1, 48))
     """
-    tile = tuple(int(x) for x in tile)
-    n, vol = int(n_tiles), tile[0] * tile[1] * tile[2]
+    n, tile, kept = int(n_tiles), tuple(int(x) for x in tile), int(kept)
+    return _on_device(_merged_cpu(n, tile, kept), ("merged", n, tile, kept), device)
+
+
+@functools.lru_cache(maxsize=64)
+def _merged_cpu(n: int, tile: tuple[int, int, int], kept: int) -> TileLayout:
+    vol = tile[0] * tile[1] * tile[2]
     if not 0 < kept <= vol:
         raise ValueError(f"merged_layout: kept must be in 1..{vol} (the tile's volume); got {kept}")
     slots = torch.arange(n * vol).view(n, vol)

@@ -7,7 +7,7 @@ import warnings
 import torch
 
 from ..factorized import axis_geometry, axis_tile, temporal_is_long
-from ..geometry import Geometry, tile_layout
+from ..geometry import Geometry, merged_layout, tile_layout
 from ..kernels._triton import device_ints, enabled, needs_grad
 from ..kernels.reference import block_sparse_attn_reference, scatter_rows
 from .masks import dense_rows, plan_mask
@@ -255,8 +255,8 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 st.selections += 1
                 st.add_work(work)
             else:
-                lay = merged.layout.to(q.device) if merged is not None and merged.layout.tile == tile else \
-                    tile_layout(geom.grid, tile, q.device)
+                lay = merged_layout(merged.layout.n_tiles, tile, merged.layout.kept, q.device) \
+                    if merged is not None and merged.layout.tile == tile else tile_layout(geom.grid, tile, q.device)
                 ts = tile_sequence(qh, kh, vh, geom, lay, key_group=getattr(impl, "key_group", 0))
                 idx, cnt = select_tiles(st, impl, key, heads, ts, lay, geom, STATE.steps.generation, step, B,
                                         agree=agree)
