@@ -76,6 +76,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -649,6 +650,8 @@ def video(a, argv) -> dict:
             loop(m)
 
     rows = []
+    ckpt = tempfile.mkdtemp(prefix="sparsify_quality_")  # one measurement, solved at every sparsity's budget
+    partial = Path(a.out or Path(tempfile.gettempdir()) / "quality_video.json").with_suffix(".partial.json")
     for s in sparsities:
         d = round(1.0 - s, 6)
         recipes = {}
@@ -662,7 +665,8 @@ def video(a, argv) -> dict:
                 recipes[m] = ({"version": 1, "defaults": {"method": m, "tile": [4, 4, 4], "budget": {"density": d}}},
                               {})
         t0 = time.perf_counter()
-        res = run_calibration(model, loop, budget=d, example_inputs=calls[0], progress=False, **cal_opts)
+        res = run_calibration(model, loop, budget=d, example_inputs=calls[0], progress=False, checkpoint_dir=ckpt,
+                              **cal_opts)
         recipes["calibrated"] = (res.recipe, {"calibration_seconds": round(time.perf_counter() - t0, 1)})
         for name, (recipe, extra) in recipes.items():
             sparsify(model, recipe)
@@ -674,6 +678,7 @@ def video(a, argv) -> dict:
                          "psnr_db": round(psnr(x, dense), 2), "ssim": round(ssim(x, dense), 4),
                          "step_error": err, **extra})
             print({k: v for k, v in rows[-1].items() if k != "step_error"}, flush=True)
+        write_result({"benchmark": "quality video", "partial": True, "rows": rows}, partial, "quality_video")
     kernel = kernel_speedups([r["density_achieved"] for r in rows], dev)
     for r in rows:
         t = kernel.get(round(r["density_achieved"], 4))
@@ -695,6 +700,7 @@ def video(a, argv) -> dict:
             "wan14b_attention_shape": list(WAN14B_ATTENTION), "wall_s": round(time.perf_counter() - t_start, 1),
             "table": table, "rows": rows}
     path = write_result(meta, a.out, "quality_video")
+    partial.unlink(missing_ok=True)
     if not a.no_plots:
         _plots(rows, path.with_suffix(".pareto.png"), path.with_suffix(".steps.png"))
         print(f"plots: {path.with_suffix('.pareto.png')}, {path.with_suffix('.steps.png')}")

@@ -275,18 +275,19 @@ def plan_quality(a, argv) -> dict:
     dev = torch.device(a.device)
     t_start = time.perf_counter()
     seconds: dict = {}
-    model = build_testbed(device=dev, name=variant.name, weights=a.weights)
+    dtype = getattr(torch, a.dtype)
+    model = build_testbed(device=dev, name=variant.name, weights=a.weights, dtype=dtype)
     calls_per_step = 2 if a.guidance != 1.0 else 1
 
     def draw(seed, n):
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(n, *latent, generator=g).to(dev)
+        return torch.randn(n, *latent, generator=g).to(dev, dtype)
 
     cal_noise = draw(a.calibration_seed, 1)
-    cal_cond = data.class_embeddings(torch.tensor([a.calibration_seed % data.NUM_CLASSES])).to(dev)
-    null = data.null_embedding(1).to(dev)
+    cal_cond = data.class_embeddings(torch.tensor([a.calibration_seed % data.NUM_CLASSES])).to(dev, dtype)
+    null = data.null_embedding(1).to(dev, dtype)
     eval_noise = draw(1234, a.videos)
-    eval_cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev)
+    eval_cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev, dtype)
     first = {"hidden_states": cal_noise, "timestep": torch.full((1,), 1000.0, device=dev),
              "encoder_hidden_states": cal_cond, "return_dict": False}
     config = CalibrationConfig(progress=False, verbose=False, **cfg)
@@ -448,7 +449,7 @@ def plan_quality(a, argv) -> dict:
     print(f"plan - best time-matched hook: {_db(margins['plan_minus_best_hook_db'])} ({margins['best_hook']}); "
           f"plan - USV: {_db(margins['plan_minus_usv_db'])}")
     meta = {"benchmark": "quality plan", **run_header("quality", argv), "model": variant.name,
-            "weights": a.weights, "latent_shape": list(latent), "steps": a.steps, "videos": a.videos,
+            "weights": a.weights, "dtype": a.dtype, "latent_shape": list(latent), "steps": a.steps, "videos": a.videos,
             "guidance_scale": a.guidance, "shift": a.shift, "time_budget": a.time_budget,
             "time_tolerance": a.time_tolerance, "calibration_seed": a.calibration_seed, "eval_seed": 1234,
             "latency_table": {"device": table.device, "file": a.latency_table, **table.to_dict()["ms"]},
@@ -506,6 +507,8 @@ def add_arguments(sub) -> None:
     p.add_argument("--tune-iters", type=int, default=8, help="bisection steps per hook")
     p.add_argument("--workdir", default=".", help="folder of the calibrated plans and the measured latency table")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights, latents and latency table (bfloat16: as a real pipeline runs)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 512 tokens, 6 steps, one "
                    "video, time budget 0.5, one tile")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality_plan_<date>.json)")

@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "sparsify recipe. With no arguments it calibrates the bundled test-bed model on CPU.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="bundled model (testbed, tiny-wan; testbed-16k once its weights are trained and shipped) or "
+                   help="bundled model (testbed, testbed-16k, tiny-wan) or "
                         "import.path:factory returning a video transformer (any whose geometry sparsify finds)")
     p.add_argument("--pipeline", default=None, metavar="PATH_OR_ID",
                    help="a diffusers pipeline (folder or hub id, loaded with DiffusionPipeline.from_pretrained): calibrate "
