@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -701,6 +702,7 @@ def video(a, argv) -> dict:
             "table": table, "rows": rows}
     path = write_result(meta, a.out, "quality_video")
     partial.unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
     if not a.no_plots:
         _plots(rows, path.with_suffix(".pareto.png"), path.with_suffix(".steps.png"))
         print(f"plots: {path.with_suffix('.pareto.png')}, {path.with_suffix('.steps.png')}")

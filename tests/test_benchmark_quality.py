@@ -125,3 +125,10 @@ def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
                           "--latency-table", str(tmp_path / "latency_table.json"), out=tmp_path / "again.json")
     assert again["plans"] == {"unified": "given", "usv": "given", "attention": "attention part of unified"}
     assert again["rows"][1]["predicted_ms"] == pytest.approx(plan["predicted_ms"])
+    # --dtype builds the model in that precision, and a latency table of another precision is refused
+    assert rec["dtype"] == "float32"
+    p = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.quality", "plan", "--tiny", "--hooks", "",
+                        "--dtype", "bfloat16", "--latency-table", str(tmp_path / "latency_table.json"),
+                        "--workdir", str(tmp_path), "--out", str(tmp_path / "bf16.json")],
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "dtype: table float32, model bfloat16" in p.stderr, p.stderr[-2000:]
