@@ -5,7 +5,8 @@ On a learned test-bed (`--model`, default `testbed-16k`; `--weights FILE` for ot
 1. Plans. The unified plan (`sparsify.calibrate.generation.calibrate_plan`, policy `unified`) and USV's
    entropy-aware plan (policy `usv-entropy`) at `--time-budget` x dense time, both calibrated on the dense
    trajectory of the calibration seed (`--calibration-seed`, disjoint from the evaluation seeds) with one
-   latency table (`--latency-table FILE`, else measured in the run on `--device`); the two calibrations share
+   latency table (`--latency-table FILE`, else measured in the run on `--device`; with `--carry-costs` the table of
+   another model, e.g. Wan-14B, costs the plans by share of a forward); the two calibrations share
    their per-head measurements (one checkpoint folder). `--plans unified=a.yaml,usv=b.yaml,attention=c.yaml`
    loads any of them instead. Calibrated plans are written to `--workdir` (`plan_unified.yaml`,
    `plan_usv.yaml`) so that a rerun can load them.
@@ -268,6 +269,8 @@ def plan_quality(a, argv) -> dict:
     unknown = sorted(set(hooks) - set(HOOKS))
     if unknown:
         raise SystemExit(f"--hooks: unknown {unknown}; valid: {', '.join(HOOKS)}")
+    if a.carry_costs and not a.latency_table:
+        raise SystemExit("--carry-costs needs --latency-table FILE (the table of the model whose costs to carry)")
     given = _load_plans(a.plans)
     variant = get_variant(a.model)
     data = variant.data_module()
@@ -297,6 +300,8 @@ def plan_quality(a, argv) -> dict:
     t0 = time.perf_counter()
     if a.latency_table:
         table = load_latency_table(a.latency_table)
+        if a.carry_costs:
+            table = table.carried_to(model_shape(model, first))
         table.check_shape(model_shape(model, first))
     else:
         table = measure_latency_table(model, first, tiles=tiles, densities=tuple(d for d in levels if d < 1.0),
@@ -452,7 +457,8 @@ def plan_quality(a, argv) -> dict:
             "weights": a.weights, "dtype": a.dtype, "latent_shape": list(latent), "steps": a.steps, "videos": a.videos,
             "guidance_scale": a.guidance, "shift": a.shift, "time_budget": a.time_budget,
             "time_tolerance": a.time_tolerance, "calibration_seed": a.calibration_seed, "eval_seed": 1234,
-            "latency_table": {"device": table.device, "file": a.latency_table, **table.to_dict()["ms"]},
+            "latency_table": {"device": table.device, "file": a.latency_table,
+                              "carried_from": table.meta.get("carried_from"), **table.to_dict()["ms"]},
             "plans": {k: ("given" if k in given else "calibrated" if k in calibration else "attention part of unified")
                       for k in PLAN_NAMES},
             "attention_recipe": "the unified plan's attention part" if "attention" not in given else a.plans,
@@ -489,6 +495,9 @@ def add_arguments(sub) -> None:
     p.add_argument("--time-budget", type=float, default=0.2, help="the plans' DiT time as a fraction of dense")
     p.add_argument("--latency-table", default=None, metavar="FILE",
                    help="latency table of this model and shape (default: measured now on --device)")
+    p.add_argument("--carry-costs", action="store_true",
+                   help="with --latency-table of another model (e.g. Wan-14B): plan and time-match with its costs "
+                        "by share of a forward (LatencyTable.carried_to)")
     p.add_argument("--plans", default=None, metavar="NAME=PATH,...",
                    help="load recipes instead of calibrating: unified=a.yaml,usv=b.yaml,attention=c.yaml (any subset)")
     p.add_argument("--videos", type=int, default=2, help="evaluation videos per row (seed 1234, batch 1 each)")

@@ -143,6 +143,28 @@ def test_latency_table_for_another_shape_is_refused(tiny):
     assert e.value.key == "model" and "seq_len: table 256, model 1024" in str(e.value)
 
 
+def test_a_table_carried_to_another_shape_keeps_every_cost_share(tiny):
+    import dataclasses
+
+    from sparsify.adapters import adapter_for
+    from sparsify.calibrate.latency import model_shape
+
+    m, _, table = tiny
+    other = model_shape(m, adapter_for(m).example_inputs(m, grid=(4, 16, 16)))
+    with pytest.raises(LatencyTableError):
+        table.check_shape(other)
+    for blocks in (other.blocks, 3 * other.blocks):
+        target = dataclasses.replace(other, blocks=blocks)
+        c = table.carried_to(target)
+        c.check_shape(target)  # it is the target's table now
+        assert (c.block_ms, c.attention_ms, c.dense_attention_ms) == (table.block_ms, table.attention_ms,
+                                                                      table.dense_attention_ms)
+        scale = blocks / table.shape.blocks
+        assert c.forward_ms == pytest.approx(scale * table.forward_ms)  # each part keeps its share of a forward
+        assert c.outside_ms == pytest.approx(scale * table.outside_ms)
+        assert c.meta["carried_from"] == table.shape.to_dict() and c.device == table.device
+
+
 # -- the whole calibration on a tiny model ------------------------------------------------------------------------
 
 def _plan(tiny, budget, policy="unified"):
@@ -227,3 +249,14 @@ def test_cli_time_budget_smoke(tmp_path, capsys):
     assert main([*common, "--latency-table", str(table), "--time-budget", "0.01", "--sampling-steps", "4",
                  "--measure-steps", "2", "--out", str(out), "--quiet"]) == 2
     assert "is infeasible: the fastest plan is" in capsys.readouterr().err
+    # another grid: its table is refused, unless its costs are carried by share of a forward
+    wide = [a if a != "4x8x8" else "4x16x16" for a in common]
+    plan = ["--latency-table", str(table), "--time-budget", "0.8", "--sampling-steps", "4", "--max-reuse-age", "3",
+            "--measure-steps", "2", "--out", str(out), "--quiet"]
+    assert main([*wide, *plan]) == 2
+    assert "grid: table [4, 8, 8], model [4, 16, 16]" in capsys.readouterr().err
+    assert main([*wide, *plan, "--carry-costs"]) == 0
+    r = load_recipe(out)
+    assert r.calibration["plan"]["latency_table"]["carried_from"]["grid"] == [4, 8, 8]
+    assert main([*common, "--carry-costs", "--time-budget", "0.8", "--out", str(out)]) == 2
+    assert "--carry-costs needs --latency-table" in capsys.readouterr().err

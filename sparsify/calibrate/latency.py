@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -135,6 +136,28 @@ class LatencyTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         return path
+
+    def carried_to(self, shape: ModelShape) -> "LatencyTable":
+        """This table's costs for a model of another `shape`, so that a plan for that model is costed as if it ran
+        on this table's model (`--carry-costs`): plan a small proxy (the test-bed) with the costs of the model the
+        plan is for.
+
+        Block times (per merge ratio) and attention call times (per tile and density) are kept as measured; the
+        time outside the blocks is scaled by the block counts, so every cost keeps its share of a dense forward. A
+        head of `shape` then saves `1 / shape.heads` of a block's attention saving. `meta["carried_from"]` names
+        the measured shape.
+
+        Example:
+            >>> t = LatencyTable(ModelShape("WanTransformer3DModel", 40, 40, 128, (21, 45, 80), 75600, 1, "bfloat16"),
+            ...                  "H100", forward_ms=12210.0, block_ms={0.0: 305.0}, attention_ms={(4, 4, 4): {0.1: 27.0}},
+            ...                  dense_attention_ms={0.0: 204.0})
+            >>> c = t.carried_to(ModelShape("WanTransformer3DModel", 12, 8, 32, (16, 32, 32), 16384, 1, "bfloat16"))
+            >>> c.outside_ms, c.forward_ms, c.attention_call_ms((4, 4, 4), 0.1)
+            (3.0, 3663.0, 27.0)
+        """
+        outside = self.outside_ms * shape.blocks / self.shape.blocks
+        return dataclasses.replace(self, shape=shape, forward_ms=outside + shape.blocks * self.block_ms[0.0],
+                                   meta={**self.meta, "carried_from": self.shape.to_dict()})
 
     def check_shape(self, shape: ModelShape) -> None:
         """Raise LatencyTableError naming every field in which the model's `shape` differs from the table's."""

@@ -20,6 +20,9 @@ def add_arguments(p) -> None:
                         "(0.2: five times faster) and write a version-2 recipe")
     g.add_argument("--latency-table", default=None, metavar="FILE",
                    help="the latency table of this model and shape (default: measured now on --device)")
+    g.add_argument("--carry-costs", action="store_true",
+                   help="with --latency-table of another model: cost this model's plan with that model's times by "
+                        "share of a forward (plan a small proxy, e.g. the test-bed, for the model the plan is for)")
     g.add_argument("--measure-latency", default=None, metavar="OUT",
                    help="measure the latency table of --model at its grid on --device and write it to OUT (JSON)")
     g.add_argument("--policy", default="unified", choices=["unified", "usv-entropy"],
@@ -45,7 +48,7 @@ def main_plan(args, argv, config, device, dtype, say, out: Path) -> int:
     from .__main__ import _fail, _fitted, resolve_model, default_grid
     from .config import CalibrationConfigError
     from .generation import calibrate_plan
-    from .latency import load_latency_table, measure_latency_table
+    from .latency import load_latency_table, measure_latency_table, model_shape
     from .solve import InfeasibleBudgetError
 
     t0 = time.perf_counter()
@@ -81,11 +84,17 @@ def main_plan(args, argv, config, device, dtype, say, out: Path) -> int:
 
     grid = tuple(adapter_for(model).geometry(model, (), kw).grid)
     config, _ = _fitted(config, grid, "--grid")  # candidates resolved for the grid (the density budget is unused)
+    if args.carry_costs and not args.latency_table:
+        return _fail("--carry-costs needs --latency-table FILE (the table of the model whose costs to carry)")
     if args.latency_table:
         try:
             table = load_latency_table(args.latency_table)
         except LatencyTableError as e:
             return _fail(str(e))
+        if args.carry_costs:
+            say(f"sparsify.calibrate: costs carried from {args.latency_table} "
+                f"({table.shape.model}, {table.shape.blocks} blocks, {table.shape.seq_len} tokens, {table.device})")
+            table = table.carried_to(model_shape(model, kw))
     else:
         if cpu:
             warnings.warn("sparsify.calibrate: measuring the latency table on the CPU: CPU timings are not "
