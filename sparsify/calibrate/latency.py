@@ -138,14 +138,13 @@ class LatencyTable:
         return path
 
     def carried_to(self, shape: ModelShape) -> "LatencyTable":
-        """This table's costs for a model of another `shape`, so that a plan for that model is costed as if it ran
-        on this table's model (`--carry-costs`): plan a small proxy (the test-bed) with the costs of the model the
-        plan is for.
+        """This table's costs for a model of another `shape`, by share of a forward (`--carry-costs`).
 
-        Block times (per merge ratio) and attention call times (per tile and density) are kept as measured; the
-        time outside the blocks is scaled by the block counts, so every cost keeps its share of a dense forward. A
-        head of `shape` then saves `1 / shape.heads` of a block's attention saving. `meta["carried_from"]` names
-        the measured shape.
+        A plan for `shape` is then costed as if it ran on this table's model: plan a small proxy (the test-bed)
+        with the costs of the model the plan is for. Block times (per merge ratio) and attention call times (per
+        tile and density) are kept as measured; the time outside the blocks is scaled by the block counts, so
+        every cost keeps its share of a dense forward. A head of `shape` then saves `1 / shape.heads` of a block's
+        attention saving. `meta["carried_from"]` names the measured shape.
 
         Example:
             >>> t = LatencyTable(ModelShape("WanTransformer3DModel", 40, 40, 128, (21, 45, 80), 75600, 1, "bfloat16"),
