@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import RecipeError, SparsifyWarning
-from ..runtime.state import STATE, call_slot
+from ..runtime.state import STATE, call_slot, timestep_value
 
 
 @dataclass(frozen=True)
@@ -33,15 +34,17 @@ class MergeRange:
 class StepPlan:
     """Which denoising steps run the transformer and how many tokens each block sees, for one model.
 
-    `compute[i]` False reuses step i: the transformer's blocks are skipped and the last computed step's
-    residual (blocks' output minus input, per guidance branch) is added to the input. Attention densities
-    stay in the recipe's `defaults`, `rules` and `sites`. A schedule of another length is mapped by step
-    fraction (`plan_step`).
+    `compute[i]` False reuses step i: the transformer's blocks are skipped and a residual (blocks' output
+    minus input, per guidance branch) is added to the input. With `order[i]` 0 that is the last computed
+    step's residual; with 1 it is extrapolated linearly in the timestep from the last two computed steps'
+    residuals (`extrapolation_weight`). Attention densities stay in the recipe's `defaults`, `rules` and
+    `sites`. A schedule of another length is mapped by step fraction (`plan_step`).
 
     Example:
-        >>> p = StepPlan(model="WanTransformer3DModel", blocks=2, steps=4, compute=(True, True, False, True))
-        >>> [p.plan_step(i, 8) for i in range(8)], p.computes(5, 8)
-        ([0, 0, 1, 1, 2, 2, 3, 3], False)
+        >>> p = StepPlan(model="WanTransformer3DModel", blocks=2, steps=4, compute=(True, True, False, True),
+        ...              order=(0, 0, 1, 0))
+        >>> [p.plan_step(i, 8) for i in range(8)], p.computes(5, 8), p.extrapolates(5, 8)
+        ([0, 0, 1, 1, 2, 2, 3, 3], False, True)
     """
 
     model: str
@@ -50,6 +53,16 @@ class StepPlan:
     compute: tuple[bool, ...]
     merge: tuple[MergeRange, ...] = ()
     tile: tuple[int, int, int] | None = None  # merging tile; None: the recipe's default tile
+    order: tuple[int, ...] = ()  # per step 0 or 1 (1 only on reused steps); empty: all 0
+
+    def __post_init__(self):
+        order = tuple(int(o) for o in self.order) if self.order else (0,) * len(self.compute)
+        if len(order) != len(self.compute) or any(o not in (0, 1) for o in order):
+            raise ValueError(f"StepPlan: order must hold one 0 or 1 per step ({len(self.compute)}); got {self.order!r}")
+        if any(o and c for o, c in zip(order, self.compute)):
+            raise ValueError(f"StepPlan: order 1 is for reused steps only; got order {order} with compute "
+                             f"{self.compute}")
+        object.__setattr__(self, "order", order)
 
     def plan_step(self, step: int, num_steps: int | None) -> int:
         """The plan step of denoising step `step` of a `num_steps` schedule (same fraction of the schedule)."""
@@ -59,6 +72,10 @@ class StepPlan:
 
     def computes(self, step: int, num_steps: int | None = None) -> bool:
         return self.compute[self.plan_step(step, num_steps)]
+
+    def extrapolates(self, step: int, num_steps: int | None = None) -> bool:
+        """Whether denoising step `step` of a `num_steps` schedule reuses with order 1 (extrapolates)."""
+        return self.order[self.plan_step(step, num_steps)] == 1
 
     def ratio(self, block: int, step: int, num_steps: int | None = None) -> float:
         """The merge ratio of `block` at denoising step `step` (the first range that covers it; 0 if none)."""
@@ -75,26 +92,28 @@ class StepPlan:
 
         Step `i` of `steps` takes plan step `floor(i * self.steps / steps)` (as `plan_step` does at run time) and
         block `b` of `blocks` takes plan block `floor(b * self.blocks / blocks)`: same fraction of the schedule and
-        of the depth. Merge ranges keep their order (the first range covering a block and step still wins); a
-        range no block or step maps to is dropped.
+        of the depth. `order` is mapped as `compute` is (a reused step takes its plan step's order). Merge ranges
+        keep their order (the first range covering a block and step still wins); a range no block or step maps
+        to is dropped.
 
         Example:
             >>> p = StepPlan("WanTransformer3DModel", 4, 4, (True, True, False, True),
-            ...              (MergeRange((2, 3), 1, 3, 0.25),))
+            ...              (MergeRange((2, 3), 1, 3, 0.25),), order=(0, 0, 1, 0))
             >>> q = p.mapped(blocks=8, steps=8)
-            >>> q.compute, q.merge
-            ((True, True, True, True, False, False, True, True), (MergeRange(blocks=(4, 5, 6, 7), from_step=2, to_step=6, ratio=0.25),))
+            >>> q.compute, q.order, q.merge
+            ((True, True, True, True, False, False, True, True), (0, 0, 0, 0, 1, 1, 0, 0), (MergeRange(blocks=(4, 5, 6, 7), from_step=2, to_step=6, ratio=0.25),))
         """
         if blocks < 1 or steps < 1:
             raise ValueError(f"StepPlan.mapped: blocks and steps must be >= 1; got blocks={blocks}, steps={steps}")
         compute = tuple(self.compute[self.plan_step(i, steps)] for i in range(steps))
+        order = tuple(0 if c else self.order[self.plan_step(i, steps)] for i, c in enumerate(compute))
         merge = []
         for m in self.merge:
             bl = tuple(b for b in range(blocks) if (b * self.blocks) // blocks in m.blocks)
             lo, hi = -(-m.from_step * steps // self.steps), -(-m.to_step * steps // self.steps)  # ceil
             if bl and lo < hi:
                 merge.append(MergeRange(bl, lo, hi, m.ratio))
-        return StepPlan(self.model, blocks, steps, compute, tuple(merge), self.tile)
+        return StepPlan(self.model, blocks, steps, compute, tuple(merge), self.tile, order)
 
     def check_model(self, model_cls: str, blocks: int, where: str) -> None:
         """Raise RecipeError unless the plan was made for a model of class `model_cls` with `blocks` blocks."""
@@ -114,6 +133,8 @@ class StepPlan:
                              "ratio": m.ratio} for m in self.merge]
         if self.tile is not None:
             out["tile"] = list(self.tile)
+        if any(self.order):
+            out["order"] = list(self.order)
         return out
 
 
@@ -127,7 +148,8 @@ def plan_from_dict(raw, key: str = "plan") -> StepPlan:
     """
     from ..recipe import _expect_map, _fail, _in_range, _int, check_tile
 
-    raw = _expect_map(raw, key, {"model", "steps", "compute", "merge", "tile"}, required=("model", "steps", "compute"))
+    raw = _expect_map(raw, key, {"model", "steps", "compute", "order", "merge", "tile"},
+                      required=("model", "steps", "compute"))
     m = _expect_map(raw["model"], f"{key}.model", {"class", "blocks"}, required=("class", "blocks"))
     if not isinstance(m["class"], str) or not m["class"]:
         _fail(f"{key}.model.class", f"must be the model's class name; got {m['class']!r}")
@@ -139,6 +161,17 @@ def plan_from_dict(raw, key: str = "plan") -> StepPlan:
                                 f"the last computed step); got {compute!r}")
     if not compute[0]:
         _fail(f"{key}.compute[0]", "step 0 must compute: there is no earlier step to reuse")
+    order = raw.get("order", [0] * steps)
+    if not isinstance(order, list) or len(order) != steps:
+        _fail(f"{key}.order", f"must be a list of {steps} entries, 0 or 1 (one per step: on a reused step 0 adds the "
+                              f"last computed step's residual, 1 extrapolates it from the last two); got {order!r}")
+    for i, o in enumerate(order):
+        if not isinstance(o, numbers.Integral) or isinstance(o, bool) or o not in (0, 1):
+            _fail(f"{key}.order[{i}]", f"must be 0 (reuse the last computed residual) or 1 (extrapolate from the "
+                                       f"last two); got {o!r}")
+        if o == 1 and compute[i]:
+            _fail(f"{key}.order[{i}]", f"must be 0: step {i} computes ({key}.compute[{i}] is true) and order 1 "
+                                       "applies to reused steps only")
     merges = []
     raw_merge = raw.get("merge", [])
     if not isinstance(raw_merge, list):
@@ -163,7 +196,34 @@ def plan_from_dict(raw, key: str = "plan") -> StepPlan:
                                 f"got {e['ratio']!r}")
         merges.append(MergeRange(bl, lo, hi, float(e["ratio"])))
     tile = check_tile(raw["tile"], f"{key}.tile") if "tile" in raw else None
-    return StepPlan(m["class"], blocks, steps, tuple(compute), tuple(merges), tile)
+    return StepPlan(m["class"], blocks, steps, tuple(compute), tuple(merges), tile, tuple(int(o) for o in order))
+
+
+def extrapolation_weight(t: float | None, t1: float | None, t2: float | None) -> float | None:
+    """The weight `w` of first-order reuse at timestep `t` from residuals `r1`, `r2` computed at `t1`, `t2`.
+
+    The residual reused is `r2 + w * (r2 - r1)` with `w = (t - t2) / (t2 - t1)`: the line through both residuals,
+    read at `t`. None (reuse `r2` as it is) where a timestep is unknown or `t1 == t2`.
+
+    Example:
+        >>> extrapolation_weight(600.0, 900.0, 800.0), extrapolation_weight(600.0, 800.0, 800.0)
+        (2.0, None)
+    """
+    if t is None or t1 is None or t2 is None or t1 == t2:
+        return None
+    return (t - t2) / (t2 - t1)
+
+
+def extrapolate(r1: torch.Tensor | None, r2: torch.Tensor, w: float | None) -> torch.Tensor:
+    """`r2 + w * (r2 - r1)` (one new tensor), or `r2` itself where `w` or `r1` is None.
+
+    Example:
+        >>> extrapolate(torch.tensor([1.0]), torch.tensor([3.0]), 0.5), extrapolate(None, torch.tensor([3.0]), 0.5)
+        (tensor([4.]), tensor([3.]))
+    """
+    if w is None or r1 is None:
+        return r2
+    return torch.lerp(r2, r1, -w)  # r2 + (-w) * (r1 - r2)
 
 
 _HOOK_CLS = None
@@ -176,8 +236,8 @@ def _hook_classes():
         from diffusers.hooks import ModelHook
 
         class ReuseHook(ModelHook):
-            """Runs the block, or on a reused step passes the input through (the head block adds the last
-            computed residual of this call slot)."""
+            """Runs the block, or on a reused step passes the input through (the head block adds the residual
+            `PlanRunner._before` chose for this call: the last computed one, or its extrapolation)."""
 
             def __init__(self, runner, head: bool):
                 super().__init__()
@@ -188,7 +248,7 @@ def _hook_classes():
                 if run.compute_now:
                     return self.fn_ref.original_forward(*args, **kwargs)
                 x = args[0] if args else kwargs["hidden_states"]
-                return x + run.residual[run.slot] if self.head else x
+                return x + extrapolate(*run.reuse) if self.head else x
 
         class ContextHook(ModelHook):
             """A stateful no-op hook on the model: through its state manager the pipeline's `cache_context`
@@ -218,6 +278,9 @@ class PlanRunner:
     """Runs a StepPlan on a diffusers Wan transformer: step reuse through block hooks, merging through
     `BlockMerger`s whose ratio is set per step. `sparsify()` installs it for a recipe with a plan.
 
+    Per call slot (guidance branch) it keeps the residuals of the last computed steps with their timesteps
+    (`residual[slot]`: `[(t, r), ...]`, oldest first): two when the plan has an order-1 step, else one.
+
     Example:
         >>> # runner = PlanRunner(model, recipe.plan, tile=(4, 4, 4), where="plan.yaml"); ...; runner.remove()
     """
@@ -233,8 +296,10 @@ class PlanRunner:
                               source=where, key="plan")
         plan.check_model(type(model).__name__, len(blocks), where)
         self.plan, self.model, self.where = plan, model, where
-        self.compute_now, self.slot = True, None
+        self.compute_now, self.slot, self.t = True, None, None
         self.residual: dict = {}
+        self.keep = 2 if any(plan.order) else 1
+        self.reuse = (None, None, None)  # (r1, r2, w) of this reused call: `extrapolate(r1, r2, w)`
         self.head_in: dict = {}
         self.warned: set = set()
         self._calls = (None, None, 0)  # (generation, step, calls so far) for unnamed CFG calls
@@ -260,10 +325,14 @@ class PlanRunner:
 
     def _record_out(self, block, args, output):
         if self.compute_now and self.slot in self.head_in:
-            self.residual[self.slot] = (output - self.head_in.pop(self.slot)).detach()
+            kept = self.residual.setdefault(self.slot, [])
+            del kept[:max(0, len(kept) - self.keep + 1)]  # drop the oldest first: its memory can hold the new one
+            kept.append((self.t, (output - self.head_in.pop(self.slot)).detach()))
 
     def _before(self, model, args, kwargs):
-        """Per forward (after sparsify's step hook): this step's compute flag, call slot and merge ratios."""
+        """Per forward (after sparsify's step hook): this step's compute flag, call slot, timestep and merge ratios,
+        and on a reused step the residual the head block adds (extrapolated where the plan's order is 1 and two
+        computed residuals are kept; else the last one)."""
         from .merge import forward_geometry
         from .steps import cache_context
 
@@ -280,9 +349,18 @@ class PlanRunner:
         c = c + 1 if (g, s) == (gen, step) else 0
         self._calls = (gen, step, c)
         self.slot = call_slot(c)
+        self.t = timestep_value(STATE.timestep) if STATE.timestep is not None else None
         if step == 0:
             self.residual.pop(self.slot, None)
-        self.compute_now = self.plan.computes(step, num) or self.slot not in self.residual
+        kept = self.residual.get(self.slot)
+        self.compute_now = self.plan.computes(step, num) or not kept
+        self.reuse = (None, None, None)
+        if not self.compute_now:
+            (t2, r2), w, r1 = kept[-1], None, None
+            if self.plan.extrapolates(step, num) and len(kept) == 2:
+                t1, r1 = kept[0]
+                w = extrapolation_weight(self.t, t1, t2)
+            self.reuse = (r1, r2, w)
         geometry = forward_geometry(model, args, kwargs) if self.mergers else None
         for b, mg in self.mergers.items():  # a reused step runs no block: nothing to merge
             ratio = self.plan.ratio(b, step, num) if self.compute_now else 0.0
@@ -303,6 +381,7 @@ class PlanRunner:
             mg.remove()
         self.mergers.clear()
         self.residual.clear()
+        self.reuse = (None, None, None)
         for mod in (self.model, *self.model.blocks):  # diffusers leaves the bound class forward behind
             fwd = mod.__dict__.get("forward")
             if getattr(fwd, "__func__", None) is type(mod).forward and getattr(fwd, "__self__", None) is mod:
