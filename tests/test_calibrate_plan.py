@@ -260,3 +260,91 @@ def test_cli_time_budget_smoke(tmp_path, capsys):
     assert r.calibration["plan"]["latency_table"]["carried_from"]["grid"] == [4, 8, 8]
     assert main([*common, "--carry-costs", "--time-budget", "0.8", "--out", str(out)]) == 2
     assert "--carry-costs needs --latency-table" in capsys.readouterr().err
+
+
+# -- first-order reuse ----------------------------------------------------------------------------------------------
+
+def test_first_order_reuse_error_vanishes_where_the_residual_is_linear_in_t(tiny):
+    """Residuals on a line in the timestep (all but step 3): extrapolating step 5 from steps 2 and 4 (the cadence of
+    age 1) is exact; step 3 off the line spoils age 2 (from steps 0 and 3); age 3 has no computed step before."""
+    from sparsify.calibrate.plan_errors import _AddResidual, record_trajectory, reuse_errors
+
+    m, x, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    traj = record_trajectory(m, torch.randn(x["hidden_states"].shape, generator=g), x["encoder_hidden_states"],
+                             steps=6, shift=3.0, keep_residuals=range(6))
+    ts = [traj.timestep(s) for s in range(6)]
+    assert len({round(ts[i] - ts[i + 1], 3) for i in range(5)}) == 5  # uneven steps: the weight is read from t
+    base = {c: traj.residuals[(0, c)] for c in range(2)}
+    slope = {c: torch.randn(base[c].shape, generator=g) / 500 for c in range(2)}
+    for s in range(6):
+        for c in range(2):
+            traj.residuals[(s, c)] = base[c] + slope[c] * ts[s] + (0.3 * base[c] if s == 3 else 0.0)
+    stand_in, blocks = _AddResidual(), m.blocks
+    m.blocks = torch.nn.ModuleList([stand_in])
+    try:  # the dense outputs of a model whose block stack adds exactly these residuals
+        for s in range(6):
+            for c, kw in enumerate(traj.calls[s]):
+                stand_in.residual = traj.residuals[(s, c)]
+                traj.outputs[s][c] = m(**kw)[0].float()
+    finally:
+        m.blocks = blocks
+    e = reuse_errors(m, traj, [2, 5], max_age=3)
+    assert e.shape == (2, 3, 2)
+    assert e[1, 0, 1] < 1e-9 < 1e-3 < e[1, 0, 0]  # step 5 from steps 2 and 4: exact; step 4 alone: not
+    assert e[1, 1, 1] > 1e-3  # step 5 from steps 0 and 3: step 3 is off the line
+    assert np.isnan(e[1, 2, 1]) and np.isfinite(e[1, 2, 0])  # age 3 at step 5: c1 = 2 - 4 < 0
+    assert np.isfinite(e[0, :2, 0]).all() and np.isnan(e[0, 2]).all()  # step 2: ages 1, 2 at order 0 only
+    assert np.isnan(e[0, :, 1]).all()  # (age 1: c1 = 1 - 2 < 0)
+
+
+def test_the_problem_takes_the_lesser_order_and_the_plan_emits_it(tiny):
+    """Order-1 errors below order 0's at step 4 only: the problem keeps the lesser error and its order, the ILP
+    reuses step 4, and the emitted plan extrapolates there."""
+    from types import SimpleNamespace
+
+    from sparsify.calibrate.generation import build_problem
+    from sparsify.calibrate.latency import LatencyTable
+
+    table = LatencyTable(tiny[2].shape, "made up", forward_ms=10.0, block_ms={0.0: 4.0}, attention_ms={},
+                         dense_attention_ms={0.0: 2.0})
+    blocks, heads = table.shape.blocks, table.shape.heads
+    stub = SimpleNamespace(sites=[SimpleNamespace(path=f"blocks.{b}", heads=heads) for b in range(blocks)],
+                           options=[("dense", None, None)], layer=np.repeat(np.arange(blocks), heads),
+                           error=np.zeros((blocks * heads, 1)))
+    S = 6
+    reuse = np.full((S, 2, 2), np.nan)
+    reuse[1:, 0, 0], reuse[2:, 1, 0] = 1.0, 1.0
+    reuse[3:, 0, 1], reuse[5:, 1, 1] = 2.0, 3.0
+    reuse[4, 0, 1] = 0.01
+    p = build_problem(stub, table, reuse, np.zeros((1, S, 0)), groups=((0,),), ratios=(), ranges=((0, S),), calls=2)
+    assert p.reuse_order.tolist() == [[0, 0], [0, 0], [0, 0], [0, 0], [1, 0], [0, 0]]
+    assert p.reuse_error[4, 0] == 0.01 and p.reuse_error[3, 0] == 1.0 and np.isnan(p.reuse_error[0]).all()
+    one_reuse = (S - 1 + table.outside_ms / table.forward_ms) / S  # time of exactly one reused step
+    c = solve_plan(p, one_reuse * 1.001)
+    assert c.compute.tolist() == [True, True, True, True, False, True]
+    assert c.order_at(p).tolist() == [0, 0, 0, 0, 1, 0]
+    assert predict_error(p, c)["reuse"] == pytest.approx(0.01)
+
+
+def test_the_calibrated_plan_orders_match_the_measured_reuse_orders(tiny):
+    from sparsify import sparsify, unsparsify
+    from sparsify.calibrate.allocate import _ages
+    from sparsify.testbed import sample
+
+    pc = _plan(tiny, 0.5)
+    plan, p = pc.recipe.plan, pc.problem
+    assert p.reuse_order.shape == p.reuse_error.shape and not p.reuse_order[:3, 0].any()  # c1 = s - 3 < 0
+    ages = _ages(plan.compute)
+    assert list(plan.order) == [int(p.reuse_order[s, a - 1]) if a else 0 for s, a in enumerate(ages)]
+    n = sum(plan.order)
+    assert f"extrapolated from the last two computed (order 1): {n} of {len(plan.compute) - sum(plan.compute)}" \
+        in pc.summary()
+    assert load_recipe(pc.recipe.to_dict()).plan == plan
+    m, x, _ = tiny
+    sparsify(m, pc.recipe)
+    try:
+        out = sample(m, torch.randn(x["hidden_states"].shape), x["encoder_hidden_states"], steps=4, guidance_scale=5.0)
+    finally:
+        unsparsify(m)
+    assert torch.isfinite(out).all()

@@ -20,7 +20,9 @@ Error, an additive proxy in units of the relative squared error of the model's o
 `e_h` is the per-head model-output error the attention calibration measures (every step carries it: a
 reused step repeats the residual of a sparse step); `e_merge(g, s, r)` the output error of merging the
 blocks of group g at ratio r at step s alone; `e_reuse(s, a)` that of step s reusing the residual of step
-s - a alone. Interactions between options are ignored: errors add.
+s - a alone, at the better of its two orders (0: that residual as it is; 1: extrapolated from it and the
+computed step before; `reuse_order` records which, and the plan emits it). Interactions between options are
+ignored: errors add.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import numpy as np
 
 from .solve import InfeasibleBudgetError, _pulp_solver, _silenced, available_solvers
 
-__all__ = ["InfeasibleTimeBudgetError", "PlanChoice", "PlanProblem", "predict_error", "predict_time", "solve_plan",
-           "usv_entropy_plan"]
+__all__ = ["InfeasibleTimeBudgetError", "PlanChoice", "PlanProblem", "least_reuse_error", "predict_error",
+           "predict_time", "solve_plan", "usv_entropy_plan"]
 
 
 class InfeasibleTimeBudgetError(InfeasibleBudgetError):
@@ -54,7 +56,7 @@ class PlanProblem:
         head_saving: `[Gh, O]` ms one call saves against dense attention with that option (option 0: 0).
         head_block: `[Gh]` the block of each head.
         reuse_error: `[S, A]`: column a - 1 is the error of step s reusing the residual of step s - a (NaN where
-            impossible or not measured).
+            impossible or not measured), at the order `reuse_order` names.
         merge_error: `[Gm, S, R]` error of merging group g at step s at `ratios[r]` (0 for ratio 0).
         groups: the blocks of each merge group.
         ratios: merge ratios, 0 first.
@@ -62,6 +64,7 @@ class PlanProblem:
         block_ms, kappa: `[R]` one block's time, and the share of dense attention time left, per ratio.
         outside_ms: one forward's time outside its blocks.
         blocks, calls: blocks of the model; denoiser calls per step (2 with classifier-free guidance).
+        reuse_order: `[S, A]` the reuse order (0 or 1, `StepPlan.order`) of each `reuse_error` entry; None: all 0.
     """
 
     head_error: np.ndarray
@@ -77,6 +80,11 @@ class PlanProblem:
     outside_ms: float
     blocks: int
     calls: int = 1
+    reuse_order: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.reuse_order is None:
+            self.reuse_order = np.zeros(self.reuse_error.shape, dtype=np.int64)
 
     @property
     def steps(self) -> int:
@@ -106,6 +114,21 @@ class PlanProblem:
         return out
 
 
+def least_reuse_error(errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(error, order)`, each `[S, A]`, of reuse errors `[S, A, 2]` measured at orders 0 and 1: per (step, age)
+    the least error over the orders measured (NaN ones skipped; a tie keeps order 0) and its order.
+
+    Example:
+        >>> e = np.array([[[0.5, 0.2], [0.4, np.nan], [np.nan, np.nan]]])
+        >>> err, order = least_reuse_error(e)
+        >>> err.tolist(), order.tolist()
+        ([[0.2, 0.4, nan]], [[1, 0, 0]])
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    first = np.isfinite(errors[..., 1]) & ~(errors[..., 1] >= errors[..., 0])  # lower, or order 0 not measured
+    return np.where(first, errors[..., 1], errors[..., 0]), first.astype(np.int64)
+
+
 @dataclass
 class PlanChoice:
     """One option per head, a compute flag per step and a ratio index per (merge group, step range)."""
@@ -123,6 +146,20 @@ class PlanChoice:
             if grp[b] >= 0:
                 out[b] = self.merge[grp[b], rng]
         return out
+
+    def order_at(self, p: PlanProblem) -> np.ndarray:
+        """`[S]` the reuse order of every step (`p.reuse_order` at its age since the last computed step; 0 where
+        the step computes): the plan's `order`.
+
+        Example:
+            >>> p = _toy_problem()
+            >>> p.reuse_order[2, 0] = 1
+            >>> PlanChoice(np.zeros(2, int), np.array([1, 1, 0, 1], bool), np.zeros((1, 1), int)).order_at(p).tolist()
+            [0, 0, 1, 0]
+        """
+        ages = _ages(self.compute)
+        return np.array([int(p.reuse_order[s, a - 1]) if 0 < a <= p.max_age else 0 for s, a in enumerate(ages)],
+                        dtype=np.int64)
 
 
 def _block_savings(p: PlanProblem, heads: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from ..errors import LatencyTableError, SparsifyWarning
-from .allocate import PlanChoice, PlanProblem, predict_error, predict_time, solve_plan, usv_entropy_plan
+from .allocate import (PlanChoice, PlanProblem, least_reuse_error, predict_error, predict_time, solve_plan,
+                       usv_entropy_plan)
 from .config import CalibrationConfig
 from .latency import LatencyTable, model_shape
 from .plan_errors import (Trajectory, attention_entropy, interpolate, measured_steps, merge_errors, record_trajectory,
@@ -47,17 +48,21 @@ class PlanCalibration:
     measured: list
 
     def summary(self) -> str:
-        """A human-readable account of the plan: reuse steps, merge ranges, densities, predicted time.
+        """A human-readable account of the plan: reused steps (and which extrapolate), merge ranges, densities,
+        predicted time.
 
         Example:
             >>> # print(calibrate_plan(...).summary())
         """
         plan, p = self.recipe.plan, self.problem
         reused = [s for s, c in enumerate(plan.compute) if not c]
+        extrapolated = [s for s in reused if plan.order[s]]
         lines = [f"generation plan ({self.policy}), time budget {self.time_budget:g} x dense:",
                  f"  predicted time {self.predicted_ms:.4g} ms per generation against {self.dense_ms:.4g} ms dense "
                  f"({self.predicted_ms / self.dense_ms:.3f} x dense, {self.dense_ms / self.predicted_ms:.2f}x faster)",
-                 f"  steps: {plan.steps}, {len(reused)} reused: {reused or 'none'}"]
+                 f"  steps: {plan.steps}, {len(reused)} reused: {reused or 'none'}",
+                 f"  reused steps extrapolated from the last two computed (order 1): {len(extrapolated)} of "
+                 f"{len(reused)}{f': {extrapolated}' if extrapolated else ''}"]
         merges = [m for m in plan.merge if m.ratio > 0]
         lines.append("  token merging: " + ("none" if not merges else "; ".join(
             f"blocks {','.join(map(str, m.blocks))} steps {m.from_step}-{m.to_step - 1} ratio {m.ratio:g}"
@@ -99,8 +104,9 @@ def build_problem(result, table: LatencyTable, reuse: np.ndarray, merge: np.ndar
                   calls: int) -> PlanProblem:
     """The `PlanProblem` of an attention calibration `result`, a latency table and the step errors.
 
-    `reuse` is `[S, A]`, `merge` `[groups, S, len(ratios)]` (ratios without 0). Head options whose tile the table
-    lacks are left out, with one warning.
+    `reuse` is `[S, A]` (order 0 only) or `[S, A, 2]` (orders 0 and 1: the problem takes the lesser error of each
+    step and age and records its order, `allocate.least_reuse_error`); `merge` is `[groups, S, len(ratios)]`
+    (ratios without 0). Head options whose tile the table lacks are left out, with one warning.
 
     Example:
         >>> # p = build_problem(res, table, reuse, merge, groups=((0, 1),), ratios=(0.25,), ranges=((0, 8),), calls=2)
@@ -128,9 +134,12 @@ def build_problem(result, table: LatencyTable, reuse: np.ndarray, merge: np.ndar
         warnings.warn(f"sparsify.calibrate: the latency table has no times for tile(s) {', '.join(sorted(lacking))}; "
                       "heads do not use them", SparsifyWarning, stacklevel=2)
     R = (0.0, *ratios)
+    reuse = np.asarray(reuse, dtype=np.float64)
+    reuse, order = least_reuse_error(reuse) if reuse.ndim == 3 else (reuse, None)
     return PlanProblem(
         head_error=error, head_saving=saving, head_block=np.array([_block_of(sites[i].path) for i in result.layer]),
-        reuse_error=reuse, merge_error=np.concatenate([np.zeros((merge.shape[0], merge.shape[1], 1)), merge], axis=2),
+        reuse_error=reuse, reuse_order=order,
+        merge_error=np.concatenate([np.zeros((merge.shape[0], merge.shape[1], 1)), merge], axis=2),
         groups=tuple(groups), ratios=R, ranges=tuple(ranges),
         block_ms=np.array([table.block_ms[r] for r in R]),
         kappa=np.array([table.dense_attention_ms[r] / dense_att for r in R]),
@@ -176,14 +185,16 @@ def _inputs_hash(*parts) -> str:
 
 
 def _interpolated_reuse(measured: list[int], values: np.ndarray, steps: int) -> np.ndarray:
-    """`[S, A]`: each age's errors interpolated over the steps old enough for it (NaN before)."""
+    """`[S, A, 2]`: each age's and order's errors (`reuse_errors`) interpolated over the steps old enough for
+    them (NaN before): step a on for age a at order 0, step 2a + 1 on at order 1 (two computed steps before)."""
     A = values.shape[1]
-    out = np.full((steps, A), np.nan)
+    out = np.full((steps, A, 2), np.nan)
     for a in range(1, A + 1):
-        ok = [i for i, s in enumerate(measured) if s >= a and np.isfinite(values[i, a - 1])]
-        if ok:
-            xs = [measured[i] for i in ok]
-            out[a:, a - 1] = np.interp(np.arange(a, steps), xs, values[ok, a - 1])
+        for o, lo in ((0, a), (1, 2 * a + 1)):
+            ok = [i for i, s in enumerate(measured) if s >= lo and np.isfinite(values[i, a - 1, o])]
+            if ok and lo < steps:
+                xs = [measured[i] for i in ok]
+                out[lo:, a - 1, o] = np.interp(np.arange(lo, steps), xs, values[ok, a - 1, o])
     return out
 
 
@@ -197,8 +208,9 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
 
     On the model's own dense Euler trajectory from `noise` (`steps` steps, classifier-free guidance) it
     measures: every head's error per candidate (`run_calibration` at `attention_steps` steps, both guidance
-    calls), the output error of reusing a step (ages 1..`max_age`) and of merging tokens around each group of
-    blocks at each ratio, at `measure` steps (linearly interpolated to the others). Times come from `table`.
+    calls), the output error of reusing a step (ages 1..`max_age`, the last computed residual as it is and
+    extrapolated from the last two: the plan's `order`) and of merging tokens around each group of blocks at
+    each ratio, at `measure` steps (linearly interpolated to the others). Times come from `table`.
     The policy `unified` solves one ILP (`allocate.solve_plan`); `usv-entropy` allocates by attention entropy
     (`allocate.usv_entropy_plan`). The error and time models are those of `sparsify.calibrate.allocate`.
 
@@ -241,7 +253,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
     merge_ratios = tuple(sorted({float(r) for r in merge_ratios} - {0.0}))
     tile = table.merge_tile
     measured = measured_steps(steps, measure)
-    keep = {s - a for s in measured for a in range(1, max_age + 1) if s - a >= 0}
+    keep = {c for s in measured for a in range(1, max_age + 1) for c in (s - a, s - 2 * a - 1) if c >= 0}
     first = {"hidden_states": noise, "timestep": torch.zeros(noise.shape[0], device=noise.device),
              "encoder_hidden_states": cond, "return_dict": False}
     shape = model_shape(model, first)
@@ -265,7 +277,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
     result = run_calibration(model, forward_loop, config.replace(budget=1.0), example_inputs=example_inputs,
                              output_loop=output_loop, n_forwards=len(att_steps) * traj.calls_per_step,
                              inputs_hash=_inputs_hash(noise, cond, null_cond, steps, att_steps, guidance_scale, shift))
-    say(f"reuse errors (ages 1..{max_age}) and merge errors ({len(groups)} groups x ratios "
+    say(f"reuse errors (ages 1..{max_age}, orders 0 and 1) and merge errors ({len(groups)} groups x ratios "
         f"{', '.join(f'{r:g}' for r in merge_ratios)}) at steps {measured}")
     reuse = _interpolated_reuse(measured, reuse_errors(model, traj, measured, max_age), steps)
     merge = interpolate(measured, merge_errors(model, traj, measured, groups, merge_ratios, tile).transpose(1, 0, 2),
@@ -284,7 +296,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
     plan = StepPlan(model=type(model).__name__, blocks=blocks, steps=steps, compute=tuple(bool(c) for c in choice.compute),
                     merge=tuple(MergeRange(tuple(groups[g]), lo, hi, float(ratio[g, k]))
                                 for g in range(len(groups)) for k, (lo, hi) in enumerate(ranges) if ratio[g, k] > 0),
-                    tile=tuple(tile))
+                    tile=tuple(tile), order=tuple(int(o) for o in choice.order_at(p)))
     t, e = predict_time(p, choice), predict_error(p, choice)
     cal = dict(result.recipe.calibration)
     for key in ("budget", "achieved_density", "predicted_error", "predicted_attention_speedup", "solver",

@@ -33,6 +33,11 @@ class Trajectory:
     def calls_per_step(self) -> int:
         return len(self.calls[0])
 
+    def timestep(self, step: int) -> float:
+        """The timestep value the model saw at step `step` (its first call's `timestep`, first element)."""
+        t = self.calls[step][0]["timestep"]
+        return float(t.reshape(-1)[0]) if isinstance(t, torch.Tensor) else float(t)
+
     def run(self, model, step: int) -> list[torch.Tensor]:
         """The model's outputs on step `step`'s inputs (fp32), one per call."""
         return [_first(model(**kw)).float() for kw in self.calls[step]]
@@ -137,28 +142,40 @@ def interpolate(measured: list[int], values: np.ndarray, steps: int) -> np.ndarr
 
 @torch.no_grad()
 def reuse_errors(model, traj: Trajectory, steps: list[int], max_age: int) -> np.ndarray:
-    """`[len(steps), max_age]`: the output error of reusing, at each step, the residual of the step `a` earlier.
+    """`[len(steps), max_age, 2]`: the output error of reusing, at each step, the residual of the step `a` earlier,
+    as it is (`[..., 0]`, order 0) and extrapolated linearly in the timestep (`[..., 1]`, order 1).
 
-    A reused step runs no block: its block stack becomes the input plus the residual the last computed step
-    recorded (the plan's `compute: false`). NaN where the step is younger than the age.
+    A reused step runs no block: its block stack becomes the input plus a residual (the plan's `compute: false`).
+    Order 0 adds the residual `r2` of the last computed step `c2 = s - a`; order 1 adds
+    `r2 + w * (r2 - r1)` (`generation.plan.extrapolate`), `r1` the residual of the computed step before, taken
+    at the plan's steady cadence (`a` reused steps after each computed one): `c1 = c2 - (a + 1)`. NaN where the
+    step is younger than the age, or (order 1) where `c1 < 0`, or where a residual was not kept.
 
     Example:
-        >>> # reuse_errors(model, traj, [1, 5, 9], max_age=3)[0, 0]  -> error of step 1 reusing step 0
+        >>> # e = reuse_errors(model, traj, [1, 5, 9], max_age=3)
+        >>> # e[1, 0, 0]: step 5 adding step 4's residual; e[1, 0, 1]: extrapolating it from steps 2 and 4
     """
-    out = np.full((len(steps), max_age), np.nan)
+    from ..generation.plan import extrapolate, extrapolation_weight
+
+    out = np.full((len(steps), max_age, 2), np.nan)
     stand_in = _AddResidual()
     blocks = model.blocks
     model.blocks = torch.nn.ModuleList([stand_in])
     try:
         for i, s in enumerate(steps):
             for a in range(1, max_age + 1):
-                if s - a < 0 or (s - a, 0) not in traj.residuals:
+                c2, c1 = s - a, s - 2 * a - 1
+                if c2 < 0 or (c2, 0) not in traj.residuals:
                     continue
-                outs = []
-                for c, kw in enumerate(traj.calls[s]):
-                    stand_in.residual = traj.residuals[(s - a, c)]
-                    outs.append(_first(model(**kw)).float())
-                out[i, a - 1] = traj.error(outs, s)
+                first = c1 >= 0 and (c1, 0) in traj.residuals
+                w = extrapolation_weight(traj.timestep(s), traj.timestep(c1), traj.timestep(c2)) if first else None
+                for o in (0, 1) if first else (0,):
+                    outs = []
+                    for c, kw in enumerate(traj.calls[s]):
+                        r1 = traj.residuals[(c1, c)] if o else None
+                        stand_in.residual = extrapolate(r1, traj.residuals[(c2, c)], w)
+                        outs.append(_first(model(**kw)).float())
+                    out[i, a - 1, o] = traj.error(outs, s)
     finally:
         model.blocks = blocks
     return out
