@@ -297,3 +297,18 @@ def test_check_transfer_on_the_testbed_at_two_resolution_pairs(tmp_path, capsys)
         for k in ("transferred", "native"):
             assert 0 < r[k]["output_error"] < 1 and 0 < r[k]["density"] < 1
         assert r["penalty"] == pytest.approx(r["transferred"]["output_error"] / r["native"]["output_error"])
+
+
+def test_discovery_inputs_take_the_dtype_of_a_bf16_transformer_with_fp32_modules_kept():
+    """diffusers loads a bf16 Wan with `_keep_in_fp32_modules` (its first parameter, `scale_shift_table`) in fp32:
+    the adapter's discovery inputs must be bf16, or the patch embedding refuses them."""
+    from sparsify import find_sites
+    from sparsify.adapters import adapter_for
+
+    model = build_pipeline("tiny-t2v").transformer.to(torch.bfloat16)
+    model.scale_shift_table.data = model.scale_shift_table.data.float()
+    assert next(model.parameters()).dtype == torch.float32
+    inputs = adapter_for(model).example_inputs(model)
+    assert inputs["hidden_states"].dtype == torch.bfloat16
+    infos, _ = find_sites(model, inputs)
+    assert any(i.kind == "self" for i in infos)

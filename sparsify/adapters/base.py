@@ -147,9 +147,23 @@ def adapter_for(model: torch.nn.Module) -> Adapter | None:
     return None
 
 
-def _param(model):
-    p = next(model.parameters(), None)
-    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+def device_dtype(model):
+    """`(device, dtype)` of `model`'s parameters: the first one's device and the floating dtype holding the most
+    elements (diffusers keeps small modules such as Wan's `scale_shift_table` in fp32 in a bf16 model).
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(1, 1), torch.nn.Linear(8, 8).to(torch.bfloat16))
+        >>> device_dtype(m)
+        (device(type='cpu'), torch.bfloat16)
+    """
+    params = list(model.parameters())
+    if not params:
+        return torch.device("cpu"), torch.float32
+    count: dict = {}
+    for p in params:
+        if p.is_floating_point():
+            count[p.dtype] = count.get(p.dtype, 0) + p.numel()
+    return params[0].device, max(count, key=count.get) if count else params[0].dtype
 
 
 def _arg(args, kwargs, name, pos):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import Geometry
-from .base import Adapter, _arg, _param, register_adapter
+from .base import Adapter, _arg, device_dtype, register_adapter
 
 
 @register_adapter
@@ -25,7 +25,7 @@ class CogVideoXAdapter(Adapter):
         return Geometry((f // pt, h // p, w // p), int(text.shape[1]))
 
     def example_inputs(self, model, *, device=None, dtype=None, grid=None, batch=1) -> dict:
-        dev, dt = _param(model)
+        dev, dt = device_dtype(model)
         dev, dt = device or dev, dtype or dt
         c = model.config
         pt = c.patch_size_t or 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..geometry import Geometry
-from .base import Adapter, _arg, _param, register_adapter
+from .base import Adapter, _arg, device_dtype, register_adapter
 
 
 @register_adapter
@@ -24,7 +24,7 @@ class HunyuanVideoAdapter(Adapter):
         return Geometry((f // pt, h // p, w // p), 0)
 
     def example_inputs(self, model, *, device=None, dtype=None, grid=(2, 4, 4), batch=1, text_len=8) -> dict:
-        dev, dt = _param(model)
+        dev, dt = device_dtype(model)
         dev, dt = device or dev, dtype or dt
         c = model.config
         g = torch.Generator().manual_seed(0)

@@ -8,7 +8,7 @@ import torch
 
 from ..kernels._triton import enabled, needs_grad, use_triton
 from ..geometry import Geometry
-from .base import Adapter, _arg, _param, register_adapter
+from .base import Adapter, _arg, device_dtype, register_adapter
 
 
 @register_adapter
@@ -40,7 +40,7 @@ class WanAdapter(Adapter):
         return Geometry((f // pt, h // ph, w // pw), 0)
 
     def example_inputs(self, model, *, device=None, dtype=None, grid=(2, 4, 4), batch=1) -> dict:
-        dev, dt = _param(model)
+        dev, dt = device_dtype(model)
         dev, dt = device or dev, dtype or dt
         c = model.config
         pt, ph, pw = c.patch_size

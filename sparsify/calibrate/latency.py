@@ -286,6 +286,7 @@ def model_shape(model: torch.nn.Module, example_inputs: dict, site=None) -> Mode
         >>> # model_shape(model, inputs).grid
     """
     from ..adapters import adapter_for
+    from ..adapters.base import device_dtype
     from ..api import SPARSE_KINDS, find_sites
 
     adapter = adapter_for(model)
@@ -296,9 +297,8 @@ def model_shape(model: torch.nn.Module, example_inputs: dict, site=None) -> Mode
         site = next(i for i in find_sites(model)[0] if i.kind in SPARSE_KINDS)
     x = example_inputs["hidden_states"]
     seq = math.prod(geo.grid) + max(geo.video_start, 0)
-    p = next(model.parameters())
     return ModelShape(type(model).__name__, len(model.blocks), site.heads, site.head_dim, tuple(geo.grid), seq,
-                      int(x.shape[0]), str(p.dtype).removeprefix("torch."))
+                      int(x.shape[0]), str(device_dtype(model)[1]).removeprefix("torch."))
 
 
 def _median_ms(fn, warmup: int, reps: int, device: torch.device) -> float:
