@@ -253,18 +253,25 @@ def plan_quality(a, argv) -> dict:
     from sparsify.testbed import build_testbed, get_variant
 
     psnr, ssim = video_metrics()
-    cal_kw = dict(measure=6, attention_steps=2, merge_groups=4, step_ranges=4, max_age=3, merge_ratios=(0.25, 0.5))
+    cal_kw = dict(measure=6, attention_steps=2, merge_groups=4, step_ranges=4, max_age=3)
     cfg = dict(query_fraction=a.query_fraction)
     latent = None
     if a.tiny:
         a.model, a.steps, a.videos, a.time_budget, a.device = "testbed", 6, 1, 0.5, "cpu"
         a.time_tolerance, a.tune_iters = 0.1, 4
         latent = (4, 8, 16, 16)  # 512 tokens, 8 tiles of 4x4x4
-        cal_kw = dict(measure=2, attention_steps=1, merge_groups=2, step_ranges=2, max_age=2, merge_ratios=(0.25, 0.5))
+        cal_kw = dict(measure=2, attention_steps=1, merge_groups=2, step_ranges=2, max_age=2)
         torch.set_num_threads(1)
         cfg = dict(tiles=[(4, 4, 4)], levels=(0.25, 0.5), output_error=False, query_fraction=0.25)
     if a.measure_steps:
         cal_kw["measure"] = a.measure_steps
+    try:
+        ratios = tuple(float(r) for r in a.merge_ratios.split(",") if r)
+    except ValueError:
+        raise SystemExit(f"--merge-ratios: comma-separated numbers in [0, 0.5]; got {a.merge_ratios!r}") from None
+    if not all(0 <= r <= 0.5 for r in ratios):
+        raise SystemExit(f"--merge-ratios: each must be in [0, 0.5]; got {a.merge_ratios!r}")
+    cal_kw["merge_ratios"] = ratios
     hooks = [h for h in a.hooks.split(",") if h]
     unknown = sorted(set(hooks) - set(HOOKS))
     if unknown:
@@ -455,7 +462,7 @@ def plan_quality(a, argv) -> dict:
           f"plan - USV: {_db(margins['plan_minus_usv_db'])}")
     meta = {"benchmark": "quality plan", **run_header("quality", argv), "model": variant.name,
             "weights": a.weights, "dtype": a.dtype, "latent_shape": list(latent), "steps": a.steps, "videos": a.videos,
-            "guidance_scale": a.guidance, "shift": a.shift, "time_budget": a.time_budget,
+            "guidance_scale": a.guidance, "shift": a.shift, "time_budget": a.time_budget, "merge_ratios": list(ratios),
             "time_tolerance": a.time_tolerance, "calibration_seed": a.calibration_seed, "eval_seed": 1234,
             "latency_table": {"device": table.device, "file": a.latency_table,
                               "carried_from": table.meta.get("carried_from"), **table.to_dict()["ms"]},
@@ -510,6 +517,8 @@ def add_arguments(sub) -> None:
                    help="trajectory steps at which reuse and merging errors are measured (default 6)")
     p.add_argument("--query-fraction", type=float, default=0.125, help="share of query tokens measured per call "
                    "in the per-head calibration")
+    p.add_argument("--merge-ratios", default="0.25,0.5",
+                   help="candidate token-merging ratios of both plans (0: no merging; a --latency-table must have them)")
     p.add_argument("--hooks", default=",".join(HOOKS), help=f"diffusers cache hooks: subset of {','.join(HOOKS)}")
     p.add_argument("--time-tolerance", type=float, default=0.03,
                    help="relative difference of predicted time at which a hook's knob matches the plan")

@@ -132,3 +132,8 @@ def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
                         "--workdir", str(tmp_path), "--out", str(tmp_path / "bf16.json")],
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "dtype: table float32, model bfloat16" in p.stderr, p.stderr[-2000:]
+    assert rec["merge_ratios"] == [0.25, 0.5]
+    p = subprocess.run([sys.executable, "-W", "ignore", "-m", "benchmarks.quality", "plan", "--tiny", "--merge-ratios",
+                        "0.25,0.7", "--workdir", str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "--merge-ratios: each must be in [0, 0.5]" in p.stderr, p.stderr[-2000:]

@@ -110,6 +110,29 @@ def test_latency_table_round_trip(tiny, tmp_path):
     assert back.attention_call_ms((4, 4, 4), 1.0) == pytest.approx(table.dense_attention_ms[0.0])
 
 
+def test_latency_table_refuses_merging_where_the_tile_does_not_divide_the_grid(tiny):
+    from sparsify.adapters import adapter_for
+    from sparsify.calibrate.latency import measure_latency_table
+
+    m, _, _ = tiny
+    x = adapter_for(m).example_inputs(m, grid=(3, 8, 8))  # 3 frames: 4x4x4 tiles do not divide it
+    with pytest.raises(ValueError, match=r"grid 3x8x8 divisible by the merge tile 4x4x4.*--merge-ratios 0"):
+        measure_latency_table(m, x, densities=(0.25,), ratios=(0.25,))
+    table = measure_latency_table(m, x, densities=(0.25,), ratios=(0.0,))
+    assert set(table.block_ms) == {0.0}
+
+
+def test_a_long_forward_is_repeated_only_as_often_as_fits(tiny, monkeypatch):
+    from sparsify.calibrate import latency
+
+    m, x, table = tiny
+    assert (table.meta["forward_warmup"], table.meta["forward_reps"]) == (0, 1)  # the CPU default, it fits
+    monkeypatch.setattr(latency, "FORWARD_MS", 0.0)  # every forward "too long": no warm-up, at least 3 runs
+    t = latency.measure_latency_table(m, x, densities=(0.25,), ratios=(0.0,), warmup=2, reps=10)
+    assert (t.meta["forward_warmup"], t.meta["forward_reps"]) == (0, 3)
+    assert (t.meta["warmup"], t.meta["reps"]) == (2, 10)
+
+
 @pytest.mark.parametrize("mutate,key,words", [
     (lambda d: d.update(version=2), "version", "reads version 1"),
     (lambda d: d["ms"].pop("forward"), "ms.forward", "is required"),

@@ -277,8 +277,9 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
     result = run_calibration(model, forward_loop, config.replace(budget=1.0), example_inputs=example_inputs,
                              output_loop=output_loop, n_forwards=len(att_steps) * traj.calls_per_step,
                              inputs_hash=_inputs_hash(noise, cond, null_cond, steps, att_steps, guidance_scale, shift))
-    say(f"reuse errors (ages 1..{max_age}, orders 0 and 1) and merge errors ({len(groups)} groups x ratios "
-        f"{', '.join(f'{r:g}' for r in merge_ratios)}) at steps {measured}")
+    merging = (f"merge errors ({len(groups)} groups x ratios {', '.join(f'{r:g}' for r in merge_ratios)})"
+               if merge_ratios else "no merging")
+    say(f"reuse errors (ages 1..{max_age}, orders 0 and 1) and {merging} at steps {measured}")
     reuse = _interpolated_reuse(measured, reuse_errors(model, traj, measured, max_age), steps)
     merge = interpolate(measured, merge_errors(model, traj, measured, groups, merge_ratios, tile).transpose(1, 0, 2),
                         steps).transpose(1, 0, 2) if merge_ratios else np.zeros((len(groups), steps, 0))

@@ -301,6 +301,9 @@ def model_shape(model: torch.nn.Module, example_inputs: dict, site=None) -> Mode
                       int(x.shape[0]), str(device_dtype(model)[1]).removeprefix("torch."))
 
 
+FORWARD_MS = 30_000.0  # wall time the whole forward's repeats may take in a latency table (at least 3 runs)
+
+
 def _median_ms(fn, warmup: int, reps: int, device: torch.device) -> float:
     """Median wall time of `fn()` in ms: CUDA events on a GPU, `time.perf_counter` on the CPU."""
     for _ in range(warmup):
@@ -393,10 +396,12 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         model: a diffusers Wan-style transformer (a ModuleList `blocks`, an adapter for its grid), not sparsified.
         example_inputs: forward kwargs at the generation's shape (`hidden_states`, `timestep`, ...).
         tiles, densities: the sparse attention points measured (a density of 1.0 is the dense call).
-        ratios: merge ratios measured (0 is always measured).
+        ratios: merge ratios measured (0 is always measured); others need the grid divisible by `merge_tile`.
         merge_tile: the tile of token merging (the plan's tile).
         method: the tile selection method timed.
         warmup, reps: per measured point; default 3 and 10 on CUDA, 0 and 1 on the CPU (one warm-up forward first).
+            The whole forward runs them while they fit `FORWARD_MS` (30 s), else no warm-up and as many runs as
+            fit (at least 3, at most `reps`).
 
     Returns:
         A `LatencyTable`.
@@ -430,9 +435,23 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
     attn = model.get_submodule(site.path)
     time_it = lambda fn: _median_ms(fn, warmup, reps, device)  # noqa: E731
     block_in, attn_in = _Inputs(blocks[0]), _Inputs(attn)
+    merged = sorted({float(r) for r in ratios} - {0.0})
+    if merged and any(g % t for g, t in zip(shape.grid, merge_tile)):
+        raise ValueError(f"sparsify.calibrate: token merging at ratio(s) {', '.join(f'{r:g}' for r in merged)} needs "
+                         f"the grid {'x'.join(map(str, shape.grid))} divisible by the merge tile "
+                         f"{'x'.join(map(str, merge_tile))}; measure this grid without merging (ratios 0: "
+                         "--merge-ratios 0) or at a grid the tile divides")
     try:
+        t0 = time.perf_counter()
         model(**example_inputs)  # warm-up, and the block's and attention's arguments
-        forward, stack = _forward_and_stack_ms(model, example_inputs, warmup, reps, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first = (time.perf_counter() - t0) * 1e3
+        # a long forward (a 14B model at 720p: ~12 s) is repeated as often as fits FORWARD_MS, at least 3 times
+        # (at most `reps`)
+        f_warmup, f_reps = ((warmup, reps) if first * (warmup + reps) <= FORWARD_MS
+                            else (0, min(reps, max(3, int(FORWARD_MS // first)))))
+        forward, stack = _forward_and_stack_ms(model, example_inputs, f_warmup, f_reps, device)
         alone = {0.0: time_it(lambda: block_in.call(blocks[0]))}
         dense_attention = {0.0: time_it(lambda: attn_in.call(attn))}
         for r in sorted({float(r) for r in ratios} - {0.0}):
@@ -465,6 +484,7 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         unsparsify(model)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": str(torch.__version__), "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
-            "warmup": warmup, "reps": reps, "statistic": "median", "method": method}
+            "warmup": warmup, "reps": reps, "forward_warmup": f_warmup, "forward_reps": f_reps, "statistic": "median",
+            "method": method}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return LatencyTable(shape, name, forward, block_ms, attention, dense_attention, tuple(merge_tile), meta)

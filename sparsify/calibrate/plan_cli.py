@@ -102,8 +102,11 @@ def main_plan(args, argv, config, device, dtype, say, out: Path) -> int:
                           "trades differently; measure the table on the GPU (--measure-latency OUT) and pass it "
                           "with --latency-table", SparsifyWarning, stacklevel=2)
         say(f"sparsify.calibrate: measuring the latency table of {desc} at grid {'x'.join(map(str, grid))} on {device}")
-        table = measure_latency_table(model, kw, tiles=config.tiles,
-                                      densities=(0.1,) if cpu else tuple(config.levels), ratios=ratios or (0.25,))
+        try:
+            table = measure_latency_table(model, kw, tiles=config.tiles,
+                                          densities=(0.1,) if cpu else tuple(config.levels), ratios=ratios or (0.25,))
+        except ValueError as e:
+            return _fail(str(e).removeprefix("sparsify.calibrate: "))
         if args.measure_latency:
             table.save(args.measure_latency)
             print(f"latency table written: {args.measure_latency}")
