@@ -7,7 +7,8 @@ rows are COMPOSED, not run end to end:
    grad, cuDNN attention): the dense forward, and one block (timed alone on the arguments it received in a
    forward) for every (attention density, merge ratio) the rows use; the time outside the blocks
    (`forward - blocks x block`, dense and sparsified); and a reused step as `PlanRunner` runs it (the real
-   forward with every block skipped and the last residual added; checked to run no block).
+   forward with every block skipped and the last residual added, or, where the plan extrapolates (order 1),
+   extrapolated from the last two; checked to run no block).
 2. Composition: the plan (calibrated on the test-bed, `--plan`) is mapped onto 40 blocks and `--steps` steps by
    block and step fraction (`StepPlan.mapped`), and so are the attention densities of its recipe (each block's
    mean head density, dense heads counting 1; the recipe's `dense_steps` run dense). Per step and guidance
@@ -88,12 +89,14 @@ def block_densities(recipe, blocks: int) -> list[float]:
 
 @dataclass
 class Components:
-    """Measured per-call times (ms) of the cut model: outside the blocks, one block per (density, ratio), a reused step."""
+    """Measured per-call times (ms) of the cut model: outside the blocks, one block per (density, ratio), a reused
+    step (adding the last residual; `extrapolate_ms`: extrapolating it from the last two, the plan's order 1)."""
 
     outside_dense_ms: float
     outside_sparse_ms: float
     block_ms: dict
     reuse_ms: float
+    extrapolate_ms: float | None = None
 
 
 def step_densities(densities: list[float], dense_steps: int):
@@ -122,7 +125,8 @@ def compose(plan, density, comp: Components, calls: int = CALLS) -> float:
     """Predicted DiT ms of one generation of `plan` (a plan for this many blocks and steps) from measured parts.
 
     A computed step: `calls x (outside + sum over blocks of block_ms[density, ratio])` (the sparsified model's
-    outside time unless every block is dense); a reused step: `calls x reuse_ms`.
+    outside time unless every block is dense); a reused step: `calls x reuse_ms` (`calls x extrapolate_ms` where
+    the plan's order is 1).
 
     Example:
         >>> from sparsify.generation import StepPlan
@@ -133,7 +137,9 @@ def compose(plan, density, comp: Components, calls: int = CALLS) -> float:
     total = 0.0
     for s in range(plan.steps):
         if not plan.compute[s]:
-            total += calls * comp.reuse_ms
+            if plan.order[s] and comp.extrapolate_ms is None:
+                raise ValueError(f"step {s} extrapolates (order 1) but no extrapolating reused step was measured")
+            total += calls * (comp.extrapolate_ms if plan.order[s] else comp.reuse_ms)
             continue
         d = [density(b, s) for b in range(plan.blocks)]
         outside = comp.outside_dense_ms if all(x >= 1.0 for x in d) else comp.outside_sparse_ms
@@ -228,8 +234,10 @@ def _uniform_recipe(recipe, density: float) -> dict:
     return {"version": 1, "defaults": {"method": d.method, "tile": list(d.tile), "budget": {"density": density}}}
 
 
-def measure_components(model, make_inputs, needed: set, recipe, tile, device, reps: int) -> Components:
-    """Time the cut model's parts for every (density, ratio) in `needed` (see the module docstring)."""
+def measure_components(model, make_inputs, needed: set, recipe, tile, device, reps: int,
+                       extrapolate: bool = False) -> Components:
+    """Time the cut model's parts for every (density, ratio) in `needed` (see the module docstring), and with
+    `extrapolate` a reused step of order 1 too."""
     from benchmarks.e2e import _block_inputs, _cudnn, timed
     from sparsify import sparsify, unsparsify
     from sparsify.adapters import adapter_for
@@ -264,12 +272,15 @@ def measure_components(model, make_inputs, needed: set, recipe, tile, device, re
             if d < 1.0:
                 unsparsify(model)
     sparse = [v for d, v in outside.items() if d < 1.0]
-    reuse = _reuse_ms(model, make_inputs, recipe, device, reps, StepPlan(type(model).__name__, n, 2, (True, False)))
-    return Components(outside[1.0], statistics.median(sparse) if sparse else outside[1.0], block_ms, reuse)
+    cls = type(model).__name__
+    reuse = _reuse_ms(model, make_inputs, recipe, device, reps, StepPlan(cls, n, 2, (True, False)))
+    extra = (_reuse_ms(model, make_inputs, recipe, device, reps, StepPlan(cls, n, 3, (True, True, False), order=(0, 0, 1)))
+             if extrapolate else None)
+    return Components(outside[1.0], statistics.median(sparse) if sparse else outside[1.0], block_ms, reuse, extra)
 
 
 def _reuse_ms(model, make_inputs, recipe, device, reps, plan) -> float:
-    """A reused step's forward as `PlanRunner` runs it (step 1 of a compute/reuse plan, one guidance branch)."""
+    """The last step of `plan` (computed steps, then one reused) as `PlanRunner` runs it, one guidance branch."""
     from benchmarks.e2e import _cudnn, timed
     from sparsify import runtime, sparsify, unsparsify
 
@@ -278,13 +289,17 @@ def _reuse_ms(model, make_inputs, recipe, device, reps, plan) -> float:
         runtime.new_generation()
         inputs = make_inputs()
 
+        last = plan.steps - 1
+
         def call(step):
-            with torch.no_grad(), _cudnn(device), model.cache_context("cond", step_index=step, num_inference_steps=2):
+            with torch.no_grad(), _cudnn(device), model.cache_context("cond", step_index=step,
+                                                                      num_inference_steps=plan.steps):
                 model(**{**inputs, "timestep": torch.tensor([900.0 - 100 * step], device=device)})
 
-        call(0)
-        t = timed(lambda: call(1), tuple, device, reps)
-        if _attn_ran(model, lambda: call(1)):
+        for s in range(last):
+            call(s)
+        t = timed(lambda: call(last), tuple, device, reps)
+        if _attn_ran(model, lambda: call(last)):
             raise RuntimeError("the reused step ran the last block's attention: PlanRunner did not reuse")
     finally:
         unsparsify(model)
@@ -384,7 +399,8 @@ def per_generation_plan(cfg, grid, plan_recipe, *, steps: int, blocks: int, vali
                     encoder_hidden_states=torch.randn(1, text_len, cfg["text_dim"], device=device, dtype=dtype),
                     return_dict=False)
 
-    comp = measure_components(model, make_inputs, needed, plan_recipe, tile, device, reps)
+    comp = measure_components(model, make_inputs, needed, plan_recipe, tile, device, reps,
+                              extrapolate=any(full.order) or any(cut.order))
     rows = [dict(label=k, composed_ms=compose(pl, d, comp), computed_steps=sum(pl.compute))
             for k, (pl, d) in rows_full.items()]
     dense_ms = rows[0]["composed_ms"]
@@ -446,14 +462,15 @@ def per_generation_plan(cfg, grid, plan_recipe, *, steps: int, blocks: int, vali
                 validate_steps=validate_steps, cfg_calls_per_step=CALLS, source_plan=plan.to_dict(),
                 plan_composed=full.to_dict(), block_densities=dens_src,
                 components=dict(outside_dense_ms=comp.outside_dense_ms, outside_sparse_ms=comp.outside_sparse_ms,
-                                reuse_ms=comp.reuse_ms,
+                                reuse_ms=comp.reuse_ms, extrapolate_ms=comp.extrapolate_ms,
                                 block_ms=[dict(density=d, ratio=r, ms=v) for (d, r), v in sorted(comp.block_ms.items())]),
                 rows=rows, hooks=hook_rows, validation=validation, peak_plan_over_dense=mem,
                 peak_plan_over_dense_full_depth=mem40)
 
 
 def tiny_plan_recipe():
-    """A test-bed-like v2 recipe built in code for `--tiny`: 4 blocks, 8 steps, reuse, one merge range, two densities.
+    """A test-bed-like v2 recipe built in code for `--tiny`: 4 blocks, 8 steps, reuse (once extrapolated), one merge
+    range, two densities.
 
     Example:
         >>> tiny_plan_recipe().plan.steps
@@ -465,6 +482,7 @@ def tiny_plan_recipe():
                         "sites": {"blocks.0.attn1": {"enable": False}},
                         "plan": {"model": {"class": "TestbedDiT", "blocks": 4}, "steps": 8,
                                  "compute": [True, True, False, True, True, False, True, True],
+                                 "order": [0, 0, 0, 0, 0, 1, 0, 0],
                                  "merge": [{"blocks": [2, 3], "from_step": 2, "to_step": 6, "ratio": 0.25}]}})
 
 

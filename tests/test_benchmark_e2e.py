@@ -55,7 +55,7 @@ def test_e2e_generation_tiny_composes_and_validates(tmp_path):
     assert (g["steps"], g["blocks_composed"], g["cfg_calls_per_step"]) == (50, 40, 2)
     c = g["components"]
     comp = Components(c["outside_dense_ms"], c["outside_sparse_ms"],
-                      {(b["density"], b["ratio"]): b["ms"] for b in c["block_ms"]}, c["reuse_ms"])
+                      {(b["density"], b["ratio"]): b["ms"] for b in c["block_ms"]}, c["reuse_ms"], c["extrapolate_ms"])
     dens = [g["block_densities"][b * len(g["block_densities"]) // 40] for b in range(40)]
     density = step_densities(dens, 0)
     # the rows are the composition of the JSON's own components; a plan computing every step, merging nothing,
@@ -66,6 +66,9 @@ def test_e2e_generation_tiny_composes_and_validates(tmp_path):
     assert compose(trivial, density, comp) == rows["attention only"]["composed_ms"]
     assert compose(trivial, lambda b, s: 1.0, comp) == rows["dense (cuDNN)"]["composed_ms"]
     assert rows["unified plan"]["computed_steps"] == sum(full.compute) < 50  # the tiny plan reuses steps
+    assert any(full.order) and c["extrapolate_ms"] > 0  # and extrapolates some: that reused step was timed too
+    with pytest.raises(ValueError, match="extrapolates"):
+        compose(full, density, Components(*list(vars(comp).values())[:4]))
     # the validation: real 4-step generations with CFG, a ratio per row; no GPU, no peak memory
     val = {v["label"]: v for v in g["validation"]}
     assert list(val) == list(rows)
