@@ -104,6 +104,31 @@ def record_calls(model: torch.nn.Module, run: Callable[[Callable[[int], None]], 
     return got
 
 
+def seed_inputs(model: torch.nn.Module, seed: int, *, latent_shape: tuple[int, int, int, int] | None = None,
+                name: str = "testbed") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(noise, cond)` of a test-bed sampling run from `seed`, as `testbed_trajectory` draws them.
+
+    The noise is `torch.randn(1, *latent_shape)` with generator seed `seed`; the condition is the embedding of
+    class `seed % NUM_CLASSES`; both on the device and in the dtype of `model`'s parameters.
+
+    Example:
+        >>> from sparsify.testbed import build_testbed
+        >>> m = build_testbed(pretrained=False, overrides={"num_layers": 1})
+        >>> noise, cond = seed_inputs(m, 100, latent_shape=(4, 2, 8, 8))
+        >>> bool(torch.equal(noise, torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(100))))
+        True
+    """
+    from ..testbed.variants import get_variant
+
+    v = get_variant(name)
+    data = v.data_module()
+    shape = tuple(latent_shape or v.latent_shape)
+    p = next(model.parameters())
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(seed))).to(p.device, p.dtype)
+    cond = data.class_embeddings(torch.tensor([int(seed) % data.NUM_CLASSES])).to(p.device, p.dtype)
+    return noise, cond
+
+
 def testbed_trajectory(model: torch.nn.Module, seeds, *, num_steps: int, sampled, guidance_scale: float = 5.0,
                        shift: float = 1.0, latent_shape: tuple[int, int, int, int] | None = None,
                        name: str = "testbed") -> list[TrajectoryCall]:
@@ -134,12 +159,7 @@ def testbed_trajectory(model: torch.nn.Module, seeds, *, num_steps: int, sampled
         [(2, 0.75, 'cond'), (2, 0.75, 'uncond'), (6, 0.25, 'cond'), (6, 0.25, 'uncond')]
     """
     from ..testbed.model import sample, shifted_sigmas
-    from ..testbed.variants import get_variant
 
-    v = get_variant(name)
-    data = v.data_module()
-    shape = tuple(latent_shape or v.latent_shape)
-    p = next(model.parameters())
     sampled = sorted(set(int(s) for s in sampled))
     if not sampled or sampled[0] < 0 or sampled[-1] >= num_steps:
         raise ValueError(f"sampled steps {sampled} must be non-empty and within 0..{num_steps - 1} "
@@ -148,8 +168,7 @@ def testbed_trajectory(model: torch.nn.Module, seeds, *, num_steps: int, sampled
     branches = BRANCHES if guidance_scale != 1.0 else BRANCHES[:1]
     out: list[TrajectoryCall] = []
     for seed in seeds:
-        noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(seed))).to(p.device, p.dtype)
-        cond = data.class_embeddings(torch.tensor([int(seed) % data.NUM_CLASSES])).to(p.device, p.dtype)
+        noise, cond = seed_inputs(model, seed, latent_shape=latent_shape, name=name)
 
         def run(at_step, noise=noise, cond=cond):
             sample(model, noise, cond, steps=num_steps, shift=shift, guidance_scale=guidance_scale,
