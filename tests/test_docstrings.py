@@ -8,7 +8,7 @@ import pytest
 MODULES = ["sparsify.recipe", "sparsify.geometry", "sparsify.runtime", "sparsify.methods.select", "sparsify.methods.vsa",
            "sparsify.kernels.reference", "sparsify.calibrate.measure", "sparsify.adapters.base",
            "sparsify.kernels.rope", "sparsify.kernels.tile_select", "sparsify.kernels.gather", "sparsify.factorized",
-           "sparsify.adapters.infer", "sparsify.calibrate.trajectory"]
+           "sparsify.adapters.infer", "sparsify.calibrate.trajectory", "sparsify.calibrate.schedule"]
 
 
 @pytest.mark.parametrize("name", MODULES)
