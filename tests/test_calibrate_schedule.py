@@ -1,4 +1,4 @@
-"""Calibration of the per-step budget schedule: the choice rule, the recipe it writes and a real run."""
+"""Calibration of the per-step budget schedule: the choice rule, the recipe it writes, a real run and the CLI."""
 
 import dataclasses
 
@@ -7,6 +7,7 @@ import torch
 
 from sparsify import installed_sites, runtime, sparsify, unsparsify
 from sparsify.calibrate import ScheduleCalibration, calibrate_schedule, with_schedule
+from sparsify.calibrate.__main__ import main
 from sparsify.calibrate.schedule import two_piece_schedules
 from sparsify.calibrate.trajectory import seed_inputs
 from sparsify.recipe import ScheduleStep, load_recipe
@@ -15,6 +16,8 @@ from sparsify.testbed import build_testbed, sample
 pytestmark = pytest.mark.usefixtures("one_thread")
 RECIPE = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": 0.5}}}
 LATENT = (4, 8, 16, 16)  # an 8x8x8 token grid: 8 tiles of 4x4x4, as benchmarks.quality --tiny
+SMALL = ["--grid", "4x8x8", "--tiles", "4x4x4", "--levels", "0.25,0.5", "--budget", "0.5", "--no-output-error",
+         "--no-plots", "--quiet", "--checkpoint-dir", "none", "--num-inference-steps", "4"]
 
 
 def _stub(errors: dict, excess: dict | None = None):
@@ -143,3 +146,44 @@ def test_real_run_on_the_testbed():
     with torch.no_grad():
         dense = run(model)
     assert float((x - dense).norm() / dense.norm()) == pytest.approx(sc.error, rel=1e-4)
+
+
+def test_cli_schedule_search_writes_the_chosen_schedule(tmp_path, capsys):
+    out = tmp_path / "s.yaml"
+    assert main([*SMALL, "--schedule-search", "--seed", "3", "--out", str(out)]) == 0
+    r = load_recipe(out)
+    prov = r.calibration["schedule"]
+    assert prov["steps"] == 4 and len(prov["tried"]) >= 1 and prov["error"] <= prov["error_flat"]
+    if r.defaults.schedule:
+        k, a = r.defaults.schedule[1].from_step, r.defaults.schedule[0].scale
+        row = next(t for t in prov["tried"] if (t["first_steps"], t["scale"]) == (k, a))
+        assert row["eligible"] and row["error"] == prov["error"] and r.defaults.schedule[0].from_step == 0
+    else:
+        assert prov["error"] == prov["error_flat"]
+    # the schedule was searched on seed 3's sampling run, as the trajectory sampled it: flat error reproduced
+    model = build_testbed()
+    noise, cond = seed_inputs(model, 3, latent_shape=(4, 4, 16, 16))
+
+    def run():
+        runtime.new_generation()
+        with torch.no_grad():
+            return sample(model, noise, cond, steps=4, guidance_scale=5.0)
+
+    dense = run()
+    sparsify(model, dataclasses.replace(r, defaults=dataclasses.replace(r.defaults, schedule=())))
+    try:
+        flat = run()
+    finally:
+        unsparsify(model)
+    assert float((flat - dense).norm() / dense.norm()) == pytest.approx(prov["error_flat"], rel=1e-4, abs=1e-6)
+
+
+def test_cli_schedule_search_is_refused_without_a_testbed_trajectory(tmp_path, capsys):
+    rc = main([*SMALL, "--schedule-search", "--inputs-from", "random", "--out", str(tmp_path / "r.yaml")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--schedule-search needs a test-bed --model" in err and "--inputs-from trajectory" in err
+    rc = main(["--model", "tiny-wan", "--schedule-search", "--out", str(tmp_path / "w.yaml")])
+    assert rc == 2 and "--model tiny-wan is not a test-bed" in capsys.readouterr().err
+    rc = main([*SMALL, "--schedule-search", "--num-inference-steps", "1", "--out", str(tmp_path / "o.yaml")])
+    assert rc == 2 and "--num-inference-steps >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "r.yaml").exists()

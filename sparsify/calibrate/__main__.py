@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-max-age", type=int, default=4, help="most steps a selection may be reused")
     p.add_argument("--reuse-max-growth", type=float, default=0.05,
                    help="tolerated growth of the trajectory's final-output error with reuse (0.05 = 5%%)")
+    p.add_argument("--schedule-search", action="store_true",
+                   help="also calibrate the per-step budget schedule (defaults.schedule): sample the first "
+                        "calibration seed's trajectory dense, with the solved recipe flat, and with two-piece "
+                        "schedules (the first 10/20/30%% of the steps at 1.5/2/3x density, the rest lower so the "
+                        "mean is unchanged); the eligible one (achieved density at most 1%% over flat) of least "
+                        "final-sample error, flat included, goes into the recipe. Test-bed --model with "
+                        "--inputs-from trajectory only")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     from .plan_cli import add_arguments
 
@@ -239,6 +246,10 @@ def main(argv=None) -> int:
         return _fail(str(e))
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.schedule_search:
+        problem = _schedule_search_problem(args)
+        if problem:
+            return _fail(problem)
     if args.time_budget is not None or args.measure_latency:
         from .plan_cli import main_plan
 
@@ -281,6 +292,9 @@ def main(argv=None) -> int:
         n_steps = args.num_inference_steps or TESTBED_TRAJECTORY_STEPS
         if n_steps < 1:
             return _fail(f"--num-inference-steps must be >= 1; got {n_steps}")
+        if args.schedule_search and n_steps < 2:
+            return _fail(f"--schedule-search needs --num-inference-steps >= 2 (a schedule splits the steps); "
+                         f"got {n_steps}")
         sampled = sample_steps(range(n_steps), args.steps)
         branches = list(BRANCHES if args.guidance_scale != 1.0 else BRANCHES[:1])
         schedule = [(seed, step, b) for seed in seeds for step in sampled for b in branches]
@@ -334,6 +348,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt as e:
         return _fail(str(e) or "interrupted", 130)
     result.recipe.calibration["inputs"] = inputs_info
+    if args.schedule_search:
+        result.recipe = _calibrate_schedule(model, result.recipe, args, n_steps,
+                                            testbed_latent_shape(args.model, grid), say)
     if args.mask_reuse:
         result.recipe = _calibrate_reuse(model, result.recipe, random_inputs, args)
     return _write(result.recipe, {None: result}, args, argv, config, out, ckpt, t_start)
@@ -504,6 +521,43 @@ def _lowest_density(grid, tiles, levels) -> float:
 
     geo = Geometry(tuple(grid))
     return min(candidate_cost(geo, t, min(levels), geo.video_len) for t in tiles)
+
+
+def _schedule_search_problem(args) -> str | None:
+    """Why `--schedule-search` cannot run with these arguments (None when it can)."""
+    from ..testbed import VARIANTS
+
+    valid = (f"--schedule-search needs a test-bed --model ({', '.join(VARIANTS)}) calibrated with --inputs-from "
+             "trajectory (their default): the schedule is searched on the test-bed's own sampling run from the first "
+             "calibration seed")
+    if args.pipeline is not None:
+        return f"{valid}; it is not available with --pipeline"
+    if args.time_budget is not None or args.measure_latency:
+        return f"{valid}; it is not available with --time-budget or --measure-latency"
+    if args.check_transfer:
+        return f"{valid}; it is not available with --check-transfer"
+    if args.model not in VARIANTS:
+        return f"{valid}; --model {args.model} is not a test-bed"
+    if args.inputs_from == "random":
+        return f"{valid}; drop --inputs-from random"
+    return None
+
+
+def _calibrate_schedule(model, recipe, args, n_steps, latent_shape, say):
+    """Run `calibrate_schedule` on the test-bed's sampling run from seed `args.seed`, as its trajectory sampled it."""
+    from ..testbed import sample
+    from .schedule import calibrate_schedule, with_schedule
+    from .trajectory import seed_inputs
+
+    noise, cond = seed_inputs(model, args.seed, latent_shape=latent_shape, name=args.model)
+
+    def run(m):
+        return sample(m, noise, cond, steps=n_steps, guidance_scale=args.guidance_scale)
+
+    say(f"sparsify.calibrate: budget schedule on the {n_steps}-step sampling run of seed {args.seed} (dense, flat, "
+        "candidates)")
+    sc = calibrate_schedule(model, recipe, run, steps=n_steps, say=lambda line: say(f"sparsify.calibrate: {line}"))
+    return with_schedule(recipe, sc)
 
 
 def _calibrate_reuse(model, recipe, make_inputs, args):

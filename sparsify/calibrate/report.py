@@ -76,6 +76,15 @@ def summary(result, budget) -> str:
                      f"{100 * gain:.0f}% lower)")
     except ValueError as e:
         lines.append(f"uniform allocation: not feasible at this budget ({e})")
+    sch = cal.get("schedule")
+    if sch:
+        chosen_steps = result.recipe.defaults.schedule
+        shape = ("flat (no schedule)" if not chosen_steps else
+                 ", ".join(f"x{e.scale:.4g} from step {e.from_step}" for e in chosen_steps))
+        eligible = sum(1 for t in sch["tried"] if t["eligible"])
+        lines.append(f"budget schedule over {sch['steps']} sampling steps: {shape} ({len(sch['tried'])} candidates "
+                     f"tried, {eligible} eligible); final-sample error against dense {sch['error_flat']:.4f} flat -> "
+                     f"{sch['error']:.4f} chosen, achieved density {sch['density_flat']:.4f} -> {sch['density']:.4f}")
     secs = result.extras.get("seconds")
     if secs:
         lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
