@@ -42,6 +42,10 @@ the reference kernel would take minutes on CPU. Writes `benchmarks/results/selec
 `svg2` with 4x4x4 tiles and one top-k density for all heads; `xattention` with one top-p, its p bisected on the
 calibration inputs until its achieved density is within 10% of the target) and the calibrated recipe
 (`sparsify.calibrate` at that budget, on the dense sampling trajectories of other seeds), at each sparsity.
+Then `calibrated + schedule` and `vsa + schedule`: the calibrated and the uniform VSA recipe, each with the
+per-step budget schedule `sparsify.calibrate.calibrate_schedule` chooses for it on the calibration seed's sampling
+run (seed 100's noise and condition, the same steps, guidance and shift; a two-piece schedule that spends more of
+the density early at no more achieved density than flat, or flat); `--no-schedule` leaves both rows out.
 Per row: the achieved density (attention work over dense, whole sampling run), PSNR and SSIM of the sample
 against the dense sample (`torchmetrics`), the relative L2 error of x_t against the dense trajectory at every
 step, and the kernel time at that density at the Wan-14B 720p shape (`kernel_speedups`: our kernel with 64x64
@@ -597,9 +601,10 @@ def video(a, argv) -> dict:
     """The `video` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
     from sparsify import installed_sites, sparsify, unsparsify
-    from sparsify.calibrate import run_calibration
-    from sparsify.calibrate.trajectory import sample_steps, testbed_trajectory
-    from sparsify.testbed import build_testbed, get_variant
+    from sparsify import runtime
+    from sparsify.calibrate import calibrate_schedule, run_calibration, with_schedule
+    from sparsify.calibrate.trajectory import sample_steps, seed_inputs, testbed_trajectory
+    from sparsify.testbed import build_testbed, get_variant, sample
 
     psnr, ssim = video_metrics()
     if a.tiny:
@@ -650,6 +655,15 @@ def video(a, argv) -> dict:
         with torch.no_grad():
             loop(m)
 
+    # the schedule search samples the first calibration seed as its trajectory did
+    noise_cal, cond_cal = seed_inputs(model, 100, latent_shape=latent, name=variant.name)
+
+    def sample_calibration_seed(m):
+        runtime.new_generation()
+        return sample(m, noise_cal, cond_cal, steps=a.steps, guidance_scale=a.guidance, shift=a.shift)
+
+    schedule_opts = dict(fractions=(0.5,), scales=(1.5,)) if a.tiny else {}
+
     rows = []
     ckpt = tempfile.mkdtemp(prefix="sparsify_quality_")  # one measurement, solved at every sparsity's budget
     partial = Path(a.out or Path(tempfile.gettempdir()) / "quality_video.json").with_suffix(".partial.json")
@@ -669,6 +683,17 @@ def video(a, argv) -> dict:
         res = run_calibration(model, loop, budget=d, example_inputs=calls[0], progress=False, checkpoint_dir=ckpt,
                               **cal_opts)
         recipes["calibrated"] = (res.recipe, {"calibration_seconds": round(time.perf_counter() - t0, 1)})
+        if not a.no_schedule:
+            vsa = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": d}}}
+            for name, base in (("calibrated", res.recipe), ("vsa", vsa)):
+                t0 = time.perf_counter()
+                sc = calibrate_schedule(model, base, sample_calibration_seed, steps=a.steps, **schedule_opts,
+                                        say=lambda line, name=name: print(f"{name} {s:g}: {line}", flush=True))
+                scheduled = with_schedule(base, sc)
+                recipes[f"{name} + schedule"] = (scheduled, {
+                    "schedule": [[e.from_step, round(e.scale, 4)] for e in sc.schedule],
+                    "schedule_search": {**scheduled.calibration["schedule"],
+                                        "seconds": round(time.perf_counter() - t0, 1)}})
         for name, (recipe, extra) in recipes.items():
             sparsify(model, recipe)
             x = run(f"{name} {s:g}")
@@ -697,7 +722,11 @@ def video(a, argv) -> dict:
             "latent_shape": list(latent), "dtype": a.dtype, "steps": a.steps, "videos": a.videos,
             "guidance_scale": a.guidance, "shift": a.shift,
             "calibration": {"videos": a.calibration_videos, "sampled_steps": sampled,
-                            "inputs": "dense sampling trajectory, seeds 100.."},
+                            "inputs": "dense sampling trajectory, seeds 100..",
+                            "schedule_search": None if a.no_schedule else {
+                                "seed": 100, "tolerance": calibrate_schedule.__kwdefaults__["tolerance"],
+                                **{k: list(schedule_opts.get(k, calibrate_schedule.__kwdefaults__[k]))
+                                   for k in ("fractions", "scales")}}},
             "wan14b_attention_shape": list(WAN14B_ATTENTION), "wall_s": round(time.perf_counter() - t_start, 1),
             "table": table, "rows": rows}
     path = write_result(meta, a.out, "quality_video")
@@ -952,8 +981,11 @@ def main(argv=None) -> dict:
                    help="dtype of the model and of every sampling run (bfloat16: the deployed precision; the "
                         "test-beds' bfloat16 noise floor against float32 is in RESULTS.md)")
     v.add_argument("--no-plots", action="store_true", help="skip the Pareto and per-step error plots")
+    v.add_argument("--no-schedule", action="store_true",
+                   help="leave out the 'calibrated + schedule' and 'vsa + schedule' rows (per-step budget schedules "
+                        "searched on the calibration seed's sampling run)")
     v.add_argument("--tiny", action="store_true", help="CPU smoke run: the 4k test-bed at 512 tokens, 2 steps, 50%% "
-                   "sparsity, a one-tile calibration")
+                   "sparsity, a one-tile calibration, one schedule candidate")
     v.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality_video_<date>.json)")
     r = sub.add_parser("reuse", help="temporal mask reuse on the 4k test-bed: PSNR / SSIM and x_t error against dense")
     r.add_argument("--steps", type=int, default=50)

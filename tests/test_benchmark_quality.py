@@ -43,7 +43,8 @@ def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path, dt
     rec = run_benchmark("benchmarks.quality", "video", "--tiny", "--dtype", dtype, out=tmp_path / "vid.json")
     assert rec["benchmark"] == "quality video" and rec["steps"] == 2 and rec["guidance_scale"] == 5.0
     assert rec["dtype"] == dtype
-    assert [r["method"] for r in rec["rows"]] == ["vsa", "veda", "xattention", "svg2", "calibrated"]
+    assert [r["method"] for r in rec["rows"]] == ["vsa", "veda", "xattention", "svg2", "calibrated",
+                                                  "calibrated + schedule", "vsa + schedule"]
     for r in rec["rows"]:
         assert math.isfinite(r["psnr_db"]) and -1.0 <= r["ssim"] < 1.0  # sparse sampling differs from dense
         assert len(r["step_error"]) == 3 and r["step_error"][0] == 0.0 < r["step_error"][-1]  # same noise at step 0
@@ -52,6 +53,21 @@ def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path, dt
     assert tk["vsa"]["density_achieved"] == tk["calibrated"]["density_target"] == 0.5
     assert 0.0 < tk["xattention"]["top_p"] < 1.0
     assert rec["calibration"]["inputs"].startswith("dense sampling trajectory")
+    assert rec["calibration"]["schedule_search"] == {"seed": 100, "tolerance": 0.01, "fractions": [0.5],
+                                                     "scales": [1.5]}
+    for name in ("calibrated", "vsa"):
+        r, search = tk[f"{name} + schedule"], tk[f"{name} + schedule"]["schedule_search"]
+        # --tiny: one candidate, the first of 2 steps at 1.5x the density and the second at 0.5x
+        assert search["steps"] == 2 and [(t["first_steps"], t["scale"], t["rest_scale"]) for t in search["tried"]] \
+            == [(1, 1.5, 0.5)]
+        assert 0 < search["error"] <= search["error_flat"] and search["density"] <= search["density_flat"] * 1.01
+        assert r["schedule"] in ([], [[0, 1.5], [1, 0.5]]) and (r["schedule"] == []) == (search["error"] ==
+                                                                                        search["error_flat"])
+        if not r["schedule"]:  # flat chosen: the held-out run is the unscheduled recipe's
+            assert r["psnr_db"] == tk[name]["psnr_db"] and r["density_achieved"] == tk[name]["density_achieved"]
+    # VSA at 0.5 keeps 4 of 8 key tiles flat; scheduled, 6 then 2: the same work
+    assert tk["vsa + schedule"]["schedule_search"]["tried"][0]["density"] == tk["vsa + schedule"]["density_achieved"] \
+        == 0.5
     assert (tmp_path / "vid.pareto.png").exists() and (tmp_path / "vid.steps.png").exists()
 
 
