@@ -600,8 +600,7 @@ def _plots(rows, path_pareto, path_steps):
 def video(a, argv) -> dict:
     """The `video` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
-    from sparsify import installed_sites, sparsify, unsparsify
-    from sparsify import runtime
+    from sparsify import installed_sites, runtime, sparsify, unsparsify
     from sparsify.calibrate import calibrate_schedule, run_calibration, with_schedule
     from sparsify.calibrate.trajectory import sample_steps, seed_inputs, testbed_trajectory
     from sparsify.testbed import build_testbed, get_variant, sample

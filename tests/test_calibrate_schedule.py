@@ -150,9 +150,12 @@ def test_real_run_on_the_testbed():
 
 def test_cli_schedule_search_writes_the_chosen_schedule(tmp_path, capsys):
     out = tmp_path / "s.yaml"
-    assert main([*SMALL, "--schedule-search", "--seed", "3", "--out", str(out)]) == 0
+    assert main([a for a in SMALL if a != "--quiet"] + ["--schedule-search", "--seed", "3", "--out", str(out)]) == 0
     r = load_recipe(out)
     prov = r.calibration["schedule"]
+    printed = capsys.readouterr()
+    assert f"final-sample error against dense {prov['error_flat']:.4f} flat -> {prov['error']:.4f} chosen" in printed.out
+    assert "budget schedule over 4 sampling steps" in printed.out and "schedule flat: density" in printed.err
     assert prov["steps"] == 4 and len(prov["tried"]) >= 1 and prov["error"] <= prov["error_flat"]
     if r.defaults.schedule:
         k, a = r.defaults.schedule[1].from_step, r.defaults.schedule[0].scale
