@@ -222,14 +222,19 @@ def test_budget_one_gives_the_attention_only_recipe(tiny):
 
 
 def test_a_tight_budget_plans_reuse_and_the_recipe_runs(tiny):
-    from sparsify import sparsify, unsparsify
-    from sparsify.testbed import sample
-
     pc = _plan(tiny, 0.5)  # reuse (0.2 x a forward), merging and sparse heads are all needed
     assert pc.predicted_ms <= 0.5 * pc.dense_ms and not all(pc.recipe.plan.compute)
     assert "reused" in pc.summary() and "x dense" in pc.summary()
+    _sample_finite(tiny, pc.recipe)
+
+
+def _sample_finite(tiny, recipe):
+    """Sample the tiny model under `recipe` (its plan run by sparsify) and check the sample is finite."""
+    from sparsify import sparsify, unsparsify
+    from sparsify.testbed import sample
+
     m, x, _ = tiny
-    sparsify(m, pc.recipe)
+    sparsify(m, recipe)
     try:
         out = sample(m, torch.randn(x["hidden_states"].shape), x["encoder_hidden_states"], steps=4, guidance_scale=5.0)
     finally:
@@ -351,9 +356,7 @@ def test_the_problem_takes_the_lesser_order_and_the_plan_emits_it(tiny):
 
 
 def test_the_calibrated_plan_orders_match_the_measured_reuse_orders(tiny):
-    from sparsify import sparsify, unsparsify
     from sparsify.calibrate.allocate import _ages
-    from sparsify.testbed import sample
 
     pc = _plan(tiny, 0.5)
     plan, p = pc.recipe.plan, pc.problem
@@ -364,10 +367,4 @@ def test_the_calibrated_plan_orders_match_the_measured_reuse_orders(tiny):
     assert f"extrapolated from the last two computed (order 1): {n} of {len(plan.compute) - sum(plan.compute)}" \
         in pc.summary()
     assert load_recipe(pc.recipe.to_dict()).plan == plan
-    m, x, _ = tiny
-    sparsify(m, pc.recipe)
-    try:
-        out = sample(m, torch.randn(x["hidden_states"].shape), x["encoder_hidden_states"], steps=4, guidance_scale=5.0)
-    finally:
-        unsparsify(m)
-    assert torch.isfinite(out).all()
+    _sample_finite(tiny, pc.recipe)
