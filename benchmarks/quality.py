@@ -600,7 +600,7 @@ def _plots(rows, path_pareto, path_steps):
 def video(a, argv) -> dict:
     """The `video` subcommand (see the module docstring)."""
     from benchmarks._common import run_header, write_result
-    from sparsify import installed_sites, runtime, sparsify, unsparsify
+    from sparsify import installed_sites, sparsify, unsparsify
     from sparsify.calibrate import calibrate_schedule, run_calibration, with_schedule
     from sparsify.calibrate.trajectory import sample_steps, seed_inputs, testbed_trajectory
     from sparsify.testbed import build_testbed, get_variant, sample
@@ -657,8 +657,7 @@ def video(a, argv) -> dict:
     # the schedule search samples the first calibration seed as its trajectory did
     noise_cal, cond_cal = seed_inputs(model, 100, latent_shape=latent, name=variant.name)
 
-    def sample_calibration_seed(m):
-        runtime.new_generation()
+    def sample_calibration_seed(m):  # calibrate_schedule starts a new generation before each call
         return sample(m, noise_cal, cond_cal, steps=a.steps, guidance_scale=a.guidance, shift=a.shift)
 
     schedule_opts = dict(fractions=(0.5,), scales=(1.5,)) if a.tiny else {}

@@ -454,7 +454,7 @@ def measure_latency_table(model: torch.nn.Module, example_inputs: dict, *, tiles
         forward, stack = _forward_and_stack_ms(model, example_inputs, f_warmup, f_reps, device)
         alone = {0.0: time_it(lambda: block_in.call(blocks[0]))}
         dense_attention = {0.0: time_it(lambda: attn_in.call(attn))}
-        for r in sorted({float(r) for r in ratios} - {0.0}):
+        for r in merged:
             merging = merge_blocks(model, {0: r}, tile=merge_tile)
             merging.set_geometry(adapter_for(model).geometry(model, (), example_inputs))  # the block runs alone
             try:

@@ -118,14 +118,15 @@ def seed_inputs(model: torch.nn.Module, seed: int, *, latent_shape: tuple[int, i
         >>> bool(torch.equal(noise, torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(100))))
         True
     """
+    from ..adapters.base import device_dtype
     from ..testbed.variants import get_variant
 
     v = get_variant(name)
     data = v.data_module()
     shape = tuple(latent_shape or v.latent_shape)
-    p = next(model.parameters())
-    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(seed))).to(p.device, p.dtype)
-    cond = data.class_embeddings(torch.tensor([int(seed) % data.NUM_CLASSES])).to(p.device, p.dtype)
+    device, dtype = device_dtype(model)
+    noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(seed))).to(device, dtype)
+    cond = data.class_embeddings(torch.tensor([int(seed) % data.NUM_CLASSES])).to(device, dtype)
     return noise, cond
 
 
