@@ -45,7 +45,8 @@ calibration inputs until its achieved density is within 10% of the target) and t
 Then `calibrated + schedule` and `vsa + schedule`: the calibrated and the uniform VSA recipe, each with the
 per-step budget schedule `sparsify.calibrate.calibrate_schedule` chooses for it on the calibration seed's sampling
 run (seed 100's noise and condition, the same steps, guidance and shift; a two-piece schedule that spends more of
-the density early at no more achieved density than flat, or flat); `--no-schedule` leaves both rows out.
+the density early at no more achieved density than flat, or flat); `vsa + schedule` only when `vsa` is among
+`--methods`, and `--no-schedule` leaves both rows out.
 Per row: the achieved density (attention work over dense, whole sampling run), PSNR and SSIM of the sample
 against the dense sample (`torchmetrics`), the relative L2 error of x_t against the dense trajectory at every
 step, and the kernel time at that density at the Wan-14B 720p shape (`kernel_speedups`: our kernel with 64x64
@@ -683,7 +684,7 @@ def video(a, argv) -> dict:
         recipes["calibrated"] = (res.recipe, {"calibration_seconds": round(time.perf_counter() - t0, 1)})
         if not a.no_schedule:
             vsa = {"version": 1, "defaults": {"method": "vsa", "tile": [4, 4, 4], "budget": {"density": d}}}
-            for name, base in (("calibrated", res.recipe), ("vsa", vsa)):
+            for name, base in (("calibrated", res.recipe), ("vsa", vsa))[:2 if "vsa" in methods else 1]:
                 t0 = time.perf_counter()
                 sc = calibrate_schedule(model, base, sample_calibration_seed, steps=a.steps, **schedule_opts,
                                         say=lambda line, name=name: print(f"{name} {s:g}: {line}", flush=True))

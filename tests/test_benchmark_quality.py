@@ -72,6 +72,15 @@ def test_video_tiny_rows_for_every_method_and_the_calibrated_recipe(tmp_path, dt
 
 
 @pytest.mark.slow
+def test_video_without_vsa_leaves_out_the_vsa_schedule_row(tmp_path):
+    pytest.importorskip("torchmetrics")
+    pytest.importorskip("diffusers")
+    rec = run_benchmark("benchmarks.quality", "video", "--tiny", "--methods", "veda", "--no-plots",
+                        out=tmp_path / "vid.json")
+    assert [r["method"] for r in rec["rows"]] == ["veda", "calibrated", "calibrated + schedule"]
+
+
+@pytest.mark.slow
 def test_reuse_tiny_reports_psnr_ssim_and_reuse(tmp_path):
     pytest.importorskip("torchmetrics")
     pytest.importorskip("diffusers")

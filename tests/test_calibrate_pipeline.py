@@ -156,7 +156,7 @@ def test_cli_wan_i2v_with_an_image_and_dry_run(saved, prompts, tmp_path, capsys)
     Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()).save(img)
     args = ["--pipeline", path, "--prompts", prompts, "--image", str(img), *GEN, "--steps", "2", *FAST]
     assert main([*args, "--dry-run"]) == 0
-    assert "+8 unmeasured trajectory forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 2, 2 steps measured
+    assert "+8 unmeasured forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 2, 2 steps measured
     out = tmp_path / "i2v.yaml"
     assert main([*args, "--out", str(out)]) == 0
     cal = load_recipe(out).calibration
@@ -168,7 +168,7 @@ def test_cli_cogvideox_one_batched_call_per_step_with_text_first(saved, prompts,
     path = saved("tiny-cogvideox")
     args = ["--pipeline", path, "--prompts", prompts, *GEN, "--steps", "2", *FAST, "--budget", "0.6"]
     assert main([*args, "--dry-run"]) == 0
-    assert "+4 unmeasured trajectory forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 1 call, 4 measured
+    assert "+4 unmeasured forwards" in capsys.readouterr().out  # 4 steps x 2 prompts x 1 call, 4 measured
     out = tmp_path / "cog.yaml"
     assert main([*args, "--out", str(out)]) == 0
     recipe = load_recipe(out)

@@ -190,3 +190,17 @@ def test_cli_schedule_search_is_refused_without_a_testbed_trajectory(tmp_path, c
     rc = main([*SMALL, "--schedule-search", "--num-inference-steps", "1", "--out", str(tmp_path / "o.yaml")])
     assert rc == 2 and "--num-inference-steps >= 2" in capsys.readouterr().err
     assert not (tmp_path / "r.yaml").exists()
+
+
+def test_dry_run_counts_the_schedule_search_generations(capsys):
+    args = [a for a in SMALL if a != "--quiet"] + ["--dry-run"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--schedule-search"]) == 0
+    searched = capsys.readouterr().out
+    # 4 steps: fractions 0.1/0.2/0.3 give k = 0, 1, 1, so 3 candidates (k = 1 at x1.5, x2, x3); with dense and
+    # flat 5 generations of 4 steps x 2 branches = 40 forwards more than without the search
+    n = len(two_piece_schedules(4, (0.1, 0.2, 0.3), (1.5, 2.0, 3.0)))
+    assert n == 3
+    extra = [int(out.split("(+")[1].split()[0]) if "(+" in out else 0 for out in (plain, searched)]
+    assert extra[1] - extra[0] == (2 + n) * 4 * 2

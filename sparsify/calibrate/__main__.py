@@ -326,6 +326,10 @@ def main(argv=None) -> int:
         extra = 0
         if source == "trajectory":
             extra = len(seeds) * (max(sampled) + 1) * len(branches) - len(schedule)
+            if args.schedule_search:  # dense, flat and every candidate: one whole generation each
+                from .schedule import FRACTIONS, SCALES, two_piece_schedules
+
+                extra += (2 + len(two_piece_schedules(n_steps, FRACTIONS, SCALES))) * n_steps * len(branches)
         return _dry_run(model, random_inputs, [(args.seed, 0.5)] * len(schedule), config, t_start, extra_forwards=extra)
     # discovery needs only small inputs of the same family (a full-size forward under Dynamo is slow)
     first = adapter.example_inputs(model) if adapter is not None else random_inputs(0, 0.5)
@@ -611,7 +615,8 @@ REPORT_SECONDS = 5.0  # emitting the recipe, the summary's solves and the three 
 def _dry_run(model, make_inputs, schedule, config, t_start, extra_forwards: int = 0) -> int:
     """Time discovery, one dense forward and one site measurement; extrapolate to the whole run.
 
-    `extra_forwards`: dense forwards the run makes besides the measured ones (a pipeline's unsampled steps).
+    `extra_forwards`: forwards the run makes besides the measured ones (unsampled trajectory steps, the schedule
+    search's generations), timed as dense ones.
     """
     from ..api import find_sites
     from ..geometry import Geometry
@@ -641,7 +646,7 @@ def _dry_run(model, make_inputs, schedule, config, t_start, extra_forwards: int 
     n_tiles = max(-(-s.q_len // 64), 1)
     mem = s.q_len * config.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
     print(f"dry run: {len(video)} sites, {len(schedule)} measured forwards"
-          + (f" (+{extra_forwards} unmeasured trajectory forwards)" if extra_forwards else "")
+          + (f" (+{extra_forwards} unmeasured forwards: trajectory, schedule search)" if extra_forwards else "")
           + f"; one forward {fwd:.2f}s, one site measurement {per_site:.2f}s\nestimated time {total:.0f}s: setup {setup:.0f}s, discovery {discovery:.0f}s, "
           f"measurement {capture:.0f}s, model-output error and final check {output:.0f}s, recipe and plots "
           f"~{REPORT_SECONDS:.0f}s; "

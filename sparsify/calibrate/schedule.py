@@ -42,6 +42,12 @@ class ScheduleCalibration:
     steps: int = 0
 
 
+FRACTIONS = (0.1, 0.2, 0.3)
+"""Default shares of the steps run at a candidate scale."""
+SCALES = (1.5, 2.0, 3.0)
+"""Default candidate factors of the first steps' density."""
+
+
 def two_piece_schedules(steps: int, fractions, scales) -> list[tuple[float, int, float, float]]:
     """The candidate schedules `(fraction, k, a, r)`: the first k = round(fraction * steps) steps at scale a, the
     rest at r = (steps - k * a) / (steps - k), so the mean scale over the steps is 1. Candidates with k < 1,
@@ -93,8 +99,8 @@ def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
-def calibrate_schedule(model, recipe, sample: Callable, *, steps: int, fractions=(0.1, 0.2, 0.3),
-                       scales=(1.5, 2.0, 3.0), tolerance: float = 0.01, say: Callable | None = None
+def calibrate_schedule(model, recipe, sample: Callable, *, steps: int, fractions=FRACTIONS,
+                       scales=SCALES, tolerance: float = 0.01, say: Callable | None = None
                        ) -> ScheduleCalibration:
     """Choose a two-piece density schedule for `recipe` by the final-sample error of one generation.
 
