@@ -18,7 +18,7 @@ _WARNED: set[str] = set()  # reasons already warned of (one warning per reason a
 
 def merged_per_tile(density: float, volume: int) -> int:
     """Keys merged per tile of `volume` keys for a budget `density` (the share of keys kept): the nearest whole
-    number, at most `volume // 2` (every merged key goes into a distinct-slot destination).
+    number, at most `volume // 2` (the merged keys are sources, a tile's odd slots).
 
     Example:
         >>> merged_per_tile(0.75, 64), merged_per_tile(0.5, 64), merged_per_tile(0.1, 64), merged_per_tile(1.0, 64)
