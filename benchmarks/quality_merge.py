@@ -62,12 +62,13 @@ def wan_block_times(ratios, grid, tile, device, reps: int) -> list[dict]:
     """Median ms of one Wan-14B block (random bf16 weights) at `grid`: dense, block-merged, key-merged.
 
     Example:
-        >>> # wan_block_times([0.25, 0.5], (21, 45, 80), (3, 5, 4), torch.device("cuda"), reps=5)
+        >>> # wan_block_times([0.25, 0.5], (20, 44, 80), (4, 4, 4), torch.device("cuda"), reps=5)
     """
     from benchmarks._common import WAN_14B, build_wan
     from benchmarks.e2e import _block_inputs, _cudnn, timed
-    from sparsify import sparsify, unsparsify
-    from sparsify.generation.merge import merge_blocks
+    from sparsify import installed_sites, sparsify, unsparsify
+    from sparsify.adapters import adapter_for
+    from sparsify.generation.merge import forward_geometry, merge_blocks
 
     model = build_wan(WAN_14B, num_layers=1, device=device)
     T, H, W = grid
@@ -80,10 +81,13 @@ def wan_block_times(ratios, grid, tile, device, reps: int) -> list[dict]:
                     encoder_hidden_states=torch.randn(1, 512, WAN_14B["text_dim"], device=device,
                                                       dtype=torch.bfloat16), return_dict=False)
 
+    kw = inputs()
+    with torch.no_grad():
+        bargs, bkw = _block_inputs(model, kw)  # captured unmerged: the mergers' pre-hooks would rewrite them
+    geometry = forward_geometry(model, (), kw, adapter_for(model))
+
     def block_ms(cudnn: bool) -> float:
-        ctx = _cudnn(device) if cudnn else contextlib.nullcontext()
-        with torch.no_grad(), ctx:
-            bargs, bkw = _block_inputs(model, inputs())
+        with torch.no_grad(), (_cudnn(device) if cudnn else contextlib.nullcontext()):
             return timed(lambda: model.blocks[0](*bargs, **bkw), tuple, device, reps)
 
     rows = [{"variant": "dense (cuDNN)", "ratio": 0.0, "block_ms": block_ms(True)},
@@ -91,12 +95,18 @@ def wan_block_times(ratios, grid, tile, device, reps: int) -> list[dict]:
     for r in ratios:
         merging = merge_blocks(model, r, tile=tile)
         try:
+            merging.set_geometry(geometry)
             rows.append({"variant": f"block {r:g}", "ratio": r, "block_ms": block_ms(True)})
+            assert merging.mergers[0].tokens_in[-1] < bargs[0].shape[1], "the block ran unmerged"
         finally:
             merging.remove()
         sparsify(model, _keymerge_recipe(r, tile))
         try:
+            with torch.no_grad():
+                model(**kw)  # one forward gives the runtime its token grid, then the block runs alone
             rows.append({"variant": f"key {r:g}", "ratio": r, "block_ms": block_ms(False)})
+            site = next(s for s in installed_sites(model) if s.path == "blocks.0.attn1")
+            assert site.work < site.dense_work, "the block's keys were not merged"
         finally:
             unsparsify(model)
     for row in rows:

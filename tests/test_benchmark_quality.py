@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality selection|video|inputs --tiny`: the quality benchmarks' code paths on the CPU."""
+"""`python -m benchmarks.quality selection|video|inputs|merge --tiny`: the quality benchmarks' code paths on the CPU."""
 
 import json
 import math
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,3 +182,15 @@ def test_merge_tiny_compares_block_and_key_merging(tmp_path):
     assert rows["block 0.25"]["attention_work"] == (48 / 64) ** 2
     assert rows["key 0.25"]["attention_work"] == rows["key 0.25, no size bias"]["attention_work"] == 0.75
     assert rows["key 0.25"]["psnr_db"] != rows["key 0.25, no size bias"]["psnr_db"]
+
+
+@pytest.mark.slow
+def test_wan_block_times_merge_the_timed_block():
+    """The Wan-14B block timing's code path on the CPU at 256 tokens (its own asserts check that the timed block
+    ran merged and that key merging cut its attention work); the times mean nothing here."""
+    pytest.importorskip("diffusers")
+    from benchmarks.quality_merge import wan_block_times
+
+    rows = wan_block_times([0.5], (4, 8, 8), (4, 4, 4), torch.device("cpu"), reps=1)
+    assert [r["variant"] for r in rows] == ["dense (cuDNN)", "dense (SDPA default backend)", "block 0.5", "key 0.5"]
+    assert all(r["block_ms"] > 0 and r["x_dense"] > 0 for r in rows) and rows[0]["x_dense"] == 1.0
