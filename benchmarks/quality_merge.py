@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality merge`: token merging through whole blocks against key-side merging with proportional attention, ratio by ratio.
+"""`python -m benchmarks.quality merge`: whole-block against key-side token merging, ratio by ratio.
 
 On a learned test-bed (`--model`, default `testbed-16k`), `--videos` videos (seed 1234, classes 0, 1, ...) sampled
 with `--steps` Euler steps and classifier-free guidance `--guidance` from the same noise, one row per variant:
@@ -147,12 +147,12 @@ def merge_quality(a, argv) -> dict:
     cond = data.class_embeddings(torch.arange(a.videos) % data.NUM_CLASSES).to(dev, dtype)
     t_start = time.perf_counter()
 
-    def sample(steps=a.steps):
+    def sample():
         if dev.type == "cuda":
             sample_trajectory(model, noise, cond, steps=2, guidance=a.guidance, shift=a.shift)  # warm-up
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        x, traj = sample_trajectory(model, noise, cond, steps=steps, guidance=a.guidance, shift=a.shift)
+        x, traj = sample_trajectory(model, noise, cond, steps=a.steps, guidance=a.guidance, shift=a.shift)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         return x, traj, (time.perf_counter() - t0) * 1e3 if dev.type == "cuda" else None
@@ -170,10 +170,11 @@ def merge_quality(a, argv) -> dict:
 
     def row(name, ratio, x, traj, ms, work, outs):
         err = sum(float((o - d).norm() / d.norm()) for o, d in zip(outs, dense_out)) / len(outs)
-        rows.append({"variant": name, "ratio": ratio, "forward_error": round(err, 4), "psnr_db": round(psnr(x, dense), 2),
-                     "ssim": round(ssim(x, dense), 4), "error_mid": round(step_errors(traj, dense_traj)[a.steps // 2], 4),
-                     "error_final": round(step_errors(traj, dense_traj)[-1], 4), "attention_work": round(work, 4),
-                     "dit_ms": None if ms is None else round(ms, 1),
+        steps_err = step_errors(traj, dense_traj)
+        rows.append({"variant": name, "ratio": ratio, "forward_error": round(err, 4),
+                     "psnr_db": round(psnr(x, dense), 2), "ssim": round(ssim(x, dense), 4),
+                     "error_mid": round(steps_err[a.steps // 2], 4), "error_final": round(steps_err[-1], 4),
+                     "attention_work": round(work, 4), "dit_ms": None if ms is None else round(ms, 1),
                      "x_dense": None if ms is None else round(dense_ms / ms, 3)})
         print({k: v for k, v in rows[-1].items()}, flush=True)
 
@@ -207,8 +208,8 @@ def merge_quality(a, argv) -> dict:
              "| x dense |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = "- | -" if r["dit_ms"] is None else f"{r['dit_ms']:.1f} | {r['x_dense']:.2f}"
-        lines.append(f"| {r['variant']} | {r['forward_error']:.4f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | {r['error_mid']:.4f} | "
-                     f"{r['error_final']:.4f} | {r['attention_work']:.3f} | {t} |")
+        lines.append(f"| {r['variant']} | {r['forward_error']:.4f} | {r['psnr_db']:.2f} | {r['ssim']:.4f} | "
+                     f"{r['error_mid']:.4f} | {r['error_final']:.4f} | {r['attention_work']:.3f} | {t} |")
     if wan:
         lines += ["", f"Wan-14B block, grid {'x'.join(map(str, wan_grid))}, tile {'x'.join(map(str, wan_tile))}:",
                   "| variant | block ms | x dense (cuDNN) |", "|---|---|---|"]

@@ -1,4 +1,4 @@
-"""Key-side token merging with proportional attention: against an expanded-key oracle, its matching rule, the runtime."""
+"""Key-side token merging with proportional attention: an expanded-key oracle, the matching rule, the runtime."""
 
 import warnings
 
