@@ -12,8 +12,6 @@
     python -m benchmarks.quality inputs --tiny
     python -m benchmarks.quality plan --time-budget 0.2          # GPU: unified plan vs USV and cache hooks, testbed-16k
     python -m benchmarks.quality plan --tiny
-    python -m benchmarks.quality merge --model testbed --ratios 0.25,0.5   # whole-block vs key-side merging
-    python -m benchmarks.quality merge --tiny
 
 `selection`: for every input set and method, at top-k densities of 5, 10 and 20% of the key tiles:
 
@@ -66,10 +64,6 @@ error growth is the last step's ratio). Writes `benchmarks/results/fidelity_<dat
 `plan`: the unified generation plan against USV's entropy plan and the attention recipe stacked with diffusers'
 cache hooks, each tuned to the plan's predicted DiT time (`benchmarks.quality_plan` describes it). Writes
 `benchmarks/results/quality_plan_<date>.json`.
-
-`merge`: token merging through whole blocks against key-side merging with proportional attention (the `keymerge`
-method) and without its size bias, at each ratio: PSNR / SSIM against dense, and on CUDA the DiT time and one
-Wan-14B block's time (`benchmarks.quality_merge` describes it). Writes `benchmarks/results/quality_merge_<date>.json`.
 
 `inputs`: what calibrating the test-bed (`--model`, default testbed-16k) on its own dense sampling trajectory
 changes. It runs `python -m sparsify.calibrate --budget B --inputs-from S --inputs N` for each source S
@@ -954,7 +948,6 @@ def calibration_inputs(a, argv) -> dict:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.quality_merge import add_arguments as merge_arguments, merge_quality
     from benchmarks.quality_plan import add_arguments as plan_arguments, plan_quality
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n")[0])
@@ -1025,11 +1018,10 @@ def main(argv=None) -> dict:
     c.add_argument("--no-save", action="store_true", help="do not write the JSON")
     c.add_argument("--out", default=None, help="JSON path (default benchmarks/results/calibration_inputs_<date>.json)")
     plan_arguments(sub)
-    merge_arguments(sub)
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"selection": selection, "video": video, "reuse": reuse, "inputs": calibration_inputs,
-                "plan": plan_quality, "merge": merge_quality}
+                "plan": plan_quality}
     return commands[args.command](args, argv)
 
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality selection|video|inputs|merge --tiny`: the quality benchmarks' code paths on the CPU."""
+"""`python -m benchmarks.quality selection|video|inputs --tiny`: the quality benchmarks' code paths on the CPU."""
 
 import json
 import math
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,33 +163,3 @@ def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--merge-ratios: each must be in [0, 0.5]" in p.stderr, p.stderr[-2000:]
 
-
-@pytest.mark.slow
-def test_merge_tiny_compares_block_and_key_merging(tmp_path):
-    pytest.importorskip("torchmetrics")
-    pytest.importorskip("diffusers")
-    rec = run_benchmark("benchmarks.quality", "merge", "--tiny", out=tmp_path / "merge.json")
-    assert rec["benchmark"] == "quality merge" and rec["ratios"] == [0.25] and rec["wan14b_block"] is None
-    rows = {r["variant"]: r for r in rec["rows"]}
-    assert list(rows) == ["dense", "block 0.25", "key 0.25", "key 0.25, no size bias"]
-    assert rows["dense"]["psnr_db"] == math.inf and rows["dense"]["error_final"] == 0.0
-    for name in list(rows)[1:]:  # every merge changes the sample; none is timed without CUDA
-        assert math.isfinite(rows[name]["psnr_db"]) and rows[name]["error_final"] > 0 and rows[name]["dit_ms"] is None
-        assert 0 < rows[name]["forward_error"] < 1
-    assert rows["dense"]["forward_error"] == 0.0
-    # 4x4x4 tiles at 0.25: 16 of 64 tokens merged; blocks see 48 queries and keys, key merging all 64 queries
-    assert rows["block 0.25"]["attention_work"] == (48 / 64) ** 2
-    assert rows["key 0.25"]["attention_work"] == rows["key 0.25, no size bias"]["attention_work"] == 0.75
-    assert rows["key 0.25"]["psnr_db"] != rows["key 0.25, no size bias"]["psnr_db"]
-
-
-@pytest.mark.slow
-def test_wan_block_times_merge_the_timed_block():
-    """The Wan-14B block timing's code path on the CPU at 256 tokens (its own asserts check that the timed block
-    ran merged and that key merging cut its attention work); the times mean nothing here."""
-    pytest.importorskip("diffusers")
-    from benchmarks.quality_merge import wan_block_times
-
-    rows = wan_block_times([0.5], (4, 8, 8), (4, 4, 4), torch.device("cpu"), reps=1)
-    assert [r["variant"] for r in rows] == ["dense (cuDNN)", "dense (SDPA default backend)", "block 0.5", "key 0.5"]
-    assert all(r["block_ms"] > 0 and r["x_dense"] > 0 for r in rows) and rows[0]["x_dense"] == 1.0

@@ -368,10 +368,9 @@ def test_sparsify_tiny_wan_with_svg2(monkeypatch, no_interpret):
     calls = []
     real = SVG2.attend
 
-    def spy(self, q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn, tile=None):
+    def spy(self, q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn):
         before = copy.deepcopy(cache)
-        out, work = real(self, q, k, v, geometry, budgets, scale=scale, key_mask=key_mask, cache=cache, block_fn=block_fn,
-                         tile=tile)
+        out, work = real(self, q, k, v, geometry, budgets, scale=scale, key_mask=key_mask, cache=cache, block_fn=block_fn)
         calls.append((q, k, v, geometry, budgets, scale, key_mask, before, out, dict(cache)))
         return out, work
 

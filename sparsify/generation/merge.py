@@ -63,13 +63,12 @@ class TileMerge:
         return self.n_tiles * self.kept
 
 
-def plan_merge(video: torch.Tensor, layout: TileLayout, r: int, centre: bool = True) -> TileMerge:
+def plan_merge(video: torch.Tensor, layout: TileLayout, r: int) -> TileMerge:
     """Choose, per tile, the `r` tokens to merge and their destinations (bipartite matching inside the tile).
 
-    Similarity rule: cosine similarity of `video`'s features. Whole-block merging passes the block's input
-    hidden states and centres each token (what norm1, a LayerNorm, does before its per-channel scale and shift):
-    merging happens before the QKV projection, so the keys are not there yet, and centred hidden states cost no
-    GEMM. Key-side merging (`sparsify.methods.keymerge`) passes head-averaged keys uncentred, USV's rule.
+    Similarity rule: cosine similarity of the block's input hidden states after centring each token (what
+    norm1, a LayerNorm, does before its per-channel scale and shift). USV matches head-averaged keys; merging
+    happens before the QKV projection, so the keys are not there yet, and centred hidden states cost no GEMM.
     Destinations are the even slots of each tile; every odd slot (source) picks its most similar destination,
     and the `r` sources with the highest similarity are merged into theirs.
 
@@ -77,7 +76,6 @@ def plan_merge(video: torch.Tensor, layout: TileLayout, r: int, centre: bool = T
         video: `[B, N, D]` the video tokens in frame-major order (N = T*H*W).
         layout: the tile layout; every tile must be full (the grid divisible by the tile).
         r: tokens merged per tile, 0 <= r <= volume // 2.
-        centre: subtract each token's mean over its features before the cosine similarity.
 
     Example:
         >>> from sparsify.geometry import tile_layout
@@ -89,8 +87,7 @@ def plan_merge(video: torch.Tensor, layout: TileLayout, r: int, centre: bool = T
     B, _, D = video.shape
     g = layout.gather.to(video.device)
     tiles = video.index_select(1, g).view(B, n, vol, D).float()
-    if centre:
-        tiles = tiles - tiles.mean(-1, keepdim=True)
+    tiles = tiles - tiles.mean(-1, keepdim=True)
     tiles = tiles / tiles.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     dst_slots = torch.arange(0, vol, 2, device=video.device)
     src_slots = torch.arange(1, vol, 2, device=video.device)

@@ -12,12 +12,11 @@ def register_method(name: str):
     `[B, H, n_tiles*volume, D]` in tile order and `budgets` holds one `Budget` per head.
 
     A method that needs its own token order (e.g. SVG2's clusters) may instead implement
-    `attend(q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn, tile) -> (out, work)`: q, k, v
+    `attend(q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn) -> (out, work)`: q, k, v
     are `[B, h, S, D]` in the original token order (the heads of one group), `out` is `[B, h, S, D]`,
     `work` is the attention work computed relative to one dense head, summed over `B x h` (as
     `runtime.sparse_work`), and `cache` is a dict kept per site, head group, grid, batch and call of the
-    step for the current generation (for warm starts across denoising steps), and `tile` the group's recipe
-    tile (SVG2's clusters ignore it). Text tokens outside
+    step for the current generation (for warm starts across denoising steps). Text tokens outside
     `geometry`'s video span must stay dense in both directions.
 
     Example:

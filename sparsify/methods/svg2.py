@@ -250,7 +250,7 @@ class SVG2(SelectionMethod):
         w = None if key_mask is None else key_mask.to(torch.float32)[:, None, :].expand(k.shape[:3])
         return self._run(q, k, budgets, scale, cache, w)[0]
 
-    def attend(self, q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn, tile=None):
+    def attend(self, q, k, v, geometry, budgets, *, scale, key_mask, cache, block_fn):
         """Sparse attention of one head group in the original token order (the runtime's `attend` protocol).
 
         Returns `(out [B, h, S, D], work)`, `work` the (query, key) pairs computed (`varlen_pairs`, text rows

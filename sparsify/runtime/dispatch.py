@@ -251,7 +251,7 @@ def run_site(q, k, v, site: torch.Tensor, geometry: list[int], scale, attn_mask=
                 if cache is None or cache.get("_generation") != STATE.steps.generation:
                     cache = st.cache[gkey] = {"_generation": STATE.steps.generation}
                 oh, work = impl.attend(qh, kh, vh, geom, st.budgets(heads, step), scale=scale,
-                                       key_mask=key_mask, cache=cache, block_fn=block_fn, tile=tile)
+                                       key_mask=key_mask, cache=cache, block_fn=block_fn)
                 st.selections += 1
                 st.add_work(work)
             else:
