@@ -162,4 +162,3 @@ def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
                         "0.25,0.7", "--workdir", str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--merge-ratios: each must be in [0, 0.5]" in p.stderr, p.stderr[-2000:]
-

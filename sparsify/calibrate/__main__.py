@@ -646,7 +646,7 @@ def _dry_run(model, make_inputs, schedule, config, t_start, extra_forwards: int 
     n_tiles = max(-(-s.q_len // 64), 1)
     mem = s.q_len * config.query_fraction * n_tiles * (s.head_dim + 1) * 4 * 3
     print(f"dry run: {len(video)} sites, {len(schedule)} measured forwards"
-          + (f" (+{extra_forwards} unmeasured forwards: trajectory, schedule search)" if extra_forwards else "")
+          + (f" (+{extra_forwards} unmeasured forwards)" if extra_forwards else "")
           + f"; one forward {fwd:.2f}s, one site measurement {per_site:.2f}s\nestimated time {total:.0f}s: setup {setup:.0f}s, discovery {discovery:.0f}s, "
           f"measurement {capture:.0f}s, model-output error and final check {output:.0f}s, recipe and plots "
           f"~{REPORT_SECONDS:.0f}s; "
