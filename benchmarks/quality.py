@@ -603,6 +603,7 @@ def video(a, argv) -> dict:
     from benchmarks._common import run_header, write_result
     from sparsify import installed_sites, sparsify, unsparsify
     from sparsify.calibrate import calibrate_schedule, run_calibration, with_schedule
+    from sparsify.calibrate.schedule import FRACTIONS, SCALES, TOLERANCE
     from sparsify.calibrate.trajectory import sample_steps, seed_inputs, testbed_trajectory
     from sparsify.testbed import build_testbed, get_variant, sample
 
@@ -723,9 +724,9 @@ def video(a, argv) -> dict:
             "calibration": {"videos": a.calibration_videos, "sampled_steps": sampled,
                             "inputs": "dense sampling trajectory, seeds 100..",
                             "schedule_search": None if a.no_schedule else {
-                                "seed": 100, "tolerance": calibrate_schedule.__kwdefaults__["tolerance"],
-                                **{k: list(schedule_opts.get(k, calibrate_schedule.__kwdefaults__[k]))
-                                   for k in ("fractions", "scales")}}},
+                                "seed": 100, "tolerance": TOLERANCE,
+                                "fractions": list(schedule_opts.get("fractions", FRACTIONS)),
+                                "scales": list(schedule_opts.get("scales", SCALES))}},
             "wan14b_attention_shape": list(WAN14B_ATTENTION), "wall_s": round(time.perf_counter() - t_start, 1),
             "table": table, "rows": rows}
     path = write_result(meta, a.out, "quality_video")

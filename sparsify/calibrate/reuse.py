@@ -115,7 +115,13 @@ def choose_threshold(sequences: dict, max_age: int, min_overlap: float) -> tuple
     return best
 
 
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """`||x - ref|| / ||ref||` in float64 (the final-output error of the reuse and schedule calibrations).
+
+    Example:
+        >>> relative_l2(torch.tensor([0.0, 8.0]), torch.tensor([0.0, 5.0]))
+        0.6
+    """
     return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
@@ -173,7 +179,7 @@ def calibrate_mask_reuse(model, recipe: Recipe, trajectory: Callable, *, max_age
     result = ReuseCalibration(threshold=threshold, max_age=max_age, reuse_share=share, min_overlap=least, pairs=pairs)
     if max_error_growth is None:
         return result
-    result.output_error_fresh = _relative_error(fresh_out, dense_out)
+    result.output_error_fresh = relative_l2(fresh_out, dense_out)
     drifts = torch.tensor(sorted(d for _, d, _ in pairs), dtype=torch.float64)
     tried = sorted({float(torch.quantile(drifts, q)) for q in torch.linspace(1.0, 0.3, candidates).tolist()}
                    | ({threshold} if threshold > 0 else set()), reverse=True) if drifts.numel() else []
@@ -181,7 +187,7 @@ def calibrate_mask_reuse(model, recipe: Recipe, trajectory: Callable, *, max_age
     result.tried = []
     for t in tried:
         out, measured = run(with_mask_reuse(base, ReuseCalibration(t, max_age, 0.0, 1.0)))
-        err = _relative_error(out, dense_out)
+        err = relative_l2(out, dense_out)
         growth = err / result.output_error_fresh - 1.0 if result.output_error_fresh > 0 else 0.0
         result.tried.append((t, measured, growth))
         if growth <= max_error_growth:

@@ -11,6 +11,7 @@ import torch
 
 from .. import runtime
 from ..recipe import Recipe, ScheduleStep, is_number, load_recipe
+from .reuse import relative_l2
 
 
 @dataclass
@@ -46,6 +47,8 @@ FRACTIONS = (0.1, 0.2, 0.3)
 """Default shares of the steps run at a candidate scale."""
 SCALES = (1.5, 2.0, 3.0)
 """Default candidate factors of the first steps' density."""
+TOLERANCE = 0.01
+"""Default relative excess of a candidate's achieved density over flat that is still eligible."""
 
 
 def two_piece_schedules(steps: int, fractions, scales) -> list[tuple[float, int, float, float]]:
@@ -95,12 +98,8 @@ def _check(steps, fractions, scales, tolerance, sample) -> tuple[tuple[float, ..
     return fractions, scales
 
 
-def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
-
-
 def calibrate_schedule(model, recipe, sample: Callable, *, steps: int, fractions=FRACTIONS,
-                       scales=SCALES, tolerance: float = 0.01, say: Callable | None = None
+                       scales=SCALES, tolerance: float = TOLERANCE, say: Callable | None = None
                        ) -> ScheduleCalibration:
     """Choose a two-piece density schedule for `recipe` by the final-sample error of one generation.
 
@@ -167,7 +166,7 @@ def calibrate_schedule(model, recipe, sample: Callable, *, steps: int, fractions
             density = sum(s.work for s in sites) / dense_work
         finally:
             unsparsify(model)
-        return _relative_error(out, dense), density
+        return relative_l2(out, dense), density
 
     dense = generate()
     error_flat, density_flat = run(())
