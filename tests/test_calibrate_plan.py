@@ -228,6 +228,30 @@ def test_a_tight_budget_plans_reuse_and_the_recipe_runs(tiny):
     _sample_finite(tiny, pc.recipe)
 
 
+def test_default_candidates_are_those_of_the_generation_grid_narrowed_to_the_table(tiny):
+    """Sites are discovered on small inputs (grid 2x4x4: one tile, density 0.5 only); the heads of a plan for
+    grid 4x8x8 still choose among that grid's candidates (densities 0.2 and 0.5), in the tiles the table timed."""
+    import warnings
+
+    from sparsify.calibrate import CalibrationConfig
+    from sparsify.calibrate.generation import calibrate_plan
+    from sparsify.calibrate.latency import LatencyTable
+    from sparsify.errors import SparsifyWarning
+
+    m, x, measured = tiny
+    times = {0.2: 1.0, 0.5: 1.5}
+    table = LatencyTable(measured.shape, "made up", forward_ms=10.0, block_ms={0.0: 4.0},
+                         attention_ms={(4, 4, 4): times, (1, 8, 8): times}, dense_attention_ms={0.0: 2.0})
+    noise = torch.randn(x["hidden_states"].shape, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SparsifyWarning)  # no tile left out for lack of times
+        pc = calibrate_plan(m, noise, x["encoder_hidden_states"], table=table, time_budget=0.9,
+                            config=CalibrationConfig(progress=False, verbose=False), steps=4, measure=2,
+                            merge_groups=2, step_ranges=2, merge_ratios=(), max_age=2)
+    cand = pc.recipe.calibration["candidates"]
+    assert cand["tiles"] == [[4, 4, 4], [1, 8, 8]] and cand["densities"] == [0.2, 0.5]
+
+
 def _sample_finite(tiny, recipe):
     """Sample the tiny model under `recipe` (its plan run by sparsify) and check the sample is finite."""
     from sparsify import sparsify, unsparsify

@@ -146,6 +146,25 @@ def build_problem(result, table: LatencyTable, reuse: np.ndarray, merge: np.ndar
         outside_ms=table.outside_ms, blocks=table.shape.blocks, calls=calls)
 
 
+def plan_candidates(config: CalibrationConfig, grid, table: LatencyTable) -> CalibrationConfig:
+    """`config` with its head candidates fixed for a plan on `grid`: the defaults resolved on that grid (not on the
+    small inputs of site discovery), and default tiles narrowed to those `table` has times for. Tiles and levels
+    the config names are kept as they are (a tile the table lacks is left out of the plan with one warning).
+
+    Example:
+        >>> from sparsify.calibrate.latency import ModelShape
+        >>> t = LatencyTable(ModelShape("M", 2, 2, 16, (4, 8, 8), 256, 1, "float32"), "cpu", forward_ms=10.0,
+        ...                  block_ms={0.0: 4.0}, attention_ms={(1, 8, 8): {0.2: 1.0}}, dense_attention_ms={0.0: 2.0})
+        >>> c = plan_candidates(CalibrationConfig(), (4, 8, 8), t)
+        >>> c.tiles, c.levels
+        (((1, 8, 8),), (0.2, 0.5))
+    """
+    tiles, levels = config.candidates(grid)
+    if config.tiles is None:
+        tiles = [t for t in tiles if tuple(t) in table.attention_ms] or tiles
+    return config.replace(tiles=tiles, levels=levels)
+
+
 def _check_reachable(table, candidates, method, time_budget, *, steps, max_age, groups, ranges, ratios, calls, policy,
                      solver) -> None:
     """Refuse an unreachable budget before measuring anything: the fastest plan depends on the times alone."""
@@ -219,7 +238,9 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
         noise, cond, guidance_scale, shift, null_cond: the sample (as for `sparsify.testbed.sample`).
         table: a latency table of this model and shape (`measure_latency_table`).
         time_budget: the generation's time as a fraction of dense (0.2: five times faster).
-        config: the attention calibration's settings (candidates, solver, ...); its `budget` is not used.
+        config: the attention calibration's settings (candidates, solver, ...); its `budget` is not used. Default
+            candidates are resolved on the generation's grid, tiles narrowed to those `table` timed
+            (`plan_candidates`).
         policy: `unified` or `usv-entropy`.
         steps: the schedule's steps (the plan's `steps`; a schedule of another length is mapped by fraction).
         measure, attention_steps: steps measured for reuse/merging, and for the per-head errors.
@@ -258,6 +279,7 @@ def calibrate_plan(model, noise, cond, *, table: LatencyTable, time_budget: floa
              "encoder_hidden_states": cond, "return_dict": False}
     shape = model_shape(model, first)
     table.check_shape(shape)
+    config = plan_candidates(config, shape.grid, table)
     calls = 2 if guidance_scale != 1.0 else 1
     _check_reachable(table, config.candidates(shape.grid), config.methods[0], time_budget, steps=steps, max_age=max_age,
                      groups=groups, ranges=ranges, ratios=merge_ratios, calls=calls, policy=policy, solver=config.solver)
