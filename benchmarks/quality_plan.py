@@ -31,7 +31,9 @@ On a learned test-bed (`--model`, default `testbed-16k`; `--weights FILE` for ot
    whose self-attention ran in that call, the table's block time at its merge ratio less its heads' attention
    saving (scaled by the ratio's `kappa`; none in the recipe's `dense_steps`). A block skipped by reuse, by a
    cache hook or predicted by TaylorSeer costs nothing (the elementwise work a skipped block still does is not
-   in the table). Measured time (the transformer calls' wall time, CUDA events; `CallTimer`) is reported beside
+   in the table), unless `--hook-costs` gives an `e2e --generation` JSON of the table's shape: a call in which
+   a hook skipped blocks then costs that hook's measured skipped call there, as a share of a dense forward
+   (`hook_skip_shares`). Measured time (the transformer calls' wall time, CUDA events; `CallTimer`) is reported beside
    it for every row, after one untimed 2-step warm-up generation per recipe.
 
 Per row: PSNR and SSIM of the samples against dense sampling (`torchmetrics`, all videos at once), the relative
@@ -121,8 +123,12 @@ def block_savings(model, table) -> list[float]:
     return out
 
 
-def predicted_ms(calls, table, savings, *, plan=None, dense_steps: int = 0, steps: int | None = None) -> float:
+def predicted_ms(calls, table, savings, *, plan=None, dense_steps: int = 0, steps: int | None = None,
+                 skipped_call_ms: float | None = None) -> float:
     """Predicted DiT ms of the calls of one generation (the module docstring's time model).
+
+    `skipped_call_ms`, where given, is the cost of a call that did not run every block (a cache hook's measured
+    skipped call) in place of the time model's.
 
     Example:
         >>> from sparsify.calibrate.latency import LatencyTable, ModelShape
@@ -130,15 +136,47 @@ def predicted_ms(calls, table, savings, *, plan=None, dense_steps: int = 0, step
         ...                  block_ms={0.0: 4.0}, attention_ms={}, dense_attention_ms={0.0: 2.0})
         >>> predicted_ms([(0, {0, 1}), (1, {0, 1}), (1, set())], t, [1.0, 0.5], dense_steps=1)  # 10 + 8.5 + 2
         20.5
+        >>> predicted_ms([(0, {0, 1}), (1, {0, 1}), (1, set())], t, [1.0, 0.5], dense_steps=1, skipped_call_ms=3.0)
+        21.5
     """
     total = 0.0
     for step, blocks in calls:
+        if skipped_call_ms is not None and len(blocks) < len(savings):
+            total += skipped_call_ms
+            continue
         total += table.outside_ms
         for b in blocks:
             r = plan.ratio(b, step, steps) if plan is not None else 0.0
             kappa = table.dense_attention_ms[r] / table.dense_attention_ms[0.0]
             total += table.block_ms[r] - (0.0 if step < dense_steps else kappa * savings[b])
     return total
+
+
+def hook_skip_shares(path, table) -> dict[str, float]:
+    """Per cache hook, its measured skipped call as a share of a dense call, from an `e2e --generation` JSON
+    (`python -m benchmarks.e2e --generation ... --out FILE`) measured at the shape `table` was measured at (the
+    shape it was carried from, if carried). A skipped call is one in which the hook skipped blocks: First Block
+    Cache still runs the first block, TaylorSeer extrapolates every block's outputs.
+
+    Example:
+        >>> # hook_skip_shares("e2e_generation.json", load_latency_table("T.json"))  ->  {"taylorseer": 0.117, ...}
+    """
+    import json
+
+    try:
+        part = json.loads(Path(path).read_text())["generation_plan"]
+        dense = next(r for r in part["rows"] if r["label"].startswith("dense"))
+        dense_call = dense["composed_ms"] / (part["steps"] * part["cfg_calls_per_step"])
+        shares = {h["label"].removeprefix("attention + "): h["skipped_call_ms"] / dense_call for h in part["hooks"]}
+        grid = tuple(part["grid"])
+    except (OSError, ValueError, KeyError, StopIteration, TypeError, ZeroDivisionError) as e:
+        raise SystemExit(f"--hook-costs {path}: not the JSON of `python -m benchmarks.e2e --generation --out FILE` "
+                         f"with hook rows ({type(e).__name__}: {e})") from None
+    measured = tuple((table.meta.get("carried_from") or {}).get("grid") or table.shape.grid)
+    if grid != measured:
+        raise SystemExit(f"--hook-costs {path}: measured at grid {'x'.join(map(str, grid))}, the latency table at "
+                         f"{'x'.join(map(str, measured))}; measure both at the same shape")
+    return shares
 
 
 def hook_config(name: str, knob, steps: int, mag_ratios=None):
@@ -317,6 +355,12 @@ def plan_quality(a, argv) -> dict:
         seconds["latency_table"] = round(time.perf_counter() - t0, 1)
     print(f"latency table ({table.device}): forward {table.forward_ms:.3f} ms, dense generation "
           f"{calls_per_step * a.steps * table.forward_ms:.1f} ms", flush=True)
+    skip_share = {h: v for h, v in hook_skip_shares(a.hook_costs, table).items() if h in hooks} if a.hook_costs else {}
+    if a.hook_costs:
+        priced = ", ".join(f"{h} {v:.3f}" for h, v in skip_share.items()) or "none of --hooks"
+        rest = sorted(set(hooks) - set(skip_share))
+        print(f"skipped calls priced from {a.hook_costs} (share of a dense call): {priced}"
+              + (f"; by the time model: {', '.join(rest)}" if rest else ""), flush=True)
 
     recipes, calibration = {}, {}
     with tempfile.TemporaryDirectory() as ckpt:
@@ -354,8 +398,9 @@ def plan_quality(a, argv) -> dict:
             print(pc.summary(), flush=True)
     recipes["attention"] = given.get("attention") or _attention_part(recipes["unified"])
 
-    def generation(recipe=None, hook=None, noise=eval_noise, cond=eval_cond, steps=a.steps, timed=True):
-        """Each video of `noise` alone: (samples, trajectory, per-video predicted ms, per-video measured ms, calls)."""
+    def generation(recipe=None, hook=None, noise=eval_noise, cond=eval_cond, steps=a.steps, timed=True, skip=None):
+        """Each video of `noise` alone: (samples, trajectory, per-video predicted ms, per-video measured ms, calls);
+        `skip`: the ms of a call in which the hook skipped blocks (`--hook-costs`), else the time model's."""
         if recipe is not None:
             sparsify(model, recipe)
         if hook is not None:
@@ -380,7 +425,7 @@ def plan_quality(a, argv) -> dict:
                 xs.append(x)
                 trajs.append(traj)
                 plan = recipe.plan if recipe is not None else None
-                pred.append(predicted_ms(guided.calls, table, savings, plan=plan, steps=steps,
+                pred.append(predicted_ms(guided.calls, table, savings, plan=plan, steps=steps, skipped_call_ms=skip,
                                          dense_steps=recipe.defaults.dense_steps if recipe is not None else 0))
                 full += sum(len(b) == len(model.blocks) for _, b in guided.calls)
         finally:
@@ -395,10 +440,10 @@ def plan_quality(a, argv) -> dict:
 
     rows, ref = [], None
 
-    def add(label, kind, recipe=None, hook=None, **extra):
+    def add(label, kind, recipe=None, hook=None, skip=None, **extra):
         nonlocal ref
         t0 = time.perf_counter()
-        x, traj, pred, meas, full = generation(recipe, hook)
+        x, traj, pred, meas, full = generation(recipe, hook, skip=skip)
         if ref is None:
             ref = (x, traj)
         err = step_errors(traj, ref[1])
@@ -431,9 +476,11 @@ def plan_quality(a, argv) -> dict:
                 model.disable_cache()
                 unsparsify(model)
 
-        def time_of(knob, h=h):
+        skip = skip_share[h] * table.forward_ms if h in skip_share else None
+
+        def time_of(knob, h=h, skip=skip):
             return generation(recipes["attention"], hook_config(h, knob, a.steps, mag), noise=cal_noise,
-                              cond=cal_cond, timed=False)[2][0]
+                              cond=cal_cond, timed=False, skip=skip)[2][0]
 
         integer = h == "taylorseer"
         knob, t_cal, tried, matched = tune_knob(time_of, target, lo=1 if integer else 1e-3,
@@ -444,7 +491,7 @@ def plan_quality(a, argv) -> dict:
         if h == "mag":
             tuning["mag_ratios"] = mag
         add(f"attention + {HOOK_LABELS[h]}", "hook", recipes["attention"], hook_config(h, knob, a.steps, mag),
-            hook_name=h, tuning=tuning)
+            skip=skip, hook_name=h, tuning=tuning, skipped_call_ms=skip)
 
     dense = rows[0]
     for r in rows:
@@ -464,6 +511,7 @@ def plan_quality(a, argv) -> dict:
             "weights": a.weights, "dtype": a.dtype, "latent_shape": list(latent), "steps": a.steps, "videos": a.videos,
             "guidance_scale": a.guidance, "shift": a.shift, "time_budget": a.time_budget, "merge_ratios": list(ratios),
             "time_tolerance": a.time_tolerance, "calibration_seed": a.calibration_seed, "eval_seed": 1234,
+            "hook_costs": {"file": a.hook_costs, "skipped_call_share": skip_share} if a.hook_costs else None,
             "latency_table": {"device": table.device, "file": a.latency_table,
                               "carried_from": table.meta.get("carried_from"), **table.to_dict()["ms"]},
             "plans": {k: ("given" if k in given else "calibrated" if k in calibration else "attention part of unified")
@@ -520,6 +568,10 @@ def add_arguments(sub) -> None:
     p.add_argument("--merge-ratios", default="0.25,0.5",
                    help="candidate token-merging ratios of both plans (0: no merging; a --latency-table must have them)")
     p.add_argument("--hooks", default=",".join(HOOKS), help=f"diffusers cache hooks: subset of {','.join(HOOKS)}")
+    p.add_argument("--hook-costs", default=None, metavar="FILE",
+                   help="the JSON of `benchmarks.e2e --generation` at the latency table's shape: price a call in "
+                        "which a hook skipped blocks at that hook's measured share of a dense call (default: skipped "
+                        "blocks cost nothing)")
     p.add_argument("--time-tolerance", type=float, default=0.03,
                    help="relative difference of predicted time at which a hook's knob matches the plan")
     p.add_argument("--tune-iters", type=int, default=8, help="bisection steps per hook")

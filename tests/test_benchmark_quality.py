@@ -162,3 +162,25 @@ def test_plan_tiny_rows_at_the_plans_predicted_time(tmp_path):
                         "0.25,0.7", "--workdir", str(tmp_path)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--merge-ratios: each must be in [0, 0.5]" in p.stderr, p.stderr[-2000:]
+
+
+def test_hook_costs_price_a_skipped_call_at_its_measured_share_of_a_dense_call():
+    pytest.importorskip("diffusers")
+    from benchmarks.quality_plan import hook_skip_shares
+    from sparsify.calibrate.latency import ModelShape, load_latency_table
+
+    res = ROOT / "benchmarks" / "results"
+    wan = load_latency_table(res / "latency_table_wan14b_720p_20261208_h100.json")
+    testbed = ModelShape("WanTransformer3DModel", 12, 8, 32, (16, 32, 32), 16384, 1, "bfloat16")
+    e2e = res / "e2e_generation_20261208_h100.json"
+    part = json.loads(e2e.read_text())["generation_plan"]
+    dense_call = part["rows"][0]["composed_ms"] / 100  # 50 steps x 2 guidance calls
+    shares = hook_skip_shares(e2e, wan.carried_to(testbed))  # the shape it was carried from counts
+    taylor = next(h for h in part["hooks"] if h["label"] == "attention + taylorseer")
+    assert set(shares) == {"fbc", "mag", "taylorseer"}
+    assert shares["taylorseer"] == pytest.approx(taylor["skipped_call_ms"] / dense_call)
+    assert 0.05 < shares["taylorseer"] < 0.3 and shares["mag"] < 0.01  # MagCache skips all but the time outside
+    with pytest.raises(SystemExit, match="grid 21x45x80, the latency table at 16x32x32"):
+        hook_skip_shares(e2e, load_latency_table(res / "latency_table_testbed16k_20261207_h100.json"))
+    with pytest.raises(SystemExit, match="not the JSON of"):
+        hook_skip_shares(res / "latency_table_testbed16k_20261207_h100.json", wan)
