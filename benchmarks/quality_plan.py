@@ -32,9 +32,9 @@ On a learned test-bed (`--model`, default `testbed-16k`; `--weights FILE` for ot
    saving (scaled by the ratio's `kappa`; none in the recipe's `dense_steps`). A block skipped by reuse, by a
    cache hook or predicted by TaylorSeer costs nothing (the elementwise work a skipped block still does is not
    in the table), unless `--hook-costs` gives an `e2e --generation` JSON of the table's shape: a call in which
-   a hook skipped blocks then costs that hook's measured skipped call there, as a share of a dense forward
-   (`hook_skip_shares`). Measured time (the transformer calls' wall time, CUDA events; `CallTimer`) is reported beside
-   it for every row, after one untimed 2-step warm-up generation per recipe.
+   a hook skipped blocks then costs that hook's measured skipped call there, as a share of a dense call
+   (`hook_skip_shares`). Measured time (the transformer calls' wall time, CUDA events; `CallTimer`) is reported
+   beside it for every row, after one untimed 2-step warm-up generation per recipe.
 
 Per row: PSNR and SSIM of the samples against dense sampling (`torchmetrics`, all videos at once), the relative
 L2 error of x_t against the dense trajectory at every step (the last is the sample), the predicted DiT time per
